@@ -1,0 +1,223 @@
+//! `demo`: the relay's main job on an embedded default. Starts the test kit's
+//! stand-in identity platform and Microsoft 365 submission server on
+//! loopback, a relay configured for them, sends a sample message through and
+//! shows what arrived, then keeps serving so a user can try their own client.
+
+use crate::relay::{wait_for_signal, Running};
+use anyhow::{bail, Context};
+use relay_testkit::{IdentityPlatform, ReceivedMessage, SubmissionServer};
+use std::{net::SocketAddr, time::Duration};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+#[derive(clap::Args)]
+pub struct DemoArgs {
+    /// Where the demo relay listens.
+    #[arg(long, default_value = "127.0.0.1:2525")]
+    listen: SocketAddr,
+}
+
+pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
+    let idp = IdentityPlatform::start()
+        .await
+        .context("starting the stand-in identity platform")?;
+    let upstream = SubmissionServer::start(idp.clone())
+        .await
+        .context("starting the stand-in submission server")?;
+    let dir = tempfile::Builder::new()
+        .prefix("smtp-oauth-relay-demo-")
+        .tempdir()?;
+    let ca = dir.path().join("stand-in-ca.pem");
+    std::fs::write(&ca, upstream.ca_pem())?;
+    let secret = dir.path().join("client-secret");
+    std::fs::write(&secret, idp.client_secret())?;
+    let config = relay_config::load_str(&format!(
+        r#"
+[listener]
+bind = ["{listen}"]
+hostname = "relay.demo"
+
+[queue]
+dir = {queue:?}
+retry_initial = "5s"
+retry_max = "1m"
+
+[upstream]
+host = "localhost"
+port = {port}
+ca_file = {ca:?}
+
+[[accounts]]
+name = "demo"
+mailbox = "{mailbox}"
+
+[accounts.oauth]
+flow = "client_credentials"
+authority = "{authority}"
+tenant_id = "{tenant}"
+client_id = "{client}"
+client_secret_file = {secret:?}
+"#,
+        listen = args.listen,
+        queue = dir.path().join("queue"),
+        port = upstream.port(),
+        mailbox = upstream.mailbox(),
+        authority = idp.authority(),
+        tenant = idp.tenant(),
+        client = idp.client_id(),
+    ))
+    .context("the demo configuration")?;
+    let relay = Running::start(config).await.with_context(|| {
+        format!(
+            "starting the relay on {} (use --listen to pick another address)",
+            args.listen
+        )
+    })?;
+    let mailbox = upstream.mailbox();
+    println!("smtp-oauth-relay demo");
+    println!(
+        "  stand-in identity platform  {} (tenant {})",
+        idp.authority(),
+        idp.tenant()
+    );
+    println!(
+        "  stand-in Microsoft 365      127.0.0.1:{} (STARTTLS + AUTH XOAUTH2 as {mailbox})",
+        upstream.port()
+    );
+    println!(
+        "  relay                       {} (queue in {})",
+        args.listen,
+        dir.path().display()
+    );
+    println!();
+    let reply = send_sample(args.listen, &mailbox)
+        .await
+        .context("sending the sample message")?;
+    println!("Sent a sample message to the relay: {reply}");
+    let arrived = upstream.wait_for_messages(1, Duration::from_secs(30)).await;
+    let Some(first) = arrived.first() else {
+        relay.stop().await;
+        bail!("the sample message did not reach the stand-in within 30 s (see the log above)");
+    };
+    println!("The stand-in Microsoft 365 received it:");
+    print_message(first);
+    println!();
+    println!(
+        "The relay keeps running. Point an application at {} (no AUTH, no TLS), e.g.:",
+        args.listen
+    );
+    println!(
+        "  swaks --server {} --from {mailbox} --to you@example.com",
+        args.listen
+    );
+    println!(
+        "  curl smtp://{} --mail-from {mailbox} --mail-rcpt you@example.com --upload-file message.eml",
+        args.listen
+    );
+    println!("The stand-in lets only {mailbox} send (others get 554 5.2.252 SendAsDenied, as in Microsoft 365).");
+    println!("Messages arriving are printed below. Ctrl-C stops.");
+    let mut shown = arrived.len();
+    let mut rejected = upstream.rejected().len();
+    let signal = wait_for_signal();
+    tokio::pin!(signal);
+    loop {
+        tokio::select! {
+            result = &mut signal => { result?; break; }
+            _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+        }
+        for message in upstream.messages().iter().skip(shown) {
+            println!();
+            print_message(message);
+            shown += 1;
+        }
+        for refusal in upstream.rejected().iter().skip(rejected) {
+            println!("\nThe stand-in refused a message: {refusal}");
+            rejected += 1;
+        }
+    }
+    relay.stop().await;
+    upstream.stop().await;
+    idp.stop().await;
+    Ok(())
+}
+
+fn print_message(m: &ReceivedMessage) {
+    let claims = &m.token_claims;
+    let expires_in = claims.exp.saturating_sub(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default(),
+    );
+    let subject = m
+        .text()
+        .lines()
+        .take_while(|l| !l.is_empty())
+        .find_map(|l| l.strip_prefix("Subject: ").map(str::to_owned))
+        .unwrap_or_default();
+    println!("  MAIL FROM   {}", m.mail_from);
+    println!("  RCPT TO     {}", m.rcpt_to.join(", "));
+    println!("  AUTH        XOAUTH2 as {}", m.auth_user);
+    println!(
+        "  token       aud={} roles={} appid={} tid={} (expires in {expires_in} s)",
+        claims.aud,
+        claims.roles.join(","),
+        claims.appid,
+        claims.tid
+    );
+    println!("  message     {} bytes, Subject: {subject}", m.data.len());
+}
+
+/// A minimal SMTP client: one command, one reply, as a legacy app would.
+async fn send_sample(addr: SocketAddr, mailbox: &str) -> anyhow::Result<String> {
+    let mut stream = TcpStream::connect(addr).await?;
+    let message = format!(
+        "From: Legacy App <{mailbox}>\r\nTo: alice@example.com\r\nSubject: Hello through smtp-oauth-relay\r\n\r\nThis message went app -> relay (no auth) -> Microsoft 365 (OAuth 2.0).\r\n.\r\n"
+    );
+    let steps = [
+        String::new(),
+        "EHLO demo-app.local\r\n".into(),
+        format!("MAIL FROM:<{mailbox}>\r\n"),
+        "RCPT TO:<alice@example.com>\r\n".into(),
+        "DATA\r\n".into(),
+        message,
+    ];
+    let mut last = String::new();
+    for step in steps {
+        stream.write_all(step.as_bytes()).await?;
+        last = read_reply(&mut stream).await?;
+        if last.starts_with(['4', '5']) {
+            bail!(
+                "the relay answered {last:?} to {:?}",
+                step.lines().next().unwrap_or("")
+            );
+        }
+    }
+    stream.write_all(b"QUIT\r\n").await?;
+    Ok(last)
+}
+
+async fn read_reply(stream: &mut TcpStream) -> anyhow::Result<String> {
+    let mut text = String::new();
+    let mut byte = [0u8; 1];
+    let read = async {
+        loop {
+            if stream.read(&mut byte).await? == 0 {
+                bail!("the relay closed the connection");
+            }
+            text.push(char::from(byte[0]));
+            // the last line of a reply is "ddd text\r\n"
+            if text.ends_with("\r\n") {
+                let last = text.trim_end().rsplit("\r\n").next().unwrap_or("");
+                if last.as_bytes().get(3) != Some(&b'-') {
+                    return Ok(last.to_owned());
+                }
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), read)
+        .await
+        .context("waiting for the relay")?
+}

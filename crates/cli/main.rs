@@ -1,0 +1,87 @@
+//! `smtp-oauth-relay`: the command line. Each verb lives in its own module;
+//! `relay` wires listener → queue → delivery, with tokens on the side.
+
+mod check;
+mod demo;
+mod queue;
+mod relay;
+
+use clap::{Parser, Subcommand};
+use std::{path::PathBuf, process::ExitCode};
+
+/// A local SMTP relay for applications that cannot do OAuth: they send
+/// without authentication to 127.0.0.1, the relay delivers to Microsoft 365
+/// with OAuth 2.0 (AUTH XOAUTH2).
+#[derive(Parser)]
+#[command(name = "smtp-oauth-relay", version, about)]
+struct Cli {
+    /// The configuration file (TOML).
+    #[arg(
+        long,
+        global = true,
+        env = "SMTP_OAUTH_RELAY_CONFIG",
+        default_value = "/etc/smtp-oauth-relay/config.toml"
+    )]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the relay: listen, queue, deliver, until SIGTERM or Ctrl-C.
+    Run,
+    /// Validate the configuration and exit (non-zero, naming each bad key, if it is wrong).
+    Check,
+    /// Inspect the queue (works while the relay runs).
+    Queue {
+        #[command(subcommand)]
+        command: queue::QueueCommand,
+    },
+    /// Run the relay against a built-in stand-in for Microsoft 365 and send a sample message; no config needed.
+    Demo(demo::DemoArgs),
+}
+
+fn main() -> ExitCode {
+    // One crypto provider for every rustls user in the process (reqwest,
+    // mail-send, the test kit), installed before any of them builds a config.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let cli = Cli::parse();
+    let quiet = matches!(cli.command, Command::Check | Command::Queue { .. });
+    init_logging(if quiet { "warn" } else { "info" });
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run => relay::run(&cli.config).await,
+            Command::Check => check::check(&cli.config),
+            Command::Queue { command } => queue::queue(&cli.config, command),
+            Command::Demo(args) => demo::demo(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs go to stderr; `RUST_LOG` overrides the default level.
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

@@ -1,0 +1,17 @@
+//! The relay's configuration: the TOML schema, loading it (file plus
+//! `SMTP_OAUTH_RELAY__…` environment overrides, through the `config` crate),
+//! and validating it.
+//!
+//! The doc comments on the structs below are the reference documentation of
+//! every key; `config/smtp-oauth-relay.toml` shows them in use. Unknown keys
+//! are errors, and every error names the key path it is about, e.g.
+//! `accounts[0].oauth.tenant_id is missing`.
+
+mod load;
+mod schema;
+mod secret;
+mod validate;
+
+pub use load::{load_file, load_str, ConfigError, ENV_PREFIX};
+pub use schema::*;
+pub use secret::Secret;

@@ -1,0 +1,148 @@
+use relay_config::{load_file, load_str, ConfigError, Security};
+use std::io::Write;
+
+const VALID: &str = r#"
+[listener]
+bind = ["127.0.0.1:2525"]
+hostname = "relay.test"
+
+[queue]
+dir = "/tmp/q"
+retry_initial = "1s"
+
+[[accounts]]
+name = "main"
+mailbox = "relay@contoso.com"
+
+[accounts.oauth]
+flow = "client_credentials"
+tenant_id = "t"
+client_id = "c"
+client_secret = "s"
+"#;
+
+fn problems(toml: &str) -> Vec<String> {
+    match load_str(toml) {
+        Err(ConfigError::Invalid(p)) => p,
+        other => panic!("expected invalid, got {other:?}"),
+    }
+}
+
+#[test]
+fn valid_config_gets_defaults() {
+    let c = load_str(VALID).expect("valid");
+    assert_eq!(c.upstream.host, "smtp.office365.com");
+    assert_eq!(c.upstream.port, 587);
+    assert_eq!(c.upstream.security, Security::Starttls);
+    assert_eq!(c.upstream.max_connections, 3);
+    assert_eq!(c.queue.retry_initial.as_secs(), 1);
+    assert_eq!(c.queue.max_age.as_secs(), 5 * 86400);
+    assert_eq!(c.accounts[0].senders, vec!["*"]);
+    assert_eq!(
+        c.accounts[0].oauth.scope(),
+        "https://outlook.office365.com/.default"
+    );
+    assert_eq!(
+        c.accounts[0].oauth.token_url(),
+        "https://login.microsoftonline.com/t/oauth2/v2.0/token"
+    );
+    assert_eq!(c.listener.allowed_networks.len(), 2);
+    // the secret never shows in Debug output
+    assert!(!format!("{c:?}").contains("client_secret: Some(\"s\")"));
+}
+
+#[test]
+fn missing_tenant_names_the_key_path() {
+    let p = problems(&VALID.replace("tenant_id = \"t\"\n", ""));
+    assert_eq!(p, vec!["accounts[0].oauth.tenant_id is missing"]);
+}
+
+#[test]
+fn unknown_key_is_an_error_with_its_path() {
+    let p = problems(&VALID.replace("hostname =", "hostnme ="));
+    assert_eq!(p.len(), 1);
+    assert!(
+        p[0].starts_with("listener.hostnme: unknown field `hostnme`, expected one of `bind`"),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn plaintext_upstream_is_refused() {
+    let p = problems(&format!("{VALID}\n[upstream]\nsecurity = \"none\"\n"));
+    assert!(
+        p[0].starts_with("upstream.security: \"none\" is not a security mode"),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn authority_must_be_https_unless_loopback() {
+    let p = problems(&VALID.replace(
+        "tenant_id",
+        "authority = \"http://login.example.com\"\ntenant_id",
+    ));
+    assert!(p[0].contains("must be an https:// URL"), "{p:?}");
+    load_str(&VALID.replace(
+        "tenant_id",
+        "authority = \"http://127.0.0.1:8080\"\ntenant_id",
+    ))
+    .expect("loopback http is fine");
+}
+
+#[test]
+fn secret_sources_are_exclusive_and_files_are_checked() {
+    let p = problems(&VALID.replace(
+        "client_secret = \"s\"",
+        "client_secret = \"s\"\nclient_secret_file = \"/x\"",
+    ));
+    assert_eq!(
+        p,
+        vec!["accounts[0].oauth: set only one of client_secret and client_secret_file"]
+    );
+    let p = problems(&VALID.replace(
+        "client_secret = \"s\"",
+        "client_secret_file = \"/nonexistent/secret\"",
+    ));
+    assert!(
+        p[0].starts_with("accounts[0].oauth.client_secret_file /nonexistent/secret:"),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn bad_values_are_named() {
+    let p = problems(&VALID.replace("\"127.0.0.1:2525\"", "\"localhost\""));
+    assert!(p[0].starts_with("listener.bind"), "{p:?}");
+    let p = problems(&VALID.replace("[[accounts]]", "[[accounts]]\nsenders = [\"a@@b\"]"));
+    assert!(p[0].starts_with("accounts[0].senders[0]"), "{p:?}");
+    let p = problems("");
+    assert_eq!(
+        p,
+        vec!["accounts: at least one [[accounts]] table is required"]
+    );
+}
+
+#[test]
+fn environment_overrides_file() {
+    let mut file = tempfile::NamedTempFile::new().expect("temp file");
+    file.write_all(VALID.as_bytes()).expect("write");
+    // The only test in this binary touching these variables.
+    std::env::set_var("SMTP_OAUTH_RELAY__UPSTREAM__PORT", "2587");
+    std::env::set_var(
+        "SMTP_OAUTH_RELAY__LISTENER__BIND",
+        "127.0.0.1:2600,[::1]:2600",
+    );
+    let c = load_file(file.path());
+    std::env::remove_var("SMTP_OAUTH_RELAY__UPSTREAM__PORT");
+    std::env::remove_var("SMTP_OAUTH_RELAY__LISTENER__BIND");
+    let c = c.expect("valid");
+    assert_eq!(c.upstream.port, 2587);
+    assert_eq!(c.listener.bind.len(), 2);
+}
+
+#[test]
+fn missing_file_is_explained() {
+    let e = load_file(std::path::Path::new("/nonexistent/config.toml")).unwrap_err();
+    assert!(e.to_string().contains("/nonexistent/config.toml"), "{e}");
+}

@@ -1,0 +1,386 @@
+//! One authenticated connection to the upstream, and the mail transaction.
+
+use crate::{
+    classify::{classify, Verdict},
+    reply::{read_reply, Reply},
+    tls, DeliveryError,
+};
+use mail_send::{Credentials, SmtpClient, SmtpClientBuilder};
+use relay_config::{Security, UpstreamConfig};
+use relay_tokens::{AccessToken, TokenManager};
+use smtp_proto::{EhloResponse, EXT_8BIT_MIME, EXT_PIPELINING, EXT_SIZE, EXT_SMTP_UTF8};
+use std::time::Duration;
+use tokio::{
+    io::{AsyncWrite, AsyncWriteExt},
+    net::TcpStream,
+};
+use tokio_rustls::{client::TlsStream, TlsConnector};
+
+/// Connecting, TLS, EHLO, AUTH and each command's reply.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
+/// The reply to the final dot: RFC 5321 asks clients to wait 10 minutes.
+const DATA_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Where and how to reach the upstream.
+pub struct Upstream {
+    host: String,
+    port: u16,
+    security: Security,
+    tls: TlsConnector,
+    helo: String,
+    max_connections: usize,
+}
+
+impl Upstream {
+    /// From `[upstream]`; `helo` is the name the relay gives in EHLO.
+    pub fn new(config: &UpstreamConfig, helo: &str) -> Result<Self, DeliveryError> {
+        Ok(Upstream {
+            host: config.host.clone(),
+            port: config.port,
+            security: config.security,
+            tls: tls::connector(config.ca_file.as_deref())?,
+            helo: helo.to_owned(),
+            max_connections: config.max_connections,
+        })
+    }
+
+    /// Connections allowed per mailbox.
+    pub fn max_connections(&self) -> usize {
+        self.max_connections
+    }
+
+    /// `host:port`, for logs.
+    pub fn address(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+/// A failure that concerns every recipient of the attempt.
+#[derive(Debug, Clone)]
+pub(crate) struct Failure {
+    pub verdict: Verdict,
+    pub reply: String,
+}
+
+impl Failure {
+    pub fn temporary(reply: String) -> Self {
+        Failure {
+            verdict: Verdict::Temporary,
+            reply,
+        }
+    }
+
+    fn from_reply(reply: &Reply) -> Self {
+        Failure {
+            verdict: classify(reply).0,
+            reply: reply.text.clone(),
+        }
+    }
+}
+
+/// What became of one recipient in one transaction.
+#[derive(Debug, Clone)]
+pub(crate) enum RcptOutcome {
+    Delivered(String),
+    Failed(Failure),
+}
+
+/// The connection broke mid-transaction. `before_data` tells whether the
+/// message could have been delivered (if not, a retry cannot duplicate it).
+#[derive(Debug)]
+pub(crate) struct Broken {
+    pub reason: String,
+    pub before_data: bool,
+}
+
+pub(crate) struct Session {
+    client: SmtpClient<TlsStream<TcpStream>>,
+    capabilities: EhloResponse<String>,
+    pending: Vec<u8>,
+    /// Transactions completed on this connection; a reused connection may have
+    /// been closed by the server while idle.
+    pub transactions: u32,
+}
+
+impl Session {
+    /// Connects, secures, and authenticates as `mailbox`. A `535` on a token
+    /// the relay thought valid gets one retry with a freshly issued token.
+    pub async fn open(
+        upstream: &Upstream,
+        mailbox: &str,
+        tokens: &TokenManager,
+    ) -> Result<Session, Failure> {
+        let connect = |e: mail_send::Error| {
+            Failure::temporary(format!(
+                "cannot connect to {}: {}",
+                upstream.address(),
+                describe(&e)
+            ))
+        };
+        let mut client = SmtpClientBuilder::new_with_tls_connector(
+            upstream.host.clone(),
+            upstream.port,
+            upstream.tls.clone(),
+        )
+        .implicit_tls(upstream.security == Security::Tls)
+        .helo_host(upstream.helo.clone())
+        .say_ehlo(false)
+        .timeout(COMMAND_TIMEOUT)
+        .connect()
+        .await
+        .map_err(connect)?;
+        let capabilities = client
+            .capabilities(&upstream.helo, false)
+            .await
+            .map_err(connect)?;
+        let token = tokens
+            .token()
+            .await
+            .map_err(|e| Failure::temporary(format!("no access token: {e}")))?;
+        if let Err(failure) = authenticate(&mut client, &capabilities, mailbox, &token).await {
+            let retry =
+                failure.verdict == Verdict::Temporary && failure.reply.starts_with("535 5.7.3");
+            if !retry {
+                return Err(failure);
+            }
+            tracing::info!(reply = %failure.reply, "upstream refused the access token; fetching a new one");
+            let fresh = tokens.refresh_rejected(&token).await.map_err(|e| {
+                Failure::temporary(format!("{} (and no new token: {e})", failure.reply))
+            })?;
+            authenticate(&mut client, &capabilities, mailbox, &fresh)
+                .await
+                .map_err(|f| Failure {
+                    reply: format!("{} (also with a newly issued token)", f.reply),
+                    ..f
+                })?;
+        }
+        Ok(Session {
+            client,
+            capabilities,
+            pending: Vec::new(),
+            transactions: 0,
+        })
+    }
+
+    /// Runs one mail transaction: MAIL, RCPT for each recipient, DATA.
+    /// Returns each recipient's outcome, in the order given.
+    pub async fn transaction(
+        &mut self,
+        sender: &str,
+        recipients: &[String],
+        body: &[u8],
+    ) -> Result<Vec<RcptOutcome>, Broken> {
+        let broken = |before_data: bool| {
+            move |reason: String| Broken {
+                reason,
+                before_data,
+            }
+        };
+        let mut commands = vec![format!(
+            "MAIL FROM:<{sender}>{}",
+            self.mail_parameters(sender, recipients, body)
+        )];
+        commands.extend(recipients.iter().map(|r| format!("RCPT TO:<{r}>")));
+        let replies = self.exchange(&commands).await.map_err(broken(true))?;
+        let (mail, rcpts) = replies
+            .split_first()
+            .ok_or_else(|| broken(true)("no reply".into()))?;
+        if !mail.is_positive() {
+            self.reset().await;
+            let failure = Failure::from_reply(mail);
+            return Ok(recipients
+                .iter()
+                .map(|_| RcptOutcome::Failed(failure.clone()))
+                .collect());
+        }
+        let mut outcomes: Vec<Option<RcptOutcome>> = rcpts
+            .iter()
+            .map(|r| (!r.is_positive()).then(|| RcptOutcome::Failed(Failure::from_reply(r))))
+            .collect();
+        if outcomes.iter().all(Option::is_some) {
+            self.reset().await;
+            return Ok(outcomes.into_iter().flatten().collect());
+        }
+        let go_ahead = self
+            .exchange(&["DATA".to_owned()])
+            .await
+            .map_err(broken(true))?;
+        let final_reply = match go_ahead.first() {
+            Some(reply) if reply.code == 354 => {
+                self.send_body(body).await.map_err(broken(false))?
+            }
+            Some(reply) => {
+                self.reset().await;
+                reply.clone()
+            }
+            None => return Err(broken(true)("no reply to DATA".into())),
+        };
+        let accepted = if final_reply.is_positive() {
+            RcptOutcome::Delivered(final_reply.text.clone())
+        } else {
+            RcptOutcome::Failed(Failure::from_reply(&final_reply))
+        };
+        self.transactions += 1;
+        for slot in outcomes.iter_mut().filter(|o| o.is_none()) {
+            *slot = Some(accepted.clone());
+        }
+        Ok(outcomes.into_iter().flatten().collect())
+    }
+
+    /// Ends the session politely; errors do not matter any more.
+    pub async fn quit(mut self) {
+        let _ =
+            tokio::time::timeout(Duration::from_secs(5), self.exchange(&["QUIT".to_owned()])).await;
+    }
+
+    fn mail_parameters(&self, sender: &str, recipients: &[String], body: &[u8]) -> String {
+        let caps = self.capabilities.capabilities;
+        let mut params = String::new();
+        if caps & EXT_SIZE != 0 {
+            params.push_str(&format!(" SIZE={}", body.len()));
+        }
+        if caps & EXT_8BIT_MIME != 0 && !body.is_ascii() {
+            params.push_str(" BODY=8BITMIME");
+        }
+        let utf8_address = !sender.is_ascii() || recipients.iter().any(|r| !r.is_ascii());
+        if caps & EXT_SMTP_UTF8 != 0 && utf8_address {
+            params.push_str(" SMTPUTF8");
+        }
+        params
+    }
+
+    /// Sends commands (pipelined when the server allows) and reads one reply each.
+    async fn exchange(&mut self, commands: &[String]) -> Result<Vec<Reply>, String> {
+        let pipelining = self.capabilities.capabilities & EXT_PIPELINING != 0;
+        let mut replies = Vec::with_capacity(commands.len());
+        let batches: Vec<&[String]> = if pipelining {
+            vec![commands]
+        } else {
+            commands.chunks(1).collect()
+        };
+        for batch in batches {
+            let mut wire = Vec::new();
+            for command in batch {
+                wire.extend_from_slice(command.as_bytes());
+                wire.extend_from_slice(b"\r\n");
+            }
+            self.write(&wire).await?;
+            for _ in batch {
+                replies.push(self.read(COMMAND_TIMEOUT).await?);
+            }
+        }
+        Ok(replies)
+    }
+
+    async fn send_body(&mut self, body: &[u8]) -> Result<Reply, String> {
+        self.write(&dot_stuff(body)).await?;
+        self.read(DATA_TIMEOUT).await
+    }
+
+    /// After a refused transaction, so the connection can carry the next one.
+    async fn reset(&mut self) {
+        if let Err(e) = self.exchange(&["RSET".to_owned()]).await {
+            tracing::debug!(error = %e, "RSET failed");
+        }
+    }
+
+    async fn write(&mut self, bytes: &[u8]) -> Result<(), String> {
+        let stream = &mut self.client.stream;
+        tokio::time::timeout(COMMAND_TIMEOUT, write_all(stream, bytes))
+            .await
+            .map_err(|_| "timed out writing to the upstream".to_owned())?
+            .map_err(|e| format!("connection lost: {e}"))
+    }
+
+    async fn read(&mut self, limit: Duration) -> Result<Reply, String> {
+        tokio::time::timeout(
+            limit,
+            read_reply(&mut self.client.stream, &mut self.pending),
+        )
+        .await
+        .map_err(|_| format!("no reply from the upstream within {}s", limit.as_secs()))?
+        .map_err(|e| format!("connection lost: {e}"))
+    }
+}
+
+async fn write_all<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) -> std::io::Result<()> {
+    stream.write_all(bytes).await?;
+    stream.flush().await
+}
+
+async fn authenticate(
+    client: &mut SmtpClient<TlsStream<TcpStream>>,
+    capabilities: &EhloResponse<String>,
+    mailbox: &str,
+    token: &AccessToken,
+) -> Result<(), Failure> {
+    let credentials = Credentials::new_xoauth2(mailbox, token.secret().expose());
+    match client.authenticate(&credentials, capabilities).await {
+        Ok(_) => Ok(()),
+        Err(mail_send::Error::AuthenticationFailed(r) | mail_send::Error::UnexpectedReply(r)) => {
+            let [class, subject, detail] = r.esc;
+            let line = if class == 0 {
+                format!("{} {}", r.code, r.message)
+            } else {
+                format!("{} {class}.{subject}.{detail} {}", r.code, r.message)
+            };
+            let reply = Reply::from_lines(&[line.replace(['\r', '\n'], " ")])
+                .unwrap_or_else(|| Reply::local(535, "5.7.3", "Authentication unsuccessful"));
+            // An authentication refusal is a setup problem to fix, never a
+            // reason to bounce the mail.
+            Err(Failure::temporary(reply.text))
+        }
+        Err(mail_send::Error::UnsupportedAuthMechanism) => Err(Failure::temporary(
+            "the upstream does not offer AUTH XOAUTH2 after TLS".into(),
+        )),
+        Err(e) => Err(Failure::temporary(format!(
+            "authentication failed: {}",
+            describe(&e)
+        ))),
+    }
+}
+
+/// mail-send's messages, with the one that matters for security spelled out.
+fn describe(e: &mail_send::Error) -> String {
+    match e {
+        mail_send::Error::MissingStartTls => {
+            "the server does not offer STARTTLS; refusing to send without TLS".into()
+        }
+        other => other.to_string(),
+    }
+}
+
+/// The message as it goes on the wire after `DATA`: every line starting with
+/// `.` gets another (RFC 5321 4.5.2), then the end-of-data line. The body is
+/// sent byte for byte otherwise; its final CRLF is the one before the dot.
+pub(crate) fn dot_stuff(body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + body.len() / 64 + 5);
+    let mut line_start = true;
+    for &byte in body {
+        if line_start && byte == b'.' {
+            out.push(b'.');
+        }
+        out.push(byte);
+        line_start = byte == b'\n';
+    }
+    if !(body.is_empty() || body.ends_with(b"\r\n")) {
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b".\r\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::dot_stuff;
+
+    #[test]
+    fn stuffing_and_terminator() {
+        assert_eq!(
+            dot_stuff(b".a\r\n..b\r\n.\r\nc\r\n"),
+            b"..a\r\n...b\r\n..\r\nc\r\n.\r\n"
+        );
+        assert_eq!(dot_stuff(b"no final crlf"), b"no final crlf\r\n.\r\n");
+        assert_eq!(dot_stuff(b""), b".\r\n");
+    }
+}

@@ -1,0 +1,202 @@
+//! Receives the message after `354`, byte by byte across reads.
+//!
+//! The end of data is `CRLF . CRLF` on the wire and nothing else: the usual
+//! smuggling variants (`LF . LF`, `LF . CRLF`, `CR . CR LF`, `CRLF . CR x`…)
+//! are content. Bare CR and bare LF are normalised to CRLF, so what is stored
+//! (and later sent upstream, dot-stuffed again) can never be read as an end of
+//! data by the next server either. The message starts as if after a CRLF, so a
+//! first line of `.` or `..x` is handled like any other.
+
+/// Where the receiver is within the current line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// After a real CRLF (or at the start): a dot here is special.
+    LineStart,
+    /// After a bare CR or LF (already normalised): a dot here is content.
+    LooseLineStart,
+    /// `.` at a line start.
+    Dot,
+    /// `.` CR at a line start: LF ends the message.
+    DotCr,
+    /// Inside a line.
+    Text,
+    /// CR inside a line: LF makes a CRLF.
+    Cr,
+}
+
+/// The message being received.
+#[derive(Debug)]
+pub struct DataReceiver {
+    state: State,
+    body: Vec<u8>,
+    limit: u64,
+    size: u64,
+}
+
+impl DataReceiver {
+    /// A receiver that keeps at most `limit` bytes (it keeps reading past
+    /// them, to find the end, but stores nothing more).
+    pub fn new(limit: u64) -> Self {
+        DataReceiver {
+            state: State::LineStart,
+            body: Vec::new(),
+            limit,
+            size: 0,
+        }
+    }
+
+    /// Takes bytes from `input`; returns how many it consumed and whether the
+    /// end of data was among them (the rest of `input` is the next command).
+    pub fn ingest(&mut self, input: &[u8]) -> (usize, bool) {
+        for (i, &byte) in input.iter().enumerate() {
+            if self.step(byte) {
+                return (i + 1, true);
+            }
+        }
+        (input.len(), false)
+    }
+
+    /// The size of the message as stored (after un-stuffing and normalising).
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Whether the message grew past the limit.
+    pub fn too_big(&self) -> bool {
+        self.size > self.limit
+    }
+
+    /// The received message, ending in CRLF unless it is empty.
+    pub fn into_body(self) -> Vec<u8> {
+        self.body
+    }
+
+    fn step(&mut self, byte: u8) -> bool {
+        use State::*;
+        self.state = match (self.state, byte) {
+            (LineStart, b'.') => Dot,
+            (Dot, b'\r') => DotCr,
+            (DotCr, b'\n') => return true,
+            // `.` then a bare CR: a line holding a dot, then a normalised line end
+            (DotCr, _) => {
+                self.emit(b".\r\n");
+                return self.continue_loose(byte);
+            }
+            // `.` ended by a bare LF: content
+            (Dot, b'\n') => {
+                self.emit(b".\r\n");
+                LooseLineStart
+            }
+            // a stuffed dot: drop the first (RFC 5321 4.5.2)
+            (Dot, other) => return self.text(other),
+            (Cr, b'\n') => {
+                self.emit(b"\r\n");
+                LineStart
+            }
+            (Cr, b'\r') => {
+                self.emit(b"\r\n");
+                Cr
+            }
+            (Cr, other) => {
+                self.emit(b"\r\n");
+                return self.continue_loose(other);
+            }
+            (LineStart | LooseLineStart | Text, other) => return self.text(other),
+        };
+        false
+    }
+
+    /// `byte` starts a line after a normalised bare CR.
+    fn continue_loose(&mut self, byte: u8) -> bool {
+        self.state = State::LooseLineStart;
+        self.text(byte)
+    }
+
+    fn text(&mut self, byte: u8) -> bool {
+        self.state = match byte {
+            b'\r' => State::Cr,
+            b'\n' => {
+                self.emit(b"\r\n");
+                State::LooseLineStart
+            }
+            other => {
+                self.emit(&[other]);
+                State::Text
+            }
+        };
+        false
+    }
+
+    fn emit(&mut self, bytes: &[u8]) {
+        self.size += bytes.len() as u64;
+        if self.size <= self.limit {
+            self.body.extend_from_slice(bytes);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn receive(wire: &[u8]) -> Option<(Vec<u8>, usize)> {
+        let mut r = DataReceiver::new(1 << 20);
+        let (used, done) = r.ingest(wire);
+        done.then(|| (r.into_body(), used))
+    }
+
+    #[test]
+    fn plain_message_and_leftover() {
+        let (body, used) = receive(b"Subject: x\r\n\r\nhi\r\n.\r\nQUIT\r\n").expect("end");
+        assert_eq!(body, b"Subject: x\r\n\r\nhi\r\n");
+        assert_eq!(used, 21);
+    }
+
+    #[test]
+    fn dot_unstuffing_including_first_line() {
+        assert_eq!(receive(b"..x\r\n.\r\n").expect("end").0, b".x\r\n");
+        assert_eq!(receive(b".\r\n").expect("end").0, b"");
+        assert_eq!(
+            receive(b"a\r\n..\r\n...b\r\n.\r\n").expect("end").0,
+            b"a\r\n.\r\n..b\r\n"
+        );
+    }
+
+    #[test]
+    fn smuggling_variants_are_content() {
+        for wire in [
+            &b"a\n.\nMAIL FROM:<x@y>\r\n"[..],
+            b"a\n.\r\nMAIL FROM:<x@y>\r\n",
+            b"a\r.\r\nMAIL FROM:<x@y>\r\n",
+            b"a\r\n.\rMAIL FROM:<x@y>\r\n",
+            b"a\r\n.\nMAIL FROM:<x@y>\r\n",
+            b"a\r\n\0.\r\nMAIL FROM:<x@y>\r\n",
+        ] {
+            assert!(receive(wire).is_none(), "{wire:?} ended the message");
+            let mut full = wire.to_vec();
+            full.extend_from_slice(b".\r\n");
+            let (body, _) = receive(&full).expect("real end");
+            // every line ends in CRLF; no bare CR or LF survives
+            let text = String::from_utf8_lossy(&body);
+            assert!(!text.replace("\r\n", "").contains(['\r', '\n']), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn end_split_across_reads() {
+        let mut r = DataReceiver::new(100);
+        assert_eq!(r.ingest(b"x\r"), (2, false));
+        assert_eq!(r.ingest(b"\n."), (2, false));
+        assert_eq!(r.ingest(b"\r"), (1, false));
+        assert_eq!(r.ingest(b"\nNOOP"), (1, true));
+        assert_eq!(r.into_body(), b"x\r\n");
+    }
+
+    #[test]
+    fn size_limit_keeps_reading() {
+        let mut r = DataReceiver::new(4);
+        let (_, done) = r.ingest(b"123456789\r\n.\r\n");
+        assert!(done && r.too_big());
+        assert_eq!(r.size(), 11);
+    }
+}

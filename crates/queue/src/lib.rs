@@ -1,0 +1,95 @@
+//! The relay's durable mail queue.
+//!
+//! Data flows listener → queue → delivery. The listener calls
+//! [`Queue::enqueue`] and answers the SMTP client `250` only after it
+//! returns; delivery workers (one set per upstream account) take due
+//! messages with [`Queue::next_due`], try them, and report per-recipient
+//! outcomes with [`Queue::record`]. The `queue list` command reads the
+//! directory from another process with [`list`]. The queue knows nothing
+//! about SMTP: replies are opaque strings kept for the administrator.
+//!
+//! # On-disk layout
+//!
+//! ```text
+//! DIR/                mode 0700
+//!   lock              flock'ed by the running relay (one process per DIR)
+//!   tmp/ID.body       files being written; never read, deleted at open
+//!   tmp/ID.json
+//!   body/ID           the message as received (raw bytes, never changed)
+//!   meta/ID.json      envelope, state, per-recipient status (JSON)
+//!   corrupt/          entries set aside at open (ID.json, ID.body)
+//! ```
+//!
+//! `ID` is a [`QueueId`]: 16 uppercase hex digits, 13 of microseconds since
+//! the epoch and 3 random; ids sort by enqueue time.
+//!
+//! # Commit protocol
+//!
+//! **A message exists if and only if `meta/ID.json` exists.** Renaming the
+//! metadata into `meta/` is the commit point; everything else is ordered
+//! around it with fsyncs:
+//!
+//! * *Enqueue*: write `tmp/ID.body` and `tmp/ID.json`, fsync both; rename
+//!   the body to `body/ID`, fsync `body/`; rename the metadata to
+//!   `meta/ID.json`, fsync `meta/`. Only then does `enqueue` return. (The
+//!   `body/` fsync comes *before* the metadata rename so that no file system
+//!   can persist the metadata without its body.)
+//! * *Update* (after an attempt): write `tmp/ID.json`, fsync, rename over
+//!   `meta/ID.json`, fsync `meta/`. Readers see the old or the new file,
+//!   never a mix.
+//! * *Removal* (all delivered): unlink `meta/ID.json`, fsync `meta/`, then
+//!   unlink `body/ID`.
+//!
+//! All of these go through one function (`store::apply`) taking a batch of
+//! operations, so that group commit can later share the fsyncs between
+//! concurrent callers without changing the protocol.
+//!
+//! # Recovery ([`Queue::open`])
+//!
+//! Everything in `tmp/` is an unfinished write and is deleted. A body
+//! without metadata is a crash before the commit point (the client got no
+//! 250 and will resend) or in the middle of a removal (already delivered),
+//! and is deleted. Metadata that does not parse, or whose body is missing
+//! or has the wrong size, cannot come from this protocol on a working disk;
+//! it is logged and moved to `corrupt/` rather than deleted or crashing the
+//! relay. Every other entry that is not failed is scheduled at its recorded
+//! next-attempt time.
+//!
+//! # What can duplicate, what can never be lost
+//!
+//! * Never lost: once `enqueue` returned, the message is on disk and is
+//!   retried until every recipient is delivered, fails permanently, or
+//!   `max_age` passes — across crashes and restarts. A failed message stays
+//!   on disk (state `failed`) until an administrator deletes it.
+//! * May duplicate: a recipient is marked delivered only when `record`'s
+//!   update is committed. A crash (or an I/O error, or a dropped [`Lease`])
+//!   between the upstream accepting the message and that commit means the
+//!   attempt is repeated and those recipients receive the message twice.
+//!   Likewise a client whose connection breaks after the commit but before
+//!   it reads the `250` will resend. This is the usual at-least-once
+//!   trade-off of SMTP.
+//!
+//! # In memory
+//!
+//! Messages still to be tried are indexed in memory: per account an ordered
+//! set of (due instant, id) and a [`tokio::sync::Notify`] that wakes the
+//! account's waiting workers on enqueue, release and deferral. A leased
+//! message is out of the set, so it is never handed out twice; dropping a
+//! [`Lease`] without recording puts it back (due after `retry_initial`), so a
+//! panicking worker cannot strand mail. Failed messages are not kept in
+//! memory. All file I/O runs in `spawn_blocking`, and enqueue/record finish
+//! their disk and memory updates together in that task, so cancelling the
+//! calling future cannot leave the two out of step.
+
+#![warn(missing_docs)]
+
+mod error;
+mod id;
+mod meta;
+mod queue;
+mod store;
+
+pub use error::QueueError;
+pub use id::{ParseQueueIdError, QueueId};
+pub use meta::{list, Entry, RecipientState, RecipientStatus, State};
+pub use queue::{Disposition, Lease, NewMessage, Outcome, Queue, QueueSettings, RecipientResult};

@@ -1,0 +1,896 @@
+//! The in-memory half of the queue: the schedule, leases, and the glue that
+//! drives the store.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::File;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::id::IdGen;
+use crate::meta::{add_time, Meta, RecipientState, RecipientStatus, State, META_VERSION};
+use crate::store::{self, Layout, Op};
+use crate::{QueueError, QueueId};
+
+/// Settings of a [`Queue`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueueSettings {
+    /// The queue directory. Created (mode 0700) if missing. Must be on a
+    /// local file system with working `fsync` and atomic `rename`.
+    pub dir: PathBuf,
+    /// Delay before the first retry; each further retry doubles it.
+    pub retry_initial: Duration,
+    /// Upper bound of the retry delay (before ±20% jitter).
+    pub retry_max: Duration,
+    /// How long after acceptance a message may still be retried; after that
+    /// a temporary failure becomes permanent.
+    pub max_age: Duration,
+}
+
+/// A message accepted by the listener, to be queued.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewMessage {
+    /// The envelope sender (MAIL FROM); `""` for the null sender `<>`.
+    pub sender: String,
+    /// The envelope recipients (RCPT TO); at least one. Exact duplicates are
+    /// dropped.
+    pub recipients: Vec<String>,
+    /// The upstream account (mailbox) that delivers this message.
+    pub account: String,
+    /// The address of the SMTP client that submitted it, if known.
+    pub client: Option<IpAddr>,
+}
+
+/// The result of trying one recipient.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecipientResult {
+    /// The recipient address, exactly as in [`Lease::recipients`].
+    pub recipient: String,
+    /// What happened.
+    pub outcome: Outcome,
+}
+
+/// What happened to one recipient in a delivery attempt. The reply is opaque
+/// text (typically the upstream SMTP reply) kept for the admin.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Accepted upstream; the recipient is done.
+    Delivered {
+        /// The upstream reply.
+        reply: String,
+    },
+    /// Refused for now; retry later (until `max_age`).
+    Temporary {
+        /// The upstream reply.
+        reply: String,
+    },
+    /// Refused for good; the recipient is failed.
+    Permanent {
+        /// The upstream reply.
+        reply: String,
+    },
+}
+
+impl Outcome {
+    /// The reply text, whatever the outcome.
+    pub fn reply(&self) -> &str {
+        match self {
+            Outcome::Delivered { reply }
+            | Outcome::Temporary { reply }
+            | Outcome::Permanent { reply } => reply,
+        }
+    }
+}
+
+/// What [`Queue::record`] did with the message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Disposition {
+    /// Every recipient is delivered; the message is deleted.
+    Removed,
+    /// Some recipients remain; the message is retried at `next_attempt`.
+    Deferred {
+        /// When the next attempt is due.
+        next_attempt: SystemTime,
+    },
+    /// Nothing left to try and at least one recipient failed; the message
+    /// stays on disk as failed (visible in `queue list`) and is not retried.
+    Failed,
+}
+
+/// A message handed to a delivery worker by [`Queue::next_due`]. While a
+/// lease exists no other worker gets the message.
+///
+/// Consume it with [`Queue::record`]. Dropping it without recording (an
+/// error path, a panic, a cancelled task) releases the message: it becomes
+/// due again after `retry_initial`, with its state on disk unchanged.
+pub struct Lease {
+    /// The message's id.
+    pub id: QueueId,
+    /// The envelope sender; `""` for the null sender.
+    pub sender: String,
+    /// The upstream account that delivers it.
+    pub account: String,
+    /// Number of earlier delivery attempts (0 for a fresh message).
+    pub attempts: u32,
+    /// The recipients to try now: those still pending or deferred.
+    pub recipients: Vec<String>,
+    /// When the message was accepted.
+    pub received_at: SystemTime,
+    /// Size of the body in bytes.
+    pub size: u64,
+    /// The SMTP client that submitted it, if known.
+    pub client: Option<IpAddr>,
+    /// The queue it came from; `None` once consumed by `record`.
+    queue: Option<Weak<Inner>>,
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease")
+            .field("id", &self.id)
+            .field("sender", &self.sender)
+            .field("account", &self.account)
+            .field("attempts", &self.attempts)
+            .field("recipients", &self.recipients)
+            .field("received_at", &self.received_at)
+            .field("size", &self.size)
+            .field("client", &self.client)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Lease {
+    /// Marks the lease as consumed, so dropping it releases nothing.
+    fn disarm(&mut self) {
+        self.queue = None;
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(inner) = self.queue.take().and_then(|w| w.upgrade()) {
+            tracing::debug!(id = %self.id, "lease dropped without a result; message released");
+            inner.release(&self.id, inner.settings.retry_initial);
+        }
+    }
+}
+
+/// The durable mail queue. Cheap to clone; all clones share one queue.
+#[derive(Clone, Debug)]
+pub struct Queue {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    settings: QueueSettings,
+    layout: Layout,
+    ids: IdGen,
+    sched: Mutex<Schedule>,
+    /// Holds the directory lock for the queue's lifetime.
+    _lock: File,
+}
+
+/// Every message that is still to be tried, and per account the order in
+/// which they are due.
+#[derive(Debug, Default)]
+struct Schedule {
+    messages: HashMap<QueueId, Slot>,
+    accounts: HashMap<String, AccountSchedule>,
+}
+
+#[derive(Debug)]
+struct Slot {
+    meta: Meta,
+    /// `Some(due)` when waiting (and then in the account's `due` set),
+    /// `None` while leased.
+    due: Option<Instant>,
+}
+
+#[derive(Debug, Default)]
+struct AccountSchedule {
+    due: BTreeSet<(Instant, QueueId)>,
+    notify: Arc<Notify>,
+}
+
+impl Schedule {
+    fn account(&mut self, account: &str) -> &mut AccountSchedule {
+        self.accounts.entry(account.to_string()).or_default()
+    }
+
+    /// Puts a message (new, or back from a lease) into its account's
+    /// schedule and wakes that account's waiting workers.
+    fn insert(&mut self, meta: Meta, due: Instant) {
+        let id = meta.id.clone();
+        let account = self.account(&meta.account);
+        account.due.insert((due, id.clone()));
+        account.notify.notify_waiters();
+        self.messages.insert(
+            id,
+            Slot {
+                meta,
+                due: Some(due),
+            },
+        );
+    }
+}
+
+/// Converts a wall-clock due time into a monotonic instant.
+fn instant_for(at: SystemTime) -> Instant {
+    let now = Instant::now();
+    match at.duration_since(SystemTime::now()) {
+        Ok(delay) => instant_after(now, delay),
+        Err(_) => now,
+    }
+}
+
+/// `from + delay`, capped at about a century so it cannot overflow.
+fn instant_after(from: Instant, delay: Duration) -> Instant {
+    const CAP: Duration = Duration::from_secs(100 * 365 * 86_400);
+    from.checked_add(delay.min(CAP)).unwrap_or(from)
+}
+
+fn lock(m: &Mutex<Schedule>) -> MutexGuard<'_, Schedule> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Queue {
+    /// Opens (creating if needed) the queue in `settings.dir`.
+    ///
+    /// Takes the directory's lock file (fails with [`QueueError::Locked`] if
+    /// another relay holds it), deletes unfinished writes and orphan bodies,
+    /// sets corrupt entries aside in `corrupt/`, and schedules every message
+    /// that is not failed at its recorded next-attempt time.
+    pub async fn open(settings: QueueSettings) -> Result<Queue, QueueError> {
+        let layout = Layout::new(&settings.dir);
+        let dir = settings.dir.clone();
+        let (lock_file, recovered, layout) = blocking(&dir, "opening queue", move || {
+            let lock_file = store::prepare(&layout)?;
+            let recovered = store::recover(&layout)?;
+            Ok((lock_file, recovered, layout))
+        })
+        .await?;
+
+        let mut sched = Schedule::default();
+        let active = recovered.active.len();
+        for meta in recovered.active {
+            let due = instant_for(meta.next_attempt.unwrap_or(meta.received_at));
+            sched.insert(meta, due);
+        }
+        tracing::info!(
+            dir = %settings.dir.display(),
+            active,
+            failed = recovered.failed,
+            "queue opened"
+        );
+        Ok(Queue {
+            inner: Arc::new(Inner {
+                ids: IdGen::new(recovered.max_micros),
+                settings,
+                layout,
+                sched: Mutex::new(sched),
+                _lock: lock_file,
+            }),
+        })
+    }
+
+    /// Stores a message durably and schedules it for immediate delivery.
+    ///
+    /// When this returns `Ok` the body and metadata are fsynced and
+    /// committed: the listener may answer 250. On `Err` nothing was
+    /// committed (the listener answers 4xx). The write runs to completion
+    /// even if the returned future is dropped, so a committed message is
+    /// always scheduled.
+    pub async fn enqueue(&self, msg: NewMessage, body: &[u8]) -> Result<QueueId, QueueError> {
+        let mut recipients: Vec<String> = Vec::with_capacity(msg.recipients.len());
+        for r in msg.recipients {
+            if !recipients.contains(&r) {
+                recipients.push(r);
+            }
+        }
+        if recipients.is_empty() {
+            return Err(QueueError::Invalid {
+                path: self.inner.settings.dir.clone(),
+                reason: "the message has no recipients".into(),
+            });
+        }
+        let id = self.inner.ids.next();
+        let now = SystemTime::now();
+        let meta = Meta {
+            version: META_VERSION,
+            id: id.clone(),
+            state: State::Queued,
+            sender: msg.sender,
+            account: msg.account,
+            client: msg.client,
+            received_at: now,
+            attempts: 0,
+            next_attempt: Some(now),
+            last_error: None,
+            size: body.len() as u64,
+            recipients: recipients
+                .into_iter()
+                .map(|address| RecipientStatus {
+                    address,
+                    status: RecipientState::Pending,
+                    reply: None,
+                })
+                .collect(),
+        };
+        let body = body.to_vec();
+        let inner = self.inner.clone();
+        blocking(&self.inner.settings.dir, "queueing message", move || {
+            let bytes = inner.encode(&meta)?;
+            store::apply(
+                &inner.layout,
+                &[Op::Insert {
+                    id: id.clone(),
+                    meta: bytes,
+                    body,
+                }],
+            )?;
+            tracing::debug!(%id, account = %meta.account, size = meta.size, "message queued");
+            lock(&inner.sched).insert(meta, Instant::now());
+            Ok(id)
+        })
+        .await
+    }
+
+    /// Waits until a message of `account` is due and not leased, leases it
+    /// and returns it. Messages are handed out in due-time order (ties by
+    /// id, i.e. by age).
+    ///
+    /// With `idle = Some(d)`, returns `None` once `d` has passed with nothing
+    /// due; with `None` it waits indefinitely. An enqueue, a released lease
+    /// or a deferral for the account wakes the wait immediately; otherwise it
+    /// wakes at the earliest due time.
+    ///
+    /// Cancel-safe: a message is leased only in the same poll that returns
+    /// it, so dropping the future (e.g. in `tokio::select!` against a
+    /// shutdown signal) never loses or strands a message.
+    pub async fn next_due(&self, account: &str, idle: Option<Duration>) -> Option<Lease> {
+        let deadline = idle.map(|d| instant_after(Instant::now(), d));
+        let notify = lock(&self.inner.sched).account(account).notify.clone();
+        loop {
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            // Register before looking, so a wake-up between the look and the
+            // wait is not lost.
+            notified.as_mut().enable();
+            let next = match self.try_lease(account) {
+                Ok(lease) => return Some(lease),
+                Err(next) => next,
+            };
+            let wake = match (next, deadline) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            match wake {
+                Some(at) => {
+                    tokio::select! {
+                        _ = &mut notified => {}
+                        _ = tokio::time::sleep_until(at) => {}
+                    }
+                }
+                None => notified.await,
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return self.try_lease(account).ok();
+            }
+        }
+    }
+
+    /// Leases the account's first message if it is due; otherwise returns
+    /// when the first one will be due (if any).
+    fn try_lease(&self, account: &str) -> Result<Lease, Option<Instant>> {
+        let mut sched = lock(&self.inner.sched);
+        let sched = &mut *sched;
+        let queue = sched.account(account);
+        let (due, id) = match queue.due.first() {
+            Some(first) => first.clone(),
+            None => return Err(None),
+        };
+        if due > Instant::now() {
+            return Err(Some(due));
+        }
+        queue.due.pop_first();
+        let Some(slot) = sched.messages.get_mut(&id) else {
+            // Cannot happen: the two maps change together.
+            tracing::error!(%id, "scheduled message missing from the queue's index");
+            return Err(None);
+        };
+        slot.due = None;
+        let meta = &slot.meta;
+        Ok(Lease {
+            id,
+            sender: meta.sender.clone(),
+            account: meta.account.clone(),
+            attempts: meta.attempts,
+            recipients: meta.open_recipients(),
+            received_at: meta.received_at,
+            size: meta.size,
+            client: meta.client,
+            queue: Some(Arc::downgrade(&self.inner)),
+        })
+    }
+
+    /// Reads the leased message's body, byte for byte as it was enqueued.
+    pub async fn read_body(&self, lease: &Lease) -> Result<Vec<u8>, QueueError> {
+        if !self.owns(lease) {
+            return Err(QueueError::NotLeased {
+                path: self.inner.settings.dir.clone(),
+                id: lease.id.clone(),
+            });
+        }
+        let path = self.inner.layout.body_path(&lease.id);
+        let body = tokio::fs::read(&path)
+            .await
+            .map_err(|e| QueueError::io("reading message body", &path, e))?;
+        if body.len() as u64 != lease.size {
+            return Err(QueueError::corrupt(
+                &path,
+                format!("has {} bytes, metadata says {}", body.len(), lease.size),
+            ));
+        }
+        Ok(body)
+    }
+
+    fn owns(&self, lease: &Lease) -> bool {
+        lease
+            .queue
+            .as_ref()
+            .is_some_and(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(&self.inner)))
+    }
+
+    /// Records the outcome of a delivery attempt and consumes the lease.
+    ///
+    /// Each result updates its recipient (results for addresses not in
+    /// [`Lease::recipients`] are ignored with a warning; recipients without
+    /// a result stay as they were). Then:
+    /// - recipients left to try → [`Disposition::Deferred`]: attempts + 1,
+    ///   next attempt after the backoff (`retry_initial` doubling per
+    ///   attempt, capped at `retry_max`, ±20% jitter) — unless the message
+    ///   is older than `max_age`, in which case they fail with
+    ///   `gave up after {max_age}: {last reply}`;
+    /// - none left, all delivered → the message is deleted
+    ///   ([`Disposition::Removed`]);
+    /// - none left, some failed → it stays on disk as failed
+    ///   ([`Disposition::Failed`]) and is never handed out again.
+    ///
+    /// `last_error` becomes the last non-success reply of this attempt.
+    /// The change is durable when this returns `Ok`. On `Err` nothing
+    /// changed and the message is released for another try after
+    /// `retry_initial` (so recipients delivered in this attempt may get the
+    /// message twice). Like `enqueue`, the update completes even if the
+    /// future is dropped.
+    pub async fn record(
+        &self,
+        lease: Lease,
+        results: Vec<RecipientResult>,
+    ) -> Result<Disposition, QueueError> {
+        let dir = &self.inner.settings.dir;
+        if !self.owns(&lease) {
+            return Err(QueueError::NotLeased {
+                path: dir.clone(),
+                id: lease.id.clone(),
+            });
+        }
+        let meta = {
+            let sched = lock(&self.inner.sched);
+            match sched.messages.get(&lease.id) {
+                Some(slot) if slot.due.is_none() => slot.meta.clone(),
+                _ => {
+                    return Err(QueueError::NotLeased {
+                        path: dir.clone(),
+                        id: lease.id.clone(),
+                    });
+                }
+            }
+        };
+        let inner = self.inner.clone();
+        blocking(dir, "recording delivery attempt", move || {
+            // Own the whole lease here, so that it is released if this task
+            // fails and consumed only if the update commits.
+            let mut lease = lease;
+            let mut meta = meta;
+            let jitter = rand::random_range(0.8..=1.2);
+            let plan = apply_attempt(&mut meta, results, SystemTime::now(), &inner.settings, jitter);
+            let id = meta.id.clone();
+            let op = match plan {
+                Plan::Remove => Op::Remove { id: id.clone() },
+                Plan::Fail | Plan::Defer { .. } => Op::Update {
+                    id: id.clone(),
+                    meta: inner.encode(&meta)?,
+                },
+            };
+            // On error the lease is dropped here, which releases the message.
+            store::apply(&inner.layout, &[op])?;
+            lease.disarm();
+            let mut sched = lock(&inner.sched);
+            match plan {
+                Plan::Remove => {
+                    sched.messages.remove(&id);
+                    tracing::info!(%id, attempts = meta.attempts, "message delivered to every recipient; removed");
+                    Ok(Disposition::Removed)
+                }
+                Plan::Fail => {
+                    sched.messages.remove(&id);
+                    tracing::warn!(
+                        %id,
+                        attempts = meta.attempts,
+                        last_error = meta.last_error.as_deref().unwrap_or(""),
+                        "message failed; kept in the queue as failed"
+                    );
+                    Ok(Disposition::Failed)
+                }
+                Plan::Defer { delay } => {
+                    let next_attempt = meta.next_attempt.unwrap_or_else(SystemTime::now);
+                    tracing::info!(
+                        %id,
+                        attempts = meta.attempts,
+                        retry_in = %humantime::format_duration(Duration::from_millis(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX))),
+                        last_error = meta.last_error.as_deref().unwrap_or(""),
+                        "message deferred"
+                    );
+                    sched.insert(meta, instant_after(Instant::now(), delay));
+                    Ok(Disposition::Deferred { next_attempt })
+                }
+            }
+        })
+        .await
+    }
+
+    /// The accounts that have messages still to be tried (waiting or
+    /// leased), sorted. Failed messages do not count.
+    pub fn accounts_with_mail(&self) -> Vec<String> {
+        let sched = lock(&self.inner.sched);
+        let mut accounts: Vec<String> = sched
+            .messages
+            .values()
+            .map(|s| s.meta.account.clone())
+            .collect();
+        accounts.sort();
+        accounts.dedup();
+        accounts
+    }
+
+    /// The number of messages still to be tried (waiting or leased). Failed
+    /// messages kept on disk are not counted.
+    pub fn depth(&self) -> usize {
+        lock(&self.inner.sched).messages.len()
+    }
+
+    /// The queue's settings.
+    pub fn settings(&self) -> &QueueSettings {
+        &self.inner.settings
+    }
+}
+
+impl Inner {
+    fn encode(&self, meta: &Meta) -> Result<Vec<u8>, QueueError> {
+        serde_json::to_vec_pretty(meta).map_err(|source| QueueError::Encode {
+            path: self.layout.meta_path(&meta.id),
+            source,
+        })
+    }
+
+    /// Makes a leased message schedulable again after `delay`.
+    fn release(&self, id: &QueueId, delay: Duration) {
+        let mut sched = lock(&self.sched);
+        let Some(slot) = sched.messages.get_mut(id) else {
+            return;
+        };
+        if slot.due.is_some() {
+            return;
+        }
+        let due = instant_after(Instant::now(), delay);
+        slot.due = Some(due);
+        let account = slot.meta.account.clone();
+        let queue = sched.account(&account);
+        queue.due.insert((due, id.clone()));
+        queue.notify.notify_waiters();
+    }
+}
+
+/// Runs blocking file I/O off the async runtime.
+async fn blocking<T, F>(dir: &std::path::Path, action: &'static str, f: F) -> Result<T, QueueError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, QueueError> + Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|source| QueueError::Task {
+            action,
+            path: dir.to_path_buf(),
+            source,
+        })?
+}
+
+/// What to do with a message after applying an attempt's results.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Plan {
+    /// All delivered: delete it.
+    Remove,
+    /// Nothing left to try, some failed: keep as failed.
+    Fail,
+    /// Retry after `delay`.
+    Defer { delay: Duration },
+}
+
+/// The retry delay after `attempts` attempts, before jitter:
+/// `retry_initial × 2^(attempts−1)`, capped at `retry_max`.
+fn backoff(settings: &QueueSettings, attempts: u32) -> Duration {
+    let doublings = attempts.saturating_sub(1).min(31);
+    settings
+        .retry_initial
+        .saturating_mul(1u32 << doublings)
+        .min(settings.retry_max)
+}
+
+/// Scales `d` by `factor` without any chance of panicking.
+fn scale(d: Duration, factor: f64) -> Duration {
+    Duration::try_from_secs_f64(d.as_secs_f64() * factor).unwrap_or(d)
+}
+
+/// Applies one attempt's results to `meta` (pure; `now` and `jitter` are
+/// parameters so it can be tested exactly).
+fn apply_attempt(
+    meta: &mut Meta,
+    results: Vec<RecipientResult>,
+    now: SystemTime,
+    settings: &QueueSettings,
+    jitter: f64,
+) -> Plan {
+    let mut last_error: Option<String> = None;
+    for result in results {
+        let mut matched = false;
+        for r in meta
+            .recipients
+            .iter_mut()
+            .filter(|r| r.address == result.recipient && r.status.is_open())
+        {
+            matched = true;
+            let (status, reply) = match &result.outcome {
+                Outcome::Delivered { reply } => (RecipientState::Delivered, reply),
+                Outcome::Temporary { reply } => (RecipientState::Deferred, reply),
+                Outcome::Permanent { reply } => (RecipientState::Failed, reply),
+            };
+            r.status = status;
+            r.reply = Some(reply.clone());
+            if status != RecipientState::Delivered {
+                last_error = Some(reply.clone());
+            }
+        }
+        if !matched {
+            tracing::warn!(id = %meta.id, recipient = %result.recipient, "ignoring result for a recipient that was not being tried");
+        }
+    }
+    meta.attempts = meta.attempts.saturating_add(1);
+    if last_error.is_some() {
+        meta.last_error = last_error;
+    }
+
+    if meta.recipients.iter().any(|r| r.status.is_open()) {
+        let age = now.duration_since(meta.received_at).unwrap_or_default();
+        if age <= settings.max_age {
+            let delay = scale(backoff(settings, meta.attempts), jitter);
+            meta.state = State::Deferred;
+            meta.next_attempt = Some(add_time(now, delay));
+            return Plan::Defer { delay };
+        }
+        let limit = humantime::format_duration(settings.max_age);
+        for r in meta.recipients.iter_mut().filter(|r| r.status.is_open()) {
+            let reply = match &r.reply {
+                Some(reply) => format!("gave up after {limit}: {reply}"),
+                None => format!("gave up after {limit}: never attempted"),
+            };
+            r.status = RecipientState::Failed;
+            meta.last_error = Some(reply.clone());
+            r.reply = Some(reply);
+        }
+    }
+
+    if meta
+        .recipients
+        .iter()
+        .all(|r| r.status == RecipientState::Delivered)
+    {
+        Plan::Remove
+    } else {
+        meta.state = State::Failed;
+        meta.next_attempt = None;
+        Plan::Fail
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> QueueSettings {
+        QueueSettings {
+            dir: PathBuf::from("/nonexistent"),
+            retry_initial: Duration::from_secs(60),
+            retry_max: Duration::from_secs(3600),
+            max_age: Duration::from_secs(86_400),
+        }
+    }
+
+    fn meta(recipients: &[&str]) -> Meta {
+        Meta {
+            version: META_VERSION,
+            id: QueueId::from_parts(1, 1),
+            state: State::Queued,
+            sender: "a@example.com".into(),
+            account: "acct".into(),
+            client: None,
+            received_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000),
+            attempts: 0,
+            next_attempt: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000)),
+            last_error: None,
+            size: 0,
+            recipients: recipients
+                .iter()
+                .map(|a| RecipientStatus {
+                    address: a.to_string(),
+                    status: RecipientState::Pending,
+                    reply: None,
+                })
+                .collect(),
+        }
+    }
+
+    fn res(rcpt: &str, outcome: Outcome) -> RecipientResult {
+        RecipientResult {
+            recipient: rcpt.into(),
+            outcome,
+        }
+    }
+
+    fn temp(reply: &str) -> Outcome {
+        Outcome::Temporary {
+            reply: reply.into(),
+        }
+    }
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let s = settings();
+        let secs: Vec<u64> = (1..=9).map(|a| backoff(&s, a).as_secs()).collect();
+        assert_eq!(secs, [60, 120, 240, 480, 960, 1920, 3600, 3600, 3600]);
+        assert_eq!(backoff(&s, u32::MAX), Duration::from_secs(3600));
+        assert_eq!(backoff(&s, 0), Duration::from_secs(60));
+        let huge = QueueSettings {
+            retry_initial: Duration::MAX,
+            retry_max: Duration::MAX,
+            ..settings()
+        };
+        assert_eq!(backoff(&huge, 40), Duration::MAX);
+        assert_eq!(scale(Duration::MAX, 1.2), Duration::MAX);
+        assert_eq!(
+            scale(Duration::from_secs(100), 0.8),
+            Duration::from_secs(80)
+        );
+    }
+
+    #[test]
+    fn deferral_uses_backoff_and_jitter() {
+        let s = settings();
+        let mut m = meta(&["x@y"]);
+        let now = m.received_at + Duration::from_secs(10);
+        m.attempts = 2;
+        let plan = apply_attempt(&mut m, vec![res("x@y", temp("451 busy"))], now, &s, 1.2);
+        // Third attempt: 4 × 60 s × 1.2.
+        assert_eq!(
+            plan,
+            Plan::Defer {
+                delay: Duration::from_secs(288)
+            }
+        );
+        assert_eq!(m.attempts, 3);
+        assert_eq!(m.state, State::Deferred);
+        assert_eq!(m.next_attempt, Some(now + Duration::from_secs(288)));
+        assert_eq!(m.last_error.as_deref(), Some("451 busy"));
+        assert_eq!(m.recipients[0].status, RecipientState::Deferred);
+    }
+
+    #[test]
+    fn expiry_fails_open_recipients() {
+        let s = settings();
+        let mut m = meta(&["a@x", "b@x", "c@x"]);
+        let now = m.received_at + s.max_age + Duration::from_secs(1);
+        let plan = apply_attempt(
+            &mut m,
+            vec![
+                res(
+                    "a@x",
+                    Outcome::Delivered {
+                        reply: "250 ok".into(),
+                    },
+                ),
+                res("b@x", temp("421 later")),
+            ],
+            now,
+            &s,
+            1.0,
+        );
+        assert_eq!(plan, Plan::Fail);
+        assert_eq!(m.state, State::Failed);
+        assert_eq!(m.next_attempt, None);
+        assert_eq!(m.recipients[0].status, RecipientState::Delivered);
+        assert_eq!(m.recipients[1].status, RecipientState::Failed);
+        assert_eq!(
+            m.recipients[1].reply.as_deref(),
+            Some("gave up after 1day: 421 later")
+        );
+        assert_eq!(
+            m.recipients[2].reply.as_deref(),
+            Some("gave up after 1day: never attempted")
+        );
+        assert_eq!(
+            m.last_error.as_deref(),
+            Some("gave up after 1day: never attempted")
+        );
+    }
+
+    #[test]
+    fn all_delivered_removes_and_unknown_results_are_ignored() {
+        let s = settings();
+        let mut m = meta(&["a@x"]);
+        let now = m.received_at;
+        let plan = apply_attempt(
+            &mut m,
+            vec![
+                res(
+                    "zz@x",
+                    Outcome::Permanent {
+                        reply: "550 who".into(),
+                    },
+                ),
+                res(
+                    "a@x",
+                    Outcome::Delivered {
+                        reply: "250 ok".into(),
+                    },
+                ),
+            ],
+            now,
+            &s,
+            1.0,
+        );
+        assert_eq!(plan, Plan::Remove);
+        assert_eq!(m.last_error, None);
+    }
+
+    #[test]
+    fn recipients_without_result_keep_the_message_deferred() {
+        let s = settings();
+        let mut m = meta(&["a@x", "b@x"]);
+        let now = m.received_at;
+        let plan = apply_attempt(
+            &mut m,
+            vec![res(
+                "a@x",
+                Outcome::Delivered {
+                    reply: "250".into(),
+                },
+            )],
+            now,
+            &s,
+            1.0,
+        );
+        assert_eq!(
+            plan,
+            Plan::Defer {
+                delay: Duration::from_secs(60)
+            }
+        );
+        assert_eq!(m.recipients[1].status, RecipientState::Pending);
+        assert_eq!(m.open_recipients(), vec!["b@x".to_string()]);
+    }
+}

@@ -1,0 +1,25 @@
+//! The token manager: obtains OAuth 2.0 access tokens for each account and
+//! keeps them fresh in the background, so a delivery never waits for (or
+//! presents) an expiring token.
+//!
+//! One [`TokenManager`] per account. Deliveries call [`TokenManager::token`];
+//! a background task started by [`TokenManager::spawn_refresher`] renews the
+//! token ahead of expiry — when ten minutes or a third of its lifetime remain,
+//! whichever is sooner — with or without traffic. Concurrent callers share one
+//! in-flight request. A failed renewal backs off with jitter while the current
+//! token is used until it expires. When the upstream refuses a token the relay
+//! thought valid, [`TokenManager::refresh_rejected`] fetches a new one, once
+//! per token.
+//!
+//! Tokens and secrets are [`relay_config::Secret`]s: they never reach a log.
+
+mod error;
+mod explain;
+mod http;
+mod manager;
+mod source;
+
+pub use error::TokenError;
+pub use explain::explain_aadsts;
+pub use manager::{AccessToken, TokenManager};
+pub use source::TokenSource;
