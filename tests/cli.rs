@@ -1,0 +1,87 @@
+//! The command line's contract: `check`, bad configurations, environment
+//! overrides, `queue list`.
+
+mod common;
+
+use common::*;
+
+#[tokio::test]
+async fn check_accepts_a_valid_config() {
+    let world = World::start().await;
+    let out = cli(&["check"], &world.write_config(&world.config(2525)));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("valid"));
+}
+
+#[tokio::test]
+async fn check_and_run_name_the_missing_key() {
+    let world = World::start().await;
+    let config = world.config(free_port());
+    let broken: String = config
+        .lines()
+        .filter(|l| !l.starts_with("tenant_id"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let path = world.write_config(&broken);
+    let out = cli(&["check"], &path);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("accounts[0].oauth.tenant_id is missing"),
+        "{stderr}"
+    );
+    let out = cli(&["run"], &path);
+    assert!(!out.status.success(), "run started with a broken config");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("tenant_id"));
+}
+
+#[tokio::test]
+async fn unknown_keys_and_plaintext_are_refused() {
+    let world = World::start().await;
+    let config = world.config(free_port());
+    let path = world.write_config(&config.replace("hostname =", "hostnam ="));
+    let stderr = String::from_utf8(cli(&["check"], &path).stderr).unwrap_or_default();
+    assert!(
+        stderr.contains("listener.hostnam: unknown field `hostnam`"),
+        "{stderr}"
+    );
+    let path = world.write_config(&config.replace("[upstream]", "[upstream]\nsecurity = \"none\""));
+    let stderr = String::from_utf8(cli(&["check"], &path).stderr).unwrap_or_default();
+    assert!(stderr.contains("upstream.security"), "{stderr}");
+}
+
+#[tokio::test]
+async fn environment_overrides_the_file() {
+    let world = World::start().await;
+    let path = world.write_config(&world.config(2525));
+    let out = std::process::Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&path)
+        .env("SMTP_OAUTH_RELAY__UPSTREAM__PORT", "2587")
+        .output()
+        .expect("run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("upstream localhost:2587"), "{stdout}");
+    // and the config path itself can come from the environment
+    let out = std::process::Command::new(BIN)
+        .arg("check")
+        .env("SMTP_OAUTH_RELAY_CONFIG", &path)
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn missing_config_file_is_named() {
+    let out = cli(&["check"], std::path::Path::new("/nonexistent/relay.toml"));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/relay.toml"));
+}

@@ -1,0 +1,282 @@
+//! End-to-end harness: the real `smtp-oauth-relay` binary, the test kit's
+//! stand-in Microsoft 365 in this process, and a raw SMTP client.
+
+#![allow(dead_code)] // each test binary uses a different part
+
+use relay_testkit::{IdentityPlatform, SubmissionServer};
+use std::{
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::Duration,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_smtp-oauth-relay");
+pub const MAILBOX: &str = "relay@contoso.com";
+
+pub fn install_crypto() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+/// The stand-in identity platform and submission server.
+pub struct World {
+    pub idp: IdentityPlatform,
+    pub upstream: SubmissionServer,
+    pub dir: tempfile::TempDir,
+}
+
+impl World {
+    pub async fn start() -> World {
+        install_crypto();
+        let idp = IdentityPlatform::start().await.expect("identity platform");
+        let upstream = SubmissionServer::start(idp.clone())
+            .await
+            .expect("submission server");
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("ca.pem"), upstream.ca_pem()).expect("ca file");
+        std::fs::write(
+            dir.path().join("secret"),
+            format!("{}\n", idp.client_secret()),
+        )
+        .expect("secret");
+        World { idp, upstream, dir }
+    }
+
+    /// A relay configuration for this world; `extra` is appended to `[queue]`.
+    pub fn config(&self, port: u16) -> String {
+        format!(
+            r#"[listener]
+bind = ["127.0.0.1:{port}"]
+hostname = "relay.test"
+
+[upstream]
+host = "localhost"
+port = {upstream}
+ca_file = "{dir}/ca.pem"
+
+[[accounts]]
+name = "main"
+mailbox = "{MAILBOX}"
+
+[accounts.oauth]
+flow = "client_credentials"
+authority = "{authority}"
+tenant_id = "{tenant}"
+client_id = "{client}"
+client_secret_file = "{dir}/secret"
+
+[queue]
+dir = "{dir}/queue"
+retry_initial = "300ms"
+retry_max = "1s"
+"#,
+            upstream = self.upstream.port(),
+            dir = self.dir.path().display(),
+            authority = self.idp.authority(),
+            tenant = self.idp.tenant(),
+            client = self.idp.client_id(),
+        )
+    }
+
+    pub fn write_config(&self, text: &str) -> PathBuf {
+        let path = self.dir.path().join("relay.toml");
+        std::fs::write(&path, text).expect("config file");
+        path
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A running `smtp-oauth-relay run`; killed when dropped.
+pub struct Relay {
+    pub child: Child,
+    pub port: u16,
+    pub config: PathBuf,
+}
+
+impl Relay {
+    /// Starts `run`; its log is appended to `relay.log` beside the config.
+    pub async fn start(config: &Path, port: u16) -> Relay {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(config.with_file_name("relay.log"))
+            .expect("log file");
+        let child = Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start the relay");
+        let mut relay = Relay {
+            child,
+            port,
+            config: config.to_owned(),
+        };
+        for _ in 0..300 {
+            if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                return relay;
+            }
+            if let Ok(Some(status)) = relay.child.try_wait() {
+                panic!("relay exited at start: {status}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = relay.child.kill();
+        panic!("relay did not listen within 15 s");
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill(); // SIGKILL
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then the exit status (bounded wait).
+    pub async fn terminate(&mut self) -> Option<i32> {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        for _ in 0..300 {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        None
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.config.with_file_name("relay.log")).unwrap_or_default()
+    }
+
+    pub fn queue_json(&self) -> Vec<serde_json::Value> {
+        let out = cli(&["queue", "list", "--json"], &self.config);
+        assert!(
+            out.status.success(),
+            "queue list: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("queue list --json prints JSON")
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn cli(args: &[&str], config: &Path) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .expect("run the binary")
+}
+
+/// A minimal SMTP client that asserts nothing: it returns each reply.
+pub struct Client {
+    stream: TcpStream,
+    pending: Vec<u8>,
+}
+
+impl Client {
+    pub async fn connect(port: u16) -> (Client, String) {
+        let stream = TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect");
+        let mut client = Client {
+            stream,
+            pending: Vec::new(),
+        };
+        let greeting = client.reply().await;
+        (client, greeting)
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) -> String {
+        self.stream.write_all(bytes).await.expect("write");
+        self.reply().await
+    }
+
+    /// One complete reply (all its lines), without the final CRLF.
+    pub async fn reply(&mut self) -> String {
+        let read = async {
+            let mut lines = Vec::new();
+            loop {
+                while let Some(end) = self.pending.windows(2).position(|w| w == b"\r\n") {
+                    let line: Vec<u8> = self.pending.drain(..end + 2).collect();
+                    let line = String::from_utf8_lossy(&line[..end]).into_owned();
+                    let last = line.as_bytes().get(3) != Some(&b'-');
+                    lines.push(line);
+                    if last {
+                        return lines.join("\r\n");
+                    }
+                }
+                let mut buf = [0u8; 4096];
+                let n = self.stream.read(&mut buf).await.expect("read");
+                if n == 0 {
+                    return format!("{}<closed>", lines.join("\r\n"));
+                }
+                self.pending.extend_from_slice(&buf[..n]);
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), read)
+            .await
+            .expect("reply in time")
+    }
+
+    /// A whole transaction; returns the reply to the end of data.
+    pub async fn mail(&mut self, from: &str, to: &[&str], stuffed_body: &[u8]) -> String {
+        assert!(self
+            .send(format!("MAIL FROM:<{from}>\r\n").as_bytes())
+            .await
+            .starts_with("250"));
+        for rcpt in to {
+            assert!(self
+                .send(format!("RCPT TO:<{rcpt}>\r\n").as_bytes())
+                .await
+                .starts_with("250"));
+        }
+        assert!(self.send(b"DATA\r\n").await.starts_with("354"));
+        let mut data = stuffed_body.to_vec();
+        data.extend_from_slice(b".\r\n");
+        self.send(&data).await
+    }
+}
+
+/// Sends one message in its own session.
+pub async fn send_one(port: u16, from: &str, to: &[&str], body: &[u8]) -> String {
+    let (mut c, _) = Client::connect(port).await;
+    assert!(c.send(b"EHLO app.test\r\n").await.starts_with("250"));
+    let reply = c.mail(from, to, body).await;
+    c.send(b"QUIT\r\n").await;
+    reply
+}
+
+pub fn message(subject: &str) -> Vec<u8> {
+    format!("From: {MAILBOX}\r\nTo: alice@example.com\r\nSubject: {subject}\r\n\r\nHello.\r\n")
+        .into_bytes()
+}
+
+/// Polls `check` every 100 ms for at most `secs` seconds.
+pub async fn eventually(secs: u64, what: &str, mut check: impl FnMut() -> bool) {
+    for _ in 0..secs * 10 {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out after {secs} s waiting for {what}");
+}

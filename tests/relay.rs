@@ -1,0 +1,293 @@
+//! The relay binary end to end: app → listener → queue → delivery → the
+//! stand-in Microsoft 365, over real loopback sockets.
+
+mod common;
+
+use common::*;
+use std::time::Duration;
+
+#[tokio::test]
+async fn relays_exact_bytes_with_envelope_over_xoauth2() {
+    let world = World::start().await;
+    let port = free_port();
+    let relay = Relay::start(&world.write_config(&world.config(port)), port).await;
+    // As sent on the wire (dot-stuffed) and as meant (what must arrive).
+    let original = "From: relay@contoso.com\r\nSubject: transparency\r\n\r\n.starts with a dot\r\n..two dots\r\n.\r\nGrüße, 你好, ☃\r\n"
+        .to_owned()
+        + &"x".repeat(998)
+        + "\r\n\r\n\r\nend\r\n";
+    let stuffed = original.replace("\r\n.", "\r\n..");
+    let reply = send_one(
+        port,
+        MAILBOX,
+        &[
+            "alice@example.com",
+            "bob@example.net",
+            "hidden-bcc@example.org",
+        ],
+        stuffed.as_bytes(),
+    )
+    .await;
+    assert!(reply.starts_with("250 2.0.0 Ok: queued as "), "{reply}");
+    let got = world
+        .upstream
+        .wait_for_messages(1, Duration::from_secs(20))
+        .await;
+    assert_eq!(got.len(), 1, "log:\n{}", relay.log());
+    assert_eq!(
+        got[0].data,
+        original.as_bytes(),
+        "message bytes changed in transit"
+    );
+    assert_eq!(got[0].mail_from, MAILBOX);
+    assert_eq!(
+        got[0].rcpt_to,
+        [
+            "alice@example.com",
+            "bob@example.net",
+            "hidden-bcc@example.org"
+        ]
+    );
+    assert_eq!(got[0].auth_user, MAILBOX);
+    assert!(got[0]
+        .token_claims
+        .roles
+        .contains(&"SMTP.SendAsApp".to_owned()));
+    eventually(10, "the queue to empty", || relay.queue_json().is_empty()).await;
+}
+
+#[tokio::test]
+async fn sigkill_and_restart_lose_nothing_and_duplicate_nothing() {
+    let world = World::start().await;
+    let port = free_port();
+    let config = world.write_config(&world.config(port));
+    let mut relay = Relay::start(&config, port).await;
+    world.upstream.stop().await;
+    let bodies: Vec<Vec<u8>> = (0..3).map(|i| message(&format!("crash {i}"))).collect();
+    for body in &bodies {
+        let reply = send_one(port, MAILBOX, &["alice@example.com"], body).await;
+        assert!(reply.starts_with("250"), "{reply}");
+    }
+    relay.kill9();
+    world.upstream.restart().await.expect("upstream back");
+    let relay = Relay::start(&config, port).await;
+    let got = world
+        .upstream
+        .wait_for_messages(3, Duration::from_secs(30))
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await; // room for a wrong duplicate
+    let got_after = world.upstream.messages();
+    assert_eq!(got.len(), 3, "log:\n{}", relay.log());
+    assert_eq!(got_after.len(), 3, "a message was delivered twice");
+    for body in &bodies {
+        assert_eq!(got_after.iter().filter(|m| &m.data == body).count(), 1);
+    }
+    eventually(10, "the queue to empty", || relay.queue_json().is_empty()).await;
+}
+
+#[tokio::test]
+async fn permanent_refusal_fails_once_and_stays_visible() {
+    let world = World::start().await;
+    let port = free_port();
+    let relay = Relay::start(&world.write_config(&world.config(port)), port).await;
+    let reply = send_one(
+        port,
+        "stranger@contoso.com",
+        &["alice@example.com"],
+        &message("not allowed"),
+    )
+    .await;
+    assert!(reply.starts_with("250"), "{reply}");
+    eventually(20, "the upstream to refuse it", || {
+        world.upstream.rejected().len() == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await; // several retry intervals
+    assert_eq!(
+        world.upstream.rejected().len(),
+        1,
+        "a permanent failure was retried"
+    );
+    let queue = relay.queue_json();
+    assert_eq!(queue.len(), 1);
+    assert_eq!(queue[0]["state"], "failed");
+    assert_eq!(queue[0]["sender"], "stranger@contoso.com");
+    assert_eq!(queue[0]["attempts"], 1);
+    let last_error = queue[0]["last_error"].as_str().unwrap_or_default();
+    assert!(
+        last_error.starts_with("554 5.2.252 SendAsDenied;"),
+        "{last_error}"
+    );
+    assert!(
+        relay.log().contains("Send As"),
+        "no remediation hint in the log"
+    );
+    // the readable table says the same
+    let table = cli(&["queue", "list"], &relay.config);
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains("failed") && table.contains("5.2.252"),
+        "{table}"
+    );
+}
+
+#[tokio::test]
+async fn outage_defers_and_retries_until_delivered() {
+    let world = World::start().await;
+    let port = free_port();
+    let relay = Relay::start(&world.write_config(&world.config(port)), port).await;
+    world.upstream.stop().await;
+    let started = std::time::Instant::now();
+    let reply = send_one(port, MAILBOX, &["alice@example.com"], &message("queued")).await;
+    assert!(reply.starts_with("250"), "{reply}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "accepting waited on the upstream"
+    );
+    eventually(10, "a deferral", || {
+        relay
+            .queue_json()
+            .first()
+            .is_some_and(|e| e["state"] == "deferred")
+    })
+    .await;
+    let entry = &relay.queue_json()[0];
+    assert!(
+        entry["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("cannot connect"),
+        "{entry}"
+    );
+    assert!(entry["next_attempt"].is_string());
+    world.upstream.restart().await.expect("upstream back");
+    let got = world
+        .upstream
+        .wait_for_messages(1, Duration::from_secs(20))
+        .await;
+    assert_eq!(got.len(), 1);
+    eventually(10, "the queue to empty", || relay.queue_json().is_empty()).await;
+}
+
+#[tokio::test]
+async fn tokens_renew_in_the_background_and_never_reach_the_log() {
+    let world = World::start().await;
+    world.idp.set_lifetime(3);
+    let port = free_port();
+    let relay = Relay::start(&world.write_config(&world.config(port)), port).await;
+    send_one(port, MAILBOX, &["a@example.com"], &message("first")).await;
+    world
+        .upstream
+        .wait_for_messages(1, Duration::from_secs(20))
+        .await;
+    let before = world.idp.grants("client_credentials");
+    tokio::time::sleep(Duration::from_secs(7)).await; // idle: over two lifetimes
+    let renewed = world.idp.grants("client_credentials") - before;
+    assert!(
+        renewed >= 2,
+        "only {renewed} renewals in 7 s idle with 3 s tokens"
+    );
+    send_one(port, MAILBOX, &["a@example.com"], &message("later")).await;
+    let got = world
+        .upstream
+        .wait_for_messages(2, Duration::from_secs(20))
+        .await;
+    assert_eq!(got.len(), 2);
+    assert!(
+        world.upstream.auth_failures().is_empty(),
+        "{:?}",
+        world.upstream.auth_failures()
+    );
+    // debug-level log: neither the secret nor any token appears
+    let log = relay.log();
+    assert!(log.contains("obtained access token"));
+    assert!(
+        !log.contains(world.idp.client_secret()),
+        "the client secret was logged"
+    );
+    assert!(!log.contains("eyJ"), "a JWT was logged");
+}
+
+#[tokio::test]
+async fn identity_errors_defer_mail_and_are_explained() {
+    let world = World::start().await;
+    let port = free_port();
+    let config = world.config(port).replace(
+        &format!("{}/secret", world.dir.path().display()),
+        &format!("{}/wrong", world.dir.path().display()),
+    );
+    std::fs::write(
+        world.dir.path().join("wrong"),
+        "the-secret-id-not-its-value",
+    )
+    .expect("secret");
+    let relay = Relay::start(&world.write_config(&config), port).await;
+    let reply = send_one(port, MAILBOX, &["alice@example.com"], &message("waits")).await;
+    assert!(reply.starts_with("250"), "{reply}");
+    eventually(10, "a deferral", || {
+        relay
+            .queue_json()
+            .first()
+            .is_some_and(|e| e["state"] == "deferred")
+    })
+    .await;
+    let entry = &relay.queue_json()[0];
+    assert!(
+        entry["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("AADSTS7000215"),
+        "{entry}"
+    );
+    let log = relay.log();
+    assert!(
+        log.contains("not its Secret ID"),
+        "the log does not explain AADSTS7000215"
+    );
+    assert!(
+        !log.contains("the-secret-id-not-its-value"),
+        "the secret was logged"
+    );
+    // fixing the secret file needs no restart
+    std::fs::write(world.dir.path().join("wrong"), world.idp.client_secret()).expect("secret");
+    let got = world
+        .upstream
+        .wait_for_messages(1, Duration::from_secs(20))
+        .await;
+    assert_eq!(got.len(), 1, "log:\n{}", relay.log());
+}
+
+#[tokio::test]
+async fn sigterm_exits_zero_and_keeps_the_queue() {
+    let world = World::start().await;
+    let port = free_port();
+    let config = world.write_config(&world.config(port));
+    let mut relay = Relay::start(&config, port).await;
+    world.upstream.stop().await;
+    send_one(port, MAILBOX, &["alice@example.com"], &message("kept")).await;
+    // an idle session in flight gets a 421 and the process still exits cleanly
+    let (mut idle, _) = Client::connect(port).await;
+    assert_eq!(relay.terminate().await, Some(0));
+    assert!(idle.reply().await.starts_with("421 4.3.2"));
+    let out = cli(&["queue", "list", "--json"], &config);
+    let entries: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(entries.len(), 1);
+}
+
+#[tokio::test]
+async fn clients_outside_allowed_networks_are_refused() {
+    let world = World::start().await;
+    let port = free_port();
+    let config = world.config(port).replace(
+        "hostname = \"relay.test\"",
+        "hostname = \"relay.test\"\nallowed_networks = [\"10.0.0.0/8\"]",
+    );
+    let relay = Relay::start(&world.write_config(&config), port).await;
+    let (mut c, greeting) = Client::connect(port).await;
+    assert_eq!(
+        greeting,
+        "554 5.7.1 127.0.0.1 is not allowed to use this relay"
+    );
+    assert_eq!(c.reply().await, "<closed>");
+    assert!(relay.queue_json().is_empty());
+}
