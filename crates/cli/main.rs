@@ -1,10 +1,12 @@
 //! `smtp-oauth-relay`: the command line. Each verb lives in its own module;
 //! `relay` wires listener → queue → delivery, with tokens on the side.
 
+mod authorize;
 mod check;
 mod demo;
 mod queue;
 mod relay;
+mod token;
 
 use clap::{Parser, Subcommand};
 use std::{path::PathBuf, process::ExitCode};
@@ -40,6 +42,10 @@ enum Command {
     },
     /// Run the relay against a built-in stand-in for Microsoft 365 and send a sample message; no config needed.
     Demo(demo::DemoArgs),
+    /// Sign in once for a delegated (flow = "refresh_token") account: device code by default, --browser for a browser on this machine; writes the token cache.
+    Authorize(authorize::AuthorizeArgs),
+    /// Obtain (or read) an account's access token and show its flow, expiry and claims, with warnings; --print prints the token itself.
+    Token(token::TokenArgs),
 }
 
 fn main() -> ExitCode {
@@ -47,7 +53,10 @@ fn main() -> ExitCode {
     // mail-send, the test kit), installed before any of them builds a config.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let cli = Cli::parse();
-    let quiet = matches!(cli.command, Command::Check | Command::Queue { .. });
+    let quiet = matches!(
+        cli.command,
+        Command::Check | Command::Queue { .. } | Command::Authorize(_) | Command::Token(_)
+    );
     init_logging(if quiet { "warn" } else { "info" });
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -63,8 +72,10 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run => relay::run(&cli.config).await,
             Command::Check => check::check(&cli.config),
-            Command::Queue { command } => queue::queue(&cli.config, command),
+            Command::Queue { command } => queue::queue(&cli.config, command).await,
             Command::Demo(args) => demo::demo(args).await,
+            Command::Authorize(args) => authorize::authorize(&cli.config, args).await,
+            Command::Token(args) => token::token(&cli.config, args).await,
         }
     });
     match result {

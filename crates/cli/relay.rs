@@ -49,15 +49,13 @@ impl Running {
         let mut accounts = Vec::new();
         let mut refreshers = Vec::new();
         for (i, account) in config.accounts.iter().enumerate() {
-            let source = TokenSource::from_config(&account.oauth)
+            // Delegated accounts keep their refresh token in a token cache
+            // beside the queue unless `token_cache` says otherwise.
+            let source = TokenSource::for_account(account, &config.queue.dir)
                 .with_context(|| format!("accounts[{i}]"))?;
             let tokens = TokenManager::new(&account.name, source)?;
             refreshers.push(tokens.spawn_refresher(shutdown.clone()));
-            accounts.push(Account {
-                name: account.name.clone(),
-                mailbox: account.mailbox.clone(),
-                tokens,
-            });
+            accounts.push(Account::from_config(account, &config.upstream, tokens));
         }
         for orphan in queue
             .accounts_with_mail()
@@ -74,7 +72,9 @@ impl Running {
             queued = queue.depth(),
             "delivering to the upstream"
         );
-        let delivery = relay_delivery::spawn(queue.clone(), upstream, accounts, shutdown.clone());
+        let mut delivery =
+            relay_delivery::spawn(queue.clone(), upstream, accounts, shutdown.clone());
+        delivery.spawn(queue.clone().serve_control(shutdown.clone()));
         let ctx = Arc::new(Context {
             router: Router::new(&config.accounts),
             config: config.listener,

@@ -15,3 +15,4 @@ mod validate;
 pub use load::{load_file, load_str, ConfigError, ENV_PREFIX};
 pub use schema::*;
 pub use secret::Secret;
+pub use validate::decode_cache_key;

@@ -50,6 +50,38 @@ pub struct ListenerConfig {
     /// (Microsoft 365's limit).
     #[serde(default = "default_max_recipients")]
     pub max_recipients: usize,
+    /// `queue` (default): `250` as soon as the message is on disk; delivery
+    /// follows. `passthrough`: the reply to `DATA` waits for Microsoft 365's
+    /// and carries its code and text, so an application's "test settings"
+    /// button sees the real error. A durable copy is still written first;
+    /// a message Microsoft 365 did not take is not retried (the client was
+    /// told) and stays listed as failed.
+    #[serde(default)]
+    pub mode: Mode,
+}
+
+/// When the listener answers the end of `DATA`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum Mode {
+    /// Once the message is safely queued.
+    #[default]
+    Queue,
+    /// Once the upstream answered, with its answer.
+    Passthrough,
+}
+
+impl TryFrom<String> for Mode {
+    type Error = String;
+    fn try_from(value: String) -> Result<Self, String> {
+        match value.as_str() {
+            "queue" => Ok(Mode::Queue),
+            "passthrough" => Ok(Mode::Passthrough),
+            _ => Err(format!(
+                "{value:?} is not a mode: use \"queue\" or \"passthrough\""
+            )),
+        }
+    }
 }
 
 /// `[queue]`: where accepted mail waits, and how failed attempts are retried.
@@ -114,6 +146,17 @@ pub struct UpstreamConfig {
     /// more get `432 4.3.2`.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Messages per minute per mailbox. Default 30, Microsoft 365's limit.
+    /// Mail past the pace waits in the queue. An account may set its own.
+    #[serde(default = "default_messages_per_minute")]
+    pub messages_per_minute: u32,
+    /// Recipients per rolling day per mailbox. Default 10000, Microsoft
+    /// 365's limit. An account may set its own.
+    #[serde(default = "default_recipients_per_day")]
+    pub recipients_per_day: u32,
+    /// An upstream connection unused this long is closed. Default `30s`.
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
 }
 
 /// `[admin]`: health and metrics endpoint (served by a later release).
@@ -137,6 +180,21 @@ pub struct AccountConfig {
     /// `*`. The most specific match across accounts wins. Default `["*"]`.
     #[serde(default = "default_senders", deserialize_with = "one_or_many")]
     pub senders: Vec<String>,
+    /// This mailbox's messages per minute, instead of `upstream.messages_per_minute`.
+    pub messages_per_minute: Option<u32>,
+    /// This mailbox's recipients per day, instead of `upstream.recipients_per_day`.
+    pub recipients_per_day: Option<u32>,
+    /// Rewrite the envelope sender and the `From:` header to the mailbox,
+    /// keeping the original sender in `Reply-To:` when the message has none:
+    /// the fix for applications with a hard-coded sender that Microsoft 365
+    /// refuses with `554 5.2.252 SendAsDenied`. Default false.
+    #[serde(default)]
+    pub rewrite_from: bool,
+    /// Send a delivery status notification (RFC 3464) to the envelope sender
+    /// when a message fails, from the mailbox. Never for a null sender or
+    /// for a notification. Default false.
+    #[serde(default)]
+    pub bounce: bool,
     /// How the account obtains access tokens.
     pub oauth: OAuthConfig,
 }
@@ -145,8 +203,26 @@ pub struct AccountConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(try_from = "String")]
 pub enum Flow {
-    /// App-only: the app registration's own credentials (SMTP.SendAsApp).
+    /// App-only: the app registration's own credentials (SMTP.SendAsApp),
+    /// a client secret or a certificate.
     ClientCredentials,
+    /// Delegated: a user signs in once with `smtp-oauth-relay authorize`; the
+    /// relay keeps the refresh token in the token cache.
+    RefreshToken,
+    /// Google only: a service account with domain-wide delegation, acting as
+    /// the account's mailbox (JWT bearer grant).
+    ServiceAccount,
+}
+
+impl Flow {
+    /// The name used in the configuration file.
+    pub fn name(self) -> &'static str {
+        match self {
+            Flow::ClientCredentials => "client_credentials",
+            Flow::RefreshToken => "refresh_token",
+            Flow::ServiceAccount => "service_account",
+        }
+    }
 }
 
 impl TryFrom<String> for Flow {
@@ -154,55 +230,219 @@ impl TryFrom<String> for Flow {
     fn try_from(value: String) -> Result<Self, String> {
         match value.as_str() {
             "client_credentials" => Ok(Flow::ClientCredentials),
+            "refresh_token" => Ok(Flow::RefreshToken),
+            "service_account" => Ok(Flow::ServiceAccount),
             _ => Err(format!(
-                "{value:?} is not a flow: use \"client_credentials\""
+                "{value:?} is not a flow: use \"client_credentials\", \"refresh_token\" or \"service_account\""
             )),
         }
     }
 }
 
+/// Whose identity platform issues the tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(try_from = "String")]
+pub enum Provider {
+    /// Microsoft Entra ID (Microsoft 365). The default.
+    #[default]
+    Microsoft,
+    /// Google (Gmail / Google Workspace).
+    Google,
+}
+
+impl Provider {
+    /// The name used in the configuration file.
+    pub fn name(self) -> &'static str {
+        match self {
+            Provider::Microsoft => "microsoft",
+            Provider::Google => "google",
+        }
+    }
+}
+
+impl TryFrom<String> for Provider {
+    type Error = String;
+    fn try_from(value: String) -> Result<Self, String> {
+        match value.as_str() {
+            "microsoft" => Ok(Provider::Microsoft),
+            "google" => Ok(Provider::Google),
+            _ => Err(format!(
+                "{value:?} is not a provider: use \"microsoft\" or \"google\""
+            )),
+        }
+    }
+}
+
+/// How a client assertion (certificate credential) is signed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(try_from = "String")]
+pub enum AssertionAlgorithm {
+    /// RSASSA-PSS with SHA-256, certificate named by `x5t#S256`. The default,
+    /// and what current Microsoft documentation asks for.
+    #[default]
+    PS256,
+    /// RSASSA-PKCS1-v1_5 with SHA-256, certificate named by `x5t` (SHA-1
+    /// thumbprint), for tenants that still expect the older form.
+    RS256,
+}
+
+impl TryFrom<String> for AssertionAlgorithm {
+    type Error = String;
+    fn try_from(value: String) -> Result<Self, String> {
+        match value.as_str() {
+            "PS256" => Ok(AssertionAlgorithm::PS256),
+            "RS256" => Ok(AssertionAlgorithm::RS256),
+            _ => Err(format!(
+                "{value:?} is not an assertion algorithm: use \"PS256\" or \"RS256\""
+            )),
+        }
+    }
+}
+
+/// Microsoft's identity platform.
+pub const MICROSOFT_AUTHORITY: &str = "https://login.microsoftonline.com";
+/// Google's token service.
+pub const GOOGLE_AUTHORITY: &str = "https://oauth2.googleapis.com";
+/// Where Google users sign in (the authorization endpoint lives on another host).
+pub const GOOGLE_AUTHORIZE_URL: &str = "https://accounts.google.com/o/oauth2/v2/auth";
+
 /// `[accounts.oauth]`: where and how tokens are obtained.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OAuthConfig {
-    /// The grant: `client_credentials`.
+    /// The grant: `client_credentials` (app-only, Microsoft), `refresh_token`
+    /// (delegated: a user signs in once with `smtp-oauth-relay authorize`), or
+    /// `service_account` (Google Workspace domain-wide delegation).
     pub flow: Flow,
+    /// `microsoft` (default) or `google`.
+    #[serde(default)]
+    pub provider: Provider,
     /// Identity platform base URL. https only, except loopback (tests).
-    /// Default `https://login.microsoftonline.com`; sovereign clouds use
-    /// their own (e.g. `https://login.microsoftonline.us`).
-    #[serde(default = "default_authority")]
-    pub authority: String,
-    /// Directory (tenant) id: a GUID or a verified domain.
+    /// Default `https://login.microsoftonline.com` (Google:
+    /// `https://oauth2.googleapis.com`); sovereign clouds use their own
+    /// (e.g. `https://login.microsoftonline.us`, `https://login.chinacloudapi.cn`).
+    pub authority: Option<String>,
+    /// Directory (tenant) id: a GUID or a verified domain (Microsoft only).
     pub tenant_id: Option<String>,
-    /// Application (client) id of the app registration.
+    /// Application (client) id of the app registration (Google: the OAuth client id).
     pub client_id: Option<String>,
     /// The client secret's *value* (not its id). Prefer `client_secret_file`.
     pub client_secret: Option<Secret>,
     /// A file holding the client secret value (surrounding white space is
     /// ignored). Read at each token request, so a rotated secret needs no restart.
     pub client_secret_file: Option<PathBuf>,
-    /// Scope requested. Default for client credentials:
-    /// `https://outlook.office365.com/.default`.
+    /// The certificate uploaded to the app registration (PEM), instead of a
+    /// secret; goes with `client_private_key`.
+    pub client_certificate: Option<PathBuf>,
+    /// The certificate's RSA private key (PEM, PKCS#8 or PKCS#1, unencrypted).
+    pub client_private_key: Option<PathBuf>,
+    /// How the client assertion is signed: `PS256` (default, with `x5t#S256`)
+    /// or `RS256` (with `x5t`).
+    #[serde(default)]
+    pub assertion_algorithm: AssertionAlgorithm,
+    /// Google service account key (the JSON file downloaded from the Cloud
+    /// console), for `flow = "service_account"`.
+    pub service_account_key_file: Option<PathBuf>,
+    /// Scope requested. Default: `https://outlook.office365.com/.default`
+    /// (client credentials), `https://outlook.office.com/SMTP.Send
+    /// offline_access` (refresh token), `https://mail.google.com/` (Google).
     pub scope: Option<String>,
+    /// The token cache of a `refresh_token` account (written by `authorize`,
+    /// rotated by the relay; mode 0600). Default: `tokens/NAME.json` in the
+    /// directory that holds `queue.dir`.
+    pub token_cache: Option<PathBuf>,
+    /// A file with a 32-byte key (base64 or hex) that encrypts the token
+    /// cache at rest (ChaCha20-Poly1305). Default: not encrypted.
+    pub token_cache_key_file: Option<PathBuf>,
+    /// Renew a token this long before it expires (capped at a third of its
+    /// lifetime for short-lived tokens). Default `10m`.
+    #[serde(default = "default_refresh_before", with = "humantime_serde")]
+    pub refresh_before: Duration,
 }
 
 impl OAuthConfig {
     /// The scope to request: the configured one, or the flow's default.
     pub fn scope(&self) -> &str {
-        match (&self.scope, self.flow) {
-            (Some(scope), _) => scope,
-            (None, Flow::ClientCredentials) => "https://outlook.office365.com/.default",
+        match (&self.scope, self.provider, self.flow) {
+            (Some(scope), _, _) => scope,
+            (None, Provider::Google, _) => "https://mail.google.com/",
+            (None, Provider::Microsoft, Flow::RefreshToken) => {
+                "https://outlook.office.com/SMTP.Send offline_access"
+            }
+            (None, Provider::Microsoft, _) => "https://outlook.office365.com/.default",
         }
     }
 
-    /// `{authority}/{tenant}/oauth2/v2.0/token`.
-    pub fn token_url(&self) -> String {
+    /// The identity platform's base URL: the configured one or the provider's.
+    pub fn authority(&self) -> &str {
+        match (&self.authority, self.provider) {
+            (Some(authority), _) => authority.trim_end_matches('/'),
+            (None, Provider::Microsoft) => MICROSOFT_AUTHORITY,
+            (None, Provider::Google) => GOOGLE_AUTHORITY,
+        }
+    }
+
+    fn microsoft_endpoint(&self, name: &str) -> String {
         format!(
-            "{}/{}/oauth2/v2.0/token",
-            self.authority.trim_end_matches('/'),
+            "{}/{}/oauth2/v2.0/{name}",
+            self.authority(),
             self.tenant_id.as_deref().unwrap_or_default()
         )
     }
+
+    /// Microsoft: `{authority}/{tenant}/oauth2/v2.0/token`; Google: `{authority}/token`.
+    pub fn token_url(&self) -> String {
+        match self.provider {
+            Provider::Microsoft => self.microsoft_endpoint("token"),
+            Provider::Google => format!("{}/token", self.authority()),
+        }
+    }
+
+    /// The device authorization endpoint (RFC 8628).
+    pub fn device_code_url(&self) -> String {
+        match self.provider {
+            Provider::Microsoft => self.microsoft_endpoint("devicecode"),
+            Provider::Google => format!("{}/device/code", self.authority()),
+        }
+    }
+
+    /// Where a user signs in for the authorization code flow.
+    pub fn authorize_url(&self) -> String {
+        match (self.provider, &self.authority) {
+            (Provider::Microsoft, _) => self.microsoft_endpoint("authorize"),
+            (Provider::Google, None) => GOOGLE_AUTHORIZE_URL.to_owned(),
+            (Provider::Google, Some(_)) => format!("{}/o/oauth2/v2/auth", self.authority()),
+        }
+    }
+
+    /// Whether the account keeps a refresh token in a token cache.
+    pub fn uses_token_cache(&self) -> bool {
+        self.flow == Flow::RefreshToken
+    }
+
+    /// The token cache file: `token_cache`, or `tokens/{account}.json` in the
+    /// directory that holds the queue directory.
+    pub fn token_cache_path(&self, account: &str, queue_dir: &std::path::Path) -> PathBuf {
+        if let Some(path) = &self.token_cache {
+            return path.clone();
+        }
+        let state = match queue_dir.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
+            _ => PathBuf::from("."),
+        };
+        let file: String = account
+            .chars()
+            .map(|c| match c {
+                'a'..='z' | 'A'..='Z' | '0'..='9' | '.' | '_' | '-' => c,
+                _ => '_',
+            })
+            .collect();
+        state.join("tokens").join(format!("{file}.json"))
+    }
+}
+
+fn default_refresh_before() -> Duration {
+    Duration::from_secs(600)
 }
 
 impl Default for ListenerConfig {
@@ -213,6 +453,7 @@ impl Default for ListenerConfig {
             allowed_networks: default_allowed_networks(),
             max_message_size: default_max_message_size(),
             max_recipients: default_max_recipients(),
+            mode: Mode::default(),
         }
     }
 }
@@ -236,6 +477,9 @@ impl Default for UpstreamConfig {
             security: default_security(),
             ca_file: None,
             max_connections: default_max_connections(),
+            messages_per_minute: default_messages_per_minute(),
+            recipients_per_day: default_recipients_per_day(),
+            idle_timeout: default_idle_timeout(),
         }
     }
 }
@@ -294,14 +538,20 @@ fn default_security() -> Security {
 fn default_max_connections() -> usize {
     3
 }
+fn default_messages_per_minute() -> u32 {
+    30
+}
+fn default_recipients_per_day() -> u32 {
+    10_000
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(30)
+}
 fn default_admin_bind() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9925))
 }
 fn default_senders() -> Vec<String> {
     vec!["*".into()]
-}
-fn default_authority() -> String {
-    "https://login.microsoftonline.com".into()
 }
 
 /// A list, or (as environment variables give them) one comma-separated string.

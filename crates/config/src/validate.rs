@@ -1,8 +1,8 @@
 //! Rules the schema alone cannot express. Each problem is one line that
 //! starts with the key path it is about.
 
-use crate::{AccountConfig, Config, Flow};
-use std::collections::HashSet;
+use crate::{AccountConfig, Config, Flow, OAuthConfig, Provider};
+use std::{collections::HashSet, path::Path};
 
 pub(crate) fn problems(config: &Config) -> Vec<String> {
     let mut out = Vec::new();
@@ -45,6 +45,12 @@ pub(crate) fn problems(config: &Config) -> Vec<String> {
     if u.max_connections == 0 {
         out.push("upstream.max_connections must be more than 0".into());
     }
+    if u.messages_per_minute == 0 {
+        out.push("upstream.messages_per_minute must be more than 0".into());
+    }
+    if u.recipients_per_day == 0 {
+        out.push("upstream.recipients_per_day must be more than 0".into());
+    }
     if let Some(ca) = &u.ca_file {
         if let Err(e) = std::fs::metadata(ca) {
             out.push(format!("upstream.ca_file {}: {e}", ca.display()));
@@ -60,6 +66,14 @@ pub(crate) fn problems(config: &Config) -> Vec<String> {
                 "accounts[{i}].name {:?} is used by another account",
                 account.name
             ));
+        }
+        for (key, value) in [
+            ("messages_per_minute", account.messages_per_minute),
+            ("recipients_per_day", account.recipients_per_day),
+        ] {
+            if value == Some(0) {
+                out.push(format!("accounts[{i}].{key} must be more than 0"));
+            }
         }
         account_problems(&format!("accounts[{i}]"), account, &mut out);
     }
@@ -93,42 +107,179 @@ fn account_problems(at: &str, account: &AccountConfig, out: &mut Vec<String>) {
             ));
         }
     }
-    let o = &account.oauth;
-    let at = format!("{at}.oauth");
-    if let Err(why) = check_authority(&o.authority) {
-        out.push(format!("{at}.authority {:?}: {why}", o.authority));
+    oauth_problems(&format!("{at}.oauth"), &account.oauth, out);
+}
+
+/// The `[accounts.oauth]` rules: required keys per flow and provider, exactly
+/// one client credential, readable files.
+fn oauth_problems(at: &str, o: &OAuthConfig, out: &mut Vec<String>) {
+    if let Some(authority) = &o.authority {
+        if let Err(why) = check_authority(authority) {
+            out.push(format!("{at}.authority {authority:?}: {why}"));
+        }
     }
+    let required = |key: &str, value: &Option<String>, out: &mut Vec<String>| match value
+        .as_deref()
+        .map(str::trim)
+    {
+        None => out.push(format!("{at}.{key} is missing")),
+        Some("") => out.push(format!("{at}.{key} is empty")),
+        Some(_) => {}
+    };
+    let microsoft = o.provider == Provider::Microsoft;
+    if microsoft {
+        required("tenant_id", &o.tenant_id, out);
+    }
+    if o.flow != Flow::ServiceAccount {
+        required("client_id", &o.client_id, out);
+    }
+    match (o.flow, o.provider) {
+        (Flow::ClientCredentials, Provider::Google) => out.push(format!(
+            "{at}.flow \"client_credentials\" is for Microsoft: Google uses \"service_account\" (domain-wide delegation) or \"refresh_token\""
+        )),
+        (Flow::ServiceAccount, Provider::Microsoft) => out.push(format!(
+            "{at}.flow \"service_account\" is for provider = \"google\": Microsoft uses \"client_credentials\""
+        )),
+        _ => {}
+    }
+    let certificate = o.client_certificate.is_some() || o.client_private_key.is_some();
+    let credentials = usize::from(o.client_secret.is_some())
+        + usize::from(o.client_secret_file.is_some())
+        + usize::from(certificate);
     match o.flow {
-        Flow::ClientCredentials => {
-            for (key, value) in [("tenant_id", &o.tenant_id), ("client_id", &o.client_id)] {
-                match value.as_deref().map(str::trim) {
-                    None => out.push(format!("{at}.{key} is missing")),
-                    Some("") => out.push(format!("{at}.{key} is empty")),
-                    Some(_) => {}
+        Flow::ServiceAccount => {
+            if credentials > 0 {
+                out.push(format!(
+                    "{at}: a service account authenticates with service_account_key_file only; remove client_secret, client_secret_file and client_certificate"
+                ));
+            }
+            match &o.service_account_key_file {
+                None => out.push(format!("{at}.service_account_key_file is missing")),
+                Some(path) => {
+                    check_file(at, "service_account_key_file", path, "\"private_key\"", out)
                 }
             }
-            match (&o.client_secret, &o.client_secret_file) {
-                (None, None) => out.push(format!(
-                    "{at}.client_secret_file is missing (or set {at}.client_secret)"
-                )),
-                (Some(_), Some(_)) => out.push(format!(
-                    "{at}: set only one of client_secret and client_secret_file"
-                )),
-                (Some(secret), None) if secret.expose().trim().is_empty() => {
-                    out.push(format!("{at}.client_secret is empty"))
+        }
+        Flow::ClientCredentials | Flow::RefreshToken => {
+            if o.service_account_key_file.is_some() {
+                out.push(format!(
+                    "{at}.service_account_key_file is only for flow = \"service_account\""
+                ));
+            }
+            // A delegated Microsoft app may be a public client (no secret);
+            // app-only and Google clients always need one.
+            let optional = o.flow == Flow::RefreshToken && microsoft;
+            if credentials == 0 && !optional {
+                out.push(format!(
+                    "{at}.client_secret_file is missing (or set {at}.client_secret, or client_certificate and client_private_key)"
+                ));
+            }
+            if credentials > 1 {
+                out.push(if certificate {
+                    format!("{at}: set only one of client_secret, client_secret_file and the client_certificate/client_private_key pair")
+                } else {
+                    format!("{at}: set only one of client_secret and client_secret_file")
+                });
+            }
+            if o.provider == Provider::Google && certificate {
+                out.push(format!(
+                    "{at}.client_certificate is for Microsoft; Google clients use a client secret"
+                ));
+            }
+            if let Some(secret) = &o.client_secret {
+                if secret.expose().trim().is_empty() {
+                    out.push(format!("{at}.client_secret is empty"));
                 }
-                (None, Some(path)) => match std::fs::read_to_string(path) {
-                    Ok(text) if text.trim().is_empty() => out.push(format!(
-                        "{at}.client_secret_file {} is empty",
-                        path.display()
+            }
+            if let Some(path) = &o.client_secret_file {
+                check_file(at, "client_secret_file", path, "", out);
+            }
+            if certificate {
+                match (&o.client_certificate, &o.client_private_key) {
+                    (Some(cert), Some(key)) => {
+                        check_file(at, "client_certificate", cert, "-----BEGIN CERTIFICATE-----", out);
+                        check_file(at, "client_private_key", key, "PRIVATE KEY-----", out);
+                    }
+                    (Some(_), None) => out.push(format!(
+                        "{at}.client_private_key is missing (client_certificate needs its key)"
                     )),
-                    Ok(_) => {}
-                    Err(e) => out.push(format!("{at}.client_secret_file {}: {e}", path.display())),
-                },
-                (Some(_), None) => {}
+                    (None, _) => out.push(format!(
+                        "{at}.client_certificate is missing (client_private_key needs its certificate)"
+                    )),
+                }
             }
         }
     }
+    if o.flow != Flow::RefreshToken {
+        for (key, set) in [
+            ("token_cache", o.token_cache.is_some()),
+            ("token_cache_key_file", o.token_cache_key_file.is_some()),
+        ] {
+            if set {
+                out.push(format!(
+                    "{at}.{key} is only used with flow = \"refresh_token\""
+                ));
+            }
+        }
+    }
+    if let Some(path) = &o.token_cache_key_file {
+        match std::fs::read_to_string(path) {
+            Ok(text) if !is_cache_key(text.trim()) => out.push(format!(
+                "{at}.token_cache_key_file {}: must hold a 32-byte key, base64 or hex (e.g. `openssl rand -base64 32`)",
+                path.display()
+            )),
+            Ok(_) => {}
+            Err(e) => out.push(format!("{at}.token_cache_key_file {}: {e}", path.display())),
+        }
+    }
+    if let Some(scope) = &o.scope {
+        if scope.trim().is_empty() {
+            out.push(format!("{at}.scope is empty"));
+        }
+    }
+    if o.refresh_before.is_zero() {
+        out.push(format!("{at}.refresh_before must be more than 0"));
+    }
+}
+
+/// A readable, non-empty file that contains `marker` (when not empty).
+fn check_file(at: &str, key: &str, path: &Path, marker: &str, out: &mut Vec<String>) {
+    match std::fs::read_to_string(path) {
+        Ok(text) if text.trim().is_empty() => {
+            out.push(format!("{at}.{key} {} is empty", path.display()))
+        }
+        Ok(text) if !text.contains(marker) => out.push(format!(
+            "{at}.{key} {} does not look right: expected {marker}",
+            path.display()
+        )),
+        Ok(_) => {}
+        Err(e) => out.push(format!("{at}.{key} {}: {e}", path.display())),
+    }
+}
+
+/// 32 bytes as 64 hex digits or base64 (standard or URL-safe, padded or not).
+fn is_cache_key(text: &str) -> bool {
+    decode_cache_key(text).is_some()
+}
+
+/// The 32-byte token cache key in `text` (64 hex digits, or base64).
+pub fn decode_cache_key(text: &str) -> Option<[u8; 32]> {
+    let text = text.trim();
+    if text.len() == 64 && text.chars().all(|c| c.is_ascii_hexdigit()) {
+        let mut key = [0u8; 32];
+        for (i, byte) in key.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).ok()?;
+        }
+        return Some(key);
+    }
+    use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD};
+    use base64::Engine as _;
+    let unpadded = text.trim_end_matches('=');
+    let bytes = STANDARD_NO_PAD
+        .decode(unpadded)
+        .or_else(|_| URL_SAFE_NO_PAD.decode(unpadded))
+        .ok()?;
+    bytes.try_into().ok()
 }
 
 /// `local@domain` with one `@`, both sides non-empty, no spaces or brackets.

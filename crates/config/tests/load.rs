@@ -97,8 +97,8 @@ fn secret_sources_are_exclusive_and_files_are_checked() {
         "client_secret = \"s\"\nclient_secret_file = \"/x\"",
     ));
     assert_eq!(
-        p,
-        vec!["accounts[0].oauth: set only one of client_secret and client_secret_file"]
+        p[0],
+        "accounts[0].oauth: set only one of client_secret and client_secret_file"
     );
     let p = problems(&VALID.replace(
         "client_secret = \"s\"",

@@ -46,6 +46,33 @@ pub fn classify(reply: &Reply) -> (Verdict, Option<&'static str>) {
     }
 }
 
+/// A reply that says the mailbox is sending too much.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Throttle {
+    /// `432 4.3.2`: too many concurrent connections.
+    Connections,
+    /// `5.2.2` (Exchange Online): the submission quota is used up.
+    Quota,
+}
+
+/// Whether `reply` (a reply's full text) asks the mailbox to slow down.
+pub fn throttle(reply: &str) -> Option<Throttle> {
+    let reply = Reply::from_lines(&[reply.to_owned()])?;
+    match reply.enhanced? {
+        Enhanced {
+            class: 4,
+            subject: 3,
+            detail: 2,
+        } => Some(Throttle::Connections),
+        Enhanced {
+            subject: 2,
+            detail: 2,
+            ..
+        } => Some(Throttle::Quota),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -82,5 +109,19 @@ mod tests {
         assert_eq!(verdict("451 4.7.500 Server busy"), Verdict::Temporary);
         assert_eq!(verdict("550 5.1.1 User unknown"), Verdict::Permanent);
         assert_eq!(verdict("421 Service not available"), Verdict::Temporary);
+    }
+
+    #[test]
+    fn throttling_replies() {
+        assert_eq!(
+            throttle("432 4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded"),
+            Some(Throttle::Connections)
+        );
+        assert_eq!(
+            throttle("554 5.2.2 Submission quota exceeded"),
+            Some(Throttle::Quota)
+        );
+        assert_eq!(throttle("451 4.7.500 Server busy"), None);
+        assert_eq!(throttle("no reply"), None);
     }
 }

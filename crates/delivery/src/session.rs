@@ -2,7 +2,7 @@
 
 use crate::{
     classify::{classify, Verdict},
-    reply::{read_reply, Reply},
+    reply::{read_reply, Enhanced, Reply},
     tls, DeliveryError,
 };
 use mail_send::{Credentials, SmtpClient, SmtpClientBuilder};
@@ -28,7 +28,7 @@ pub struct Upstream {
     security: Security,
     tls: TlsConnector,
     helo: String,
-    max_connections: usize,
+    idle_timeout: Duration,
 }
 
 impl Upstream {
@@ -40,13 +40,18 @@ impl Upstream {
             security: config.security,
             tls: tls::connector(config.ca_file.as_deref())?,
             helo: helo.to_owned(),
-            max_connections: config.max_connections,
+            idle_timeout: config.idle_timeout,
         })
     }
 
-    /// Connections allowed per mailbox.
-    pub fn max_connections(&self) -> usize {
-        self.max_connections
+    /// The name the relay gives in EHLO (also its name in notifications).
+    pub fn helo(&self) -> &str {
+        &self.helo
+    }
+
+    /// How long an unused connection stays open.
+    pub fn idle_timeout(&self) -> Duration {
+        self.idle_timeout
     }
 
     /// `host:port`, for logs.
@@ -138,8 +143,17 @@ impl Session {
             .await
             .map_err(|e| Failure::temporary(format!("no access token: {e}")))?;
         if let Err(failure) = authenticate(&mut client, &capabilities, mailbox, &token).await {
-            let retry =
-                failure.verdict == Verdict::Temporary && failure.reply.starts_with("535 5.7.3");
+            // Exactly `535 5.7.3` (token refused). A prefix test on the text
+            // also matched 5.7.30-5.7.39 (e.g. basic auth refused), fetching
+            // a token that cannot help; found by the delivery tests.
+            let token_refused = Enhanced {
+                class: 5,
+                subject: 7,
+                detail: 3,
+            };
+            let retry = failure.verdict == Verdict::Temporary
+                && Reply::from_lines(std::slice::from_ref(&failure.reply))
+                    .is_some_and(|r| r.code == 535 && r.enhanced == Some(token_refused));
             if !retry {
                 return Err(failure);
             }
@@ -314,30 +328,44 @@ async fn authenticate(
     mailbox: &str,
     token: &AccessToken,
 ) -> Result<(), Failure> {
-    let credentials = Credentials::new_xoauth2(mailbox, token.secret().expose());
-    match client.authenticate(&credentials, capabilities).await {
-        Ok(_) => Ok(()),
-        Err(mail_send::Error::AuthenticationFailed(r) | mail_send::Error::UnexpectedReply(r)) => {
-            let [class, subject, detail] = r.esc;
-            let line = if class == 0 {
-                format!("{} {}", r.code, r.message)
-            } else {
-                format!("{} {class}.{subject}.{detail} {}", r.code, r.message)
-            };
-            let reply = Reply::from_lines(&[line.replace(['\r', '\n'], " ")])
-                .unwrap_or_else(|| Reply::local(535, "5.7.3", "Authentication unsuccessful"));
-            // An authentication refusal is a setup problem to fix, never a
-            // reason to bounce the mail.
-            Err(Failure::temporary(reply.text))
-        }
-        Err(mail_send::Error::UnsupportedAuthMechanism) => Err(Failure::temporary(
+    // XOAUTH2 by hand rather than with mail-send's `authenticate`: on a bad
+    // token Gmail answers `334 <base64 JSON error>` and expects an empty
+    // line before its `535`, where mail-send would send the credentials
+    // again. Exchange Online answers `535` at once.
+    if capabilities.auth_mechanisms & smtp_proto::AUTH_XOAUTH2 == 0 {
+        return Err(Failure::temporary(
             "the upstream does not offer AUTH XOAUTH2 after TLS".into(),
-        )),
-        Err(e) => Err(Failure::temporary(format!(
-            "authentication failed: {}",
-            describe(&e)
-        ))),
+        ));
     }
+    let failed = |e: mail_send::Error| {
+        Failure::temporary(format!("authentication failed: {}", describe(&e)))
+    };
+    let credentials = Credentials::new_xoauth2(mailbox, token.secret().expose());
+    let initial = credentials
+        .encode(smtp_proto::AUTH_XOAUTH2, "")
+        .map_err(failed)?;
+    let mut r = client
+        .cmd(format!("AUTH XOAUTH2 {initial}\r\n").as_bytes())
+        .await
+        .map_err(failed)?;
+    if r.code == 334 {
+        // The challenge carries the error as JSON; an empty line ends the exchange.
+        r = client.cmd(b"\r\n").await.map_err(failed)?;
+    }
+    if r.code == 235 {
+        return Ok(());
+    }
+    let [class, subject, detail] = r.esc;
+    let line = if class == 0 {
+        format!("{} {}", r.code, r.message)
+    } else {
+        format!("{} {class}.{subject}.{detail} {}", r.code, r.message)
+    };
+    let reply = Reply::from_lines(&[line.replace(['\r', '\n'], " ")])
+        .unwrap_or_else(|| Reply::local(535, "5.7.3", "Authentication unsuccessful"));
+    // An authentication refusal is a setup problem to fix, never a
+    // reason to bounce the mail.
+    Err(Failure::temporary(reply.text))
 }
 
 /// mail-send's messages, with the one that matters for security spelled out.

@@ -2,18 +2,23 @@
 //! reused connection, and record each recipient's outcome in the queue.
 
 use crate::{
+    classify::{throttle, Throttle},
+    pace::{Limits, Pacer},
     session::{Broken, Failure, RcptOutcome, Session},
     Upstream, Verdict,
 };
-use relay_queue::{Lease, Outcome, Queue, RecipientResult};
+use crate::{dsn, rewrite::rewrite_from};
+use relay_queue::{
+    Disposition, Lease, NewMessage, Outcome, Queue, QueueId, RecipientResult, RecipientState,
+};
 use relay_tokens::TokenManager;
 use std::{sync::Arc, time::Duration};
 use tokio::{task::JoinSet, time::Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-/// An upstream connection unused this long is closed.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A worker kept from connecting (after a `432 4.3.2`) looks again this often.
+const PARKED_RECHECK: Duration = Duration::from_secs(5);
 
 /// A mailbox the relay delivers as.
 pub struct Account {
@@ -22,10 +27,44 @@ pub struct Account {
     /// The XOAUTH2 user.
     pub mailbox: String,
     pub tokens: TokenManager,
+    /// Its sending limits.
+    pub limits: Limits,
+    /// Rewrite the envelope sender and `From:` to the mailbox.
+    pub rewrite_from: bool,
+    /// Notify the envelope sender of failed messages.
+    pub bounce: bool,
 }
 
-/// Starts `upstream.max_connections` workers for each account. They stop,
-/// after finishing the message in hand, when `shutdown` is cancelled.
+impl Account {
+    /// The account `[[accounts]]` describes, with `[upstream]`'s limits
+    /// where it sets none of its own.
+    pub fn from_config(
+        account: &relay_config::AccountConfig,
+        upstream: &relay_config::UpstreamConfig,
+        tokens: TokenManager,
+    ) -> Account {
+        Account {
+            name: account.name.clone(),
+            mailbox: account.mailbox.clone(),
+            tokens,
+            limits: Limits {
+                messages_per_minute: account
+                    .messages_per_minute
+                    .unwrap_or(upstream.messages_per_minute),
+                recipients_per_day: account
+                    .recipients_per_day
+                    .unwrap_or(upstream.recipients_per_day),
+                max_connections: upstream.max_connections,
+            },
+            rewrite_from: account.rewrite_from,
+            bounce: account.bounce,
+        }
+    }
+}
+
+/// Starts `limits.max_connections` workers for each account, sharing the
+/// account's pace. They stop, after finishing the message in hand, when
+/// `shutdown` is cancelled.
 pub fn spawn(
     queue: Queue,
     upstream: Arc<Upstream>,
@@ -33,12 +72,20 @@ pub fn spawn(
     shutdown: CancellationToken,
 ) -> JoinSet<()> {
     let mut set = JoinSet::new();
+    let pacing_dir = queue.settings().dir.join("pacing");
+    if let Err(e) = std::fs::create_dir_all(&pacing_dir) {
+        tracing::warn!(dir = %pacing_dir.display(), error = %e, "cannot keep the pacing record; a restart may send in a burst");
+    }
     for account in accounts.into_iter().map(Arc::new) {
-        for n in 0..upstream.max_connections() {
+        let file = pacing_dir.join(format!("{}.json", account.name));
+        let pacer = Arc::new(Pacer::new(account.limits, Some(file)));
+        for n in 0..account.limits.max_connections {
             let worker = Worker {
                 queue: queue.clone(),
                 upstream: upstream.clone(),
                 account: account.clone(),
+                pacer: pacer.clone(),
+                n,
             };
             let span = tracing::info_span!("worker", account = %account.name, n);
             set.spawn(worker.run(shutdown.clone()).instrument(span));
@@ -51,13 +98,26 @@ struct Worker {
     queue: Queue,
     upstream: Arc<Upstream>,
     account: Arc<Account>,
+    pacer: Arc<Pacer>,
+    /// This worker's place among the account's; those past the allowed
+    /// connection count stay idle.
+    n: usize,
 }
 
 impl Worker {
     async fn run(self, shutdown: CancellationToken) {
         let mut session: Option<Session> = None;
         loop {
-            let idle = session.as_ref().map(|_| IDLE_TIMEOUT);
+            if self.n >= self.pacer.connections() {
+                if let Some(open) = session.take() {
+                    open.quit().await;
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(PARKED_RECHECK) => continue,
+                }
+            }
+            let idle = session.as_ref().map(|_| self.upstream.idle_timeout());
             let lease = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 lease = self.queue.next_due(&self.account.name, idle) => lease,
@@ -68,15 +128,86 @@ impl Worker {
                 }
                 continue;
             };
+            if !self.pacer.admit(lease.recipients.len(), &shutdown).await {
+                break; // shutting down: the dropped lease leaves the message queued
+            }
             let span = tracing::info_span!("delivery", queue_id = %lease.id);
             let results = self.deliver(&mut session, &lease).instrument(span).await;
-            let id = lease.id.clone();
-            if let Err(e) = self.queue.record(lease, results).await {
-                tracing::error!(queue_id = %id, error = %e, "cannot record the delivery outcome");
+            self.slow_down_if_asked(&results, &mut session);
+            let (id, sender) = (lease.id.clone(), lease.sender.clone());
+            let notify = self.account.bounce && !lease.passthrough;
+            match self.queue.record(lease, results).await {
+                Ok(Disposition::Failed) if notify => self.bounce(&id, &sender).await,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!(queue_id = %id, error = %e, "cannot record the delivery outcome")
+                }
             }
         }
         if let Some(open) = session {
             open.quit().await;
+        }
+    }
+
+    /// Lets the pacer know when the upstream says the mailbox sends too much.
+    fn slow_down_if_asked(&self, results: &[RecipientResult], session: &mut Option<Session>) {
+        let asked = results.iter().find_map(|r| match &r.outcome {
+            Outcome::Temporary { reply } | Outcome::Permanent { reply } => throttle(reply),
+            Outcome::Delivered { .. } => None,
+        });
+        match asked {
+            Some(Throttle::Connections) => {
+                self.pacer.too_many_connections();
+                *session = None; // the server will not serve this connection
+            }
+            Some(Throttle::Quota) => self.pacer.quota_exceeded(),
+            None => {}
+        }
+    }
+
+    /// Tells the sender of failed message `id` which recipients failed and
+    /// why, by queueing a delivery status notification.
+    async fn bounce(&self, id: &QueueId, sender: &str) {
+        let dir = self.queue.settings().dir.clone();
+        let Ok((entry, _)) = relay_queue::show(&dir, id) else {
+            return;
+        };
+        let Ok(original) = tokio::fs::read(dir.join("body").join(id.as_str())).await else {
+            return;
+        };
+        if !dsn::may_bounce(sender, &original) {
+            return;
+        }
+        let failed: Vec<dsn::Failed<'_>> = entry
+            .recipient_status
+            .iter()
+            .filter(|r| r.status == RecipientState::Failed)
+            .map(|r| dsn::Failed {
+                recipient: &r.address,
+                reply: r.reply.as_deref().unwrap_or("failed"),
+            })
+            .collect();
+        let report = dsn::notification(
+            &self.account.mailbox,
+            self.upstream.helo(),
+            sender,
+            &original,
+            &failed,
+            std::time::SystemTime::now(),
+        );
+        let notice = NewMessage {
+            sender: self.account.mailbox.clone(),
+            recipients: vec![sender.to_owned()],
+            account: self.account.name.clone(),
+            client: None,
+        };
+        match self.queue.enqueue(notice, &report).await {
+            Ok(dsn_id) => {
+                tracing::info!(queue_id = %id, notification = %dsn_id, to = %sender, "queued a delivery status notification")
+            }
+            Err(e) => {
+                tracing::error!(queue_id = %id, error = %e, "cannot queue a delivery status notification")
+            }
         }
     }
 
@@ -92,6 +223,15 @@ impl Worker {
                 )
             }
         };
+        let (sender, body) = if self.account.rewrite_from {
+            let sender = match lease.sender.as_str() {
+                "" => String::new(), // a null sender stays null
+                _ => self.account.mailbox.clone(),
+            };
+            (sender, rewrite_from(&body, &self.account.mailbox))
+        } else {
+            (lease.sender.clone(), body)
+        };
         // A pooled connection may have been closed while idle; if it breaks
         // before the message went out, one fresh connection tries again.
         for fresh_try in [false, true] {
@@ -105,10 +245,7 @@ impl Worker {
             }
             let Some(session) = slot.as_mut() else { break };
             let reused = session.transactions > 0;
-            match session
-                .transaction(&lease.sender, &lease.recipients, &body)
-                .await
-            {
+            match session.transaction(&sender, &lease.recipients, &body).await {
                 Ok(outcomes) => return self.results(lease, outcomes, started),
                 Err(Broken {
                     reason,

@@ -60,23 +60,14 @@ impl Router {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use relay_config::{Flow, OAuthConfig};
 
     fn account(name: &str, senders: &[&str]) -> AccountConfig {
-        AccountConfig {
-            name: name.into(),
-            mailbox: format!("{name}@contoso.com"),
-            senders: senders.iter().map(|s| s.to_string()).collect(),
-            oauth: OAuthConfig {
-                flow: Flow::ClientCredentials,
-                authority: "https://login.microsoftonline.com".into(),
-                tenant_id: None,
-                client_id: None,
-                client_secret: None,
-                client_secret_file: None,
-                scope: None,
-            },
-        }
+        let toml = format!(
+            "[[accounts]]\nname = \"{name}\"\nmailbox = \"{name}@contoso.com\"\nsenders = {senders:?}\n\
+             [accounts.oauth]\nflow = \"client_credentials\"\ntenant_id = \"t\"\nclient_id = \"c\"\nclient_secret = \"s\"\n"
+        );
+        let mut config = relay_config::load_str(&toml).expect("valid account");
+        config.accounts.remove(0)
     }
 
     #[test]

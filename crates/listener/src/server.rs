@@ -97,6 +97,10 @@ async fn handle(
         return;
     }
     tracing::debug!(client = %ip, "connected");
+    // Fix: the session (its logs, and the client address stored with each
+    // queued message) gets the canonical address too, `127.0.0.1` rather
+    // than `::ffff:127.0.0.1` on a dual-stack socket, as the allow-list saw it.
+    let peer = SocketAddr::new(ip, peer.port());
     if let Err(e) = Session::new(stream, peer, ctx).run(shutdown).await {
         tracing::debug!(client = %ip, error = %e, "session ended with an error");
     }

@@ -1,8 +1,8 @@
 //! One SMTP conversation with a client.
 
 use crate::{data::DataReceiver, Router};
-use relay_config::ListenerConfig;
-use relay_queue::{NewMessage, Queue};
+use relay_config::{ListenerConfig, Mode};
+use relay_queue::{NewMessage, Outcome, Queue, QueueId, RecipientResult};
 use smtp_proto::{request::receiver::RequestReceiver, Error as ParseError, Request};
 use std::{borrow::Cow, net::SocketAddr, sync::Arc, time::Duration};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -10,6 +10,8 @@ use tokio_util::sync::CancellationToken;
 
 /// How long a client may stay silent (RFC 5321 4.5.3.2 suggests 5 minutes).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a passthrough client waits for the upstream's answer.
+pub const PASSTHROUGH_WAIT: Duration = Duration::from_secs(300);
 /// A client that keeps getting errors is closed after this many.
 pub const MAX_ERRORS: u32 = 20;
 
@@ -29,6 +31,12 @@ struct Envelope {
 enum Phase {
     Command,
     Data(DataReceiver),
+    /// Fix: the rest of an over-long command line, already answered with
+    /// one `500 line too long`. smtp-proto's receiver gives up on a line
+    /// after 4096 bytes without skipping the rest of it, which used to be
+    /// parsed as further commands: one line got several replies, putting a
+    /// pipelining client out of step.
+    SkipLine,
 }
 
 /// What to do after a command.
@@ -87,20 +95,36 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         }
                         (n, Next::Continue)
                     }
+                    Phase::SkipLine => match input[used..].iter().position(|&b| b == b'\n') {
+                        Some(lf) => {
+                            phase = Phase::Command;
+                            (lf + 1, Next::Continue)
+                        }
+                        None => (input.len() - used, Next::Continue),
+                    },
                     Phase::Command => {
                         let mut bytes = input[used..].iter();
                         let parsed = parser.ingest(&mut bytes).map(Request::into_owned);
                         let n = input.len() - used - bytes.as_slice().len();
                         match parsed {
                             Err(ParseError::NeedsMoreData { .. }) => (n, Next::Continue),
-                            Ok(Request::Data) => {
-                                if self.data_allowed() {
+                            Err(ParseError::ResponseTooLong) => {
+                                phase = Phase::SkipLine;
+                                (n, self.command(Err(ParseError::ResponseTooLong)))
+                            }
+                            Ok(Request::Data) => match self.data_allowed() {
+                                None => {
                                     phase = Phase::Data(DataReceiver::new(
                                         self.ctx.config.max_message_size,
                                     ));
+                                    (n, Next::Continue)
                                 }
-                                (n, Next::Continue)
-                            }
+                                // Fix: a refused DATA may be the error that
+                                // reaches MAX_ERRORS; its Close used to be
+                                // dropped, so the 421 was sent but the
+                                // session went on.
+                                Some(next) => (n, next),
+                            },
                             other => (n, self.command(other)),
                         }
                     }
@@ -233,20 +257,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         Next::Continue
     }
 
-    /// Answers `DATA`; true when the message may follow.
-    fn data_allowed(&mut self) -> bool {
+    /// Answers `DATA`; `None` when the message may follow, else what to do
+    /// after the refusal (which counts as an error and may close).
+    fn data_allowed(&mut self) -> Option<Next> {
         match &self.envelope {
-            None => {
-                self.error("503 5.5.1 Error: need MAIL command");
-                false
-            }
+            None => Some(self.error("503 5.5.1 Error: need MAIL command")),
             Some(e) if e.recipients.is_empty() => {
-                self.error("554 5.5.1 Error: no valid recipients");
-                false
+                Some(self.error("554 5.5.1 Error: no valid recipients"))
             }
             Some(_) => {
                 self.line("354 End data with <CR><LF>.<CR><LF>");
-                true
+                None
             }
         }
     }
@@ -273,10 +294,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             client: Some(self.peer.ip()),
         };
         let (sender, recipients) = (message.sender.clone(), message.recipients.len());
-        match self.ctx.queue.enqueue(message, &body).await {
-            Ok(id) => {
+        let stored = match self.ctx.config.mode {
+            Mode::Queue => self
+                .ctx
+                .queue
+                .enqueue(message, &body)
+                .await
+                .map(|id| (id, None)),
+            Mode::Passthrough => self
+                .ctx
+                .queue
+                .enqueue_passthrough(message, &body)
+                .await
+                .map(|(id, answer)| (id, Some(answer))),
+        };
+        match stored {
+            Ok((id, answer)) => {
                 tracing::info!(queue_id = %id, client = %self.peer.ip(), %sender, recipients, size, "accepted");
-                let text = format!("250 2.0.0 Ok: queued as {id}");
+                let text = match answer {
+                    None => format!("250 2.0.0 Ok: queued as {id}"),
+                    Some(answer) => match tokio::time::timeout(PASSTHROUGH_WAIT, answer).await {
+                        Ok(Ok(results)) => passthrough_reply(&id, &results),
+                        Ok(Err(_)) | Err(_) => format!(
+                            "451 4.4.7 No answer from the upstream in time; the message stays queued as {id}"
+                        ),
+                    },
+                };
                 self.line(&text);
             }
             Err(e) => {
@@ -311,6 +354,39 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.out.clear();
         }
         Ok(())
+    }
+}
+
+/// The reply a passthrough client gets: the upstream's own when it has a
+/// code, worded like one when the failure was local (no connection, no token).
+fn passthrough_reply(id: &QueueId, results: &[RecipientResult]) -> String {
+    let delivered = results
+        .iter()
+        .filter(|r| matches!(r.outcome, Outcome::Delivered { .. }))
+        .count();
+    let with_code = |reply: &str, fallback: &str| {
+        let code_ok = reply.len() > 4
+            && reply.as_bytes()[..3].iter().all(u8::is_ascii_digit)
+            && reply.as_bytes()[3] == b' ';
+        if code_ok {
+            reply.to_owned()
+        } else {
+            format!("{fallback} {reply}")
+        }
+    };
+    match results.iter().find(|r| !matches!(r.outcome, Outcome::Delivered { .. })) {
+        None => match results.first() {
+            Some(r) if r.outcome.reply().starts_with('2') => with_code(r.outcome.reply(), "250 2.0.0"),
+            _ => format!("250 2.0.0 Ok: delivered as {id}"),
+        },
+        Some(_) if delivered > 0 => format!(
+            "250 2.0.0 Ok: delivered to {delivered} of {} recipients; the others failed, see queue entry {id}",
+            results.len()
+        ),
+        Some(failed) => match &failed.outcome {
+            Outcome::Permanent { reply } => with_code(reply, "554 5.0.0"),
+            other => with_code(other.reply(), "451 4.4.1"),
+        },
     }
 }
 

@@ -18,6 +18,7 @@
 //!   body/ID           the message as received (raw bytes, never changed)
 //!   meta/ID.json      envelope, state, per-recipient status (JSON)
 //!   corrupt/          entries set aside at open (ID.json, ID.body)
+//!   control/          admin requests to the running relay (see `control`)
 //! ```
 //!
 //! `ID` is a [`QueueId`]: 16 uppercase hex digits, 13 of microseconds since
@@ -83,13 +84,17 @@
 
 #![warn(missing_docs)]
 
+mod control;
 mod error;
 mod id;
 mod meta;
 mod queue;
 mod store;
 
+pub use control::{submit, Request};
 pub use error::QueueError;
 pub use id::{ParseQueueIdError, QueueId};
-pub use meta::{list, Entry, RecipientState, RecipientStatus, State};
-pub use queue::{Disposition, Lease, NewMessage, Outcome, Queue, QueueSettings, RecipientResult};
+pub use meta::{list, show, Entry, RecipientState, RecipientStatus, State};
+pub use queue::{
+    Disposition, Lease, NewMessage, Outcome, Queue, QueueSettings, RecipientResult, Selection,
+};

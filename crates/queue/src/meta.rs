@@ -76,6 +76,10 @@ pub(crate) struct Meta {
     pub last_error: Option<String>,
     pub size: u64,
     pub recipients: Vec<RecipientStatus>,
+    /// Its client waits for the upstream's answer (passthrough mode): it
+    /// gets one attempt, and is never retried behind the client's back.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub passthrough: bool,
 }
 
 impl Meta {
@@ -200,6 +204,26 @@ pub fn list(dir: &Path) -> Result<Vec<Entry>, QueueError> {
     }
     entries.sort_by(|a, b| a.id.cmp(&b.id));
     Ok(entries)
+}
+
+/// One message's entry and its header section (up to the first empty
+/// line, at most 64 KiB), read straight from disk like [`list`].
+pub fn show(dir: &Path, id: &QueueId) -> Result<(Entry, Vec<u8>), QueueError> {
+    use std::io::Read;
+    const MAX_HEADERS: u64 = 64 * 1024;
+    let path = dir.join(crate::store::META_DIR).join(format!("{id}.json"));
+    let data =
+        std::fs::read(&path).map_err(|e| QueueError::io("reading queue metadata", &path, e))?;
+    let entry = Meta::parse(&path, id, &data)?.to_entry();
+    let body_path = dir.join(crate::store::BODY_DIR).join(id.as_str());
+    let mut head = Vec::new();
+    std::fs::File::open(&body_path)
+        .and_then(|f| f.take(MAX_HEADERS).read_to_end(&mut head))
+        .map_err(|e| QueueError::io("reading message body", &body_path, e))?;
+    if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+        head.truncate(end + 2);
+    }
+    Ok((entry, head))
 }
 
 /// The last instant humantime can format (9999-12-31T23:59:59Z).

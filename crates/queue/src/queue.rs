@@ -15,6 +15,7 @@ use crate::id::IdGen;
 use crate::meta::{add_time, Meta, RecipientState, RecipientStatus, State, META_VERSION};
 use crate::store::{self, Layout, Op};
 use crate::{QueueError, QueueId};
+use tokio::sync::oneshot;
 
 /// Settings of a [`Queue`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -124,6 +125,8 @@ pub struct Lease {
     pub size: u64,
     /// The SMTP client that submitted it, if known.
     pub client: Option<IpAddr>,
+    /// Its client waits for this attempt's outcome (passthrough mode).
+    pub passthrough: bool,
     /// The queue it came from; `None` once consumed by `record`.
     queue: Option<Weak<Inner>>,
 }
@@ -181,6 +184,8 @@ struct Inner {
 struct Schedule {
     messages: HashMap<QueueId, Slot>,
     accounts: HashMap<String, AccountSchedule>,
+    /// Passthrough clients waiting for their message's attempt.
+    waiters: HashMap<QueueId, oneshot::Sender<Vec<RecipientResult>>>,
 }
 
 #[derive(Debug)]
@@ -189,6 +194,9 @@ struct Slot {
     /// `Some(due)` when waiting (and then in the account's `due` set),
     /// `None` while leased.
     due: Option<Instant>,
+    /// An administrator deleted it while it was leased: the attempt's end
+    /// removes it instead of recording a result.
+    deleted: bool,
 }
 
 #[derive(Debug, Default)]
@@ -214,6 +222,7 @@ impl Schedule {
             Slot {
                 meta,
                 due: Some(due),
+                deleted: false,
             },
         );
     }
@@ -286,6 +295,29 @@ impl Queue {
     /// even if the returned future is dropped, so a committed message is
     /// always scheduled.
     pub async fn enqueue(&self, msg: NewMessage, body: &[u8]) -> Result<QueueId, QueueError> {
+        self.insert(msg, body, None).await
+    }
+
+    /// Stores a message like [`Queue::enqueue`] for a client that waits for
+    /// the upstream's answer (passthrough mode). The receiver yields the
+    /// results of its one attempt. It is never retried: what was not
+    /// delivered stays as failed, for the administrator to see.
+    pub async fn enqueue_passthrough(
+        &self,
+        msg: NewMessage,
+        body: &[u8],
+    ) -> Result<(QueueId, oneshot::Receiver<Vec<RecipientResult>>), QueueError> {
+        let (tx, rx) = oneshot::channel();
+        let id = self.insert(msg, body, Some(tx)).await?;
+        Ok((id, rx))
+    }
+
+    async fn insert(
+        &self,
+        msg: NewMessage,
+        body: &[u8],
+        waiter: Option<oneshot::Sender<Vec<RecipientResult>>>,
+    ) -> Result<QueueId, QueueError> {
         let mut recipients: Vec<String> = Vec::with_capacity(msg.recipients.len());
         for r in msg.recipients {
             if !recipients.contains(&r) {
@@ -312,6 +344,7 @@ impl Queue {
             next_attempt: Some(now),
             last_error: None,
             size: body.len() as u64,
+            passthrough: waiter.is_some(),
             recipients: recipients
                 .into_iter()
                 .map(|address| RecipientStatus {
@@ -334,7 +367,11 @@ impl Queue {
                 }],
             )?;
             tracing::debug!(%id, account = %meta.account, size = meta.size, "message queued");
-            lock(&inner.sched).insert(meta, Instant::now());
+            let mut sched = lock(&inner.sched);
+            if let Some(waiter) = waiter {
+                sched.waiters.insert(id.clone(), waiter);
+            }
+            sched.insert(meta, Instant::now());
             Ok(id)
         })
         .await
@@ -414,6 +451,7 @@ impl Queue {
             received_at: meta.received_at,
             size: meta.size,
             client: meta.client,
+            passthrough: meta.passthrough,
             queue: Some(Arc::downgrade(&self.inner)),
         })
     }
@@ -479,10 +517,10 @@ impl Queue {
                 id: lease.id.clone(),
             });
         }
-        let meta = {
+        let (meta, deleted) = {
             let sched = lock(&self.inner.sched);
             match sched.messages.get(&lease.id) {
-                Some(slot) if slot.due.is_none() => slot.meta.clone(),
+                Some(slot) if slot.due.is_none() => (slot.meta.clone(), slot.deleted),
                 _ => {
                     return Err(QueueError::NotLeased {
                         path: dir.clone(),
@@ -498,10 +536,19 @@ impl Queue {
             let mut lease = lease;
             let mut meta = meta;
             let jitter = rand::random_range(0.8..=1.2);
-            let plan = apply_attempt(&mut meta, results, SystemTime::now(), &inner.settings, jitter);
+            let answer = meta.passthrough.then(|| results.clone());
+            let plan = if deleted {
+                Plan::Deleted
+            } else {
+                let plan = apply_attempt(&mut meta, results, SystemTime::now(), &inner.settings, jitter);
+                match plan {
+                    Plan::Defer { .. } if meta.passthrough => no_retry(&mut meta),
+                    plan => plan,
+                }
+            };
             let id = meta.id.clone();
             let op = match plan {
-                Plan::Remove => Op::Remove { id: id.clone() },
+                Plan::Remove | Plan::Deleted => Op::Remove { id: id.clone() },
                 Plan::Fail | Plan::Defer { .. } => Op::Update {
                     id: id.clone(),
                     meta: inner.encode(&meta)?,
@@ -511,10 +558,18 @@ impl Queue {
             store::apply(&inner.layout, &[op])?;
             lease.disarm();
             let mut sched = lock(&inner.sched);
+            if let (Some(waiter), Some(answer)) = (sched.waiters.remove(&id), answer) {
+                let _ = waiter.send(answer); // the client may have gone
+            }
             match plan {
                 Plan::Remove => {
                     sched.messages.remove(&id);
                     tracing::info!(%id, attempts = meta.attempts, "message delivered to every recipient; removed");
+                    Ok(Disposition::Removed)
+                }
+                Plan::Deleted => {
+                    sched.messages.remove(&id);
+                    tracing::info!(%id, "message deleted by an administrator during its delivery attempt");
                     Ok(Disposition::Removed)
                 }
                 Plan::Fail => {
@@ -587,12 +642,32 @@ impl Inner {
         if slot.due.is_some() {
             return;
         }
+        if slot.deleted {
+            sched.messages.remove(id);
+            self.remove_in_background(id.clone());
+            return;
+        }
         let due = instant_after(Instant::now(), delay);
         slot.due = Some(due);
         let account = slot.meta.account.clone();
         let queue = sched.account(&account);
         queue.due.insert((due, id.clone()));
         queue.notify.notify_waiters();
+    }
+}
+
+impl Inner {
+    /// Deletes a message's files from a context that cannot wait (a
+    /// dropped lease); an error only leaves it to reappear at the next start.
+    fn remove_in_background(&self, id: QueueId) {
+        let layout = self.layout.clone();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn_blocking(move || {
+                if let Err(e) = store::apply(&layout, &[Op::Remove { id: id.clone() }]) {
+                    tracing::error!(%id, error = %e, "cannot delete a message");
+                }
+            });
+        }
     }
 }
 
@@ -616,6 +691,8 @@ where
 enum Plan {
     /// All delivered: delete it.
     Remove,
+    /// Deleted by an administrator while being tried: delete it.
+    Deleted,
     /// Nothing left to try, some failed: keep as failed.
     Fail,
     /// Retry after `delay`.
@@ -630,6 +707,21 @@ fn backoff(settings: &QueueSettings, attempts: u32) -> Duration {
         .retry_initial
         .saturating_mul(1u32 << doublings)
         .min(settings.retry_max)
+}
+
+/// A passthrough message is tried once: what is left open fails, with the
+/// reply its client was given.
+fn no_retry(meta: &mut Meta) -> Plan {
+    for r in meta.recipients.iter_mut().filter(|r| r.status.is_open()) {
+        r.status = RecipientState::Failed;
+        let reply = r.reply.take().unwrap_or_default();
+        r.reply = Some(format!(
+            "{reply} (passthrough: returned to the client, not retried)"
+        ));
+    }
+    meta.state = State::Failed;
+    meta.next_attempt = None;
+    Plan::Fail
 }
 
 /// Scales `d` by `factor` without any chance of panicking.
@@ -708,6 +800,9 @@ fn apply_attempt(
     }
 }
 
+mod admin;
+pub use admin::Selection;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -734,6 +829,7 @@ mod tests {
             next_attempt: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000)),
             last_error: None,
             size: 0,
+            passthrough: false,
             recipients: recipients
                 .iter()
                 .map(|a| RecipientStatus {

@@ -18,6 +18,8 @@ pub(crate) const BODY_DIR: &str = "body";
 pub(crate) const META_DIR: &str = "meta";
 /// Subdirectory where unusable entries are set aside.
 pub(crate) const CORRUPT_DIR: &str = "corrupt";
+/// Requests from admin commands to the running relay (see `control`).
+pub(crate) const CONTROL_DIR: &str = "control";
 /// Lock file preventing two processes from running one queue.
 pub(crate) const LOCK_FILE: &str = "lock";
 
@@ -41,6 +43,7 @@ pub(crate) struct Layout {
     pub body: PathBuf,
     pub meta: PathBuf,
     pub corrupt: PathBuf,
+    pub control: PathBuf,
 }
 
 impl Layout {
@@ -51,6 +54,7 @@ impl Layout {
             body: root.join(BODY_DIR),
             meta: root.join(META_DIR),
             corrupt: root.join(CORRUPT_DIR),
+            control: root.join(CONTROL_DIR),
         }
     }
 
@@ -238,7 +242,13 @@ fn create_dir(path: &Path) -> Result<(), QueueError> {
 pub(crate) fn prepare(layout: &Layout) -> Result<File, QueueError> {
     create_dir(&layout.root)?;
     let mut created = false;
-    for dir in [&layout.tmp, &layout.body, &layout.meta, &layout.corrupt] {
+    for dir in [
+        &layout.tmp,
+        &layout.body,
+        &layout.meta,
+        &layout.corrupt,
+        &layout.control,
+    ] {
         if !dir.is_dir() {
             create_dir(dir)?;
             created = true;
@@ -336,6 +346,18 @@ pub(crate) fn recover(layout: &Layout) -> Result<Recovered, QueueError> {
             Err(e) => return Err(e),
         };
         keep.insert(id.clone());
+        if meta.passthrough && meta.state != State::Failed {
+            // Its client waited for the upstream's answer and, with the relay
+            // gone, got none: it still has the message and will resend it.
+            // Delivering this copy as well would duplicate it.
+            let reply = "not delivered: the relay stopped while the client waited (passthrough); the client resends it";
+            for r in meta.recipients.iter_mut().filter(|r| r.status.is_open()) {
+                r.status = RecipientState::Failed;
+                r.reply = Some(reply.into());
+            }
+            meta.last_error = Some(reply.into());
+            tracing::warn!(%id, "{reply}");
+        }
         if meta.state != State::Failed && meta.open_recipients().is_empty() {
             if meta
                 .recipients

@@ -1,11 +1,15 @@
 //! The fake Microsoft identity platform (Entra ID) token endpoint.
 //!
-//! Serves `POST /{tenant}/oauth2/v2.0/token` like
-//! `https://login.microsoftonline.com`. Only the client-credentials grant is
-//! implemented; the handler dispatches on `grant_type` with one function per
-//! grant so further grants can be added beside it.
+//! Serves, like `https://login.microsoftonline.com`:
+//! `POST /{tenant}/oauth2/v2.0/token` (client credentials with a secret or a
+//! certificate assertion, refresh tokens that rotate, device code,
+//! authorization code with PKCE), `POST /{tenant}/oauth2/v2.0/devicecode`
+//! and `GET /{tenant}/oauth2/v2.0/authorize`; and under `/google` a
+//! Google-style token endpoint (JWT bearer grant of service accounts,
+//! refresh tokens, authorization code) and authorization endpoint. The token
+//! handler dispatches on `grant_type`, one function per grant.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -14,7 +18,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine as _;
 use serde_json::json;
@@ -22,7 +26,10 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::jwt::{TokenClaims, TokenMint, TokenRejection, EXCHANGE_AUDIENCE, SEND_AS_ROLE};
+use crate::credentials::{self, ClientCertificate, Jws, RegisteredKey};
+use crate::jwt::{
+    TokenClaims, TokenMint, TokenRejection, EXCHANGE_AUDIENCE, GOOGLE_AUDIENCE, SEND_AS_ROLE,
+};
 use crate::util::{form_decode, lock, parse_form, random_guid, unix_now, utc_timestamp};
 
 const DEFAULT_TENANT: &str = "11111111-2222-3333-4444-555555555555";
@@ -32,6 +39,13 @@ const DEFAULT_LIFETIME: u64 = 3599;
 /// The only scope the client-credentials grant accepts: Exchange Online's
 /// `.default` scope, which is what SMTP submission needs.
 const EXCHANGE_SCOPE: &str = "https://outlook.office365.com/.default";
+/// Google's scope for IMAP/SMTP.
+const GOOGLE_MAIL_SCOPE: &str = "https://mail.google.com/";
+/// The user who signs in on the delegated flows, unless set otherwise.
+const DEFAULT_USER: &str = "relay@contoso.com";
+const DEVICE_CODE_GRANT: &str = "urn:ietf:params:oauth:grant-type:device_code";
+const JWT_BEARER_GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
+const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 /// How long `stop` lets in-flight requests finish before cutting them off.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
@@ -72,6 +86,121 @@ struct Record {
     lifetime: u64,
     scripted: VecDeque<AadError>,
     requests: Vec<TokenRequest>,
+    /// The user who signs in on delegated flows.
+    user: String,
+    /// Live refresh tokens → who they belong to.
+    refresh_tokens: HashMap<String, Grant>,
+    /// Refresh tokens that were used (rotated away) or revoked.
+    spent_refresh_tokens: HashSet<String>,
+    revoked_refresh_tokens: HashSet<String>,
+    /// Whether a used refresh token stays valid (what Entra ID does) instead
+    /// of being single-use (the strict default).
+    reuse_refresh_tokens: bool,
+    /// Refresh tokens issued, in order.
+    issued_refresh_tokens: Vec<String>,
+    device_codes: HashMap<String, DeviceCode>,
+    device_interval: u64,
+    device_lifetime: u64,
+    slow_downs: u32,
+    auth_codes: HashMap<String, AuthCode>,
+    consent: Consent,
+    certificates: Vec<RegisteredKey>,
+    seen_assertion_ids: HashSet<String>,
+    assertions: Vec<AssertionRecord>,
+    service_accounts: HashMap<String, ServiceAccount>,
+    reply_delay: Option<Duration>,
+}
+
+impl Record {
+    fn new() -> Self {
+        Record {
+            lifetime: DEFAULT_LIFETIME,
+            scripted: VecDeque::new(),
+            requests: Vec::new(),
+            user: DEFAULT_USER.to_string(),
+            refresh_tokens: HashMap::new(),
+            spent_refresh_tokens: HashSet::new(),
+            revoked_refresh_tokens: HashSet::new(),
+            reuse_refresh_tokens: false,
+            issued_refresh_tokens: Vec::new(),
+            device_codes: HashMap::new(),
+            device_interval: 1,
+            device_lifetime: 900,
+            slow_downs: 0,
+            auth_codes: HashMap::new(),
+            consent: Consent::Approve,
+            certificates: Vec::new(),
+            seen_assertion_ids: HashSet::new(),
+            assertions: Vec::new(),
+            service_accounts: HashMap::new(),
+            reply_delay: None,
+        }
+    }
+}
+
+/// Who a delegated grant is for.
+#[derive(Debug, Clone)]
+struct Grant {
+    user: String,
+    scope: String,
+    google: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum DeviceState {
+    Pending,
+    Approved,
+    Declined,
+}
+
+#[derive(Debug, Clone)]
+struct DeviceCode {
+    user_code: String,
+    scope: String,
+    state: DeviceState,
+    expires: Instant,
+    last_poll: Option<Instant>,
+    interval: Duration,
+}
+
+#[derive(Debug, Clone)]
+struct AuthCode {
+    client_id: String,
+    redirect_uri: String,
+    challenge: String,
+    scope: String,
+    user: String,
+    expires: Instant,
+    google: bool,
+}
+
+#[derive(Debug, Clone)]
+struct ServiceAccount {
+    key_id: String,
+    public_key: Vec<u8>,
+    delegated: bool,
+}
+
+/// What the signed-in user answers on the consent page of the browser flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Consent {
+    /// Signs in and accepts: the browser is redirected with a code.
+    Approve,
+    /// Declines: the browser is redirected with `error=access_denied`.
+    Decline,
+}
+
+/// A client assertion the platform accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AssertionRecord {
+    /// `alg` of its header (`PS256` or `RS256`).
+    pub alg: String,
+    /// Its `x5t#S256` header, if any.
+    pub x5t_s256: Option<String>,
+    /// Its `x5t` header, if any.
+    pub x5t: Option<String>,
+    /// Its `jti`.
+    pub jti: String,
 }
 
 #[derive(Debug)]
@@ -145,15 +274,18 @@ impl IdentityPlatform {
             client_secret: DEFAULT_CLIENT_SECRET.to_string(),
             service_principal: random_guid(),
             mint: TokenMint::new(),
-            state: Mutex::new(Record {
-                lifetime: DEFAULT_LIFETIME,
-                scripted: VecDeque::new(),
-                requests: Vec::new(),
-            }),
+            state: Mutex::new(Record::new()),
             server: Mutex::new(None),
         });
         let app = Router::new()
             .route("/{tenant}/oauth2/v2.0/token", post(token_endpoint))
+            .route(
+                "/{tenant}/oauth2/v2.0/devicecode",
+                post(device_code_endpoint),
+            )
+            .route("/{tenant}/oauth2/v2.0/authorize", get(authorize_endpoint))
+            .route("/google/token", post(google_token_endpoint))
+            .route("/google/o/oauth2/v2/auth", get(google_authorize_endpoint))
             .with_state(inner.clone());
         let (shutdown, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -239,6 +371,159 @@ impl IdentityPlatform {
         self.inner.mint.mint(self.inner.app_claims(audience, exp))
     }
 
+    /// The user who signs in on the delegated flows (default
+    /// `relay@contoso.com`): their tokens carry `upn` and `scp`.
+    pub fn set_user(&self, user: &str) {
+        lock(&self.inner.state).user = user.to_string();
+    }
+
+    /// A refresh token as if the user had signed in already (scope
+    /// `SMTP.Send offline_access`).
+    pub fn mint_refresh_token(&self) -> String {
+        let mut state = lock(&self.inner.state);
+        let grant = Grant {
+            user: state.user.clone(),
+            scope: "https://outlook.office.com/SMTP.Send offline_access".into(),
+            google: false,
+        };
+        new_refresh_token(&mut state, grant)
+    }
+
+    /// Revokes every refresh token issued so far (as an admin's "revoke
+    /// sessions" or a password change does): using one gets
+    /// `invalid_grant` / `AADSTS50173`.
+    pub fn revoke_refresh_tokens(&self) {
+        let mut state = lock(&self.inner.state);
+        let live: Vec<String> = state.refresh_tokens.drain().map(|(t, _)| t).collect();
+        state.revoked_refresh_tokens.extend(live);
+    }
+
+    /// Whether a used refresh token stays valid until it expires, as Entra ID
+    /// documents (`true`), or is single-use (`false`, the default, stricter
+    /// than the real service, like the acceptance suite's fake).
+    pub fn reuse_refresh_tokens(&self, reuse: bool) {
+        lock(&self.inner.state).reuse_refresh_tokens = reuse;
+    }
+
+    /// Whether `refresh_token` would be accepted now.
+    pub fn refresh_token_is_live(&self, refresh_token: &str) -> bool {
+        lock(&self.inner.state)
+            .refresh_tokens
+            .contains_key(refresh_token)
+    }
+
+    /// Every refresh token issued, in order (the last one is the newest).
+    pub fn issued_refresh_tokens(&self) -> Vec<String> {
+        lock(&self.inner.state).issued_refresh_tokens.clone()
+    }
+
+    /// The polling interval (seconds) the device code endpoint asks for
+    /// (default 1).
+    pub fn set_device_interval(&self, secs: u64) {
+        lock(&self.inner.state).device_interval = secs;
+    }
+
+    /// How long (seconds) device codes stay valid (default 900).
+    pub fn set_device_lifetime(&self, secs: u64) {
+        lock(&self.inner.state).device_lifetime = secs;
+    }
+
+    /// The next `n` device code polls get `slow_down` (RFC 8628 §3.5).
+    pub fn slow_down_next(&self, n: u32) {
+        lock(&self.inner.state).slow_downs = n;
+    }
+
+    /// User codes of device authorizations waiting for the user.
+    pub fn pending_user_codes(&self) -> Vec<String> {
+        lock(&self.inner.state)
+            .device_codes
+            .values()
+            .filter(|d| d.state == DeviceState::Pending)
+            .map(|d| d.user_code.clone())
+            .collect()
+    }
+
+    /// The user enters `user_code` and signs in. False if no such code waits.
+    pub fn approve_device(&self, user_code: &str) -> bool {
+        self.answer_device(user_code, DeviceState::Approved)
+    }
+
+    /// The user enters `user_code` and declines. False if no such code waits.
+    pub fn decline_device(&self, user_code: &str) -> bool {
+        self.answer_device(user_code, DeviceState::Declined)
+    }
+
+    fn answer_device(&self, user_code: &str, answer: DeviceState) -> bool {
+        let mut state = lock(&self.inner.state);
+        match state
+            .device_codes
+            .values_mut()
+            .find(|d| d.user_code == user_code && d.state == DeviceState::Pending)
+        {
+            Some(entry) => {
+                entry.state = answer;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// What the user does on the browser flow's consent page (default approve).
+    pub fn set_consent(&self, consent: Consent) {
+        lock(&self.inner.state).consent = consent;
+    }
+
+    /// Generates an RSA certificate and registers it on the app, as an admin
+    /// uploads one under *Certificates & secrets*. Returns the files the
+    /// relay needs.
+    pub fn create_client_certificate(&self) -> ClientCertificate {
+        let (certificate, registered) = credentials::new_certificate();
+        lock(&self.inner.state).certificates.push(registered);
+        certificate
+    }
+
+    /// Client assertions accepted so far, in order.
+    pub fn assertions(&self) -> Vec<AssertionRecord> {
+        lock(&self.inner.state).assertions.clone()
+    }
+
+    /// Delays every token endpoint reply by `delay` after the request was
+    /// judged (a refresh token is already rotated when the delay starts),
+    /// to let tests kill a client in the middle of a token request.
+    pub fn set_reply_delay(&self, delay: Option<Duration>) {
+        lock(&self.inner.state).reply_delay = delay;
+    }
+
+    /// Base URL of the Google-style endpoints (the stand-in for
+    /// `https://oauth2.googleapis.com`): `{authority}/google/token` and
+    /// `{authority}/google/o/oauth2/v2/auth`.
+    pub fn google_authority(&self) -> String {
+        format!("http://{}/google", self.inner.addr)
+    }
+
+    /// Creates a Google service account `email` with domain-wide delegation
+    /// for `https://mail.google.com/`; returns its key file (JSON).
+    pub fn create_service_account(&self, email: &str) -> String {
+        let token_uri = format!("{}/token", self.google_authority());
+        let (json, key_id, public_key) = credentials::new_service_account(email, &token_uri);
+        lock(&self.inner.state).service_accounts.insert(
+            email.to_string(),
+            ServiceAccount {
+                key_id,
+                public_key,
+                delegated: true,
+            },
+        );
+        json
+    }
+
+    /// Grants or withdraws a service account's domain-wide delegation.
+    pub fn set_domain_wide_delegation(&self, email: &str, delegated: bool) {
+        if let Some(account) = lock(&self.inner.state).service_accounts.get_mut(email) {
+            account.delegated = delegated;
+        }
+    }
+
     /// Stops listening. Requests already being handled may finish (for a few
     /// seconds at most); idle keep-alive connections are closed. Idempotent.
     pub async fn stop(&self) {
@@ -255,6 +540,36 @@ impl IdentityPlatform {
 }
 
 impl Inner {
+    /// A delegated (user) token for `grant`.
+    fn user_claims(&self, grant: &Grant, exp: u64) -> TokenClaims {
+        let scp: Vec<&str> = grant
+            .scope
+            .split_whitespace()
+            .filter(|s| !matches!(*s, "offline_access" | "openid" | "profile" | "email"))
+            .map(|s| {
+                if grant.google {
+                    s
+                } else {
+                    s.rsplit('/').next().unwrap_or(s)
+                }
+            })
+            .collect();
+        TokenClaims {
+            aud: if grant.google {
+                GOOGLE_AUDIENCE.to_string()
+            } else {
+                EXCHANGE_AUDIENCE.to_string()
+            },
+            exp,
+            roles: Vec::new(),
+            scp: Some(scp.join(" ")),
+            appid: self.client_id.clone(),
+            tid: self.tenant.clone(),
+            oid: Some(random_guid()),
+            upn: Some(grant.user.clone()),
+        }
+    }
+
     fn app_claims(&self, audience: &str, exp: u64) -> TokenClaims {
         TokenClaims {
             aud: audience.to_string(),
@@ -323,8 +638,12 @@ async fn token_endpoint(
     let Some(grant_type) = grant_type else {
         return AadError::missing("grant_type").into_response();
     };
+    let token_url = format!("http://{}{}", idp.addr, uri.path());
     let result = match grant_type.as_str() {
-        "client_credentials" => client_credentials(&idp, &form, &headers),
+        "client_credentials" => client_credentials(&idp, &form, &headers, &token_url),
+        "refresh_token" => refresh_token_grant(&idp, &form, &headers, &token_url),
+        DEVICE_CODE_GRANT => device_code_grant(&idp, &form, &headers, &token_url),
+        "authorization_code" => authorization_code_grant(&idp, &form, &headers, &token_url),
         other => Err(AadError::new(
             StatusCode::BAD_REQUEST,
             "unsupported_grant_type",
@@ -332,9 +651,18 @@ async fn token_endpoint(
             format!("The app requested an unsupported grant type '{other}'."),
         )),
     };
-    match result {
+    let response = match result {
         Ok(reply) => reply.into_response(),
         Err(error) => error.into_response(),
+    };
+    delay_reply(&idp).await;
+    response
+}
+
+async fn delay_reply(idp: &Inner) {
+    let delay = lock(&idp.state).reply_delay;
+    if let Some(delay) = delay {
+        tokio::time::sleep(delay).await;
     }
 }
 
@@ -354,22 +682,41 @@ impl Form {
 struct Issued {
     lifetime: u64,
     token: String,
+    refresh_token: Option<String>,
+    scope: Option<String>,
 }
 
 impl IntoResponse for Issued {
     fn into_response(self) -> Response {
-        let body = json!({
+        let mut body = json!({
             "token_type": "Bearer",
             "expires_in": self.lifetime,
             "ext_expires_in": self.lifetime,
             "access_token": self.token,
         });
+        if let Some(refresh_token) = self.refresh_token {
+            body["refresh_token"] = refresh_token.into();
+        }
+        if let Some(scope) = self.scope {
+            body["scope"] = scope.into();
+        }
         (StatusCode::OK, no_store(), Json(body)).into_response()
     }
 }
 
-/// `grant_type=client_credentials` with a client secret (app-only token).
-fn client_credentials(idp: &Inner, form: &Form, headers: &HeaderMap) -> Result<Issued, AadError> {
+/// `grant_type=client_credentials` with a client secret or a certificate
+/// assertion (app-only token).
+fn client_credentials(
+    idp: &Inner,
+    form: &Form,
+    headers: &HeaderMap,
+    token_url: &str,
+) -> Result<Issued, AadError> {
+    if form.get("client_assertion").is_some() || form.get("client_assertion_type").is_some() {
+        check_client_id(idp, form, headers)?;
+        verify_assertion(idp, form, token_url)?;
+        return app_token(idp, form);
+    }
     // The secret may come in the body or as HTTP Basic auth; Entra ID
     // accepts both (RFC 6749 §2.3.1).
     let basic = basic_credentials(headers);
@@ -418,6 +765,11 @@ fn client_credentials(idp: &Inner, form: &Form, headers: &HeaderMap) -> Result<I
             ),
         ));
     }
+    app_token(idp, form)
+}
+
+/// The app-only token once the client is authenticated.
+fn app_token(idp: &Inner, form: &Form) -> Result<Issued, AadError> {
     let scope = form
         .get("scope")
         .ok_or_else(|| AadError::missing("scope"))?;
@@ -436,7 +788,12 @@ fn client_credentials(idp: &Inner, form: &Form, headers: &HeaderMap) -> Result<I
     let lifetime = lock(&idp.state).lifetime;
     let exp = unix_now().saturating_add(lifetime);
     let token = idp.mint.mint(idp.app_claims(EXCHANGE_AUDIENCE, exp));
-    Ok(Issued { lifetime, token })
+    Ok(Issued {
+        lifetime,
+        token,
+        refresh_token: None,
+        scope: None,
+    })
 }
 
 /// Client id and secret from an `Authorization: Basic` header, if present.
@@ -455,4 +812,671 @@ fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
         form_decode(&decoded[..colon]),
         form_decode(&decoded[colon + 1..]),
     ))
+}
+
+/// `client_id` from the form or Basic auth, which must be the app's (700016).
+fn check_client_id(idp: &Inner, form: &Form, headers: &HeaderMap) -> Result<(), AadError> {
+    let client_id = form
+        .get("client_id")
+        .map(str::to_string)
+        .or_else(|| basic_credentials(headers).map(|(id, _)| id))
+        .ok_or_else(|| AadError::missing("client_id"))?;
+    if !client_id.eq_ignore_ascii_case(&idp.client_id) {
+        return Err(AadError::new(
+            StatusCode::BAD_REQUEST,
+            "unauthorized_client",
+            700016,
+            format!(
+                "Application with identifier '{client_id}' was not found in the directory '{}'.",
+                idp.tenant
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The client of a delegated grant: the app id, plus its secret or
+/// assertion if it sends one (the app also allows public client flows).
+fn check_delegated_client(
+    idp: &Inner,
+    form: &Form,
+    headers: &HeaderMap,
+    token_url: &str,
+) -> Result<(), AadError> {
+    check_client_id(idp, form, headers)?;
+    if form.get("client_assertion").is_some() {
+        return verify_assertion(idp, form, token_url);
+    }
+    let secret = form
+        .get("client_secret")
+        .map(str::to_string)
+        .or_else(|| basic_credentials(headers).map(|(_, s)| s));
+    match secret {
+        Some(secret) if secret != idp.client_secret => Err(AadError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            7000215,
+            "Invalid client secret provided. Ensure the secret being sent in the request is the \
+             client secret value, not the client secret ID.",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Verifies a certificate client assertion like Entra ID: the certificate
+/// named by `x5t#S256` (or `x5t`) is registered, the PS256/RS256 signature
+/// verifies with it, `aud` is the token endpoint, `iss` = `sub` = the client
+/// id, the time range is sane, and the `jti` was never seen before.
+fn verify_assertion(idp: &Inner, form: &Form, token_url: &str) -> Result<(), AadError> {
+    let refused = |code: u32, why: &str| {
+        AadError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            code,
+            format!("Client assertion failed signature validation. {why}"),
+        )
+    };
+    if form.get("client_assertion_type") != Some(ASSERTION_TYPE) {
+        return Err(refused(
+            700027,
+            "client_assertion_type must be urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+        ));
+    }
+    let assertion = form
+        .get("client_assertion")
+        .ok_or_else(|| AadError::missing("client_assertion"))?;
+    let jws = Jws::parse(assertion).ok_or_else(|| refused(700027, "Malformed JWT."))?;
+    let mut state = lock(&idp.state);
+    let x5t_s256 = jws.header_str("x5t#S256").map(str::to_string);
+    let x5t = jws.header_str("x5t").map(str::to_string);
+    let key = state
+        .certificates
+        .iter()
+        .find(|c| {
+            x5t_s256.as_deref() == Some(c.x5t_s256.as_str())
+                || x5t.as_deref() == Some(c.x5t.as_str())
+        })
+        .cloned()
+        .ok_or_else(|| {
+            AadError::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid_client",
+                700027,
+                "Client assertion contains an invalid signature. [Reason - The key was not found.]",
+            )
+        })?;
+    jws.verify(&key.public_key)
+        .map_err(|why| refused(700027, &why))?;
+    if jws.claim_str("aud") != Some(token_url) {
+        return Err(refused(700027, &format!("aud must be {token_url}")));
+    }
+    if jws.claim_str("iss") != Some(idp.client_id.as_str())
+        || jws.claim_str("sub") != Some(idp.client_id.as_str())
+    {
+        return Err(refused(700027, "iss and sub must be the client id"));
+    }
+    let now = unix_now();
+    let exp = jws.claim_u64("exp").unwrap_or(0);
+    let nbf = jws.claim_u64("nbf").unwrap_or(now);
+    if exp <= now || nbf > now + 60 || exp > now + 3600 {
+        return Err(AadError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            700024,
+            "Client assertion is not within its valid time range.",
+        ));
+    }
+    let jti = jws.claim_str("jti").unwrap_or_default().to_string();
+    if jti.is_empty() || !state.seen_assertion_ids.insert(jti.clone()) {
+        return Err(refused(
+            700027,
+            "The jti is missing or was already used (replay).",
+        ));
+    }
+    state.assertions.push(AssertionRecord {
+        alg: jws.alg().to_string(),
+        x5t_s256,
+        x5t,
+        jti,
+    });
+    Ok(())
+}
+
+/// Issues a refresh token for `grant` and remembers it.
+fn new_refresh_token(state: &mut Record, grant: Grant) -> String {
+    let token = format!(
+        "0.AX{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(rand::random::<[u8; 36]>())
+    );
+    state.refresh_tokens.insert(token.clone(), grant);
+    state.issued_refresh_tokens.push(token.clone());
+    token
+}
+
+/// A delegated token for `grant`, with a new refresh token when asked.
+fn delegated_token(idp: &Inner, grant: Grant, with_refresh_token: bool) -> Issued {
+    let mut state = lock(&idp.state);
+    let lifetime = state.lifetime;
+    let token = idp
+        .mint
+        .mint(idp.user_claims(&grant, unix_now().saturating_add(lifetime)));
+    let scope = grant.scope.clone();
+    let refresh_token = with_refresh_token.then(|| new_refresh_token(&mut state, grant));
+    Issued {
+        lifetime,
+        token,
+        refresh_token,
+        scope: Some(scope),
+    }
+}
+
+/// Takes a refresh token: rotated away unless reuse is on.
+fn take_refresh_token(idp: &Inner, form: &Form) -> Result<Grant, (String, u32, String)> {
+    let token = form.get("refresh_token").unwrap_or_default();
+    let mut state = lock(&idp.state);
+    if state.revoked_refresh_tokens.contains(token) {
+        return Err((
+            "invalid_grant".into(),
+            50173,
+            "The provided grant has expired due to it being revoked, a fresh auth token is needed. \
+             The user might have changed or reset their password."
+                .into(),
+        ));
+    }
+    let reuse = state.reuse_refresh_tokens;
+    let grant = if reuse {
+        state.refresh_tokens.get(token).cloned()
+    } else {
+        state.refresh_tokens.remove(token)
+    };
+    match grant {
+        Some(grant) => {
+            state.spent_refresh_tokens.insert(token.to_string());
+            Ok(grant)
+        }
+        None if state.spent_refresh_tokens.contains(token) => Err((
+            "invalid_grant".into(),
+            70008,
+            "The provided authorization code or refresh token has expired due to inactivity."
+                .into(),
+        )),
+        None => Err((
+            "invalid_grant".into(),
+            9002313,
+            "Invalid request. Request is malformed or invalid.".into(),
+        )),
+    }
+}
+
+/// `grant_type=refresh_token`: every answer carries a new refresh token.
+fn refresh_token_grant(
+    idp: &Inner,
+    form: &Form,
+    headers: &HeaderMap,
+    token_url: &str,
+) -> Result<Issued, AadError> {
+    check_delegated_client(idp, form, headers, token_url)?;
+    if form.get("refresh_token").is_none() {
+        return Err(AadError::missing("refresh_token"));
+    }
+    let grant = take_refresh_token(idp, form).map_err(|(error, code, text)| {
+        AadError::new(StatusCode::BAD_REQUEST, &error, code, text)
+    })?;
+    Ok(delegated_token(idp, grant, true))
+}
+
+/// `POST /{tenant}/oauth2/v2.0/devicecode`.
+async fn device_code_endpoint(
+    State(idp): State<Arc<Inner>>,
+    Path(tenant): Path<String>,
+    uri: Uri,
+    body: Bytes,
+) -> Response {
+    let form = Form(parse_form(&body));
+    {
+        let mut state = lock(&idp.state);
+        state.requests.push(TokenRequest {
+            grant_type: "devicecode".into(),
+            path: uri.path().to_string(),
+            at: Instant::now(),
+        });
+        if let Some(reply) = state.scripted.pop_front() {
+            return reply.into_response();
+        }
+    }
+    if !tenant.eq_ignore_ascii_case(&idp.tenant) {
+        return AadError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            90002,
+            format!("Tenant '{tenant}' not found."),
+        )
+        .into_response();
+    }
+    if let Err(e) = check_client_id(&idp, &form, &HeaderMap::new()) {
+        return e.into_response();
+    }
+    let scope = form.get("scope").unwrap_or_default().to_string();
+    let device_code =
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(rand::random::<[u8; 32]>());
+    let user_code = format!("{:08X}", rand::random::<u32>());
+    let (interval, lifetime) = {
+        let mut state = lock(&idp.state);
+        let interval = state.device_interval;
+        let lifetime = state.device_lifetime;
+        state.device_codes.insert(
+            device_code.clone(),
+            DeviceCode {
+                user_code: user_code.clone(),
+                scope,
+                state: DeviceState::Pending,
+                expires: Instant::now() + Duration::from_secs(lifetime),
+                last_poll: None,
+                interval: Duration::from_secs(interval),
+            },
+        );
+        (interval, lifetime)
+    };
+    let body = json!({
+        "device_code": device_code,
+        "user_code": user_code,
+        "verification_uri": "https://microsoft.com/devicelogin",
+        "expires_in": lifetime,
+        "interval": interval,
+        "message": format!("To sign in, use a web browser to open the page https://microsoft.com/devicelogin and enter the code {user_code} to authenticate."),
+    });
+    (StatusCode::OK, no_store(), Json(body)).into_response()
+}
+
+/// `grant_type=urn:ietf:params:oauth:grant-type:device_code`.
+fn device_code_grant(
+    idp: &Inner,
+    form: &Form,
+    headers: &HeaderMap,
+    token_url: &str,
+) -> Result<Issued, AadError> {
+    check_delegated_client(idp, form, headers, token_url)?;
+    let code = form
+        .get("device_code")
+        .ok_or_else(|| AadError::missing("device_code"))?;
+    let grant = {
+        let mut state = lock(&idp.state);
+        let user = state.user.clone();
+        let slow_down = if state.slow_downs > 0 {
+            state.slow_downs -= 1;
+            true
+        } else {
+            false
+        };
+        let now = Instant::now();
+        let Some(entry) = state.device_codes.get_mut(code) else {
+            return Err(AadError::new(
+                StatusCode::BAD_REQUEST,
+                "expired_token",
+                70020,
+                "The provided value for the input parameter 'device_code' is not valid.",
+            ));
+        };
+        let too_fast = entry.last_poll.is_some_and(|last| {
+            now.duration_since(last) + Duration::from_millis(300) < entry.interval
+        });
+        entry.last_poll = Some(now);
+        if entry.expires < now {
+            return Err(AadError::new(
+                StatusCode::BAD_REQUEST,
+                "expired_token",
+                70020,
+                "The device code has expired.",
+            ));
+        }
+        if slow_down || too_fast {
+            entry.interval += Duration::from_secs(5);
+            return Err(AadError::new(
+                StatusCode::BAD_REQUEST,
+                "slow_down",
+                70016,
+                "Polling too fast: slow down.",
+            ));
+        }
+        match entry.state {
+            DeviceState::Pending => {
+                return Err(AadError::new(
+                    StatusCode::BAD_REQUEST,
+                    "authorization_pending",
+                    70016,
+                    "OAuth 2.0 device flow error. Authorization is pending. Continue polling.",
+                ))
+            }
+            DeviceState::Declined => {
+                state.device_codes.remove(code);
+                return Err(AadError::new(
+                    StatusCode::BAD_REQUEST,
+                    "authorization_declined",
+                    70000,
+                    "The user declined to authorize the application.",
+                ));
+            }
+            DeviceState::Approved => {}
+        }
+        let entry = state.device_codes.remove(code).expect("entry exists");
+        Grant {
+            user,
+            scope: entry.scope,
+            google: false,
+        }
+    };
+    Ok(delegated_token(idp, grant, true))
+}
+
+/// `GET /{tenant}/oauth2/v2.0/authorize`: the user signs in (or declines)
+/// and the browser is redirected to the loopback `redirect_uri`.
+async fn authorize_endpoint(
+    State(idp): State<Arc<Inner>>,
+    Path(tenant): Path<String>,
+    uri: Uri,
+) -> Response {
+    let query = query_map(&uri);
+    if !tenant.eq_ignore_ascii_case(&idp.tenant) {
+        return (StatusCode::BAD_REQUEST, "AADSTS90002: tenant not found").into_response();
+    }
+    authorize(&idp, &query, false)
+}
+
+/// `GET /google/o/oauth2/v2/auth`.
+async fn google_authorize_endpoint(State(idp): State<Arc<Inner>>, uri: Uri) -> Response {
+    authorize(&idp, &query_map(&uri), true)
+}
+
+fn query_map(uri: &Uri) -> HashMap<String, String> {
+    parse_form(uri.query().unwrap_or_default().as_bytes())
+        .into_iter()
+        .collect()
+}
+
+fn authorize(idp: &Inner, query: &HashMap<String, String>, google: bool) -> Response {
+    let get = |k: &str| query.get(k).map(String::as_str).unwrap_or_default();
+    let bad = |why: &str| (StatusCode::BAD_REQUEST, why.to_string()).into_response();
+    if !get("client_id").eq_ignore_ascii_case(&idp.client_id) {
+        return bad("AADSTS700016: application not found");
+    }
+    let redirect_uri = get("redirect_uri");
+    if !(redirect_uri.starts_with("http://localhost:")
+        || redirect_uri.starts_with("http://127.0.0.1:"))
+    {
+        return bad("AADSTS50011: the redirect URI is not registered (loopback only)");
+    }
+    if get("response_type") != "code" {
+        return bad("AADSTS900144: response_type must be code");
+    }
+    if get("code_challenge_method") != "S256" || get("code_challenge").is_empty() {
+        return bad("AADSTS9002325: Proof Key for Code Exchange is required (S256)");
+    }
+    let state_param = get("state").to_string();
+    let (consent, user) = {
+        let state = lock(&idp.state);
+        (state.consent, state.user.clone())
+    };
+    let mut location: Vec<(&str, String)> = Vec::new();
+    match consent {
+        Consent::Decline => {
+            location.push(("error", "access_denied".into()));
+            location.push((
+                "error_description",
+                "AADSTS65004: User declined to consent to access the app.".into(),
+            ));
+        }
+        Consent::Approve => {
+            let code =
+                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(rand::random::<[u8; 32]>());
+            lock(&idp.state).auth_codes.insert(
+                code.clone(),
+                AuthCode {
+                    client_id: get("client_id").to_string(),
+                    redirect_uri: redirect_uri.to_string(),
+                    challenge: get("code_challenge").to_string(),
+                    scope: get("scope").to_string(),
+                    user,
+                    expires: Instant::now() + Duration::from_secs(600),
+                    google,
+                },
+            );
+            location.push(("code", code));
+        }
+    }
+    if !state_param.is_empty() {
+        location.push(("state", state_param));
+    }
+    let target = format!(
+        "{redirect_uri}?{}",
+        location
+            .iter()
+            .map(|(k, v)| format!("{k}={}", form_encode(v)))
+            .collect::<Vec<_>>()
+            .join("&")
+    );
+    (StatusCode::FOUND, [(header::LOCATION, target)]).into_response()
+}
+
+/// Percent-encodes a query value.
+fn form_encode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Takes an authorization code and checks it against the PKCE verifier and
+/// redirect URI (single use, ten minutes).
+fn take_auth_code(
+    idp: &Inner,
+    form: &Form,
+    google: bool,
+) -> Result<AuthCode, (String, u32, String)> {
+    let code = form.get("code").unwrap_or_default();
+    let entry = lock(&idp.state).auth_codes.remove(code);
+    let Some(entry) = entry else {
+        return Err((
+            "invalid_grant".into(),
+            70008,
+            "The provided authorization code or refresh token has expired or was already used."
+                .into(),
+        ));
+    };
+    if entry.google != google || entry.expires < Instant::now() {
+        return Err((
+            "invalid_grant".into(),
+            70008,
+            "The authorization code has expired.".into(),
+        ));
+    }
+    if form.get("redirect_uri") != Some(entry.redirect_uri.as_str()) {
+        return Err((
+            "invalid_grant".into(),
+            50148,
+            "The redirect_uri does not match the one of the authorization request.".into(),
+        ));
+    }
+    if !form
+        .get("client_id")
+        .is_some_and(|id| id.eq_ignore_ascii_case(&entry.client_id))
+    {
+        return Err(("invalid_grant".into(), 700016, "client_id mismatch".into()));
+    }
+    let verifier = form.get("code_verifier").unwrap_or_default();
+    let computed = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(
+        aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, verifier.as_bytes()),
+    );
+    if verifier.is_empty() || computed != entry.challenge {
+        return Err((
+            "invalid_grant".into(),
+            501481,
+            "The Code_Verifier does not match the code_challenge supplied in the authorization request."
+                .into(),
+        ));
+    }
+    Ok(entry)
+}
+
+/// `grant_type=authorization_code` with PKCE.
+fn authorization_code_grant(
+    idp: &Inner,
+    form: &Form,
+    headers: &HeaderMap,
+    token_url: &str,
+) -> Result<Issued, AadError> {
+    check_delegated_client(idp, form, headers, token_url)?;
+    let entry = take_auth_code(idp, form, false).map_err(|(error, code, text)| {
+        AadError::new(StatusCode::BAD_REQUEST, &error, code, text)
+    })?;
+    Ok(delegated_token(
+        idp,
+        Grant {
+            user: entry.user,
+            scope: entry.scope,
+            google: false,
+        },
+        true,
+    ))
+}
+
+/// An error in Google's format: no AADSTS numbers.
+fn google_error(status: StatusCode, error: &str, description: &str) -> Response {
+    (
+        status,
+        no_store(),
+        Json(json!({ "error": error, "error_description": description })),
+    )
+        .into_response()
+}
+
+/// `POST /google/token`: Google's token endpoint (JWT bearer grant of
+/// service accounts, refresh tokens that do not rotate, authorization code).
+async fn google_token_endpoint(State(idp): State<Arc<Inner>>, uri: Uri, body: Bytes) -> Response {
+    let form = Form(parse_form(&body));
+    let grant_type = form.get("grant_type").unwrap_or_default().to_string();
+    lock(&idp.state).requests.push(TokenRequest {
+        grant_type: grant_type.clone(),
+        path: uri.path().to_string(),
+        at: Instant::now(),
+    });
+    let token_url = format!("http://{}{}", idp.addr, uri.path());
+    let response = match grant_type.as_str() {
+        JWT_BEARER_GRANT => service_account_grant(&idp, &form, &token_url),
+        "refresh_token" | "authorization_code" => {
+            let client_ok = form
+                .get("client_id")
+                .is_some_and(|id| id.eq_ignore_ascii_case(&idp.client_id))
+                && form.get("client_secret") == Some(idp.client_secret.as_str());
+            if !client_ok {
+                google_error(StatusCode::UNAUTHORIZED, "invalid_client", "Unauthorized")
+            } else if grant_type == "refresh_token" {
+                match take_refresh_token(&idp, &form) {
+                    // Google's refresh tokens do not rotate.
+                    Ok(grant) => {
+                        let token = form.get("refresh_token").unwrap_or_default().to_string();
+                        lock(&idp.state).refresh_tokens.insert(token, grant.clone());
+                        delegated_token(&idp, grant, false).into_response()
+                    }
+                    Err(_) => google_error(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_grant",
+                        "Token has been expired or revoked.",
+                    ),
+                }
+            } else {
+                match take_auth_code(&idp, &form, true) {
+                    Ok(entry) => delegated_token(
+                        &idp,
+                        Grant {
+                            user: entry.user,
+                            scope: entry.scope,
+                            google: true,
+                        },
+                        true,
+                    )
+                    .into_response(),
+                    Err((_, _, text)) => {
+                        google_error(StatusCode::BAD_REQUEST, "invalid_grant", &text)
+                    }
+                }
+            }
+        }
+        _ => google_error(
+            StatusCode::BAD_REQUEST,
+            "unsupported_grant_type",
+            "Invalid grant_type",
+        ),
+    };
+    delay_reply(&idp).await;
+    response
+}
+
+/// The JWT bearer grant of a service account with domain-wide delegation.
+fn service_account_grant(idp: &Inner, form: &Form, token_url: &str) -> Response {
+    let invalid = |why: &str| google_error(StatusCode::BAD_REQUEST, "invalid_grant", why);
+    let Some(jws) = form.get("assertion").and_then(Jws::parse) else {
+        return invalid("Invalid JWT: malformed assertion.");
+    };
+    let iss = jws.claim_str("iss").unwrap_or_default().to_string();
+    let account = lock(&idp.state).service_accounts.get(&iss).cloned();
+    let Some(account) = account else {
+        return invalid("Invalid grant: account not found");
+    };
+    if jws.alg() != "RS256" {
+        return invalid("Invalid JWT: alg must be RS256.");
+    }
+    if jws
+        .header_str("kid")
+        .is_some_and(|kid| kid != account.key_id)
+    {
+        return invalid("Invalid JWT Signature.");
+    }
+    if jws.verify(&account.public_key).is_err() {
+        return invalid("Invalid JWT Signature.");
+    }
+    if jws.claim_str("aud") != Some(token_url) {
+        return invalid("Invalid JWT: aud must be the token endpoint.");
+    }
+    let now = unix_now();
+    let iat = jws.claim_u64("iat").unwrap_or(0);
+    let exp = jws.claim_u64("exp").unwrap_or(0);
+    if exp <= now || iat > now + 60 || exp.saturating_sub(iat) > 3600 {
+        return invalid(
+            "Invalid JWT: Token must be a short-lived token (60 minutes) and in a reasonable timeframe.",
+        );
+    }
+    let scope = jws.claim_str("scope").unwrap_or_default().to_string();
+    if !scope.split_whitespace().any(|s| s == GOOGLE_MAIL_SCOPE) {
+        return google_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_scope",
+            "Invalid OAuth scope or ID token audience provided.",
+        );
+    }
+    let Some(subject) = jws.claim_str("sub").map(str::to_string) else {
+        return invalid("Invalid JWT: sub (the mailbox to act as) is missing.");
+    };
+    if !account.delegated {
+        return google_error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized_client",
+            "Client is unauthorized to retrieve access tokens using this method, or client not \
+             authorized for any of the scopes requested.",
+        );
+    }
+    delegated_token(
+        idp,
+        Grant {
+            user: subject,
+            scope,
+            google: true,
+        },
+        false,
+    )
+    .into_response()
 }

@@ -17,6 +17,9 @@ use crate::util::{lock, random_guid, unix_now};
 /// The resource Exchange Online tokens must be issued for (`aud`).
 pub(crate) const EXCHANGE_AUDIENCE: &str = "https://outlook.office365.com";
 
+/// The audience of the Google-style tokens (Gmail's scope).
+pub(crate) const GOOGLE_AUDIENCE: &str = "https://mail.google.com/";
+
 /// The application permission that allows SMTP submission as any mailbox
 /// the service principal was granted.
 pub(crate) const SEND_AS_ROLE: &str = "SMTP.SendAsApp";
@@ -141,7 +144,7 @@ impl TokenMint {
         if unix_now() >= payload.claims.exp {
             return Err(TokenRejection::Expired);
         }
-        if payload.claims.aud != EXCHANGE_AUDIENCE {
+        if payload.claims.aud != EXCHANGE_AUDIENCE && payload.claims.aud != GOOGLE_AUDIENCE {
             return Err(TokenRejection::WrongAudience);
         }
         Ok(payload.claims)

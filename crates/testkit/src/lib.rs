@@ -39,6 +39,8 @@
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
+mod browser;
+mod credentials;
 mod identity;
 mod jwt;
 mod session;
@@ -46,6 +48,8 @@ mod submission;
 mod tls;
 mod util;
 
-pub use identity::{IdentityPlatform, TokenRequest};
+pub use browser::open_in_browser;
+pub use credentials::ClientCertificate;
+pub use identity::{AssertionRecord, Consent, IdentityPlatform, TokenRequest};
 pub use jwt::{TokenClaims, TokenRejection};
 pub use submission::{ReceivedMessage, SubmissionOptions, SubmissionServer};

@@ -287,7 +287,23 @@ impl<'a> Session<'a> {
         if response == "*" {
             return Ok(Reply::text("501 5.7.0 Authentication cancelled"));
         }
-        Ok(self.judge_xoauth2(response.trim()))
+        let reply = self.judge_xoauth2(response.trim());
+        if self.shared.google_auth_errors && self.login.is_none() {
+            // Gmail: the error as a SASL challenge; the client answers with
+            // an empty line, then gets the 535.
+            use base64::Engine as _;
+            let status = base64::engine::general_purpose::STANDARD
+                .encode(r#"{"status":"400","schema":"Bearer","scope":"https://mail.google.com/"}"#);
+            send(io, &format!("334 {status}")).await?;
+            let mut line = Vec::new();
+            if let Line::Closed = read_command(io, &mut line).await? {
+                return Ok(Reply::Disconnect);
+            }
+            return Ok(Reply::text(
+                "535-5.7.8 Username and Password not accepted. For more information, go to\r\n535 5.7.8  https://support.google.com/mail/?p=BadCredentials",
+            ));
+        }
+        Ok(reply)
     }
 
     fn judge_xoauth2(&mut self, response: &str) -> Reply {
@@ -314,10 +330,10 @@ impl<'a> Session<'a> {
             ));
             return Reply::text(AUTH_FAILED);
         }
-        let delegated = claims
-            .scp
-            .as_deref()
-            .is_some_and(|scp| scp.split(' ').any(|s| s == "SMTP.Send"));
+        let delegated = claims.scp.as_deref().is_some_and(|scp| {
+            scp.split(' ')
+                .any(|s| s == "SMTP.Send" || s == "https://mail.google.com/")
+        });
         if !delegated && !claims.roles.iter().any(|r| r == SEND_AS_ROLE) {
             self.auth_failed("token grants neither SMTP.SendAsApp nor SMTP.Send");
             return Reply::text(AUTH_FAILED);

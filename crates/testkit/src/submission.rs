@@ -27,6 +27,10 @@ pub struct SubmissionOptions {
     pub mailbox: String,
     /// Port to listen on; `None` (the default) picks an ephemeral one.
     pub port: Option<u16>,
+    /// Refuse a bad token the way Gmail does: `334 <base64 JSON>`, wait for
+    /// the client's empty line, then `535 5.7.8`. Default `false`
+    /// (Exchange Online: `535 5.7.3` at once).
+    pub google_auth_errors: bool,
 }
 
 impl Default for SubmissionOptions {
@@ -35,6 +39,7 @@ impl Default for SubmissionOptions {
             offer_starttls: true,
             mailbox: "relay@contoso.com".to_string(),
             port: None,
+            google_auth_errors: false,
         }
     }
 }
@@ -92,6 +97,7 @@ pub(crate) struct Shared {
     pub(crate) idp: IdentityPlatform,
     pub(crate) mailbox: String,
     pub(crate) offer_starttls: bool,
+    pub(crate) google_auth_errors: bool,
     pub(crate) tls: TlsAcceptor,
     pub(crate) record: Mutex<Record>,
     /// Number of accepted messages, so waiters can be woken.
@@ -173,6 +179,7 @@ impl SubmissionServer {
             idp,
             mailbox: options.mailbox,
             offer_starttls: options.offer_starttls,
+            google_auth_errors: options.google_auth_errors,
             tls: tls.acceptor,
             record: Mutex::new(Record::default()),
             delivered: watch::Sender::new(0),

@@ -1,4 +1,4 @@
-use crate::explain::explain_aadsts;
+use crate::explain::{explain_aadsts, explain_error};
 use std::path::PathBuf;
 
 /// Why no token could be obtained. Every variant is worth retrying later:
@@ -6,7 +6,7 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
     /// The identity platform answered with an OAuth error.
-    #[error("identity platform refused the token request: {error}: {description}{}", hint(*.code))]
+    #[error("identity platform refused the token request: {error}: {description}{}", hint(*.code, error))]
     Refused {
         /// OAuth error code, e.g. `invalid_client`.
         error: String,
@@ -21,6 +21,24 @@ pub enum TokenError {
     /// The client secret file could not be read.
     #[error("cannot read client secret file {path}: {reason}")]
     SecretFile { path: PathBuf, reason: String },
+    /// A credential file (certificate, private key, service account key)
+    /// could not be read or used.
+    #[error("{what} {path}: {reason}")]
+    Credential {
+        what: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+    /// The token cache could not be read or written.
+    #[error("token cache {path}: {reason}")]
+    Cache { path: PathBuf, reason: String },
+    /// The account has no usable refresh token: someone must sign in again.
+    /// The relay does not retry until the token cache changes.
+    #[error("account {account:?}: {reason}; run `smtp-oauth-relay authorize --account {account}` to sign in again")]
+    NeedsAuthorization { account: String, reason: String },
+    /// An interactive sign-in (`authorize`) did not complete.
+    #[error("{0}")]
+    Authorization(String),
     /// The account's configuration cannot make a token request.
     #[error("{0}")]
     Config(String),
@@ -34,10 +52,16 @@ impl TokenError {
             _ => None,
         }
     }
+
+    /// Whether only a new sign-in (`authorize`) can fix this.
+    pub fn needs_authorization(&self) -> bool {
+        matches!(self, TokenError::NeedsAuthorization { .. })
+    }
 }
 
-fn hint(code: Option<u32>) -> String {
+fn hint(code: Option<u32>, error: &str) -> String {
     code.and_then(explain_aadsts)
+        .or_else(|| explain_error(error))
         .map(|why| format!(" — {why}"))
         .unwrap_or_default()
 }
@@ -66,5 +90,18 @@ mod tests {
             code: Some(7000215),
         };
         assert!(e.to_string().contains("Secret ID"), "{e}");
+        let e = TokenError::Refused {
+            error: "invalid_scope".into(),
+            description: "bad scope".into(),
+            code: None,
+        };
+        assert!(e.to_string().contains("scope"), "{e}");
+        let e = TokenError::NeedsAuthorization {
+            account: "main".into(),
+            reason: "the refresh token was revoked".into(),
+        };
+        assert!(e
+            .to_string()
+            .contains("run `smtp-oauth-relay authorize --account main`"));
     }
 }

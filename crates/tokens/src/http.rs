@@ -1,25 +1,5 @@
-//! oauth2 5 speaks its own `HttpRequest`; this adapter sends it with the
-//! project's reqwest client, so one HTTP stack (and one TLS stack) serves all.
-
-use oauth2::{HttpRequest, HttpResponse};
-
-pub(crate) async fn send(
-    client: &reqwest::Client,
-    request: HttpRequest,
-) -> Result<HttpResponse, reqwest::Error> {
-    let (parts, body) = request.into_parts();
-    let response = client
-        .request(parts.method, parts.uri.to_string())
-        .headers(parts.headers)
-        .body(body)
-        .send()
-        .await?;
-    let mut out = HttpResponse::new(Vec::new());
-    *out.status_mut() = response.status();
-    *out.headers_mut() = response.headers().clone();
-    *out.body_mut() = response.bytes().await?.to_vec();
-    Ok(out)
-}
+//! The HTTP side of token requests: one reqwest client, form POSTs, and
+//! reading token responses and OAuth errors.
 
 /// The HTTP client for identity-platform requests: no redirects (a token
 /// request must not be forwarded elsewhere), bounded time.
@@ -30,4 +10,131 @@ pub(crate) fn client() -> Result<reqwest::Client, reqwest::Error> {
         .timeout(std::time::Duration::from_secs(30))
         .user_agent(concat!("smtp-oauth-relay/", env!("CARGO_PKG_VERSION")))
         .build()
+}
+
+/// A successful token response (RFC 6749 §5.1), secrets wrapped.
+pub(crate) struct TokenReply {
+    pub access_token: relay_config::Secret,
+    pub refresh_token: Option<relay_config::Secret>,
+    pub expires_in: Option<u64>,
+}
+
+/// The raw JSON of a token response or error; never logged.
+#[derive(serde::Deserialize)]
+struct RawReply {
+    access_token: Option<String>,
+    refresh_token: Option<String>,
+    expires_in: Option<serde_json::Value>,
+    error: Option<String>,
+    error_description: Option<String>,
+    #[serde(default)]
+    error_codes: Vec<u32>,
+}
+
+/// An OAuth error reply, or a transport failure.
+pub(crate) fn refused(error: String, description: String, codes: &[u32]) -> crate::TokenError {
+    let code = crate::error::parse_aadsts(&description).or_else(|| codes.first().copied());
+    crate::TokenError::Refused {
+        error,
+        description,
+        code,
+    }
+}
+
+/// POSTs a form to a token (or device code) endpoint and returns the JSON
+/// body of a 2xx reply, or the OAuth error it carries.
+pub(crate) async fn post_form(
+    client: &reqwest::Client,
+    url: &str,
+    form: &[(&str, &str)],
+) -> Result<serde_json::Value, crate::TokenError> {
+    let transport = |reason: String| crate::TokenError::Transport {
+        url: url.to_owned(),
+        reason,
+    };
+    let response = client
+        .post(url)
+        .header(reqwest::header::ACCEPT, "application/json")
+        .form(form)
+        .send()
+        .await
+        .map_err(|e| transport(crate::source::error_chain(&e)))?;
+    let status = response.status();
+    let body = response
+        .bytes()
+        .await
+        .map_err(|e| transport(crate::source::error_chain(&e)))?;
+    let value: serde_json::Value = match serde_json::from_slice(&body) {
+        Ok(value) => value,
+        Err(_) => {
+            return Err(transport(format!(
+                "HTTP {status} with a body that is not JSON ({} bytes)",
+                body.len()
+            )))
+        }
+    };
+    if let Some(error) = value.get("error").and_then(|e| e.as_str()) {
+        let raw: RawReply = serde_json::from_value(value.clone()).unwrap_or(RawReply {
+            access_token: None,
+            refresh_token: None,
+            expires_in: None,
+            error: None,
+            error_description: None,
+            error_codes: Vec::new(),
+        });
+        return Err(refused(
+            error.to_owned(),
+            raw.error_description.unwrap_or_default(),
+            &raw.error_codes,
+        ));
+    }
+    if !status.is_success() {
+        return Err(transport(format!("HTTP {status} without an OAuth error")));
+    }
+    Ok(value)
+}
+
+/// POSTs a token request and reads the token response.
+pub(crate) async fn token_request(
+    client: &reqwest::Client,
+    url: &str,
+    form: &[(&str, &str)],
+) -> Result<TokenReply, crate::TokenError> {
+    let value = post_form(client, url, form).await?;
+    parse_token_reply(url, value)
+}
+
+pub(crate) fn parse_token_reply(
+    url: &str,
+    value: serde_json::Value,
+) -> Result<TokenReply, crate::TokenError> {
+    let raw: RawReply =
+        serde_json::from_value(value).map_err(|e| crate::TokenError::Transport {
+            url: url.to_owned(),
+            reason: format!("unreadable token response: {e}"),
+        })?;
+    if let Some(error) = raw.error {
+        return Err(refused(
+            error,
+            raw.error_description.unwrap_or_default(),
+            &raw.error_codes,
+        ));
+    }
+    let access_token = raw
+        .access_token
+        .ok_or_else(|| crate::TokenError::Transport {
+            url: url.to_owned(),
+            reason: "token response without access_token".into(),
+        })?;
+    // Some servers send expires_in as a string.
+    let expires_in = raw.expires_in.and_then(|v| match v {
+        serde_json::Value::Number(n) => n.as_u64(),
+        serde_json::Value::String(s) => s.parse().ok(),
+        _ => None,
+    });
+    Ok(TokenReply {
+        access_token: relay_config::Secret::new(access_token),
+        refresh_token: raw.refresh_token.map(relay_config::Secret::new),
+        expires_in,
+    })
 }

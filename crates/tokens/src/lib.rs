@@ -13,13 +13,20 @@
 //!
 //! Tokens and secrets are [`relay_config::Secret`]s: they never reach a log.
 
+mod assertion;
+mod authorize;
+mod cache;
+mod claims;
 mod error;
 mod explain;
 mod http;
 mod manager;
 mod source;
 
+pub use authorize::{now_unix, BrowserAuthorization, DeviceAuthorization};
+pub use cache::{CacheEntry, TokenCache};
+pub use claims::{describe_token, TokenReport};
 pub use error::TokenError;
-pub use explain::explain_aadsts;
+pub use explain::{explain_aadsts, explain_error};
 pub use manager::{AccessToken, TokenManager};
 pub use source::TokenSource;

@@ -8,15 +8,21 @@ use std::{
 use tokio::{sync::Notify, task::JoinHandle, time::Instant};
 use tokio_util::sync::CancellationToken;
 
-/// Renew when this much of a long-lived token's lifetime remains…
-const REFRESH_BEFORE: Duration = Duration::from_secs(600);
-/// …or a third of its lifetime, for short-lived tokens.
+/// Renew when `refresh_before` (default ten minutes) of a token's lifetime
+/// remains, or a third of its lifetime for short-lived tokens.
 const REFRESH_FRACTION: u32 = 3;
 /// Stop handing out a token this close to expiry (at most; a tenth of its
 /// lifetime for short-lived ones): it might expire on the way.
 const EXPIRY_MARGIN: Duration = Duration::from_secs(60);
 const BACKOFF_FIRST: Duration = Duration::from_secs(2);
 const BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// How often an account that needs a new sign-in looks for a new token cache.
+const CACHE_POLL: Duration = Duration::from_secs(1);
+/// Fix (found by the tokens integration tests): the soonest the refresher
+/// renews again after a successful renewal. Without it, a token issued with
+/// `expires_in: 0` (already due for renewal) made the refresher request
+/// tokens in a tight loop, about a thousand a second.
+const MIN_RENEWAL_INTERVAL: Duration = Duration::from_secs(1);
 
 /// An access token and when it stops being usable.
 #[derive(Debug, Clone)]
@@ -24,6 +30,7 @@ pub struct AccessToken {
     secret: Secret,
     issued_at: Instant,
     lifetime: Duration,
+    refresh_before: Duration,
     generation: u64,
 }
 
@@ -44,7 +51,7 @@ impl AccessToken {
     }
 
     fn refresh_at(&self) -> Instant {
-        let ahead = REFRESH_BEFORE.min(self.lifetime / REFRESH_FRACTION);
+        let ahead = self.refresh_before.min(self.lifetime / REFRESH_FRACTION);
         self.issued_at + self.lifetime - ahead
     }
 }
@@ -126,11 +133,15 @@ impl TokenManager {
 
     async fn refresh_loop(&self, shutdown: CancellationToken) {
         let mut failures: u32 = 0;
+        // Whether the "sign in again" error was logged for the current outage.
+        let mut told = false;
+        let mut not_before = Instant::now();
         loop {
             let due = self
                 .current()
                 .map(|t| t.refresh_at())
-                .unwrap_or_else(Instant::now);
+                .unwrap_or_else(Instant::now)
+                .max(not_before);
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = self.inner.replaced.notified() => continue,
@@ -147,7 +158,21 @@ impl TokenManager {
             let pause = match result {
                 Ok(_) => {
                     failures = 0;
+                    not_before = Instant::now() + MIN_RENEWAL_INTERVAL;
+                    told = false;
                     continue;
+                }
+                // Retrying cannot help: wait (quietly) for a new token cache.
+                Err(e) if e.needs_authorization() => {
+                    if !told {
+                        tracing::error!(
+                            account = %self.inner.account,
+                            error = %e,
+                            "no usable refresh token; mail for this account waits in the queue"
+                        );
+                        told = true;
+                    }
+                    CACHE_POLL
                 }
                 Err(e) => {
                     failures = failures.saturating_add(1);
@@ -181,15 +206,23 @@ impl TokenManager {
     /// Requests a token; the caller holds the in-flight lock (`generation`).
     async fn fetch(&self, generation: &mut u64) -> Result<AccessToken, TokenError> {
         let started = Instant::now();
+        // Only the first token of the process may come from a token cache:
+        // later ones replace a token that is due or was refused.
+        let allow_cached = *generation == 0;
         let Issued {
             access_token,
             lifetime,
-        } = self.inner.source.fetch(&self.inner.client).await?;
+        } = self
+            .inner
+            .source
+            .fetch(&self.inner.client, allow_cached)
+            .await?;
         *generation += 1;
         let token = AccessToken {
             secret: access_token,
             issued_at: started,
             lifetime,
+            refresh_before: self.inner.source.refresh_before(),
             generation: *generation,
         };
         *self
@@ -206,6 +239,14 @@ impl TokenManager {
         );
         Ok(token)
     }
+}
+
+/// The HTTP client for identity-platform requests of `source`.
+pub(crate) fn http_client(source: &TokenSource) -> Result<reqwest::Client, TokenError> {
+    http::client().map_err(|e| TokenError::Transport {
+        url: source.token_url().to_owned(),
+        reason: format!("cannot build HTTP client: {e}"),
+    })
 }
 
 /// 2 s, 4 s, 8 s … up to 5 minutes, each ±20 % so accounts do not move in step.
@@ -233,6 +274,7 @@ mod tests {
             secret: Secret::new("x"),
             issued_at: Instant::now(),
             lifetime: Duration::from_secs(3600),
+            refresh_before: Duration::from_secs(600),
             generation: 1,
         };
         assert_eq!(t.refresh_at() - t.issued_at, Duration::from_secs(3000));

@@ -1,0 +1,322 @@
+//! Per-mailbox pacing within Microsoft 365's sending limits.
+//!
+//! Microsoft 365 allows a mailbox 30 messages a minute, 10,000 recipients a
+//! rolling day and 3 concurrent connections; going past them gets the
+//! mailbox throttled (`432 4.3.2`, `5.2.2` quota) or blocked. A [`Pacer`]
+//! admits each message before it is sent, spacing messages evenly (30 a
+//! minute is one every two seconds, so a burst never looks like one to the
+//! upstream) and counting recipients over the last day. Past the pace the
+//! worker waits,
+//! holding the message, and the queue keeps the rest — the application never
+//! sees an error. A `432 4.3.2` lowers the mailbox's connection count for a
+//! while; a `5.2.2` quota refusal pauses the mailbox for an hour.
+//!
+//! The record of recent sends is saved beside the queue (at most every two
+//! seconds), so a restart does not start with a full allowance and burst.
+
+use serde::{Deserialize, Serialize};
+use std::{
+    collections::VecDeque,
+    path::PathBuf,
+    sync::Mutex,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+use tokio_util::sync::CancellationToken;
+
+const MINUTE: Duration = Duration::from_secs(60);
+const DAY: Duration = Duration::from_secs(86_400);
+/// How long a `432 4.3.2` lowers the connection count.
+const FEWER_CONNECTIONS_FOR: Duration = Duration::from_secs(600);
+/// How long a `5.2.2` submission-quota refusal pauses the mailbox.
+const QUOTA_PAUSE: Duration = Duration::from_secs(3600);
+const SAVE_EVERY: Duration = Duration::from_secs(2);
+
+/// A mailbox's limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub messages_per_minute: u32,
+    pub recipients_per_day: u32,
+    pub max_connections: usize,
+}
+
+/// The pace of one mailbox, shared by its workers.
+#[derive(Debug)]
+pub struct Pacer {
+    limits: Limits,
+    file: Option<PathBuf>,
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// (when, recipients) of each admitted message in the last day.
+    sends: VecDeque<(SystemTime, u32)>,
+    paused_until: Option<SystemTime>,
+    /// A lowered connection count and when it is lifted.
+    fewer_connections: Option<(usize, SystemTime)>,
+    saved_at: Option<SystemTime>,
+}
+
+/// What is saved: per-minute totals are precise enough to not burst.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Saved {
+    /// (unix minute start, messages, recipients)
+    minutes: Vec<(u64, u32, u32)>,
+    paused_until: Option<u64>,
+    /// The last admission, in milliseconds since the epoch.
+    #[serde(default)]
+    last_ms: Option<u64>,
+}
+
+impl Pacer {
+    /// A pacer with `limits`, remembering its sends in `file` (if any).
+    pub fn new(limits: Limits, file: Option<PathBuf>) -> Self {
+        let mut state = State::default();
+        if let Some(saved) = file.as_ref().and_then(|f| load(f)) {
+            let now = SystemTime::now();
+            for (minute, messages, recipients) in saved.minutes {
+                let at = UNIX_EPOCH + Duration::from_secs(minute);
+                if now.duration_since(at).unwrap_or_default() < DAY {
+                    // spread the minute's recipients over its messages
+                    for i in 0..messages {
+                        let share = recipients / messages.max(1)
+                            + u32::from(i < recipients % messages.max(1));
+                        state.sends.push_back((at, share));
+                    }
+                }
+            }
+            if let Some(ms) = saved.last_ms {
+                state
+                    .sends
+                    .push_back((UNIX_EPOCH + Duration::from_millis(ms), 0));
+            }
+            state.paused_until = saved
+                .paused_until
+                .map(|s| UNIX_EPOCH + Duration::from_secs(s))
+                .filter(|until| *until > now);
+        }
+        Pacer {
+            limits,
+            file,
+            state: Mutex::new(state),
+        }
+    }
+
+    /// Waits until a message to `recipients` recipients may go, and counts it
+    /// as sent. Returns false if `shutdown` came first.
+    pub async fn admit(&self, recipients: usize, shutdown: &CancellationToken) -> bool {
+        let recipients = u32::try_from(recipients).unwrap_or(u32::MAX);
+        loop {
+            let wait = self.try_admit(recipients, SystemTime::now());
+            let Some(wait) = wait else {
+                return true;
+            };
+            tracing::debug!(?wait, "pacing: waiting before the next message");
+            tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// How many connections the mailbox may use now.
+    pub fn connections(&self) -> usize {
+        let mut state = self.lock();
+        match state.fewer_connections {
+            Some((n, until)) if until > SystemTime::now() => n,
+            Some(_) => {
+                state.fewer_connections = None;
+                self.limits.max_connections
+            }
+            None => self.limits.max_connections,
+        }
+    }
+
+    /// The upstream said `432 4.3.2`: use one connection fewer for a while.
+    pub fn too_many_connections(&self) {
+        let current = self.connections();
+        let fewer = current.saturating_sub(1).max(1);
+        tracing::warn!(connections = fewer, "too many concurrent connections for the mailbox (432 4.3.2): using fewer for 10 minutes");
+        self.lock().fewer_connections = Some((fewer, SystemTime::now() + FEWER_CONNECTIONS_FOR));
+    }
+
+    /// The upstream refused for the submission quota (`5.2.2`): pause the mailbox.
+    pub fn quota_exceeded(&self) {
+        let until = SystemTime::now() + QUOTA_PAUSE;
+        tracing::warn!("submission quota exceeded (5.2.2): pausing the mailbox for an hour");
+        self.lock().paused_until = Some(until);
+        self.save(true);
+    }
+
+    /// None when admitted (and counted); otherwise how long to wait.
+    fn try_admit(&self, recipients: u32, now: SystemTime) -> Option<Duration> {
+        let mut state = self.lock();
+        while state
+            .sends
+            .front()
+            .is_some_and(|(at, _)| now.duration_since(*at).unwrap_or_default() >= DAY)
+        {
+            state.sends.pop_front();
+        }
+        if let Some(until) = state.paused_until {
+            match until.duration_since(now) {
+                Ok(wait) if !wait.is_zero() => return Some(wait),
+                _ => state.paused_until = None,
+            }
+        }
+        let spacing = MINUTE / self.limits.messages_per_minute.max(1);
+        if let Some((last, _)) = state.sends.back() {
+            if *last + spacing > now {
+                return Some(until(*last + spacing, now));
+            }
+        }
+        let per_day = self.limits.recipients_per_day;
+        let mut used: u32 = state.sends.iter().map(|(_, n)| *n).sum();
+        // a message bigger than the whole allowance goes once the day is clear
+        if used > 0 && used.saturating_add(recipients) > per_day {
+            for (at, n) in &state.sends {
+                used -= n;
+                if used.saturating_add(recipients) <= per_day || used == 0 {
+                    return Some(until(*at + DAY, now));
+                }
+            }
+        }
+        state.sends.push_back((now, recipients));
+        drop(state);
+        self.save(false);
+        None
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Saves the record of sends (at most every two seconds unless `now`).
+    fn save(&self, force: bool) {
+        let Some(file) = &self.file else { return };
+        let now = SystemTime::now();
+        let saved = {
+            let mut state = self.lock();
+            let recent = state
+                .saved_at
+                .is_some_and(|at| now.duration_since(at).unwrap_or_default() < SAVE_EVERY);
+            if recent && !force {
+                return;
+            }
+            state.saved_at = Some(now);
+            let mut minutes: Vec<(u64, u32, u32)> = Vec::new();
+            for (at, n) in &state.sends {
+                let minute = unix(*at) / 60 * 60;
+                match minutes.last_mut() {
+                    Some(last) if last.0 == minute => {
+                        last.1 += 1;
+                        last.2 = last.2.saturating_add(*n);
+                    }
+                    _ => minutes.push((minute, 1, *n)),
+                }
+            }
+            Saved {
+                minutes,
+                paused_until: state.paused_until.map(unix),
+                last_ms: state.sends.back().and_then(|(at, _)| {
+                    at.duration_since(UNIX_EPOCH)
+                        .ok()
+                        .map(|d| d.as_millis() as u64)
+                }),
+            }
+        };
+        let tmp = file.with_extension("tmp");
+        let written = serde_json::to_vec(&saved)
+            .map_err(std::io::Error::other)
+            .and_then(|data| std::fs::write(&tmp, data))
+            .and_then(|()| std::fs::rename(&tmp, file));
+        if let Err(e) = written {
+            tracing::debug!(file = %file.display(), error = %e, "cannot save the pacing record");
+        }
+    }
+}
+
+fn until(at: SystemTime, now: SystemTime) -> Duration {
+    at.duration_since(now)
+        .unwrap_or_default()
+        .max(Duration::from_millis(10))
+}
+
+fn unix(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+fn load(file: &std::path::Path) -> Option<Saved> {
+    let data = std::fs::read(file).ok()?;
+    serde_json::from_slice(&data).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pacer(per_minute: u32, per_day: u32) -> Pacer {
+        Pacer::new(
+            Limits {
+                messages_per_minute: per_minute,
+                recipients_per_day: per_day,
+                max_connections: 3,
+            },
+            None,
+        )
+    }
+
+    #[test]
+    fn messages_are_spaced_evenly() {
+        let p = pacer(3, 10_000);
+        let t0 = SystemTime::now();
+        assert_eq!(p.try_admit(1, t0), None);
+        let wait = p.try_admit(1, t0 + Duration::from_secs(5)).expect("paced");
+        assert_eq!(wait, Duration::from_secs(15));
+        assert_eq!(p.try_admit(1, t0 + Duration::from_secs(20)), None);
+    }
+
+    #[test]
+    fn recipients_per_day() {
+        let p = pacer(60_000, 10);
+        let t0 = SystemTime::now();
+        assert_eq!(p.try_admit(6, t0), None);
+        assert_eq!(p.try_admit(4, t0 + Duration::from_secs(1)), None);
+        let wait = p
+            .try_admit(1, t0 + Duration::from_secs(3600))
+            .expect("paced");
+        assert_eq!(wait, DAY - Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn fewer_connections_after_432() {
+        let p = pacer(30, 10_000);
+        assert_eq!(p.connections(), 3);
+        p.too_many_connections();
+        assert_eq!(p.connections(), 2);
+        p.too_many_connections();
+        p.too_many_connections();
+        assert_eq!(p.connections(), 1);
+    }
+
+    #[test]
+    fn record_survives_a_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("main.json");
+        let limits = Limits {
+            messages_per_minute: 2,
+            recipients_per_day: 100,
+            max_connections: 3,
+        };
+        let first = Pacer::new(limits, Some(file.clone()));
+        assert_eq!(first.try_admit(1, SystemTime::now()), None);
+        first.save(true);
+        let second = Pacer::new(limits, Some(file));
+        assert!(
+            second.try_admit(1, SystemTime::now()).is_some(),
+            "a restart reset the pace"
+        );
+    }
+}

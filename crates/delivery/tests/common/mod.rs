@@ -1,0 +1,239 @@
+//! A relay's delivery half, wired like the real one: a durable queue in a
+//! temporary directory, a token manager against the kit's identity platform,
+//! and `relay_delivery::spawn` workers delivering to the kit's submission
+//! server over STARTTLS on loopback.
+
+#![allow(dead_code)] // each test binary uses a different subset
+
+use relay_delivery::{Account, Upstream};
+use relay_queue::{Entry, NewMessage, Queue, QueueId, QueueSettings};
+use relay_testkit::{IdentityPlatform, SubmissionOptions, SubmissionServer};
+use relay_tokens::{TokenManager, TokenSource};
+use std::{path::PathBuf, sync::Arc, time::Duration};
+use tempfile::TempDir;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// Upper bound for anything a test waits for.
+pub const LIMIT: Duration = Duration::from_secs(10);
+/// The kit's mailbox, which the relay authenticates as.
+pub const MAILBOX: &str = "relay@contoso.com";
+pub const CC: &str = "client_credentials";
+
+/// Must run first in every test: installs the crypto provider and, for
+/// failing tests, captured logs (`RUST_LOG` overrides the filter).
+pub fn init() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(
+            "relay_delivery=debug,relay_queue=info,relay_tokens=info",
+        )
+    });
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .with_ansi(false)
+        .try_init();
+}
+
+/// How a test's relay and kit are set up.
+pub struct Setup {
+    pub options: SubmissionOptions,
+    pub max_connections: usize,
+    /// `queue.retry_initial`, humantime syntax.
+    pub retry_initial: &'static str,
+    /// `queue.retry_max`, humantime syntax.
+    pub retry_max: &'static str,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Setup {
+            options: SubmissionOptions::default(),
+            max_connections: 3,
+            retry_initial: "200ms",
+            retry_max: "1s",
+        }
+    }
+}
+
+/// A running relay (queue + delivery workers) and the kit it delivers to.
+pub struct Relay {
+    pub idp: IdentityPlatform,
+    pub server: SubmissionServer,
+    pub queue: Queue,
+    pub queue_dir: PathBuf,
+    /// The account's token manager (shared with the workers).
+    pub tokens: TokenManager,
+    shutdown: CancellationToken,
+    workers: JoinSet<()>,
+    _dir: TempDir,
+}
+
+impl Relay {
+    pub async fn start(setup: Setup) -> Relay {
+        init();
+        let idp = IdentityPlatform::start().await.expect("identity platform");
+        let server = SubmissionServer::start_with(idp.clone(), setup.options)
+            .await
+            .expect("submission server");
+        assert_eq!(server.mailbox(), MAILBOX);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, server.ca_pem()).expect("write CA");
+        let secret_file = dir.path().join("client-secret");
+        std::fs::write(&secret_file, idp.client_secret()).expect("write secret");
+        let queue_dir = dir.path().join("queue");
+
+        let toml = format!(
+            r#"
+[queue]
+dir = '{queue_dir}'
+retry_initial = "{retry_initial}"
+retry_max = "{retry_max}"
+
+[upstream]
+host = "localhost"
+port = {port}
+security = "starttls"
+ca_file = '{ca_file}'
+max_connections = {max_connections}
+# far above Microsoft's 30 a minute, so pacing does not slow the tests
+messages_per_minute = 6000
+
+[[accounts]]
+name = "main"
+mailbox = "{MAILBOX}"
+
+[accounts.oauth]
+flow = "client_credentials"
+authority = "{authority}"
+tenant_id = "{tenant}"
+client_id = "{client_id}"
+client_secret_file = '{secret_file}'
+"#,
+            queue_dir = queue_dir.display(),
+            retry_initial = setup.retry_initial,
+            retry_max = setup.retry_max,
+            port = server.port(),
+            ca_file = ca_file.display(),
+            max_connections = setup.max_connections,
+            authority = idp.authority(),
+            tenant = idp.tenant(),
+            client_id = idp.client_id(),
+            secret_file = secret_file.display(),
+        );
+        let config = relay_config::load_str(&toml).expect("valid configuration");
+
+        let queue = Queue::open(QueueSettings {
+            dir: config.queue.dir.clone(),
+            retry_initial: config.queue.retry_initial,
+            retry_max: config.queue.retry_max,
+            max_age: config.queue.max_age,
+        })
+        .await
+        .expect("queue");
+        let upstream = Upstream::new(&config.upstream, "relay.test").expect("upstream");
+        // Wired as `smtp-oauth-relay run` wires it (without the refresher, so
+        // token requests happen only when a delivery needs one).
+        let account = &config.accounts[0];
+        let source = TokenSource::for_account(account, &config.queue.dir).expect("token source");
+        let tokens = TokenManager::new(&account.name, source).expect("token manager");
+        let shutdown = CancellationToken::new();
+        let workers = relay_delivery::spawn(
+            queue.clone(),
+            Arc::new(upstream),
+            vec![Account::from_config(
+                account,
+                &config.upstream,
+                tokens.clone(),
+            )],
+            shutdown.clone(),
+        );
+        Relay {
+            idp,
+            server,
+            queue,
+            queue_dir,
+            tokens,
+            shutdown,
+            workers,
+            _dir: dir,
+        }
+    }
+
+    /// Queues a message for the account, as the listener would.
+    pub async fn enqueue(&self, sender: &str, recipients: &[&str], body: &[u8]) -> QueueId {
+        let message = NewMessage {
+            sender: sender.to_owned(),
+            recipients: recipients.iter().map(|r| r.to_string()).collect(),
+            account: "main".to_owned(),
+            client: Some([127, 0, 0, 1].into()),
+        };
+        tokio::time::timeout(LIMIT, self.queue.enqueue(message, body))
+            .await
+            .expect("enqueue timed out")
+            .expect("enqueue")
+    }
+
+    /// What `smtp-oauth-relay queue list` would show.
+    pub fn entries(&self) -> Vec<Entry> {
+        relay_queue::list(&self.queue_dir).expect("queue list")
+    }
+
+    /// The entry of `id`, once `condition` holds for it (bounded).
+    pub async fn entry_when(
+        &self,
+        id: &QueueId,
+        what: &str,
+        condition: impl Fn(&Entry) -> bool,
+    ) -> Entry {
+        let id = id.to_string();
+        let mut last = None;
+        let found = eventually(LIMIT, || {
+            last = self.entries().into_iter().find(|e| e.id == id);
+            last.as_ref().is_some_and(&condition)
+        })
+        .await;
+        assert!(found, "queue entry {id} never became {what}: {last:#?}");
+        last.expect("entry")
+    }
+
+    /// Waits until every message is delivered and removed from the queue.
+    pub async fn wait_until_empty(&self) {
+        let mut last = Vec::new();
+        let empty = eventually(LIMIT, || {
+            last = self.entries();
+            last.is_empty() && self.queue.depth() == 0
+        })
+        .await;
+        assert!(empty, "queue not empty: {last:#?}");
+    }
+
+    /// Stops the workers; they must end promptly.
+    pub async fn shutdown(mut self) {
+        self.shutdown.cancel();
+        let joined = tokio::time::timeout(LIMIT, async {
+            while let Some(result) = self.workers.join_next().await {
+                result.expect("worker panicked");
+            }
+        })
+        .await;
+        assert!(joined.is_ok(), "workers did not stop after shutdown");
+    }
+}
+
+/// Polls `condition` every 10 ms until it holds or `limit` passes; returns
+/// whether it held.
+pub async fn eventually(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if condition() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

@@ -1,0 +1,180 @@
+//! What an administrator does to queued messages: retry now, delete.
+//!
+//! Both act on the running queue's memory and disk together under its
+//! schedule lock, so a delivery in progress and an admin action cannot lose
+//! or double a message: a message being tried is deleted when its attempt
+//! ends, and retrying it is a no-op (it is being tried).
+
+use super::{blocking, lock, Inner, Queue};
+use crate::meta::{Meta, RecipientState, State};
+use crate::store::{self, Op};
+use crate::{QueueError, QueueId};
+use serde::{Deserialize, Serialize};
+use std::time::SystemTime;
+use tokio::time::Instant;
+
+/// Which messages an administrator's action applies to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Selection {
+    /// One message.
+    Id(QueueId),
+    /// Every failed message.
+    Failed,
+    /// Every message.
+    All,
+}
+
+impl Selection {
+    fn matches(&self, id: &QueueId, failed: bool) -> bool {
+        match self {
+            Selection::Id(wanted) => wanted == id,
+            Selection::Failed => failed,
+            Selection::All => true,
+        }
+    }
+}
+
+impl Queue {
+    /// Makes the selected messages due now. A failed message comes back to
+    /// life: its failed recipients are tried again (e.g. after the
+    /// administrator fixed a Send As permission). Returns the ids affected.
+    pub async fn retry(&self, which: Selection) -> Result<Vec<QueueId>, QueueError> {
+        let mut affected = Vec::new();
+        {
+            let mut sched = lock(&self.inner.sched);
+            let now = Instant::now();
+            let ids: Vec<QueueId> = sched
+                .messages
+                .keys()
+                .filter(|id| which.matches(id, false))
+                .cloned()
+                .collect();
+            for id in ids {
+                let Some(slot) = sched.messages.get_mut(&id) else {
+                    continue;
+                };
+                // a leased message is being tried right now
+                if let Some(due) = slot.due.replace(now) {
+                    let account = slot.meta.account.clone();
+                    let queue = sched.account(&account);
+                    queue.due.remove(&(due, id.clone()));
+                    queue.due.insert((now, id.clone()));
+                    queue.notify.notify_waiters();
+                }
+                affected.push(id);
+            }
+        }
+        let inner = self.inner.clone();
+        let revived = blocking(&self.inner.settings.dir, "retrying failed messages", move || {
+            let mut revived = Vec::new();
+            for mut meta in inner.failed_on_disk(&which)? {
+                for r in meta
+                    .recipients
+                    .iter_mut()
+                    .filter(|r| r.status == RecipientState::Failed)
+                {
+                    r.status = RecipientState::Deferred;
+                }
+                meta.state = State::Deferred;
+                meta.next_attempt = Some(SystemTime::now());
+                let bytes = inner.encode(&meta)?;
+                store::apply(
+                    &inner.layout,
+                    &[Op::Update {
+                        id: meta.id.clone(),
+                        meta: bytes,
+                    }],
+                )?;
+                tracing::info!(id = %meta.id, "failed message queued again by an administrator");
+                revived.push(meta.id.clone());
+                lock(&inner.sched).insert(meta, Instant::now());
+            }
+            Ok(revived)
+        })
+        .await?;
+        affected.extend(revived);
+        Ok(affected)
+    }
+
+    /// Removes the selected messages, body and metadata. A message being
+    /// tried right now is removed when the attempt ends (whatever its
+    /// outcome). Returns the ids affected.
+    pub async fn delete(&self, which: Selection) -> Result<Vec<QueueId>, QueueError> {
+        let mut affected = Vec::new();
+        let mut remove_now = Vec::new();
+        {
+            let mut sched = lock(&self.inner.sched);
+            let ids: Vec<QueueId> = sched
+                .messages
+                .keys()
+                .filter(|id| which.matches(id, false))
+                .cloned()
+                .collect();
+            for id in ids {
+                let Some(slot) = sched.messages.get_mut(&id) else {
+                    continue;
+                };
+                match slot.due {
+                    None => slot.deleted = true,
+                    Some(due) => {
+                        let account = slot.meta.account.clone();
+                        sched.messages.remove(&id);
+                        sched.account(&account).due.remove(&(due, id.clone()));
+                        remove_now.push(id.clone());
+                    }
+                }
+                affected.push(id);
+            }
+        }
+        let inner = self.inner.clone();
+        let removed = blocking(&self.inner.settings.dir, "deleting messages", move || {
+            let mut ids = remove_now;
+            ids.extend(inner.failed_on_disk(&which)?.into_iter().map(|m| m.id));
+            let ops: Vec<Op> = ids.iter().map(|id| Op::Remove { id: id.clone() }).collect();
+            store::apply(&inner.layout, &ops)?;
+            for id in &ids {
+                tracing::info!(%id, "message deleted by an administrator");
+            }
+            Ok(ids)
+        })
+        .await?;
+        for id in removed {
+            if !affected.contains(&id) {
+                affected.push(id);
+            }
+        }
+        Ok(affected)
+    }
+}
+
+impl Inner {
+    /// Failed messages (kept on disk only) that `which` selects.
+    fn failed_on_disk(&self, which: &super::Selection) -> Result<Vec<Meta>, QueueError> {
+        let ids: Vec<QueueId> = match which {
+            Selection::Id(id) => vec![id.clone()],
+            Selection::Failed | Selection::All => {
+                let dir = &self.layout.meta;
+                let read = std::fs::read_dir(dir)
+                    .map_err(|e| QueueError::io("listing queue metadata", dir, e))?;
+                read.filter_map(|item| item.ok())
+                    .filter_map(|item| item.file_name().to_str().and_then(store::meta_file_id))
+                    .collect()
+            }
+        };
+        let mut failed = Vec::new();
+        for id in ids {
+            let path = self.layout.meta_path(&id);
+            let data = match std::fs::read(&path) {
+                Ok(data) => data,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(QueueError::io("reading queue metadata", &path, e)),
+            };
+            let meta = Meta::parse(&path, &id, &data)?;
+            if meta.state == State::Failed {
+                failed.push(meta);
+            }
+        }
+        Ok(failed)
+    }
+}

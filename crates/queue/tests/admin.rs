@@ -1,0 +1,170 @@
+//! Administrator actions: retry and delete, on a live queue and through the
+//! control directory as another process would.
+
+use std::path::Path;
+use std::time::Duration;
+
+use relay_queue::{
+    list, show, submit, NewMessage, Outcome, Queue, QueueSettings, RecipientResult, Request,
+    Selection, State,
+};
+use tempfile::TempDir;
+use tokio_util::sync::CancellationToken;
+
+const LIMIT: Duration = Duration::from_secs(10);
+
+fn settings(dir: &Path) -> QueueSettings {
+    QueueSettings {
+        dir: dir.to_path_buf(),
+        retry_initial: Duration::from_secs(3600), // nothing becomes due by itself
+        retry_max: Duration::from_secs(3600),
+        max_age: Duration::from_secs(86400),
+    }
+}
+
+fn msg() -> NewMessage {
+    NewMessage {
+        sender: "app@example.com".into(),
+        recipients: vec!["a@example.com".into(), "b@example.com".into()],
+        account: "main".into(),
+        client: None,
+    }
+}
+
+async fn attempt(q: &Queue, outcome: fn(String) -> Outcome) {
+    let lease = tokio::time::timeout(LIMIT, q.next_due("main", None))
+        .await
+        .expect("in time")
+        .expect("due");
+    let results = lease
+        .recipients
+        .iter()
+        .map(|r| RecipientResult {
+            recipient: r.clone(),
+            outcome: outcome(format!("reply for {r}")),
+        })
+        .collect();
+    q.record(lease, results).await.expect("record");
+}
+
+fn permanent(reply: String) -> Outcome {
+    Outcome::Permanent { reply }
+}
+fn temporary(reply: String) -> Outcome {
+    Outcome::Temporary { reply }
+}
+
+// A deferred message retried by the admin is due at once.
+#[tokio::test]
+async fn retry_makes_a_deferred_message_due_now() {
+    let dir = TempDir::new().expect("tempdir");
+    let q = Queue::open(settings(dir.path())).await.expect("open");
+    let id = q.enqueue(msg(), b"x\r\n").await.expect("enqueue");
+    attempt(&q, temporary).await;
+    assert!(q
+        .next_due("main", Some(Duration::from_millis(200)))
+        .await
+        .is_none());
+    assert_eq!(
+        q.retry(Selection::Id(id.clone())).await.expect("retry"),
+        vec![id]
+    );
+    assert!(q
+        .next_due("main", Some(Duration::from_millis(200)))
+        .await
+        .is_some());
+}
+
+// A failed message can be revived: only its failed recipients are tried again.
+#[tokio::test]
+async fn retry_revives_failed_messages() {
+    let dir = TempDir::new().expect("tempdir");
+    let q = Queue::open(settings(dir.path())).await.expect("open");
+    let id = q.enqueue(msg(), b"x\r\n").await.expect("enqueue");
+    attempt(&q, permanent).await;
+    assert_eq!(list(dir.path()).expect("list")[0].state, State::Failed);
+    assert_eq!(
+        q.retry(Selection::Failed).await.expect("retry"),
+        vec![id.clone()]
+    );
+    let lease = tokio::time::timeout(LIMIT, q.next_due("main", None))
+        .await
+        .expect("in time")
+        .expect("due again");
+    assert_eq!(lease.recipients, ["a@example.com", "b@example.com"]);
+    assert_eq!(
+        show(dir.path(), &id).expect("show").0.state,
+        State::Deferred
+    );
+}
+
+// Deleting removes waiting and failed messages from disk; a message being
+// delivered is removed when its attempt ends, whatever the outcome.
+#[tokio::test]
+async fn delete_waiting_failed_and_leased() {
+    let dir = TempDir::new().expect("tempdir");
+    let q = Queue::open(settings(dir.path())).await.expect("open");
+    q.enqueue(msg(), b"failed\r\n").await.expect("enqueue");
+    attempt(&q, permanent).await;
+    let leased_id = q.enqueue(msg(), b"leased\r\n").await.expect("enqueue");
+    let lease = q.next_due("main", None).await.expect("due");
+    q.enqueue(msg(), b"waiting\r\n").await.expect("enqueue");
+    let deleted = q.delete(Selection::All).await.expect("delete");
+    assert_eq!(deleted.len(), 3);
+    // the leased one is still on disk until its attempt ends
+    assert_eq!(list(dir.path()).expect("list").len(), 1);
+    let results = lease
+        .recipients
+        .iter()
+        .map(|r| RecipientResult {
+            recipient: r.clone(),
+            outcome: temporary(r.clone()),
+        })
+        .collect();
+    q.record(lease, results).await.expect("record");
+    assert!(list(dir.path()).expect("list").is_empty());
+    assert!(show(dir.path(), &leased_id).is_err());
+    assert!(q
+        .next_due("main", Some(Duration::from_millis(200)))
+        .await
+        .is_none());
+}
+
+// Another process (the CLI) reaches the running queue through control/.
+#[tokio::test]
+async fn requests_reach_a_running_queue() {
+    let dir = TempDir::new().expect("tempdir");
+    let q = Queue::open(settings(dir.path())).await.expect("open");
+    let shutdown = CancellationToken::new();
+    tokio::spawn(q.clone().serve_control(shutdown.clone()));
+    let id = q.enqueue(msg(), b"x\r\n").await.expect("enqueue");
+    attempt(&q, permanent).await;
+    let ids = tokio::time::timeout(
+        LIMIT,
+        submit(settings(dir.path()), Request::Delete(Selection::Failed)),
+    )
+    .await
+    .expect("answer in time")
+    .expect("deleted");
+    assert_eq!(ids, vec![id]);
+    assert!(list(dir.path()).expect("list").is_empty());
+    shutdown.cancel();
+}
+
+// Without a running relay, the command opens the queue itself.
+#[tokio::test]
+async fn requests_apply_directly_when_no_relay_runs() {
+    let dir = TempDir::new().expect("tempdir");
+    let id = {
+        let q = Queue::open(settings(dir.path())).await.expect("open");
+        q.enqueue(msg(), b"x\r\n").await.expect("enqueue")
+    };
+    let ids = submit(
+        settings(dir.path()),
+        Request::Delete(Selection::Id(id.clone())),
+    )
+    .await
+    .expect("deleted");
+    assert_eq!(ids, vec![id]);
+    assert!(list(dir.path()).expect("list").is_empty());
+}
