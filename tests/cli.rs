@@ -85,3 +85,25 @@ async fn missing_config_file_is_named() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/relay.toml"));
 }
+
+// The shipped example is complete and valid: every key it shows exists.
+#[tokio::test]
+async fn the_example_config_is_valid() {
+    let world = World::start().await;
+    let example = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/smtp-oauth-relay.toml"
+    ))
+    .expect("example config");
+    let secret = world.dir.path().join("secret");
+    let text = example.replace(
+        "/run/credentials/smtp-oauth-relay/client-secret",
+        &secret.display().to_string(),
+    );
+    let out = cli(&["check"], &world.write_config(&text));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -111,6 +111,7 @@ async fn partial_refusal_retries_only_the_refused_recipient() {
     assert_eq!(status[1]["status"], "delivered");
     assert_eq!(status[2]["status"], "failed");
     assert_eq!(status[2]["reply"], "550 5.1.1 User unknown");
+    assert_eq!(queue[0]["last_error"], "550 5.1.1 User unknown");
 }
 
 // rewrite_from turns a SendAs refusal into a delivery.
@@ -333,4 +334,28 @@ async fn queue_show_retry_delete_while_running() {
     eventually(10, "an empty queue", || relay.queue_json().is_empty()).await;
     let missing = cli(&["queue", "show", &second], &relay.config);
     assert!(!missing.status.success());
+}
+
+// 432 4.3.2 (too many connections) makes the mailbox use fewer, and the
+// message is delivered later.
+#[tokio::test]
+async fn too_many_connections_backs_off() {
+    let world = World::start().await;
+    world
+        .upstream
+        .push_auth_fault("432 4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded");
+    let port = free_port();
+    let relay = Relay::start(&world.write_config(&world.config(port)), port).await;
+    send_one(port, MAILBOX, &["a@example.com"], &message("later")).await;
+    let got = world
+        .upstream
+        .wait_for_messages(1, Duration::from_secs(20))
+        .await;
+    assert_eq!(got.len(), 1, "log:\n{}", relay.log());
+    let log = relay.log();
+    assert!(log.contains("432 4.3.2"), "the refusal is logged");
+    assert!(
+        log.contains("using fewer for 10 minutes"),
+        "no back-off in the log"
+    );
 }

@@ -4,7 +4,7 @@
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use relay_queue::{Entry, QueueId, QueueSettings, Request, Selection};
+use relay_queue::{Entry, QueueId, Request, Selection};
 use std::path::Path;
 
 #[derive(Subcommand)]
@@ -56,12 +56,7 @@ impl Which {
 pub async fn queue(config: &Path, command: QueueCommand) -> anyhow::Result<()> {
     let config = crate::check::load(config)?;
     let dir = &config.queue.dir;
-    let settings = QueueSettings {
-        dir: dir.clone(),
-        retry_initial: config.queue.retry_initial,
-        retry_max: config.queue.retry_max,
-        max_age: config.queue.max_age,
-    };
+    let settings = crate::relay::queue_settings(&config.queue);
     match command {
         QueueCommand::List { json } => {
             let entries = relay_queue::list(dir)?;

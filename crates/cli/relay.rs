@@ -36,14 +36,9 @@ impl Running {
     /// queue and starts token managers, delivery and the listener.
     pub async fn start(config: Config) -> anyhow::Result<Running> {
         let listener = relay_listener::bind(&config.listener.bind).await?;
-        let queue = Queue::open(QueueSettings {
-            dir: config.queue.dir.clone(),
-            retry_initial: config.queue.retry_initial,
-            retry_max: config.queue.retry_max,
-            max_age: config.queue.max_age,
-        })
-        .await
-        .with_context(|| format!("queue directory {}", config.queue.dir.display()))?;
+        let queue = Queue::open(queue_settings(&config.queue))
+            .await
+            .with_context(|| format!("queue directory {}", config.queue.dir.display()))?;
         let upstream = Arc::new(Upstream::new(&config.upstream, &config.listener.hostname)?);
         let shutdown = CancellationToken::new();
         let mut accounts = Vec::new();
@@ -112,6 +107,16 @@ impl Running {
         for refresher in self.refreshers {
             refresher.abort();
         }
+    }
+}
+
+/// The queue's settings from `[queue]`.
+pub fn queue_settings(queue: &relay_config::QueueConfig) -> QueueSettings {
+    QueueSettings {
+        dir: queue.dir.clone(),
+        retry_initial: queue.retry_initial,
+        retry_max: queue.retry_max,
+        max_age: queue.max_age,
     }
 }
 

@@ -796,6 +796,16 @@ fn apply_attempt(
     } else {
         meta.state = State::Failed;
         meta.next_attempt = None;
+        // a failed message shows why it failed, not an earlier deferral
+        if let Some(reply) = meta
+            .recipients
+            .iter()
+            .rev()
+            .filter(|r| r.status == RecipientState::Failed)
+            .find_map(|r| r.reply.clone())
+        {
+            meta.last_error = Some(reply);
+        }
         Plan::Fail
     }
 }

@@ -26,6 +26,16 @@ pub enum Selection {
 }
 
 impl Selection {
+    /// The selected messages among those still to be tried.
+    fn in_memory(&self, sched: &super::Schedule) -> Vec<QueueId> {
+        sched
+            .messages
+            .keys()
+            .filter(|id| self.matches(id, false))
+            .cloned()
+            .collect()
+    }
+
     fn matches(&self, id: &QueueId, failed: bool) -> bool {
         match self {
             Selection::Id(wanted) => wanted == id,
@@ -44,12 +54,7 @@ impl Queue {
         {
             let mut sched = lock(&self.inner.sched);
             let now = Instant::now();
-            let ids: Vec<QueueId> = sched
-                .messages
-                .keys()
-                .filter(|id| which.matches(id, false))
-                .cloned()
-                .collect();
+            let ids = which.in_memory(&sched);
             for id in ids {
                 let Some(slot) = sched.messages.get_mut(&id) else {
                     continue;
@@ -105,12 +110,7 @@ impl Queue {
         let mut remove_now = Vec::new();
         {
             let mut sched = lock(&self.inner.sched);
-            let ids: Vec<QueueId> = sched
-                .messages
-                .keys()
-                .filter(|id| which.matches(id, false))
-                .cloned()
-                .collect();
+            let ids = which.in_memory(&sched);
             for id in ids {
                 let Some(slot) = sched.messages.get_mut(&id) else {
                     continue;
