@@ -1,5 +1,5 @@
 use crate::Config;
-use config::{Environment, File, FileFormat};
+use config::{File, FileFormat};
 use std::path::{Path, PathBuf};
 
 /// Environment variables `SMTP_OAUTH_RELAY__SECTION__KEY` override file keys,
@@ -30,24 +30,63 @@ pub fn load_file(path: &Path) -> Result<Config, ConfigError> {
         });
     }
     let source = File::from(path).format(FileFormat::Toml).required(true);
-    load(config::Config::builder().add_source(source))
+    let builder = config::Config::builder().add_source(source);
+    load(with_environment(builder, std::env::vars_os())?)
 }
 
-/// Parses and validates TOML text (plus environment overrides): what
-/// [`load_file`] does after reading the file. Used for built-in configurations.
+/// Parses and validates TOML text, without environment overrides: for
+/// built-in configurations (the demo) and tests.
 pub fn load_str(toml: &str) -> Result<Config, ConfigError> {
     load(config::Config::builder().add_source(File::from_str(toml, FileFormat::Toml)))
+}
+
+/// Every `SMTP_OAUTH_RELAY__A__B=value` becomes an override of key `a.b`. A
+/// numeric segment is an array index, so a container can be configured from
+/// the environment alone, accounts included:
+/// `SMTP_OAUTH_RELAY__ACCOUNTS__0__OAUTH__TENANT_ID=…` sets
+/// `accounts[0].oauth.tenant_id`. (The config crate's own environment source
+/// cannot address array elements.)
+fn with_environment(
+    mut builder: config::ConfigBuilder<config::builder::DefaultState>,
+    vars: impl Iterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+) -> Result<config::ConfigBuilder<config::builder::DefaultState>, ConfigError> {
+    let prefix = format!("{ENV_PREFIX}__");
+    for (name, value) in vars {
+        let Some(name) = name.to_str() else { continue };
+        let Some(rest) = name.strip_prefix(&prefix) else {
+            continue;
+        };
+        let value = value
+            .into_string()
+            .map_err(|_| ConfigError::Invalid(vec![format!("{name} is not valid UTF-8")]))?;
+        let mut key = String::new();
+        for segment in rest.split("__") {
+            let segment = segment.to_ascii_lowercase();
+            if segment.is_empty() {
+                return Err(ConfigError::Invalid(vec![format!(
+                    "{name}: empty key segment"
+                )]));
+            }
+            if segment.bytes().all(|b| b.is_ascii_digit()) {
+                key.push_str(&format!("[{segment}]"));
+            } else {
+                if !key.is_empty() {
+                    key.push('.');
+                }
+                key.push_str(&segment);
+            }
+        }
+        builder = builder
+            .set_override(key.as_str(), value)
+            .map_err(|e| ConfigError::Invalid(vec![format!("{name}: {e}")]))?;
+    }
+    Ok(builder)
 }
 
 fn load(
     builder: config::ConfigBuilder<config::builder::DefaultState>,
 ) -> Result<Config, ConfigError> {
     let merged = builder
-        .add_source(
-            Environment::with_prefix(ENV_PREFIX)
-                .prefix_separator("__")
-                .separator("__"),
-        )
         .build()
         .map_err(|e| ConfigError::Syntax(e.to_string()))?;
     let config: Config = serde_path_to_error::deserialize(merged).map_err(|e| {

@@ -90,7 +90,7 @@ impl TryFrom<String> for Mode {
 pub struct QueueConfig {
     /// Queue directory; must be writable by the relay. Default
     /// `/var/lib/smtp-oauth-relay/queue`.
-    #[serde(default = "default_queue_dir")]
+    #[serde(default = "default_queue_dir", deserialize_with = "env_path")]
     pub dir: PathBuf,
     /// Delay before the first retry of a temporary failure; it doubles with
     /// every attempt. Default `1m`.
@@ -141,6 +141,7 @@ pub struct UpstreamConfig {
     #[serde(default = "default_security")]
     pub security: Security,
     /// Extra trust roots (PEM), added to the system's.
+    #[serde(default, deserialize_with = "opt_env_path")]
     pub ca_file: Option<PathBuf>,
     /// Concurrent connections per mailbox. Default 3, Microsoft 365's limit:
     /// more get `432 4.3.2`.
@@ -330,11 +331,14 @@ pub struct OAuthConfig {
     pub client_secret: Option<Secret>,
     /// A file holding the client secret value (surrounding white space is
     /// ignored). Read at each token request, so a rotated secret needs no restart.
+    #[serde(default, deserialize_with = "opt_env_path")]
     pub client_secret_file: Option<PathBuf>,
     /// The certificate uploaded to the app registration (PEM), instead of a
     /// secret; goes with `client_private_key`.
+    #[serde(default, deserialize_with = "opt_env_path")]
     pub client_certificate: Option<PathBuf>,
     /// The certificate's RSA private key (PEM, PKCS#8 or PKCS#1, unencrypted).
+    #[serde(default, deserialize_with = "opt_env_path")]
     pub client_private_key: Option<PathBuf>,
     /// How the client assertion is signed: `PS256` (default, with `x5t#S256`)
     /// or `RS256` (with `x5t`).
@@ -342,6 +346,7 @@ pub struct OAuthConfig {
     pub assertion_algorithm: AssertionAlgorithm,
     /// Google service account key (the JSON file downloaded from the Cloud
     /// console), for `flow = "service_account"`.
+    #[serde(default, deserialize_with = "opt_env_path")]
     pub service_account_key_file: Option<PathBuf>,
     /// Scope requested. Default: `https://outlook.office365.com/.default`
     /// (client credentials), `https://outlook.office.com/SMTP.Send
@@ -350,9 +355,11 @@ pub struct OAuthConfig {
     /// The token cache of a `refresh_token` account (written by `authorize`,
     /// rotated by the relay; mode 0600). Default: `tokens/NAME.json` in the
     /// directory that holds `queue.dir`.
+    #[serde(default, deserialize_with = "opt_env_path")]
     pub token_cache: Option<PathBuf>,
     /// A file with a 32-byte key (base64 or hex) that encrypts the token
     /// cache at rest (ChaCha20-Poly1305). Default: not encrypted.
+    #[serde(default, deserialize_with = "opt_env_path")]
     pub token_cache_key_file: Option<PathBuf>,
     /// Renew a token this long before it expires (capped at a third of its
     /// lifetime for short-lived tokens). Default `10m`.
@@ -552,6 +559,39 @@ fn default_admin_bind() -> SocketAddr {
 }
 fn default_senders() -> Vec<String> {
     vec!["*".into()]
+}
+
+/// Path keys may name environment variables as `${NAME}`, e.g.
+/// `${CREDENTIALS_DIRECTORY}/client-secret` under systemd's `LoadCredential=`
+/// or `${STATE_DIRECTORY}/queue`.
+fn env_path<'de, D: Deserializer<'de>>(deserializer: D) -> Result<PathBuf, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    expand_env(&text)
+        .map(PathBuf::from)
+        .map_err(serde::de::Error::custom)
+}
+
+fn opt_env_path<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<PathBuf>, D::Error> {
+    env_path(deserializer).map(Some)
+}
+
+fn expand_env(text: &str) -> Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| format!("{text:?}: unclosed ${{"))?;
+        let name = &after[..end];
+        let value = std::env::var(name)
+            .map_err(|_| format!("{text:?}: environment variable {name} is not set"))?;
+        out.push_str(&value);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
 }
 
 /// A list, or (as environment variables give them) one comma-separated string.

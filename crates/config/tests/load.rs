@@ -146,3 +146,54 @@ fn missing_file_is_explained() {
     let e = load_file(std::path::Path::new("/nonexistent/config.toml")).unwrap_err();
     assert!(e.to_string().contains("/nonexistent/config.toml"), "{e}");
 }
+
+#[test]
+fn accounts_can_come_from_the_environment_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("empty.toml");
+    std::fs::write(&path, "").expect("write");
+    let vars = [
+        ("SMTP_OAUTH_RELAY__ACCOUNTS__0__NAME", "main"),
+        (
+            "SMTP_OAUTH_RELAY__ACCOUNTS__0__MAILBOX",
+            "relay@contoso.com",
+        ),
+        (
+            "SMTP_OAUTH_RELAY__ACCOUNTS__0__OAUTH__FLOW",
+            "client_credentials",
+        ),
+        ("SMTP_OAUTH_RELAY__ACCOUNTS__0__OAUTH__TENANT_ID", "t"),
+        ("SMTP_OAUTH_RELAY__ACCOUNTS__0__OAUTH__CLIENT_ID", "c"),
+        ("SMTP_OAUTH_RELAY__ACCOUNTS__0__OAUTH__CLIENT_SECRET", "s"),
+        ("SMTP_OAUTH_RELAY__QUEUE__RETRY_INITIAL", "5s"),
+    ];
+    // Only these two tests set variables, and every other test here uses
+    // load_str, which ignores the environment.
+    for (k, v) in vars {
+        std::env::set_var(k, v);
+    }
+    let loaded = load_file(&path);
+    for (k, _) in vars {
+        std::env::remove_var(k);
+    }
+    let loaded = loaded.expect("valid from the environment");
+    assert_eq!(loaded.accounts[0].mailbox, "relay@contoso.com");
+    assert_eq!(loaded.accounts[0].oauth.tenant_id.as_deref(), Some("t"));
+    assert_eq!(loaded.queue.retry_initial.as_secs(), 5);
+}
+
+#[test]
+fn paths_may_name_environment_variables() {
+    std::env::set_var("RELAY_CONFIG_TEST_STATE", "/var/lib/x");
+    let c = load_str(&VALID.replace(
+        "dir = \"/tmp/q\"",
+        "dir = \"${RELAY_CONFIG_TEST_STATE}/queue\"",
+    ))
+    .expect("valid");
+    assert_eq!(c.queue.dir, std::path::Path::new("/var/lib/x/queue"));
+    let p = problems(&VALID.replace("dir = \"/tmp/q\"", "dir = \"${RELAY_CONFIG_TEST_UNSET}/q\""));
+    assert!(
+        p[0].starts_with("queue.dir:") && p[0].contains("RELAY_CONFIG_TEST_UNSET is not set"),
+        "{p:?}"
+    );
+}
