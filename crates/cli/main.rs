@@ -4,6 +4,7 @@
 mod authorize;
 mod check;
 mod demo;
+mod generate;
 mod queue;
 mod relay;
 mod token;
@@ -46,6 +47,12 @@ enum Command {
     Authorize(authorize::AuthorizeArgs),
     /// Obtain (or read) an account's access token and show its flow, expiry and claims, with warnings; --print prints the token itself.
     Token(token::TokenArgs),
+    /// Print the manual page (roff) to stdout, or write one page per verb into --dir; for packagers.
+    #[command(hide = true)]
+    Man(generate::ManArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
+    #[command(hide = true)]
+    Completions(generate::CompletionsArgs),
 }
 
 fn main() -> ExitCode {
@@ -76,6 +83,8 @@ fn main() -> ExitCode {
             Command::Demo(args) => demo::demo(args).await,
             Command::Authorize(args) => authorize::authorize(&cli.config, args).await,
             Command::Token(args) => token::token(&cli.config, args).await,
+            Command::Man(args) => generate::man(args),
+            Command::Completions(args) => generate::completions(args),
         }
     });
     match result {

@@ -73,6 +73,54 @@ pub fn throttle(reply: &str) -> Option<Throttle> {
     }
 }
 
+/// A short, stable name for why a reply (or local failure) did not deliver,
+/// for metrics labels: `auth`, `send_as`, `recipient`, `quota`,
+/// `connections`, `policy`, `size`, `expired`, `transport` or `other`.
+pub fn reason_class(reply: &str) -> &'static str {
+    if reply.starts_with("gave up after") {
+        return "expired";
+    }
+    let Some(parsed) = Reply::from_lines(&[reply.to_owned()]) else {
+        return "transport"; // no SMTP reply: connection, TLS or token trouble
+    };
+    match parsed.enhanced {
+        Some(Enhanced {
+            subject: 7,
+            detail: 3 | 57 | 139 | 30,
+            ..
+        }) => "auth",
+        Some(Enhanced {
+            subject: 2,
+            detail: 252,
+            ..
+        })
+        | Some(Enhanced {
+            subject: 7,
+            detail: 60,
+            ..
+        }) => "send_as",
+        Some(Enhanced { subject: 1, .. }) => "recipient",
+        Some(Enhanced {
+            subject: 2,
+            detail: 2,
+            ..
+        }) => "quota",
+        Some(Enhanced {
+            class: 4,
+            subject: 3,
+            detail: 2,
+        }) => "connections",
+        Some(Enhanced {
+            subject: 3,
+            detail: 4,
+            ..
+        }) => "size",
+        Some(Enhanced { subject: 7, .. }) => "policy",
+        _ if parsed.code == 535 => "auth",
+        _ => "other",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,6 +157,22 @@ mod tests {
         assert_eq!(verdict("451 4.7.500 Server busy"), Verdict::Temporary);
         assert_eq!(verdict("550 5.1.1 User unknown"), Verdict::Permanent);
         assert_eq!(verdict("421 Service not available"), Verdict::Temporary);
+    }
+
+    #[test]
+    fn reason_classes() {
+        assert_eq!(reason_class("554 5.2.252 SendAsDenied; x"), "send_as");
+        assert_eq!(
+            reason_class("535 5.7.139 Authentication unsuccessful"),
+            "auth"
+        );
+        assert_eq!(reason_class("550 5.1.1 User unknown"), "recipient");
+        assert_eq!(
+            reason_class("cannot connect to x:587: refused"),
+            "transport"
+        );
+        assert_eq!(reason_class("gave up after 5days: 451 4.7.500"), "expired");
+        assert_eq!(reason_class("550 5.7.708 Access denied"), "policy");
     }
 
     #[test]

@@ -143,17 +143,22 @@ impl Session {
             .await
             .map_err(|e| Failure::temporary(format!("no access token: {e}")))?;
         if let Err(failure) = authenticate(&mut client, &capabilities, mailbox, &token).await {
-            // Exactly `535 5.7.3` (token refused). A prefix test on the text
-            // also matched 5.7.30-5.7.39 (e.g. basic auth refused), fetching
-            // a token that cannot help; found by the delivery tests.
-            let token_refused = Enhanced {
-                class: 5,
-                subject: 7,
-                detail: 3,
+            // The token itself was refused: exactly `535 5.7.3` (Microsoft)
+            // or `535 5.7.8` (Gmail). Not 5.7.30-5.7.39 (e.g. basic auth
+            // refused) or 5.7.139 (SMTP AUTH disabled): a new token cannot help.
+            let token_refused = |e: Option<Enhanced>| {
+                matches!(
+                    e,
+                    Some(Enhanced {
+                        class: 5,
+                        subject: 7,
+                        detail: 3 | 8
+                    })
+                )
             };
             let retry = failure.verdict == Verdict::Temporary
                 && Reply::from_lines(std::slice::from_ref(&failure.reply))
-                    .is_some_and(|r| r.code == 535 && r.enhanced == Some(token_refused));
+                    .is_some_and(|r| r.code == 535 && token_refused(r.enhanced));
             if !retry {
                 return Err(failure);
             }

@@ -2,7 +2,7 @@
 //! reused connection, and record each recipient's outcome in the queue.
 
 use crate::{
-    classify::{throttle, Throttle},
+    classify::{reason_class, throttle, Throttle},
     pace::{Limits, Pacer},
     session::{Broken, Failure, RcptOutcome, Session},
     Upstream, Verdict,
@@ -136,7 +136,27 @@ impl Worker {
             self.slow_down_if_asked(&results, &mut session);
             let (id, sender) = (lease.id.clone(), lease.sender.clone());
             let notify = self.account.bounce && !lease.passthrough;
-            match self.queue.record(lease, results).await {
+            let reason = results.iter().rev().find_map(|r| match &r.outcome {
+                Outcome::Delivered { .. } => None,
+                Outcome::Temporary { reply } | Outcome::Permanent { reply } => {
+                    Some(reason_class(reply))
+                }
+            });
+            let recorded = self.queue.record(lease, results).await;
+            if let Ok(disposition) = &recorded {
+                let outcome = match disposition {
+                    Disposition::Removed => "delivered",
+                    Disposition::Deferred { .. } => "deferred",
+                    Disposition::Failed => "failed",
+                };
+                metrics::counter!(
+                    "smtp_relay_messages_total",
+                    "outcome" => outcome,
+                    "reason" => reason.unwrap_or("none")
+                )
+                .increment(1);
+            }
+            match recorded {
                 Ok(Disposition::Failed) if notify => self.bounce(&id, &sender).await,
                 Ok(_) => {}
                 Err(e) => {
@@ -246,7 +266,11 @@ impl Worker {
             let Some(session) = slot.as_mut() else { break };
             let reused = session.transactions > 0;
             match session.transaction(&sender, &lease.recipients, &body).await {
-                Ok(outcomes) => return self.results(lease, outcomes, started),
+                Ok(outcomes) => {
+                    metrics::histogram!("smtp_relay_upstream_duration_seconds")
+                        .record(started.elapsed().as_secs_f64());
+                    return self.results(lease, outcomes, started);
+                }
                 Err(Broken {
                     reason,
                     before_data,
@@ -305,27 +329,36 @@ impl Worker {
         results
     }
 
+    /// One structured line per attempt and reply: queue id, mailbox, reply
+    /// code and enhanced status, duration, and a hint for known problems.
     fn log(&self, lease: &Lease, outcome: &Outcome, took: Duration) {
         let mailbox = &self.account.mailbox;
+        let reply = outcome.reply();
+        let parsed = crate::Reply::from_lines(&[reply.to_owned()]);
+        let code = parsed.as_ref().map(|r| r.code).unwrap_or_default();
+        let enhanced = parsed
+            .as_ref()
+            .and_then(|r| r.enhanced)
+            .map(|e| format!("{}.{}.{}", e.class, e.subject, e.detail))
+            .unwrap_or_default();
+        let hint = parsed
+            .as_ref()
+            .and_then(|r| crate::classify(r).1)
+            .unwrap_or("");
+        let attempt = lease.attempts + 1;
         match outcome {
-            Outcome::Delivered { reply } => tracing::info!(
+            Outcome::Delivered { .. } => tracing::info!(
                 queue_id = %lease.id, %mailbox, sender = %lease.sender, recipients = lease.recipients.len(),
-                reply = %reply, ?took, "delivered"
+                code, enhanced, reply, attempt, ?took, "delivered"
             ),
-            Outcome::Temporary { reply } => tracing::warn!(
-                queue_id = %lease.id, %mailbox, attempt = lease.attempts + 1, reply = %reply,
-                hint = hint_for(reply), ?took, "delivery deferred"
+            Outcome::Temporary { .. } => tracing::warn!(
+                queue_id = %lease.id, %mailbox, code, enhanced, reply, attempt, hint, ?took,
+                "delivery deferred"
             ),
-            Outcome::Permanent { reply } => tracing::error!(
-                queue_id = %lease.id, %mailbox, reply = %reply, hint = hint_for(reply), ?took,
+            Outcome::Permanent { .. } => tracing::error!(
+                queue_id = %lease.id, %mailbox, code, enhanced, reply, attempt, hint, ?took,
                 "delivery failed permanently"
             ),
         }
     }
-}
-
-fn hint_for(reply: &str) -> &'static str {
-    crate::Reply::from_lines(&[reply.to_owned()])
-        .and_then(|r| crate::classify(&r).1)
-        .unwrap_or("")
 }

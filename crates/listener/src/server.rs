@@ -92,6 +92,7 @@ async fn handle(
         .any(|net| net.contains(&ip))
     {
         tracing::warn!(client = %ip, "refused a client outside listener.allowed_networks");
+        metrics::counter!("smtp_relay_connections_refused_total").increment(1);
         let reply = format!("554 5.7.1 {ip} is not allowed to use this relay\r\n");
         let _ = tokio::io::AsyncWriteExt::write_all(&mut stream, reply.as_bytes()).await;
         return;
@@ -101,7 +102,10 @@ async fn handle(
     // queued message) gets the canonical address too, `127.0.0.1` rather
     // than `::ffff:127.0.0.1` on a dual-stack socket, as the allow-list saw it.
     let peer = SocketAddr::new(ip, peer.port());
+    let open = metrics::gauge!("smtp_relay_connections_open");
+    open.increment(1.0);
     if let Err(e) = Session::new(stream, peer, ctx).run(shutdown).await {
         tracing::debug!(client = %ip, error = %e, "session ended with an error");
     }
+    open.decrement(1.0);
 }

@@ -311,6 +311,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         match stored {
             Ok((id, answer)) => {
                 tracing::info!(queue_id = %id, client = %self.peer.ip(), %sender, recipients, size, "accepted");
+                metrics::counter!("smtp_relay_messages_accepted_total").increment(1);
                 let text = match answer {
                     None => format!("250 2.0.0 Ok: queued as {id}"),
                     Some(answer) => match tokio::time::timeout(PASSTHROUGH_WAIT, answer).await {

@@ -1019,9 +1019,13 @@ fn refresh_token_grant(
     if form.get("refresh_token").is_none() {
         return Err(AadError::missing("refresh_token"));
     }
-    let grant = take_refresh_token(idp, form).map_err(|(error, code, text)| {
+    let mut grant = take_refresh_token(idp, form).map_err(|(error, code, text)| {
         AadError::new(StatusCode::BAD_REQUEST, &error, code, text)
     })?;
+    // The access token carries the scope asked for now.
+    if let Some(scope) = form.get("scope").filter(|s| !s.trim().is_empty()) {
+        grant.scope = scope.to_string();
+    }
     Ok(delegated_token(idp, grant, true))
 }
 

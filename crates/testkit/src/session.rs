@@ -299,6 +299,11 @@ impl<'a> Session<'a> {
             if let Line::Closed = read_command(io, &mut line).await? {
                 return Ok(Reply::Disconnect);
             }
+            if line.as_slice() != b"\r\n" {
+                self.auth_failed(
+                    "client did not answer the 334 error challenge with an empty line",
+                );
+            }
             return Ok(Reply::text(
                 "535-5.7.8 Username and Password not accepted. For more information, go to\r\n535 5.7.8  https://support.google.com/mail/?p=BadCredentials",
             ));
