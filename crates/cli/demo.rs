@@ -44,6 +44,9 @@ dir = {queue:?}
 retry_initial = "5s"
 retry_max = "1m"
 
+[admin]
+bind = "127.0.0.1:0"
+
 [upstream]
 host = "localhost"
 port = {port}

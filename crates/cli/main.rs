@@ -5,11 +5,15 @@ mod authorize;
 mod check;
 mod demo;
 mod generate;
+mod health;
+mod notify;
 mod queue;
 mod relay;
+mod status;
 mod token;
 
 use clap::{Parser, Subcommand};
+use relay_config::LogFormat;
 use std::{path::PathBuf, process::ExitCode};
 
 /// A local SMTP relay for applications that cannot do OAuth: they send
@@ -47,6 +51,8 @@ enum Command {
     Authorize(authorize::AuthorizeArgs),
     /// Obtain (or read) an account's access token and show its flow, expiry and claims, with warnings; --print prints the token itself.
     Token(token::TokenArgs),
+    /// Ask the running relay whether it is ready (its /readyz); exit 0 if so, 1 if not.
+    Health,
     /// Print the manual page (roff) to stdout, or write one page per verb into --dir; for packagers.
     #[command(hide = true)]
     Man(generate::ManArgs),
@@ -60,11 +66,32 @@ fn main() -> ExitCode {
     // mail-send, the test kit), installed before any of them builds a config.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let cli = Cli::parse();
-    let quiet = matches!(
-        cli.command,
-        Command::Check | Command::Queue { .. } | Command::Authorize(_) | Command::Token(_)
-    );
-    init_logging(if quiet { "warn" } else { "info" });
+    // `run` logs as its configuration says; the other verbs print their
+    // results and log only problems.
+    let run_config = match cli.command {
+        Command::Run => match check::load(&cli.config) {
+            Ok(config) => Some(config),
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        },
+        _ => None,
+    };
+    match &run_config {
+        Some(config) => init_logging(&config.log.level, config.log.format),
+        None => {
+            let quiet = matches!(
+                cli.command,
+                Command::Check
+                    | Command::Queue { .. }
+                    | Command::Authorize(_)
+                    | Command::Token(_)
+                    | Command::Health
+            );
+            init_logging(if quiet { "warn" } else { "info" }, LogFormat::Text);
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -77,12 +104,16 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Run => relay::run(&cli.config).await,
+            Command::Run => match run_config {
+                Some(config) => relay::run(config, &cli.config).await,
+                None => Ok(()),
+            },
             Command::Check => check::check(&cli.config),
             Command::Queue { command } => queue::queue(&cli.config, command).await,
             Command::Demo(args) => demo::demo(args).await,
             Command::Authorize(args) => authorize::authorize(&cli.config, args).await,
             Command::Token(args) => token::token(&cli.config, args).await,
+            Command::Health => health::health(&cli.config).await,
             Command::Man(args) => generate::man(args),
             Command::Completions(args) => generate::completions(args),
         }
@@ -96,12 +127,19 @@ fn main() -> ExitCode {
     }
 }
 
-/// Logs go to stderr; `RUST_LOG` overrides the default level.
-fn init_logging(default: &str) {
+/// Logs go to stderr; `RUST_LOG` overrides the level.
+fn init_logging(level: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init(),
+    }
 }

@@ -1,24 +1,52 @@
 //! `run`: the relay itself. Wires listener → queue → delivery, with a token
-//! manager per account on the side, and stops them in that order.
+//! manager per account on the side and the admin endpoint beside them;
+//! reloads on SIGHUP and stops, in that order, on SIGTERM.
+//!
+//! A reload swaps what can change while mail flows: the listener's policy
+//! (allowed networks, limits, accounts' senders) for new connections, the
+//! upstream and the accounts (delivery workers are restarted after finishing
+//! the message in hand; unchanged accounts keep their tokens). Addresses to
+//! listen on, the queue and the admin endpoint need a restart.
 
+use crate::status::RelayStatus;
 use anyhow::Context as _;
-use relay_config::Config;
+use relay_config::{AccountConfig, Config};
 use relay_delivery::{Account, Upstream};
-use relay_listener::{session::Context, Router};
+use relay_listener::{session::Context, Live, Router};
 use relay_queue::{Queue, QueueSettings};
 use relay_tokens::{TokenManager, TokenSource};
 use std::{path::Path, sync::Arc, time::Duration};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
-/// How long open SMTP sessions and deliveries in hand get to finish.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How long `run` waits for every account's first token before telling
+/// systemd it is ready anyway.
+const FIRST_TOKEN_WAIT: Duration = Duration::from_secs(30);
+/// How often systemd's STATUS= line is refreshed.
+const STATUS_EVERY: Duration = Duration::from_secs(30);
 
-pub async fn run(path: &Path) -> anyhow::Result<()> {
-    let config = crate::check::load(path)?;
-    let relay = Running::start(config).await?;
-    wait_for_signal().await?;
+pub async fn run(config: Config, path: &Path) -> anyhow::Result<()> {
+    let mut relay = Running::start(config).await?;
+    crate::notify::spawn_watchdog(relay.shutdown.clone());
+    relay.wait_for_first_tokens().await;
+    crate::notify::ready(&relay.status.summary());
+    relay.spawn_status_updates();
+    let mut hangup = signal(tokio::signal::unix::SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            result = wait_for_signal() => { result?; break; }
+            _ = hangup.recv() => {
+                crate::notify::reloading();
+                match crate::check::load(path) {
+                    Ok(new) => relay.reload(new).await,
+                    Err(e) => tracing::error!("reload refused, the running configuration stays: {e:#}"),
+                }
+                crate::notify::ready(&relay.status.summary());
+            }
+        }
+    }
     tracing::info!("shutting down");
+    crate::notify::stopping();
     relay.stop().await;
     Ok(())
 }
@@ -26,87 +54,305 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
 /// A started relay.
 pub struct Running {
     shutdown: CancellationToken,
+    /// The configuration in force (sections that need a restart keep the
+    /// values the relay started with).
+    config: Config,
+    queue: Queue,
+    context: Live<Context>,
     listener: JoinHandle<()>,
-    delivery: JoinSet<()>,
-    refreshers: Vec<JoinHandle<()>>,
+    delivery: Delivery,
+    tokens: Vec<AccountTokens>,
+    status: Arc<RelayStatus>,
+    background: JoinSet<()>,
+}
+
+/// An account's token manager and what stops its refresher.
+struct AccountTokens {
+    account: AccountConfig,
+    manager: TokenManager,
+    stop: CancellationToken,
+}
+
+/// The delivery workers of the accounts in force.
+struct Delivery {
+    stop: CancellationToken,
+    workers: JoinSet<()>,
+}
+
+impl Delivery {
+    /// No workers (between two reloads' sets).
+    fn idle() -> Self {
+        Delivery {
+            stop: CancellationToken::new(),
+            workers: JoinSet::new(),
+        }
+    }
+
+    /// Lets workers finish the message in hand, for at most `grace`.
+    async fn stop(mut self, grace: Duration) {
+        self.stop.cancel();
+        let drained = tokio::time::timeout(grace, async {
+            while self.workers.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("deliveries still running after the grace period; they will be retried");
+            self.workers.abort_all();
+        }
+    }
 }
 
 impl Running {
-    /// Binds the listener first (a port in use fails at once), then opens the
-    /// queue and starts token managers, delivery and the listener.
+    /// Binds the listener and the admin endpoint first (an address in use
+    /// fails at once), then opens the queue and starts token managers,
+    /// delivery, the listener and the admin endpoint.
     pub async fn start(config: Config) -> anyhow::Result<Running> {
         let listener = relay_listener::bind(&config.listener.bind).await?;
+        let admin = relay_admin::Endpoint::bind(config.admin.bind).await?;
+        let metrics = relay_admin::install_recorder()?;
         let queue = Queue::open(queue_settings(&config.queue))
             .await
             .with_context(|| format!("queue directory {}", config.queue.dir.display()))?;
-        let upstream = Arc::new(Upstream::new(&config.upstream, &config.listener.hostname)?);
         let shutdown = CancellationToken::new();
-        let mut accounts = Vec::new();
-        let mut refreshers = Vec::new();
-        for (i, account) in config.accounts.iter().enumerate() {
-            // Delegated accounts keep their refresh token in a token cache
-            // beside the queue unless `token_cache` says otherwise.
-            let source = TokenSource::for_account(account, &config.queue.dir)
-                .with_context(|| format!("accounts[{i}]"))?;
-            let tokens = TokenManager::new(&account.name, source)?;
-            refreshers.push(tokens.spawn_refresher(shutdown.clone()));
-            accounts.push(Account::from_config(account, &config.upstream, tokens));
+        let tokens = account_tokens(&config, &[])?;
+        for entry in &tokens {
+            entry.start_refresher();
         }
-        for orphan in queue
-            .accounts_with_mail()
-            .into_iter()
-            .filter(|name| !config.accounts.iter().any(|a| &a.name == name))
-        {
-            tracing::warn!(
-                account = %orphan,
-                "queued mail belongs to an account that is no longer configured; it waits until the account is back"
-            );
-        }
-        tracing::info!(
-            upstream = %upstream.address(),
-            queued = queue.depth(),
-            "delivering to the upstream"
-        );
-        let mut delivery =
-            relay_delivery::spawn(queue.clone(), upstream, accounts, shutdown.clone());
-        delivery.spawn(queue.clone().serve_control(shutdown.clone()));
-        let ctx = Arc::new(Context {
-            router: Router::new(&config.accounts),
-            config: config.listener,
-            queue,
+        warn_about_orphans(&queue, &config);
+        let upstream = upstream(&config)?;
+        let delivery = start_delivery(&config, &queue, &tokens, upstream, &shutdown);
+        let mut background = JoinSet::new();
+        background.spawn(queue.clone().serve_control(shutdown.clone()));
+        let status = Arc::new(RelayStatus {
+            listening: listener.local_addrs(),
+            queue_dir: config.queue.dir.clone(),
+            tokens: Live::new(Arc::new(managers(&tokens))),
         });
+        if let Some(addr) = admin.local_addr() {
+            tracing::info!(%addr, "admin endpoint: /healthz /readyz /metrics");
+        }
+        background.spawn(admin.serve(status.clone(), metrics, shutdown.clone()));
+        let context = Live::new(Arc::new(listener_context(&config, &queue)));
         tracing::info!(addrs = ?listener.local_addrs(), "listening for SMTP");
-        let listener = tokio::spawn(relay_listener::serve(listener, ctx, shutdown.clone()));
+        let listener = tokio::spawn(relay_listener::serve_live(
+            listener,
+            context.clone(),
+            shutdown.clone(),
+        ));
         Ok(Running {
             shutdown,
+            config,
+            queue,
+            context,
             listener,
             delivery,
-            refreshers,
+            tokens,
+            status,
+            background,
         })
     }
 
-    /// Stops accepting, lets sessions and deliveries in hand finish (bounded),
-    /// and returns. What is queued stays on disk for the next start.
+    /// Applies a new, valid configuration without dropping connections or
+    /// queued mail. If part of it cannot be built (a bad CA file, say),
+    /// nothing changes.
+    pub async fn reload(&mut self, mut new: Config) {
+        let old = &self.config;
+        for (changed, what) in [
+            (new.listener.bind != old.listener.bind, "listener.bind"),
+            (new.queue != old.queue, "[queue]"),
+            (new.admin != old.admin, "[admin]"),
+            (new.log != old.log, "[log]"),
+        ] {
+            if changed {
+                tracing::warn!("{what} changed: it takes effect at the next restart");
+            }
+        }
+        new.listener.bind = old.listener.bind.clone();
+        new.queue = old.queue.clone();
+        new.admin = old.admin.clone();
+        new.log = old.log.clone();
+        let tokens = match account_tokens(&new, &self.tokens) {
+            Ok(tokens) => tokens,
+            Err(e) => {
+                tracing::error!("reload refused, the running configuration stays: {e:#}");
+                return;
+            }
+        };
+        let upstream = match upstream(&new) {
+            Ok(upstream) => upstream,
+            Err(e) => {
+                tracing::error!("reload refused, the running configuration stays: {e:#}");
+                return;
+            }
+        };
+        // The old workers finish first, so the mailbox never sees more
+        // connections than allowed.
+        let grace = old.listener.shutdown_timeout;
+        std::mem::replace(&mut self.delivery, Delivery::idle())
+            .stop(grace)
+            .await;
+        self.delivery = start_delivery(&new, &self.queue, &tokens, upstream, &self.shutdown);
+        for entry in &tokens {
+            if !self
+                .tokens
+                .iter()
+                .any(|old| old.manager.same_as(&entry.manager))
+            {
+                entry.start_refresher();
+            }
+        }
+        for old in &self.tokens {
+            if !tokens.iter().any(|t| t.manager.same_as(&old.manager)) {
+                old.stop.cancel();
+            }
+        }
+        self.status.tokens.set(Arc::new(managers(&tokens)));
+        self.context
+            .set(Arc::new(listener_context(&new, &self.queue)));
+        self.tokens = tokens;
+        self.config = new;
+        tracing::info!("configuration reloaded");
+    }
+
+    /// Waits (bounded) until every account has a token, so READY=1 means
+    /// mail can flow; warns about the ones that have none.
+    async fn wait_for_first_tokens(&self) {
+        for entry in &self.tokens {
+            match tokio::time::timeout(FIRST_TOKEN_WAIT, entry.manager.token()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(account = %entry.account.name, error = %e, "no access token yet; mail waits in the queue")
+                }
+                Err(_) => {
+                    tracing::warn!(account = %entry.account.name, "no access token within {}s; mail waits in the queue", FIRST_TOKEN_WAIT.as_secs())
+                }
+            }
+        }
+    }
+
+    fn spawn_status_updates(&mut self) {
+        let (status, shutdown) = (self.status.clone(), self.shutdown.clone());
+        self.background.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(STATUS_EVERY) => crate::notify::status(&status.summary()),
+                }
+            }
+        });
+    }
+
+    /// Stops accepting; clients in the middle of a transaction and
+    /// deliveries in hand get `listener.shutdown_timeout` to finish. What is
+    /// queued stays on disk for the next start.
     pub async fn stop(mut self) {
+        let grace = self.config.listener.shutdown_timeout;
         self.shutdown.cancel();
-        if tokio::time::timeout(SHUTDOWN_GRACE, &mut self.listener)
+        if tokio::time::timeout(grace, &mut self.listener)
             .await
             .is_err()
         {
             tracing::warn!("SMTP sessions still open after the grace period; closing them");
             self.listener.abort();
         }
-        let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
-            while self.delivery.join_next().await.is_some() {}
+        self.delivery.stop(grace).await;
+        let finished = tokio::time::timeout(Duration::from_secs(2), async {
+            while self.background.join_next().await.is_some() {}
         })
         .await;
-        if drained.is_err() {
-            tracing::warn!("deliveries still running after the grace period; they will be retried");
-            self.delivery.abort_all();
+        if finished.is_err() {
+            self.background.abort_all();
         }
-        for refresher in self.refreshers {
-            refresher.abort();
+    }
+}
+
+impl AccountTokens {
+    fn start_refresher(&self) {
+        self.manager.spawn_refresher(self.stop.clone());
+    }
+}
+
+/// Token managers for `config`'s accounts; an account whose settings did
+/// not change keeps its manager (and its token) from `current`.
+fn account_tokens(
+    config: &Config,
+    current: &[AccountTokens],
+) -> anyhow::Result<Vec<AccountTokens>> {
+    let mut out = Vec::with_capacity(config.accounts.len());
+    for (i, account) in config.accounts.iter().enumerate() {
+        if let Some(same) = current
+            .iter()
+            .find(|t| t.account.name == account.name && t.account.oauth == account.oauth)
+        {
+            out.push(AccountTokens {
+                account: account.clone(),
+                manager: same.manager.clone(),
+                stop: same.stop.clone(),
+            });
+            continue;
         }
+        // Delegated accounts keep their refresh token in a token cache
+        // beside the queue unless `token_cache` says otherwise.
+        let source = TokenSource::for_account(account, &config.queue.dir)
+            .with_context(|| format!("accounts[{i}]"))?;
+        out.push(AccountTokens {
+            account: account.clone(),
+            manager: TokenManager::new(&account.name, source)?,
+            stop: CancellationToken::new(),
+        });
+    }
+    Ok(out)
+}
+
+fn managers(tokens: &[AccountTokens]) -> Vec<TokenManager> {
+    tokens.iter().map(|t| t.manager.clone()).collect()
+}
+
+/// The upstream `config` describes (reading its CA file).
+fn upstream(config: &Config) -> anyhow::Result<Arc<Upstream>> {
+    Ok(Arc::new(Upstream::new(
+        &config.upstream,
+        &config.listener.hostname,
+    )?))
+}
+
+fn start_delivery(
+    config: &Config,
+    queue: &Queue,
+    tokens: &[AccountTokens],
+    upstream: Arc<Upstream>,
+    stop: &CancellationToken,
+) -> Delivery {
+    let accounts = tokens
+        .iter()
+        .map(|t| Account::from_config(&t.account, &config.upstream, t.manager.clone()))
+        .collect();
+    tracing::info!(upstream = %upstream.address(), queued = queue.depth(), "delivering to the upstream");
+    let stop = stop.child_token();
+    Delivery {
+        workers: relay_delivery::spawn(queue.clone(), upstream, accounts, stop.clone()),
+        stop,
+    }
+}
+
+fn listener_context(config: &Config, queue: &Queue) -> Context {
+    Context {
+        router: Router::new(&config.accounts),
+        config: config.listener.clone(),
+        queue: queue.clone(),
+    }
+}
+
+fn warn_about_orphans(queue: &Queue, config: &Config) {
+    for orphan in queue
+        .accounts_with_mail()
+        .into_iter()
+        .filter(|name| !config.accounts.iter().any(|a| &a.name == name))
+    {
+        tracing::warn!(
+            account = %orphan,
+            "queued mail belongs to an account that is no longer configured; it waits until the account is back"
+        );
     }
 }
 
@@ -120,10 +366,13 @@ pub fn queue_settings(queue: &relay_config::QueueConfig) -> QueueSettings {
     }
 }
 
-/// Waits for SIGTERM or Ctrl-C.
+fn signal(kind: tokio::signal::unix::SignalKind) -> anyhow::Result<tokio::signal::unix::Signal> {
+    tokio::signal::unix::signal(kind).context("installing a signal handler")
+}
+
+/// Waits for SIGTERM or Ctrl-C (SIGINT).
 pub async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut term = signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = term.recv() => {}
         result = tokio::signal::ctrl_c() => result.context("waiting for Ctrl-C")?,

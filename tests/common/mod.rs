@@ -69,6 +69,9 @@ tenant_id = "{tenant}"
 client_id = "{client}"
 client_secret_file = "{dir}/secret"
 
+[admin]
+bind = "127.0.0.1:0"
+
 [queue]
 dir = "{dir}/queue"
 retry_initial = "300ms"
@@ -106,6 +109,11 @@ pub struct Relay {
 impl Relay {
     /// Starts `run`; its log is appended to `relay.log` beside the config.
     pub async fn start(config: &Path, port: u16) -> Relay {
+        Relay::start_with_env(config, port, &[]).await
+    }
+
+    /// [`Relay::start`] with extra environment variables.
+    pub async fn start_with_env(config: &Path, port: u16, env: &[(&str, &str)]) -> Relay {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -115,6 +123,7 @@ impl Relay {
             .args(["run", "--config"])
             .arg(config)
             .env("RUST_LOG", "debug")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -143,10 +152,17 @@ impl Relay {
         let _ = self.child.wait();
     }
 
+    /// Sends `signal` (e.g. "HUP") to the relay.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill")
+            .args([&format!("-{signal}"), &pid])
+            .status();
+    }
+
     /// SIGTERM, then the exit status (bounded wait).
     pub async fn terminate(&mut self) -> Option<i32> {
-        let pid = self.child.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        self.signal("TERM");
         for _ in 0..300 {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return status.code();

@@ -7,7 +7,7 @@ use serde::{Deserialize, Deserializer};
 use std::{fmt::Display, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
 /// The whole configuration file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Where legacy applications connect.
@@ -22,13 +22,16 @@ pub struct Config {
     /// The administrative HTTP endpoint.
     #[serde(default)]
     pub admin: AdminConfig,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
     /// The mailboxes the relay sends as, each with its own OAuth credentials.
     #[serde(default)]
     pub accounts: Vec<AccountConfig>,
 }
 
 /// `[listener]`: the local, unauthenticated SMTP server.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
     /// Addresses to listen on, `ip:port`. Default `["127.0.0.1:2525"]`.
@@ -58,6 +61,11 @@ pub struct ListenerConfig {
     /// told) and stays listed as failed.
     #[serde(default)]
     pub mode: Mode,
+    /// On SIGTERM, how long a client in the middle of a transaction may take
+    /// to finish it (idle clients are told `421` at once), and how long
+    /// deliveries in progress get. Default `10s`.
+    #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
 }
 
 /// When the listener answers the end of `DATA`.
@@ -85,7 +93,7 @@ impl TryFrom<String> for Mode {
 }
 
 /// `[queue]`: where accepted mail waits, and how failed attempts are retried.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QueueConfig {
     /// Queue directory; must be writable by the relay. Default
@@ -128,7 +136,7 @@ impl TryFrom<String> for Security {
 }
 
 /// `[upstream]`: the submission server.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     /// Host name; also the name its TLS certificate must carry. Default `smtp.office365.com`.
@@ -160,17 +168,71 @@ pub struct UpstreamConfig {
     pub idle_timeout: Duration,
 }
 
-/// `[admin]`: health and metrics endpoint (served by a later release).
-#[derive(Debug, Clone, Deserialize)]
+/// `[log]`: where and how the relay logs (always to standard error, which
+/// systemd's journal and container runtimes collect).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` (default) or `json` (one object per line).
+    #[serde(default)]
+    pub format: LogFormat,
+    /// `error`, `warn`, `info` (default), `debug` or `trace`, or a full
+    /// filter like `info,relay_delivery=debug`. `RUST_LOG` overrides it.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+/// How log lines look.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+impl TryFrom<String> for LogFormat {
+    type Error = String;
+    fn try_from(value: String) -> Result<Self, String> {
+        match value.as_str() {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err(format!(
+                "{value:?} is not a log format: use \"text\" or \"json\""
+            )),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::default(),
+            level: default_log_level(),
+        }
+    }
+}
+
+fn default_log_level() -> String {
+    "info".into()
+}
+
+fn default_shutdown_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// `[admin]`: the health and metrics HTTP endpoint.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
-    /// Address of the HTTP endpoint. Default `127.0.0.1:9925`.
+    /// Address of the HTTP endpoint (`/healthz`, `/readyz`, `/metrics`).
+    /// Default `127.0.0.1:9925`. Keep it on loopback or a management network.
     #[serde(default = "default_admin_bind")]
     pub bind: SocketAddr,
 }
 
 /// `[[accounts]]`: a mailbox the relay authenticates as.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AccountConfig {
     /// A short name for logs and commands.
@@ -308,7 +370,7 @@ pub const GOOGLE_AUTHORITY: &str = "https://oauth2.googleapis.com";
 pub const GOOGLE_AUTHORIZE_URL: &str = "https://accounts.google.com/o/oauth2/v2/auth";
 
 /// `[accounts.oauth]`: where and how tokens are obtained.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OAuthConfig {
     /// The grant: `client_credentials` (app-only, Microsoft), `refresh_token`
@@ -461,6 +523,7 @@ impl Default for ListenerConfig {
             max_message_size: default_max_message_size(),
             max_recipients: default_max_recipients(),
             mode: Mode::default(),
+            shutdown_timeout: default_shutdown_timeout(),
         }
     }
 }

@@ -19,4 +19,4 @@ pub mod server;
 pub mod session;
 
 pub use route::Router;
-pub use server::{bind, serve, Listener, ListenerError};
+pub use server::{bind, serve, serve_live, Listener, ListenerError, Live};

@@ -1,7 +1,10 @@
 //! Binding, accepting, and the client allow-list.
 
 use crate::session::{Context, Session};
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, RwLock},
+};
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -43,9 +46,42 @@ pub async fn bind(addrs: &[SocketAddr]) -> Result<Listener, ListenerError> {
     Ok(Listener { sockets })
 }
 
+/// A value replaced as a whole at run time (on reload). Readers take the
+/// current one and keep it for as long as they need it: a session keeps the
+/// configuration it started with.
+pub struct Live<T>(Arc<RwLock<Arc<T>>>);
+
+impl<T> Clone for Live<T> {
+    fn clone(&self) -> Self {
+        Live(self.0.clone())
+    }
+}
+
+impl<T> Live<T> {
+    pub fn new(value: Arc<T>) -> Self {
+        Live(Arc::new(RwLock::new(value)))
+    }
+
+    /// The current value.
+    pub fn get(&self) -> Arc<T> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Replaces the value for everyone who asks from now on.
+    pub fn set(&self, value: Arc<T>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = value;
+    }
+}
+
+/// [`serve_live`] with a context that never changes.
+pub async fn serve(listener: Listener, ctx: Arc<Context>, shutdown: CancellationToken) {
+    serve_live(listener, Live::new(ctx), shutdown).await
+}
+
 /// Accepts clients until `shutdown`, then stops accepting; open sessions are
 /// told `421` at their next command. Returns once every session has ended.
-pub async fn serve(listener: Listener, ctx: Arc<Context>, shutdown: CancellationToken) {
+/// Each new client gets the context current when it connects (see [`Live`]).
+pub async fn serve_live(listener: Listener, ctx: Live<Context>, shutdown: CancellationToken) {
     let sessions = TaskTracker::new();
     let mut accept_loops = Vec::new();
     for socket in listener.sockets {
@@ -59,7 +95,7 @@ pub async fn serve(listener: Listener, ctx: Arc<Context>, shutdown: Cancellation
                 match accepted {
                     Ok((stream, peer)) => {
                         let _ = stream.set_nodelay(true);
-                        let (ctx, shutdown) = (ctx.clone(), shutdown.clone());
+                        let (ctx, shutdown) = (ctx.get(), shutdown.clone());
                         sessions.spawn(handle(stream, peer, ctx, shutdown));
                     }
                     Err(e) => {

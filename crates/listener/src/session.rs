@@ -140,9 +140,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             input.drain(..used);
             self.flush().await?;
+            // On shutdown an idle client is told at once; one in the middle
+            // of a transaction may finish it (the server's grace period
+            // bounds how long).
+            let idle = self.envelope.is_none() && matches!(phase, Phase::Command);
             let read = tokio::select! {
                 read = tokio::time::timeout(IDLE_TIMEOUT, self.stream.read(&mut chunk)) => read,
-                _ = shutdown.cancelled() => {
+                _ = shutdown.cancelled(), if idle => {
                     self.line("421 4.3.2 Service shutting down, try again later");
                     return self.flush().await;
                 }

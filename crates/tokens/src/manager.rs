@@ -92,6 +92,19 @@ impl TokenManager {
         })
     }
 
+    /// How long the current token stays usable, without asking for one:
+    /// `None` when there is no token or it has expired.
+    pub fn valid_for(&self) -> Option<Duration> {
+        self.current()
+            .filter(AccessToken::usable)
+            .map(|t| t.expires_in())
+    }
+
+    /// Whether both are the same manager (clones of one another).
+    pub fn same_as(&self, other: &TokenManager) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
     /// The account this manager serves.
     pub fn account(&self) -> &str {
         &self.inner.account
@@ -209,14 +222,18 @@ impl TokenManager {
         // Only the first token of the process may come from a token cache:
         // later ones replace a token that is due or was refused.
         let allow_cached = *generation == 0;
-        let Issued {
-            access_token,
-            lifetime,
-        } = self
+        let issued = self
             .inner
             .source
             .fetch(&self.inner.client, allow_cached)
-            .await?;
+            .await;
+        let result = if issued.is_ok() { "ok" } else { "error" };
+        metrics::counter!("smtp_relay_token_requests_total", "account" => self.inner.account.clone(), "result" => result)
+            .increment(1);
+        let Issued {
+            access_token,
+            lifetime,
+        } = issued?;
         *generation += 1;
         let token = AccessToken {
             secret: access_token,
