@@ -7,10 +7,6 @@ use crate::relay::{wait_for_signal, Running};
 use anyhow::{bail, Context};
 use relay_testkit::{IdentityPlatform, ReceivedMessage, SubmissionServer};
 use std::{net::SocketAddr, time::Duration};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-};
 
 #[derive(clap::Args)]
 pub struct DemoArgs {
@@ -95,7 +91,12 @@ client_secret_file = {secret:?}
         dir.path().display()
     );
     println!();
-    let reply = send_sample(args.listen, &mailbox)
+    let reply = crate::submit::submit(
+        args.listen,
+        &mailbox,
+        "alice@example.com",
+        &format!("From: Legacy App <{mailbox}>\r\nTo: alice@example.com\r\nSubject: Hello through smtp-oauth-relay\r\n\r\nThis message went app -> relay (no auth) -> Microsoft 365 (OAuth 2.0).\r\n"),
+    )
         .await
         .context("sending the sample message")?;
     println!("Sent a sample message to the relay: {reply}");
@@ -171,56 +172,4 @@ fn print_message(m: &ReceivedMessage) {
         claims.tid
     );
     println!("  message     {} bytes, Subject: {subject}", m.data.len());
-}
-
-/// A minimal SMTP client: one command, one reply, as a legacy app would.
-async fn send_sample(addr: SocketAddr, mailbox: &str) -> anyhow::Result<String> {
-    let mut stream = TcpStream::connect(addr).await?;
-    let message = format!(
-        "From: Legacy App <{mailbox}>\r\nTo: alice@example.com\r\nSubject: Hello through smtp-oauth-relay\r\n\r\nThis message went app -> relay (no auth) -> Microsoft 365 (OAuth 2.0).\r\n.\r\n"
-    );
-    let steps = [
-        String::new(),
-        "EHLO demo-app.local\r\n".into(),
-        format!("MAIL FROM:<{mailbox}>\r\n"),
-        "RCPT TO:<alice@example.com>\r\n".into(),
-        "DATA\r\n".into(),
-        message,
-    ];
-    let mut last = String::new();
-    for step in steps {
-        stream.write_all(step.as_bytes()).await?;
-        last = read_reply(&mut stream).await?;
-        if last.starts_with(['4', '5']) {
-            bail!(
-                "the relay answered {last:?} to {:?}",
-                step.lines().next().unwrap_or("")
-            );
-        }
-    }
-    stream.write_all(b"QUIT\r\n").await?;
-    Ok(last)
-}
-
-async fn read_reply(stream: &mut TcpStream) -> anyhow::Result<String> {
-    let mut text = String::new();
-    let mut byte = [0u8; 1];
-    let read = async {
-        loop {
-            if stream.read(&mut byte).await? == 0 {
-                bail!("the relay closed the connection");
-            }
-            text.push(char::from(byte[0]));
-            // the last line of a reply is "ddd text\r\n"
-            if text.ends_with("\r\n") {
-                let last = text.trim_end().rsplit("\r\n").next().unwrap_or("");
-                if last.as_bytes().get(3) != Some(&b'-') {
-                    return Ok(last.to_owned());
-                }
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(30), read)
-        .await
-        .context("waiting for the relay")?
 }

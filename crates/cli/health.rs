@@ -2,11 +2,14 @@
 //! ready, 1 when not (for container health checks and scripts).
 
 use anyhow::{bail, Context};
-use std::{net::SocketAddr, path::Path, time::Duration};
+use std::{path::Path, time::Duration};
 
 pub async fn health(config: &Path) -> anyhow::Result<()> {
     let config = crate::check::load(config)?;
-    let url = format!("http://{}/readyz", reachable(config.admin.bind));
+    let url = format!(
+        "http://{}/readyz",
+        crate::submit::reachable(config.admin.bind)
+    );
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .build()?;
@@ -21,15 +24,4 @@ pub async fn health(config: &Path) -> anyhow::Result<()> {
         bail!("the relay is not ready");
     }
     Ok(())
-}
-
-/// A wildcard bind address is reached on loopback.
-fn reachable(bind: SocketAddr) -> SocketAddr {
-    match bind.ip() {
-        ip if ip.is_unspecified() && ip.is_ipv4() => {
-            SocketAddr::from(([127, 0, 0, 1], bind.port()))
-        }
-        ip if ip.is_unspecified() => SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, bind.port())),
-        _ => bind,
-    }
 }

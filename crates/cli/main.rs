@@ -4,12 +4,15 @@
 mod authorize;
 mod check;
 mod demo;
+mod doctor;
 mod generate;
 mod health;
 mod notify;
 mod queue;
 mod relay;
+mod send_test;
 mod status;
+mod submit;
 mod token;
 
 use clap::{Parser, Subcommand};
@@ -53,6 +56,10 @@ enum Command {
     Token(token::TokenArgs),
     /// Ask the running relay whether it is ready (its /readyz); exit 0 if so, 1 if not.
     Health,
+    /// Walk the Microsoft 365 setup step by step (DNS, TCP, STARTTLS, TLS, token, claims, AUTH) and stop at the first broken step with its fix.
+    Doctor(doctor::DoctorArgs),
+    /// Send a test message through the running relay (listener → queue → delivery) and wait for the outcome.
+    SendTest(send_test::SendTestArgs),
     /// Print the manual page (roff) to stdout, or write one page per verb into --dir; for packagers.
     #[command(hide = true)]
     Man(generate::ManArgs),
@@ -88,6 +95,8 @@ fn main() -> ExitCode {
                     | Command::Authorize(_)
                     | Command::Token(_)
                     | Command::Health
+                    | Command::Doctor(_)
+                    | Command::SendTest(_)
             );
             init_logging(if quiet { "warn" } else { "info" }, LogFormat::Text);
         }
@@ -114,6 +123,8 @@ fn main() -> ExitCode {
             Command::Authorize(args) => authorize::authorize(&cli.config, args).await,
             Command::Token(args) => token::token(&cli.config, args).await,
             Command::Health => health::health(&cli.config).await,
+            Command::Doctor(args) => doctor::doctor(&cli.config, args).await,
+            Command::SendTest(args) => send_test::send_test(&cli.config, args).await,
             Command::Man(args) => generate::man(args),
             Command::Completions(args) => generate::completions(args),
         }

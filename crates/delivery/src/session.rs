@@ -23,11 +23,11 @@ const DATA_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Where and how to reach the upstream.
 pub struct Upstream {
-    host: String,
-    port: u16,
-    security: Security,
-    tls: TlsConnector,
-    helo: String,
+    pub(crate) host: String,
+    pub(crate) port: u16,
+    pub(crate) security: Security,
+    pub(crate) tls: TlsConnector,
+    pub(crate) helo: String,
     idle_timeout: Duration,
 }
 
@@ -99,9 +99,9 @@ pub(crate) struct Broken {
 }
 
 pub(crate) struct Session {
-    client: SmtpClient<TlsStream<TcpStream>>,
-    capabilities: EhloResponse<String>,
-    pending: Vec<u8>,
+    pub(crate) client: SmtpClient<TlsStream<TcpStream>>,
+    pub(crate) capabilities: EhloResponse<String>,
+    pub(crate) pending: Vec<u8>,
     /// Transactions completed on this connection; a reused connection may have
     /// been closed by the server while idle.
     pub transactions: u32,
@@ -327,7 +327,7 @@ async fn write_all<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) -> std::
     stream.flush().await
 }
 
-async fn authenticate(
+pub(crate) async fn authenticate(
     client: &mut SmtpClient<TlsStream<TcpStream>>,
     capabilities: &EhloResponse<String>,
     mailbox: &str,
@@ -374,7 +374,7 @@ async fn authenticate(
 }
 
 /// mail-send's messages, with the one that matters for security spelled out.
-fn describe(e: &mail_send::Error) -> String {
+pub(crate) fn describe(e: &mail_send::Error) -> String {
     match e {
         mail_send::Error::MissingStartTls => {
             "the server does not offer STARTTLS; refusing to send without TLS".into()
