@@ -6,6 +6,7 @@ mod check;
 mod demo;
 mod doctor;
 mod generate;
+mod hash_password;
 mod health;
 mod notify;
 mod queue;
@@ -56,6 +57,8 @@ enum Command {
     Token(token::TokenArgs),
     /// Ask the running relay whether it is ready (its /readyz); exit 0 if so, 1 if not.
     Health,
+    /// Read a password from standard input and print its argon2 hash, for [[listener.users]] password_hash.
+    HashPassword,
     /// Walk the Microsoft 365 setup step by step (DNS, TCP, STARTTLS, TLS, token, claims, AUTH) and stop at the first broken step with its fix.
     Doctor(doctor::DoctorArgs),
     /// Send a test message through the running relay (listener → queue → delivery) and wait for the outcome.
@@ -123,6 +126,7 @@ fn main() -> ExitCode {
             Command::Authorize(args) => authorize::authorize(&cli.config, args).await,
             Command::Token(args) => token::token(&cli.config, args).await,
             Command::Health => health::health(&cli.config).await,
+            Command::HashPassword => hash_password::hash_password(),
             Command::Doctor(args) => doctor::doctor(&cli.config, args).await,
             Command::SendTest(args) => send_test::send_test(&cli.config, args).await,
             Command::Man(args) => generate::man(args),

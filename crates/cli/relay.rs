@@ -5,8 +5,8 @@
 //! A reload swaps what can change while mail flows: the listener's policy
 //! (allowed networks, limits, accounts' senders) for new connections, the
 //! upstream and the accounts (delivery workers are restarted after finishing
-//! the message in hand; unchanged accounts keep their tokens). Addresses to
-//! listen on, the queue and the admin endpoint need a restart.
+//! the message in hand; unchanged accounts keep their tokens), and the
+//! listener's TLS certificate and key, read again. Addresses to listen on, the queue and the admin endpoint need a restart.
 
 use crate::status::RelayStatus;
 use anyhow::Context as _;
@@ -107,7 +107,11 @@ impl Running {
     /// fails at once), then opens the queue and starts token managers,
     /// delivery, the listener and the admin endpoint.
     pub async fn start(config: Config) -> anyhow::Result<Running> {
-        let listener = relay_listener::bind(&config.listener.bind).await?;
+        let listener = relay_listener::bind_with_tls(
+            &config.listener.bind,
+            &config.listener.implicit_tls_bind,
+        )
+        .await?;
         let admin = relay_admin::Endpoint::bind(config.admin.bind).await?;
         let metrics = relay_admin::install_recorder()?;
         let queue = Queue::open(queue_settings(&config.queue))
@@ -132,7 +136,7 @@ impl Running {
             tracing::info!(%addr, "admin endpoint: /healthz /readyz /metrics");
         }
         background.spawn(admin.serve(status.clone(), metrics, shutdown.clone()));
-        let context = Live::new(Arc::new(listener_context(&config, &queue)));
+        let context = Live::new(Arc::new(listener_context(&config, &queue)?));
         tracing::info!(addrs = ?listener.local_addrs(), "listening for SMTP");
         let listener = tokio::spawn(relay_listener::serve_live(
             listener,
@@ -159,6 +163,10 @@ impl Running {
         let old = &self.config;
         for (changed, what) in [
             (new.listener.bind != old.listener.bind, "listener.bind"),
+            (
+                new.listener.implicit_tls_bind != old.listener.implicit_tls_bind,
+                "listener.implicit_tls_bind",
+            ),
             (new.queue != old.queue, "[queue]"),
             (new.admin != old.admin, "[admin]"),
             (new.log != old.log, "[log]"),
@@ -168,6 +176,7 @@ impl Running {
             }
         }
         new.listener.bind = old.listener.bind.clone();
+        new.listener.implicit_tls_bind = old.listener.implicit_tls_bind.clone();
         new.queue = old.queue.clone();
         new.admin = old.admin.clone();
         new.log = old.log.clone();
@@ -180,6 +189,15 @@ impl Running {
         };
         let upstream = match upstream(&new) {
             Ok(upstream) => upstream,
+            Err(e) => {
+                tracing::error!("reload refused, the running configuration stays: {e:#}");
+                return;
+            }
+        };
+        // The TLS certificate and key are read again here, so a renewed
+        // certificate is picked up by new connections.
+        let context = match listener_context(&new, &self.queue) {
+            Ok(context) => context,
             Err(e) => {
                 tracing::error!("reload refused, the running configuration stays: {e:#}");
                 return;
@@ -207,8 +225,7 @@ impl Running {
             }
         }
         self.status.tokens.set(Arc::new(managers(&tokens)));
-        self.context
-            .set(Arc::new(listener_context(&new, &self.queue)));
+        self.context.set(Arc::new(context));
         self.tokens = tokens;
         self.config = new;
         tracing::info!("configuration reloaded");
@@ -335,12 +352,14 @@ fn start_delivery(
     }
 }
 
-fn listener_context(config: &Config, queue: &Queue) -> Context {
-    Context {
-        router: Router::new(&config.accounts),
-        config: config.listener.clone(),
-        queue: queue.clone(),
-    }
+/// The listener's policy, TLS certificate and local users.
+fn listener_context(config: &Config, queue: &Queue) -> anyhow::Result<Context> {
+    Context::new(
+        config.listener.clone(),
+        Router::new(&config.accounts),
+        queue.clone(),
+    )
+    .map_err(anyhow::Error::msg)
 }
 
 fn warn_about_orphans(queue: &Queue, config: &Config) {

@@ -66,6 +66,100 @@ pub struct ListenerConfig {
     /// deliveries in progress get. Default `10s`.
     #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// Certificate chain (PEM) for TLS with clients. With `tls_private_key`,
+    /// it enables `STARTTLS` (advertised only then) and `implicit_tls_bind`.
+    /// Both files are read again on every reload (SIGHUP), so a renewed
+    /// certificate is used by new connections without a restart. TLS 1.2
+    /// and 1.3 only. Default: none (no TLS).
+    #[serde(default, deserialize_with = "opt_env_path")]
+    pub tls_certificate: Option<PathBuf>,
+    /// The certificate's private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[serde(default, deserialize_with = "opt_env_path")]
+    pub tls_private_key: Option<PathBuf>,
+    /// Addresses for implicit TLS (TLS from the first byte, usually port
+    /// 465), in addition to `bind`. Needs `tls_certificate`. Default: none.
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub implicit_tls_bind: Vec<SocketAddr>,
+    /// Local `AUTH` for applications that insist on logging in: `off`
+    /// (default; `AUTH` is not offered), `optional` (offered; clients that do
+    /// not log in may still send) or `required` (`MAIL` needs a login first:
+    /// `530 5.7.0`). `AUTH PLAIN` and `LOGIN` are offered only over TLS or to
+    /// loopback clients. These logins are checked here and never go upstream.
+    #[serde(default)]
+    pub auth: ListenerAuth,
+    /// `[[listener.users]]`: who may log in when `auth` is not `off`.
+    #[serde(default)]
+    pub users: Vec<ListenerUser>,
+    /// Clients connected at once, in total; one more is told `421 4.3.2`
+    /// and disconnected. Default 1000.
+    #[serde(default = "default_listener_max_connections")]
+    pub max_connections: usize,
+    /// Clients connected at once from one IP address; one more is told
+    /// `421 4.7.0` and disconnected. Default 50.
+    #[serde(default = "default_max_connections_per_ip")]
+    pub max_connections_per_ip: usize,
+    /// How long the relay waits for a command (RFC 5321 4.5.3.2). Default `5m`.
+    #[serde(default = "default_command_timeout", with = "humantime_serde")]
+    pub command_timeout: Duration,
+    /// How long the relay waits for the next piece of a message after
+    /// `354` (RFC 5321: 3 minutes per data block). Default `3m`.
+    #[serde(default = "default_data_block_timeout", with = "humantime_serde")]
+    pub data_block_timeout: Duration,
+    /// The longest a whole message may take, from `354` to its end.
+    /// Default `10m`.
+    #[serde(default = "default_data_timeout", with = "humantime_serde")]
+    pub data_timeout: Duration,
+    /// Bytes per second a message must average against slow-drip clients:
+    /// after `354`, a client gets `data_block_timeout` plus one second per
+    /// `min_data_rate` bytes received so far (never more than
+    /// `data_timeout`), else `421 4.4.2`. `0` turns the check off. Default 1024.
+    #[serde(default = "default_min_data_rate")]
+    pub min_data_rate: u64,
+    /// The pause before the greeting. A client that talks before the
+    /// greeting (a spam bot, or a command-injection attempt) is told `554
+    /// 5.5.1` and disconnected, like Postfix's postscreen pregreet test.
+    /// `0s` turns it off. Default `200ms`.
+    #[serde(default = "default_greet_delay", with = "humantime_serde")]
+    pub greet_delay: Duration,
+}
+
+/// `listener.auth`: whether clients log in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum ListenerAuth {
+    /// `AUTH` is not offered.
+    #[default]
+    Off,
+    /// Offered; mail is taken with or without a login.
+    Optional,
+    /// Mail is taken only after a login.
+    Required,
+}
+
+impl TryFrom<String> for ListenerAuth {
+    type Error = String;
+    fn try_from(value: String) -> Result<Self, String> {
+        match value.as_str() {
+            "off" => Ok(ListenerAuth::Off),
+            "optional" => Ok(ListenerAuth::Optional),
+            "required" => Ok(ListenerAuth::Required),
+            _ => Err(format!(
+                "{value:?} is not an auth setting: use \"off\", \"optional\" or \"required\""
+            )),
+        }
+    }
+}
+
+/// `[[listener.users]]`: one local login.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerUser {
+    /// The user name the application logs in with.
+    pub username: String,
+    /// Its password as an argon2 PHC string (`$argon2id$v=19$...`); print
+    /// one with `smtp-oauth-relay hash-password`. The password itself is
+    /// never stored.
+    pub password_hash: String,
 }
 
 /// When the listener answers the end of `DATA`.
@@ -524,8 +618,42 @@ impl Default for ListenerConfig {
             max_recipients: default_max_recipients(),
             mode: Mode::default(),
             shutdown_timeout: default_shutdown_timeout(),
+            tls_certificate: None,
+            tls_private_key: None,
+            implicit_tls_bind: Vec::new(),
+            auth: ListenerAuth::default(),
+            users: Vec::new(),
+            max_connections: default_listener_max_connections(),
+            max_connections_per_ip: default_max_connections_per_ip(),
+            command_timeout: default_command_timeout(),
+            data_block_timeout: default_data_block_timeout(),
+            data_timeout: default_data_timeout(),
+            min_data_rate: default_min_data_rate(),
+            greet_delay: default_greet_delay(),
         }
     }
+}
+
+fn default_listener_max_connections() -> usize {
+    1000
+}
+fn default_max_connections_per_ip() -> usize {
+    50
+}
+fn default_command_timeout() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_data_block_timeout() -> Duration {
+    Duration::from_secs(180)
+}
+fn default_data_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_min_data_rate() -> u64 {
+    1024
+}
+fn default_greet_delay() -> Duration {
+    Duration::from_millis(200)
 }
 
 impl Default for QueueConfig {

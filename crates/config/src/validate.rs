@@ -1,7 +1,7 @@
 //! Rules the schema alone cannot express. Each problem is one line that
 //! starts with the key path it is about.
 
-use crate::{AccountConfig, Config, Flow, OAuthConfig, Provider};
+use crate::{AccountConfig, Config, Flow, ListenerAuth, ListenerConfig, OAuthConfig, Provider};
 use std::{collections::HashSet, path::Path};
 
 pub(crate) fn problems(config: &Config) -> Vec<String> {
@@ -25,6 +25,7 @@ pub(crate) fn problems(config: &Config) -> Vec<String> {
     if l.max_recipients == 0 {
         out.push("listener.max_recipients must be more than 0".into());
     }
+    listener_problems(l, &mut out);
     let q = &config.queue;
     if q.retry_initial.is_zero() {
         out.push("queue.retry_initial must be more than 0".into());
@@ -78,6 +79,95 @@ pub(crate) fn problems(config: &Config) -> Vec<String> {
         account_problems(&format!("accounts[{i}]"), account, &mut out);
     }
     out
+}
+
+/// TLS, local logins, connection limits and timeouts of `[listener]`.
+fn listener_problems(l: &ListenerConfig, out: &mut Vec<String>) {
+    match (&l.tls_certificate, &l.tls_private_key) {
+        (Some(cert), Some(key)) => {
+            check_file(
+                "listener",
+                "tls_certificate",
+                cert,
+                "-----BEGIN CERTIFICATE-----",
+                out,
+            );
+            check_file("listener", "tls_private_key", key, "PRIVATE KEY-----", out);
+        }
+        (Some(_), None) => {
+            out.push("listener.tls_private_key is missing (tls_certificate needs its key)".into())
+        }
+        (None, Some(_)) => out.push(
+            "listener.tls_certificate is missing (tls_private_key needs its certificate)".into(),
+        ),
+        (None, None) => {
+            if !l.implicit_tls_bind.is_empty() {
+                out.push(
+                    "listener.implicit_tls_bind needs listener.tls_certificate and listener.tls_private_key"
+                        .into(),
+                );
+            }
+        }
+    }
+    for addr in &l.implicit_tls_bind {
+        if l.bind.contains(addr) {
+            out.push(format!(
+                "listener.implicit_tls_bind {addr} is also in listener.bind"
+            ));
+        }
+    }
+    if l.auth != ListenerAuth::Off && l.users.is_empty() {
+        out.push(
+            "listener.users is empty: with listener.auth on, add [[listener.users]] (username, password_hash)"
+                .into(),
+        );
+    }
+    let mut names = HashSet::new();
+    for (i, user) in l.users.iter().enumerate() {
+        let at = format!("listener.users[{i}]");
+        if user.username.is_empty() {
+            out.push(format!("{at}.username is empty"));
+        } else if user.username.chars().any(|c| c.is_control()) {
+            out.push(format!("{at}.username contains a control character"));
+        } else if !names.insert(user.username.as_str()) {
+            out.push(format!(
+                "{at}.username {:?} is used by another user",
+                user.username
+            ));
+        }
+        if !is_argon2_phc(&user.password_hash) {
+            out.push(format!(
+                "{at}.password_hash is not an argon2 PHC string ($argon2id$v=19$m=...,t=...,p=...$salt$hash); make one with `smtp-oauth-relay hash-password`"
+            ));
+        }
+    }
+    if l.max_connections == 0 {
+        out.push("listener.max_connections must be more than 0".into());
+    }
+    if l.max_connections_per_ip == 0 {
+        out.push("listener.max_connections_per_ip must be more than 0".into());
+    }
+    for (key, value) in [
+        ("command_timeout", l.command_timeout),
+        ("data_block_timeout", l.data_block_timeout),
+        ("data_timeout", l.data_timeout),
+    ] {
+        if value.is_zero() {
+            out.push(format!("listener.{key} must be more than 0"));
+        }
+    }
+}
+
+/// `$argon2id$v=19$m=19456,t=2,p=1$SALT$HASH` (also argon2i and argon2d).
+fn is_argon2_phc(text: &str) -> bool {
+    let parts: Vec<&str> = text.split('$').collect();
+    matches!(parts.as_slice(),
+        ["", alg, version, params, salt, hash]
+            if matches!(*alg, "argon2id" | "argon2i" | "argon2d")
+                && version.starts_with("v=")
+                && params.contains("m=")
+                && !salt.is_empty()
+                && !hash.is_empty())
 }
 
 fn account_problems(at: &str, account: &AccountConfig, out: &mut Vec<String>) {

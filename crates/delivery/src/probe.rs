@@ -296,7 +296,7 @@ impl Secured {
                 Ok(outcomes) => match outcomes.into_iter().next() {
                     Some(RcptOutcome::Delivered(reply)) => Ok(((), reply)),
                     Some(RcptOutcome::Failed(failure)) => {
-                        let hint = Reply::from_lines(&[failure.reply.clone()])
+                        let hint = Reply::from_lines(std::slice::from_ref(&failure.reply))
                             .and_then(|r| classify(&r).1)
                             .map(str::to_owned);
                         Err((failure.reply, hint))

@@ -1,25 +1,69 @@
 //! One SMTP conversation with a client.
+//!
+//! The session frames command lines itself (at most
+//! [`MAX_COMMAND_LINE`](crate::syntax::MAX_COMMAND_LINE) octets, no CR or
+//! NUL inside) and hands each complete line to smtp-proto's parser; pipelined
+//! input is worked through line by line from one read buffer. After `354` the
+//! bytes go to [`DataReceiver`]; after `334` to the SASL exchange.
 
-use crate::{data::DataReceiver, Router};
-use relay_config::{ListenerConfig, Mode};
+use crate::{
+    auth::{decode_line, decode_plain, Users},
+    data::DataReceiver,
+    server::Shared,
+    syntax::{self, DeclaredSize, MAX_COMMAND_LINE},
+    tls::Conn,
+    Router,
+};
+use relay_config::{ListenerAuth, ListenerConfig, Mode};
 use relay_queue::{NewMessage, Outcome, Queue, QueueId, RecipientResult};
-use smtp_proto::{request::receiver::RequestReceiver, Error as ParseError, Request};
+use smtp_proto::{Error as ParseError, Request, AUTH_LOGIN, AUTH_PLAIN};
 use std::{borrow::Cow, net::SocketAddr, sync::Arc, time::Duration};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    time::Instant,
+};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-/// How long a client may stay silent (RFC 5321 4.5.3.2 suggests 5 minutes).
+/// How long a client may stay silent by default (RFC 5321 4.5.3.2 suggests
+/// 5 minutes); `listener.command_timeout` sets it.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long a passthrough client waits for the upstream's answer.
 pub const PASSTHROUGH_WAIT: Duration = Duration::from_secs(300);
 /// A client that keeps getting errors is closed after this many.
 pub const MAX_ERRORS: u32 = 20;
+/// The read buffer of a session.
+const READ_CHUNK: usize = 16 * 1024;
 
-/// What every session needs; shared by all.
+/// What every session needs; shared by all, replaced as a whole on reload.
 pub struct Context {
     pub config: ListenerConfig,
     pub router: Router,
     pub queue: Queue,
+    /// Built from `tls_certificate` / `tls_private_key`; `None` without them.
+    pub tls: Option<TlsAcceptor>,
+    /// `[[listener.users]]`.
+    pub users: Users,
+}
+
+impl Context {
+    /// Reads the TLS certificate and key (when configured) and the users'
+    /// password hashes.
+    pub fn new(config: ListenerConfig, router: Router, queue: Queue) -> Result<Context, String> {
+        let tls = match (&config.tls_certificate, &config.tls_private_key) {
+            (Some(cert), Some(key)) => Some(crate::tls::acceptor(cert, key)?),
+            (None, None) => None,
+            _ => return Err("listener.tls_certificate and tls_private_key go together".into()),
+        };
+        let users = Users::new(&config.users)?;
+        Ok(Context {
+            config,
+            router,
+            queue,
+            tls,
+            users,
+        })
+    }
 }
 
 struct Envelope {
@@ -30,109 +74,113 @@ struct Envelope {
 
 enum Phase {
     Command,
-    Data(DataReceiver),
-    /// Fix: the rest of an over-long command line, already answered with
-    /// one `500 line too long`. smtp-proto's receiver gives up on a line
-    /// after 4096 bytes without skipping the rest of it, which used to be
-    /// parsed as further commands: one line got several replies, putting a
-    /// pipelining client out of step.
+    /// After `354`: the message, with when it started and the bytes read.
+    Data {
+        receiver: DataReceiver,
+        started: Instant,
+        received: u64,
+    },
+    /// The rest of an over-long command line, already answered with one
+    /// `500 line too long`: one line gets one reply, whatever its length,
+    /// so a pipelining client stays in step.
     SkipLine,
+    /// After `334`: the client's SASL response line.
+    Sasl(Sasl),
+}
+
+enum Sasl {
+    Plain,
+    LoginUser,
+    LoginPassword(String),
 }
 
 /// What to do after a command.
 enum Next {
     Continue,
     Close,
+    /// `220` to `STARTTLS` was queued: flush it, drop what else was read,
+    /// and do the handshake.
+    StartTls,
 }
 
 /// The state of one conversation.
 pub struct Session<S> {
-    stream: S,
+    conn: Conn<S>,
     peer: SocketAddr,
     ctx: Arc<Context>,
+    shared: Arc<Shared>,
     out: Vec<u8>,
     envelope: Option<Envelope>,
     errors: u32,
+    /// The local user who logged in, if any.
+    user: Option<String>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    /// A plaintext session with state of its own (no other session's
+    /// failed logins count).
     pub fn new(stream: S, peer: SocketAddr, ctx: Arc<Context>) -> Self {
+        Session::with_conn(Conn::Plain(stream), peer, ctx, Arc::default())
+    }
+
+    /// A session over `conn` (plain, or TLS already), sharing `shared` with
+    /// the other sessions of its server.
+    pub fn with_conn(
+        conn: Conn<S>,
+        peer: SocketAddr,
+        ctx: Arc<Context>,
+        shared: Arc<Shared>,
+    ) -> Self {
         Session {
-            stream,
+            conn,
             peer,
             ctx,
+            shared,
             out: Vec::new(),
             envelope: None,
             errors: 0,
+            user: None,
         }
     }
 
     /// Greets the client and serves it until it quits, times out, or `shutdown`.
     pub async fn run(mut self, shutdown: CancellationToken) -> std::io::Result<()> {
+        if !self.pregreet().await? {
+            return Ok(());
+        }
         let greeting = format!(
             "220 {} ESMTP smtp-oauth-relay ready",
             self.ctx.config.hostname
         );
         self.line(&greeting);
-        let mut parser = RequestReceiver::default();
         let mut phase = Phase::Command;
-        let mut input: Vec<u8> = Vec::with_capacity(8192);
-        let mut chunk = vec![0u8; 64 * 1024];
+        let mut input: Vec<u8> = Vec::with_capacity(1024);
+        let mut chunk = vec![0u8; READ_CHUNK];
         loop {
             // Work through everything already received: pipelined commands
             // are answered in order, and flushed together before the next read.
             let mut used = 0;
             while used < input.len() {
-                let (n, next) = match &mut phase {
-                    Phase::Data(receiver) => {
-                        let (n, done) = receiver.ingest(&input[used..]);
-                        if done {
-                            if let Phase::Data(receiver) =
-                                std::mem::replace(&mut phase, Phase::Command)
-                            {
-                                self.end_of_data(receiver).await;
-                            }
-                        }
-                        (n, Next::Continue)
-                    }
-                    Phase::SkipLine => match input[used..].iter().position(|&b| b == b'\n') {
-                        Some(lf) => {
-                            phase = Phase::Command;
-                            (lf + 1, Next::Continue)
-                        }
-                        None => (input.len() - used, Next::Continue),
-                    },
-                    Phase::Command => {
-                        let mut bytes = input[used..].iter();
-                        let parsed = parser.ingest(&mut bytes).map(Request::into_owned);
-                        let n = input.len() - used - bytes.as_slice().len();
-                        match parsed {
-                            Err(ParseError::NeedsMoreData { .. }) => (n, Next::Continue),
-                            Err(ParseError::ResponseTooLong) => {
-                                phase = Phase::SkipLine;
-                                (n, self.command(Err(ParseError::ResponseTooLong)))
-                            }
-                            Ok(Request::Data) => match self.data_allowed() {
-                                None => {
-                                    phase = Phase::Data(DataReceiver::new(
-                                        self.ctx.config.max_message_size,
-                                    ));
-                                    (n, Next::Continue)
-                                }
-                                // Fix: a refused DATA may be the error that
-                                // reaches MAX_ERRORS; its Close used to be
-                                // dropped, so the 421 was sent but the
-                                // session went on.
-                                Some(next) => (n, next),
-                            },
-                            other => (n, self.command(other)),
-                        }
-                    }
-                };
+                let (n, next) = self.step(&mut phase, &input[used..]).await;
                 used += n;
-                if matches!(next, Next::Close) {
-                    self.flush().await?;
-                    return Ok(());
+                match next {
+                    Next::Continue => {}
+                    Next::Close => {
+                        self.flush().await?;
+                        return Ok(());
+                    }
+                    Next::StartTls => {
+                        self.flush().await?;
+                        // Whatever the client sent after STARTTLS in
+                        // plaintext is dropped unread: a command injected
+                        // there must not run inside the TLS session.
+                        input.clear();
+                        used = 0;
+                        if !self.start_tls().await {
+                            return Ok(());
+                        }
+                        break;
+                    }
                 }
                 if n == 0 {
                     break;
@@ -140,30 +188,176 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             input.drain(..used);
             self.flush().await?;
+            let wait = match self.read_limit(&phase) {
+                Some(wait) => wait,
+                None => return self.timed_out("DATA took too long").await,
+            };
             // On shutdown an idle client is told at once; one in the middle
             // of a transaction may finish it (the server's grace period
             // bounds how long).
             let idle = self.envelope.is_none() && matches!(phase, Phase::Command);
             let read = tokio::select! {
-                read = tokio::time::timeout(IDLE_TIMEOUT, self.stream.read(&mut chunk)) => read,
+                read = tokio::time::timeout(wait, self.conn.read(&mut chunk)) => read,
                 _ = shutdown.cancelled(), if idle => {
                     self.line("421 4.3.2 Service shutting down, try again later");
                     return self.flush().await;
                 }
             };
             match read {
-                Err(_) => {
-                    let text = format!(
-                        "421 4.4.2 {} Error: timeout exceeded",
-                        self.ctx.config.hostname
-                    );
-                    self.line(&text);
-                    return self.flush().await;
-                }
+                Err(_) => return self.timed_out("the client went silent").await,
                 Ok(Ok(0)) => return Ok(()),
-                Ok(Ok(n)) => input.extend_from_slice(&chunk[..n]),
+                Ok(Ok(n)) => {
+                    if let Phase::Data { received, .. } = &mut phase {
+                        *received += n as u64;
+                    }
+                    input.extend_from_slice(&chunk[..n]);
+                }
                 Ok(Err(e)) => return Err(e),
             }
+        }
+    }
+
+    /// Waits `greet_delay` before the greeting; a client that talks in the
+    /// meantime is told `554` and dropped. `false` when the session is over.
+    async fn pregreet(&mut self) -> std::io::Result<bool> {
+        let delay = self.ctx.config.greet_delay;
+        if delay.is_zero() {
+            return Ok(true);
+        }
+        let mut probe = [0u8; 512];
+        match tokio::time::timeout(delay, self.conn.read(&mut probe)).await {
+            Err(_) => Ok(true),
+            Ok(Ok(0)) => Ok(false),
+            Ok(Ok(_)) => {
+                tracing::warn!(client = %self.peer.ip(), "client talked before the greeting; disconnected");
+                metrics::counter!("smtp_relay_pregreet_total").increment(1);
+                self.line("554 5.5.1 Error: you talked before the greeting");
+                self.flush().await?;
+                Ok(false)
+            }
+            Ok(Err(e)) => Err(e),
+        }
+    }
+
+    /// How long the next read may wait; `None` when DATA is out of time.
+    fn read_limit(&self, phase: &Phase) -> Option<Duration> {
+        let c = &self.ctx.config;
+        match phase {
+            Phase::Data {
+                started, received, ..
+            } => {
+                let mut allowed = c.data_timeout;
+                if c.min_data_rate > 0 {
+                    let earned = Duration::from_secs_f64(*received as f64 / c.min_data_rate as f64);
+                    allowed = allowed.min(c.data_block_timeout.saturating_add(earned));
+                }
+                let left = allowed.checked_sub(started.elapsed())?;
+                (!left.is_zero()).then(|| left.min(c.data_block_timeout))
+            }
+            _ => Some(c.command_timeout),
+        }
+    }
+
+    async fn timed_out(&mut self, why: &str) -> std::io::Result<()> {
+        tracing::info!(client = %self.peer.ip(), "closing: {why}");
+        let text = format!(
+            "421 4.4.2 {} Error: timeout exceeded",
+            self.ctx.config.hostname
+        );
+        self.line(&text);
+        self.flush().await
+    }
+
+    /// Takes what it can from `input`: a command line, a SASL response, or
+    /// message bytes. Returns how many bytes it used (0: it needs more).
+    async fn step(&mut self, phase: &mut Phase, input: &[u8]) -> (usize, Next) {
+        match phase {
+            Phase::Data { receiver, .. } => {
+                let (n, done) = receiver.ingest(input);
+                if done {
+                    if let Phase::Data { receiver, .. } = std::mem::replace(phase, Phase::Command) {
+                        self.end_of_data(receiver).await;
+                    }
+                }
+                (n, Next::Continue)
+            }
+            Phase::SkipLine => match memchr::memchr(b'\n', input) {
+                Some(lf) => {
+                    *phase = Phase::Command;
+                    (lf + 1, Next::Continue)
+                }
+                None => (input.len(), Next::Continue),
+            },
+            Phase::Command | Phase::Sasl(_) => {
+                let Some(lf) = memchr::memchr(b'\n', input) else {
+                    if input.len() >= MAX_COMMAND_LINE {
+                        *phase = Phase::SkipLine;
+                        return (input.len(), self.error("500 5.5.2 Error: line too long"));
+                    }
+                    return (0, Next::Continue);
+                };
+                let line = &input[..=lf];
+                let was = std::mem::replace(phase, Phase::Command);
+                if line.len() > MAX_COMMAND_LINE {
+                    return (lf + 1, self.error("500 5.5.2 Error: line too long"));
+                }
+                let content = syntax::strip_line_end(line);
+                if syntax::has_control(content) {
+                    return (
+                        lf + 1,
+                        self.error("500 5.5.2 Error: bare CR or NUL in a command line"),
+                    );
+                }
+                let next = match was {
+                    Phase::Sasl(state) => self.sasl_response(state, content, phase).await,
+                    _ => self.command_line(content, phase).await,
+                };
+                (lf + 1, next)
+            }
+        }
+    }
+
+    /// One command line (without its end).
+    async fn command_line(&mut self, content: &[u8], phase: &mut Phase) -> Next {
+        // Before the parser, which refuses (or, past 20 digits, wraps) a
+        // number too large to count.
+        if content.len() > 5 && content[..5].eq_ignore_ascii_case(b"MAIL ") {
+            let too_big = match syntax::declared_size(content) {
+                DeclaredSize::None => false,
+                DeclaredSize::Bytes(n) => n > self.ctx.config.max_message_size,
+                DeclaredSize::Huge => true,
+            };
+            if too_big {
+                return self
+                    .error("552 5.3.4 Error: message size exceeds fixed maximum message size");
+            }
+        }
+        let mut wire = Vec::with_capacity(content.len() + 2);
+        wire.extend_from_slice(content);
+        wire.extend_from_slice(b"\r\n");
+        let parsed = Request::parse(&mut wire.iter()).map(Request::into_owned);
+        match parsed {
+            Ok(Request::Data) => match self.data_allowed() {
+                None => {
+                    *phase = Phase::Data {
+                        receiver: DataReceiver::new(self.ctx.config.max_message_size),
+                        started: Instant::now(),
+                        received: 0,
+                    };
+                    Next::Continue
+                }
+                // Fix: a refused DATA may be the error that reaches
+                // MAX_ERRORS; its Close used to be dropped, so the 421 was
+                // sent but the session went on.
+                Some(next) => next,
+            },
+            Ok(Request::Mail { from }) => self.mail(from.address, content),
+            Ok(Request::Rcpt { to }) => self.rcpt(to.address, content),
+            Ok(Request::Auth {
+                mechanism,
+                initial_response,
+            }) => self.auth(mechanism, initial_response, phase).await,
+            other => self.command(other),
         }
     }
 
@@ -176,10 +370,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Request::Ehlo { host } => {
                 self.envelope = None;
                 let c = &self.ctx.config;
-                let text = format!(
-                    "250-{} Hello {host}\r\n250-PIPELINING\r\n250-SIZE {}\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250 ENHANCEDSTATUSCODES",
+                let mut text = format!(
+                    "250-{} Hello {host}\r\n250-PIPELINING\r\n250-SIZE {}\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n",
                     c.hostname, c.max_message_size
                 );
+                if self.ctx.tls.is_some() && !self.conn.is_tls() {
+                    text.push_str("250-STARTTLS\r\n");
+                }
+                if self.auth_offered() && self.user.is_none() {
+                    text.push_str("250-AUTH PLAIN LOGIN\r\n");
+                }
+                text.push_str("250 ENHANCEDSTATUSCODES");
                 self.line(&text);
             }
             Request::Helo { .. } => {
@@ -187,8 +388,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 let text = format!("250 {}", self.ctx.config.hostname);
                 self.line(&text);
             }
-            Request::Mail { from } => return self.mail(from.address, from.size as u64),
-            Request::Rcpt { to } => return self.rcpt(to.address),
             Request::Rset => {
                 self.envelope = None;
                 self.line("250 2.0.0 Ok");
@@ -203,14 +402,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 self.line("221 2.0.0 Bye");
                 return Next::Close;
             }
-            Request::Auth { .. } => return self.error(
-                "503 5.5.1 Error: authentication not enabled: this relay takes mail without AUTH",
-            ),
-            Request::StartTls => return self.error("502 5.5.1 Error: STARTTLS not available"),
+            Request::StartTls => return self.starttls(),
             Request::Lhlo { .. } => {
                 return self.error("500 5.5.1 Error: this is not an LMTP server")
             }
-            Request::Data => {} // handled by the caller, which owns the phase
+            // handled by the caller
+            Request::Data | Request::Mail { .. } | Request::Rcpt { .. } | Request::Auth { .. } => {}
             Request::Expn { .. }
             | Request::Etrn { .. }
             | Request::Atrn { .. }
@@ -222,12 +419,167 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         Next::Continue
     }
 
-    fn mail(&mut self, sender: String, declared_size: u64) -> Next {
+    fn starttls(&mut self) -> Next {
+        if self.ctx.tls.is_none() {
+            return self.error("502 5.5.1 Error: STARTTLS not available");
+        }
+        if self.conn.is_tls() {
+            return self.error("503 5.5.1 Error: TLS already active");
+        }
+        self.line("220 2.0.0 Ready to start TLS");
+        Next::StartTls
+    }
+
+    /// The handshake after `220`; the session starts over inside TLS
+    /// (RFC 3207 4.2). `false` when it failed and the session is over.
+    async fn start_tls(&mut self) -> bool {
+        let Some(acceptor) = self.ctx.tls.clone() else {
+            return false;
+        };
+        let Conn::Plain(stream) = std::mem::replace(&mut self.conn, Conn::Gone) else {
+            return false;
+        };
+        match tokio::time::timeout(self.ctx.config.command_timeout, acceptor.accept(stream)).await {
+            Ok(Ok(tls)) => {
+                self.conn = Conn::Tls(Box::new(tls));
+                self.envelope = None;
+                self.user = None;
+                true
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(client = %self.peer.ip(), error = %e, "STARTTLS handshake failed");
+                false
+            }
+            Err(_) => {
+                tracing::debug!(client = %self.peer.ip(), "STARTTLS handshake timed out");
+                false
+            }
+        }
+    }
+
+    /// AUTH is offered over TLS, and to loopback clients.
+    fn auth_offered(&self) -> bool {
+        self.ctx.config.auth != ListenerAuth::Off
+            && (self.conn.is_tls() || self.peer.ip().is_loopback())
+    }
+
+    async fn auth(&mut self, mechanism: u64, initial: String, phase: &mut Phase) -> Next {
+        if self.ctx.config.auth == ListenerAuth::Off {
+            return self.error(
+                "503 5.5.1 Error: authentication not enabled: this relay takes mail without AUTH",
+            );
+        }
+        if !self.auth_offered() {
+            return self
+                .error("538 5.7.11 Encryption required for requested authentication mechanism");
+        }
+        if self.user.is_some() {
+            return self.error("503 5.5.1 Error: already authenticated");
+        }
+        if self.envelope.is_some() {
+            return self.error("503 5.5.1 Error: MAIL transaction in progress");
+        }
+        if self.shared.auth_failures.blocked(self.peer.ip()) {
+            tracing::warn!(client = %self.peer.ip(), "login refused: too many failed logins");
+            return self.error("454 4.7.0 Error: too many failed logins, try again later");
+        }
+        let initial = (!initial.is_empty()).then_some(initial);
+        match (mechanism, initial) {
+            (AUTH_PLAIN, None) => {
+                self.line("334 ");
+                *phase = Phase::Sasl(Sasl::Plain);
+                Next::Continue
+            }
+            (AUTH_PLAIN, Some(response)) => {
+                self.sasl_response(Sasl::Plain, response.as_bytes(), phase)
+                    .await
+            }
+            (AUTH_LOGIN, None) => {
+                self.line("334 VXNlcm5hbWU6");
+                *phase = Phase::Sasl(Sasl::LoginUser);
+                Next::Continue
+            }
+            (AUTH_LOGIN, Some(response)) => {
+                self.sasl_response(Sasl::LoginUser, response.as_bytes(), phase)
+                    .await
+            }
+            _ => self.error("504 5.5.4 Error: unsupported authentication mechanism"),
+        }
+    }
+
+    /// A response line of the SASL exchange.
+    async fn sasl_response(&mut self, state: Sasl, content: &[u8], phase: &mut Phase) -> Next {
+        if content == b"*" {
+            return self.error("501 5.7.0 Error: authentication cancelled");
+        }
+        let text = String::from_utf8_lossy(content);
+        let undecodable = "501 5.5.2 Error: cannot decode the AUTH response";
+        match state {
+            Sasl::Plain => match decode_plain(&text) {
+                Some((user, password)) => self.verify(user, password).await,
+                None => self.error(undecodable),
+            },
+            Sasl::LoginUser => match decode_line(&text).and_then(|u| String::from_utf8(u).ok()) {
+                Some(user) if !user.is_empty() => {
+                    self.line("334 UGFzc3dvcmQ6");
+                    *phase = Phase::Sasl(Sasl::LoginPassword(user));
+                    Next::Continue
+                }
+                _ => self.error(undecodable),
+            },
+            Sasl::LoginPassword(user) => match decode_line(&text) {
+                Some(password) => self.verify(user, password).await,
+                None => self.error(undecodable),
+            },
+        }
+    }
+
+    /// Checks the password (argon2, on a blocking thread) and counts a
+    /// failure against the client's address.
+    async fn verify(&mut self, user: String, password: Vec<u8>) -> Next {
+        let ctx = self.ctx.clone();
+        let name = user.clone();
+        let ok = tokio::task::spawn_blocking(move || ctx.users.verify(&name, &password))
+            .await
+            .unwrap_or(false);
+        let ip = self.peer.ip();
+        if ok {
+            self.shared.auth_failures.succeeded(ip);
+            tracing::info!(client = %ip, %user, "logged in");
+            self.user = Some(user);
+            self.line("235 2.7.0 Authentication successful");
+            Next::Continue
+        } else {
+            self.shared.auth_failures.failed(ip);
+            tracing::warn!(client = %ip, %user, "failed login");
+            metrics::counter!("smtp_relay_auth_failures_total").increment(1);
+            self.error("535 5.7.8 Error: authentication failed")
+        }
+    }
+
+    fn mail(&mut self, sender: String, content: &[u8]) -> Next {
         if self.envelope.is_some() {
             return self.error("503 5.5.1 Error: nested MAIL command");
         }
-        if declared_size > self.ctx.config.max_message_size {
-            return self.error("552 5.3.4 Error: message size exceeds fixed maximum message size");
+        if self.ctx.config.auth == ListenerAuth::Required && self.user.is_none() {
+            return if self.auth_offered() {
+                self.error("530 5.7.0 Error: authentication required")
+            } else {
+                self.error("530 5.7.0 Must issue a STARTTLS command first")
+            };
+        }
+        if let Err(why) = syntax::raw_path(content)
+            .map_or(Ok(()), syntax::check_raw_path)
+            .and_then(|()| {
+                if sender.is_empty() {
+                    Ok(())
+                } else {
+                    syntax::check_address(&sender)
+                }
+            })
+        {
+            let text = format!("501 5.1.7 <{sender}>: Sender address rejected: {why}");
+            return self.error(&text);
         }
         let Some(account) = self.ctx.router.route(&sender).map(str::to_owned) else {
             let text = format!(
@@ -244,15 +596,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         Next::Continue
     }
 
-    fn rcpt(&mut self, recipient: String) -> Next {
+    fn rcpt(&mut self, recipient: String, content: &[u8]) -> Next {
         let max = self.ctx.config.max_recipients;
+        if self.envelope.is_none() {
+            return self.error("503 5.5.1 Error: need MAIL command");
+        }
+        // Recipients are forwarded to Microsoft 365: they need a domain.
+        if let Err(why) = syntax::raw_path(content)
+            .map_or(Ok(()), syntax::check_raw_path)
+            .and_then(|()| syntax::check_address(&recipient))
+        {
+            let text = format!("501 5.1.3 <{recipient}>: Bad recipient address syntax: {why}");
+            return self.error(&text);
+        }
         let Some(envelope) = self.envelope.as_mut() else {
             return self.error("503 5.5.1 Error: need MAIL command");
         };
-        if !valid_recipient(&recipient) {
-            let text = format!("501 5.1.3 <{recipient}>: Bad recipient address syntax");
-            return self.error(&text);
-        }
         if envelope.recipients.len() >= max {
             return self.error("452 4.5.3 Error: too many recipients");
         }
@@ -352,10 +711,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.out.extend_from_slice(b"\r\n");
     }
 
+    /// Sends the queued replies; a client that does not read them within
+    /// `command_timeout` is given up.
     async fn flush(&mut self) -> std::io::Result<()> {
         if !self.out.is_empty() {
-            self.stream.write_all(&self.out).await?;
-            self.stream.flush().await?;
+            let write = async {
+                self.conn.write_all(&self.out).await?;
+                self.conn.flush().await
+            };
+            tokio::time::timeout(self.ctx.config.command_timeout, write)
+                .await
+                .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
             self.out.clear();
         }
         Ok(())
@@ -392,14 +758,6 @@ fn passthrough_reply(id: &QueueId, results: &[RecipientResult]) -> String {
             Outcome::Permanent { reply } => with_code(reply, "554 5.0.0"),
             other => with_code(other.reply(), "451 4.4.1"),
         },
-    }
-}
-
-/// Recipients are forwarded to Microsoft 365: they need a domain.
-fn valid_recipient(address: &str) -> bool {
-    match address.rsplit_once('@') {
-        Some((local, domain)) => !local.is_empty() && !domain.is_empty(),
-        None => false,
     }
 }
 

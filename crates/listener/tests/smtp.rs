@@ -5,10 +5,15 @@
 
 use relay_listener::{session::Context, Router};
 use relay_queue::{list, Entry, Queue, QueueSettings};
-use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 use tempfile::TempDir;
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::TcpStream,
     task::JoinHandle,
 };
@@ -56,6 +61,10 @@ struct Setup {
     listener: String,
     /// The `[[accounts]]` tables.
     accounts: String,
+    /// Give the listener a certificate (STARTTLS).
+    tls: bool,
+    /// Also listen for implicit TLS (needs `tls`).
+    implicit_tls: bool,
 }
 
 impl Default for Setup {
@@ -64,6 +73,8 @@ impl Default for Setup {
             bind: SocketAddr::from(([127, 0, 0, 1], 0)),
             listener: String::new(),
             accounts: account("main", &["*"]),
+            tls: false,
+            implicit_tls: false,
         }
     }
 }
@@ -85,17 +96,48 @@ impl Setup {
         self
     }
 
-    async fn start(self) -> Relay {
+    /// A certificate for `localhost`/`127.0.0.1`: STARTTLS is offered.
+    fn tls(mut self) -> Self {
+        self.tls = true;
+        self
+    }
+
+    /// STARTTLS, and an implicit-TLS socket too.
+    fn implicit_tls(mut self) -> Self {
+        self.tls = true;
+        self.implicit_tls = true;
+        self
+    }
+
+    /// The context [`Setup::start`] would serve, for sessions driven
+    /// directly (over an in-memory stream, from any address).
+    async fn context(self) -> (Arc<Context>, TempDir, Option<TestCert>) {
+        let (config, dir, queue, cert) = self.load().await;
+        let ctx = Context::new(config.listener, Router::new(&config.accounts), queue)
+            .expect("listener context");
+        (Arc::new(ctx), dir, cert)
+    }
+
+    async fn load(&self) -> (relay_config::Config, TempDir, Queue, Option<TestCert>) {
+        let dir = TempDir::new().expect("temp dir");
+        let cert = self.tls.then(|| TestCert::write(dir.path(), "cert"));
+        let tls_keys = match &cert {
+            Some(cert) => format!(
+                "tls_certificate = {:?}\ntls_private_key = {:?}\n",
+                cert.cert_path, cert.key_path
+            ),
+            None => String::new(),
+        };
         let toml = format!(
-            "[listener]\nhostname = \"{HOST}\"\n{}\n{}",
-            self.listener, self.accounts
+            "[listener]\nhostname = \"{HOST}\"\n{}{}\n{}",
+            tls_keys, self.listener, self.accounts
         );
         let config = relay_config::load_str(&toml).expect("valid test configuration");
-        let dir = TempDir::new().expect("temp dir");
+        std::fs::create_dir(dir.path().join("queue")).expect("queue dir");
         let queue = within(
             "opening the queue",
             Queue::open(QueueSettings {
-                dir: dir.path().to_path_buf(),
+                dir: dir.path().join("queue"),
                 retry_initial: Duration::from_secs(60),
                 retry_max: Duration::from_secs(3600),
                 max_age: Duration::from_secs(86400),
@@ -103,17 +145,35 @@ impl Setup {
         )
         .await
         .expect("open queue");
-        let listener = relay_listener::bind(&[self.bind]).await.expect("bind");
+        (config, dir, queue, cert)
+    }
+
+    async fn start(self) -> Relay {
+        let (config, dir, queue, cert) = self.load().await;
+        let implicit: Vec<SocketAddr> = if self.implicit_tls {
+            vec![SocketAddr::from(([127, 0, 0, 1], 0))]
+        } else {
+            Vec::new()
+        };
+        let listener = relay_listener::bind_with_tls(&[self.bind], &implicit)
+            .await
+            .expect("bind");
         let addr = listener.local_addrs()[0];
-        let ctx = Arc::new(Context {
-            router: Router::new(&config.accounts),
-            config: config.listener,
-            queue: queue.clone(),
-        });
+        let tls_addr = listener.tls_addrs().first().copied();
+        let ctx = Arc::new(
+            Context::new(
+                config.listener,
+                Router::new(&config.accounts),
+                queue.clone(),
+            )
+            .expect("listener context"),
+        );
         let shutdown = CancellationToken::new();
         let server = tokio::spawn(relay_listener::serve(listener, ctx, shutdown.clone()));
         Relay {
             addr,
+            tls_addr,
+            cert,
             dir,
             queue,
             shutdown,
@@ -125,6 +185,9 @@ impl Setup {
 /// A running listener over a queue in a temporary directory.
 struct Relay {
     addr: SocketAddr,
+    /// The implicit-TLS address, if any.
+    tls_addr: Option<SocketAddr>,
+    cert: Option<TestCert>,
     dir: TempDir,
     queue: Queue,
     shutdown: CancellationToken,
@@ -149,13 +212,13 @@ impl Relay {
         Client::connect(self.addr).await
     }
 
-    fn path(&self) -> &Path {
-        self.dir.path()
+    fn path(&self) -> PathBuf {
+        self.dir.path().join("queue")
     }
 
     /// Every queued message, in id order.
     fn entries(&self) -> Vec<Entry> {
-        list(self.path()).expect("list the queue")
+        list(&self.path()).expect("list the queue")
     }
 
     /// The only queued message and its stored body.
@@ -183,9 +246,13 @@ impl Relay {
 
 // ---------------------------------------------------------------- the client
 
+/// What a client talks over: TCP, TLS, or an in-memory pipe.
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
 /// A raw SMTP client: writes bytes, reads complete replies.
 struct Client {
-    stream: TcpStream,
+    stream: Box<dyn Stream>,
     /// Received but not yet returned.
     buf: Vec<u8>,
     /// How long to wait for the server to send something.
@@ -211,11 +278,36 @@ impl Client {
         let stream = within("connecting", TcpStream::connect(addr))
             .await
             .expect("connect");
+        Client::over(stream)
+    }
+
+    fn over(stream: impl Stream + 'static) -> Client {
         Client {
-            stream,
+            stream: Box::new(stream),
             buf: Vec::new(),
             wait: WAIT,
         }
+    }
+
+    /// The TLS handshake over the current stream (after `220` to
+    /// `STARTTLS`, or at once for implicit TLS), trusting `cert` only.
+    async fn tls(
+        &mut self,
+        cert: &TestCert,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) {
+        assert!(
+            self.buf.is_empty(),
+            "unread bytes before TLS: {:?}",
+            self.buf
+        );
+        let plain = std::mem::replace(&mut self.stream, Box::new(tokio::io::duplex(1).0));
+        let connector = cert.connector(versions);
+        let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+        let tls = within("TLS handshake", connector.connect(name, plain))
+            .await
+            .expect("TLS handshake");
+        self.stream = Box::new(tls);
     }
 
     async fn send(&mut self, bytes: impl AsRef<[u8]>) {
@@ -321,6 +413,55 @@ fn only_crlf(body: &[u8]) -> bool {
         _ => true,
     })
 }
+
+/// A self-signed certificate for `localhost` and `127.0.0.1`, on disk.
+struct TestCert {
+    cert_path: PathBuf,
+    key_path: PathBuf,
+    der: rustls::pki_types::CertificateDer<'static>,
+}
+
+impl TestCert {
+    /// A fresh certificate written as `NAME.pem` / `NAME.key` in `dir`
+    /// (over any that were there).
+    fn write(dir: &Path, name: &str) -> TestCert {
+        let cert = rcgen::generate_simple_self_signed(vec![
+            "localhost".to_string(),
+            "127.0.0.1".to_string(),
+        ])
+        .expect("certificate");
+        let cert_path = dir.join(format!("{name}.pem"));
+        let key_path = dir.join(format!("{name}.key"));
+        std::fs::write(&cert_path, cert.cert.pem()).expect("write certificate");
+        std::fs::write(&key_path, cert.signing_key.serialize_pem()).expect("write key");
+        TestCert {
+            cert_path,
+            key_path,
+            der: cert.cert.der().clone(),
+        }
+    }
+
+    fn connector(
+        &self,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> tokio_rustls::TlsConnector {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(self.der.clone())
+            .expect("trust the test certificate");
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_protocol_versions(versions)
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+    }
+}
+
+const ANY_TLS: &[&rustls::SupportedProtocolVersion] =
+    &[&rustls::version::TLS13, &rustls::version::TLS12];
 
 // ------------------------------------------------------------------ commands
 
@@ -866,7 +1007,7 @@ async fn sequence_and_syntax_errors() {
     .await;
     c.cmd(
         "RCPT TO:<victim@>",
-        "501 5.1.3 <victim@>: Bad recipient address syntax",
+        "501 5.1.3 <victim@>: Bad recipient address syntax: the domain is empty",
     )
     .await;
     c.cmd(
@@ -874,8 +1015,11 @@ async fn sequence_and_syntax_errors() {
         "501 5.1.3 Error: bad recipient address syntax",
     )
     .await;
-    c.cmd("RCPT TO:<>", "501 5.1.3 <>: Bad recipient address syntax")
-        .await;
+    c.cmd(
+        "RCPT TO:<>",
+        "501 5.1.3 <>: Bad recipient address syntax: the address is empty",
+    )
+    .await;
     c.cmd(
         "AUTH PLAIN AGFAYg==",
         "503 5.5.1 Error: authentication not enabled: this relay takes mail without AUTH",
@@ -1201,4 +1345,770 @@ async fn idle_clients_are_timed_out() {
     c.closed().await;
     assert!(relay.entries().is_empty());
     relay.stop().await;
+}
+
+// ------------------------------------------------------ limits (issue 5)
+
+/// A command line may be 512 octets with its CRLF (RFC 5321 4.5.3.1.4);
+/// one more is `500 5.5.2`, and the session goes on in step.
+#[tokio::test]
+async fn command_lines_are_limited_to_512_octets() {
+    let relay = Relay::start().await;
+    let mut c = relay.client().await;
+    let fits = format!("NOOP {}", "x".repeat(512 - 2 - 5));
+    assert_eq!(fits.len() + 2, 512);
+    c.cmd(&fits, "250 2.0.0 Ok").await;
+    let over = format!("NOOP {}", "x".repeat(512 - 2 - 4));
+    assert_eq!(over.len() + 2, 513);
+    c.send(format!("{over}\r\nNOOP\r\n")).await;
+    c.expect("500 5.5.2 Error: line too long\r\n").await;
+    c.expect("250 2.0.0 Ok\r\n").await;
+    // an address that makes the line too long, in a transaction that survives
+    c.cmd("MAIL FROM:<a@contoso.com>", "250 2.1.0 Ok").await;
+    let long_rcpt = format!("RCPT TO:<{}@example.com>", "r".repeat(600));
+    c.cmd(&long_rcpt, "500 5.5.2 Error: line too long").await;
+    c.cmd("RCPT TO:<b@example.com>", "250 2.1.5 Ok").await;
+    c.data(b"x\r\n").await;
+    relay.stop().await;
+}
+
+/// The text line policy: lines longer than RFC 5321's 1000 octets are
+/// accepted and stored unchanged (applications write whole HTML documents
+/// on one line); only `max_message_size` bounds them.
+#[tokio::test]
+async fn long_text_lines_are_accepted_unchanged() {
+    let relay = Relay::start().await;
+    let mut c = relay.client().await;
+    let body = format!("Subject: long\r\n\r\n{}\r\nend\r\n", "h".repeat(20_000));
+    let id = c
+        .mail("a@contoso.com", "b@example.com", body.as_bytes())
+        .await;
+    assert_eq!(relay.body(&id), body.as_bytes());
+    relay.stop().await;
+}
+
+/// Address syntax: local part ≤ 64, domain ≤ 255, no CR/LF/NUL, no source
+/// routes, no `%` hack, no quoted local parts (smtp-proto would strip the
+/// quotes and hand on something else).
+#[tokio::test]
+async fn addresses_are_checked() {
+    let relay = Relay::start().await;
+    let mut c = relay.client().await;
+    let local64 = "l".repeat(64);
+    let local65 = "l".repeat(65);
+    // the longest path that fits in 256 octets (RFC 5321 4.5.3.1.3)
+    let domain = format!("{}.com", vec!["d".repeat(60); 3].join("."));
+    assert!(local64.len() + 1 + domain.len() <= 256);
+    let domain256 = format!("{}.com", vec!["d".repeat(63); 4].join("."));
+    assert!(domain256.len() > 255);
+    for (from, why) in [
+        (
+            format!("{local65}@contoso.com"),
+            "the local part is longer than 64 octets",
+        ),
+        (
+            "user%other@contoso.com".into(),
+            "%-hack routing is not accepted",
+        ),
+        (
+            "@hop1,@hop2:a@contoso.com".into(),
+            "source routes are not accepted",
+        ),
+        (
+            "\"a b\"@contoso.com".into(),
+            "quoted local parts are not accepted",
+        ),
+    ] {
+        let shown = match why {
+            "source routes are not accepted" => "a@contoso.com".to_owned(),
+            "quoted local parts are not accepted" => "a b@contoso.com".to_owned(),
+            _ => from.clone(),
+        };
+        c.cmd(
+            &format!("MAIL FROM:<{from}>"),
+            &format!("501 5.1.7 <{shown}>: Sender address rejected: {why}"),
+        )
+        .await;
+    }
+    // CR and NUL inside a command line are refused before parsing
+    c.send("MAIL FROM:<a\rb@contoso.com>\r\n").await;
+    c.expect("500 5.5.2 Error: bare CR or NUL in a command line\r\n")
+        .await;
+    c.send("MAIL FROM:<a\0b@contoso.com>\r\n").await;
+    c.expect("500 5.5.2 Error: bare CR or NUL in a command line\r\n")
+        .await;
+
+    c.cmd(
+        &format!("MAIL FROM:<{local64}@contoso.com>"),
+        "250 2.1.0 Ok",
+    )
+    .await;
+    for (to, shown, why) in [
+        (
+            format!("{local65}@example.com"),
+            format!("{local65}@example.com"),
+            "the local part is longer than 64 octets",
+        ),
+        // (smtp-proto refuses paths over 256 octets first)
+        (format!("a@{domain256}"), String::new(), ""),
+        (
+            "victim%evil.example@example.com".into(),
+            "victim%evil.example@example.com".into(),
+            "%-hack routing is not accepted",
+        ),
+        (
+            "@relay.example:victim@example.com".into(),
+            "victim@example.com".into(),
+            "source routes are not accepted",
+        ),
+        (
+            "\"a> NOTIFY=NEVER\"@example.com".into(),
+            "a> NOTIFY=NEVER@example.com".into(),
+            "quoted local parts are not accepted",
+        ),
+        ("a@exa mple.com".into(), String::new(), ""),
+    ] {
+        c.send(format!("RCPT TO:<{to}>\r\n")).await;
+        let reply = c.reply().await;
+        if why.is_empty() {
+            assert!(reply.starts_with("501 5."), "{to}: {reply}");
+        } else {
+            assert_eq!(
+                reply,
+                format!("501 5.1.3 <{shown}>: Bad recipient address syntax: {why}\r\n"),
+                "{to}"
+            );
+        }
+    }
+    c.send("RCPT TO:<a\rb@example.com>\r\n").await;
+    c.expect("500 5.5.2 Error: bare CR or NUL in a command line\r\n")
+        .await;
+    c.cmd(&format!("RCPT TO:<{local64}@{domain}>"), "250 2.1.5 Ok")
+        .await;
+    c.data(b"x\r\n").await;
+    let (entry, _) = relay.single();
+    assert_eq!(entry.sender, format!("{local64}@contoso.com"));
+    assert_eq!(entry.recipients, [format!("{local64}@{domain}")]);
+    relay.stop().await;
+}
+
+/// smtp-proto 0.2.5 wraps a `SIZE=` too long for 64 bits into a small
+/// number; the relay reads it itself.
+#[tokio::test]
+async fn a_declared_size_too_large_to_count_is_refused() {
+    let relay = Relay::start().await;
+    let mut c = relay.client().await;
+    for size in [
+        "99999999999999999999999",
+        "18446744073709551616",
+        "18446744073709551615",
+        "36700161",
+    ] {
+        c.cmd(
+            &format!("MAIL FROM:<a@contoso.com> SIZE={size}"),
+            "552 5.3.4 Error: message size exceeds fixed maximum message size",
+        )
+        .await;
+    }
+    c.cmd("MAIL FROM:<a@contoso.com> SIZE=36700160", "250 2.1.0 Ok")
+        .await;
+    c.cmd("RSET", "250 2.0.0 Ok").await;
+    relay.stop().await;
+}
+
+/// A client that talks before the greeting (after `greet_delay`) gets `554`
+/// and is disconnected; nothing it sent is run.
+#[tokio::test]
+async fn talking_before_the_greeting_is_refused() {
+    let relay = Setup::default()
+        .listener(r#"greet_delay = "300ms""#)
+        .start()
+        .await;
+    let mut c = relay.connect().await;
+    c.send("EHLO eager\r\nMAIL FROM:<a@contoso.com>\r\n").await;
+    c.expect("554 5.5.1 Error: you talked before the greeting\r\n")
+        .await;
+    c.closed().await;
+    // a patient client is greeted after the pause
+    let started = std::time::Instant::now();
+    let mut c = relay.client().await;
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    c.cmd("NOOP", "250 2.0.0 Ok").await;
+    relay.stop().await;
+
+    // and with the pause off, the greeting comes at once
+    let relay = Setup::default()
+        .listener(r#"greet_delay = "0s""#)
+        .start()
+        .await;
+    let started = std::time::Instant::now();
+    let mut c = relay.client().await;
+    assert!(started.elapsed() < Duration::from_millis(150));
+    c.cmd("NOOP", "250 2.0.0 Ok").await;
+    relay.stop().await;
+}
+
+/// Connects until a client is greeted (slots are freed when the server
+/// notices a close, which takes a moment).
+async fn client_when_free(relay: &Relay) -> Client {
+    for _ in 0..100 {
+        let mut c = relay.connect().await;
+        let reply = c.reply().await;
+        if reply.starts_with("220 ") {
+            return c;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no free connection slot within 5 s");
+}
+
+#[tokio::test]
+async fn connections_per_address_and_in_total_are_limited() {
+    let relay = Setup::default()
+        .listener("max_connections_per_ip = 2\ngreet_delay = \"0s\"")
+        .start()
+        .await;
+    let mut a = relay.client().await;
+    let _b = relay.client().await;
+    let mut c = relay.connect().await;
+    c.expect("421 4.7.0 Error: too many connections from your address\r\n")
+        .await;
+    c.closed().await;
+    a.cmd("QUIT", "221 2.0.0 Bye").await;
+    a.closed().await;
+    let mut again = client_when_free(&relay).await;
+    again.cmd("NOOP", "250 2.0.0 Ok").await;
+    relay.stop().await;
+
+    let relay = Setup::default()
+        .listener("max_connections = 3\ngreet_delay = \"0s\"")
+        .start()
+        .await;
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        open.push(relay.client().await);
+    }
+    let mut c = relay.connect().await;
+    c.expect("421 4.3.2 Error: too many connections, try again later\r\n")
+        .await;
+    c.closed().await;
+    drop(open.pop());
+    let mut again = client_when_free(&relay).await;
+    again.cmd("NOOP", "250 2.0.0 Ok").await;
+    relay.stop().await;
+}
+
+/// `command_timeout`, `data_block_timeout` and `data_timeout`, set short.
+#[tokio::test]
+async fn timeouts_are_configurable() {
+    let relay = Setup::default()
+        .listener(
+            "command_timeout = \"1s\"\ndata_block_timeout = \"700ms\"\ndata_timeout = \"2500ms\"\nmin_data_rate = 0\ngreet_delay = \"0s\"",
+        )
+        .start()
+        .await;
+    let timeout = "421 4.4.2 relay.test Error: timeout exceeded\r\n";
+    let about = |waited: Duration, expected: u64| {
+        assert!(
+            waited >= Duration::from_millis(expected)
+                && waited < Duration::from_millis(expected + 900),
+            "waited {waited:?}, expected about {expected} ms"
+        )
+    };
+    // silent while a command is due
+    let mut c = relay.client().await;
+    let since = std::time::Instant::now();
+    c.expect(timeout).await;
+    about(since.elapsed(), 1000);
+    c.closed().await;
+    // silent inside a message
+    let mut c = relay.client().await;
+    c.cmd("MAIL FROM:<a@contoso.com>", "250 2.1.0 Ok").await;
+    c.cmd("RCPT TO:<b@example.com>", "250 2.1.5 Ok").await;
+    c.cmd("DATA", "354 End data with <CR><LF>.<CR><LF>").await;
+    let since = std::time::Instant::now();
+    c.expect(timeout).await;
+    about(since.elapsed(), 700);
+    c.closed().await;
+    // a message that keeps coming, but takes longer than data_timeout
+    let mut c = relay.client().await;
+    c.cmd("MAIL FROM:<a@contoso.com>", "250 2.1.0 Ok").await;
+    c.cmd("RCPT TO:<b@example.com>", "250 2.1.5 Ok").await;
+    c.cmd("DATA", "354 End data with <CR><LF>.<CR><LF>").await;
+    let since = std::time::Instant::now();
+    let reply = drip(
+        &mut c,
+        Duration::from_millis(200),
+        b"a line of the message\r\n",
+    )
+    .await;
+    assert_eq!(reply, timeout);
+    about(since.elapsed(), 2500);
+    assert!(relay.entries().is_empty());
+    relay.stop().await;
+}
+
+/// Sends `piece` every `every` until the server answers; returns the answer.
+async fn drip(c: &mut Client, every: Duration, piece: &[u8]) -> String {
+    loop {
+        tokio::time::sleep(every).await;
+        if c.stream.write_all(piece).await.is_err() {
+            return c.reply().await;
+        }
+        let mut chunk = [0u8; 512];
+        if let Ok(read) =
+            tokio::time::timeout(Duration::from_millis(1), c.stream.read(&mut chunk)).await
+        {
+            let n = read.unwrap_or(0);
+            c.buf.extend_from_slice(&chunk[..n]);
+            return c.reply().await;
+        }
+    }
+}
+
+/// A slow-drip client is cut off once it falls below `min_data_rate`
+/// (after `data_block_timeout` of grace); a fast one is not.
+#[tokio::test]
+async fn slow_drip_clients_are_cut_off() {
+    let relay = Setup::default()
+        .listener("data_block_timeout = \"1s\"\nmin_data_rate = 100\ngreet_delay = \"0s\"")
+        .start()
+        .await;
+    let mut c = relay.client().await;
+    c.cmd("MAIL FROM:<a@contoso.com>", "250 2.1.0 Ok").await;
+    c.cmd("RCPT TO:<b@example.com>", "250 2.1.5 Ok").await;
+    c.cmd("DATA", "354 End data with <CR><LF>.<CR><LF>").await;
+    let since = std::time::Instant::now();
+    // 10 bytes every 250 ms: 40 bytes/s, never silent for a data block
+    let reply = drip(&mut c, Duration::from_millis(250), b"drip drip\n").await;
+    assert_eq!(reply, "421 4.4.2 relay.test Error: timeout exceeded\r\n");
+    // allowed: 1 s + received/100 s, so about 1.7 s
+    let waited = since.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1400) && waited <= Duration::from_millis(3000),
+        "{waited:?}"
+    );
+    assert!(relay.entries().is_empty());
+    // 10 kB/s for two seconds is fine
+    let mut c = relay.client().await;
+    c.cmd("MAIL FROM:<a@contoso.com>", "250 2.1.0 Ok").await;
+    c.cmd("RCPT TO:<b@example.com>", "250 2.1.5 Ok").await;
+    c.cmd("DATA", "354 End data with <CR><LF>.<CR><LF>").await;
+    let line = [&[b'x'; 998][..], b"\r\n"].concat();
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        c.send(&line).await;
+    }
+    c.send(".\r\n").await;
+    queued_id(&c.reply().await);
+    relay.stop().await;
+}
+
+/// Every non-standard end of data the SMTP smuggling research lists, with
+/// NUL tricks, is content: never an end, and stored with CRLF only.
+#[tokio::test]
+async fn more_smuggling_variants_are_content() {
+    let relay = Relay::start().await;
+    let variants: [&[u8]; 9] = [
+        b"\r\n.\0\r\n",
+        b"\r\n.\r\0\n",
+        b"\r\n\0.\0\r\n",
+        b"\r\n.\r\r\n",
+        b"\n.\r\r\n",
+        b"\r\r\n.\r\r\n",
+        b"\n..\n",
+        b"\r\n.\x0b\r\n",
+        b"\r\n .\r\n",
+    ];
+    let smuggled = b"MAIL FROM:<evil@x>\r\nRCPT TO:<victim@y>\r\nDATA\r\nsmuggled\r\n";
+    let mut c = relay.client().await;
+    for variant in variants {
+        c.cmd("MAIL FROM:<app@contoso.com>", "250 2.1.0 Ok").await;
+        c.cmd("RCPT TO:<real@example.com>", "250 2.1.5 Ok").await;
+        c.cmd("DATA", "354 End data with <CR><LF>.<CR><LF>").await;
+        c.send([b"hello", variant, smuggled, b".\r\nNOOP\r\n"].concat())
+            .await;
+        let id = queued_id(&c.reply().await);
+        c.expect("250 2.0.0 Ok\r\n").await;
+        let body = relay.body(&id);
+        assert!(
+            only_crlf(&body),
+            "{variant:?}: {:?}",
+            String::from_utf8_lossy(&body)
+        );
+        assert!(
+            String::from_utf8_lossy(&body).ends_with("DATA\r\nsmuggled\r\n"),
+            "{variant:?}"
+        );
+    }
+    assert_eq!(relay.entries().len(), variants.len());
+    assert!(relay
+        .entries()
+        .iter()
+        .all(|e| e.sender == "app@contoso.com" && e.recipients == ["real@example.com"]));
+    relay.stop().await;
+}
+
+// ------------------------------------------------------------- TLS (issue 5)
+
+const EHLO_PLAIN: &str = "250-relay.test Hello c\r\n250-PIPELINING\r\n250-SIZE 36700160\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n";
+
+#[tokio::test]
+async fn starttls_is_offered_with_a_certificate_and_works() {
+    for versions in [
+        ANY_TLS,
+        &[&rustls::version::TLS12][..],
+        &[&rustls::version::TLS13][..],
+    ] {
+        let relay = Setup::default().tls().start().await;
+        let cert = relay.cert.as_ref().expect("certificate");
+        let mut c = relay.client().await;
+        c.cmd(
+            "EHLO c",
+            &format!("{EHLO_PLAIN}250-STARTTLS\r\n250 ENHANCEDSTATUSCODES"),
+        )
+        .await;
+        c.cmd("STARTTLS", "220 2.0.0 Ready to start TLS").await;
+        c.tls(cert, versions).await;
+        // inside TLS: no second STARTTLS
+        c.cmd("EHLO c", &format!("{EHLO_PLAIN}250 ENHANCEDSTATUSCODES"))
+            .await;
+        c.cmd("STARTTLS", "503 5.5.1 Error: TLS already active")
+            .await;
+        let id = c
+            .mail("a@contoso.com", "b@example.com", b"over TLS\r\n")
+            .await;
+        assert_eq!(relay.body(&id), b"over TLS\r\n");
+        c.cmd("QUIT", "221 2.0.0 Bye").await;
+        relay.stop().await;
+    }
+}
+
+/// Commands pipelined after STARTTLS in plaintext (the STARTTLS command
+/// injection bug class, CVE-2011-0411) are dropped, not run inside TLS.
+#[tokio::test]
+async fn plaintext_after_starttls_is_discarded() {
+    let relay = Setup::default().tls().start().await;
+    let cert = relay.cert.as_ref().expect("certificate");
+    let mut c = relay.client().await;
+    c.cmd(
+        "EHLO c",
+        &format!("{EHLO_PLAIN}250-STARTTLS\r\n250 ENHANCEDSTATUSCODES"),
+    )
+    .await;
+    c.send("STARTTLS\r\nMAIL FROM:<evil@contoso.com>\r\nRCPT TO:<victim@example.com>\r\n")
+        .await;
+    c.expect("220 2.0.0 Ready to start TLS\r\n").await;
+    c.tls(cert, ANY_TLS).await;
+    // had the injected MAIL run, this would be accepted
+    c.cmd(
+        "RCPT TO:<b@example.com>",
+        "503 5.5.1 Error: need MAIL command",
+    )
+    .await;
+    c.cmd("DATA", "503 5.5.1 Error: need MAIL command").await;
+    assert!(relay.entries().is_empty());
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn implicit_tls_sockets_start_with_the_handshake() {
+    let relay = Setup::default().implicit_tls().start().await;
+    let cert = relay.cert.as_ref().expect("certificate");
+    let mut c = Client::connect(relay.tls_addr.expect("implicit TLS address")).await;
+    c.tls(cert, ANY_TLS).await;
+    c.expect("220 relay.test ESMTP smtp-oauth-relay ready\r\n")
+        .await;
+    c.cmd("EHLO c", &format!("{EHLO_PLAIN}250 ENHANCEDSTATUSCODES"))
+        .await;
+    let id = c
+        .mail("a@contoso.com", "b@example.com", b"implicit\r\n")
+        .await;
+    assert_eq!(relay.body(&id), b"implicit\r\n");
+    // plaintext on the TLS port goes nowhere
+    let mut plain = Client::connect(relay.tls_addr.expect("address")).await;
+    plain.send("EHLO plain\r\n").await;
+    while plain.fill().await > 0 {}
+    // a TLS alert at most, never an SMTP reply
+    assert!(!String::from_utf8_lossy(&plain.buf).contains("250"));
+    assert!(!plain.buf.starts_with(b"220"));
+    relay.stop().await;
+}
+
+/// A new certificate on disk is used once the context is rebuilt (what
+/// the relay does on SIGHUP); sessions already open keep theirs.
+#[tokio::test]
+async fn a_rebuilt_context_serves_the_new_certificate() {
+    let (ctx, dir, cert) = Setup::default().tls().context().await;
+    let old = cert.expect("certificate");
+    let listener = relay_listener::bind(&[SocketAddr::from(([127, 0, 0, 1], 0))])
+        .await
+        .expect("bind");
+    let addr = listener.local_addrs()[0];
+    let live = relay_listener::Live::new(ctx.clone());
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(relay_listener::serve_live(
+        listener,
+        live.clone(),
+        shutdown.clone(),
+    ));
+    let starttls = |cert: &TestCert| {
+        let connector = cert.connector(ANY_TLS);
+        async move {
+            let mut c = Client::connect(addr).await;
+            c.reply().await;
+            c.cmd("STARTTLS", "220 2.0.0 Ready to start TLS").await;
+            let plain = std::mem::replace(&mut c.stream, Box::new(tokio::io::duplex(1).0));
+            let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+            within("handshake", connector.connect(name, plain)).await
+        }
+    };
+    assert!(starttls(&old).await.is_ok());
+    // renewed on disk, same file names
+    let new = TestCert::write(dir.path(), "cert");
+    live.set(Arc::new(
+        Context::new(ctx.config.clone(), ctx.router.clone(), ctx.queue.clone())
+            .expect("rebuilt context"),
+    ));
+    assert!(starttls(&new).await.is_ok(), "new certificate served");
+    assert!(
+        starttls(&old).await.is_err(),
+        "old certificate still served"
+    );
+    shutdown.cancel();
+    within("serve", server).await.expect("serve task");
+}
+
+// ------------------------------------------------------------ AUTH (issue 5)
+
+fn phc(password: &str) -> String {
+    use argon2::password_hash::{PasswordHasher, SaltString};
+    let salt = SaltString::encode_b64(b"fixed test salt!").expect("salt");
+    argon2::Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .expect("hash")
+        .to_string()
+}
+
+fn users(auth: &str) -> String {
+    format!(
+        "auth = \"{auth}\"\ngreet_delay = \"0s\"\n[[listener.users]]\nusername = \"scanner\"\npassword_hash = \"{}\"\n[[listener.users]]\nusername = \"erp\"\npassword_hash = \"{}\"\n",
+        phc("s3cret"),
+        phc("other")
+    )
+}
+
+fn b64(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+#[tokio::test]
+async fn auth_plain_and_login_over_loopback() {
+    let relay = Setup::default().listener(&users("optional")).start().await;
+    let mut c = relay.client().await;
+    c.cmd(
+        "EHLO c",
+        &format!("{EHLO_PLAIN}250-AUTH PLAIN LOGIN\r\n250 ENHANCEDSTATUSCODES"),
+    )
+    .await;
+    c.cmd(
+        &format!("AUTH PLAIN {}", b64(b"\0scanner\0s3cret")),
+        "235 2.7.0 Authentication successful",
+    )
+    .await;
+    c.cmd("AUTH PLAIN x", "503 5.5.1 Error: already authenticated")
+        .await;
+    let id = c
+        .mail("a@contoso.com", "b@example.com", b"logged in\r\n")
+        .await;
+    // the login is nowhere in what is queued (and so never goes upstream)
+    let (entry, body) = relay.single();
+    assert_eq!(entry.id, id);
+    assert_eq!(body, b"logged in\r\n");
+    let stored = std::fs::read_dir(relay.path())
+        .expect("queue dir")
+        .flat_map(|d| {
+            let p = d.expect("entry").path();
+            if p.is_dir() {
+                std::fs::read_dir(&p)
+                    .expect("sub dir")
+                    .map(|e| std::fs::read(e.expect("file").path()).unwrap_or_default())
+                    .collect()
+            } else {
+                vec![std::fs::read(&p).unwrap_or_default()]
+            }
+        })
+        .collect::<Vec<_>>()
+        .concat();
+    let stored = String::from_utf8_lossy(&stored);
+    assert!(!stored.contains("scanner") && !stored.contains("s3cret"));
+
+    // LOGIN, two steps; PLAIN without an initial response
+    let mut c = relay.client().await;
+    c.cmd("AUTH LOGIN", "334 VXNlcm5hbWU6").await;
+    c.cmd(&b64(b"erp"), "334 UGFzc3dvcmQ6").await;
+    c.cmd(&b64(b"other"), "235 2.7.0 Authentication successful")
+        .await;
+    let mut c = relay.client().await;
+    c.cmd("AUTH PLAIN", "334 ").await;
+    c.cmd(
+        &b64(b"erp\0erp\0other"),
+        "235 2.7.0 Authentication successful",
+    )
+    .await;
+    // LOGIN with the user name given at once; cancelling; garbage
+    let mut c = relay.client().await;
+    c.cmd(&format!("AUTH LOGIN {}", b64(b"erp")), "334 UGFzc3dvcmQ6")
+        .await;
+    c.cmd("*", "501 5.7.0 Error: authentication cancelled")
+        .await;
+    c.cmd("AUTH PLAIN", "334 ").await;
+    c.cmd("%%%", "501 5.5.2 Error: cannot decode the AUTH response")
+        .await;
+    c.cmd(
+        "AUTH CRAM-MD5",
+        "504 5.5.4 Error: unsupported authentication mechanism",
+    )
+    .await;
+    // optional: mail without logging in is fine
+    c.mail("a@contoso.com", "b@example.com", b"anonymous\r\n")
+        .await;
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn auth_required_refuses_mail_before_login() {
+    let relay = Setup::default().listener(&users("required")).start().await;
+    let mut c = relay.client().await;
+    c.cmd(
+        "MAIL FROM:<a@contoso.com>",
+        "530 5.7.0 Error: authentication required",
+    )
+    .await;
+    c.cmd(
+        &format!("AUTH PLAIN {}", b64(b"\0scanner\0wrong")),
+        "535 5.7.8 Error: authentication failed",
+    )
+    .await;
+    c.cmd(
+        "MAIL FROM:<a@contoso.com>",
+        "530 5.7.0 Error: authentication required",
+    )
+    .await;
+    c.cmd(
+        &format!("AUTH PLAIN {}", b64(b"\0scanner\0s3cret")),
+        "235 2.7.0 Authentication successful",
+    )
+    .await;
+    c.mail("a@contoso.com", "b@example.com", b"x\r\n").await;
+    relay.stop().await;
+}
+
+/// After MAX_AUTH_FAILURES failed logins from one address, further logins
+/// from it are refused for a while, in any session, even with the right
+/// password; other settings of the server are untouched.
+#[tokio::test]
+async fn failed_logins_are_rate_limited_per_client() {
+    let relay = Setup::default().listener(&users("optional")).start().await;
+    for _ in 0..relay_listener::auth::MAX_AUTH_FAILURES {
+        let mut c = relay.client().await;
+        c.cmd(
+            &format!("AUTH PLAIN {}", b64(b"\0scanner\0guess")),
+            "535 5.7.8 Error: authentication failed",
+        )
+        .await;
+    }
+    let mut c = relay.client().await;
+    c.cmd(
+        &format!("AUTH PLAIN {}", b64(b"\0scanner\0s3cret")),
+        "454 4.7.0 Error: too many failed logins, try again later",
+    )
+    .await;
+    c.cmd(
+        "AUTH LOGIN",
+        "454 4.7.0 Error: too many failed logins, try again later",
+    )
+    .await;
+    // unknown users count the same
+    let limiter = relay_listener::auth::AuthLimiter::default();
+    let ip = "192.0.2.1".parse().expect("ip");
+    for _ in 0..relay_listener::auth::MAX_AUTH_FAILURES {
+        assert!(!limiter.blocked(ip));
+        limiter.failed(ip);
+    }
+    assert!(limiter.blocked(ip));
+    assert!(!limiter.blocked("192.0.2.2".parse().expect("ip")));
+    relay.stop().await;
+}
+
+/// A session driven directly over an in-memory pipe, as if from `ip`.
+async fn session_from(ctx: Arc<Context>, ip: [u8; 4]) -> Client {
+    let (client, server) = tokio::io::duplex(64 * 1024);
+    let peer = SocketAddr::from((ip, 40000));
+    tokio::spawn(
+        relay_listener::session::Session::new(server, peer, ctx).run(CancellationToken::new()),
+    );
+    let mut c = Client::over(client);
+    c.expect("220 relay.test ESMTP smtp-oauth-relay ready\r\n")
+        .await;
+    c
+}
+
+/// A LAN client (not loopback) is offered AUTH only inside TLS.
+#[tokio::test]
+async fn auth_is_offered_to_lan_clients_only_over_tls() {
+    let (ctx, _dir, cert) = Setup::default()
+        .listener(&users("required"))
+        .tls()
+        .context()
+        .await;
+    let cert = cert.expect("certificate");
+    let mut c = session_from(ctx.clone(), [192, 168, 1, 20]).await;
+    c.cmd(
+        "EHLO c",
+        &format!("{EHLO_PLAIN}250-STARTTLS\r\n250 ENHANCEDSTATUSCODES"),
+    )
+    .await;
+    c.cmd(
+        &format!("AUTH PLAIN {}", b64(b"\0scanner\0s3cret")),
+        "538 5.7.11 Encryption required for requested authentication mechanism",
+    )
+    .await;
+    c.cmd(
+        "MAIL FROM:<a@contoso.com>",
+        "530 5.7.0 Must issue a STARTTLS command first",
+    )
+    .await;
+    c.cmd("STARTTLS", "220 2.0.0 Ready to start TLS").await;
+    c.tls(&cert, ANY_TLS).await;
+    c.cmd(
+        "EHLO c",
+        &format!("{EHLO_PLAIN}250-AUTH PLAIN LOGIN\r\n250 ENHANCEDSTATUSCODES"),
+    )
+    .await;
+    c.cmd(
+        &format!("AUTH PLAIN {}", b64(b"\0scanner\0s3cret")),
+        "235 2.7.0 Authentication successful",
+    )
+    .await;
+    c.cmd("MAIL FROM:<a@contoso.com>", "250 2.1.0 Ok").await;
+    c.cmd("RCPT TO:<b@example.com>", "250 2.1.5 Ok").await;
+    c.cmd("QUIT", "221 2.0.0 Bye").await;
+
+    // without a certificate a LAN client can never log in
+    let (ctx, _dir, _) = Setup::default()
+        .listener(&users("optional"))
+        .context()
+        .await;
+    let mut c = session_from(ctx, [10, 0, 0, 9]).await;
+    c.cmd("EHLO c", &format!("{EHLO_PLAIN}250 ENHANCEDSTATUSCODES"))
+        .await;
+    c.cmd("STARTTLS", "502 5.5.1 Error: STARTTLS not available")
+        .await;
+    c.cmd(
+        "AUTH LOGIN",
+        "538 5.7.11 Encryption required for requested authentication mechanism",
+    )
+    .await;
 }
