@@ -291,8 +291,19 @@ impl Session {
         Ok(replies)
     }
 
+    /// Sends the message a piece at a time, so a large message is never
+    /// copied whole for dot-stuffing.
     async fn send_body(&mut self, body: &[u8]) -> Result<Reply, String> {
-        self.write(&dot_stuff(body)).await?;
+        let mut line_start = true;
+        let mut wire = Vec::with_capacity(STUFF_PIECE + STUFF_PIECE / 64 + 8);
+        for piece in body.chunks(STUFF_PIECE) {
+            wire.clear();
+            stuff_into(&mut wire, piece, &mut line_start);
+            self.write(&wire).await?;
+        }
+        wire.clear();
+        end_of_data(&mut wire, body);
+        self.write(&wire).await?;
         self.read(DATA_TIMEOUT).await
     }
 
@@ -386,26 +397,55 @@ pub(crate) fn describe(e: &mail_send::Error) -> String {
 /// The message as it goes on the wire after `DATA`: every line starting with
 /// `.` gets another (RFC 5321 4.5.2), then the end-of-data line. The body is
 /// sent byte for byte otherwise; its final CRLF is the one before the dot.
+#[cfg(test)]
 pub(crate) fn dot_stuff(body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(body.len() + body.len() / 64 + 5);
     let mut line_start = true;
-    for &byte in body {
-        if line_start && byte == b'.' {
+    stuff_into(&mut out, body, &mut line_start);
+    end_of_data(&mut out, body);
+    out
+}
+
+/// How much of a message is stuffed and written at a time.
+const STUFF_PIECE: usize = 64 * 1024;
+
+/// Appends `piece` to `out` with a `.` doubled at each line start;
+/// `line_start` carries over from the previous piece.
+fn stuff_into(out: &mut Vec<u8>, piece: &[u8], line_start: &mut bool) {
+    for &byte in piece {
+        if *line_start && byte == b'.' {
             out.push(b'.');
         }
         out.push(byte);
-        line_start = byte == b'\n';
+        *line_start = byte == b'\n';
     }
+}
+
+/// The end-of-data line, after a CRLF if the message lacks a final one.
+fn end_of_data(out: &mut Vec<u8>, body: &[u8]) {
     if !(body.is_empty() || body.ends_with(b"\r\n")) {
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b".\r\n");
-    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::dot_stuff;
+
+    #[test]
+    fn stuffing_carries_across_pieces() {
+        let body = b"a\r\n.b\r\n..c\r\n.\r\n";
+        for split in 0..body.len() {
+            let mut out = Vec::new();
+            let mut line_start = true;
+            super::stuff_into(&mut out, &body[..split], &mut line_start);
+            super::stuff_into(&mut out, &body[split..], &mut line_start);
+            super::end_of_data(&mut out, body);
+            assert_eq!(out, dot_stuff(body), "split at {split}");
+        }
+        assert_eq!(dot_stuff(body), b"a\r\n..b\r\n...c\r\n..\r\n.\r\n");
+    }
 
     #[test]
     fn stuffing_and_terminator() {

@@ -661,13 +661,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Mode::Queue => self
                 .ctx
                 .queue
-                .enqueue(message, &body)
+                .enqueue_owned(message, body)
                 .await
                 .map(|id| (id, None)),
             Mode::Passthrough => self
                 .ctx
                 .queue
-                .enqueue_passthrough(message, &body)
+                .enqueue_passthrough(message, body)
                 .await
                 .map(|(id, answer)| (id, Some(answer))),
         };

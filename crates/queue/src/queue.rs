@@ -295,6 +295,16 @@ impl Queue {
     /// even if the returned future is dropped, so a committed message is
     /// always scheduled.
     pub async fn enqueue(&self, msg: NewMessage, body: &[u8]) -> Result<QueueId, QueueError> {
+        self.insert(msg, body.to_vec(), None).await
+    }
+
+    /// [`Queue::enqueue`] taking the body by value: the listener hands over
+    /// the message it received instead of holding it twice.
+    pub async fn enqueue_owned(
+        &self,
+        msg: NewMessage,
+        body: Vec<u8>,
+    ) -> Result<QueueId, QueueError> {
         self.insert(msg, body, None).await
     }
 
@@ -305,7 +315,7 @@ impl Queue {
     pub async fn enqueue_passthrough(
         &self,
         msg: NewMessage,
-        body: &[u8],
+        body: Vec<u8>,
     ) -> Result<(QueueId, oneshot::Receiver<Vec<RecipientResult>>), QueueError> {
         let (tx, rx) = oneshot::channel();
         let id = self.insert(msg, body, Some(tx)).await?;
@@ -315,7 +325,7 @@ impl Queue {
     async fn insert(
         &self,
         msg: NewMessage,
-        body: &[u8],
+        body: Vec<u8>,
         waiter: Option<oneshot::Sender<Vec<RecipientResult>>>,
     ) -> Result<QueueId, QueueError> {
         let mut recipients: Vec<String> = Vec::with_capacity(msg.recipients.len());
@@ -354,7 +364,6 @@ impl Queue {
                 })
                 .collect(),
         };
-        let body = body.to_vec();
         let inner = self.inner.clone();
         blocking(&self.inner.settings.dir, "queueing message", move || {
             let bytes = inner.encode(&meta)?;
