@@ -234,17 +234,24 @@ impl Running {
     /// Waits (bounded) until every account has a token, so READY=1 means
     /// mail can flow; warns about the ones that have none.
     async fn wait_for_first_tokens(&self) {
+        // all accounts at once, so the wait stays within one FIRST_TOKEN_WAIT
+        // (systemd's start timeout is 90 s) however many accounts fail
+        let mut waits = JoinSet::new();
         for entry in &self.tokens {
-            match tokio::time::timeout(FIRST_TOKEN_WAIT, entry.manager.token()).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => {
-                    tracing::warn!(account = %entry.account.name, error = %e, "no access token yet; mail waits in the queue")
+            let (name, manager) = (entry.account.name.clone(), entry.manager.clone());
+            waits.spawn(async move {
+                match tokio::time::timeout(FIRST_TOKEN_WAIT, manager.token()).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!(account = %name, error = %e, "no access token yet; mail waits in the queue")
+                    }
+                    Err(_) => {
+                        tracing::warn!(account = %name, "no access token within {}s; mail waits in the queue", FIRST_TOKEN_WAIT.as_secs())
+                    }
                 }
-                Err(_) => {
-                    tracing::warn!(account = %entry.account.name, "no access token within {}s; mail waits in the queue", FIRST_TOKEN_WAIT.as_secs())
-                }
-            }
+            });
         }
+        while waits.join_next().await.is_some() {}
     }
 
     fn spawn_status_updates(&mut self) {
