@@ -94,11 +94,7 @@ async fn partial_refusal_retries_only_the_refused_recipient() {
     )
     .await;
     assert!(reply.starts_with("250"), "{reply}");
-    let got = world
-        .upstream
-        .wait_for_messages(2, Duration::from_secs(20))
-        .await;
-    assert_eq!(got.len(), 2, "log:\n{}", relay.log());
+    let got = relay.delivered(&world, 2).await;
     assert_eq!(got[0].rcpt_to, ["alice@example.com"]);
     assert_eq!(got[1].rcpt_to, ["bob@example.net"]);
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -129,11 +125,7 @@ async fn rewrite_from_fixes_hard_coded_senders() {
     )
     .await;
     assert!(reply.starts_with("250"), "{reply}");
-    let got = world
-        .upstream
-        .wait_for_messages(1, Duration::from_secs(20))
-        .await;
-    assert_eq!(got.len(), 1, "log:\n{}", relay.log());
+    let got = relay.delivered(&world, 1).await;
     assert_eq!(got[0].mail_from, MAILBOX);
     assert_eq!(
         got[0].text(),
@@ -204,11 +196,7 @@ async fn bounces_report_failures_to_the_sender() {
     )
     .await;
     assert!(reply.starts_with("250"), "{reply}");
-    let got = world
-        .upstream
-        .wait_for_messages(1, Duration::from_secs(20))
-        .await;
-    assert_eq!(got.len(), 1, "log:\n{}", relay.log());
+    let got = relay.delivered(&world, 1).await;
     let dsn = got[0].text();
     assert_eq!(got[0].mail_from, MAILBOX);
     assert_eq!(got[0].rcpt_to, ["app@contoso.com"]);
@@ -347,11 +335,7 @@ async fn too_many_connections_backs_off() {
     let port = free_port();
     let relay = Relay::start(&world.write_config(&world.config(port)), port).await;
     send_one(port, MAILBOX, &["a@example.com"], &message("later")).await;
-    let got = world
-        .upstream
-        .wait_for_messages(1, Duration::from_secs(20))
-        .await;
-    assert_eq!(got.len(), 1, "log:\n{}", relay.log());
+    relay.delivered(&world, 1).await;
     let log = relay.log();
     assert!(log.contains("432 4.3.2"), "the refusal is logged");
     assert!(

@@ -29,11 +29,7 @@ async fn relays_exact_bytes_with_envelope_over_xoauth2() {
     )
     .await;
     assert!(reply.starts_with("250 2.0.0 Ok: queued as "), "{reply}");
-    let got = world
-        .upstream
-        .wait_for_messages(1, Duration::from_secs(20))
-        .await;
-    assert_eq!(got.len(), 1, "log:\n{}", relay.log());
+    let got = relay.delivered(&world, 1).await;
     assert_eq!(
         got[0].data,
         original.as_bytes(),
@@ -250,11 +246,7 @@ async fn identity_errors_defer_mail_and_are_explained() {
     );
     // fixing the secret file needs no restart
     std::fs::write(world.dir.path().join("wrong"), world.idp.client_secret()).expect("secret");
-    let got = world
-        .upstream
-        .wait_for_messages(1, Duration::from_secs(20))
-        .await;
-    assert_eq!(got.len(), 1, "log:\n{}", relay.log());
+    relay.delivered(&world, 1).await;
 }
 
 #[tokio::test]

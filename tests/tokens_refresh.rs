@@ -128,11 +128,7 @@ async fn authorize_with_device_code_then_relay_delivers_as_the_user() {
     let relay = Relay::start(&config, port).await;
     let reply = send_one(port, MAILBOX, &["alice@example.com"], &message("delegated")).await;
     assert!(reply.starts_with("250"), "{reply}");
-    let got = world
-        .upstream
-        .wait_for_messages(1, Duration::from_secs(20))
-        .await;
-    assert_eq!(got.len(), 1, "log:\n{}", relay.log());
+    let got = relay.delivered(&world, 1).await;
     assert_eq!(got[0].token_claims.scp.as_deref(), Some("SMTP.Send"));
     assert_eq!(got[0].token_claims.upn.as_deref(), Some(MAILBOX));
 }
@@ -167,11 +163,7 @@ async fn rotated_refresh_token_survives_sigkill_after_use() {
     let relay = Relay::start(&config, port).await;
     let reply = send_one(port, MAILBOX, &["alice@example.com"], &message("two")).await;
     assert!(reply.starts_with("250"), "{reply}");
-    let got = world
-        .upstream
-        .wait_for_messages(2, Duration::from_secs(20))
-        .await;
-    assert_eq!(got.len(), 2, "log:\n{}", relay.log());
+    relay.delivered(&world, 2).await;
 }
 
 // SIGKILL in the middle of a refresh: the kit has rotated the token but its
@@ -213,11 +205,7 @@ async fn sigkill_in_the_middle_of_a_refresh() {
     )
     .await;
     assert!(reply.starts_with("250"), "{reply}");
-    let got = world
-        .upstream
-        .wait_for_messages(1, Duration::from_secs(20))
-        .await;
-    assert_eq!(got.len(), 1, "log:\n{}", relay.log());
+    relay.delivered(&world, 1).await;
 }
 
 // The known limit: against a server whose refresh tokens are strictly
@@ -290,11 +278,7 @@ async fn revoked_refresh_token_is_explained_and_recovered_without_restart() {
     let reply = send_one(port, MAILBOX, &["alice@example.com"], &message("waits")).await;
     assert!(reply.starts_with("250"), "{reply}");
     seed_cache(&world);
-    let got = world
-        .upstream
-        .wait_for_messages(1, Duration::from_secs(20))
-        .await;
-    assert_eq!(got.len(), 1, "log:\n{}", relay.log());
+    relay.delivered(&world, 1).await;
 }
 
 // The binary is driven with blocking calls: the kit needs its own threads.

@@ -6,31 +6,15 @@
 use libfuzzer_sys::fuzz_target;
 use relay_listener::data::DataReceiver;
 
+mod split;
+use split::split;
+
 fn only_crlf(body: &[u8]) -> bool {
     body.iter().enumerate().all(|(i, &b)| match b {
         b'\r' => body.get(i + 1) == Some(&b'\n'),
         b'\n' => i > 0 && body[i - 1] == b'\r',
         _ => true,
     })
-}
-
-/// The first byte sets how the rest (the wire) is split into reads.
-fn split(data: &[u8]) -> (Vec<u8>, &[u8]) {
-    match data.split_first() {
-        Some((&seed, wire)) => {
-            let mut state = u32::from(seed) | 1;
-            let splits = (0..wire.len())
-                .map(|_| {
-                    state ^= state << 13;
-                    state ^= state >> 17;
-                    state ^= state << 5;
-                    (state >> 24) as u8
-                })
-                .collect();
-            (splits, wire)
-        }
-        None => (Vec::new(), data),
-    }
 }
 
 fuzz_target!(|data: &[u8]| {

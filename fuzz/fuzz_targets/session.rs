@@ -10,6 +10,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use tokio_util::sync::CancellationToken;
 
+mod split;
+use split::split;
+
 struct Fixture {
     runtime: tokio::runtime::Runtime,
     ctx: Arc<Context>,
@@ -47,25 +50,6 @@ fn fixture() -> &'static Fixture {
             _dir: dir,
         }
     })
-}
-
-/// The first byte sets how the rest (the wire) is split into reads.
-fn split(data: &[u8]) -> (Vec<u8>, &[u8]) {
-    match data.split_first() {
-        Some((&seed, wire)) => {
-            let mut state = u32::from(seed) | 1;
-            let splits = (0..wire.len())
-                .map(|_| {
-                    state ^= state << 13;
-                    state ^= state >> 17;
-                    state ^= state << 5;
-                    (state >> 24) as u8
-                })
-                .collect();
-            (splits, wire)
-        }
-        None => (Vec::new(), data),
-    }
 }
 
 fuzz_target!(|data: &[u8]| {

@@ -3,7 +3,7 @@
 
 #![allow(dead_code)] // each test binary uses a different part
 
-use relay_testkit::{IdentityPlatform, SubmissionServer};
+use relay_testkit::{IdentityPlatform, ReceivedMessage, SubmissionServer};
 use std::{
     net::TcpListener,
     path::{Path, PathBuf},
@@ -170,6 +170,17 @@ impl Relay {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         None
+    }
+
+    /// Waits (20 s at most) until the stand-in has `n` messages and asserts
+    /// it has exactly that many, showing the relay's log if not.
+    pub async fn delivered(&self, world: &World, n: usize) -> Vec<ReceivedMessage> {
+        let got = world
+            .upstream
+            .wait_for_messages(n, Duration::from_secs(20))
+            .await;
+        assert_eq!(got.len(), n, "log:\n{}", self.log());
+        got
     }
 
     pub fn log(&self) -> String {
