@@ -17,6 +17,10 @@ use tokio::{task::JoinSet, time::Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+/// Outcomes a worker may have waiting to be committed while it delivers
+/// the next message; past this it waits for the oldest.
+const MAX_RECORDING: usize = 64;
+
 /// A worker kept from connecting (after a `432 4.3.2`) looks again this often.
 const PARKED_RECHECK: Duration = Duration::from_secs(5);
 
@@ -88,7 +92,7 @@ pub fn spawn(
                 n,
             };
             let span = tracing::info_span!("worker", account = %account.name, n);
-            set.spawn(worker.run(shutdown.clone()).instrument(span));
+            set.spawn(Arc::new(worker).run(shutdown.clone()).instrument(span));
         }
     }
     set
@@ -105,8 +109,9 @@ struct Worker {
 }
 
 impl Worker {
-    async fn run(self, shutdown: CancellationToken) {
+    async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let mut session: Option<Session> = None;
+        let mut recording = JoinSet::new();
         loop {
             if self.n >= self.pacer.connections() {
                 if let Some(open) = session.take() {
@@ -134,38 +139,51 @@ impl Worker {
             let span = tracing::info_span!("delivery", queue_id = %lease.id);
             let results = self.deliver(&mut session, &lease).instrument(span).await;
             self.slow_down_if_asked(&results, &mut session);
-            let (id, sender) = (lease.id.clone(), lease.sender.clone());
-            let notify = self.account.bounce && !lease.passthrough;
-            let reason = results.iter().rev().find_map(|r| match &r.outcome {
-                Outcome::Delivered { .. } => None,
-                Outcome::Temporary { reply } | Outcome::Permanent { reply } => {
-                    Some(reason_class(reply))
-                }
-            });
-            let recorded = self.queue.record(lease, results).await;
-            if let Ok(disposition) = &recorded {
-                let outcome = match disposition {
-                    Disposition::Removed => "delivered",
-                    Disposition::Deferred { .. } => "deferred",
-                    Disposition::Failed => "failed",
-                };
-                metrics::counter!(
-                    "smtp_relay_messages_total",
-                    "outcome" => outcome,
-                    "reason" => reason.unwrap_or("none")
-                )
-                .increment(1);
+            // Committing the outcome costs a disk sync; the connection
+            // carries the next message meanwhile. The message stays leased
+            // until its outcome is committed, so it cannot go out twice.
+            if recording.len() >= MAX_RECORDING {
+                recording.join_next().await;
             }
-            match recorded {
-                Ok(Disposition::Failed) if notify => self.bounce(&id, &sender).await,
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::error!(queue_id = %id, error = %e, "cannot record the delivery outcome")
-                }
-            }
+            recording.spawn(self.clone().record(lease, results).in_current_span());
         }
+        while recording.join_next().await.is_some() {}
         if let Some(open) = session {
             open.quit().await;
+        }
+    }
+
+    /// Records an attempt's outcome in the queue, counts it, and tells the
+    /// sender if the message failed.
+    async fn record(self: Arc<Self>, lease: Lease, results: Vec<RecipientResult>) {
+        let (id, sender) = (lease.id.clone(), lease.sender.clone());
+        let notify = self.account.bounce && !lease.passthrough;
+        let reason = results.iter().rev().find_map(|r| match &r.outcome {
+            Outcome::Delivered { .. } => None,
+            Outcome::Temporary { reply } | Outcome::Permanent { reply } => {
+                Some(reason_class(reply))
+            }
+        });
+        let recorded = self.queue.record(lease, results).await;
+        if let Ok(disposition) = &recorded {
+            let outcome = match disposition {
+                Disposition::Removed => "delivered",
+                Disposition::Deferred { .. } => "deferred",
+                Disposition::Failed => "failed",
+            };
+            metrics::counter!(
+                "smtp_relay_messages_total",
+                "outcome" => outcome,
+                "reason" => reason.unwrap_or("none")
+            )
+            .increment(1);
+        }
+        match recorded {
+            Ok(Disposition::Failed) if notify => self.bounce(&id, &sender).await,
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(queue_id = %id, error = %e, "cannot record the delivery outcome")
+            }
         }
     }
 

@@ -480,6 +480,7 @@ impl Bench {
         let upstream = self.upstream().await?;
         let grants_before = self.idp.requests().len();
         let relay = self.start_relay(&upstream, Some(RAW_PACE))?;
+        let cpu_before = (procs::cpu_time(Some(relay.pid())), procs::cpu_time(None));
         let start = Instant::now();
         let sent = smtp::run(
             relay.addr,
@@ -494,6 +495,10 @@ impl Bench {
         let accepted_at = start.elapsed();
         let got = upstream.wait_for_messages(sent.messages, limit).await.len();
         let relay_elapsed = start.elapsed();
+        let relay_cpu = (
+            procs::cpu_time(Some(relay.pid())) - cpu_before.0,
+            procs::cpu_time(None) - cpu_before.1,
+        );
         let max_conns = upstream.max_concurrent();
         let relay_tokens = self.idp.requests().len() - grants_before;
         relay.stop();
@@ -511,7 +516,9 @@ impl Bench {
             token: self.idp.mint_token("https://outlook.office365.com", 3600),
         };
         let addr = SocketAddr::from(([127, 0, 0, 1], upstream.port()));
+        let cpu_before = procs::cpu_time(None);
         let direct = smtp::run(addr, &login, load, wire.clone(), MAILBOX, RECIPIENT, true).await;
+        let direct_cpu = procs::cpu_time(None) - cpu_before;
         // The same messages over 3 connections only (the relay's upstream limit).
         let three = Load {
             clients: 3,
@@ -619,6 +626,7 @@ impl Bench {
                 relay_rate / direct_rate,
                 sent.failed
             );
+            cpu_report(direct_cpu, direct.messages, relay_cpu, got, direct_rate);
             if let Some((r, got, elapsed, _, before, _, _)) = &proxy {
                 let rate = *got as f64 / elapsed.as_secs_f64();
                 println!(
@@ -995,6 +1003,28 @@ struct TokenFigures {
     /// (token requests, messages) with one connection per message.
     relay_single: (usize, usize),
     proxy_single: Option<(usize, usize)>,
+}
+
+/// Where the end-to-end runs spend CPU, and the rate the relay path could
+/// reach if CPU were its only limit.
+fn cpu_report(
+    direct: Duration,
+    direct_messages: usize,
+    (relay, bench): (Duration, Duration),
+    relay_messages: usize,
+    direct_rate: f64,
+) {
+    let per_1000 = |cpu: Duration, n: usize| cpu.as_secs_f64() * 1e6 / n.max(1) as f64;
+    let direct_ms = per_1000(direct, direct_messages);
+    let relay_ms = per_1000(relay, relay_messages);
+    let bench_ms = per_1000(bench, relay_messages);
+    let cores = std::thread::available_parallelism().map_or(1, usize::from) as f64;
+    let ceiling = cores * 1e6 / (relay_ms + bench_ms);
+    println!(
+        "\nCPU time per 1,000 messages (user + system, /proc/PID/stat): direct {direct_ms:.0} ms (the bench process: clients and stand-in server); through the relay {:.0} ms = relay process {relay_ms:.0} ms + bench process {bench_ms:.0} ms. With {cores:.0} cores and nothing else running, CPU alone caps the relay path at {ceiling:.0} msg/s, **{:.2}** of direct.",
+        relay_ms + bench_ms,
+        ceiling / direct_rate,
+    );
 }
 
 fn accept_row(size: &str, clients: usize, peer: &str, r: &LoadResult, load: &str) {

@@ -45,6 +45,24 @@ pub fn rss(pid: u32) -> anyhow::Result<(u64, u64)> {
     Ok((field("VmRSS:"), field("VmHWM:")))
 }
 
+/// CPU time (user + system, every thread) used so far by `pid`, or by this
+/// process with `None`.
+pub fn cpu_time(pid: Option<u32>) -> Duration {
+    let path = pid.map_or_else(
+        || "/proc/self/stat".to_owned(),
+        |p| format!("/proc/{p}/stat"),
+    );
+    let ticks = fs::read_to_string(path).ok().and_then(|stat| {
+        // After the command name (which may hold spaces), utime and stime
+        // are the 12th and 13th fields.
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        let field = |n: usize| fields.get(n)?.parse::<u64>().ok();
+        Some(field(11)? + field(12)?)
+    });
+    // USER_HZ is 100 on every Linux ABI.
+    Duration::from_millis(ticks.unwrap_or(0) * 10)
+}
+
 /// Resets the kernel's peak-RSS record of `pid` (VmHWM), so a later read
 /// shows the peak of what happened since.
 pub fn reset_peak(pid: u32) {
