@@ -436,6 +436,32 @@ pub fn fsync_loop(
     })
 }
 
+/// Group commit into a write-ahead log, the alternative to a file per
+/// message: `batch` records of `size` bytes appended to one file with a
+/// single write and an fdatasync. Counts records (messages), not batches.
+pub fn log_loop(
+    work: &Path,
+    size: usize,
+    batch: usize,
+    duration: Duration,
+    max: u64,
+) -> anyhow::Result<Commits> {
+    let root = tempfile::Builder::new().prefix("fsync-").tempdir_in(work)?;
+    let mut log = File::create(root.path().join("log"))?;
+    let data = vec![b'x'; size * batch];
+    let start = Instant::now();
+    let mut count = 0;
+    while count < max && start.elapsed() < duration {
+        log.write_all(&data)?;
+        log.sync_data()?;
+        count += batch as u64;
+    }
+    Ok(Commits {
+        count,
+        elapsed: start.elapsed(),
+    })
+}
+
 /// [`commit_loop`] in `threads` threads at once (each in its own
 /// directories), summed: what the file system does with concurrent commits
 /// (ext4's journal shares one commit between fsyncs that arrive together).
