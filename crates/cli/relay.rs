@@ -130,6 +130,7 @@ impl Running {
         let status = Arc::new(RelayStatus {
             listening: listener.local_addrs(),
             queue_dir: config.queue.dir.clone(),
+            queue: queue.clone(),
             tokens: Live::new(Arc::new(managers(&tokens))),
         });
         if let Some(addr) = admin.local_addr() {

@@ -3,7 +3,7 @@
 
 use relay_admin::Check;
 use relay_listener::Live;
-use relay_queue::State;
+use relay_queue::Queue;
 use relay_tokens::TokenManager;
 use std::{
     net::SocketAddr,
@@ -14,6 +14,7 @@ use std::{
 pub struct RelayStatus {
     pub listening: Vec<SocketAddr>,
     pub queue_dir: PathBuf,
+    pub queue: Queue,
     /// The token managers of the accounts in force (replaced on reload).
     pub tokens: Live<Vec<TokenManager>>,
 }
@@ -21,13 +22,9 @@ pub struct RelayStatus {
 impl RelayStatus {
     /// One line for systemd: queue depth and token state.
     pub fn summary(&self) -> String {
-        let (waiting, failed) = match relay_queue::list(&self.queue_dir) {
-            Ok(entries) => {
-                let failed = entries.iter().filter(|e| e.state == State::Failed).count();
-                (entries.len() - failed, failed)
-            }
-            Err(_) => (0, 0),
-        };
+        let census = self.queue.census();
+        let waiting = census.queued.count + census.deferred.count;
+        let failed = census.failed.count;
         let tokens: Vec<String> = self
             .tokens
             .get()
@@ -75,23 +72,18 @@ impl relay_admin::Status for RelayStatus {
             metrics::gauge!("smtp_relay_token_expiry_seconds", "account" => tokens.account().to_owned())
                 .set(left.as_secs_f64());
         }
-        let Ok(entries) = relay_queue::list(&self.queue_dir) else {
-            return;
-        };
+        let census = self.queue.census();
         let now = SystemTime::now();
-        for (state, name) in [
-            (State::Queued, "queued"),
-            (State::Deferred, "deferred"),
-            (State::Failed, "failed"),
+        for (tally, name) in [
+            (census.queued, "queued"),
+            (census.deferred, "deferred"),
+            (census.failed, "failed"),
         ] {
-            let of_state: Vec<_> = entries.iter().filter(|e| e.state == state).collect();
-            let oldest = of_state
-                .iter()
-                .filter_map(|e| humantime::parse_rfc3339(&e.received_at).ok())
-                .min()
+            let oldest = tally
+                .oldest
                 .and_then(|t| now.duration_since(t).ok())
                 .unwrap_or_default();
-            metrics::gauge!("smtp_relay_queue_depth", "state" => name).set(of_state.len() as f64);
+            metrics::gauge!("smtp_relay_queue_depth", "state" => name).set(tally.count as f64);
             metrics::gauge!("smtp_relay_queue_oldest_age_seconds", "state" => name)
                 .set(oldest.as_secs_f64());
         }

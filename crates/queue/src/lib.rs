@@ -96,5 +96,6 @@ pub use error::QueueError;
 pub use id::{ParseQueueIdError, QueueId};
 pub use meta::{list, show, Entry, RecipientState, RecipientStatus, State};
 pub use queue::{
-    Disposition, Lease, NewMessage, Outcome, Queue, QueueSettings, RecipientResult, Selection,
+    Census, Disposition, Lease, NewMessage, Outcome, Queue, QueueSettings, RecipientResult,
+    Selection, Tally,
 };

@@ -87,6 +87,33 @@ impl Outcome {
     }
 }
 
+/// Messages per state, as [`Queue::census`] counts them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Census {
+    /// Not tried yet (or being tried for the first time).
+    pub queued: Tally,
+    /// Tried, waiting for the next attempt (or being tried again).
+    pub deferred: Tally,
+    /// Given up; kept on disk for the administrator.
+    pub failed: Tally,
+}
+
+/// The messages of one state in a [`Census`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tally {
+    /// How many.
+    pub count: usize,
+    /// When the oldest of them was accepted.
+    pub oldest: Option<SystemTime>,
+}
+
+impl Tally {
+    fn add(&mut self, received_at: SystemTime) {
+        self.count += 1;
+        self.oldest = Some(self.oldest.map_or(received_at, |t| t.min(received_at)));
+    }
+}
+
 /// What [`Queue::record`] did with the message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Disposition {
@@ -186,6 +213,9 @@ struct Schedule {
     accounts: HashMap<String, AccountSchedule>,
     /// Passthrough clients waiting for their message's attempt.
     waiters: HashMap<QueueId, oneshot::Sender<Vec<RecipientResult>>>,
+    /// Failed messages (on disk only, never tried again) and when each was
+    /// accepted, so [`Queue::census`] needs no disk access.
+    failed: HashMap<QueueId, SystemTime>,
 }
 
 #[derive(Debug)]
@@ -266,6 +296,8 @@ impl Queue {
 
         let mut sched = Schedule::default();
         let active = recovered.active.len();
+        let failed = recovered.failed.len();
+        sched.failed.extend(recovered.failed);
         for meta in recovered.active {
             let due = instant_for(meta.next_attempt.unwrap_or(meta.received_at));
             sched.insert(meta, due);
@@ -273,7 +305,7 @@ impl Queue {
         tracing::info!(
             dir = %settings.dir.display(),
             active,
-            failed = recovered.failed,
+            failed,
             "queue opened"
         );
         Ok(Queue {
@@ -583,6 +615,7 @@ impl Queue {
                 }
                 Plan::Fail => {
                     sched.messages.remove(&id);
+                    sched.failed.insert(id.clone(), meta.received_at);
                     tracing::warn!(
                         %id,
                         attempts = meta.attempts,
@@ -626,6 +659,25 @@ impl Queue {
     /// messages kept on disk are not counted.
     pub fn depth(&self) -> usize {
         lock(&self.inner.sched).messages.len()
+    }
+
+    /// How many messages are in each state and when the oldest of each was
+    /// accepted, from memory (cheap enough for every metrics scrape).
+    pub fn census(&self) -> Census {
+        let sched = lock(&self.inner.sched);
+        let mut census = Census::default();
+        for slot in sched.messages.values() {
+            let tally = match slot.meta.state {
+                State::Queued => &mut census.queued,
+                State::Deferred => &mut census.deferred,
+                State::Failed => &mut census.failed,
+            };
+            tally.add(slot.meta.received_at);
+        }
+        for &received_at in sched.failed.values() {
+            census.failed.add(received_at);
+        }
+        census
     }
 
     /// The queue's settings.

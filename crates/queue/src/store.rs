@@ -280,8 +280,8 @@ pub(crate) fn prepare(layout: &Layout) -> Result<File, QueueError> {
 pub(crate) struct Recovered {
     /// Every valid message still to be tried (not failed).
     pub active: Vec<Meta>,
-    /// Number of failed messages kept on disk.
-    pub failed: usize,
+    /// Failed messages kept on disk: id and acceptance time.
+    pub failed: Vec<(QueueId, std::time::SystemTime)>,
     /// The largest id timestamp seen in `meta/` or `body/`, so new ids sort
     /// after every existing one even if the clock went backwards.
     pub max_micros: u64,
@@ -385,7 +385,7 @@ pub(crate) fn recover(layout: &Layout) -> Result<Recovered, QueueError> {
             )?;
         }
         if meta.state == State::Failed {
-            found.failed += 1;
+            found.failed.push((meta.id, meta.received_at));
         } else {
             found.active.push(meta);
         }

@@ -168,3 +168,57 @@ async fn requests_apply_directly_when_no_relay_runs() {
     assert_eq!(ids, vec![id]);
     assert!(list(dir.path()).expect("list").is_empty());
 }
+
+/// The census (what `/metrics` and systemd's STATUS show) comes from memory;
+/// it must agree with the disk through every change, across a reopen too.
+#[tokio::test]
+async fn census_follows_every_change_and_agrees_with_the_disk() {
+    let dir = TempDir::new().expect("tempdir");
+    let counts = |q: &Queue| {
+        let c = q.census();
+        (c.queued.count, c.deferred.count, c.failed.count)
+    };
+    let on_disk = |state: State| {
+        list(dir.path())
+            .expect("list")
+            .iter()
+            .filter(|e| e.state == state)
+            .count()
+    };
+    let q = Queue::open(settings(dir.path())).await.expect("open");
+    assert_eq!(counts(&q), (0, 0, 0));
+    assert_eq!(q.census().queued.oldest, None);
+    let first = q.enqueue(msg(), b"x\r\n").await.expect("enqueue");
+    q.enqueue(msg(), b"y\r\n").await.expect("enqueue");
+    assert_eq!(counts(&q), (2, 0, 0));
+    let oldest = q.census().queued.oldest.expect("oldest");
+    let first_entry = list(dir.path()).expect("list").remove(0);
+    assert_eq!(first_entry.id, first.as_str());
+    assert_eq!(
+        humantime::format_rfc3339_seconds(oldest).to_string(),
+        first_entry.received_at
+    );
+
+    attempt(&q, temporary).await; // the first: deferred
+    assert_eq!(counts(&q), (1, 1, 0));
+    attempt(&q, permanent).await; // the second: failed
+    assert_eq!(counts(&q), (0, 1, 1));
+    assert_eq!(on_disk(State::Deferred), 1);
+    assert_eq!(on_disk(State::Failed), 1);
+    drop(q);
+
+    let q = Queue::open(settings(dir.path())).await.expect("reopen");
+    assert_eq!(counts(&q), (0, 1, 1));
+    assert!(q.census().failed.oldest.is_some());
+    q.retry(Selection::All).await.expect("retry");
+    assert_eq!(counts(&q), (0, 2, 0));
+    attempt(&q, permanent).await;
+    attempt(&q, permanent).await;
+    assert_eq!(counts(&q), (0, 0, 2));
+    q.delete(Selection::Id(first)).await.expect("delete");
+    assert_eq!(counts(&q), (0, 0, 1));
+    assert_eq!(on_disk(State::Failed), 1);
+    q.delete(Selection::All).await.expect("delete");
+    assert_eq!(counts(&q), (0, 0, 0));
+    assert!(list(dir.path()).expect("list").is_empty());
+}

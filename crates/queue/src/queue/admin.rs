@@ -93,7 +93,9 @@ impl Queue {
                 )?;
                 tracing::info!(id = %meta.id, "failed message queued again by an administrator");
                 revived.push(meta.id.clone());
-                lock(&inner.sched).insert(meta, Instant::now());
+                let mut sched = lock(&inner.sched);
+                sched.failed.remove(&meta.id);
+                sched.insert(meta, Instant::now());
             }
             Ok(revived)
         })
@@ -133,7 +135,9 @@ impl Queue {
             ids.extend(inner.failed_on_disk(&which)?.into_iter().map(|m| m.id));
             let ops: Vec<Op> = ids.iter().map(|id| Op::Remove { id: id.clone() }).collect();
             store::apply(&inner.layout, &ops)?;
+            let mut sched = lock(&inner.sched);
             for id in &ids {
+                sched.failed.remove(id);
                 tracing::info!(%id, "message deleted by an administrator");
             }
             Ok(ids)
