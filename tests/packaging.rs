@@ -14,7 +14,6 @@ use std::{
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
-    time::Duration,
 };
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
@@ -26,44 +25,10 @@ fn repo_file(path: &str) -> String {
 /// Starts `run` with extra environment variables (and an admin endpoint on a
 /// free loopback port, so parallel relays do not collide).
 async fn start_with_env(config: &Path, port: u16, env: &[(String, String)]) -> Relay {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(config.with_file_name("relay.log"))
-        .expect("log file");
-    let child = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(config)
-        .env(
-            "SMTP_OAUTH_RELAY__ADMIN__BIND",
-            format!("127.0.0.1:{}", free_port()),
-        )
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .env("RUST_LOG", "debug")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("start the relay");
-    let mut relay = Relay {
-        child,
-        port,
-        config: config.to_owned(),
-    };
-    for _ in 0..300 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            return relay;
-        }
-        if let Ok(Some(status)) = relay.child.try_wait() {
-            panic!("relay exited at start: {status}\n{}", relay.log());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    relay.kill9();
-    panic!("relay did not listen within 15 s\n{}", relay.log());
+    let admin = format!("127.0.0.1:{}", free_port());
+    let mut vars = vec![("SMTP_OAUTH_RELAY__ADMIN__BIND", admin.as_str())];
+    vars.extend(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    Relay::start_with_env(config, port, &vars).await
 }
 
 /// Runs a verb with extra environment variables.
@@ -92,24 +57,8 @@ fn mode(path: &Path) -> u32 {
 
 async fn deliver_one(world: &World, relay: &Relay, subject: &str) {
     let before = world.upstream.messages().len();
-    let reply = send_one(
-        relay.port,
-        MAILBOX,
-        &["alice@example.com"],
-        &message(subject),
-    )
-    .await;
-    assert!(reply.starts_with("250"), "{reply}\n{}", relay.log());
-    let got = world
-        .upstream
-        .wait_for_messages(before + 1, Duration::from_secs(20))
-        .await;
-    assert_eq!(
-        got.len(),
-        before + 1,
-        "not delivered; log:\n{}",
-        relay.log()
-    );
+    send_accepted(relay, subject).await;
+    let got = relay.delivered(world, before + 1).await;
     let last = got.last().expect("a message");
     assert_eq!(last.auth_user, MAILBOX);
     assert!(

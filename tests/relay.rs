@@ -6,6 +6,32 @@ mod common;
 use common::*;
 use std::time::Duration;
 
+/// Waits (10 s at most) until the relay's queue is empty.
+async fn queue_empties(relay: &Relay) {
+    eventually(10, "the queue to empty", || relay.queue_json().is_empty()).await;
+}
+
+/// Waits (10 s at most) until the first queued message is deferred and
+/// asserts its last error mentions `expected`; returns its entry.
+async fn first_deferred(relay: &Relay, expected: &str) -> serde_json::Value {
+    eventually(10, "a deferral", || {
+        relay
+            .queue_json()
+            .first()
+            .is_some_and(|e| e["state"] == "deferred")
+    })
+    .await;
+    let entry = relay.queue_json()[0].clone();
+    assert!(
+        entry["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(expected),
+        "{entry}"
+    );
+    entry
+}
+
 #[tokio::test]
 async fn relays_exact_bytes_with_envelope_over_xoauth2() {
     let world = World::start().await;
@@ -49,7 +75,7 @@ async fn relays_exact_bytes_with_envelope_over_xoauth2() {
         .token_claims
         .roles
         .contains(&"SMTP.SendAsApp".to_owned()));
-    eventually(10, "the queue to empty", || relay.queue_json().is_empty()).await;
+    queue_empties(&relay).await;
 }
 
 #[tokio::test]
@@ -78,7 +104,7 @@ async fn sigkill_and_restart_lose_nothing_and_duplicate_nothing() {
     for body in &bodies {
         assert_eq!(got_after.iter().filter(|m| &m.data == body).count(), 1);
     }
-    eventually(10, "the queue to empty", || relay.queue_json().is_empty()).await;
+    queue_empties(&relay).await;
 }
 
 #[tokio::test]
@@ -134,35 +160,16 @@ async fn outage_defers_and_retries_until_delivered() {
     let relay = Relay::start(&world.write_config(&world.config(port)), port).await;
     world.upstream.stop().await;
     let started = std::time::Instant::now();
-    let reply = send_one(port, MAILBOX, &["alice@example.com"], &message("queued")).await;
-    assert!(reply.starts_with("250"), "{reply}");
+    send_accepted(&relay, "queued").await;
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "accepting waited on the upstream"
     );
-    eventually(10, "a deferral", || {
-        relay
-            .queue_json()
-            .first()
-            .is_some_and(|e| e["state"] == "deferred")
-    })
-    .await;
-    let entry = &relay.queue_json()[0];
-    assert!(
-        entry["last_error"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("cannot connect"),
-        "{entry}"
-    );
+    let entry = first_deferred(&relay, "cannot connect").await;
     assert!(entry["next_attempt"].is_string());
     world.upstream.restart().await.expect("upstream back");
-    let got = world
-        .upstream
-        .wait_for_messages(1, Duration::from_secs(20))
-        .await;
-    assert_eq!(got.len(), 1);
-    eventually(10, "the queue to empty", || relay.queue_json().is_empty()).await;
+    relay.delivered(&world, 1).await;
+    queue_empties(&relay).await;
 }
 
 #[tokio::test]
@@ -184,11 +191,7 @@ async fn tokens_renew_in_the_background_and_never_reach_the_log() {
         "only {renewed} renewals in 7 s idle with 3 s tokens"
     );
     send_one(port, MAILBOX, &["a@example.com"], &message("later")).await;
-    let got = world
-        .upstream
-        .wait_for_messages(2, Duration::from_secs(20))
-        .await;
-    assert_eq!(got.len(), 2);
+    relay.delivered(&world, 2).await;
     assert!(
         world.upstream.auth_failures().is_empty(),
         "{:?}",
@@ -218,23 +221,8 @@ async fn identity_errors_defer_mail_and_are_explained() {
     )
     .expect("secret");
     let relay = Relay::start(&world.write_config(&config), port).await;
-    let reply = send_one(port, MAILBOX, &["alice@example.com"], &message("waits")).await;
-    assert!(reply.starts_with("250"), "{reply}");
-    eventually(10, "a deferral", || {
-        relay
-            .queue_json()
-            .first()
-            .is_some_and(|e| e["state"] == "deferred")
-    })
-    .await;
-    let entry = &relay.queue_json()[0];
-    assert!(
-        entry["last_error"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("AADSTS7000215"),
-        "{entry}"
-    );
+    send_accepted(&relay, "waits").await;
+    first_deferred(&relay, "AADSTS7000215").await;
     let log = relay.log();
     assert!(
         log.contains("not its Secret ID"),

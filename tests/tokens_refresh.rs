@@ -8,6 +8,7 @@ use common::*;
 use std::{
     io::{BufRead, BufReader},
     os::unix::fs::PermissionsExt,
+    path::PathBuf,
     process::{Command, Stdio},
     time::Duration,
 };
@@ -52,6 +53,58 @@ fn cached_refresh_token(world: &World) -> String {
     let text = std::fs::read_to_string(cache_path(world)).expect("cache file");
     let value: serde_json::Value = serde_json::from_str(&text).expect("cache is whole JSON");
     value["refresh_token"].as_str().unwrap().to_owned()
+}
+
+/// Seeds the cache and starts a relay on the delegated account; returns its
+/// configuration file (for a restart) and the relay.
+async fn start_delegated(world: &World) -> (PathBuf, Relay) {
+    seed_cache(world);
+    let port = free_port();
+    let config = world.write_config(&delegated_config(world, port));
+    let relay = Relay::start(&config, port).await;
+    (config, relay)
+}
+
+/// Waits (15 s at most) until the relay has fetched a token.
+async fn first_token(world: &World) {
+    eventually(15, "a first token", || {
+        world.idp.grants("refresh_token") >= 1
+    })
+    .await;
+}
+
+/// SIGKILLs the relay while a refresh is in flight: the kit has rotated the
+/// token, but its reply is held back and never reaches the relay.
+async fn kill_during_refresh(world: &World, relay: &mut Relay) {
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    world.idp.set_reply_delay(Some(Duration::from_secs(30)));
+    let before = world.idp.grants("refresh_token");
+    eventually(15, "a refresh in flight", || {
+        world.idp.grants("refresh_token") > before
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    relay.kill9();
+    world.idp.set_reply_delay(None);
+}
+
+/// Waits (`secs` at most) until the log tells the operator to run
+/// `authorize`.
+async fn names_authorize(relay: &Relay, secs: u64) {
+    eventually(secs, "the log to name the command", || {
+        relay
+            .log()
+            .contains("run `smtp-oauth-relay authorize --account main`")
+    })
+    .await;
+}
+
+/// Asserts no token request is made for 3 s (a dead refresh token is not
+/// retried).
+async fn assert_no_token_requests(world: &World, what: &str) {
+    let attempts = world.idp.grants("refresh_token");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(world.idp.grants("refresh_token"), attempts, "{what}");
 }
 
 // The binary is driven with blocking calls: the kit needs its own threads.
@@ -126,8 +179,7 @@ async fn authorize_with_device_code_then_relay_delivers_as_the_user() {
     );
 
     let relay = Relay::start(&config, port).await;
-    let reply = send_one(port, MAILBOX, &["alice@example.com"], &message("delegated")).await;
-    assert!(reply.starts_with("250"), "{reply}");
+    send_accepted(&relay, "delegated").await;
     let got = relay.delivered(&world, 1).await;
     assert_eq!(got[0].token_claims.scp.as_deref(), Some("SMTP.Send"));
     assert_eq!(got[0].token_claims.upn.as_deref(), Some(MAILBOX));
@@ -140,16 +192,12 @@ async fn authorize_with_device_code_then_relay_delivers_as_the_user() {
 async fn rotated_refresh_token_survives_sigkill_after_use() {
     let world = World::start().await;
     world.idp.set_lifetime(3); // renewal every 2 s
-    seed_cache(&world);
-    let port = free_port();
-    let config = world.write_config(&delegated_config(&world, port));
-    let mut relay = Relay::start(&config, port).await;
+    let (config, mut relay) = start_delegated(&world).await;
     eventually(20, "several rotations", || {
         world.idp.grants("refresh_token") >= 3
     })
     .await;
-    let reply = send_one(port, MAILBOX, &["alice@example.com"], &message("one")).await;
-    assert!(reply.starts_with("250"), "{reply}");
+    send_accepted(&relay, "one").await;
     world
         .upstream
         .wait_for_messages(1, Duration::from_secs(20))
@@ -160,9 +208,8 @@ async fn rotated_refresh_token_survives_sigkill_after_use() {
         world.idp.refresh_token_is_live(&cached),
         "the cache holds the live refresh token"
     );
-    let relay = Relay::start(&config, port).await;
-    let reply = send_one(port, MAILBOX, &["alice@example.com"], &message("two")).await;
-    assert!(reply.starts_with("250"), "{reply}");
+    let relay = Relay::start(&config, relay.port).await;
+    send_accepted(&relay, "two").await;
     relay.delivered(&world, 2).await;
 }
 
@@ -176,35 +223,13 @@ async fn sigkill_in_the_middle_of_a_refresh() {
     let world = World::start().await;
     world.idp.reuse_refresh_tokens(true);
     world.idp.set_lifetime(4);
-    seed_cache(&world);
-    let port = free_port();
-    let config = world.write_config(&delegated_config(&world, port));
-    let mut relay = Relay::start(&config, port).await;
-    eventually(15, "a first token", || {
-        world.idp.grants("refresh_token") >= 1
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    world.idp.set_reply_delay(Some(Duration::from_secs(30)));
-    let before = world.idp.grants("refresh_token");
-    eventually(15, "a refresh in flight", || {
-        world.idp.grants("refresh_token") > before
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    relay.kill9();
-    world.idp.set_reply_delay(None);
+    let (config, mut relay) = start_delegated(&world).await;
+    first_token(&world).await;
+    kill_during_refresh(&world, &mut relay).await;
     let cached = cached_refresh_token(&world);
     assert!(world.idp.refresh_token_is_live(&cached));
-    let relay = Relay::start(&config, port).await;
-    let reply = send_one(
-        port,
-        MAILBOX,
-        &["alice@example.com"],
-        &message("after kill"),
-    )
-    .await;
-    assert!(reply.starts_with("250"), "{reply}");
+    let relay = Relay::start(&config, relay.port).await;
+    send_accepted(&relay, "after kill").await;
     relay.delivered(&world, 1).await;
 }
 
@@ -215,39 +240,13 @@ async fn sigkill_in_the_middle_of_a_refresh() {
 async fn lost_rotation_with_single_use_tokens_asks_for_authorize() {
     let world = World::start().await;
     world.idp.set_lifetime(4);
-    seed_cache(&world);
-    let port = free_port();
-    let config = world.write_config(&delegated_config(&world, port));
-    let mut relay = Relay::start(&config, port).await;
-    eventually(15, "a first token", || {
-        world.idp.grants("refresh_token") >= 1
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    world.idp.set_reply_delay(Some(Duration::from_secs(30)));
-    let before = world.idp.grants("refresh_token");
-    eventually(15, "a refresh in flight", || {
-        world.idp.grants("refresh_token") > before
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    relay.kill9();
-    world.idp.set_reply_delay(None);
+    let (config, mut relay) = start_delegated(&world).await;
+    first_token(&world).await;
+    kill_during_refresh(&world, &mut relay).await;
     std::fs::write(config.with_file_name("relay.log"), "").unwrap();
-    let relay = Relay::start(&config, port).await;
-    eventually(15, "the log to name the command", || {
-        relay
-            .log()
-            .contains("run `smtp-oauth-relay authorize --account main`")
-    })
-    .await;
-    let attempts = world.idp.grants("refresh_token");
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(
-        world.idp.grants("refresh_token"),
-        attempts,
-        "a dead refresh token is not retried"
-    );
+    let relay = Relay::start(&config, relay.port).await;
+    names_authorize(&relay, 15).await;
+    assert_no_token_requests(&world, "a dead refresh token is not retried").await;
 }
 
 // A revoked refresh token: deliveries wait, the log names the command, no
@@ -256,27 +255,13 @@ async fn lost_rotation_with_single_use_tokens_asks_for_authorize() {
 async fn revoked_refresh_token_is_explained_and_recovered_without_restart() {
     let world = World::start().await;
     world.idp.set_lifetime(4);
-    seed_cache(&world);
-    let port = free_port();
-    let config = world.write_config(&delegated_config(&world, port));
-    let relay = Relay::start(&config, port).await;
-    eventually(15, "a first token", || {
-        world.idp.grants("refresh_token") >= 1
-    })
-    .await;
+    let (_, relay) = start_delegated(&world).await;
+    first_token(&world).await;
     world.idp.revoke_refresh_tokens();
-    eventually(20, "the log to name the command", || {
-        relay
-            .log()
-            .contains("run `smtp-oauth-relay authorize --account main`")
-    })
-    .await;
+    names_authorize(&relay, 20).await;
     assert!(relay.log().contains("50173"), "log:\n{}", relay.log());
-    let attempts = world.idp.grants("refresh_token");
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(world.idp.grants("refresh_token"), attempts, "no retries");
-    let reply = send_one(port, MAILBOX, &["alice@example.com"], &message("waits")).await;
-    assert!(reply.starts_with("250"), "{reply}");
+    assert_no_token_requests(&world, "no retries").await;
+    send_accepted(&relay, "waits").await;
     seed_cache(&world);
     relay.delivered(&world, 1).await;
 }

@@ -5,7 +5,7 @@
 
 use crate::relay::{wait_for_signal, Running};
 use anyhow::{bail, Context};
-use relay_testkit::{IdentityPlatform, ReceivedMessage, SubmissionServer};
+use relay_testkit::{IdentityPlatform, ReceivedMessage, RelayConfig, Section, SubmissionServer};
 use std::{net::SocketAddr, time::Duration};
 
 #[derive(clap::Args)]
@@ -27,46 +27,19 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         .tempdir()?;
     let ca = dir.path().join("stand-in-ca.pem");
     std::fs::write(&ca, upstream.ca_pem())?;
-    let secret = dir.path().join("client-secret");
-    std::fs::write(&secret, idp.client_secret())?;
-    let config = relay_config::load_str(&format!(
-        r#"
-[listener]
-bind = ["{listen}"]
-hostname = "relay.demo"
-
-[queue]
-dir = {queue:?}
-retry_initial = "5s"
-retry_max = "1m"
-
-[admin]
-bind = "127.0.0.1:0"
-
-[upstream]
-host = "localhost"
-port = {port}
-ca_file = {ca:?}
-
-[[accounts]]
-name = "demo"
-mailbox = "{mailbox}"
-
-[accounts.oauth]
-flow = "client_credentials"
-authority = "{authority}"
-tenant_id = "{tenant}"
-client_id = "{client}"
-client_secret_file = {secret:?}
-"#,
-        listen = args.listen,
-        queue = dir.path().join("queue"),
-        port = upstream.port(),
-        mailbox = upstream.mailbox(),
-        authority = idp.authority(),
-        tenant = idp.tenant(),
-        client = idp.client_id(),
-    ))
+    std::fs::write(dir.path().join("client-secret"), idp.client_secret())?;
+    let config = relay_config::load_str(
+        &RelayConfig::new(&idp, &upstream, dir.path())
+            .listener(args.listen, "relay.demo")
+            .admin("127.0.0.1:0")
+            .ca_file(&ca)
+            .account("demo")
+            .extra(
+                Section::Queue,
+                "retry_initial = \"5s\"\nretry_max = \"1m\"\n",
+            )
+            .to_toml(),
+    )
     .context("the demo configuration")?;
     let relay = Running::start(config).await.with_context(|| {
         format!(

@@ -3,7 +3,7 @@
 
 #![allow(dead_code)] // each test binary uses a different part
 
-use relay_testkit::{IdentityPlatform, ReceivedMessage, SubmissionServer};
+use relay_testkit::{IdentityPlatform, ReceivedMessage, RelayConfig, Section, SubmissionServer};
 use std::{
     net::TcpListener,
     path::{Path, PathBuf},
@@ -46,43 +46,17 @@ impl World {
         World { idp, upstream, dir }
     }
 
-    /// A relay configuration for this world; `extra` is appended to `[queue]`.
+    /// A relay configuration for this world, listening on `port`.
     pub fn config(&self, port: u16) -> String {
-        format!(
-            r#"[listener]
-bind = ["127.0.0.1:{port}"]
-hostname = "relay.test"
-
-[upstream]
-host = "localhost"
-port = {upstream}
-ca_file = "{dir}/ca.pem"
-
-[[accounts]]
-name = "main"
-mailbox = "{MAILBOX}"
-
-[accounts.oauth]
-flow = "client_credentials"
-authority = "{authority}"
-tenant_id = "{tenant}"
-client_id = "{client}"
-client_secret_file = "{dir}/secret"
-
-[admin]
-bind = "127.0.0.1:0"
-
-[queue]
-dir = "{dir}/queue"
-retry_initial = "300ms"
-retry_max = "1s"
-"#,
-            upstream = self.upstream.port(),
-            dir = self.dir.path().display(),
-            authority = self.idp.authority(),
-            tenant = self.idp.tenant(),
-            client = self.idp.client_id(),
-        )
+        RelayConfig::new(&self.idp, &self.upstream, self.dir.path())
+            .listener(format!("127.0.0.1:{port}"), "relay.test")
+            .client_secret_file(self.dir.path().join("secret"))
+            .admin("127.0.0.1:0")
+            .extra(
+                Section::Queue,
+                "retry_initial = \"300ms\"\nretry_max = \"1s\"\n",
+            )
+            .to_toml()
     }
 
     pub fn write_config(&self, text: &str) -> PathBuf {
@@ -139,12 +113,12 @@ impl Relay {
                 return relay;
             }
             if let Ok(Some(status)) = relay.child.try_wait() {
-                panic!("relay exited at start: {status}");
+                panic!("relay exited at start: {status}\n{}", relay.log());
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let _ = relay.child.kill();
-        panic!("relay did not listen within 15 s");
+        relay.kill9();
+        panic!("relay did not listen within 15 s\n{}", relay.log());
     }
 
     pub fn kill9(&mut self) {
@@ -290,6 +264,19 @@ pub async fn send_one(port: u16, from: &str, to: &[&str], body: &[u8]) -> String
     let reply = c.mail(from, to, body).await;
     c.send(b"QUIT\r\n").await;
     reply
+}
+
+/// Sends [`message`]`(subject)` to alice@example.com in its own session
+/// and asserts the relay accepted it.
+pub async fn send_accepted(relay: &Relay, subject: &str) {
+    let reply = send_one(
+        relay.port,
+        MAILBOX,
+        &["alice@example.com"],
+        &message(subject),
+    )
+    .await;
+    assert!(reply.starts_with("250"), "{reply}\nlog:\n{}", relay.log());
 }
 
 pub fn message(subject: &str) -> Vec<u8> {

@@ -4,9 +4,39 @@
 mod common;
 
 use common::{Relay, Setup, CC, LIMIT, MAILBOX};
-use relay_queue::{RecipientState, State};
+use relay_queue::{Entry, QueueId, RecipientState, State};
 use relay_testkit::SubmissionOptions;
 use std::time::Duration;
+
+/// Queues `Subject: {subject}` with a one-line body from the mailbox to
+/// a@example.com: the message most tests need, whatever it says.
+async fn enqueue_one(relay: &Relay, subject: &str) -> QueueId {
+    let body = format!("Subject: {subject}\r\n\r\nx\r\n");
+    relay
+        .enqueue(MAILBOX, &["a@example.com"], body.as_bytes())
+        .await
+}
+
+/// Asserts the entry's last error mentions `expected`.
+fn assert_last_error(entry: &Entry, expected: &str) {
+    let error = entry.last_error.clone().unwrap_or_default();
+    assert!(error.contains(expected), "{error}");
+}
+
+/// Queues [`enqueue_one`]`(subject)` and waits until its first attempt was
+/// deferred with `error`.
+async fn deferred_once(relay: &Relay, subject: &str, error: &str) {
+    let id = enqueue_one(relay, subject).await;
+    let entry = relay.deferred(&id, 1..=1).await;
+    assert_last_error(&entry, error);
+}
+
+/// Waits `settle`, then asserts the server still has exactly `n` messages
+/// (nothing went out again).
+async fn assert_still_delivered(relay: &Relay, n: usize, settle: Duration, what: &str) {
+    tokio::time::sleep(settle).await;
+    assert_eq!(relay.server.messages().len(), n, "{what}");
+}
 
 // Protects byte-exact transparency: dot-stuffing, 8-bit data, long lines
 // and the envelope survive the trip unchanged.
@@ -25,9 +55,7 @@ async fn message_arrives_byte_for_byte_with_exact_envelope() {
     let recipients = ["a@example.com", "b@example.net", "hidden-bcc@example.org"];
 
     relay.enqueue(MAILBOX, &recipients, &body).await;
-    let got = relay.server.wait_for_messages(1, LIMIT).await;
-
-    assert_eq!(got.len(), 1, "one message delivered");
+    let got = relay.delivered(1).await;
     let message = &got[0];
     assert!(message.data == body, "body differs:\n{}", message.text());
     assert_eq!(message.mail_from, MAILBOX);
@@ -55,8 +83,7 @@ async fn consecutive_messages_reuse_connections() {
             .await;
     }
 
-    let got = relay.server.wait_for_messages(5, LIMIT).await;
-    assert_eq!(got.len(), 5);
+    relay.delivered(5).await;
     relay.wait_until_empty().await;
     assert!(
         relay.server.sessions() < 5,
@@ -87,8 +114,7 @@ async fn concurrency_never_exceeds_max_connections() {
         bodies.push(body);
     }
 
-    let got = relay.server.wait_for_messages(10, LIMIT).await;
-    assert_eq!(got.len(), 10);
+    relay.delivered(10).await;
     relay.wait_until_empty().await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut received: Vec<Vec<u8>> = relay
@@ -125,17 +151,10 @@ async fn missing_starttls_defers_without_sending_anything() {
         ..Setup::default()
     })
     .await;
-    let id = relay
-        .enqueue(MAILBOX, &["a@example.com"], b"Subject: tls\r\n\r\nx\r\n")
-        .await;
+    let id = enqueue_one(&relay, "tls").await;
 
-    let entry = relay
-        .entry_when(&id, "deferred", |e| {
-            e.state == State::Deferred && e.attempts >= 1
-        })
-        .await;
-    let error = entry.last_error.unwrap_or_default();
-    assert!(error.contains("STARTTLS"), "{error}");
+    let entry = relay.deferred(&id, 1..).await;
+    assert_last_error(&entry, "STARTTLS");
     assert!(relay.server.messages().is_empty());
     assert!(
         relay.server.auth_failures().is_empty(),
@@ -159,12 +178,8 @@ async fn refused_token_is_replaced_and_delivery_proceeds() {
         .server
         .push_auth_fault("535 5.7.3 Authentication unsuccessful");
 
-    relay
-        .enqueue(MAILBOX, &["a@example.com"], b"Subject: retry\r\n\r\nx\r\n")
-        .await;
-    let got = relay.server.wait_for_messages(1, LIMIT).await;
-
-    assert_eq!(got.len(), 1);
+    enqueue_one(&relay, "retry").await;
+    relay.delivered(1).await;
     assert_eq!(relay.idp.grants(CC), 2, "exactly one new token");
     assert_eq!(relay.server.sessions(), 1, "delivered in the same attempt");
     assert_eq!(relay.server.auth_failures().len(), 1);
@@ -176,12 +191,7 @@ async fn refused_token_is_replaced_and_delivery_proceeds() {
 // token defers the message (a setup problem), and it goes out once fixed.
 #[tokio::test]
 async fn repeated_token_refusal_defers_the_message() {
-    let relay = Relay::start(Setup {
-        retry_initial: "1s",
-        retry_max: "2s",
-        ..Setup::default()
-    })
-    .await;
+    let relay = Relay::start(Setup::fast_retry()).await;
     relay
         .server
         .push_auth_fault("535 5.7.3 Authentication unsuccessful");
@@ -189,21 +199,11 @@ async fn repeated_token_refusal_defers_the_message() {
         .server
         .push_auth_fault("535 5.7.3 Authentication unsuccessful");
 
-    let id = relay
-        .enqueue(MAILBOX, &["a@example.com"], b"Subject: twice\r\n\r\nx\r\n")
-        .await;
-    let entry = relay
-        .entry_when(&id, "deferred", |e| {
-            e.state == State::Deferred && e.attempts == 1
-        })
-        .await;
-
-    let error = entry.last_error.unwrap_or_default();
-    assert!(error.contains("535 5.7.3"), "{error}");
+    deferred_once(&relay, "twice", "535 5.7.3").await;
     assert_eq!(relay.idp.grants(CC), 2, "one token, one replacement");
     assert!(relay.server.messages().is_empty());
     // Not failed: the next attempt (faults used up) delivers it.
-    assert_eq!(relay.server.wait_for_messages(1, LIMIT).await.len(), 1);
+    relay.delivered(1).await;
     relay.wait_until_empty().await;
     assert_eq!(relay.idp.grants(CC), 2, "the replacement token is reused");
     relay.shutdown().await;
@@ -213,33 +213,14 @@ async fn repeated_token_refusal_defers_the_message() {
 // does not waste a token request (a new token cannot help).
 #[tokio::test]
 async fn smtp_auth_disabled_defers_without_new_token() {
-    let relay = Relay::start(Setup {
-        retry_initial: "1s",
-        retry_max: "2s",
-        ..Setup::default()
-    })
-    .await;
+    let relay = Relay::start(Setup::fast_retry()).await;
     relay.server.push_auth_fault(
         "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Mailbox.",
     );
 
-    let id = relay
-        .enqueue(
-            MAILBOX,
-            &["a@example.com"],
-            b"Subject: disabled\r\n\r\nx\r\n",
-        )
-        .await;
-    let entry = relay
-        .entry_when(&id, "deferred", |e| {
-            e.state == State::Deferred && e.attempts == 1
-        })
-        .await;
-
-    let error = entry.last_error.unwrap_or_default();
-    assert!(error.contains("535 5.7.139"), "{error}");
+    deferred_once(&relay, "disabled", "535 5.7.139").await;
     assert_eq!(relay.idp.grants(CC), 1, "no extra token request");
-    assert_eq!(relay.server.wait_for_messages(1, LIMIT).await.len(), 1);
+    relay.delivered(1).await;
     relay.wait_until_empty().await;
     assert_eq!(relay.idp.grants(CC), 1);
     relay.shutdown().await;
@@ -249,28 +230,14 @@ async fn smtp_auth_disabled_defers_without_new_token() {
 // auth refused, 5.7.30) are not stale-token refusals and fetch no token.
 #[tokio::test]
 async fn other_auth_refusals_do_not_fetch_a_new_token() {
-    let relay = Relay::start(Setup {
-        retry_initial: "1s",
-        retry_max: "2s",
-        ..Setup::default()
-    })
-    .await;
+    let relay = Relay::start(Setup::fast_retry()).await;
     relay
         .server
         .push_auth_fault("535 5.7.30 Basic authentication is not supported for Client Submission.");
 
-    let id = relay
-        .enqueue(MAILBOX, &["a@example.com"], b"Subject: 5.7.30\r\n\r\nx\r\n")
-        .await;
-    let entry = relay
-        .entry_when(&id, "deferred", |e| {
-            e.state == State::Deferred && e.attempts == 1
-        })
-        .await;
-
-    assert!(entry.last_error.unwrap_or_default().contains("535 5.7.30"));
+    deferred_once(&relay, "5.7.30", "535 5.7.30").await;
     assert_eq!(relay.idp.grants(CC), 1, "no extra token request");
-    assert_eq!(relay.server.wait_for_messages(1, LIMIT).await.len(), 1);
+    relay.delivered(1).await;
     relay.shutdown().await;
 }
 
@@ -313,8 +280,7 @@ async fn send_as_refusal_fails_immediately_and_is_not_retried() {
             b"Subject: alias\r\n\r\nx\r\n",
         )
         .await;
-    let got = relay.server.wait_for_messages(1, LIMIT).await;
-    assert_eq!(got.len(), 1);
+    let got = relay.delivered(1).await;
     assert_eq!(got[0].mail_from, "alias@contoso.com");
     relay.shutdown().await;
 }
@@ -369,22 +335,20 @@ async fn upstream_outage_defers_then_delivers_once() {
     let relay = Relay::start(Setup::default()).await;
     relay.server.stop().await;
 
-    let id = relay
-        .enqueue(MAILBOX, &["a@example.com"], b"Subject: outage\r\n\r\nx\r\n")
-        .await;
-    let entry = relay
-        .entry_when(&id, "deferred", |e| {
-            e.state == State::Deferred && e.attempts >= 1
-        })
-        .await;
-    let error = entry.last_error.unwrap_or_default();
-    assert!(error.contains("cannot connect"), "{error}");
+    let id = enqueue_one(&relay, "outage").await;
+    let entry = relay.deferred(&id, 1..).await;
+    assert_last_error(&entry, "cannot connect");
 
     relay.server.restart().await.expect("restart");
-    assert_eq!(relay.server.wait_for_messages(1, LIMIT).await.len(), 1);
+    relay.delivered(1).await;
     relay.wait_until_empty().await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(relay.server.messages().len(), 1, "delivered exactly once");
+    assert_still_delivered(
+        &relay,
+        1,
+        Duration::from_millis(500),
+        "delivered exactly once",
+    )
+    .await;
     relay.shutdown().await;
 }
 
@@ -403,7 +367,7 @@ async fn dead_pooled_connection_is_replaced_within_the_attempt() {
     relay
         .enqueue(MAILBOX, &["a@example.com"], b"Subject: first\r\n\r\n1\r\n")
         .await;
-    assert_eq!(relay.server.wait_for_messages(1, LIMIT).await.len(), 1);
+    relay.delivered(1).await;
     relay.wait_until_empty().await;
 
     // The server drops every connection, including the relay's idle one.
@@ -413,44 +377,34 @@ async fn dead_pooled_connection_is_replaced_within_the_attempt() {
         .enqueue(MAILBOX, &["a@example.com"], b"Subject: second\r\n\r\n2\r\n")
         .await;
 
-    let got = relay.server.wait_for_messages(2, LIMIT).await;
-    assert_eq!(got.len(), 2, "queue: {:#?}", relay.entries());
+    let got = relay.delivered(2).await;
     assert_eq!(got[1].text(), "Subject: second\r\n\r\n2\r\n");
     assert_eq!(relay.server.sessions(), 2, "one reconnect");
     relay.wait_until_empty().await;
     assert!(relay.entries().iter().all(|e| e.id != id.to_string()));
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(relay.server.messages().len(), 2, "nothing duplicated");
+    assert_still_delivered(&relay, 2, Duration::from_millis(300), "nothing duplicated").await;
     relay.shutdown().await;
 }
 
 // Protects temporary DATA refusals: deferred, then delivered once.
 #[tokio::test]
 async fn temporary_data_refusal_is_retried_once() {
-    let relay = Relay::start(Setup {
-        retry_initial: "1s",
-        retry_max: "2s",
-        ..Setup::default()
-    })
-    .await;
+    let relay = Relay::start(Setup::fast_retry()).await;
     relay
         .server
         .push_data_fault("451 4.3.0 Temporary server error. Please try again later");
 
-    let id = relay
-        .enqueue(MAILBOX, &["a@example.com"], b"Subject: busy\r\n\r\nx\r\n")
-        .await;
-    let entry = relay
-        .entry_when(&id, "deferred", |e| {
-            e.state == State::Deferred && e.attempts == 1
-        })
-        .await;
-    assert!(entry.last_error.unwrap_or_default().contains("451 4.3.0"));
+    deferred_once(&relay, "busy", "451 4.3.0").await;
 
-    assert_eq!(relay.server.wait_for_messages(1, LIMIT).await.len(), 1);
+    relay.delivered(1).await;
     relay.wait_until_empty().await;
     assert_eq!(relay.server.rejected().len(), 1);
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(relay.server.messages().len(), 1, "delivered exactly once");
+    assert_still_delivered(
+        &relay,
+        1,
+        Duration::from_millis(500),
+        "delivered exactly once",
+    )
+    .await;
     relay.shutdown().await;
 }

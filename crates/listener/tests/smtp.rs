@@ -207,6 +207,17 @@ impl Relay {
         c
     }
 
+    /// A new client inside a message (a@contoso.com to b@example.com):
+    /// for tests of what happens after `354`; each step's reply is still
+    /// checked exactly.
+    async fn client_in_data(&self) -> Client {
+        let mut c = self.client().await;
+        c.cmd("MAIL FROM:<a@contoso.com>", "250 2.1.0 Ok").await;
+        c.cmd("RCPT TO:<b@example.com>", "250 2.1.5 Ok").await;
+        c.cmd("DATA", "354 End data with <CR><LF>.<CR><LF>").await;
+        c
+    }
+
     /// A new client, greeting not read yet.
     async fn connect(&self) -> Client {
         Client::connect(self.addr).await
@@ -1160,10 +1171,7 @@ async fn serve_returns_at_shutdown_without_sessions() {
 #[tokio::test]
 async fn a_client_that_vanishes_mid_message_queues_nothing() {
     let relay = Relay::start().await;
-    let mut c = relay.client().await;
-    c.cmd("MAIL FROM:<a@contoso.com>", "250 2.1.0 Ok").await;
-    c.cmd("RCPT TO:<b@example.com>", "250 2.1.5 Ok").await;
-    c.cmd("DATA", "354 End data with <CR><LF>.<CR><LF>").await;
+    let mut c = relay.client_in_data().await;
     c.send("Subject: cut\r\n\r\nno end\r\n").await;
     drop(c);
     // the server notices and is ready for others
@@ -1182,10 +1190,7 @@ async fn queue_failure_is_a_temporary_error_and_the_session_goes_on() {
     std::fs::remove_dir(&body_dir).expect("remove body dir");
     std::fs::write(&body_dir, b"").expect("body file");
 
-    let mut c = relay.client().await;
-    c.cmd("MAIL FROM:<a@contoso.com>", "250 2.1.0 Ok").await;
-    c.cmd("RCPT TO:<b@example.com>", "250 2.1.5 Ok").await;
-    c.cmd("DATA", "354 End data with <CR><LF>.<CR><LF>").await;
+    let mut c = relay.client_in_data().await;
     c.send("Subject: lost?\r\n\r\nx\r\n.\r\n").await;
     c.expect("451 4.3.0 Error: cannot store the message in the queue, try again later\r\n")
         .await;
@@ -1334,10 +1339,7 @@ async fn idle_clients_are_timed_out() {
     assert!(silent_since.elapsed() >= relay_listener::session::IDLE_TIMEOUT);
     c.closed().await;
     // also in the middle of a message; nothing is queued
-    let mut c = relay.client().await;
-    c.cmd("MAIL FROM:<a@contoso.com>", "250 2.1.0 Ok").await;
-    c.cmd("RCPT TO:<b@example.com>", "250 2.1.5 Ok").await;
-    c.cmd("DATA", "354 End data with <CR><LF>.<CR><LF>").await;
+    let mut c = relay.client_in_data().await;
     c.send("half\r\n").await;
     c.wait = relay_listener::session::IDLE_TIMEOUT + Duration::from_secs(60);
     c.expect("421 4.4.2 relay.test Error: timeout exceeded\r\n")
@@ -1622,19 +1624,13 @@ async fn timeouts_are_configurable() {
     about(since.elapsed(), 1000);
     c.closed().await;
     // silent inside a message
-    let mut c = relay.client().await;
-    c.cmd("MAIL FROM:<a@contoso.com>", "250 2.1.0 Ok").await;
-    c.cmd("RCPT TO:<b@example.com>", "250 2.1.5 Ok").await;
-    c.cmd("DATA", "354 End data with <CR><LF>.<CR><LF>").await;
+    let mut c = relay.client_in_data().await;
     let since = std::time::Instant::now();
     c.expect(timeout).await;
     about(since.elapsed(), 700);
     c.closed().await;
     // a message that keeps coming, but takes longer than data_timeout
-    let mut c = relay.client().await;
-    c.cmd("MAIL FROM:<a@contoso.com>", "250 2.1.0 Ok").await;
-    c.cmd("RCPT TO:<b@example.com>", "250 2.1.5 Ok").await;
-    c.cmd("DATA", "354 End data with <CR><LF>.<CR><LF>").await;
+    let mut c = relay.client_in_data().await;
     let since = std::time::Instant::now();
     let reply = drip(
         &mut c,
@@ -1674,10 +1670,7 @@ async fn slow_drip_clients_are_cut_off() {
         .listener("data_block_timeout = \"1s\"\nmin_data_rate = 100\ngreet_delay = \"0s\"")
         .start()
         .await;
-    let mut c = relay.client().await;
-    c.cmd("MAIL FROM:<a@contoso.com>", "250 2.1.0 Ok").await;
-    c.cmd("RCPT TO:<b@example.com>", "250 2.1.5 Ok").await;
-    c.cmd("DATA", "354 End data with <CR><LF>.<CR><LF>").await;
+    let mut c = relay.client_in_data().await;
     let since = std::time::Instant::now();
     // 10 bytes every 250 ms: 40 bytes/s, never silent for a data block
     let reply = drip(&mut c, Duration::from_millis(250), b"drip drip\n").await;
@@ -1690,10 +1683,7 @@ async fn slow_drip_clients_are_cut_off() {
     );
     assert!(relay.entries().is_empty());
     // 10 kB/s for two seconds is fine
-    let mut c = relay.client().await;
-    c.cmd("MAIL FROM:<a@contoso.com>", "250 2.1.0 Ok").await;
-    c.cmd("RCPT TO:<b@example.com>", "250 2.1.5 Ok").await;
-    c.cmd("DATA", "354 End data with <CR><LF>.<CR><LF>").await;
+    let mut c = relay.client_in_data().await;
     let line = [&[b'x'; 998][..], b"\r\n"].concat();
     for _ in 0..20 {
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -42,6 +42,34 @@ fn msg(account: &str, recipients: &[&str]) -> NewMessage {
     }
 }
 
+/// A new queue in its own temporary directory (kept alive by the `TempDir`).
+async fn fresh() -> (TempDir, Queue) {
+    let tmp = TempDir::new().expect("tempdir");
+    let q = open(tmp.path()).await;
+    (tmp, q)
+}
+
+/// Queues `body` from the usual sender for `account` (bounded).
+async fn enqueue(q: &Queue, account: &str, recipients: &[&str], body: &[u8]) -> QueueId {
+    within(q.enqueue(msg(account, recipients), body))
+        .await
+        .expect("enqueue")
+}
+
+/// Records the outcome of a delivery attempt (bounded).
+async fn record(q: &Queue, lease: Lease, results: Vec<RecipientResult>) -> Disposition {
+    within(q.record(lease, results)).await.expect("record")
+}
+
+/// How long after `since` a deferral's next attempt is; panics on any other
+/// disposition.
+fn deferred_for(d: Disposition, since: SystemTime) -> Duration {
+    let Disposition::Deferred { next_attempt } = d else {
+        panic!("expected deferral, got {d:?}");
+    };
+    next_attempt.duration_since(since).expect("in the future")
+}
+
 async fn lease(q: &Queue, account: &str) -> Lease {
     within(q.next_due(account, None))
         .await
@@ -185,8 +213,7 @@ async fn enqueue_is_listed_with_exact_fields() {
 
 #[tokio::test]
 async fn enqueue_without_recipients_is_refused() {
-    let tmp = TempDir::new().expect("tempdir");
-    let q = open(tmp.path()).await;
+    let (tmp, q) = fresh().await;
     let err = q.enqueue(msg("a", &[]), b"x").await.expect_err("refused");
     assert!(matches!(err, QueueError::Invalid { .. }), "{err}");
     assert!(list(tmp.path()).expect("list").is_empty());
@@ -194,8 +221,7 @@ async fn enqueue_without_recipients_is_refused() {
 
 #[tokio::test]
 async fn lease_and_body_are_exact() {
-    let tmp = TempDir::new().expect("tempdir");
-    let q = open(tmp.path()).await;
+    let (_tmp, q) = fresh().await;
     let mut body =
         b"From: a\r\nTo: b\r\n\r\nline\r\n\x00nul\xff\xfe\x80 8bit\nbare LF\r\r\n.\r\n..dot\r\n"
             .to_vec();
@@ -229,15 +255,10 @@ async fn lease_and_body_are_exact() {
 
 #[tokio::test]
 async fn delivered_removes_meta_and_body() {
-    let tmp = TempDir::new().expect("tempdir");
-    let q = open(tmp.path()).await;
-    within(q.enqueue(msg("acct", &["a@x", "b@x"]), b"body"))
-        .await
-        .expect("enqueue");
+    let (tmp, q) = fresh().await;
+    enqueue(&q, "acct", &["a@x", "b@x"], b"body").await;
     let l = lease(&q, "acct").await;
-    let d = within(q.record(l, vec![delivered("a@x"), delivered("b@x")]))
-        .await
-        .expect("record");
+    let d = record(&q, l, vec![delivered("a@x"), delivered("b@x")]).await;
     assert_eq!(d, Disposition::Removed);
     assert!(names(&tmp.path().join("meta")).is_empty());
     assert!(names(&tmp.path().join("body")).is_empty());
@@ -250,23 +271,15 @@ async fn delivered_removes_meta_and_body() {
 
 #[tokio::test]
 async fn temporary_defers_with_backoff() {
-    let tmp = TempDir::new().expect("tempdir");
-    let q = open(tmp.path()).await;
-    let id = within(q.enqueue(msg("acct", &["a@x"]), b"body"))
-        .await
-        .expect("enqueue");
+    let (tmp, q) = fresh().await;
+    let id = enqueue(&q, "acct", &["a@x"], b"body").await;
 
     // Attempt 1 → retry after 100 ms ± 20%.
     let l = lease(&q, "acct").await;
     let now = SystemTime::now();
     let recorded = Instant::now();
-    let d = within(q.record(l, vec![temporary("a@x", "451 4.7.0 try later")]))
-        .await
-        .expect("record");
-    let Disposition::Deferred { next_attempt } = d else {
-        panic!("expected deferral, got {d:?}");
-    };
-    let delay = next_attempt.duration_since(now).expect("in the future");
+    let d = record(&q, l, vec![temporary("a@x", "451 4.7.0 try later")]).await;
+    let delay = deferred_for(d, now);
     assert!(
         delay >= Duration::from_millis(79) && delay <= Duration::from_millis(700),
         "{delay:?}"
@@ -302,13 +315,8 @@ async fn temporary_defers_with_backoff() {
 
     // Attempt 2 → 200 ms ± 20%.
     let now = SystemTime::now();
-    let d = within(q.record(l, vec![temporary("a@x", "452 full")]))
-        .await
-        .expect("record");
-    let Disposition::Deferred { next_attempt } = d else {
-        panic!("expected deferral, got {d:?}");
-    };
-    let delay = next_attempt.duration_since(now).expect("in the future");
+    let d = record(&q, l, vec![temporary("a@x", "452 full")]).await;
+    let delay = deferred_for(d, now);
     assert!(
         delay >= Duration::from_millis(159) && delay <= Duration::from_millis(800),
         "{delay:?}"
@@ -319,29 +327,24 @@ async fn temporary_defers_with_backoff() {
 
     let l = lease(&q, "acct").await;
     assert_eq!(l.attempts, 2);
-    let d = within(q.record(l, vec![delivered("a@x")]))
-        .await
-        .expect("record");
+    let d = record(&q, l, vec![delivered("a@x")]).await;
     assert_eq!(d, Disposition::Removed);
 }
 
 #[tokio::test]
 async fn permanent_fails_and_is_never_due_again() {
-    let tmp = TempDir::new().expect("tempdir");
-    let q = open(tmp.path()).await;
-    let id = within(q.enqueue(msg("acct", &["a@x", "b@x"]), b"body"))
-        .await
-        .expect("enqueue");
+    let (tmp, q) = fresh().await;
+    let id = enqueue(&q, "acct", &["a@x", "b@x"], b"body").await;
     let l = lease(&q, "acct").await;
-    let d = within(q.record(
+    let d = record(
+        &q,
         l,
         vec![
             permanent("a@x", "550 5.1.1 no such user"),
             permanent("b@x", "550 5.7.1 denied"),
         ],
-    ))
-    .await
-    .expect("record");
+    )
+    .await;
     assert_eq!(d, Disposition::Failed);
     assert_eq!(q.depth(), 0);
     assert!(q.accounts_with_mail().is_empty());
@@ -379,23 +382,20 @@ async fn permanent_fails_and_is_never_due_again() {
 
 #[tokio::test]
 async fn mixed_results_retry_only_the_deferred_recipient() {
-    let tmp = TempDir::new().expect("tempdir");
-    let q = open(tmp.path()).await;
-    within(q.enqueue(msg("acct", &["a@x", "b@x", "c@x"]), b"body"))
-        .await
-        .expect("enqueue");
+    let (tmp, q) = fresh().await;
+    enqueue(&q, "acct", &["a@x", "b@x", "c@x"], b"body").await;
     let l = lease(&q, "acct").await;
     assert_eq!(l.recipients, vec!["a@x", "b@x", "c@x"]);
-    let d = within(q.record(
+    let d = record(
+        &q,
         l,
         vec![
             delivered("a@x"),
             temporary("b@x", "421 busy"),
             permanent("c@x", "550 nope"),
         ],
-    ))
-    .await
-    .expect("record");
+    )
+    .await;
     assert!(matches!(d, Disposition::Deferred { .. }), "{d:?}");
     let e = &list(tmp.path()).expect("list")[0];
     let statuses: Vec<RecipientState> = e.recipient_status.iter().map(|r| r.status).collect();
@@ -412,9 +412,7 @@ async fn mixed_results_retry_only_the_deferred_recipient() {
 
     let l = lease(&q, "acct").await;
     assert_eq!(l.recipients, vec!["b@x"]);
-    let d = within(q.record(l, vec![delivered("b@x")]))
-        .await
-        .expect("record");
+    let d = record(&q, l, vec![delivered("b@x")]).await;
     // c@x failed, so the message is failed, not removed.
     assert_eq!(d, Disposition::Failed);
     let e = &list(tmp.path()).expect("list")[0];
@@ -425,21 +423,14 @@ async fn mixed_results_retry_only_the_deferred_recipient() {
 
 #[tokio::test]
 async fn mixed_delivered_and_deferred_ends_removed() {
-    let tmp = TempDir::new().expect("tempdir");
-    let q = open(tmp.path()).await;
-    within(q.enqueue(msg("acct", &["a@x", "b@x"]), b"body"))
-        .await
-        .expect("enqueue");
+    let (tmp, q) = fresh().await;
+    enqueue(&q, "acct", &["a@x", "b@x"], b"body").await;
     let l = lease(&q, "acct").await;
-    let d = within(q.record(l, vec![delivered("a@x"), temporary("b@x", "421 busy")]))
-        .await
-        .expect("record");
+    let d = record(&q, l, vec![delivered("a@x"), temporary("b@x", "421 busy")]).await;
     assert!(matches!(d, Disposition::Deferred { .. }), "{d:?}");
     let l = lease(&q, "acct").await;
     assert_eq!(l.recipients, vec!["b@x"]);
-    let d = within(q.record(l, vec![delivered("b@x")]))
-        .await
-        .expect("record");
+    let d = record(&q, l, vec![delivered("b@x")]).await;
     assert_eq!(d, Disposition::Removed);
     assert!(list(tmp.path()).expect("list").is_empty());
 }
@@ -450,14 +441,10 @@ async fn expired_message_fails() {
     let mut s = settings(tmp.path());
     s.max_age = Duration::from_millis(50);
     let q = within(Queue::open(s)).await.expect("open");
-    within(q.enqueue(msg("acct", &["a@x", "b@x"]), b"body"))
-        .await
-        .expect("enqueue");
+    enqueue(&q, "acct", &["a@x", "b@x"], b"body").await;
     let l = lease(&q, "acct").await;
     tokio::time::sleep(Duration::from_millis(80)).await;
-    let d = within(q.record(l, vec![delivered("a@x"), temporary("b@x", "451 later")]))
-        .await
-        .expect("record");
+    let d = record(&q, l, vec![delivered("a@x"), temporary("b@x", "451 later")]).await;
     assert_eq!(d, Disposition::Failed);
     let e = &list(tmp.path()).expect("list")[0];
     assert_eq!(e.state, State::Failed);
@@ -477,35 +464,24 @@ async fn expired_message_fails() {
 
 #[tokio::test]
 async fn restart_finds_queued_messages_and_not_delivered_ones() {
-    let tmp = TempDir::new().expect("tempdir");
-    let q = open(tmp.path()).await;
-    let first = within(q.enqueue(msg("acct", &["a@x"]), b"one"))
-        .await
-        .expect("enqueue");
-    let second = within(q.enqueue(msg("acct", &["a@x"]), b"two"))
-        .await
-        .expect("enqueue");
-    let third = within(q.enqueue(msg("acct", &["a@x", "b@x"]), b"three"))
-        .await
-        .expect("enqueue");
+    let (tmp, q) = fresh().await;
+    let first = enqueue(&q, "acct", &["a@x"], b"one").await;
+    let second = enqueue(&q, "acct", &["a@x"], b"two").await;
+    let third = enqueue(&q, "acct", &["a@x", "b@x"], b"three").await;
     assert!(first < second && second < third);
 
     // Oldest first.
     let l = lease(&q, "acct").await;
     assert_eq!(l.id, first);
     assert_eq!(
-        within(q.record(l, vec![delivered("a@x")]))
-            .await
-            .expect("record"),
+        record(&q, l, vec![delivered("a@x")]).await,
         Disposition::Removed
     );
     let l = lease(&q, "acct").await;
     assert_eq!(l.id, second);
     let l3 = lease(&q, "acct").await;
     assert_eq!(l3.id, third);
-    within(q.record(l3, vec![delivered("a@x"), temporary("b@x", "421 busy")]))
-        .await
-        .expect("record");
+    record(&q, l3, vec![delivered("a@x"), temporary("b@x", "421 busy")]).await;
 
     // A second relay cannot open the same directory.
     let err = Queue::open(settings(tmp.path())).await.expect_err("locked");
@@ -531,10 +507,7 @@ async fn restart_finds_queued_messages_and_not_delivered_ones() {
         }
         seen.push(l.id.clone());
         let all: Vec<RecipientResult> = l.recipients.iter().map(|r| delivered(r)).collect();
-        assert_eq!(
-            within(q.record(l, all)).await.expect("record"),
-            Disposition::Removed
-        );
+        assert_eq!(record(&q, l, all).await, Disposition::Removed);
     }
     seen.sort();
     assert_eq!(seen, vec![second, third]);
@@ -542,9 +515,7 @@ async fn restart_finds_queued_messages_and_not_delivered_ones() {
     nothing_due(&q, "acct", Duration::from_millis(200)).await;
 
     // New ids still sort after the old ones.
-    let fourth = within(q.enqueue(msg("acct", &["a@x"]), b"four"))
-        .await
-        .expect("enqueue");
+    let fourth = enqueue(&q, "acct", &["a@x"], b"four").await;
     assert!(fourth > first);
 }
 
@@ -553,9 +524,7 @@ async fn open_cleans_leftovers_and_sets_corrupt_entries_aside() {
     let tmp = TempDir::new().expect("tempdir");
     let dir = tmp.path();
     let q = open(dir).await;
-    let good = within(q.enqueue(msg("acct", &["a@x"]), b"good"))
-        .await
-        .expect("enqueue");
+    let good = enqueue(&q, "acct", &["a@x"], b"good").await;
     drop(q);
 
     // Crash leftovers: unfinished writes, a body whose meta was never committed.
@@ -597,11 +566,8 @@ async fn open_cleans_leftovers_and_sets_corrupt_entries_aside() {
 
 #[tokio::test]
 async fn dropping_a_lease_releases_the_message() {
-    let tmp = TempDir::new().expect("tempdir");
-    let q = open(tmp.path()).await;
-    let id = within(q.enqueue(msg("acct", &["a@x"]), b"body"))
-        .await
-        .expect("enqueue");
+    let (tmp, q) = fresh().await;
+    let id = enqueue(&q, "acct", &["a@x"], b"body").await;
     let l = lease(&q, "acct").await;
     let dropped = Instant::now();
     drop(l);
@@ -629,8 +595,7 @@ async fn dropping_a_lease_releases_the_message() {
 
 #[tokio::test]
 async fn accounts_are_scheduled_independently() {
-    let tmp = TempDir::new().expect("tempdir");
-    let q = open(tmp.path()).await;
+    let (_tmp, q) = fresh().await;
 
     // A worker already waiting on an account is woken by an enqueue for it.
     let waiter = {
@@ -638,13 +603,9 @@ async fn accounts_are_scheduled_independently() {
         tokio::spawn(async move { q.next_due("b", None).await.map(|l| (l.id.clone(), l)) })
     };
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let a = within(q.enqueue(msg("a", &["x@a"]), b"a"))
-        .await
-        .expect("enqueue");
+    let a = enqueue(&q, "a", &["x@a"], b"a").await;
     assert_eq!(q.accounts_with_mail(), vec!["a".to_string()]);
-    let b = within(q.enqueue(msg("b", &["x@b"]), b"b"))
-        .await
-        .expect("enqueue");
+    let b = enqueue(&q, "b", &["x@b"], b"b").await;
     let (got_b, lease_b) = within(waiter).await.expect("join").expect("lease");
     assert_eq!(got_b, b);
     assert_eq!(
@@ -660,12 +621,8 @@ async fn accounts_are_scheduled_independently() {
     nothing_due(&q, "c", Duration::from_millis(50)).await;
 
     // Deferring a's message does not hold up b's next one.
-    within(q.record(lease_a, vec![temporary("x@a", "421")]))
-        .await
-        .expect("record");
-    let b2 = within(q.enqueue(msg("b", &["y@b"]), b"b2"))
-        .await
-        .expect("enqueue");
+    record(&q, lease_a, vec![temporary("x@a", "421")]).await;
+    let b2 = enqueue(&q, "b", &["y@b"], b"b2").await;
     let l = within(q.next_due("b", Some(Duration::from_millis(50))))
         .await
         .expect("due");
@@ -677,8 +634,7 @@ async fn accounts_are_scheduled_independently() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_enqueues_get_unique_ids() {
-    let tmp = TempDir::new().expect("tempdir");
-    let q = open(tmp.path()).await;
+    let (tmp, q) = fresh().await;
     let mut tasks = Vec::new();
     for i in 0..200 {
         let q = q.clone();
@@ -727,8 +683,7 @@ async fn concurrent_enqueues_get_unique_ids() {
 
 #[tokio::test]
 async fn next_due_is_cancel_safe() {
-    let tmp = TempDir::new().expect("tempdir");
-    let q = open(tmp.path()).await;
+    let (_tmp, q) = fresh().await;
     let mut expected = HashSet::new();
     for i in 0..20 {
         expected.insert(
@@ -745,7 +700,7 @@ async fn next_due_is_cancel_safe() {
             l = q.next_due("acct", None) => {
                 let l = l.expect("lease");
                 got.insert(l.id.clone());
-                within(q.record(l, vec![delivered("a@x")])).await.expect("record");
+                record(&q, l, vec![delivered("a@x")]).await;
             }
             _ = tokio::task::yield_now() => {}
         }

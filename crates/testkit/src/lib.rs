@@ -43,13 +43,17 @@ mod browser;
 mod credentials;
 mod identity;
 mod jwt;
+mod relay_config;
 mod session;
 mod submission;
 mod tls;
 mod util;
+mod wait;
 
 pub use browser::open_in_browser;
 pub use credentials::ClientCertificate;
 pub use identity::{AssertionRecord, Consent, IdentityPlatform, TokenRequest};
 pub use jwt::{TokenClaims, TokenRejection};
+pub use relay_config::{RelayConfig, Section};
 pub use submission::{ReceivedMessage, SubmissionOptions, SubmissionServer};
+pub use wait::poll_until;

@@ -6,9 +6,13 @@ mod common;
 
 use common::{bounded, eventually, init, LIMIT};
 use relay_config::{AccountConfig, Flow};
-use relay_testkit::{open_in_browser, Consent, IdentityPlatform};
-use relay_tokens::{TokenCache, TokenError, TokenManager, TokenSource};
+use relay_testkit::{open_in_browser, ClientCertificate, Consent, IdentityPlatform};
+use relay_tokens::{
+    BrowserAuthorization, CacheEntry, TokenCache, TokenError, TokenManager, TokenSource,
+};
 use std::{os::unix::fs::PermissionsExt, path::Path, time::Duration};
+use tempfile::TempDir;
+use tokio::task::JoinHandle;
 
 const MAILBOX: &str = "relay@contoso.com";
 
@@ -37,6 +41,42 @@ fn manager(source: &TokenSource) -> TokenManager {
     TokenManager::new("main", source.clone()).expect("manager")
 }
 
+/// What every test starts from: the crypto provider, an identity platform
+/// and a directory for the queue, cache and key files.
+async fn start() -> (IdentityPlatform, TempDir) {
+    init();
+    let idp = IdentityPlatform::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    (idp, dir)
+}
+
+/// The source of a delegated (`refresh_token`) account with no other options.
+fn delegated_source(idp: &IdentityPlatform, dir: &Path) -> TokenSource {
+    source(&account(&microsoft(idp, "refresh_token", "")), dir)
+}
+
+/// Writes `cert` to `app.pem`/`app.key` in `dir`; returns the two
+/// `[accounts.oauth]` lines naming them.
+fn certificate_files(dir: &Path, cert: &ClientCertificate) -> String {
+    std::fs::write(dir.join("app.pem"), &cert.cert_pem).unwrap();
+    std::fs::write(dir.join("app.key"), &cert.key_pem).unwrap();
+    format!(
+        "client_certificate = '{}'\nclient_private_key = '{}'",
+        dir.join("app.pem").display(),
+        dir.join("app.key").display()
+    )
+}
+
+/// Waits for the browser's redirect in the background, as `authorize` does
+/// while the user signs in.
+fn finish_in_background(
+    source: &TokenSource,
+    sign_in: BrowserAuthorization,
+) -> JoinHandle<Result<CacheEntry, TokenError>> {
+    let source = source.clone();
+    tokio::spawn(async move { source.finish_browser_authorization(sign_in, LIMIT).await })
+}
+
 /// Seeds the cache as if someone had signed in.
 fn seed_cache(source: &TokenSource, idp: &IdentityPlatform) -> String {
     let refresh_token = idp.mint_refresh_token();
@@ -57,17 +97,11 @@ fn seed_cache(source: &TokenSource, idp: &IdentityPlatform) -> String {
 }
 
 async fn certificate_account(idp: &IdentityPlatform, dir: &Path, algorithm: &str) -> AccountConfig {
-    let cert = idp.create_client_certificate();
-    std::fs::write(dir.join("app.pem"), &cert.cert_pem).unwrap();
-    std::fs::write(dir.join("app.key"), &cert.key_pem).unwrap();
+    let files = certificate_files(dir, &idp.create_client_certificate());
     account(&microsoft(
         idp,
         "client_credentials",
-        &format!(
-            "client_certificate = '{}'\nclient_private_key = '{}'\n{algorithm}",
-            dir.join("app.pem").display(),
-            dir.join("app.key").display()
-        ),
+        &format!("{files}\n{algorithm}"),
     ))
 }
 
@@ -75,9 +109,7 @@ async fn certificate_account(idp: &IdentityPlatform, dir: &Path, algorithm: &str
 // a token comes back only if all hold. Each request signs a fresh jti.
 #[tokio::test]
 async fn certificate_assertion_ps256_with_x5t_s256() {
-    init();
-    let idp = IdentityPlatform::start().await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
+    let (idp, dir) = start().await;
     let account = certificate_account(&idp, dir.path(), "").await;
     let tokens = manager(&source(&account, dir.path()));
     let first = bounded(tokens.token())
@@ -103,9 +135,7 @@ async fn certificate_assertion_ps256_with_x5t_s256() {
 
 #[tokio::test]
 async fn certificate_assertion_rs256_with_x5t() {
-    init();
-    let idp = IdentityPlatform::start().await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
+    let (idp, dir) = start().await;
     let account = certificate_account(&idp, dir.path(), "assertion_algorithm = \"RS256\"").await;
     bounded(manager(&source(&account, dir.path())).token())
         .await
@@ -121,22 +151,11 @@ async fn certificate_assertion_rs256_with_x5t() {
 // AADSTS code and its explanation.
 #[tokio::test]
 async fn unregistered_certificate_is_refused_and_explained() {
-    init();
-    let idp = IdentityPlatform::start().await.unwrap();
+    let (idp, dir) = start().await;
     let other = IdentityPlatform::start().await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let cert = other.create_client_certificate(); // uploaded elsewhere
-    std::fs::write(dir.path().join("app.pem"), &cert.cert_pem).unwrap();
-    std::fs::write(dir.path().join("app.key"), &cert.key_pem).unwrap();
-    let account = account(&microsoft(
-        &idp,
-        "client_credentials",
-        &format!(
-            "client_certificate = '{}'\nclient_private_key = '{}'",
-            dir.path().join("app.pem").display(),
-            dir.path().join("app.key").display()
-        ),
-    ));
+    // uploaded elsewhere
+    let files = certificate_files(dir.path(), &other.create_client_certificate());
+    let account = account(&microsoft(&idp, "client_credentials", &files));
     let err = bounded(manager(&source(&account, dir.path())).token())
         .await
         .expect_err("refused");
@@ -148,9 +167,7 @@ async fn unregistered_certificate_is_refused_and_explained() {
 // token is handed out; the cache is 0600; the old token is spent.
 #[tokio::test]
 async fn refresh_token_rotation_is_persisted_before_use() {
-    init();
-    let idp = IdentityPlatform::start().await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
+    let (idp, dir) = start().await;
     let account = account(&microsoft(&idp, "refresh_token", ""));
     let source = source(&account, dir.path());
     let cache_path = dir.path().join("tokens/main.json");
@@ -203,11 +220,8 @@ async fn refresh_token_rotation_is_persisted_before_use() {
 // again until the cache changes, and a new cache is picked up.
 #[tokio::test]
 async fn revoked_refresh_token_stops_retrying_until_a_new_cache_appears() {
-    init();
-    let idp = IdentityPlatform::start().await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let account = account(&microsoft(&idp, "refresh_token", ""));
-    let source = source(&account, dir.path());
+    let (idp, dir) = start().await;
+    let source = delegated_source(&idp, dir.path());
     seed_cache(&source, &idp);
     idp.revoke_refresh_tokens();
     let tokens = manager(&source);
@@ -243,11 +257,8 @@ async fn revoked_refresh_token_stops_retrying_until_a_new_cache_appears() {
 // No cache yet: the same clear error, without any request.
 #[tokio::test]
 async fn missing_cache_names_the_command() {
-    init();
-    let idp = IdentityPlatform::start().await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let account = account(&microsoft(&idp, "refresh_token", ""));
-    let err = bounded(manager(&source(&account, dir.path())).token())
+    let (idp, dir) = start().await;
+    let err = bounded(manager(&delegated_source(&idp, dir.path())).token())
         .await
         .expect_err("no cache");
     assert!(err.needs_authorization(), "{err}");
@@ -262,11 +273,8 @@ async fn missing_cache_names_the_command() {
 // slow_down adds 5 s to the interval, then the cache is written.
 #[tokio::test]
 async fn device_code_flow_with_pending_and_slow_down() {
-    init();
-    let idp = IdentityPlatform::start().await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let account = account(&microsoft(&idp, "refresh_token", ""));
-    let source = source(&account, dir.path());
+    let (idp, dir) = start().await;
+    let source = delegated_source(&idp, dir.path());
     let device = bounded(source.start_device_authorization())
         .await
         .expect("device code");
@@ -321,10 +329,8 @@ async fn device_code_flow_with_pending_and_slow_down() {
 
 #[tokio::test]
 async fn device_code_declined_or_expired_is_a_clear_error() {
-    init();
-    let idp = IdentityPlatform::start().await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let source = source(&account(&microsoft(&idp, "refresh_token", "")), dir.path());
+    let (idp, dir) = start().await;
+    let source = delegated_source(&idp, dir.path());
     let device = bounded(source.start_device_authorization()).await.unwrap();
     assert!(idp.decline_device(&device.user_code));
     let err = bounded(source.finish_device_authorization(&device))
@@ -344,10 +350,8 @@ async fn device_code_declined_or_expired_is_a_clear_error() {
 // redirect, cache written.
 #[tokio::test]
 async fn browser_flow_with_pkce_and_state() {
-    init();
-    let idp = IdentityPlatform::start().await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let source = source(&account(&microsoft(&idp, "refresh_token", "")), dir.path());
+    let (idp, dir) = start().await;
+    let source = delegated_source(&idp, dir.path());
     let sign_in = bounded(source.start_browser_authorization(0))
         .await
         .expect("start");
@@ -358,10 +362,7 @@ async fn browser_flow_with_pkce_and_state() {
     );
     assert!(sign_in.redirect_uri.starts_with("http://localhost:"));
     let url = sign_in.url.clone();
-    let finish = {
-        let source = source.clone();
-        tokio::spawn(async move { source.finish_browser_authorization(sign_in, LIMIT).await })
-    };
+    let finish = finish_in_background(&source, sign_in);
     let (status, landed, body) = open_in_browser(&url).await.expect("browse");
     assert_eq!(status, 200, "{landed}: {body}");
     assert!(body.contains("Signed in"), "{body}");
@@ -375,19 +376,14 @@ async fn browser_flow_with_pkce_and_state() {
 
 #[tokio::test]
 async fn browser_flow_refuses_a_wrong_state_and_reports_a_decline() {
-    init();
-    let idp = IdentityPlatform::start().await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let source = source(&account(&microsoft(&idp, "refresh_token", "")), dir.path());
+    let (idp, dir) = start().await;
+    let source = delegated_source(&idp, dir.path());
     // a forged redirect (another state) is refused, no code is exchanged
     let sign_in = bounded(source.start_browser_authorization(0))
         .await
         .unwrap();
     let forged = format!("{}/?code=stolen&state=forged", sign_in.redirect_uri);
-    let finish = {
-        let source = source.clone();
-        tokio::spawn(async move { source.finish_browser_authorization(sign_in, LIMIT).await })
-    };
+    let finish = finish_in_background(&source, sign_in);
     let _ = open_in_browser(&forged).await;
     let err = bounded(finish).await.unwrap().expect_err("wrong state");
     assert!(err.to_string().contains("state"), "{err}");
@@ -398,10 +394,7 @@ async fn browser_flow_refuses_a_wrong_state_and_reports_a_decline() {
         .await
         .unwrap();
     let url = sign_in.url.clone();
-    let finish = {
-        let source = source.clone();
-        tokio::spawn(async move { source.finish_browser_authorization(sign_in, LIMIT).await })
-    };
+    let finish = finish_in_background(&source, sign_in);
     let _ = open_in_browser(&url).await;
     let err = bounded(finish).await.unwrap().expect_err("declined");
     assert!(err.to_string().contains("access_denied"), "{err}");
@@ -410,9 +403,7 @@ async fn browser_flow_refuses_a_wrong_state_and_reports_a_decline() {
 // Encrypted cache: the refresh token is not readable on disk, the flow works.
 #[tokio::test]
 async fn encrypted_cache() {
-    init();
-    let idp = IdentityPlatform::start().await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
+    let (idp, dir) = start().await;
     let key = dir.path().join("cache.key");
     std::fs::write(&key, "qUeh2Kx8m0bX3sQk1c6x9cQwq7U0b9yq2mJ8m4kq3vA=\n").unwrap();
     let account = account(&microsoft(
@@ -436,9 +427,7 @@ async fn encrypted_cache() {
 // Google: a service account with domain-wide delegation acts as the mailbox.
 #[tokio::test]
 async fn google_service_account_grant() {
-    init();
-    let idp = IdentityPlatform::start().await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
+    let (idp, dir) = start().await;
     let key = dir.path().join("sa.json");
     std::fs::write(
         &key,

@@ -6,10 +6,12 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 use relay_delivery::{Account, Upstream};
-use relay_queue::{Entry, NewMessage, Queue, QueueId, QueueSettings};
-use relay_testkit::{IdentityPlatform, SubmissionOptions, SubmissionServer};
+use relay_queue::{Entry, NewMessage, Queue, QueueId, QueueSettings, State};
+use relay_testkit::{
+    IdentityPlatform, ReceivedMessage, RelayConfig, Section, SubmissionOptions, SubmissionServer,
+};
 use relay_tokens::{TokenManager, TokenSource};
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{ops::RangeBounds, path::PathBuf, sync::Arc, time::Duration};
 use tempfile::TempDir;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -46,6 +48,18 @@ pub struct Setup {
     pub retry_max: &'static str,
 }
 
+impl Setup {
+    /// Retries after 1 s, then 2 s: a deferred message goes out again
+    /// within a test's wait.
+    pub fn fast_retry() -> Setup {
+        Setup {
+            retry_initial: "1s",
+            retry_max: "2s",
+            ..Setup::default()
+        }
+    }
+}
+
 impl Default for Setup {
     fn default() -> Self {
         Setup {
@@ -79,50 +93,28 @@ impl Relay {
             .expect("submission server");
         assert_eq!(server.mailbox(), MAILBOX);
         let dir = tempfile::tempdir().expect("tempdir");
-        let ca_file = dir.path().join("ca.pem");
-        std::fs::write(&ca_file, server.ca_pem()).expect("write CA");
-        let secret_file = dir.path().join("client-secret");
-        std::fs::write(&secret_file, idp.client_secret()).expect("write secret");
+        std::fs::write(dir.path().join("ca.pem"), server.ca_pem()).expect("write CA");
+        std::fs::write(dir.path().join("client-secret"), idp.client_secret())
+            .expect("write secret");
         let queue_dir = dir.path().join("queue");
-
-        let toml = format!(
-            r#"
-[queue]
-dir = '{queue_dir}'
-retry_initial = "{retry_initial}"
-retry_max = "{retry_max}"
-
-[upstream]
-host = "localhost"
-port = {port}
-security = "starttls"
-ca_file = '{ca_file}'
-max_connections = {max_connections}
-# far above Microsoft's 30 a minute, so pacing does not slow the tests
-messages_per_minute = 6000
-
-[[accounts]]
-name = "main"
-mailbox = "{MAILBOX}"
-
-[accounts.oauth]
-flow = "client_credentials"
-authority = "{authority}"
-tenant_id = "{tenant}"
-client_id = "{client_id}"
-client_secret_file = '{secret_file}'
-"#,
-            queue_dir = queue_dir.display(),
-            retry_initial = setup.retry_initial,
-            retry_max = setup.retry_max,
-            port = server.port(),
-            ca_file = ca_file.display(),
-            max_connections = setup.max_connections,
-            authority = idp.authority(),
-            tenant = idp.tenant(),
-            client_id = idp.client_id(),
-            secret_file = secret_file.display(),
-        );
+        let toml = RelayConfig::new(&idp, &server, dir.path())
+            .extra(
+                Section::Upstream,
+                &format!(
+                    "security = \"starttls\"\nmax_connections = {}\n\
+                 # far above Microsoft's 30 a minute, so pacing does not slow the tests\n\
+                 messages_per_minute = 6000\n",
+                    setup.max_connections
+                ),
+            )
+            .extra(
+                Section::Queue,
+                &format!(
+                    "retry_initial = \"{}\"\nretry_max = \"{}\"\n",
+                    setup.retry_initial, setup.retry_max
+                ),
+            )
+            .to_toml();
         let config = relay_config::load_str(&toml).expect("valid configuration");
 
         let queue = Queue::open(QueueSettings {
@@ -199,6 +191,23 @@ client_secret_file = '{secret_file}'
         last.expect("entry")
     }
 
+    /// The entry of `id` once it is deferred after a number of attempts in
+    /// `attempts` (bounded).
+    pub async fn deferred(&self, id: &QueueId, attempts: impl RangeBounds<u32>) -> Entry {
+        self.entry_when(id, "deferred", |e| {
+            e.state == State::Deferred && attempts.contains(&e.attempts)
+        })
+        .await
+    }
+
+    /// Waits (bounded) until the server has `n` messages and asserts it has
+    /// exactly that many.
+    pub async fn delivered(&self, n: usize) -> Vec<ReceivedMessage> {
+        let got = self.server.wait_for_messages(n, LIMIT).await;
+        assert_eq!(got.len(), n, "queue: {:#?}", self.entries());
+        got
+    }
+
     /// Waits until every message is delivered and removed from the queue.
     pub async fn wait_until_empty(&self) {
         let mut last = Vec::new();
@@ -225,15 +234,6 @@ client_secret_file = '{secret_file}'
 
 /// Polls `condition` every 10 ms until it holds or `limit` passes; returns
 /// whether it held.
-pub async fn eventually(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        if condition() {
-            return true;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+pub async fn eventually(limit: Duration, condition: impl FnMut() -> bool) -> bool {
+    relay_testkit::poll_until(limit, Duration::from_millis(10), condition).await
 }

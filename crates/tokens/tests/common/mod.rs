@@ -73,17 +73,8 @@ pub fn manager(oauth: &OAuthConfig) -> TokenManager {
 
 /// Polls `condition` every 20 ms until it holds or `limit` passes; returns
 /// whether it held.
-pub async fn eventually(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        if condition() {
-            return true;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+pub async fn eventually(limit: Duration, condition: impl FnMut() -> bool) -> bool {
+    relay_testkit::poll_until(limit, Duration::from_millis(20), condition).await
 }
 
 /// Awaits `future`, failing the test if it takes longer than [`LIMIT`].

@@ -2,7 +2,7 @@
 //! the kernel reports it, and the disk's own commit rate.
 
 use anyhow::{bail, Context as _};
-use relay_testkit::{IdentityPlatform, SubmissionServer};
+use relay_testkit::{IdentityPlatform, RelayConfig, Section, SubmissionServer};
 use std::{
     fs::{self, File},
     io::Write as _,
@@ -124,53 +124,24 @@ impl Relay {
         listener_extras: &str,
     ) -> anyhow::Result<Relay> {
         let dir = dir.to_path_buf();
-        let ca = dir.join("ca.pem");
-        let secret = dir.join("client-secret");
         let port = free_port()?;
         let pacing = match options.messages_per_minute {
             // raised for raw throughput; the day limit is raised with it
             Some(n) => format!("messages_per_minute = {n}\nrecipients_per_day = 4000000000\n"),
             None => String::new(),
         };
-        let config = format!(
-            r#"[listener]
-bind = ["127.0.0.1:{port}"]
-hostname = "relay.bench"
-{listener_extras}
-[queue]
-dir = {queue:?}
-retry_initial = "5s"
-
-[admin]
-bind = "127.0.0.1:0"
-
-[log]
-level = "{log_level}"
-
-[upstream]
-host = "localhost"
-port = {upstream_port}
-ca_file = {ca:?}
-max_connections = {max_connections}
-{pacing}
-[[accounts]]
-name = "bench"
-mailbox = "{MAILBOX}"
-
-[accounts.oauth]
-flow = "client_credentials"
-authority = "{authority}"
-tenant_id = "{tenant}"
-client_id = "{client}"
-client_secret_file = {secret:?}
-"#,
-            queue = dir.join("queue"),
-            upstream_port = upstream.port(),
-            max_connections = options.max_connections,
-            authority = idp.authority(),
-            tenant = idp.tenant(),
-            client = idp.client_id(),
-        );
+        let config = RelayConfig::new(idp, upstream, &dir)
+            .listener(format!("127.0.0.1:{port}"), "relay.bench")
+            .extra(Section::Listener, listener_extras)
+            .admin("127.0.0.1:0")
+            .account("bench")
+            .extra(
+                Section::Upstream,
+                &format!("max_connections = {}\n{pacing}", options.max_connections),
+            )
+            .extra(Section::Queue, "retry_initial = \"5s\"\n")
+            .extra(Section::End, &format!("\n[log]\nlevel = \"{log_level}\"\n"))
+            .to_toml();
         let config_path = dir.join("config.toml");
         fs::write(&config_path, config)?;
         let log = File::create(dir.join("relay.log"))?;
