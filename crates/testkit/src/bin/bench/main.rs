@@ -642,7 +642,6 @@ impl Bench {
                 relay_rate / direct_rate,
                 sent.failed
             );
-            cpu_report(direct_cpu, direct.messages, relay_cpu, got, direct_rate);
             if let Some((r, got, elapsed, _, before, _, _)) = &proxy {
                 let rate = *got as f64 / elapsed.as_secs_f64();
                 println!(
@@ -671,6 +670,7 @@ impl Bench {
                     );
                 }
             }
+            cpu_report(direct_cpu, direct.messages, relay_cpu, got, direct_rate);
             for (name, r) in [("relay", &sent), ("direct", &direct)] {
                 if let Some(e) = &r.first_error {
                     println!("\nfirst error ({name}): {e}");
@@ -947,7 +947,7 @@ impl Bench {
         if let (Some(f), Some(r)) = (s.fsync, find(4096, 32, "relay")) {
             let goal = 0.5 * f.single.rate();
             println!(
-                "| accept, 4 KB, 32 clients ≥ 50 % × fsync-commit rate × batch (one thread's rate {:.0}/s, batch = 1 as the relay has no group commit: {:.0} msg/s) | {:.0} msg/s = {:.0} % of the commit rate (the file system's journal shares commits between concurrent fsyncs: 32 threads reach {:.0} commits/s, {:.0} % of that) | {} |",
+                "| accept, 4 KB, 32 clients ≥ 50 % × fsync-commit rate × batch (one thread's rate {:.0}/s, batch = 1 as the relay has no group commit: {:.0} msg/s) | {:.0} msg/s = {:.0} % of the commit rate (concurrent commits overlap in the file system and the disk: 32 threads reach {:.0} commits/s, {:.0} % of that) | {} |",
                 f.single.rate(),
                 goal,
                 r.rate(),

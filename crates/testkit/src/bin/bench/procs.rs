@@ -435,7 +435,7 @@ pub fn log_loop(
 
 /// [`commit_loop`] in `threads` threads at once (each in its own
 /// directories), summed: what the file system does with concurrent commits
-/// (ext4's journal shares one commit between fsyncs that arrive together).
+/// (commits that arrive together overlap in the file system and the disk).
 pub fn parallel_commit_loop(
     work: &Path,
     size: usize,
