@@ -42,8 +42,10 @@
 //!   unlink `body/ID`.
 //!
 //! All of these go through one function (`store::apply`) taking a batch of
-//! operations, so that group commit can later share the fsyncs between
-//! concurrent callers without changing the protocol.
+//! operations, so that group commit can share the fsyncs between concurrent
+//! callers without changing the protocol. Measured on a disk where creating
+//! a file is the cost (`BENCHMARKS.md`), batching these syncs gains nothing;
+//! what would is a write-ahead log that creates no file per message.
 //!
 //! # Recovery ([`Queue::open`])
 //!
