@@ -142,6 +142,7 @@ impl Worker {
             // Committing the outcome costs a disk sync; the connection
             // carries the next message meanwhile. The message stays leased
             // until its outcome is committed, so it cannot go out twice.
+            while recording.try_join_next().is_some() {}
             if recording.len() >= MAX_RECORDING {
                 recording.join_next().await;
             }
