@@ -608,15 +608,7 @@ async fn token_endpoint(
     });
     let grant_type = form.get("grant_type").map(str::to_string);
 
-    let scripted = {
-        let mut state = lock(&idp.state);
-        state.requests.push(TokenRequest {
-            grant_type: grant_type.clone().unwrap_or_default(),
-            path: uri.path().to_string(),
-            at: Instant::now(),
-        });
-        state.scripted.pop_front()
-    };
+    let scripted = record_request(&idp, grant_type.as_deref().unwrap_or_default(), &uri);
     tracing::debug!(%tenant, grant_type = ?grant_type, "token request");
     if let Some(reply) = scripted {
         return reply.into_response();
@@ -1029,6 +1021,18 @@ fn refresh_token_grant(
     Ok(delegated_token(idp, grant, true))
 }
 
+/// Counts a request to an endpoint (tests read them with `requests`) and
+/// takes the next scripted error reply, if one is queued.
+fn record_request(idp: &Inner, grant_type: &str, uri: &Uri) -> Option<AadError> {
+    let mut state = lock(&idp.state);
+    state.requests.push(TokenRequest {
+        grant_type: grant_type.to_owned(),
+        path: uri.path().to_string(),
+        at: Instant::now(),
+    });
+    state.scripted.pop_front()
+}
+
 /// `POST /{tenant}/oauth2/v2.0/devicecode`.
 async fn device_code_endpoint(
     State(idp): State<Arc<Inner>>,
@@ -1037,16 +1041,8 @@ async fn device_code_endpoint(
     body: Bytes,
 ) -> Response {
     let form = Form(parse_form(&body));
-    {
-        let mut state = lock(&idp.state);
-        state.requests.push(TokenRequest {
-            grant_type: "devicecode".into(),
-            path: uri.path().to_string(),
-            at: Instant::now(),
-        });
-        if let Some(reply) = state.scripted.pop_front() {
-            return reply.into_response();
-        }
+    if let Some(reply) = record_request(&idp, "devicecode", &uri) {
+        return reply.into_response();
     }
     if !tenant.eq_ignore_ascii_case(&idp.tenant) {
         return AadError::new(

@@ -122,6 +122,22 @@ struct Summary {
     memory: Option<(u64, u64, u64, usize)>,
 }
 
+impl Summary {
+    /// Prints an accept run's row and keeps it for the targets.
+    fn accept_result(
+        &mut self,
+        size: usize,
+        label: &str,
+        clients: usize,
+        peer: &'static str,
+        r: LoadResult,
+        before: &str,
+    ) {
+        accept_row(label, clients, peer, &r, before);
+        self.accept.push((size, clients, peer, r));
+    }
+}
+
 #[derive(Clone, Copy)]
 struct FsyncFigures {
     single: procs::Commits,
@@ -360,36 +376,18 @@ impl Bench {
                 settle().await;
                 let before = procs::loadavg();
                 let relay = self.start_relay(&upstream, None)?;
-                let r = smtp::run(
-                    relay.addr,
-                    &Login::Plain,
-                    load,
-                    wire.clone(),
-                    MAILBOX,
-                    RECIPIENT,
-                    false,
-                )
-                .await;
+                let r = accept_run(relay.addr, load, &wire).await;
                 relay.stop();
-                accept_row(label, clients, "relay", &r, &before);
-                self.summary.accept.push((size, clients, "relay", r));
+                self.summary
+                    .accept_result(size, label, clients, "relay", r, &before);
                 if let Some(addr) = self.args.postfix {
                     progress(&format!("accept: postfix {label} × {clients} clients"));
                     settle().await;
                     let before = procs::loadavg();
-                    let r = smtp::run(
-                        addr,
-                        &Login::Plain,
-                        load,
-                        wire.clone(),
-                        MAILBOX,
-                        RECIPIENT,
-                        false,
-                    )
-                    .await;
+                    let r = accept_run(addr, load, &wire).await;
                     self.clean_postfix();
-                    accept_row(label, clients, "postfix", &r, &before);
-                    self.summary.accept.push((size, clients, "postfix", r));
+                    self.summary
+                        .accept_result(size, label, clients, "postfix", r, &before);
                 }
             }
             // Right after the 4 KB runs, before the 1 MB runs load the disk.
@@ -1071,6 +1069,20 @@ fn cpu_report(
         relay_ms + bench_ms,
         ceiling / direct_rate,
     );
+}
+
+/// One timed accept run against `addr`: plain SMTP, no wait for delivery.
+async fn accept_run(addr: SocketAddr, load: Load, wire: &Arc<Vec<u8>>) -> LoadResult {
+    smtp::run(
+        addr,
+        &Login::Plain,
+        load,
+        wire.clone(),
+        MAILBOX,
+        RECIPIENT,
+        false,
+    )
+    .await
 }
 
 fn accept_row(size: &str, clients: usize, peer: &str, r: &LoadResult, load: &str) {

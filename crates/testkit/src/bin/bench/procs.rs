@@ -79,9 +79,8 @@ pub struct RelayOptions {
 
 /// A relay started as a child process: `smtp-oauth-relay run --config …`.
 pub struct Relay {
-    child: Child,
+    process: Spawned,
     pub addr: SocketAddr,
-    dir: PathBuf,
 }
 
 impl Relay {
@@ -157,23 +156,23 @@ impl Relay {
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
         let mut relay = Relay {
-            child,
+            process: Spawned { child, dir },
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            dir,
         };
         relay.wait_listening()?;
         Ok(relay)
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.process.child.id()
     }
 
     fn wait_listening(&mut self) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait()? {
-                let log = fs::read_to_string(self.dir.join("relay.log")).unwrap_or_default();
+            if let Some(status) = self.process.child.try_wait()? {
+                let log =
+                    fs::read_to_string(self.process.dir.join("relay.log")).unwrap_or_default();
                 bail!("the relay exited ({status}) before listening:\n{log}");
             }
             if std::net::TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok()
@@ -186,13 +185,27 @@ impl Relay {
     }
 
     /// SIGTERM, a bounded wait, then SIGKILL; removes its directory.
-    pub fn stop(mut self) {
+    pub fn stop(self) {
+        self.process.stop();
+    }
+}
+
+/// A child process and the scratch directory it runs in: stopped (SIGTERM,
+/// a bounded wait, then SIGKILL) and its directory removed by `stop`;
+/// killed if dropped while running.
+struct Spawned {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Spawned {
+    fn stop(mut self) {
         stop_child(&mut self.child);
         remove_dir(&self.dir);
     }
 }
 
-impl Drop for Relay {
+impl Drop for Spawned {
     fn drop(&mut self) {
         if matches!(self.child.try_wait(), Ok(None)) {
             let _ = self.child.kill();
@@ -221,9 +234,8 @@ fn stop_child(child: &mut Child) {
 /// client-credentials mode against the stand-ins; clients log in to it with
 /// AUTH PLAIN as `MAILBOX` and a local password.
 pub struct EmailProxy {
-    child: Child,
+    process: Spawned,
     pub addr: SocketAddr,
-    dir: PathBuf,
 }
 
 /// The local password the proxy's clients log in with (it only encrypts the
@@ -283,14 +295,14 @@ client_secret = {secret}
             .spawn()
             .with_context(|| format!("starting {}", program.display()))?;
         let mut proxy = EmailProxy {
-            child,
+            process: Spawned { child, dir },
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            dir,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Some(status) = proxy.child.try_wait()? {
-                let out = fs::read_to_string(proxy.dir.join("emailproxy.out")).unwrap_or_default();
+            if let Some(status) = proxy.process.child.try_wait()? {
+                let out = fs::read_to_string(proxy.process.dir.join("emailproxy.out"))
+                    .unwrap_or_default();
                 bail!("emailproxy exited ({status}) before listening:\n{out}");
             }
             if std::net::TcpStream::connect_timeout(&proxy.addr, Duration::from_millis(200)).is_ok()
@@ -305,21 +317,11 @@ client_secret = {secret}
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.process.child.id()
     }
 
-    pub fn stop(mut self) {
-        stop_child(&mut self.child);
-        remove_dir(&self.dir);
-    }
-}
-
-impl Drop for EmailProxy {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+    pub fn stop(self) {
+        self.process.stop();
     }
 }
 
