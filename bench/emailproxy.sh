@@ -7,7 +7,7 @@
 # The bench starts and stops the proxy itself, because its configuration
 # names the ports of the stand-in identity platform and submission server,
 # which the bench starts on ephemeral ports. What it writes (see
-# crates/testkit/src/bin/bench/procs.rs, `EmailProxy::start`) is:
+# bench/src/procs.rs, `EmailProxy::start`) is:
 #
 #   [SMTP-<free port>]                  # the proxy listens on 127.0.0.1:<port>
 #   server_address = localhost          # the stand-in submission server

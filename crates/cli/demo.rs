@@ -5,7 +5,7 @@
 
 use crate::relay::{wait_for_signal, Running};
 use anyhow::{bail, Context};
-use relay_testkit::{IdentityPlatform, ReceivedMessage, RelayConfig, Section, SubmissionServer};
+use relay_standin::{IdentityPlatform, ReceivedMessage, RelayConfig, Section, SubmissionServer};
 use std::{net::SocketAddr, time::Duration};
 
 #[derive(clap::Args)]

@@ -7,7 +7,7 @@ mod common;
 use aws_lc_rs::{rand::SystemRandom, signature};
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine as _};
 use common::{form, post, HttpResponse};
-use relay_testkit::{ClientCertificate, IdentityPlatform};
+use relay_standin::{ClientCertificate, IdentityPlatform};
 use rustls::pki_types::{pem::PemObject, PrivateKeyDer};
 use serde_json::json;
 

@@ -4,7 +4,7 @@ mod common;
 
 use base64::Engine as _;
 use common::{form, post, HttpResponse};
-use relay_testkit::{IdentityPlatform, TokenRejection};
+use relay_standin::{IdentityPlatform, TokenRejection};
 
 const FORM: &str = "application/x-www-form-urlencoded";
 const SCOPE: &str = "https://outlook.office365.com/.default";

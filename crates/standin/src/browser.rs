@@ -36,7 +36,7 @@ async fn get(url: &str) -> io::Result<(u16, Option<String>, String)> {
     let exchange = async {
         let mut stream = TcpStream::connect(&connect_to).await?;
         let request = format!(
-            "GET {target} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: relay-testkit-browser\r\nAccept: text/html\r\nConnection: close\r\n\r\n"
+            "GET {target} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: relay-standin-browser\r\nAccept: text/html\r\nConnection: close\r\n\r\n"
         );
         stream.write_all(request.as_bytes()).await?;
         let mut raw = Vec::new();

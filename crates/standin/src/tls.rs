@@ -30,7 +30,7 @@ pub(crate) fn generate() -> io::Result<TlsMaterial> {
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(io::Error::other)?;
     ca_params
         .distinguished_name
-        .push(DnType::CommonName, "relay-testkit fake Microsoft 365 CA");
+        .push(DnType::CommonName, "relay-standin fake Microsoft 365 CA");
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca_params.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,

@@ -2,7 +2,7 @@
 //! the kernel reports it, and the disk's own commit rate.
 
 use anyhow::{bail, Context as _};
-use relay_testkit::{IdentityPlatform, RelayConfig, Section, SubmissionServer};
+use relay_standin::{IdentityPlatform, RelayConfig, Section, SubmissionServer};
 use std::{
     fs::{self, File},
     io::Write as _,

@@ -20,7 +20,7 @@ mod smtp;
 
 use clap::Parser;
 use procs::{EmailProxy, Relay, RelayOptions, MAILBOX, PROXY_PASSWORD};
-use relay_testkit::{IdentityPlatform, SubmissionServer};
+use relay_standin::{IdentityPlatform, SubmissionServer};
 use smtp::{Client, Load, LoadResult, Login};
 use std::{
     net::SocketAddr,

@@ -32,7 +32,7 @@ pub enum Section {
 ///
 /// ```no_run
 /// # async fn demo(dir: &std::path::Path) -> std::io::Result<()> {
-/// use relay_testkit::{IdentityPlatform, RelayConfig, Section, SubmissionServer};
+/// use relay_standin::{IdentityPlatform, RelayConfig, Section, SubmissionServer};
 ///
 /// let idp = IdentityPlatform::start().await?;
 /// let smtp = SubmissionServer::start(idp.clone()).await?;

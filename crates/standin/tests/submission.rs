@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::{xoauth2, Smtp, STEP};
-use relay_testkit::{IdentityPlatform, SubmissionOptions, SubmissionServer};
+use relay_standin::{IdentityPlatform, SubmissionOptions, SubmissionServer};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
