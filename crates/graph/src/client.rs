@@ -11,7 +11,7 @@ use base64::write::EncoderStringWriter;
 use base64::Engine as _;
 use reqwest::header::{HeaderMap, CONTENT_RANGE, CONTENT_TYPE, RETRY_AFTER};
 use reqwest::{Method, RequestBuilder, Url};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -28,6 +28,10 @@ pub const UPLOAD_SESSION_ABOVE: usize = 3_000_000;
 /// Most of any reply body that is read: Graph's answers are small, and a
 /// huge error page must not fill memory or logs.
 const REPLY_LIMIT: usize = 64 * 1024;
+/// Upload ranges: the largest multiple of 320 KiB (the granularity Graph's
+/// upload sessions expect) within [`MAX_REQUEST`]; also a multiple of 3, so
+/// base64 decodes into it in whole groups.
+pub const UPLOAD_CHUNK: usize = 12 * 320 * 1024;
 /// Room for the JSON around an attachment's base64.
 const ATTACHMENT_JSON_ROOM: usize = 4096;
 
@@ -276,28 +280,31 @@ impl Sending<'_> {
         patch: Option<serde_json::Value>,
     ) -> Result<Accepted, GraphError> {
         for attachment in detached {
-            let content = attachment.decode(mime);
-            if content.len() > UPLOAD_SESSION_ABOVE
-                || mime::base64_len(content.len()) + ATTACHMENT_JSON_ROOM > MAX_REQUEST
+            let size = attachment.decoded_len(mime);
+            if size > UPLOAD_SESSION_ABOVE
+                || mime::base64_len(size) + ATTACHMENT_JSON_ROOM > MAX_REQUEST
             {
-                self.upload(id, attachment, &content).await?;
-            } else {
-                let mut body = json!({
-                    "@odata.type": "#microsoft.graph.fileAttachment",
-                    "name": attachment.name,
-                    "contentType": attachment.content_type,
-                    "contentBytes": STANDARD.encode(&content),
-                    "isInline": attachment.inline,
-                });
-                if let Some(cid) = &attachment.content_id {
-                    body["contentId"] = cid.as_str().into();
-                }
-                drop(content);
-                let request = self
-                    .graph(Method::POST, &["messages", id, "attachments"])
-                    .json(&body);
-                self.call(Step::AddAttachment, request).await?;
+                self.upload(id, attachment, mime, size).await?;
+                continue;
             }
+            let content = attachment
+                .decoder(mime, usize::MAX)
+                .next_chunk()
+                .unwrap_or_default();
+            let body = FileAttachment {
+                odata_type: "#microsoft.graph.fileAttachment",
+                name: &attachment.name,
+                content_type: &attachment.content_type,
+                content_bytes: STANDARD.encode(&content),
+                content_id: attachment.content_id.as_deref(),
+                is_inline: attachment.inline,
+            };
+            drop(content);
+            let request = self
+                .graph(Method::POST, &["messages", id, "attachments"])
+                .json(&body);
+            drop(body);
+            self.call(Step::AddAttachment, request).await?;
         }
         if let Some(patch) = patch {
             let request = self.graph(Method::PATCH, &["messages", id]).json(&patch);
@@ -313,24 +320,24 @@ impl Sending<'_> {
         })
     }
 
-    /// An upload session and `PUT`s of at most [`MAX_REQUEST`] bytes to its
-    /// pre-authorised URL (no bearer token goes there).
+    /// An upload session and `PUT`s of [`UPLOAD_CHUNK`] bytes to its
+    /// pre-authorised URL (no bearer token goes there), each piece decoded
+    /// only when its turn comes.
     async fn upload(
         &self,
         id: &str,
         attachment: &Detached,
-        content: &[u8],
+        mime: &[u8],
+        size: usize,
     ) -> Result<(), GraphError> {
-        let mut item = json!({
-            "attachmentType": "file",
-            "name": attachment.name,
-            "size": content.len(),
-            "contentType": attachment.content_type,
-            "isInline": attachment.inline,
-        });
-        if let Some(cid) = &attachment.content_id {
-            item["contentId"] = cid.as_str().into();
-        }
+        let item = UploadItem {
+            attachment_type: "file",
+            name: &attachment.name,
+            size,
+            content_type: &attachment.content_type,
+            content_id: attachment.content_id.as_deref(),
+            is_inline: attachment.inline,
+        };
         let request = self
             .graph(
                 Method::POST,
@@ -348,17 +355,18 @@ impl Sending<'_> {
                     "Graph returned an unusable upload URL",
                 )
             })?;
-        let total = content.len();
-        for (index, chunk) in content.chunks(MAX_REQUEST).enumerate() {
-            let first = index * MAX_REQUEST;
+        let mut decoder = attachment.decoder(mime, UPLOAD_CHUNK);
+        let mut first = 0;
+        while let Some(chunk) = decoder.next_chunk() {
             let last = first + chunk.len() - 1;
             let request = self
                 .client
                 .http
                 .put(url.clone())
-                .header(CONTENT_RANGE, format!("bytes {first}-{last}/{total}"))
-                .body(chunk.to_vec());
+                .header(CONTENT_RANGE, format!("bytes {first}-{last}/{size}"))
+                .body(chunk);
             self.call(Step::Upload, request).await?;
+            first = last + 1;
         }
         Ok(())
     }
@@ -374,7 +382,7 @@ impl Sending<'_> {
             return;
         }
         let request = self.graph(Method::DELETE, &["messages", id]);
-        if let Err(e) = self.call(Step::SendDraft, request).await {
+        if let Err(e) = self.call(Step::DeleteDraft, request).await {
             tracing::warn!(mailbox = self.mailbox, error = %e, "could not delete the unsent graph draft");
         }
     }
@@ -397,6 +405,33 @@ fn recipients_patch(header: &HeaderRecipients, recipients: &[String]) -> serde_j
     }
     let [to, cc, bcc] = fields;
     json!({ "toRecipients": to, "ccRecipients": cc, "bccRecipients": bcc })
+}
+
+/// `POST …/attachments` body.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct FileAttachment<'a> {
+    #[serde(rename = "@odata.type")]
+    odata_type: &'static str,
+    name: &'a str,
+    content_type: &'a str,
+    content_bytes: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content_id: Option<&'a str>,
+    is_inline: bool,
+}
+
+/// `AttachmentItem` of `createUploadSession`.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct UploadItem<'a> {
+    attachment_type: &'static str,
+    name: &'a str,
+    size: usize,
+    content_type: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content_id: Option<&'a str>,
+    is_inline: bool,
 }
 
 #[derive(Deserialize)]

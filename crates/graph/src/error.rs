@@ -27,6 +27,8 @@ pub enum Step {
     SetRecipients,
     /// `POST …/messages/{id}/send`.
     SendDraft,
+    /// `DELETE …/messages/{id}` of a draft that could not be sent.
+    DeleteDraft,
 }
 
 impl fmt::Display for Step {
@@ -40,6 +42,7 @@ impl fmt::Display for Step {
             Step::Upload => "uploading an attachment",
             Step::SetRecipients => "setting the draft's recipients",
             Step::SendDraft => "sending the draft",
+            Step::DeleteDraft => "deleting the unsent draft",
         })
     }
 }
@@ -112,7 +115,8 @@ pub const SEND_AS_FIX: &str = "the mailbox may not send as this sender: send fro
     (Add-RecipientPermission -AccessRights SendAs)";
 
 /// A send that did not go through.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", self.describe())]
 pub struct GraphError {
     /// What to do about it.
     pub failure: Failure,
@@ -129,29 +133,27 @@ pub struct GraphError {
     pub request_id: Option<String>,
 }
 
-impl std::error::Error for GraphError {}
-
-impl fmt::Display for GraphError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "graph {}: ", self.step)?;
+impl GraphError {
+    /// One line for the log: step, status, Graph's code and message,
+    /// request-id, and the fix where there is one.
+    fn describe(&self) -> String {
+        let mut text = format!("graph {}: ", self.step);
         if let Some(status) = self.status {
-            write!(f, "{status} ")?;
+            text.push_str(&format!("{status} "));
         }
         if let Some(code) = &self.code {
-            write!(f, "{code}: ")?;
+            text.push_str(&format!("{code}: "));
         }
-        f.write_str(&self.message)?;
+        text.push_str(&self.message);
         if let Some(id) = &self.request_id {
-            write!(f, " (request-id {id})")?;
+            text.push_str(&format!(" (request-id {id})"));
         }
         if let Some(hint) = self.failure.hint() {
-            write!(f, "; {hint}")?;
+            text.push_str(&format!("; {hint}"));
         }
-        Ok(())
+        text
     }
-}
 
-impl GraphError {
     /// A failure before any request: the message itself is unusable.
     pub(crate) fn local(step: Step, message: impl Into<String>) -> Self {
         GraphError {

@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 use std::ops::Range;
 
-use mail_parser::{Address, Encoding, Message, MessageParser, MimeHeaders};
+use mail_parser::{Address, MessageParser, MimeHeaders};
 
 /// Where an envelope recipient goes on the draft.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,6 +74,17 @@ pub(crate) fn base64_len(n: usize) -> usize {
     n.div_ceil(3) * 4
 }
 
+/// How deep multiparts are followed looking for attachments.
+const MAX_DEPTH: usize = 8;
+
+/// A transfer encoding, as far as taking an attachment out needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transfer {
+    Base64,
+    QuotedPrintable,
+    Identity,
+}
+
 /// An attachment taken out of the MIME, to be added to the draft on its own.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Detached {
@@ -83,22 +94,136 @@ pub(crate) struct Detached {
     pub(crate) inline: bool,
     /// The encoded body in the original message.
     body: Range<usize>,
-    encoding: Encoding,
-    /// What is removed from the message: the delimiter line before the part
-    /// and the part itself; the following delimiter stays.
+    transfer: Transfer,
+    /// What is removed from the message: the line break and delimiter line
+    /// before the part, and the part; the following delimiter stays.
     cut: Range<usize>,
 }
 
 impl Detached {
-    /// The attachment's content, transfer encoding undone.
-    pub(crate) fn decode(&self, mime: &[u8]) -> Vec<u8> {
-        let raw = &mime[self.body.clone()];
-        match self.encoding {
-            Encoding::Base64 => decode_base64(raw),
-            Encoding::QuotedPrintable => decode_quoted_printable(raw),
-            Encoding::None => raw.to_vec(),
+    /// The content, transfer encoding undone, in pieces of at most `max`
+    /// bytes, decoded as they are asked for. Base64 pieces are a multiple of
+    /// 3 bytes, so `max` should be one too.
+    pub(crate) fn decoder<'a>(&self, mime: &'a [u8], max: usize) -> Decoder<'a> {
+        Decoder {
+            raw: &mime[self.body.clone()],
+            pos: 0,
+            transfer: self.transfer,
+            max,
         }
     }
+
+    /// The decoded size, without holding the content.
+    pub(crate) fn decoded_len(&self, mime: &[u8]) -> usize {
+        let raw = &mime[self.body.clone()];
+        match self.transfer {
+            Transfer::Identity => raw.len(),
+            Transfer::Base64 => {
+                let n = raw.iter().filter(|&&b| is_base64(b)).count();
+                n / 4 * 3 + (n % 4).saturating_sub(1)
+            }
+            Transfer::QuotedPrintable => {
+                let mut decoder = self.decoder(mime, 64 * 1024);
+                std::iter::from_fn(|| decoder.next_chunk())
+                    .map(|c| c.len())
+                    .sum()
+            }
+        }
+    }
+}
+
+/// Decodes an attachment piece by piece.
+pub(crate) struct Decoder<'a> {
+    raw: &'a [u8],
+    pos: usize,
+    transfer: Transfer,
+    max: usize,
+}
+
+impl Decoder<'_> {
+    /// The next piece, `None` at the end.
+    pub(crate) fn next_chunk(&mut self) -> Option<Vec<u8>> {
+        if self.pos >= self.raw.len() {
+            return None;
+        }
+        let mut out = Vec::with_capacity(self.max.min(self.raw.len() - self.pos));
+        match self.transfer {
+            Transfer::Identity => {
+                let end = (self.pos + self.max).min(self.raw.len());
+                out.extend_from_slice(&self.raw[self.pos..end]);
+                self.pos = end;
+            }
+            Transfer::Base64 => self.base64(&mut out),
+            Transfer::QuotedPrintable => self.quoted_printable(&mut out),
+        }
+        (!out.is_empty()).then_some(out)
+    }
+
+    /// Leniently, as mail readers do: line breaks and stray characters
+    /// skipped, padding optional. Decodes in small blocks so no second copy
+    /// of the piece exists.
+    fn base64(&mut self, out: &mut Vec<u8>) {
+        use base64::alphabet::STANDARD;
+        use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+        use base64::Engine as _;
+        const LENIENT: GeneralPurpose = GeneralPurpose::new(
+            &STANDARD,
+            GeneralPurposeConfig::new()
+                .with_decode_allow_trailing_bits(true)
+                .with_decode_padding_mode(DecodePaddingMode::RequireNone),
+        );
+        let chars = (self.max / 3 * 4).clamp(4, 4096);
+        let mut block = Vec::with_capacity(chars);
+        while out.len() + chars / 4 * 3 <= self.max && self.pos < self.raw.len() {
+            block.clear();
+            while block.len() < chars && self.pos < self.raw.len() {
+                let byte = self.raw[self.pos];
+                self.pos += 1;
+                if is_base64(byte) {
+                    block.push(byte);
+                }
+            }
+            if block.len() % 4 == 1 {
+                block.pop();
+            }
+            // Cannot fail: the input is filtered to the alphabet and its
+            // length is never 1 mod 4.
+            let _ = LENIENT.decode_vec(&block, out);
+        }
+    }
+
+    fn quoted_printable(&mut self, out: &mut Vec<u8>) {
+        let raw = self.raw;
+        while out.len() < self.max && self.pos < raw.len() {
+            let i = self.pos;
+            match raw[i] {
+                b'=' if raw[i + 1..].starts_with(b"\r\n") => self.pos += 3,
+                b'=' if raw[i + 1..].starts_with(b"\n") => self.pos += 2,
+                b'=' => match (raw.get(i + 1).and_then(hex), raw.get(i + 2).and_then(hex)) {
+                    (Some(hi), Some(lo)) => {
+                        out.push(hi << 4 | lo);
+                        self.pos += 3;
+                    }
+                    _ => {
+                        out.push(b'=');
+                        self.pos += 1;
+                    }
+                },
+                byte => {
+                    out.push(byte);
+                    self.pos += 1;
+                }
+            }
+        }
+    }
+}
+
+fn is_base64(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || matches!(byte, b'+' | b'/')
+}
+
+fn hex(c: &u8) -> Option<u8> {
+    (*c as char).to_digit(16).map(|v| v as u8)
 }
 
 /// A message split for the draft route: the ranges of the original that
@@ -112,14 +237,13 @@ pub(crate) struct Split {
 /// Takes attachments out, largest first, until the base64 of the rest is at
 /// most `limit` bytes. `None` if even the message without any attachment is
 /// too large (or it has no header).
+///
+/// Only headers are parsed (part by part, following the boundaries): bodies
+/// are neither decoded nor copied.
 pub(crate) fn split(mime: &[u8], limit: usize) -> Option<Split> {
-    let message = parser().parse(mime)?;
-    let mut candidates: Vec<Detached> = message
-        .attachments()
-        .filter_map(|part| detachable(&message, part, mime))
-        .collect();
+    let mut candidates = Vec::new();
+    walk(mime, 0..mime.len(), None, 0, &mut candidates);
     candidates.sort_by_key(|d| std::cmp::Reverse(d.cut.len()));
-    drop(message);
 
     let mut size = mime.len();
     let mut detached = Vec::new();
@@ -146,94 +270,134 @@ pub(crate) fn split(mime: &[u8], limit: usize) -> Option<Split> {
     Some(Split { kept, detached })
 }
 
-/// A leaf part inside a multipart, with the range to cut it out.
-fn detachable(
-    message: &Message<'_>,
-    part: &mail_parser::MessagePart<'_>,
+/// Collects the attachments of the entity at `range` (header and body);
+/// `cut_start` is where its removal would start (`None` for the message).
+fn walk(
     mime: &[u8],
-) -> Option<Detached> {
-    if part.is_multipart() || std::ptr::eq(part, message.root_part()) {
-        return None;
-    }
-    let header = part.offset_header as usize;
-    let end = part.offset_end as usize;
-    // The delimiter is CRLF "--" boundary: cut from that CRLF (or LF).
-    let newline = mime.get(..header)?.windows(3).rposition(|w| w == b"\n--")?;
-    let start = if newline > 0 && mime[newline - 1] == b'\r' {
-        newline - 1
-    } else {
-        newline
+    range: Range<usize>,
+    cut_start: Option<usize>,
+    depth: usize,
+    out: &mut Vec<Detached>,
+) {
+    let entity = &mime[range.clone()];
+    let Some(header) = parser().parse_headers(entity) else {
+        return;
     };
-    let content_type = part
-        .content_type()
-        .map(|ct| match ct.subtype() {
-            Some(sub) => format!("{}/{}", ct.ctype(), sub),
-            None => ct.ctype().to_string(),
-        })
-        .unwrap_or_else(|| "application/octet-stream".to_string())
-        .to_ascii_lowercase();
-    Some(Detached {
-        name: part.attachment_name().unwrap_or("attachment").to_string(),
-        content_type,
-        content_id: part.content_id().map(str::to_string),
-        inline: part.content_disposition().is_some_and(|d| d.is_inline()),
-        body: (part.offset_body as usize).min(end)..end,
-        encoding: part.encoding,
-        cut: start..end,
-    })
-}
-
-/// Decodes a base64 body leniently, as mail readers do: line breaks and
-/// stray characters skipped, padding optional.
-fn decode_base64(raw: &[u8]) -> Vec<u8> {
-    use base64::alphabet::STANDARD;
-    use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
-    use base64::Engine as _;
-    const LENIENT: GeneralPurpose = GeneralPurpose::new(
-        &STANDARD,
-        GeneralPurposeConfig::new()
-            .with_decode_allow_trailing_bits(true)
-            .with_decode_padding_mode(DecodePaddingMode::RequireNone),
-    );
-    let mut clean: Vec<u8> = raw
-        .iter()
-        .copied()
-        .filter(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/'))
-        .collect();
-    if clean.len() % 4 == 1 {
-        clean.pop();
-    }
-    LENIENT.decode(&clean).unwrap_or_default()
-}
-
-fn decode_quoted_printable(raw: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(raw.len());
-    let mut i = 0;
-    while i < raw.len() {
-        match raw[i] {
-            b'=' if raw[i + 1..].starts_with(b"\r\n") => i += 3,
-            b'=' if raw[i + 1..].starts_with(b"\n") => i += 2,
-            b'=' => match (raw.get(i + 1).and_then(hex), raw.get(i + 2).and_then(hex)) {
-                (Some(hi), Some(lo)) => {
-                    out.push(hi << 4 | lo);
-                    i += 3;
-                }
-                _ => {
-                    out.push(b'=');
-                    i += 1;
-                }
-            },
-            byte => {
-                out.push(byte);
-                i += 1;
+    let body = range.start + body_offset(entity);
+    let content_type = header.content_type();
+    if let Some(ct) = content_type.filter(|ct| ct.ctype().eq_ignore_ascii_case("multipart")) {
+        if let Some(boundary) = ct.attribute("boundary").filter(|_| depth < MAX_DEPTH) {
+            for (part, cut) in parts(mime, body..range.end, boundary.as_bytes()) {
+                walk(mime, part, Some(cut), depth + 1, out);
             }
         }
+        return;
     }
-    out
+    let Some(cut_start) = cut_start else {
+        return;
+    };
+    let disposition = header.content_disposition();
+    let is_attachment = disposition.is_some_and(|d| d.is_attachment())
+        || header.attachment_name().is_some()
+        || content_type.is_some_and(|ct| !ct.ctype().eq_ignore_ascii_case("text"));
+    if !is_attachment {
+        return;
+    }
+    let transfer = match header.content_transfer_encoding() {
+        Some(e) if e.trim().eq_ignore_ascii_case("base64") => Transfer::Base64,
+        Some(e) if e.trim().eq_ignore_ascii_case("quoted-printable") => Transfer::QuotedPrintable,
+        _ => Transfer::Identity,
+    };
+    out.push(Detached {
+        name: header.attachment_name().unwrap_or("attachment").to_string(),
+        content_type: content_type
+            .map(|ct| match ct.subtype() {
+                Some(sub) => format!("{}/{}", ct.ctype(), sub),
+                None => ct.ctype().to_string(),
+            })
+            .unwrap_or_else(|| "text/plain".to_string())
+            .to_ascii_lowercase(),
+        content_id: header.content_id().map(str::to_string),
+        inline: disposition.is_some_and(|d| d.is_inline()),
+        body: body.min(range.end)..range.end,
+        transfer,
+        cut: cut_start..range.end,
+    });
 }
 
-fn hex(c: &u8) -> Option<u8> {
-    (*c as char).to_digit(16).map(|v| v as u8)
+/// Where the body starts: after the first empty line (or at once, for a
+/// part without header fields).
+fn body_offset(entity: &[u8]) -> usize {
+    if entity.starts_with(b"\r\n") {
+        return 2;
+    }
+    if entity.starts_with(b"\n") {
+        return 1;
+    }
+    let mut at = 0;
+    while let Some(nl) = entity[at..].iter().position(|&b| b == b'\n') {
+        let next = at + nl + 1;
+        if entity[next..].starts_with(b"\r\n") {
+            return next + 2;
+        }
+        if entity[next..].starts_with(b"\n") {
+            return next + 1;
+        }
+        at = next;
+    }
+    entity.len()
+}
+
+/// The parts of a multipart body: each part's range (header and body) and
+/// where cutting it out starts (the line break before its delimiter).
+fn parts(mime: &[u8], body: Range<usize>, boundary: &[u8]) -> Vec<(Range<usize>, usize)> {
+    // Delimiter lines: (start of the line, start of the next line, closing?).
+    let mut delimiters = Vec::new();
+    let mut pos = body.start;
+    while pos < body.end {
+        let line_end = mime[pos..body.end]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(body.end, |i| pos + i);
+        let line = &mime[pos..line_end];
+        if let Some(rest) = line
+            .strip_prefix(b"--")
+            .and_then(|l| l.strip_prefix(boundary))
+        {
+            let close = rest.starts_with(b"--");
+            let rest = if close { &rest[2..] } else { rest };
+            if rest.iter().all(u8::is_ascii_whitespace) {
+                delimiters.push((pos, (line_end + 1).min(body.end), close));
+                if close {
+                    break;
+                }
+            }
+        }
+        pos = line_end + 1;
+    }
+    let line_break_before = |at: usize| {
+        let mut start = at;
+        if start > body.start && mime[start - 1] == b'\n' {
+            start -= 1;
+            if start > body.start && mime[start - 1] == b'\r' {
+                start -= 1;
+            }
+        }
+        start
+    };
+    let mut found = Vec::new();
+    for (i, &(line, next, close)) in delimiters.iter().enumerate() {
+        if close {
+            break;
+        }
+        let end = delimiters
+            .get(i + 1)
+            .map_or(body.end, |&(following, _, _)| line_break_before(following));
+        if end >= next {
+            found.push((next..end, line_break_before(line)));
+        }
+    }
+    found
 }
 
 #[cfg(test)]
@@ -247,6 +411,13 @@ Content-Type: application/pdf; name=\"a.pdf\"\r\nContent-Disposition: attachment
 Content-Transfer-Encoding: base64\r\n\r\nAAEC\r\nAwQ=\r\n--B\r\n\
 Content-Type: text/csv\r\nContent-Transfer-Encoding: quoted-printable\r\n\
 Content-Disposition: attachment; filename=\"t.csv\"\r\n\r\na=3D1,=E9=\r\nx\r\n--B--\r\nepilogue\r\n";
+
+    fn decode(d: &Detached) -> Vec<u8> {
+        let mut decoder = d.decoder(MESSAGE, 3);
+        std::iter::from_fn(|| decoder.next_chunk())
+            .flatten()
+            .collect()
+    }
 
     #[test]
     fn header_recipients() {
@@ -268,7 +439,8 @@ Content-Disposition: attachment; filename=\"t.csv\"\r\n\r\na=3D1,=E9=\r\nx\r\n--
         assert_eq!(all.detached.len(), 1);
         assert_eq!(all.detached[0].name, "a.pdf");
         assert_eq!(all.detached[0].content_type, "application/pdf");
-        assert_eq!(all.detached[0].decode(MESSAGE), vec![0, 1, 2, 3, 4]);
+        assert_eq!(decode(&all.detached[0]), vec![0, 1, 2, 3, 4]);
+        assert_eq!(all.detached[0].decoded_len(MESSAGE), 5);
         let both = super::split(MESSAGE, base64_len(MESSAGE.len() - 250)).expect("fits");
         assert_eq!(both.detached.len(), 2);
         let csv = both
@@ -276,7 +448,8 @@ Content-Disposition: attachment; filename=\"t.csv\"\r\n\r\na=3D1,=E9=\r\nx\r\n--
             .iter()
             .find(|d| d.name == "t.csv")
             .expect("csv");
-        assert_eq!(csv.decode(MESSAGE), b"a=1,\xe9x");
+        assert_eq!(decode(csv), b"a=1,\xe9x");
+        assert_eq!(csv.decoded_len(MESSAGE), 6);
         let rebuilt: Vec<u8> = both
             .kept
             .iter()
@@ -288,5 +461,45 @@ Content-Disposition: attachment; filename=\"t.csv\"\r\n\r\na=3D1,=E9=\r\nx\r\n--
 Content-Type: multipart/mixed; boundary=\"B\"\r\n\r\npreamble\r\n--B\r\n\
 Content-Type: text/plain\r\n\r\nhello\r\n--B--\r\nepilogue\r\n"
         );
+    }
+
+    #[test]
+    fn nested_parts_lf_endings_and_no_preamble() {
+        let message: &[u8] = b"To: a@b.c\nContent-Type: multipart/mixed; boundary=out\n\n--out\n\
+Content-Type: application/zip\nContent-Transfer-Encoding: base64\n\nUEsDBA==\n--out\n\
+Content-Type: multipart/related; boundary=\"in\"\n\n--in\nContent-Type: text/html\n\n<p>hi</p>\n\
+--in\nContent-Type: image/gif\nContent-ID: <g@x>\n\nGIF89a\n--in--\n\n--out--\n";
+        let split = super::split(message, 0).map(|s| s.detached.len());
+        assert_eq!(split, None);
+        let split = super::split(message, base64_len(message.len() - 120)).expect("fits");
+        let mut names: Vec<(&str, Option<&str>)> = split
+            .detached
+            .iter()
+            .map(|d| (d.content_type.as_str(), d.content_id.as_deref()))
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [("application/zip", None), ("image/gif", Some("g@x"))]
+        );
+        let rebuilt: Vec<u8> = split
+            .kept
+            .iter()
+            .flat_map(|r| message[r.clone()].to_vec())
+            .collect();
+        assert_eq!(
+            String::from_utf8_lossy(&rebuilt),
+            "To: a@b.c\nContent-Type: multipart/mixed; boundary=out\n\n\n--out\n\
+Content-Type: multipart/related; boundary=\"in\"\n\n--in\nContent-Type: text/html\n\n<p>hi</p>\n\
+--in--\n\n--out--\n"
+        );
+        let zip = split
+            .detached
+            .iter()
+            .find(|d| d.content_id.is_none())
+            .expect("zip");
+        let mut decoder = zip.decoder(message, 300);
+        assert_eq!(decoder.next_chunk().as_deref(), Some(&b"PK\x03\x04"[..]));
+        assert_eq!(decoder.next_chunk(), None);
     }
 }
