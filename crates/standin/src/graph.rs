@@ -961,6 +961,84 @@ mod tests {
         assert!(addresses(&fields, "bcc").is_empty());
     }
 
+    /// One HTTP/1.1 request on its own connection: (status, body).
+    async fn http(server: &GraphServer, head: &str, body: &[u8]) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(server.inner.addr)
+            .await
+            .expect("connect");
+        let request = format!(
+            "{head}\r\nHost: graph\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).await.expect("write");
+        // The server may answer (413) before reading everything.
+        let _ = stream.write_all(body).await;
+        let mut reply = Vec::new();
+        let _ = stream.read_to_end(&mut reply).await;
+        let reply = String::from_utf8_lossy(&reply).into_owned();
+        let status = reply.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+        (status, reply)
+    }
+
+    #[tokio::test]
+    async fn judges_requests_like_graph() {
+        let idp = IdentityPlatform::start().await.expect("idp");
+        let graph = GraphServer::start(idp.clone()).await.expect("graph");
+        let good = idp.mint_token(GRAPH_AUDIENCE, 60);
+        let exchange = idp.mint_token("https://outlook.office365.com", 60);
+        let send =
+            "POST /v1.0/users/relay@contoso.com/sendMail HTTP/1.1\r\nContent-Type: text/plain";
+        let mime = STANDARD.encode("To: a@b.c\r\n\r\nhi\r\n");
+
+        let (status, reply) = http(
+            &graph,
+            &format!("{send}\r\nAuthorization: Bearer {exchange}"),
+            mime.as_bytes(),
+        )
+        .await;
+        assert_eq!(status, 401, "{reply}");
+        assert!(reply.contains("InvalidAuthenticationToken"));
+        let (status, _) = http(&graph, send, mime.as_bytes()).await;
+        assert_eq!(status, 401);
+
+        let big = vec![b'A'; GRAPH_MAX_REQUEST + 4];
+        let (status, reply) = http(
+            &graph,
+            &format!("{send}\r\nAuthorization: Bearer {good}"),
+            &big,
+        )
+        .await;
+        assert_eq!(status, 413, "{reply}");
+
+        let (status, reply) = http(
+            &graph,
+            &format!("{send}\r\nAuthorization: Bearer {good}"),
+            mime.as_bytes(),
+        )
+        .await;
+        assert_eq!(status, 202, "{reply}");
+        assert!(reply.to_ascii_lowercase().contains("request-id:"));
+        assert_eq!(graph.messages()[0].recipients(), ["a@b.c"]);
+
+        graph.set_app_permissions(&[]);
+        let (status, reply) = http(
+            &graph,
+            &format!("{send}\r\nAuthorization: Bearer {good}"),
+            mime.as_bytes(),
+        )
+        .await;
+        assert_eq!(status, 403, "{reply}");
+
+        let upload = format!(
+            "PUT /upload/x HTTP/1.1\r\nAuthorization: Bearer {good}\r\nContent-Range: bytes 0-0/1"
+        );
+        let (status, _) = http(&graph, &upload, b"x").await;
+        assert_eq!(status, 401, "a bearer token on an upload URL is refused");
+        assert_eq!(graph.requests().len(), 6);
+        graph.stop().await;
+    }
+
     #[test]
     fn ranges() {
         assert_eq!(parse_range("bytes 0-9/20"), Some((0, 9, 20)));
