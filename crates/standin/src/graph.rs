@@ -349,10 +349,11 @@ impl GraphServer {
     }
 
     /// The Graph application permissions the app holds with admin consent
-    /// (default `Mail.Send` and `Mail.ReadWrite`). They apply to app-only
-    /// tokens whose `roles` name no `Mail.*` permission, which is what the
-    /// identity platform's app-only tokens carry; delegated tokens are judged
-    /// by their `scp`.
+    /// (default `Mail.Send` and `Mail.ReadWrite`), for app-only tokens: a
+    /// token whose `roles` name `Mail.*` permissions gets those of them that
+    /// are granted here; one whose `roles` name none (the identity platform's
+    /// Exchange roles) gets all granted here. Delegated tokens are judged by
+    /// their `scp` alone.
     pub fn set_app_permissions(&self, permissions: &[&str]) {
         lock(&self.inner.state).app_permissions =
             permissions.iter().map(|p| p.to_string()).collect();
@@ -703,12 +704,17 @@ fn judge(inner: &Inner, headers: &HeaderMap) -> Result<Vec<String>, GraphReply> 
     if claims.aud != GRAPH_AUDIENCE {
         return Err(invalid(&format!("invalid audience {}", claims.aud)));
     }
-    let permissions: Vec<String> = if claims.roles.iter().any(|r| r.starts_with("Mail.")) {
-        claims.roles
-    } else if let Some(scp) = &claims.scp {
+    let granted = lock(&inner.state).app_permissions.clone();
+    let permissions: Vec<String> = if let Some(scp) = &claims.scp {
         scp.split_whitespace().map(str::to_string).collect()
+    } else if claims.roles.iter().any(|r| r.starts_with("Mail.")) {
+        claims
+            .roles
+            .into_iter()
+            .filter(|r| granted.contains(r))
+            .collect()
     } else {
-        lock(&inner.state).app_permissions.clone()
+        granted
     };
     if !permissions.iter().any(|p| p == MAIL_SEND) {
         return Err(GraphReply::access_denied());
