@@ -39,7 +39,9 @@ impl Default for Settings {
 }
 
 /// A Graph base URL: https, or plain http on a loopback address (tests, `demo`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Deserializes from a string, validated the same way.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(try_from = "String")]
 pub struct Endpoint(Url);
 
 /// Why an endpoint was refused.
@@ -77,6 +79,20 @@ impl FromStr for Endpoint {
     }
 }
 
+impl TryFrom<String> for Endpoint {
+    type Error = EndpointError;
+
+    fn try_from(text: String) -> Result<Self, Self::Error> {
+        text.parse()
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0.as_str().trim_end_matches('/'))
+    }
+}
+
 impl Endpoint {
     /// `{endpoint}/v1.0/users/{mailbox}/{rest...}`, each segment escaped.
     pub(crate) fn user_url(&self, mailbox: &str, rest: &[&str]) -> Url {
@@ -93,11 +109,6 @@ impl Endpoint {
     /// Whether the endpoint is https: upload URLs Graph hands out must be too.
     pub(crate) fn is_https(&self) -> bool {
         self.0.scheme() == "https"
-    }
-
-    /// The endpoint as text.
-    pub fn as_str(&self) -> &str {
-        self.0.as_str()
     }
 }
 
