@@ -13,8 +13,10 @@
 //!   Exchange Online: STARTTLS with a generated CA, `AUTH XOAUTH2` judged
 //!   against the tokens the [`IdentityPlatform`] issued, SendAs checks, and
 //!   Microsoft's reply texts.
+//! * [`GraphServer`] — the Microsoft Graph mail API (`sendMail`, drafts,
+//!   attachments, upload sessions) judging tokens from the [`IdentityPlatform`].
 //!
-//! Both record what they see (token requests, accepted messages, refused
+//! All three record what they see (token requests, accepted messages, refused
 //! messages, failed logins) and can be scripted to fail in specific ways, so
 //! end-to-end tests can assert on the relay's behaviour over real sockets.
 //! The relay's `demo` command also uses them to let a user watch messages
@@ -41,6 +43,7 @@
 
 mod browser;
 mod credentials;
+mod graph;
 mod identity;
 mod jwt;
 mod relay_config;
@@ -51,6 +54,9 @@ mod util;
 
 pub use browser::open_in_browser;
 pub use credentials::ClientCertificate;
+pub use graph::{
+    GraphAttachment, GraphCall, GraphFault, GraphMessage, GraphRequest, GraphServer, GRAPH_AUDIENCE,
+};
 pub use identity::{AssertionRecord, Consent, IdentityPlatform, TokenRequest};
 pub use jwt::{TokenClaims, TokenRejection};
 pub use relay_config::{RelayConfig, Section};
