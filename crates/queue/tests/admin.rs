@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use relay_outcome::{Enhanced, Reason, Reply};
 use relay_queue::{
     list, show, submit, NewMessage, Outcome, Queue, QueueSettings, RecipientResult, Request,
     Selection, State,
@@ -47,11 +48,17 @@ async fn attempt(q: &Queue, outcome: fn(String) -> Outcome) {
     q.record(lease, results).await.expect("record");
 }
 
-fn permanent(reply: String) -> Outcome {
-    Outcome::Permanent { reply }
+fn permanent(text: String) -> Outcome {
+    Outcome::new(
+        Reason::Refused,
+        Reply::local(550, Enhanced::new(5, 1, 1), &text),
+    )
 }
-fn temporary(reply: String) -> Outcome {
-    Outcome::Temporary { reply }
+fn temporary(text: String) -> Outcome {
+    Outcome::new(
+        Reason::Deferred,
+        Reply::local(451, Enhanced::new(4, 4, 1), &text),
+    )
 }
 
 // A deferred message retried by the admin is due at once.

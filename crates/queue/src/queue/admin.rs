@@ -59,8 +59,9 @@ impl Queue {
                 let Some(slot) = sched.messages.get_mut(&id) else {
                     continue;
                 };
-                // a leased message is being tried right now
-                if let Some(due) = slot.due.replace(now) {
+                // a leased message is being tried right now: leave it be
+                if let Some(due) = slot.due {
+                    slot.due = Some(now);
                     let account = slot.meta.account.clone();
                     let queue = sched.account(&account);
                     queue.due.remove(&(due, id.clone()));
@@ -91,7 +92,7 @@ impl Queue {
                         meta: bytes,
                     }],
                 )?;
-                tracing::info!(id = %meta.id, "failed message queued again by an administrator");
+                tracing::info!(queue_id = %meta.id, "failed message queued again by an administrator");
                 revived.push(meta.id.clone());
                 let mut sched = lock(&inner.sched);
                 sched.failed.remove(&meta.id);
@@ -138,7 +139,7 @@ impl Queue {
             let mut sched = lock(&inner.sched);
             for id in &ids {
                 sched.failed.remove(id);
-                tracing::info!(%id, "message deleted by an administrator");
+                tracing::info!(queue_id = %id, "message deleted by an administrator");
             }
             Ok(ids)
         })
