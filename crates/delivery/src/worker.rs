@@ -161,6 +161,12 @@ impl<T: Transport> Worker<T> {
             if !self.pacer.admit(lease.recipients.len(), &shutdown).await {
                 break; // shutting down: the dropped lease leaves the message queued
             }
+            // The wait for the pacing slot may have been long enough for an
+            // administrator to delete the message.
+            if !self.queue.begin(&lease) {
+                tracing::info!(queue_id = %lease.id, "deleted while waiting for its turn; not sent");
+                continue;
+            }
             let span = tracing::info_span!("delivery", queue_id = %lease.id);
             let started = Instant::now();
             let attempt = self
@@ -380,20 +386,20 @@ impl<T: Transport> Worker<T> {
             ($level:ident) => {
                 tracing::$level!(
                     queue_id = %ctx.queue_id,
-                    message_id = ctx.message_id.as_deref(),
+                    message_id = ctx.message_id.as_deref().map(display),
                     from = %ctx.from,
                     to = %result.recipient,
-                    status,
+                    status = %status,
                     reason = %outcome.reason,
                     mailbox = %self.account.mailbox,
-                    relay = self.transport.relay(),
+                    relay = %self.transport.relay(),
                     delay = format_args!("{:.1}s", delay.as_secs_f64()),
                     took = format_args!("{:.2}s", ctx.took.as_secs_f64()),
                     attempt = ctx.attempt,
                     code = outcome.reply.code,
-                    enhanced = outcome.reply.enhanced.map(tracing::field::display),
+                    enhanced = outcome.reply.enhanced.map(display),
                     reply = %outcome.reply,
-                    hint = hint(outcome),
+                    hint = hint(outcome).map(display),
                     "{}",
                     if status == "sent" { "delivered" } else { status }
                 )

@@ -100,12 +100,12 @@ mod meta;
 mod queue;
 mod store;
 
-pub use control::{submit, Request};
+pub use control::{submit, Applied, Request};
 pub use error::QueueError;
 pub use id::{ParseQueueIdError, QueueId};
 pub use meta::{check_writable, list, show, Entry, RecipientState, RecipientStatus, State};
 pub use queue::{
-    Census, Disposition, Lease, NewMessage, Queue, QueueSettings, RecipientResult, Recorded,
-    Selection, Tally,
+    Census, Deletion, Disposition, Lease, NewMessage, Queue, QueueSettings, RecipientResult,
+    Recorded, Selection, Tally,
 };
 pub use relay_outcome::Outcome;

@@ -218,6 +218,9 @@ struct Slot {
     /// Its last attempt's outcome is applied to `meta` but could not be
     /// written yet; it stays out of the schedule until it is.
     unrecorded: bool,
+    /// Leased and handed to the upstream ([`Queue::begin`]): an
+    /// administrator can no longer stop this attempt.
+    in_flight: bool,
 }
 
 #[derive(Debug, Default)]
@@ -245,6 +248,7 @@ impl Schedule {
                 due: Some(due),
                 deleted: false,
                 unrecorded: false,
+                in_flight: false,
             },
         );
     }
@@ -503,6 +507,24 @@ impl Queue {
         })
     }
 
+    /// Marks the leased message as being handed to the upstream now. False
+    /// when an administrator deleted it while the lease waited (for its
+    /// pacing slot, say): the message is gone and must not be sent; drop the
+    /// lease. After `true`, a deletion waits for this attempt to end.
+    pub fn begin(&self, lease: &Lease) -> bool {
+        if !self.owns(lease) {
+            return false;
+        }
+        let mut sched = lock(&self.inner.sched);
+        match sched.messages.get_mut(&lease.id) {
+            Some(slot) if slot.due.is_none() && !slot.deleted => {
+                slot.in_flight = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Reads the leased message's body, byte for byte as it was enqueued.
     pub async fn read_body(&self, lease: &Lease) -> Result<Vec<u8>, QueueError> {
         if !self.owns(lease) {
@@ -723,6 +745,8 @@ impl Inner {
         let Some(mut slot) = sched.messages.remove(id) else {
             return Ok(None);
         };
+        // a deletion waiting for this attempt learns that it ended
+        sched.watchers.remove(id);
         match plan {
             Plan::Remove => {
                 tracing::info!(queue_id = %id, attempts = meta.attempts, "message delivered to every recipient; removed");
@@ -760,6 +784,7 @@ impl Inner {
                     "message deferred"
                 );
                 slot.unrecorded = false;
+                slot.in_flight = false;
                 let due = instant_after(Instant::now(), delay);
                 slot.due = Some(due);
                 sched.messages.insert(id.clone(), slot);
@@ -1009,7 +1034,7 @@ fn apply_attempt(
 }
 
 mod admin;
-pub use admin::Selection;
+pub use admin::{Deletion, Selection};
 
 #[cfg(test)]
 mod tests {
