@@ -443,3 +443,39 @@ async fn the_log_has_a_line_per_recipient() {
         .iter()
         .any(|l| l.contains("reply=550 5.1.1 User unknown")));
 }
+
+// A recipient still refused for now when the message reaches max_age is
+// given up: logged as status=expired (not as an ordinary bounce).
+#[tokio::test]
+async fn expiry_is_logged_as_expired() {
+    let world = World::start().await;
+    for _ in 0..20 {
+        world
+            .upstream
+            .push_rcpt_fault("late@example.com", "451 4.2.1 Mailbox busy, try later");
+    }
+    let port = free_port();
+    let text = world
+        .config(port)
+        .replace("[queue]\n", "[queue]\nmax_age = \"1s\"\n");
+    let relay = Relay::start(&world.write_config(&text), port).await;
+    let reply = send_one(port, MAILBOX, &["late@example.com"], &message("late")).await;
+    assert!(reply.starts_with("250"), "{reply}");
+    let mut log = plain(&relay.log());
+    for _ in 0..100 {
+        if log.contains("status=expired") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        log = plain(&relay.log());
+    }
+    let line = log
+        .lines()
+        .find(|l| l.contains("status=expired"))
+        .unwrap_or_else(|| panic!("no expiry logged:\n{log}"));
+    assert!(line.contains("to=late@example.com"), "{line}");
+    assert!(line.contains("reason=expired"), "{line}");
+    assert!(line.contains("reply=gave up after 1s: 451 4.2.1"), "{line}");
+    let entry = &relay.queue_json()[0];
+    assert_eq!(entry["state"], "failed");
+}
