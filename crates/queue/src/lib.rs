@@ -3,7 +3,9 @@
 //! Data flows listener → queue → delivery. The listener calls
 //! [`Queue::enqueue`] and answers the SMTP client `250` only after it
 //! returns; delivery workers (one set per upstream account) take due
-//! messages with [`Queue::next_due`], try them, and report per-recipient
+//! messages with [`Queue::next_due`], say when they hand one to the
+//! upstream with [`Queue::begin`] (after waiting for their pacing slot; a
+//! message deleted meanwhile is not to be sent), and report per-recipient
 //! outcomes with [`Queue::record`]. The `queue list` command reads the
 //! directory from another process with [`list`]. The queue knows nothing
 //! about SMTP: a recipient's [`Outcome`] (reply and reason, decided by the

@@ -492,6 +492,7 @@ impl Queue {
             return Err(None);
         };
         slot.due = None;
+        slot.in_flight = false;
         let meta = &slot.meta;
         Ok(Lease {
             id,

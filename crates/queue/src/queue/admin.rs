@@ -2,8 +2,10 @@
 //!
 //! Both act on the running queue's memory and disk together under its
 //! schedule lock, so a delivery in progress and an admin action cannot lose
-//! or double a message: a message being tried is deleted when its attempt
-//! ends, and retrying it is a no-op (it is being tried).
+//! or double a message. A leased message not yet handed to the upstream is
+//! deleted at once and its worker does not send it ([`Queue::begin`]); one
+//! in flight is deleted when its attempt ends, and the deletion reports how
+//! that ended. Retrying a leased message is a no-op (it is being tried).
 
 use super::{blocking, lock, Inner, Queue};
 use crate::meta::{Meta, RecipientState, State};
