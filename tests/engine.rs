@@ -343,3 +343,139 @@ async fn too_many_connections_backs_off() {
         "no back-off in the log"
     );
 }
+
+// Messages waiting for their pacing slot (30 a minute is one every 2 s) are
+// deleted by `queue delete --all` and never sent afterwards.
+#[tokio::test]
+async fn deleted_messages_waiting_for_their_turn_are_not_sent() {
+    let world = World::start().await;
+    let port = free_port();
+    let path = config(&world, port, "messages_per_minute = 30", "");
+    let relay = Relay::start(&path, port).await;
+    let (mut c, _) = Client::connect(port).await;
+    c.send(b"EHLO app.test\r\n").await;
+    for i in 0..5 {
+        let reply = c
+            .mail(
+                MAILBOX,
+                &["alice@example.com"],
+                &message(&format!("paced {i}")),
+            )
+            .await;
+        assert!(reply.starts_with("250"), "{reply}");
+    }
+    let first = world
+        .upstream
+        .wait_for_messages(1, Duration::from_secs(20))
+        .await;
+    assert_eq!(first.len(), 1, "log:\n{}", relay.log());
+    let delete = cli(&["queue", "delete", "--all"], &relay.config);
+    assert!(delete.status.success(), "{delete:?}");
+    let sent_by_then = world.upstream.messages().len();
+    // three more would have gone within 6 s
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(
+        world.upstream.messages().len(),
+        sent_by_then,
+        "a deleted message was sent; delete said {:?}\nlog:\n{}",
+        String::from_utf8_lossy(&delete.stdout),
+        relay.log()
+    );
+    assert!(relay.queue_json().is_empty());
+}
+
+// The delivery log has one line per recipient, Postfix-style, so "did bob
+// get it?" is answered after the message left the queue.
+#[tokio::test]
+async fn the_log_has_a_line_per_recipient() {
+    let world = World::start().await;
+    world
+        .upstream
+        .push_rcpt_fault("carol@example.com", "550 5.1.1 User unknown");
+    let port = free_port();
+    let relay = Relay::start(&world.write_config(&world.config(port)), port).await;
+    let body = b"Message-ID: <m1@app.test>\r\nSubject: three\r\n\r\nhi\r\n";
+    let reply = send_one(
+        port,
+        MAILBOX,
+        &["alice@example.com", "bob@example.com", "carol@example.com"],
+        body,
+    )
+    .await;
+    assert!(reply.starts_with("250"), "{reply}");
+    relay.delivered(&world, 1).await;
+    let mut log = plain(&relay.log());
+    for _ in 0..100 {
+        if log.matches(" to=").count() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        log = plain(&relay.log());
+    }
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("message_id=<m1@app.test>") && l.contains(" to="))
+        .collect();
+    assert_eq!(lines.len(), 3, "{log}");
+    for (to, status) in [
+        ("alice@example.com", "status=sent"),
+        ("bob@example.com", "status=sent"),
+        ("carol@example.com", "status=bounced"),
+    ] {
+        let line = lines
+            .iter()
+            .find(|l| l.contains(&format!("to={to} ")))
+            .unwrap_or_else(|| panic!("no line for {to}:\n{log}"));
+        assert!(line.contains(status), "{line}");
+        for key in [
+            "queue_id=",
+            "from=",
+            "relay=localhost:",
+            "delay=",
+            "attempt=1",
+            "reply=",
+        ] {
+            assert!(line.contains(key), "{key} missing: {line}");
+        }
+        assert!(!line.contains("hint=\"\""), "{line}");
+    }
+    assert!(lines
+        .iter()
+        .any(|l| l.contains("reply=550 5.1.1 User unknown")));
+}
+
+// A recipient still refused for now when the message reaches max_age is
+// given up: logged as status=expired (not as an ordinary bounce).
+#[tokio::test]
+async fn expiry_is_logged_as_expired() {
+    let world = World::start().await;
+    for _ in 0..20 {
+        world
+            .upstream
+            .push_rcpt_fault("late@example.com", "451 4.2.1 Mailbox busy, try later");
+    }
+    let port = free_port();
+    let text = world
+        .config(port)
+        .replace("[queue]\n", "[queue]\nmax_age = \"1s\"\n");
+    let relay = Relay::start(&world.write_config(&text), port).await;
+    let reply = send_one(port, MAILBOX, &["late@example.com"], &message("late")).await;
+    assert!(reply.starts_with("250"), "{reply}");
+    let mut log = plain(&relay.log());
+    for _ in 0..100 {
+        if log.contains("status=expired") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        log = plain(&relay.log());
+    }
+    let line = log
+        .lines()
+        .find(|l| l.contains("status=expired"))
+        .unwrap_or_else(|| panic!("no expiry logged:\n{log}"));
+    assert!(line.contains("to=late@example.com"), "{line}");
+    assert!(line.contains("reason=expired"), "{line}");
+    assert!(line.contains("reply=gave up after 1s: 451 4.2.1"), "{line}");
+    let entry = &relay.queue_json()[0];
+    assert_eq!(entry["state"], "failed");
+}

@@ -271,3 +271,112 @@ async fn clients_outside_allowed_networks_are_refused() {
     assert_eq!(c.reply().await, "<closed>");
     assert!(relay.queue_json().is_empty());
 }
+
+/// A tmpfs of `size` mounted (mode 0700) on `dir` for the test's lifetime;
+/// `None` when mounting is not allowed (not root).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(dir).expect("mount point");
+        let status = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .status()
+            .ok()?;
+        status.success().then(|| Tmpfs(dir.to_owned()))
+    }
+
+    /// Fills the file system up with one file; returns its path.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let path = self.0.join("filler");
+        let mut file = std::fs::File::create(&path).expect("filler");
+        let chunk = vec![0u8; 64 * 1024];
+        // bounded by the file system's size
+        while file.write_all(&chunk).is_ok() {}
+        let _ = file.sync_all();
+        path
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+// With the queue's disk full, an attempt where one recipient got 250 and
+// the other 451 cannot be recorded. The recipient already served must not
+// get the message again while the outcome waits to be written; once the
+// disk has room it is recorded and only the other recipient is tried again.
+#[tokio::test]
+async fn a_full_disk_does_not_resend_to_served_recipients() {
+    let world = World::start().await;
+    let port = free_port();
+    let Some(disk) = Tmpfs::mount(&world.dir.path().join("queue"), "4m") else {
+        eprintln!("skipped: mounting a tmpfs needs root");
+        return;
+    };
+    let text = world.config(port).replace(
+        "retry_initial = \"300ms\"\nretry_max = \"1s\"\n",
+        "retry_initial = \"2s\"\nretry_max = \"2s\"\n",
+    );
+    // the first attempt fails for both, so the message waits on disk
+    world
+        .upstream
+        .push_auth_fault("454 4.7.0 Temporary authentication failure");
+    world
+        .upstream
+        .push_rcpt_fault("bob@example.com", "451 4.2.1 Mailbox busy, try later");
+    let relay = Relay::start(&world.write_config(&text), port).await;
+    let reply = send_one(
+        port,
+        MAILBOX,
+        &["alice@example.com", "bob@example.com"],
+        &message("disk full"),
+    )
+    .await;
+    assert!(reply.starts_with("250"), "{reply}");
+    first_deferred(&relay, "454 4.7.0").await;
+    let filler = disk.fill();
+
+    let got = world
+        .upstream
+        .wait_for_messages(1, Duration::from_secs(10))
+        .await;
+    assert_eq!(got.len(), 1, "log:\n{}", relay.log());
+    assert_eq!(got[0].rcpt_to, ["alice@example.com"]);
+    // retries were due every 2 s: three more chances to resend
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert_eq!(
+        world.upstream.messages().len(),
+        1,
+        "alice was sent the message again while its outcome could not be written:\n{}",
+        relay.log()
+    );
+
+    assert!(
+        relay.log().contains("cannot record a delivery outcome"),
+        "the disk was not full enough:\n{}",
+        relay.log()
+    );
+    std::fs::remove_file(&filler).expect("free the disk");
+    let got = world
+        .upstream
+        .wait_for_messages(2, Duration::from_secs(30))
+        .await;
+    assert_eq!(got.len(), 2, "log:\n{}", relay.log());
+    assert_eq!(got[1].rcpt_to, ["bob@example.com"]);
+    queue_empties(&relay).await;
+    assert_eq!(world.upstream.messages().len(), 2);
+}

@@ -78,12 +78,21 @@ pub async fn queue(config: &Path, command: QueueCommand) -> anyhow::Result<()> {
             }
         }
         QueueCommand::Retry(which) => {
-            let ids = relay_queue::submit(settings, Request::Retry(which.selection())).await?;
+            let ids = relay_queue::submit(settings, Request::Retry(which.selection()))
+                .await?
+                .ids;
             println!("{} message(s) due now{}", ids.len(), id_list(&ids));
         }
         QueueCommand::Delete(which) => {
-            let ids = relay_queue::submit(settings, Request::Delete(which.selection())).await?;
-            println!("{} message(s) deleted{}", ids.len(), id_list(&ids));
+            let applied = relay_queue::submit(settings, Request::Delete(which.selection())).await?;
+            println!(
+                "{} message(s) deleted{}",
+                applied.ids.len(),
+                id_list(&applied.ids)
+            );
+            for note in applied.notes {
+                println!("{note}");
+            }
         }
     }
     Ok(())

@@ -355,7 +355,16 @@ fn start_delivery(
     tracing::info!(upstream = %upstream.address(), queued = queue.depth(), "delivering to the upstream");
     let stop = stop.child_token();
     Delivery {
-        workers: relay_delivery::spawn(queue.clone(), upstream, accounts, stop.clone()),
+        workers: relay_delivery::spawn(
+            queue.clone(),
+            upstream,
+            accounts,
+            relay_delivery::Settings {
+                pacing_dir: Some(config.queue.dir.join("pacing")),
+                hostname: config.listener.hostname.clone(),
+            },
+            stop.clone(),
+        ),
         stop,
     }
 }

@@ -92,9 +92,7 @@ impl relay_admin::Status for RelayStatus {
 
 /// Creates and removes a file where the queue writes its temporary files.
 fn probe_writable(queue_dir: &std::path::Path) -> Result<String, String> {
-    let probe = queue_dir.join("tmp").join(".readyz-probe");
-    std::fs::write(&probe, b"")
-        .and_then(|()| std::fs::remove_file(&probe))
+    relay_queue::check_writable(queue_dir)
         .map(|()| queue_dir.display().to_string())
-        .map_err(|e| format!("{}: {e}", queue_dir.display()))
+        .map_err(|e| e.to_string())
 }

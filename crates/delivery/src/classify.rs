@@ -1,25 +1,21 @@
-//! Temporary or permanent: what a reply means for the message, with a
-//! one-line hint for the replies Microsoft 365 setups commonly produce.
+//! What an SMTP reply means, decided once where it is received: the
+//! [`Reason`] it gives, and a one-line hint for the replies Microsoft 365
+//! setups commonly produce.
 
-use crate::reply::{Enhanced, Reply};
+use relay_outcome::{Enhanced, Network, Outcome, Reason, Reply, Throttle};
 
-/// What to do with the recipients a reply concerns.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
-    /// Try again later.
-    Temporary,
-    /// Give up: the message fails for these recipients.
-    Permanent,
-}
-
-/// Classifies a negative reply. The enhanced status decides where Microsoft's
-/// meaning differs from the basic code (a `535 5.7.139` is a setup problem
-/// that an admin fixes, so mail waits for it rather than bounce).
-pub fn classify(reply: &Reply) -> (Verdict, Option<&'static str>) {
+/// The reason a reply to a mail transaction (MAIL, RCPT, DATA) gives. The
+/// enhanced status decides where Microsoft's meaning differs from the
+/// basic code (a `535 5.7.139` is a setup problem that an admin fixes, so
+/// mail waits for it rather than bounce).
+pub fn classify(reply: &Reply) -> Reason {
+    if reply.is_positive() {
+        return Reason::Delivered;
+    }
     let by_code = if reply.code >= 500 {
-        Verdict::Permanent
+        Reason::Refused
     } else {
-        Verdict::Temporary
+        Reason::Deferred
     };
     let Some(Enhanced {
         class,
@@ -27,165 +23,154 @@ pub fn classify(reply: &Reply) -> (Verdict, Option<&'static str>) {
         detail,
     }) = reply.enhanced
     else {
-        return (by_code, None);
+        return by_code;
     };
     match (class, subject, detail) {
-        (5, 7, 139) => (Verdict::Temporary, Some("SMTP AUTH is disabled for the mailbox or tenant: run `Set-CASMailbox -Identity <mailbox> -SmtpClientAuthenticationDisabled $false` (security defaults also turn it off)")),
-        (5, 7, 3) => (Verdict::Temporary, Some("the token was refused: check New-ServicePrincipal used the Enterprise Application's object id, then Add-MailboxPermission for the mailbox, and that the mailbox is the account's")),
-        (5, 7, 57) => (Verdict::Temporary, Some("the upstream says the client is not authenticated: AUTH did not succeed or TLS was not negotiated")),
-        (5, 7, 30) => (Verdict::Temporary, Some("basic authentication was refused; the relay only uses XOAUTH2: check upstream.host")),
-        (5, 2, 252) | (5, 7, 60) => (Verdict::Permanent, Some("the mailbox may not send as this sender: send from the mailbox's address, or grant it Send As (Add-RecipientPermission -AccessRights SendAs)")),
-        (4, 3, 2) => (Verdict::Temporary, Some("too many concurrent connections for the mailbox (Microsoft allows 3): lower upstream.max_connections")),
-        (4, 7, 66) | (5, 7, 66) => (Verdict::Permanent, Some("the upstream requires TLS 1.2 or later")),
-        (_, 2, 2) => (Verdict::Temporary, Some("the mailbox's submission quota is exceeded (30 messages a minute, 10,000 recipients a day): mail waits")),
-        (5, 7, 705) => (Verdict::Permanent, Some("the tenant is blocked for sending spam: see the Microsoft 365 Defender portal")),
-        (5, 7, 708) => (Verdict::Permanent, Some("the sending IP has a low reputation: Microsoft refuses its traffic")),
-        (5, 7, 750) => (Verdict::Permanent, Some("the sender's domain is not registered as accepted in the tenant")),
-        (4, 7, 500..=699) => (Verdict::Temporary, Some("a temporary access restriction of the tenant: mail waits")),
-        _ => (by_code, None),
+        (5, 7, 139) => Reason::SmtpAuthDisabled,
+        (5, 7, 3 | 57 | 30) => Reason::AuthFailed,
+        (5, 2, 252) | (5, 7, 60) => Reason::SendAsDenied,
+        (4, 3, 2) => Reason::Throttled(Throttle::Connections),
+        (_, 2, 2) => Reason::Throttled(Throttle::Quota),
+        (4 | 5, 7, 66) => Reason::Refused,
+        (4, 7, 500..=699) => Reason::Deferred,
+        _ => by_code,
     }
 }
 
-/// A reply that says the mailbox is sending too much.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Throttle {
-    /// `432 4.3.2`: too many concurrent connections.
-    Connections,
-    /// `5.2.2` (Exchange Online): the submission quota is used up.
-    Quota,
-}
-
-/// Whether `reply` (a reply's full text) asks the mailbox to slow down.
-pub fn throttle(reply: &str) -> Option<Throttle> {
-    let reply = Reply::from_lines(&[reply.to_owned()])?;
-    match reply.enhanced? {
-        Enhanced {
-            class: 4,
-            subject: 3,
-            detail: 2,
-        } => Some(Throttle::Connections),
-        Enhanced {
-            subject: 2,
-            detail: 2,
-            ..
-        } => Some(Throttle::Quota),
-        _ => None,
+/// The reason a refused AUTH gives: never one that bounces mail, since an
+/// administrator fixes it and the mail waits. The token itself was refused
+/// only for exactly `535 5.7.3` (Microsoft) or `535 5.7.8` (Gmail); not
+/// 5.7.30-5.7.39 (e.g. basic auth refused) or 5.7.139 (SMTP AUTH
+/// disabled), which a new token cannot help.
+pub fn classify_auth(reply: &Reply) -> Reason {
+    if let throttled @ Reason::Throttled(_) = classify(reply) {
+        return throttled;
+    }
+    match (reply.code, reply.enhanced) {
+        (
+            _,
+            Some(Enhanced {
+                class: 5,
+                subject: 7,
+                detail: 139,
+            }),
+        ) => Reason::SmtpAuthDisabled,
+        (
+            535,
+            Some(Enhanced {
+                class: 5,
+                subject: 7,
+                detail: 3 | 8,
+            }),
+        ) => Reason::TokenRejected,
+        _ => Reason::AuthFailed,
     }
 }
 
-/// A short, stable name for why a reply (or local failure) did not deliver,
-/// for metrics labels: `auth`, `send_as`, `recipient`, `quota`,
-/// `connections`, `policy`, `size`, `expired`, `transport` or `other`.
-pub fn reason_class(reply: &str) -> &'static str {
-    if reply.starts_with("gave up after") {
-        return "expired";
-    }
-    let Some(parsed) = Reply::from_lines(&[reply.to_owned()]) else {
-        return "transport"; // no SMTP reply: connection, TLS or token trouble
-    };
-    match parsed.enhanced {
-        Some(Enhanced {
-            subject: 7,
-            detail: 3 | 57 | 139 | 30,
-            ..
-        }) => "auth",
-        Some(Enhanced {
-            subject: 2,
-            detail: 252,
-            ..
-        })
-        | Some(Enhanced {
-            subject: 7,
-            detail: 60,
-            ..
-        }) => "send_as",
-        Some(Enhanced { subject: 1, .. }) => "recipient",
-        Some(Enhanced {
-            subject: 2,
-            detail: 2,
-            ..
-        }) => "quota",
-        Some(Enhanced {
-            class: 4,
-            subject: 3,
-            detail: 2,
-        }) => "connections",
-        Some(Enhanced {
-            subject: 3,
-            detail: 4,
-            ..
-        }) => "size",
-        Some(Enhanced { subject: 7, .. }) => "policy",
-        _ if parsed.code == 535 => "auth",
-        _ => "other",
-    }
+/// The outcome of an SMTP reply to a mail transaction.
+pub fn outcome(reply: Reply) -> Outcome {
+    Outcome::new(classify(&reply), reply)
+}
+
+/// What an administrator can do about an outcome, when it is a known case.
+pub fn hint(outcome: &Outcome) -> Option<&'static str> {
+    let enhanced = outcome
+        .reply
+        .enhanced
+        .map(|e| (e.class, e.subject, e.detail));
+    Some(match outcome.reason {
+        Reason::Delivered | Reason::Refused | Reason::Deferred | Reason::AuthFailed => {
+            match enhanced? {
+                (5, 7, 3) => "the token was refused: check New-ServicePrincipal used the Enterprise Application's object id, then Add-MailboxPermission for the mailbox, and that the mailbox is the account's",
+                (5, 7, 57) => "the upstream says the client is not authenticated: AUTH did not succeed or TLS was not negotiated",
+                (5, 7, 30) => "basic authentication was refused; the relay only uses XOAUTH2: check upstream.host",
+                (4 | 5, 7, 66) => "the upstream requires TLS 1.2 or later",
+                (5, 7, 705) => "the tenant is blocked for sending spam: see the Microsoft 365 Defender portal",
+                (5, 7, 708) => "the sending IP has a low reputation: Microsoft refuses its traffic",
+                (5, 7, 750) => "the sender's domain is not registered as accepted in the tenant",
+                (4, 7, 500..=699) => "a temporary access restriction of the tenant: mail waits",
+                _ => return None,
+            }
+        }
+        Reason::SmtpAuthDisabled => "SMTP AUTH is disabled for the mailbox or tenant: run `Set-CASMailbox -Identity <mailbox> -SmtpClientAuthenticationDisabled $false` (security defaults also turn it off)",
+        Reason::TokenRejected => "the token was refused: check New-ServicePrincipal used the Enterprise Application's object id, then Add-MailboxPermission for the mailbox, and that the mailbox is the account's",
+        Reason::SendAsDenied => "the mailbox may not send as this sender: send from the mailbox's address, or grant it Send As (Add-RecipientPermission -AccessRights SendAs)",
+        Reason::Throttled(Throttle::Connections) => "too many concurrent connections for the mailbox (Microsoft allows 3): lower upstream.max_connections",
+        Reason::Throttled(Throttle::Quota) => "the mailbox's submission quota is exceeded (30 messages a minute, 10,000 recipients a day): mail waits",
+        Reason::Throttled(Throttle::Requests) => "the upstream asks the mailbox to send fewer requests: mail waits",
+        Reason::NoToken => "no access token: `smtp-oauth-relay token` shows what the identity platform answers",
+        Reason::Network(Network::Dns) => "the upstream host name does not resolve: check upstream.host and the resolver",
+        Reason::Network(Network::Connect) => "no TCP connection: check upstream.host and upstream.port, and that a firewall or proxy allows the way out",
+        Reason::Network(Network::Tls) => "TLS failed: if a TLS-inspecting proxy sits in the way, add its CA to upstream.ca_file; inside a container, install the CA bundle (ca-certificates)",
+        Reason::Network(Network::Lost) => "the upstream broke the connection or stopped answering: mail waits",
+        Reason::Local | Reason::Expired => return None,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn verdict(line: &str) -> Verdict {
-        classify(&Reply::from_lines(&[line.to_owned()]).expect("reply")).0
+    fn reason(line: &str) -> Reason {
+        classify(&Reply::parse(line).expect("reply"))
     }
 
     #[test]
     fn microsoft_specific_codes() {
         assert_eq!(
-            verdict(
-                "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled"
-            ),
-            Verdict::Temporary
+            reason("535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled"),
+            Reason::SmtpAuthDisabled
         );
         assert_eq!(
-            verdict("535 5.7.3 Authentication unsuccessful"),
-            Verdict::Temporary
+            reason("535 5.7.3 Authentication unsuccessful"),
+            Reason::AuthFailed
         );
         assert_eq!(
-            verdict("554 5.2.252 SendAsDenied; relay@contoso.com not allowed"),
-            Verdict::Permanent
+            reason("554 5.2.252 SendAsDenied; relay@contoso.com not allowed"),
+            Reason::SendAsDenied
         );
         assert_eq!(
-            verdict("554 5.2.2 Submission quota exceeded"),
-            Verdict::Temporary
+            reason("554 5.2.2 Submission quota exceeded"),
+            Reason::Throttled(Throttle::Quota)
         );
         assert_eq!(
-            verdict("432 4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded"),
-            Verdict::Temporary
+            reason("432 4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded"),
+            Reason::Throttled(Throttle::Connections)
         );
-        assert_eq!(verdict("550 5.7.708 Access denied"), Verdict::Permanent);
-        assert_eq!(verdict("451 4.7.500 Server busy"), Verdict::Temporary);
-        assert_eq!(verdict("550 5.1.1 User unknown"), Verdict::Permanent);
-        assert_eq!(verdict("421 Service not available"), Verdict::Temporary);
+        assert_eq!(reason("550 5.7.708 Access denied"), Reason::Refused);
+        assert_eq!(reason("451 4.7.500 Server busy"), Reason::Deferred);
+        assert_eq!(reason("550 5.1.1 User unknown"), Reason::Refused);
+        assert_eq!(reason("421 Service not available"), Reason::Deferred);
+        assert_eq!(reason("250 2.0.0 OK"), Reason::Delivered);
     }
 
     #[test]
-    fn reason_classes() {
-        assert_eq!(reason_class("554 5.2.252 SendAsDenied; x"), "send_as");
+    fn auth_refusals_never_bounce() {
+        let auth = |line: &str| classify_auth(&Reply::parse(line).expect("reply"));
         assert_eq!(
-            reason_class("535 5.7.139 Authentication unsuccessful"),
-            "auth"
+            auth("535 5.7.3 Authentication unsuccessful"),
+            Reason::TokenRejected
         );
-        assert_eq!(reason_class("550 5.1.1 User unknown"), "recipient");
         assert_eq!(
-            reason_class("cannot connect to x:587: refused"),
-            "transport"
+            auth("535 5.7.8 Username and Password not accepted"),
+            Reason::TokenRejected
         );
-        assert_eq!(reason_class("gave up after 5days: 451 4.7.500"), "expired");
-        assert_eq!(reason_class("550 5.7.708 Access denied"), "policy");
+        assert_eq!(
+            auth("535 5.7.139 Authentication unsuccessful"),
+            Reason::SmtpAuthDisabled
+        );
+        assert_eq!(
+            auth("535 5.7.30 Basic authentication is not supported"),
+            Reason::AuthFailed
+        );
+        assert_eq!(auth("554 5.7.0 no"), Reason::AuthFailed);
     }
 
     #[test]
-    fn throttling_replies() {
-        assert_eq!(
-            throttle("432 4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded"),
-            Some(Throttle::Connections)
-        );
-        assert_eq!(
-            throttle("554 5.2.2 Submission quota exceeded"),
-            Some(Throttle::Quota)
-        );
-        assert_eq!(throttle("451 4.7.500 Server busy"), None);
-        assert_eq!(throttle("no reply"), None);
+    fn hints_for_known_setups() {
+        let out = outcome(Reply::parse("535 5.7.139 Authentication unsuccessful").expect("reply"));
+        assert!(hint(&out).is_some_and(|h| h.contains("Set-CASMailbox")));
+        let out = outcome(Reply::parse("550 5.1.1 User unknown").expect("reply"));
+        assert_eq!(hint(&out), None);
     }
 }

@@ -2,12 +2,13 @@
 //! when a message fails, its envelope sender learns which recipients failed
 //! and why, in a `multipart/report` sent from the account's mailbox.
 
+use relay_outcome::Reply;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// A recipient the notification reports.
 pub struct Failed<'a> {
     pub recipient: &'a str,
-    pub reply: &'a str,
+    pub reply: &'a Reply,
 }
 
 /// Whether a message may be answered with a notification: never a
@@ -57,12 +58,16 @@ pub fn notification(
     );
     let mut status = format!("Reporting-MTA: dns; {reporting_host}\r\n");
     for f in failed {
-        text.push_str(&format!("  <{}>: {}\r\n", f.recipient, one_line(f.reply)));
+        text.push_str(&format!(
+            "  <{}>: {}\r\n",
+            f.recipient,
+            one_line(&f.reply.text)
+        ));
         status.push_str(&format!(
             "\r\nFinal-Recipient: rfc822; {}\r\nAction: failed\r\nStatus: {}\r\nDiagnostic-Code: smtp; {}\r\n",
             f.recipient,
             enhanced_status(f.reply),
-            one_line(f.reply)
+            one_line(&f.reply.text)
         ));
     }
     let mut out = format!(
@@ -80,11 +85,10 @@ fn one_line(reply: &str) -> String {
 }
 
 /// The reply's enhanced status, or 5.0.0 when it has none.
-fn enhanced_status(reply: &str) -> String {
-    crate::Reply::from_lines(&[reply.to_owned()])
-        .and_then(|r| r.enhanced)
-        .map(|e| format!("{}.{}.{}", e.class, e.subject, e.detail))
-        .unwrap_or_else(|| "5.0.0".into())
+fn enhanced_status(reply: &Reply) -> String {
+    reply
+        .enhanced
+        .map_or_else(|| "5.0.0".into(), |e| e.to_string())
 }
 
 /// `Fri, 27 Nov 2026 10:00:00 +0000`.
@@ -154,7 +158,7 @@ mod tests {
             b"Subject: hello\r\nFrom: app@x.y\r\n\r\nbody\r\n",
             &[Failed {
                 recipient: "bob@example.net",
-                reply: "550 5.1.1 User unknown",
+                reply: &Reply::parse("550 5.1.1 User unknown").expect("reply"),
             }],
             UNIX_EPOCH + std::time::Duration::from_secs(1_795_773_600),
         );

@@ -1,13 +1,15 @@
-//! Delivery: takes due messages from the queue and submits them to the
-//! upstream (Microsoft 365) over TLS with AUTH XOAUTH2, recording each
-//! recipient's outcome back in the queue.
+//! Delivery: takes due messages from the queue and hands them to a
+//! [`Transport`] (today SMTP submission to Microsoft 365 over TLS with AUTH
+//! XOAUTH2, [`Upstream`]), recording each recipient's outcome back in the
+//! queue.
 //!
 //! Each account gets `max_connections` workers; a worker holds at most one
-//! authenticated connection and reuses it for consecutive messages until it
-//! has been idle for `upstream.idle_timeout`, so the mailbox never sees more
-//! connections than Microsoft allows. A [`Pacer`] per account keeps the
-//! mailbox within its message and recipient rates. Replies are classified temporary or
-//! permanent ([`classify`]); the queue retries the former.
+//! authenticated session and reuses it for consecutive messages until it
+//! has been idle for the transport's idle timeout, so the mailbox never
+//! sees more sessions than Microsoft allows. A [`Pacer`] per account keeps
+//! the mailbox within its message and recipient rates. Each reply becomes
+//! an [`Outcome`] where it is received ([`classify`]); the queue retries
+//! the temporary ones.
 
 mod classify;
 mod dsn;
@@ -18,14 +20,16 @@ mod reply;
 mod rewrite;
 mod session;
 mod tls;
+pub mod transport;
 mod worker;
 
-pub use classify::{classify, Verdict};
+pub use classify::{classify, classify_auth, hint};
 pub use error::DeliveryError;
 pub use pace::{Limits, Pacer};
 pub use probe::{Secured, Step};
-pub use reply::{Enhanced, Reply};
+pub use relay_outcome::{Enhanced, Outcome, Reason, Reply, Verdict};
 pub use rewrite::rewrite_from;
 pub use session::Upstream;
 pub use tls::connector;
-pub use worker::{spawn, Account};
+pub use transport::Transport;
+pub use worker::{spawn, Account, Settings};

@@ -27,7 +27,8 @@ const MINUTE: Duration = Duration::from_secs(60);
 const DAY: Duration = Duration::from_secs(86_400);
 /// How long a `432 4.3.2` lowers the connection count.
 const FEWER_CONNECTIONS_FOR: Duration = Duration::from_secs(600);
-/// How long a `5.2.2` submission-quota refusal pauses the mailbox.
+/// How long a `5.2.2` submission-quota refusal (or a request to slow down
+/// naming no time) pauses the mailbox.
 const QUOTA_PAUSE: Duration = Duration::from_secs(3600);
 const SAVE_EVERY: Duration = Duration::from_secs(2);
 
@@ -140,10 +141,12 @@ impl Pacer {
         self.lock().fewer_connections = Some((fewer, SystemTime::now() + FEWER_CONNECTIONS_FOR));
     }
 
-    /// The upstream refused for the submission quota (`5.2.2`): pause the mailbox.
-    pub fn quota_exceeded(&self) {
-        let until = SystemTime::now() + QUOTA_PAUSE;
-        tracing::warn!("submission quota exceeded (5.2.2): pausing the mailbox for an hour");
+    /// The upstream asked the mailbox to send nothing for `pause` (an hour
+    /// when it named no time, as after a `5.2.2` quota refusal).
+    pub fn pause(&self, pause: Option<Duration>) {
+        let pause = pause.unwrap_or(QUOTA_PAUSE).min(DAY);
+        let until = SystemTime::now() + pause;
+        tracing::warn!(pause = %format_args!("{}s", pause.as_secs()), "the upstream asks the mailbox to slow down: pausing it");
         self.lock().paused_until = Some(until);
         self.save(true);
     }

@@ -5,13 +5,13 @@
 //! stops there.
 
 use crate::{
-    classify::classify,
-    reply::Reply,
-    session::{authenticate, describe, RcptOutcome, Session},
+    classify::hint,
+    session::{authenticate, describe, Session},
     Upstream,
 };
 use mail_send::SmtpClient;
 use relay_config::Security;
+use relay_outcome::Outcome;
 use relay_tokens::AccessToken;
 use smtp_proto::{EhloResponse, EXT_START_TLS};
 use std::{
@@ -264,8 +264,8 @@ impl Secured {
             match result {
                 Ok(()) => Ok(((), "235 accepted".into())),
                 Err(failure) => {
-                    let fix = auth_fix(&failure.reply, mailbox);
-                    Err((failure.reply, fix))
+                    let fix = auth_fix(&failure, mailbox);
+                    Err((failure.reply.text, fix))
                 }
             },
         );
@@ -294,16 +294,14 @@ impl Secured {
             started,
             match outcome {
                 Ok(outcomes) => match outcomes.into_iter().next() {
-                    Some(RcptOutcome::Delivered(reply)) => Ok(((), reply)),
-                    Some(RcptOutcome::Failed(failure)) => {
-                        let hint = Reply::from_lines(std::slice::from_ref(&failure.reply))
-                            .and_then(|r| classify(&r).1)
-                            .map(str::to_owned);
-                        Err((failure.reply, hint))
+                    Some(outcome) if outcome.is_delivered() => Ok(((), outcome.reply.text)),
+                    Some(outcome) => {
+                        let hint = hint(&outcome).map(str::to_owned);
+                        Err((outcome.reply.text, hint))
                     }
                     None => Err(("no reply".into(), None)),
                 },
-                Err(broken) => Err((broken.reason, None)),
+                Err(broken) => Err((broken.outcome.reply.text, None)),
             },
         );
         let ok = step.result.is_ok();
@@ -314,9 +312,8 @@ impl Secured {
 }
 
 /// The fix for an authentication refusal, in the order an admin checks it.
-fn auth_fix(reply: &str, mailbox: &str) -> Option<String> {
-    let parsed = Reply::from_lines(&[reply.to_owned()])?;
-    let e = parsed.enhanced?;
+fn auth_fix(failure: &Outcome, mailbox: &str) -> Option<String> {
+    let e = failure.reply.enhanced?;
     Some(match (e.subject, e.detail) {
         (7, 139) => format!(
             "SMTP AUTH is disabled for the mailbox (or tenant, or by security defaults). In Exchange Online PowerShell:\n    Set-CASMailbox -Identity {mailbox} -SmtpClientAuthenticationDisabled $false"
@@ -324,6 +321,6 @@ fn auth_fix(reply: &str, mailbox: &str) -> Option<String> {
         (7, 3) | (7, 8) => format!(
             "the token was refused. Check, in this order:\n    1. the service principal exists: New-ServicePrincipal -AppId <client_id> -ObjectId <object id>\n    2. that object id is the Enterprise Application's (Enterprise applications → the app → Object ID), not the App registration's\n    3. the mailbox permission: Add-MailboxPermission -Identity {mailbox} -User <that object id> -AccessRights FullAccess"
         ),
-        _ => classify(&parsed).1?.to_owned(),
+        _ => hint(failure)?.to_owned(),
     })
 }

@@ -1,12 +1,13 @@
 //! One authenticated connection to the upstream, and the mail transaction.
 
 use crate::{
-    classify::{classify, Verdict},
-    reply::{read_reply, Enhanced, Reply},
+    classify::{classify_auth, outcome},
+    reply::read_reply,
     tls, DeliveryError,
 };
 use mail_send::{Credentials, SmtpClient, SmtpClientBuilder};
 use relay_config::{Security, UpstreamConfig};
+use relay_outcome::{Enhanced, Network, Outcome, Reason, Reply};
 use relay_tokens::{AccessToken, TokenManager};
 use smtp_proto::{EhloResponse, EXT_8BIT_MIME, EXT_PIPELINING, EXT_SIZE, EXT_SMTP_UTF8};
 use std::time::Duration;
@@ -28,7 +29,9 @@ pub struct Upstream {
     pub(crate) security: Security,
     pub(crate) tls: TlsConnector,
     pub(crate) helo: String,
-    idle_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
+    /// `host:port`, for logs.
+    pub(crate) address: String,
 }
 
 impl Upstream {
@@ -41,6 +44,7 @@ impl Upstream {
             tls: tls::connector(config.ca_file.as_deref())?,
             helo: helo.to_owned(),
             idle_timeout: config.idle_timeout,
+            address: format!("{}:{}", config.host, config.port),
         })
     }
 
@@ -49,80 +53,55 @@ impl Upstream {
         &self.helo
     }
 
-    /// How long an unused connection stays open.
-    pub fn idle_timeout(&self) -> Duration {
-        self.idle_timeout
-    }
-
     /// `host:port`, for logs.
-    pub fn address(&self) -> String {
-        format!("{}:{}", self.host, self.port)
+    pub fn address(&self) -> &str {
+        &self.address
     }
 }
 
-/// A failure that concerns every recipient of the attempt.
-#[derive(Debug, Clone)]
-pub(crate) struct Failure {
-    pub verdict: Verdict,
-    pub reply: String,
+/// A failure found by the relay itself, worded like a server's reply.
+pub(crate) fn local(reason: Reason, code: u16, enhanced: Enhanced, text: &str) -> Outcome {
+    Outcome::new(reason, Reply::local(code, enhanced, text))
 }
 
-impl Failure {
-    pub fn temporary(reply: String) -> Self {
-        Failure {
-            verdict: Verdict::Temporary,
-            reply,
-        }
-    }
-
-    fn from_reply(reply: &Reply) -> Self {
-        Failure {
-            verdict: classify(reply).0,
-            reply: reply.text.clone(),
-        }
-    }
-}
-
-/// What became of one recipient in one transaction.
-#[derive(Debug, Clone)]
-pub(crate) enum RcptOutcome {
-    Delivered(String),
-    Failed(Failure),
+/// The connection broke or stopped answering.
+fn lost(text: &str) -> Outcome {
+    local(
+        Reason::Network(Network::Lost),
+        451,
+        Enhanced::new(4, 4, 2),
+        text,
+    )
 }
 
 /// The connection broke mid-transaction. `before_data` tells whether the
 /// message could have been delivered (if not, a retry cannot duplicate it).
 #[derive(Debug)]
 pub(crate) struct Broken {
-    pub reason: String,
+    pub outcome: Outcome,
     pub before_data: bool,
 }
 
-pub(crate) struct Session {
+/// An authenticated SMTP connection to the upstream (the SMTP transport's
+/// session).
+pub struct Session {
     pub(crate) client: SmtpClient<TlsStream<TcpStream>>,
     pub(crate) capabilities: EhloResponse<String>,
     pub(crate) pending: Vec<u8>,
     /// Transactions completed on this connection; a reused connection may have
     /// been closed by the server while idle.
-    pub transactions: u32,
+    pub(crate) transactions: u32,
 }
 
 impl Session {
     /// Connects, secures, and authenticates as `mailbox`. A `535` on a token
     /// the relay thought valid gets one retry with a freshly issued token.
-    pub async fn open(
+    pub(crate) async fn open(
         upstream: &Upstream,
         mailbox: &str,
         tokens: &TokenManager,
-    ) -> Result<Session, Failure> {
-        let connect = |e: mail_send::Error| {
-            Failure::temporary(format!(
-                "cannot connect to {}: {}",
-                upstream.address(),
-                describe(&e)
-            ))
-        };
-        let mut client = SmtpClientBuilder::new_with_tls_connector(
+    ) -> Result<Session, Outcome> {
+        let client = SmtpClientBuilder::new_with_tls_connector(
             upstream.host.clone(),
             upstream.port,
             upstream.tls.clone(),
@@ -132,8 +111,11 @@ impl Session {
         .say_ehlo(false)
         .timeout(COMMAND_TIMEOUT)
         .connect()
-        .await
-        .map_err(connect)?;
+        .await;
+        let mut client = match client {
+            Ok(client) => client,
+            Err(e) => return Err(upstream.unreachable(&e).await),
+        };
         // Commands and the end of data are small writes that wait for a
         // reply; with Nagle's algorithm each would sit out the server's
         // delayed ACK (40 ms on Linux).
@@ -143,39 +125,40 @@ impl Session {
         let capabilities = client
             .capabilities(&upstream.helo, false)
             .await
-            .map_err(connect)?;
-        let token = tokens
-            .token()
-            .await
-            .map_err(|e| Failure::temporary(format!("no access token: {e}")))?;
+            .map_err(|e| {
+                lost(&format!(
+                    "EHLO to {} failed: {}",
+                    upstream.address(),
+                    describe(&e)
+                ))
+            })?;
+        let token = tokens.token().await.map_err(|e| {
+            local(
+                Reason::NoToken,
+                451,
+                Enhanced::new(4, 7, 0),
+                &format!("no access token: {e}"),
+            )
+        })?;
         if let Err(failure) = authenticate(&mut client, &capabilities, mailbox, &token).await {
-            // The token itself was refused: exactly `535 5.7.3` (Microsoft)
-            // or `535 5.7.8` (Gmail). Not 5.7.30-5.7.39 (e.g. basic auth
-            // refused) or 5.7.139 (SMTP AUTH disabled): a new token cannot help.
-            let token_refused = |e: Option<Enhanced>| {
-                matches!(
-                    e,
-                    Some(Enhanced {
-                        class: 5,
-                        subject: 7,
-                        detail: 3 | 8
-                    })
-                )
-            };
-            let retry = failure.verdict == Verdict::Temporary
-                && Reply::from_lines(std::slice::from_ref(&failure.reply))
-                    .is_some_and(|r| r.code == 535 && token_refused(r.enhanced));
-            if !retry {
+            if failure.reason != Reason::TokenRejected {
                 return Err(failure);
             }
             tracing::info!(reply = %failure.reply, "upstream refused the access token; fetching a new one");
             let fresh = tokens.refresh_rejected(&token).await.map_err(|e| {
-                Failure::temporary(format!("{} (and no new token: {e})", failure.reply))
+                Outcome::new(
+                    Reason::NoToken,
+                    failure
+                        .reply
+                        .with_text(format!("{} (and no new token: {e})", failure.reply)),
+                )
             })?;
             authenticate(&mut client, &capabilities, mailbox, &fresh)
                 .await
-                .map_err(|f| Failure {
-                    reply: format!("{} (also with a newly issued token)", f.reply),
+                .map_err(|f| Outcome {
+                    reply: f
+                        .reply
+                        .with_text(format!("{} (also with a newly issued token)", f.reply)),
                     ..f
                 })?;
         }
@@ -189,15 +172,15 @@ impl Session {
 
     /// Runs one mail transaction: MAIL, RCPT for each recipient, DATA.
     /// Returns each recipient's outcome, in the order given.
-    pub async fn transaction(
+    pub(crate) async fn transaction(
         &mut self,
         sender: &str,
         recipients: &[String],
         body: &[u8],
-    ) -> Result<Vec<RcptOutcome>, Broken> {
+    ) -> Result<Vec<Outcome>, Broken> {
         let broken = |before_data: bool| {
             move |reason: String| Broken {
-                reason,
+                outcome: lost(&reason),
                 before_data,
             }
         };
@@ -212,15 +195,12 @@ impl Session {
             .ok_or_else(|| broken(true)("no reply".into()))?;
         if !mail.is_positive() {
             self.reset().await;
-            let failure = Failure::from_reply(mail);
-            return Ok(recipients
-                .iter()
-                .map(|_| RcptOutcome::Failed(failure.clone()))
-                .collect());
+            let failure = outcome(mail.clone());
+            return Ok(recipients.iter().map(|_| failure.clone()).collect());
         }
-        let mut outcomes: Vec<Option<RcptOutcome>> = rcpts
+        let mut outcomes: Vec<Option<Outcome>> = rcpts
             .iter()
-            .map(|r| (!r.is_positive()).then(|| RcptOutcome::Failed(Failure::from_reply(r))))
+            .map(|r| (!r.is_positive()).then(|| outcome(r.clone())))
             .collect();
         if outcomes.iter().all(Option::is_some) {
             self.reset().await;
@@ -240,11 +220,7 @@ impl Session {
             }
             None => return Err(broken(true)("no reply to DATA".into())),
         };
-        let accepted = if final_reply.is_positive() {
-            RcptOutcome::Delivered(final_reply.text.clone())
-        } else {
-            RcptOutcome::Failed(Failure::from_reply(&final_reply))
-        };
+        let accepted = outcome(final_reply);
         self.transactions += 1;
         for slot in outcomes.iter_mut().filter(|o| o.is_none()) {
             *slot = Some(accepted.clone());
@@ -253,7 +229,7 @@ impl Session {
     }
 
     /// Ends the session politely; errors do not matter any more.
-    pub async fn quit(mut self) {
+    pub(crate) async fn quit(mut self) {
         let _ =
             tokio::time::timeout(Duration::from_secs(5), self.exchange(&["QUIT".to_owned()])).await;
     }
@@ -354,19 +330,20 @@ pub(crate) async fn authenticate(
     capabilities: &EhloResponse<String>,
     mailbox: &str,
     token: &AccessToken,
-) -> Result<(), Failure> {
+) -> Result<(), Outcome> {
     // XOAUTH2 by hand rather than with mail-send's `authenticate`: on a bad
     // token Gmail answers `334 <base64 JSON error>` and expects an empty
     // line before its `535`, where mail-send would send the credentials
     // again. Exchange Online answers `535` at once.
     if capabilities.auth_mechanisms & smtp_proto::AUTH_XOAUTH2 == 0 {
-        return Err(Failure::temporary(
-            "the upstream does not offer AUTH XOAUTH2 after TLS".into(),
+        return Err(local(
+            Reason::AuthFailed,
+            454,
+            Enhanced::new(4, 7, 0),
+            "the upstream does not offer AUTH XOAUTH2 after TLS",
         ));
     }
-    let failed = |e: mail_send::Error| {
-        Failure::temporary(format!("authentication failed: {}", describe(&e)))
-    };
+    let failed = |e: mail_send::Error| lost(&format!("authentication failed: {}", describe(&e)));
     let credentials = Credentials::new_xoauth2(mailbox, token.secret().expose());
     let initial = credentials
         .encode(smtp_proto::AUTH_XOAUTH2, "")
@@ -388,11 +365,37 @@ pub(crate) async fn authenticate(
     } else {
         format!("{} {class}.{subject}.{detail} {}", r.code, r.message)
     };
-    let reply = Reply::from_lines(&[line.replace(['\r', '\n'], " ")])
-        .unwrap_or_else(|| Reply::local(535, "5.7.3", "Authentication unsuccessful"));
-    // An authentication refusal is a setup problem to fix, never a
-    // reason to bounce the mail.
-    Err(Failure::temporary(reply.text))
+    let reply = Reply::parse(&line.replace(['\r', '\n'], " ")).unwrap_or_else(|| {
+        Reply::local(535, Enhanced::new(5, 7, 3), "Authentication unsuccessful")
+    });
+    Err(Outcome::new(classify_auth(&reply), reply))
+}
+
+impl Upstream {
+    /// Why a connection could not be made: which step failed (name
+    /// resolution, TCP, TLS) and mail-send's account of it.
+    async fn unreachable(&self, e: &mail_send::Error) -> Outcome {
+        let address = self.address();
+        let (network, enhanced) = match e {
+            mail_send::Error::Tls(_)
+            | mail_send::Error::MissingStartTls
+            | mail_send::Error::InvalidTLSName => (Network::Tls, Enhanced::new(4, 7, 5)),
+            mail_send::Error::Io(_)
+                if tokio::net::lookup_host((self.host.as_str(), self.port))
+                    .await
+                    .is_err() =>
+            {
+                (Network::Dns, Enhanced::new(4, 4, 3))
+            }
+            _ => (Network::Connect, Enhanced::new(4, 4, 1)),
+        };
+        local(
+            Reason::Network(network),
+            451,
+            enhanced,
+            &format!("cannot connect to {address}: {}", describe(e)),
+        )
+    }
 }
 
 /// mail-send's messages, with the one that matters for security spelled out.

@@ -1,17 +1,14 @@
 //! Delivery workers: pull due messages of one account, deliver them over a
-//! reused connection, and record each recipient's outcome in the queue.
+//! reused session of a [`Transport`], and record each recipient's outcome
+//! in the queue. Pacing, the cap on sessions per mailbox, the passthrough
+//! rule and recording are the same whatever the transport.
 
-use crate::{
-    classify::{reason_class, throttle, Throttle},
-    pace::{Limits, Pacer},
-    session::{Broken, Failure, RcptOutcome, Session},
-    Upstream, Verdict,
-};
-use crate::{dsn, rewrite::rewrite_from};
-use relay_queue::{
-    Disposition, Lease, NewMessage, Outcome, Queue, QueueId, RecipientResult, RecipientState,
-};
+use crate::transport::{Broken, Message, SlowDown, Transport, Unopened};
+use crate::{classify::hint, dsn, pace::Limits, pace::Pacer, rewrite::rewrite_from};
+use relay_outcome::{Enhanced, Outcome, Reason, Reply, Verdict};
+use relay_queue::{Disposition, Lease, NewMessage, Queue, RecipientResult, Recorded};
 use relay_tokens::TokenManager;
+use std::path::PathBuf;
 use std::{sync::Arc, time::Duration};
 use tokio::{task::JoinSet, time::Instant};
 use tokio_util::sync::CancellationToken;
@@ -21,7 +18,8 @@ use tracing::Instrument;
 /// the next message; past this it waits for the oldest.
 const MAX_RECORDING: usize = 64;
 
-/// A worker kept from connecting (after a `432 4.3.2`) looks again this often.
+/// A worker kept from opening a session (after a `432 4.3.2`) looks again
+/// this often.
 const PARKED_RECHECK: Duration = Duration::from_secs(5);
 
 /// A mailbox the relay delivers as.
@@ -66,29 +64,46 @@ impl Account {
     }
 }
 
+/// What delivery needs from the rest of the relay besides the queue.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Where each account's record of recent sends is kept, so a restart
+    /// does not send in a burst; `None` keeps it in memory only.
+    pub pacing_dir: Option<PathBuf>,
+    /// The relay's name in failure notices.
+    pub hostname: String,
+}
+
 /// Starts `limits.max_connections` workers for each account, sharing the
 /// account's pace. They stop, after finishing the message in hand, when
 /// `shutdown` is cancelled.
-pub fn spawn(
+pub fn spawn<T: Transport>(
     queue: Queue,
-    upstream: Arc<Upstream>,
+    transport: Arc<T>,
     accounts: Vec<Account>,
+    settings: Settings,
     shutdown: CancellationToken,
 ) -> JoinSet<()> {
     let mut set = JoinSet::new();
-    let pacing_dir = queue.settings().dir.join("pacing");
-    if let Err(e) = std::fs::create_dir_all(&pacing_dir) {
-        tracing::warn!(dir = %pacing_dir.display(), error = %e, "cannot keep the pacing record; a restart may send in a burst");
+    if let Some(dir) = &settings.pacing_dir {
+        if let Err(e) = std::fs::create_dir_all(dir) {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot keep the pacing record; a restart may send in a burst");
+        }
     }
+    let hostname: Arc<str> = settings.hostname.into();
     for account in accounts.into_iter().map(Arc::new) {
-        let file = pacing_dir.join(format!("{}.json", account.name));
-        let pacer = Arc::new(Pacer::new(account.limits, Some(file)));
+        let file = settings
+            .pacing_dir
+            .as_ref()
+            .map(|dir| dir.join(format!("{}.json", account.name)));
+        let pacer = Arc::new(Pacer::new(account.limits, file));
         for n in 0..account.limits.max_connections {
             let worker = Worker {
                 queue: queue.clone(),
-                upstream: upstream.clone(),
+                transport: transport.clone(),
                 account: account.clone(),
                 pacer: pacer.clone(),
+                hostname: hostname.clone(),
                 n,
             };
             let span = tracing::info_span!("worker", account = %account.name, n);
@@ -98,168 +113,101 @@ pub fn spawn(
     set
 }
 
-struct Worker {
+struct Worker<T: Transport> {
     queue: Queue,
-    upstream: Arc<Upstream>,
+    transport: Arc<T>,
     account: Arc<Account>,
     pacer: Arc<Pacer>,
+    hostname: Arc<str>,
     /// This worker's place among the account's; those past the allowed
-    /// connection count stay idle.
+    /// session count stay idle.
     n: usize,
 }
 
-impl Worker {
+/// One attempt, as handed to recording.
+struct Attempt {
+    lease: Lease,
+    results: Vec<RecipientResult>,
+    /// The message as delivered (for a failure notice).
+    body: Arc<Vec<u8>>,
+    started: Instant,
+}
+
+impl<T: Transport> Worker<T> {
     async fn run(self: Arc<Self>, shutdown: CancellationToken) {
-        let mut session: Option<Session> = None;
+        let mut session: Option<T::Session> = None;
         let mut recording = JoinSet::new();
         loop {
             if self.n >= self.pacer.connections() {
                 if let Some(open) = session.take() {
-                    open.quit().await;
+                    self.transport.close(open).await;
                 }
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = tokio::time::sleep(PARKED_RECHECK) => continue,
                 }
             }
-            let idle = session.as_ref().map(|_| self.upstream.idle_timeout());
+            let idle = session.as_ref().map(|_| self.transport.idle_timeout());
             let lease = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 lease = self.queue.next_due(&self.account.name, idle) => lease,
             };
             let Some(lease) = lease else {
                 if let Some(idle_session) = session.take() {
-                    idle_session.quit().await;
+                    self.transport.close(idle_session).await;
                 }
                 continue;
             };
             if !self.pacer.admit(lease.recipients.len(), &shutdown).await {
                 break; // shutting down: the dropped lease leaves the message queued
             }
+            // The wait for the pacing slot may have been long enough for an
+            // administrator to delete the message.
+            if !self.queue.begin(&lease) {
+                tracing::info!(queue_id = %lease.id, "deleted while waiting for its turn; not sent");
+                continue;
+            }
             let span = tracing::info_span!("delivery", queue_id = %lease.id);
-            let results = self.deliver(&mut session, &lease).instrument(span).await;
-            self.slow_down_if_asked(&results, &mut session);
-            // Committing the outcome costs a disk sync; the connection
-            // carries the next message meanwhile. The message stays leased
-            // until its outcome is committed, so it cannot go out twice.
+            let started = Instant::now();
+            let attempt = self
+                .attempt(&mut session, lease, started)
+                .instrument(span)
+                .await;
+            // Committing the outcome costs a disk sync; the session carries
+            // the next message meanwhile. The message stays leased until its
+            // outcome is committed, so it cannot go out twice.
             while recording.try_join_next().is_some() {}
             if recording.len() >= MAX_RECORDING {
                 recording.join_next().await;
             }
-            recording.spawn(self.clone().record(lease, results).in_current_span());
+            recording.spawn(self.clone().record(attempt).in_current_span());
         }
         while recording.join_next().await.is_some() {}
         if let Some(open) = session {
-            open.quit().await;
+            self.transport.close(open).await;
         }
     }
 
-    /// Records an attempt's outcome in the queue, counts it, and tells the
-    /// sender if the message failed.
-    async fn record(self: Arc<Self>, lease: Lease, results: Vec<RecipientResult>) {
-        let (id, sender) = (lease.id.clone(), lease.sender.clone());
-        let notify = self.account.bounce && !lease.passthrough;
-        let reason = results.iter().rev().find_map(|r| match &r.outcome {
-            Outcome::Delivered { .. } => None,
-            Outcome::Temporary { reply } | Outcome::Permanent { reply } => {
-                Some(reason_class(reply))
-            }
-        });
-        let recorded = self.queue.record(lease, results).await;
-        if let Ok(disposition) = &recorded {
-            let outcome = match disposition {
-                Disposition::Removed => "delivered",
-                Disposition::Deferred { .. } => "deferred",
-                Disposition::Failed => "failed",
-            };
-            metrics::counter!(
-                "smtp_relay_messages_total",
-                "outcome" => outcome,
-                "reason" => reason.unwrap_or("none")
-            )
-            .increment(1);
-        }
-        match recorded {
-            Ok(Disposition::Failed) if notify => self.bounce(&id, &sender).await,
-            Ok(_) => {}
-            Err(e) => {
-                tracing::error!(queue_id = %id, error = %e, "cannot record the delivery outcome")
-            }
-        }
-    }
-
-    /// Lets the pacer know when the upstream says the mailbox sends too much.
-    fn slow_down_if_asked(&self, results: &[RecipientResult], session: &mut Option<Session>) {
-        let asked = results.iter().find_map(|r| match &r.outcome {
-            Outcome::Temporary { reply } | Outcome::Permanent { reply } => throttle(reply),
-            Outcome::Delivered { .. } => None,
-        });
-        match asked {
-            Some(Throttle::Connections) => {
-                self.pacer.too_many_connections();
-                *session = None; // the server will not serve this connection
-            }
-            Some(Throttle::Quota) => self.pacer.quota_exceeded(),
-            None => {}
-        }
-    }
-
-    /// Tells the sender of failed message `id` which recipients failed and
-    /// why, by queueing a delivery status notification.
-    async fn bounce(&self, id: &QueueId, sender: &str) {
-        let dir = self.queue.settings().dir.clone();
-        let Ok((entry, _)) = relay_queue::show(&dir, id) else {
-            return;
-        };
-        let Ok(original) = tokio::fs::read(dir.join("body").join(id.as_str())).await else {
-            return;
-        };
-        if !dsn::may_bounce(sender, &original) {
-            return;
-        }
-        let failed: Vec<dsn::Failed<'_>> = entry
-            .recipient_status
-            .iter()
-            .filter(|r| r.status == RecipientState::Failed)
-            .map(|r| dsn::Failed {
-                recipient: &r.address,
-                reply: r.reply.as_deref().unwrap_or("failed"),
-            })
-            .collect();
-        let report = dsn::notification(
-            &self.account.mailbox,
-            self.upstream.helo(),
-            sender,
-            &original,
-            &failed,
-            std::time::SystemTime::now(),
-        );
-        let notice = NewMessage {
-            sender: self.account.mailbox.clone(),
-            recipients: vec![sender.to_owned()],
-            account: self.account.name.clone(),
-            client: None,
-        };
-        match self.queue.enqueue(notice, &report).await {
-            Ok(dsn_id) => {
-                tracing::info!(queue_id = %id, notification = %dsn_id, to = %sender, "queued a delivery status notification")
-            }
-            Err(e) => {
-                tracing::error!(queue_id = %id, error = %e, "cannot queue a delivery status notification")
-            }
-        }
-    }
-
-    async fn deliver(&self, slot: &mut Option<Session>, lease: &Lease) -> Vec<RecipientResult> {
-        let started = Instant::now();
-        let body = match self.queue.read_body(lease).await {
+    /// Reads the message, delivers it and says per recipient what happened.
+    async fn attempt(
+        &self,
+        slot: &mut Option<T::Session>,
+        lease: Lease,
+        started: Instant,
+    ) -> Attempt {
+        let body = match self.queue.read_body(&lease).await {
             Ok(body) => body,
             Err(e) => {
-                return self.all(
-                    lease,
-                    &Failure::temporary(format!("cannot read the queued message: {e}")),
-                    started,
-                )
+                let failure = Outcome::new(
+                    Reason::Local,
+                    Reply::local(
+                        451,
+                        Enhanced::new(4, 3, 0),
+                        &format!("cannot read the queued message: {e}"),
+                    ),
+                );
+                let outcomes = vec![failure; lease.recipients.len()];
+                return self.finish(lease, outcomes, Arc::new(Vec::new()), started);
             }
         };
         let (sender, body) = if self.account.rewrite_from {
@@ -271,113 +219,310 @@ impl Worker {
         } else {
             (lease.sender.clone(), body)
         };
-        // A pooled connection may have been closed while idle; if it breaks
-        // before the message went out, one fresh connection tries again.
+        let message = Message {
+            queue_id: &lease.id,
+            sender: &sender,
+            recipients: &lease.recipients,
+            body: &body,
+        };
+        let outcomes = self.deliver(slot, message, started).await;
+        self.finish(lease, outcomes, Arc::new(body), started)
+    }
+
+    /// Delivers over the open session, opening one if needed. A pooled
+    /// session may have been closed while idle; if it breaks before the
+    /// message was handed over, one fresh session tries again.
+    async fn deliver(
+        &self,
+        slot: &mut Option<T::Session>,
+        message: Message<'_>,
+        started: Instant,
+    ) -> Vec<Outcome> {
+        let every = |outcome: Outcome| vec![outcome; message.recipients.len()];
         for fresh_try in [false, true] {
-            if slot.is_none() {
-                match Session::open(&self.upstream, &self.account.mailbox, &self.account.tokens)
-                    .await
-                {
-                    Ok(session) => *slot = Some(session),
-                    Err(failure) => return self.all(lease, &failure, started),
-                }
-            }
-            let Some(session) = slot.as_mut() else { break };
-            let reused = session.transactions > 0;
-            match session.transaction(&sender, &lease.recipients, &body).await {
-                Ok(outcomes) => {
+            let session = match slot {
+                Some(session) => session,
+                None => match self.transport.open(&self.account).await {
+                    Ok(session) => slot.insert(session),
+                    Err(Unopened { outcome, slow_down }) => {
+                        self.slow_down(slow_down, slot).await;
+                        return every(outcome);
+                    }
+                },
+            };
+            let reused = T::reused(session);
+            match self.transport.deliver(session, message).await {
+                Ok(delivered) => {
                     metrics::histogram!("smtp_relay_upstream_duration_seconds")
                         .record(started.elapsed().as_secs_f64());
-                    return self.results(lease, outcomes, started);
+                    self.slow_down(delivered.slow_down, slot).await;
+                    return delivered.outcomes;
                 }
                 Err(Broken {
-                    reason,
-                    before_data,
+                    outcome,
+                    retry_fresh,
                 }) => {
                     *slot = None;
-                    if !(reused && before_data) || fresh_try {
-                        return self.all(lease, &Failure::temporary(reason), started);
+                    if !(reused && retry_fresh) || fresh_try {
+                        return every(outcome);
                     }
-                    tracing::debug!(%reason, "pooled connection was dead; reconnecting");
+                    tracing::debug!(reply = %outcome.reply, "pooled session was dead; opening a new one");
                 }
             }
         }
-        self.all(lease, &Failure::temporary("no connection".into()), started)
+        // the fresh try returns above; this only satisfies the loop's type
+        every(Outcome::new(
+            Reason::Network(relay_outcome::Network::Lost),
+            Reply::local(451, Enhanced::new(4, 4, 2), "no session to the upstream"),
+        ))
     }
 
-    fn all(&self, lease: &Lease, failure: &Failure, started: Instant) -> Vec<RecipientResult> {
-        let outcomes = lease
+    /// Lets the pacer know when the upstream says the mailbox sends too much.
+    async fn slow_down(&self, asked: Option<SlowDown>, slot: &mut Option<T::Session>) {
+        match asked {
+            Some(SlowDown::FewerSessions) => {
+                self.pacer.too_many_connections();
+                // the upstream will not serve this session
+                if let Some(refused) = slot.take() {
+                    self.transport.close(refused).await;
+                }
+            }
+            Some(SlowDown::Pause(pause)) => self.pacer.pause(pause),
+            None => {}
+        }
+    }
+
+    /// Pairs the outcomes with their recipients.
+    fn finish(
+        &self,
+        lease: Lease,
+        outcomes: Vec<Outcome>,
+        body: Arc<Vec<u8>>,
+        started: Instant,
+    ) -> Attempt {
+        let results = lease
             .recipients
             .iter()
-            .map(|_| RcptOutcome::Failed(failure.clone()))
+            .cloned()
+            .zip(outcomes)
+            .map(|(recipient, outcome)| RecipientResult { recipient, outcome })
             .collect();
-        self.results(lease, outcomes, started)
+        Attempt {
+            lease,
+            results,
+            body,
+            started,
+        }
     }
 
-    /// Logs the attempt (one line per distinct reply) and turns it into queue results.
-    fn results(
-        &self,
-        lease: &Lease,
-        outcomes: Vec<RcptOutcome>,
-        started: Instant,
-    ) -> Vec<RecipientResult> {
-        let took = started.elapsed();
-        let mut logged: Vec<String> = Vec::new();
-        let mut results = Vec::with_capacity(outcomes.len());
-        for (recipient, outcome) in lease.recipients.iter().zip(outcomes) {
-            let (reply, outcome) = match outcome {
-                RcptOutcome::Delivered(reply) => (reply.clone(), Outcome::Delivered { reply }),
-                RcptOutcome::Failed(Failure {
-                    verdict: Verdict::Temporary,
-                    reply,
-                    ..
-                }) => (reply.clone(), Outcome::Temporary { reply }),
-                RcptOutcome::Failed(Failure { reply, .. }) => {
-                    (reply.clone(), Outcome::Permanent { reply })
+    /// Records an attempt's outcome in the queue, logs and counts it, and
+    /// tells the sender if the message failed.
+    async fn record(self: Arc<Self>, attempt: Attempt) {
+        let Attempt {
+            lease,
+            results,
+            body,
+            started,
+        } = attempt;
+        let log = LogContext {
+            queue_id: lease.id.to_string(),
+            message_id: message_id(&body),
+            from: lease.sender.clone(),
+            attempt: lease.attempts + 1,
+            received_at: lease.received_at,
+            took: started.elapsed(),
+        };
+        let notify = self.account.bounce && !lease.passthrough;
+        let sender = lease.sender.clone();
+        // A passthrough client has its answer now; the message is not
+        // tried again behind its back.
+        let recorded = if lease.passthrough {
+            self.queue
+                .record_final(lease, results.clone(), PASSTHROUGH_NOTE)
+                .await
+        } else {
+            self.queue.record(lease, results.clone()).await
+        };
+        let recorded = match recorded {
+            Ok(recorded) => recorded,
+            Err(e) => {
+                tracing::error!(queue_id = %log.queue_id, error = %e, "cannot record the delivery outcome");
+                for r in &results {
+                    self.log(&log, r, status_of(&r.outcome, None));
                 }
-            };
-            if !logged.contains(&reply) {
-                self.log(lease, &outcome, took);
-                logged.push(reply);
+                return;
             }
-            results.push(RecipientResult {
-                recipient: recipient.clone(),
-                outcome,
-            });
+        };
+        for r in &recorded.results {
+            self.log(&log, r, status_of(&r.outcome, Some(&recorded)));
         }
-        results
+        let outcome = match recorded.disposition {
+            Disposition::Removed => "delivered",
+            Disposition::Deferred { .. } => "deferred",
+            Disposition::Failed => "failed",
+        };
+        let reason = recorded
+            .results
+            .iter()
+            .rev()
+            .find(|r| !r.outcome.is_delivered())
+            .map_or("none", |r| r.outcome.label());
+        metrics::counter!(
+            "smtp_relay_messages_total",
+            "outcome" => outcome,
+            "reason" => reason
+        )
+        .increment(1);
+        if recorded.disposition == Disposition::Failed && notify {
+            self.bounce(&log.queue_id, &sender, &body, &recorded.failed)
+                .await;
+        }
     }
 
-    /// One structured line per attempt and reply: queue id, mailbox, reply
-    /// code and enhanced status, duration, and a hint for known problems.
-    fn log(&self, lease: &Lease, outcome: &Outcome, took: Duration) {
-        let mailbox = &self.account.mailbox;
-        let reply = outcome.reply();
-        let parsed = crate::Reply::from_lines(&[reply.to_owned()]);
-        let code = parsed.as_ref().map(|r| r.code).unwrap_or_default();
-        let enhanced = parsed
-            .as_ref()
-            .and_then(|r| r.enhanced)
-            .map(|e| format!("{}.{}.{}", e.class, e.subject, e.detail))
+    /// One line per recipient, Postfix-style, so "did bob@ get it?" is
+    /// answered by the log after the message left the queue.
+    fn log(&self, ctx: &LogContext, result: &RecipientResult, status: &'static str) {
+        let outcome = &result.outcome;
+        let delay = std::time::SystemTime::now()
+            .duration_since(ctx.received_at)
             .unwrap_or_default();
-        let hint = parsed
-            .as_ref()
-            .and_then(|r| crate::classify(r).1)
-            .unwrap_or("");
-        let attempt = lease.attempts + 1;
-        match outcome {
-            Outcome::Delivered { .. } => tracing::info!(
-                queue_id = %lease.id, %mailbox, sender = %lease.sender, recipients = lease.recipients.len(),
-                code, enhanced, reply, attempt, ?took, "delivered"
-            ),
-            Outcome::Temporary { .. } => tracing::warn!(
-                queue_id = %lease.id, %mailbox, code, enhanced, reply, attempt, hint, ?took,
-                "delivery deferred"
-            ),
-            Outcome::Permanent { .. } => tracing::error!(
-                queue_id = %lease.id, %mailbox, code, enhanced, reply, attempt, hint, ?took,
-                "delivery failed permanently"
-            ),
+        macro_rules! line {
+            ($level:ident) => {
+                tracing::$level!(
+                    queue_id = %ctx.queue_id,
+                    message_id = ctx.message_id.as_deref().map(display),
+                    from = %ctx.from,
+                    to = %result.recipient,
+                    status = %status,
+                    reason = %outcome.reason,
+                    mailbox = %self.account.mailbox,
+                    relay = %self.transport.relay(),
+                    delay = format_args!("{:.1}s", delay.as_secs_f64()),
+                    took = format_args!("{:.2}s", ctx.took.as_secs_f64()),
+                    attempt = ctx.attempt,
+                    code = outcome.reply.code,
+                    enhanced = outcome.reply.enhanced.map(display),
+                    reply = %outcome.reply,
+                    hint = hint(outcome).map(display),
+                    "{}",
+                    if status == "sent" { "delivered" } else { status }
+                )
+            };
         }
+        match status {
+            "sent" => line!(info),
+            "deferred" => line!(warn),
+            _ => line!(error),
+        }
+    }
+
+    /// Tells the sender of failed message `queue_id` which recipients
+    /// failed and why, by queueing a delivery status notification.
+    async fn bounce(
+        &self,
+        queue_id: &str,
+        sender: &str,
+        original: &[u8],
+        failed: &[RecipientResult],
+    ) {
+        if !dsn::may_bounce(sender, original) {
+            return;
+        }
+        let failed: Vec<dsn::Failed<'_>> = failed
+            .iter()
+            .map(|r| dsn::Failed {
+                recipient: &r.recipient,
+                reply: &r.outcome.reply,
+            })
+            .collect();
+        let report = dsn::notification(
+            &self.account.mailbox,
+            &self.hostname,
+            sender,
+            original,
+            &failed,
+            std::time::SystemTime::now(),
+        );
+        let notice = NewMessage {
+            sender: self.account.mailbox.clone(),
+            recipients: vec![sender.to_owned()],
+            account: self.account.name.clone(),
+            client: None,
+        };
+        match self.queue.enqueue_owned(notice, report).await {
+            Ok(dsn_id) => {
+                tracing::info!(queue_id = %queue_id, notification = %dsn_id, to = %sender, "queued a delivery status notification")
+            }
+            Err(e) => {
+                tracing::error!(queue_id = %queue_id, error = %e, "cannot queue a delivery status notification")
+            }
+        }
+    }
+}
+
+/// What every log line of one attempt shares.
+struct LogContext {
+    queue_id: String,
+    message_id: Option<String>,
+    from: String,
+    attempt: u32,
+    received_at: std::time::SystemTime,
+    took: Duration,
+}
+
+/// Added to the reply of a passthrough recipient that was not delivered.
+const PASSTHROUGH_NOTE: &str = "passthrough: returned to the client, not retried";
+
+/// Postfix's word for what became of a recipient.
+fn status_of(outcome: &Outcome, recorded: Option<&Recorded>) -> &'static str {
+    if outcome.reason == Reason::Expired {
+        return "expired";
+    }
+    match outcome.verdict() {
+        Verdict::Delivered => "sent",
+        Verdict::Temporary => match recorded.map(|r| r.disposition) {
+            Some(Disposition::Failed) => "bounced",
+            _ => "deferred",
+        },
+        Verdict::Permanent => "bounced",
+    }
+}
+
+/// The message's `Message-ID` header, if it has one.
+fn message_id(body: &[u8]) -> Option<String> {
+    let end = body
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(body.len());
+    let head = String::from_utf8_lossy(&body[..end]);
+    let mut lines = head.split("\r\n").peekable();
+    while let Some(line) = lines.next() {
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
+        if !name.eq_ignore_ascii_case("message-id") {
+            continue;
+        }
+        let mut value = value.trim().to_owned();
+        while let Some(folded) = lines.next_if(|l| l.starts_with([' ', '\t'])) {
+            value.push_str(folded.trim());
+        }
+        return (!value.is_empty()).then_some(value);
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::message_id;
+
+    #[test]
+    fn finds_the_message_id() {
+        assert_eq!(
+            message_id(b"Subject: x\r\nMessage-ID:\r\n <a@b>\r\n\r\nMessage-ID: <no>\r\n")
+                .as_deref(),
+            Some("<a@b>")
+        );
+        assert_eq!(message_id(b"Subject: x\r\n\r\n"), None);
     }
 }

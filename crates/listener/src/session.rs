@@ -15,7 +15,7 @@ use crate::{
     Router,
 };
 use relay_config::{ListenerAuth, ListenerConfig, Mode};
-use relay_queue::{NewMessage, Outcome, Queue, QueueId, RecipientResult};
+use relay_queue::{NewMessage, Queue, QueueId, RecipientResult};
 use smtp_proto::{Error as ParseError, Request, AUTH_LOGIN, AUTH_PLAIN};
 use std::{borrow::Cow, net::SocketAddr, sync::Arc, time::Duration};
 use tokio::{
@@ -728,36 +728,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 }
 
-/// The reply a passthrough client gets: the upstream's own when it has a
-/// code, worded like one when the failure was local (no connection, no token).
+/// The reply a passthrough client gets: the upstream's own (a failure the
+/// relay found itself is worded like one).
 fn passthrough_reply(id: &QueueId, results: &[RecipientResult]) -> String {
-    let delivered = results
-        .iter()
-        .filter(|r| matches!(r.outcome, Outcome::Delivered { .. }))
-        .count();
-    let with_code = |reply: &str, fallback: &str| {
-        let code_ok = reply.len() > 4
-            && reply.as_bytes()[..3].iter().all(u8::is_ascii_digit)
-            && reply.as_bytes()[3] == b' ';
-        if code_ok {
-            reply.to_owned()
-        } else {
-            format!("{fallback} {reply}")
-        }
-    };
-    match results.iter().find(|r| !matches!(r.outcome, Outcome::Delivered { .. })) {
+    let delivered = results.iter().filter(|r| r.outcome.is_delivered()).count();
+    match results.iter().find(|r| !r.outcome.is_delivered()) {
         None => match results.first() {
-            Some(r) if r.outcome.reply().starts_with('2') => with_code(r.outcome.reply(), "250 2.0.0"),
-            _ => format!("250 2.0.0 Ok: delivered as {id}"),
+            Some(r) => r.outcome.reply.text.clone(),
+            None => format!("250 2.0.0 Ok: delivered as {id}"),
         },
         Some(_) if delivered > 0 => format!(
             "250 2.0.0 Ok: delivered to {delivered} of {} recipients; the others failed, see queue entry {id}",
             results.len()
         ),
-        Some(failed) => match &failed.outcome {
-            Outcome::Permanent { reply } => with_code(reply, "554 5.0.0"),
-            other => with_code(other.reply(), "451 4.4.1"),
-        },
+        Some(failed) => failed.outcome.reply.text.clone(),
     }
 }
 

@@ -27,18 +27,44 @@ pub enum Request {
     Delete(Selection),
 }
 
+/// What a request did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Applied {
+    /// The messages it applied to (for a deletion: those removed before
+    /// anything of them was sent).
+    pub ids: Vec<QueueId>,
+    /// What else the administrator should know, one line each (a message
+    /// that was being delivered when deleted, and how that ended).
+    #[serde(default)]
+    pub notes: Vec<String>,
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 struct Answer {
-    ids: Vec<QueueId>,
+    #[serde(flatten)]
+    applied: Applied,
     error: Option<String>,
 }
 
 impl Queue {
     /// Applies `request` to this queue.
-    pub async fn apply(&self, request: Request) -> Result<Vec<QueueId>, QueueError> {
+    pub async fn apply(&self, request: Request) -> Result<Applied, QueueError> {
         match request {
-            Request::Retry(which) => self.retry(which).await,
-            Request::Delete(which) => self.delete(which).await,
+            Request::Retry(which) => Ok(Applied {
+                ids: self.retry(which).await?,
+                notes: Vec::new(),
+            }),
+            Request::Delete(which) => {
+                let deletion = self.delete(which).await?;
+                Ok(Applied {
+                    ids: deletion.deleted,
+                    notes: deletion
+                        .in_flight
+                        .into_iter()
+                        .map(|(id, how)| format!("{id} was being delivered: {how}"))
+                        .collect(),
+                })
+            }
         }
     }
 
@@ -70,15 +96,18 @@ impl Queue {
             Ok(Ok(request)) => {
                 tracing::info!(?request, "admin request");
                 match self.apply(request).await {
-                    Ok(ids) => Answer { ids, error: None },
+                    Ok(applied) => Answer {
+                        applied,
+                        error: None,
+                    },
                     Err(e) => Answer {
-                        ids: Vec::new(),
+                        applied: Applied::default(),
                         error: Some(e.to_string()),
                     },
                 }
             }
             Ok(Err(e)) => Answer {
-                ids: Vec::new(),
+                applied: Applied::default(),
                 error: Some(format!("unreadable request: {e}")),
             },
             Err(_) => return, // taken back by its sender
@@ -96,8 +125,8 @@ impl Queue {
 }
 
 /// Applies `request` to the queue in `settings.dir`: directly when no relay
-/// runs, otherwise through the running relay. Returns the ids affected.
-pub async fn submit(settings: QueueSettings, request: Request) -> Result<Vec<QueueId>, QueueError> {
+/// runs, otherwise through the running relay.
+pub async fn submit(settings: QueueSettings, request: Request) -> Result<Applied, QueueError> {
     let dir = settings.dir.clone();
     match Queue::open(settings).await {
         Ok(queue) => queue.apply(request).await,
@@ -106,7 +135,7 @@ pub async fn submit(settings: QueueSettings, request: Request) -> Result<Vec<Que
     }
 }
 
-async fn ask_running_relay(dir: &Path, request: &Request) -> Result<Vec<QueueId>, QueueError> {
+async fn ask_running_relay(dir: &Path, request: &Request) -> Result<Applied, QueueError> {
     let control = dir.join(crate::store::CONTROL_DIR);
     let name = format!("{}-{:016x}", std::process::id(), rand::random::<u64>());
     let tmp = control.join(format!("{name}.tmp"));
@@ -132,7 +161,7 @@ async fn ask_running_relay(dir: &Path, request: &Request) -> Result<Vec<QueueId>
         let answer: Answer = serde_json::from_slice(&data)
             .map_err(|e| QueueError::corrupt(&res, format!("unreadable answer: {e}")))?;
         return match answer.error {
-            None => Ok(answer.ids),
+            None => Ok(answer.applied),
             Some(error) => Err(QueueError::Invalid {
                 path: dir.to_owned(),
                 reason: format!("the running relay refused: {error}"),

@@ -3,10 +3,14 @@
 //! Data flows listener → queue → delivery. The listener calls
 //! [`Queue::enqueue`] and answers the SMTP client `250` only after it
 //! returns; delivery workers (one set per upstream account) take due
-//! messages with [`Queue::next_due`], try them, and report per-recipient
+//! messages with [`Queue::next_due`], say when they hand one to the
+//! upstream with [`Queue::begin`] (after waiting for their pacing slot; a
+//! message deleted meanwhile is not to be sent), and report per-recipient
 //! outcomes with [`Queue::record`]. The `queue list` command reads the
 //! directory from another process with [`list`]. The queue knows nothing
-//! about SMTP: replies are opaque strings kept for the administrator.
+//! about SMTP: a recipient's [`Outcome`] (reply and reason, decided by the
+//! transport) is kept as given; only its verdict (delivered, temporary,
+//! permanent) moves the message on.
 //!
 //! # On-disk layout
 //!
@@ -65,9 +69,13 @@
 //!   `max_age` passes — across crashes and restarts. A failed message stays
 //!   on disk (state `failed`) until an administrator deletes it.
 //! * May duplicate: a recipient is marked delivered only when `record`'s
-//!   update is committed. A crash (or an I/O error, or a dropped [`Lease`])
-//!   between the upstream accepting the message and that commit means the
-//!   attempt is repeated and those recipients receive the message twice.
+//!   update is committed. A crash (or a dropped [`Lease`], i.e. an attempt
+//!   that never reached `record`) between the upstream accepting the
+//!   message and that commit means the attempt is repeated and those
+//!   recipients receive the message twice. An update that cannot be
+//!   written (disk full) does not: the outcome is kept in memory and
+//!   written again with capped back-off, and the message is not handed out
+//!   until it is, so only a crash in that window repeats the attempt.
 //!   Likewise a client whose connection breaks after the commit but before
 //!   it reads the `250` will resend. This is the usual at-least-once
 //!   trade-off of SMTP.
@@ -79,7 +87,8 @@
 //! account's waiting workers on enqueue, release and deferral. A leased
 //! message is out of the set, so it is never handed out twice; dropping a
 //! [`Lease`] without recording puts it back (due after `retry_initial`), so a
-//! panicking worker cannot strand mail. Failed messages are not kept in
+//! panicking worker cannot strand mail. A message whose outcome is waiting
+//! to be written stays out of the set too. Failed messages are not kept in
 //! memory. All file I/O runs in `spawn_blocking`, and enqueue/record finish
 //! their disk and memory updates together in that task, so cancelling the
 //! calling future cannot leave the two out of step.
@@ -93,11 +102,12 @@ mod meta;
 mod queue;
 mod store;
 
-pub use control::{submit, Request};
+pub use control::{submit, Applied, Request};
 pub use error::QueueError;
 pub use id::{ParseQueueIdError, QueueId};
-pub use meta::{list, show, Entry, RecipientState, RecipientStatus, State};
+pub use meta::{check_writable, list, show, Entry, RecipientState, RecipientStatus, State};
 pub use queue::{
-    Census, Disposition, Lease, NewMessage, Outcome, Queue, QueueSettings, RecipientResult,
-    Selection, Tally,
+    Census, Deletion, Disposition, Lease, NewMessage, Queue, QueueSettings, RecipientResult,
+    Recorded, Selection, Tally,
 };
+pub use relay_outcome::Outcome;

@@ -4,6 +4,7 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use relay_outcome::{Outcome, Reason, Reply};
 use serde::{Deserialize, Serialize};
 
 use crate::{QueueError, QueueId};
@@ -53,8 +54,41 @@ pub struct RecipientStatus {
     pub address: String,
     /// Its delivery state.
     pub status: RecipientState,
-    /// The last reply the upstream gave for it (opaque text), if any.
+    /// The last reply the upstream gave for it (its full text), if any.
     pub reply: Option<String>,
+}
+
+/// A recipient as stored in `meta/ID.json`: the reply kept structured, with
+/// the reason it was given. Files written before the reason was stored
+/// hold the reply as bare text and no reason; they still load.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Recipient {
+    pub address: String,
+    pub status: RecipientState,
+    pub reply: Option<Reply>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<Reason>,
+}
+
+impl Recipient {
+    /// The last outcome recorded for it, if any.
+    pub(crate) fn outcome(&self) -> Option<Outcome> {
+        let reply = self.reply.clone()?;
+        let reason = self.reason.unwrap_or(match self.status {
+            RecipientState::Delivered => Reason::Delivered,
+            RecipientState::Failed => Reason::Refused,
+            RecipientState::Pending | RecipientState::Deferred => Reason::Deferred,
+        });
+        Some(Outcome::new(reason, reply))
+    }
+
+    fn to_status(&self) -> RecipientStatus {
+        RecipientStatus {
+            address: self.address.clone(),
+            status: self.status,
+            reply: self.reply.as_ref().map(|r| r.text.clone()),
+        }
+    }
 }
 
 /// The contents of `meta/ID.json`. Private: the on-disk format is an
@@ -75,9 +109,9 @@ pub(crate) struct Meta {
     pub next_attempt: Option<SystemTime>,
     pub last_error: Option<String>,
     pub size: u64,
-    pub recipients: Vec<RecipientStatus>,
-    /// Its client waits for the upstream's answer (passthrough mode): it
-    /// gets one attempt, and is never retried behind the client's back.
+    pub recipients: Vec<Recipient>,
+    /// Its client waits for the upstream's answer (passthrough mode);
+    /// delivery does not retry it behind the client's back.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub passthrough: bool,
 }
@@ -140,7 +174,7 @@ impl Meta {
             },
             last_error: self.last_error.clone(),
             size: self.size,
-            recipient_status: self.recipients.clone(),
+            recipient_status: self.recipients.iter().map(Recipient::to_status).collect(),
         }
     }
 }
@@ -224,6 +258,16 @@ pub fn show(dir: &Path, id: &QueueId) -> Result<(Entry, Vec<u8>), QueueError> {
         head.truncate(end + 2);
     }
     Ok((entry, head))
+}
+
+/// Whether the queue in `dir` can take new messages: creates and removes a
+/// file where the queue writes its temporary files. For a health probe,
+/// from any process.
+pub fn check_writable(dir: &Path) -> Result<(), QueueError> {
+    let probe = dir.join(crate::store::TMP_DIR).join(".writable-probe");
+    std::fs::write(&probe, b"")
+        .and_then(|()| std::fs::remove_file(&probe))
+        .map_err(|e| QueueError::io("writing into the queue", &probe, e))
 }
 
 /// The last instant humantime can format (9999-12-31T23:59:59Z).

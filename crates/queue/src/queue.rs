@@ -12,10 +12,16 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::id::IdGen;
-use crate::meta::{add_time, Meta, RecipientState, RecipientStatus, State, META_VERSION};
+use crate::meta::{add_time, Meta, Recipient, RecipientState, State, META_VERSION};
 use crate::store::{self, Layout, Op};
 use crate::{QueueError, QueueId};
+use relay_outcome::{Enhanced, Outcome, Reason, Reply, Verdict};
 use tokio::sync::oneshot;
+
+/// The first wait before an outcome that could not be written is written
+/// again; it doubles up to [`UNRECORDED_RETRY_MAX`].
+const UNRECORDED_RETRY: Duration = Duration::from_secs(1);
+const UNRECORDED_RETRY_MAX: Duration = Duration::from_secs(60);
 
 /// Settings of a [`Queue`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -53,38 +59,6 @@ pub struct RecipientResult {
     pub recipient: String,
     /// What happened.
     pub outcome: Outcome,
-}
-
-/// What happened to one recipient in a delivery attempt. The reply is opaque
-/// text (typically the upstream SMTP reply) kept for the admin.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    /// Accepted upstream; the recipient is done.
-    Delivered {
-        /// The upstream reply.
-        reply: String,
-    },
-    /// Refused for now; retry later (until `max_age`).
-    Temporary {
-        /// The upstream reply.
-        reply: String,
-    },
-    /// Refused for good; the recipient is failed.
-    Permanent {
-        /// The upstream reply.
-        reply: String,
-    },
-}
-
-impl Outcome {
-    /// The reply text, whatever the outcome.
-    pub fn reply(&self) -> &str {
-        match self {
-            Outcome::Delivered { reply }
-            | Outcome::Temporary { reply }
-            | Outcome::Permanent { reply } => reply,
-        }
-    }
 }
 
 /// Messages per state, as [`Queue::census`] counts them.
@@ -127,6 +101,20 @@ pub enum Disposition {
     /// Nothing left to try and at least one recipient failed; the message
     /// stays on disk as failed (visible in `queue list`) and is not retried.
     Failed,
+}
+
+/// What [`Queue::record`] committed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Recorded {
+    /// What became of the message.
+    pub disposition: Disposition,
+    /// The attempt's outcome per recipient as recorded: the results given,
+    /// and for each recipient the queue gave up on because the message
+    /// reached `max_age`, an outcome with [`Reason::Expired`].
+    pub results: Vec<RecipientResult>,
+    /// When the message failed: every failed recipient (of this attempt
+    /// and of earlier ones) with its last outcome, for a failure notice.
+    pub failed: Vec<RecipientResult>,
 }
 
 /// A message handed to a delivery worker by [`Queue::next_due`]. While a
@@ -183,7 +171,7 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         if let Some(inner) = self.queue.take().and_then(|w| w.upgrade()) {
-            tracing::debug!(id = %self.id, "lease dropped without a result; message released");
+            tracing::debug!(queue_id = %self.id, "lease dropped without a result; message released");
             inner.release(&self.id, inner.settings.retry_initial);
         }
     }
@@ -211,8 +199,8 @@ struct Inner {
 struct Schedule {
     messages: HashMap<QueueId, Slot>,
     accounts: HashMap<String, AccountSchedule>,
-    /// Passthrough clients waiting for their message's attempt.
-    waiters: HashMap<QueueId, oneshot::Sender<Vec<RecipientResult>>>,
+    /// Those waiting for a message's next recorded attempt ([`Queue::watch`]).
+    watchers: HashMap<QueueId, Vec<oneshot::Sender<Vec<RecipientResult>>>>,
     /// Failed messages (on disk only, never tried again) and when each was
     /// accepted, so [`Queue::census`] needs no disk access.
     failed: HashMap<QueueId, SystemTime>,
@@ -227,6 +215,12 @@ struct Slot {
     /// An administrator deleted it while it was leased: the attempt's end
     /// removes it instead of recording a result.
     deleted: bool,
+    /// Its last attempt's outcome is applied to `meta` but could not be
+    /// written yet; it stays out of the schedule until it is.
+    unrecorded: bool,
+    /// Leased and handed to the upstream ([`Queue::begin`]): an
+    /// administrator can no longer stop this attempt.
+    in_flight: bool,
 }
 
 #[derive(Debug, Default)]
@@ -253,6 +247,8 @@ impl Schedule {
                 meta,
                 due: Some(due),
                 deleted: false,
+                unrecorded: false,
+                in_flight: false,
             },
         );
     }
@@ -341,9 +337,10 @@ impl Queue {
     }
 
     /// Stores a message like [`Queue::enqueue`] for a client that waits for
-    /// the upstream's answer (passthrough mode). The receiver yields the
-    /// results of its one attempt. It is never retried: what was not
-    /// delivered stays as failed, for the administrator to see.
+    /// the upstream's answer (passthrough mode): the receiver is
+    /// [`Queue::watch`]ing it from the start, so it cannot miss the first
+    /// attempt. The lease says it is passthrough; delivery decides what
+    /// that means for retries.
     pub async fn enqueue_passthrough(
         &self,
         msg: NewMessage,
@@ -354,11 +351,23 @@ impl Queue {
         Ok((id, rx))
     }
 
+    /// The results of message `id`'s next recorded attempt. The sender is
+    /// dropped (the receiver yields an error) if the message is not in the
+    /// queue or leaves it without an attempt (deleted).
+    pub fn watch(&self, id: &QueueId) -> oneshot::Receiver<Vec<RecipientResult>> {
+        let (tx, rx) = oneshot::channel();
+        let mut sched = lock(&self.inner.sched);
+        if sched.messages.contains_key(id) {
+            sched.watchers.entry(id.clone()).or_default().push(tx);
+        }
+        rx
+    }
+
     async fn insert(
         &self,
         msg: NewMessage,
         body: Vec<u8>,
-        waiter: Option<oneshot::Sender<Vec<RecipientResult>>>,
+        watcher: Option<oneshot::Sender<Vec<RecipientResult>>>,
     ) -> Result<QueueId, QueueError> {
         let mut recipients: Vec<String> = Vec::with_capacity(msg.recipients.len());
         for r in msg.recipients {
@@ -386,13 +395,14 @@ impl Queue {
             next_attempt: Some(now),
             last_error: None,
             size: body.len() as u64,
-            passthrough: waiter.is_some(),
+            passthrough: watcher.is_some(),
             recipients: recipients
                 .into_iter()
-                .map(|address| RecipientStatus {
+                .map(|address| Recipient {
                     address,
                     status: RecipientState::Pending,
                     reply: None,
+                    reason: None,
                 })
                 .collect(),
         };
@@ -407,10 +417,10 @@ impl Queue {
                     body,
                 }],
             )?;
-            tracing::debug!(%id, account = %meta.account, size = meta.size, "message queued");
+            tracing::debug!(queue_id = %id, account = %meta.account, size = meta.size, "message queued");
             let mut sched = lock(&inner.sched);
-            if let Some(waiter) = waiter {
-                sched.waiters.insert(id.clone(), waiter);
+            if let Some(watcher) = watcher {
+                sched.watchers.insert(id.clone(), vec![watcher]);
             }
             sched.insert(meta, Instant::now());
             Ok(id)
@@ -478,10 +488,11 @@ impl Queue {
         queue.due.pop_first();
         let Some(slot) = sched.messages.get_mut(&id) else {
             // Cannot happen: the two maps change together.
-            tracing::error!(%id, "scheduled message missing from the queue's index");
+            tracing::error!(queue_id = %id, "scheduled message missing from the queue's index");
             return Err(None);
         };
         slot.due = None;
+        slot.in_flight = false;
         let meta = &slot.meta;
         Ok(Lease {
             id,
@@ -495,6 +506,24 @@ impl Queue {
             passthrough: meta.passthrough,
             queue: Some(Arc::downgrade(&self.inner)),
         })
+    }
+
+    /// Marks the leased message as being handed to the upstream now. False
+    /// when an administrator deleted it while the lease waited (for its
+    /// pacing slot, say): the message is gone and must not be sent; drop the
+    /// lease. After `true`, a deletion waits for this attempt to end.
+    pub fn begin(&self, lease: &Lease) -> bool {
+        if !self.owns(lease) {
+            return false;
+        }
+        let mut sched = lock(&self.inner.sched);
+        match sched.messages.get_mut(&lease.id) {
+            Some(slot) if slot.due.is_none() && !slot.deleted => {
+                slot.in_flight = true;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Reads the leased message's body, byte for byte as it was enqueued.
@@ -534,23 +563,47 @@ impl Queue {
     ///   next attempt after the backoff (`retry_initial` doubling per
     ///   attempt, capped at `retry_max`, ±20% jitter) — unless the message
     ///   is older than `max_age`, in which case they fail with
-    ///   `gave up after {max_age}: {last reply}`;
+    ///   `gave up after {max_age}: {last reply}` ([`Reason::Expired`]);
     /// - none left, all delivered → the message is deleted
     ///   ([`Disposition::Removed`]);
     /// - none left, some failed → it stays on disk as failed
     ///   ([`Disposition::Failed`]) and is never handed out again.
     ///
     /// `last_error` becomes the last non-success reply of this attempt.
-    /// The change is durable when this returns `Ok`. On `Err` nothing
-    /// changed and the message is released for another try after
-    /// `retry_initial` (so recipients delivered in this attempt may get the
-    /// message twice). Like `enqueue`, the update completes even if the
-    /// future is dropped.
+    /// Those [`Queue::watch`]ing the message get the results at once.
+    ///
+    /// The change is durable when this returns `Ok`. On `Err` (the disk is
+    /// full, say) the outcome is kept in memory and written again in the
+    /// background, waiting 1 s doubling up to a minute between tries; until
+    /// it is written the message is not handed out again, so recipients
+    /// the upstream accepted are not sent it twice while the relay runs.
+    /// Like `enqueue`, the update completes even if the future is dropped.
     pub async fn record(
         &self,
         lease: Lease,
         results: Vec<RecipientResult>,
-    ) -> Result<Disposition, QueueError> {
+    ) -> Result<Recorded, QueueError> {
+        self.record_attempt(lease, results, None).await
+    }
+
+    /// Records like [`Queue::record`], but nothing is tried again: the
+    /// recipients left open fail, with `note` added to their reply (for a
+    /// message whose client waited for this attempt's answer).
+    pub async fn record_final(
+        &self,
+        lease: Lease,
+        results: Vec<RecipientResult>,
+        note: &'static str,
+    ) -> Result<Recorded, QueueError> {
+        self.record_attempt(lease, results, Some(note)).await
+    }
+
+    async fn record_attempt(
+        &self,
+        lease: Lease,
+        results: Vec<RecipientResult>,
+        last: Option<&'static str>,
+    ) -> Result<Recorded, QueueError> {
         let dir = &self.inner.settings.dir;
         if !self.owns(&lease) {
             return Err(QueueError::NotLeased {
@@ -558,10 +611,10 @@ impl Queue {
                 id: lease.id.clone(),
             });
         }
-        let (meta, deleted) = {
+        let meta = {
             let sched = lock(&self.inner.sched);
             match sched.messages.get(&lease.id) {
-                Some(slot) if slot.due.is_none() => (slot.meta.clone(), slot.deleted),
+                Some(slot) if slot.due.is_none() && !slot.unrecorded => slot.meta.clone(),
                 _ => {
                     return Err(QueueError::NotLeased {
                         path: dir.clone(),
@@ -571,70 +624,51 @@ impl Queue {
             }
         };
         let inner = self.inner.clone();
+        let runtime = tokio::runtime::Handle::current();
         blocking(dir, "recording delivery attempt", move || {
-            // Own the whole lease here, so that it is released if this task
-            // fails and consumed only if the update commits.
+            // Own the whole lease here, so that it is consumed whatever
+            // happens to the calling future.
             let mut lease = lease;
+            lease.disarm();
             let mut meta = meta;
             let jitter = rand::random_range(0.8..=1.2);
-            let answer = meta.passthrough.then(|| results.clone());
-            let plan = if deleted {
-                Plan::Deleted
-            } else {
-                let plan = apply_attempt(&mut meta, results, SystemTime::now(), &inner.settings, jitter);
-                match plan {
-                    Plan::Defer { .. } if meta.passthrough => no_retry(&mut meta),
-                    plan => plan,
-                }
-            };
-            let id = meta.id.clone();
-            let op = match plan {
-                Plan::Remove | Plan::Deleted => Op::Remove { id: id.clone() },
-                Plan::Fail | Plan::Defer { .. } => Op::Update {
-                    id: id.clone(),
-                    meta: inner.encode(&meta)?,
-                },
-            };
-            // On error the lease is dropped here, which releases the message.
-            store::apply(&inner.layout, &[op])?;
-            lease.disarm();
-            let mut sched = lock(&inner.sched);
-            if let (Some(waiter), Some(answer)) = (sched.waiters.remove(&id), answer) {
-                let _ = waiter.send(answer); // the client may have gone
+            let (mut plan, results) =
+                apply_attempt(&mut meta, results, SystemTime::now(), &inner.settings, jitter);
+            if let (Some(note), Plan::Defer { .. }) = (last, plan) {
+                plan = fail_open(&mut meta, note);
             }
-            match plan {
-                Plan::Remove => {
-                    sched.messages.remove(&id);
-                    tracing::info!(%id, attempts = meta.attempts, "message delivered to every recipient; removed");
-                    Ok(Disposition::Removed)
+            let id = meta.id.clone();
+            let failed = failed_of(&meta);
+            {
+                let mut sched = lock(&inner.sched);
+                for watcher in sched.watchers.remove(&id).unwrap_or_default() {
+                    let _ = watcher.send(results.clone()); // the watcher may have gone
                 }
-                Plan::Deleted => {
-                    sched.messages.remove(&id);
-                    tracing::info!(%id, "message deleted by an administrator during its delivery attempt");
-                    Ok(Disposition::Removed)
+                if let Some(slot) = sched.messages.get_mut(&id) {
+                    slot.meta = meta;
                 }
-                Plan::Fail => {
-                    sched.messages.remove(&id);
-                    sched.failed.insert(id.clone(), meta.received_at);
-                    tracing::warn!(
-                        %id,
-                        attempts = meta.attempts,
-                        last_error = meta.last_error.as_deref().unwrap_or(""),
-                        "message failed; kept in the queue as failed"
-                    );
-                    Ok(Disposition::Failed)
-                }
-                Plan::Defer { delay } => {
-                    let next_attempt = meta.next_attempt.unwrap_or_else(SystemTime::now);
-                    tracing::info!(
-                        %id,
-                        attempts = meta.attempts,
-                        retry_in = %humantime::format_duration(Duration::from_millis(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX))),
-                        last_error = meta.last_error.as_deref().unwrap_or(""),
-                        "message deferred"
-                    );
-                    sched.insert(meta, instant_after(Instant::now(), delay));
-                    Ok(Disposition::Deferred { next_attempt })
+            }
+            match inner.commit(&id, plan) {
+                Ok(Some(disposition)) => Ok(Recorded {
+                    failed: match disposition {
+                        Disposition::Failed => failed,
+                        _ => Vec::new(),
+                    },
+                    disposition,
+                    results,
+                }),
+                Ok(None) => Ok(Recorded {
+                    disposition: Disposition::Removed,
+                    results,
+                    failed: Vec::new(),
+                }),
+                Err(e) => {
+                    tracing::error!(queue_id = %id, error = %e, "cannot record a delivery outcome; keeping it in memory and trying again");
+                    if let Some(slot) = lock(&inner.sched).messages.get_mut(&id) {
+                        slot.unrecorded = true;
+                    }
+                    runtime.spawn(inner.clone().record_later(id, plan));
+                    Err(e)
                 }
             }
         })
@@ -687,6 +721,105 @@ impl Queue {
 }
 
 impl Inner {
+    /// Writes the outcome already applied to message `id`'s metadata in
+    /// memory (or removes the message), then moves it on in the schedule
+    /// as `plan` says. `Ok(None)` when the message is no longer in memory.
+    fn commit(&self, id: &QueueId, plan: Plan) -> Result<Option<Disposition>, QueueError> {
+        let (meta, deleted) = {
+            let sched = lock(&self.sched);
+            match sched.messages.get(id) {
+                Some(slot) => (slot.meta.clone(), slot.deleted),
+                None => return Ok(None),
+            }
+        };
+        let plan = if deleted { Plan::Deleted } else { plan };
+        let op = match plan {
+            Plan::Remove | Plan::Deleted => Op::Remove { id: id.clone() },
+            Plan::Fail | Plan::Defer { .. } => Op::Update {
+                id: id.clone(),
+                meta: self.encode(&meta)?,
+            },
+        };
+        store::apply(&self.layout, &[op])?;
+        let mut sched = lock(&self.sched);
+        let deleted_meanwhile = sched.messages.get(id).is_some_and(|s| s.deleted);
+        let Some(mut slot) = sched.messages.remove(id) else {
+            return Ok(None);
+        };
+        // a deletion waiting for this attempt learns that it ended
+        sched.watchers.remove(id);
+        match plan {
+            Plan::Remove => {
+                tracing::info!(queue_id = %id, attempts = meta.attempts, "message delivered to every recipient; removed");
+                Ok(Some(Disposition::Removed))
+            }
+            Plan::Deleted => {
+                tracing::info!(queue_id = %id, "message deleted by an administrator during its delivery attempt");
+                Ok(Some(Disposition::Removed))
+            }
+            Plan::Fail => {
+                if deleted_meanwhile {
+                    self.remove_in_background(id.clone());
+                    return Ok(Some(Disposition::Removed));
+                }
+                sched.failed.insert(id.clone(), meta.received_at);
+                tracing::warn!(
+                    queue_id = %id,
+                    attempts = meta.attempts,
+                    last_error = meta.last_error.as_deref().unwrap_or(""),
+                    "message failed; kept in the queue as failed"
+                );
+                Ok(Some(Disposition::Failed))
+            }
+            Plan::Defer { delay } => {
+                if deleted_meanwhile {
+                    self.remove_in_background(id.clone());
+                    return Ok(Some(Disposition::Removed));
+                }
+                let next_attempt = meta.next_attempt.unwrap_or_else(SystemTime::now);
+                tracing::info!(
+                    queue_id = %id,
+                    attempts = meta.attempts,
+                    retry_in = %humantime::format_duration(Duration::from_millis(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX))),
+                    last_error = meta.last_error.as_deref().unwrap_or(""),
+                    "message deferred"
+                );
+                slot.unrecorded = false;
+                slot.in_flight = false;
+                let due = instant_after(Instant::now(), delay);
+                slot.due = Some(due);
+                sched.messages.insert(id.clone(), slot);
+                let queue = sched.account(&meta.account);
+                queue.due.insert((due, id.clone()));
+                queue.notify.notify_waiters();
+                Ok(Some(Disposition::Deferred { next_attempt }))
+            }
+        }
+    }
+
+    /// Writes an outcome that [`Queue::record`] could not write, trying
+    /// again with capped back-off until it is written (or the message is
+    /// gone); the message stays out of the schedule meanwhile.
+    async fn record_later(self: Arc<Self>, id: QueueId, plan: Plan) {
+        let mut wait = UNRECORDED_RETRY;
+        loop {
+            tokio::time::sleep(wait).await;
+            let inner = self.clone();
+            let task_id = id.clone();
+            match tokio::task::spawn_blocking(move || inner.commit(&task_id, plan)).await {
+                Ok(Ok(_)) => {
+                    tracing::info!(queue_id = %id, "delivery outcome recorded after all");
+                    return;
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(queue_id = %id, error = %e, retry_in = ?wait, "still cannot record a delivery outcome")
+                }
+                Err(e) => tracing::error!(queue_id = %id, error = %e, "recording task failed"),
+            }
+            wait = (wait * 2).min(UNRECORDED_RETRY_MAX);
+        }
+    }
+
     fn encode(&self, meta: &Meta) -> Result<Vec<u8>, QueueError> {
         serde_json::to_vec_pretty(meta).map_err(|source| QueueError::Encode {
             path: self.layout.meta_path(&meta.id),
@@ -725,7 +858,7 @@ impl Inner {
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn_blocking(move || {
                 if let Err(e) = store::apply(&layout, &[Op::Remove { id: id.clone() }]) {
-                    tracing::error!(%id, error = %e, "cannot delete a message");
+                    tracing::error!(queue_id = %id, error = %e, "cannot delete a message");
                 }
             });
         }
@@ -770,15 +903,18 @@ fn backoff(settings: &QueueSettings, attempts: u32) -> Duration {
         .min(settings.retry_max)
 }
 
-/// A passthrough message is tried once: what is left open fails, with the
-/// reply its client was given.
-fn no_retry(meta: &mut Meta) -> Plan {
+/// Fails the recipients of `meta` still open, adding `note` to their reply.
+fn fail_open(meta: &mut Meta, note: &str) -> Plan {
     for r in meta.recipients.iter_mut().filter(|r| r.status.is_open()) {
         r.status = RecipientState::Failed;
-        let reply = r.reply.take().unwrap_or_default();
-        r.reply = Some(format!(
-            "{reply} (passthrough: returned to the client, not retried)"
-        ));
+        r.reply = Some(match r.reply.take() {
+            Some(reply) => reply.with_text(format!("{} ({note})", reply.text)),
+            None => Reply {
+                code: 554,
+                enhanced: Some(Enhanced::new(5, 0, 0)),
+                text: format!("not attempted ({note})"),
+            },
+        });
     }
     meta.state = State::Failed;
     meta.next_attempt = None;
@@ -790,38 +926,52 @@ fn scale(d: Duration, factor: f64) -> Duration {
     Duration::try_from_secs_f64(d.as_secs_f64() * factor).unwrap_or(d)
 }
 
+/// The failed recipients of `meta` with their last outcomes.
+fn failed_of(meta: &Meta) -> Vec<RecipientResult> {
+    meta.recipients
+        .iter()
+        .filter(|r| r.status == RecipientState::Failed)
+        .filter_map(|r| {
+            Some(RecipientResult {
+                recipient: r.address.clone(),
+                outcome: r.outcome()?,
+            })
+        })
+        .collect()
+}
+
 /// Applies one attempt's results to `meta` (pure; `now` and `jitter` are
-/// parameters so it can be tested exactly).
+/// parameters so it can be tested exactly). Returns the plan and the
+/// attempt's outcomes as recorded, expiries included.
 fn apply_attempt(
     meta: &mut Meta,
     results: Vec<RecipientResult>,
     now: SystemTime,
     settings: &QueueSettings,
     jitter: f64,
-) -> Plan {
+) -> (Plan, Vec<RecipientResult>) {
     let mut last_error: Option<String> = None;
+    let mut recorded = Vec::with_capacity(results.len());
     for result in results {
-        let mut matched = false;
-        for r in meta
+        let Some(r) = meta
             .recipients
             .iter_mut()
-            .filter(|r| r.address == result.recipient && r.status.is_open())
-        {
-            matched = true;
-            let (status, reply) = match &result.outcome {
-                Outcome::Delivered { reply } => (RecipientState::Delivered, reply),
-                Outcome::Temporary { reply } => (RecipientState::Deferred, reply),
-                Outcome::Permanent { reply } => (RecipientState::Failed, reply),
-            };
-            r.status = status;
-            r.reply = Some(reply.clone());
-            if status != RecipientState::Delivered {
-                last_error = Some(reply.clone());
-            }
+            .find(|r| r.address == result.recipient && r.status.is_open())
+        else {
+            tracing::warn!(queue_id = %meta.id, recipient = %result.recipient, "ignoring result for a recipient that was not being tried");
+            continue;
+        };
+        r.status = match result.outcome.verdict() {
+            Verdict::Delivered => RecipientState::Delivered,
+            Verdict::Temporary => RecipientState::Deferred,
+            Verdict::Permanent => RecipientState::Failed,
+        };
+        if r.status != RecipientState::Delivered {
+            last_error = Some(result.outcome.reply.text.clone());
         }
-        if !matched {
-            tracing::warn!(id = %meta.id, recipient = %result.recipient, "ignoring result for a recipient that was not being tried");
-        }
+        r.reply = Some(result.outcome.reply.clone());
+        r.reason = Some(result.outcome.reason);
+        recorded.push(result);
     }
     meta.attempts = meta.attempts.saturating_add(1);
     if last_error.is_some() {
@@ -834,17 +984,30 @@ fn apply_attempt(
             let delay = scale(backoff(settings, meta.attempts), jitter);
             meta.state = State::Deferred;
             meta.next_attempt = Some(add_time(now, delay));
-            return Plan::Defer { delay };
+            return (Plan::Defer { delay }, recorded);
         }
         let limit = humantime::format_duration(settings.max_age);
         for r in meta.recipients.iter_mut().filter(|r| r.status.is_open()) {
             let reply = match &r.reply {
-                Some(reply) => format!("gave up after {limit}: {reply}"),
-                None => format!("gave up after {limit}: never attempted"),
+                Some(reply) => reply.with_text(format!("gave up after {limit}: {}", reply.text)),
+                None => Reply {
+                    code: 554,
+                    enhanced: Some(Enhanced::new(5, 4, 7)),
+                    text: format!("gave up after {limit}: never attempted"),
+                },
             };
             r.status = RecipientState::Failed;
-            meta.last_error = Some(reply.clone());
-            r.reply = Some(reply);
+            r.reason = Some(Reason::Expired);
+            meta.last_error = Some(reply.text.clone());
+            r.reply = Some(reply.clone());
+            let outcome = Outcome::new(Reason::Expired, reply);
+            match recorded.iter_mut().find(|done| done.recipient == r.address) {
+                Some(done) => done.outcome = outcome,
+                None => recorded.push(RecipientResult {
+                    recipient: r.address.clone(),
+                    outcome,
+                }),
+            }
         }
     }
 
@@ -853,7 +1016,7 @@ fn apply_attempt(
         .iter()
         .all(|r| r.status == RecipientState::Delivered)
     {
-        Plan::Remove
+        (Plan::Remove, recorded)
     } else {
         meta.state = State::Failed;
         meta.next_attempt = None;
@@ -863,16 +1026,16 @@ fn apply_attempt(
             .iter()
             .rev()
             .filter(|r| r.status == RecipientState::Failed)
-            .find_map(|r| r.reply.clone())
+            .find_map(|r| r.reply.as_ref())
         {
-            meta.last_error = Some(reply);
+            meta.last_error = Some(reply.text.clone());
         }
-        Plan::Fail
+        (Plan::Fail, recorded)
     }
 }
 
 mod admin;
-pub use admin::Selection;
+pub use admin::{Deletion, Selection};
 
 #[cfg(test)]
 mod tests {
@@ -903,10 +1066,11 @@ mod tests {
             passthrough: false,
             recipients: recipients
                 .iter()
-                .map(|a| RecipientStatus {
+                .map(|a| Recipient {
                     address: a.to_string(),
                     status: RecipientState::Pending,
                     reply: None,
+                    reason: None,
                 })
                 .collect(),
         }
@@ -919,10 +1083,16 @@ mod tests {
         }
     }
 
-    fn temp(reply: &str) -> Outcome {
-        Outcome::Temporary {
-            reply: reply.into(),
-        }
+    fn reply(text: &str) -> Reply {
+        Reply::parse(text).expect("reply")
+    }
+
+    fn temp(text: &str) -> Outcome {
+        Outcome::new(Reason::Deferred, reply(text))
+    }
+
+    fn delivered(text: &str) -> Outcome {
+        Outcome::delivered(reply(text))
     }
 
     #[test]
@@ -951,7 +1121,7 @@ mod tests {
         let mut m = meta(&["x@y"]);
         let now = m.received_at + Duration::from_secs(10);
         m.attempts = 2;
-        let plan = apply_attempt(&mut m, vec![res("x@y", temp("451 busy"))], now, &s, 1.2);
+        let (plan, _) = apply_attempt(&mut m, vec![res("x@y", temp("451 busy"))], now, &s, 1.2);
         // Third attempt: 4 × 60 s × 1.2.
         assert_eq!(
             plan,
@@ -971,15 +1141,10 @@ mod tests {
         let s = settings();
         let mut m = meta(&["a@x", "b@x", "c@x"]);
         let now = m.received_at + s.max_age + Duration::from_secs(1);
-        let plan = apply_attempt(
+        let (plan, _) = apply_attempt(
             &mut m,
             vec![
-                res(
-                    "a@x",
-                    Outcome::Delivered {
-                        reply: "250 ok".into(),
-                    },
-                ),
+                res("a@x", delivered("250 ok")),
                 res("b@x", temp("421 later")),
             ],
             now,
@@ -992,11 +1157,11 @@ mod tests {
         assert_eq!(m.recipients[0].status, RecipientState::Delivered);
         assert_eq!(m.recipients[1].status, RecipientState::Failed);
         assert_eq!(
-            m.recipients[1].reply.as_deref(),
+            m.recipients[1].reply.as_ref().map(|r| r.text.as_str()),
             Some("gave up after 1day: 421 later")
         );
         assert_eq!(
-            m.recipients[2].reply.as_deref(),
+            m.recipients[2].reply.as_ref().map(|r| r.text.as_str()),
             Some("gave up after 1day: never attempted")
         );
         assert_eq!(
@@ -1010,21 +1175,11 @@ mod tests {
         let s = settings();
         let mut m = meta(&["a@x"]);
         let now = m.received_at;
-        let plan = apply_attempt(
+        let (plan, _) = apply_attempt(
             &mut m,
             vec![
-                res(
-                    "zz@x",
-                    Outcome::Permanent {
-                        reply: "550 who".into(),
-                    },
-                ),
-                res(
-                    "a@x",
-                    Outcome::Delivered {
-                        reply: "250 ok".into(),
-                    },
-                ),
+                res("zz@x", Outcome::new(Reason::Refused, reply("550 who"))),
+                res("a@x", delivered("250 ok")),
             ],
             now,
             &s,
@@ -1039,18 +1194,7 @@ mod tests {
         let s = settings();
         let mut m = meta(&["a@x", "b@x"]);
         let now = m.received_at;
-        let plan = apply_attempt(
-            &mut m,
-            vec![res(
-                "a@x",
-                Outcome::Delivered {
-                    reply: "250".into(),
-                },
-            )],
-            now,
-            &s,
-            1.0,
-        );
+        let (plan, _) = apply_attempt(&mut m, vec![res("a@x", delivered("250"))], now, &s, 1.0);
         assert_eq!(
             plan,
             Plan::Defer {

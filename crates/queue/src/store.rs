@@ -353,10 +353,15 @@ pub(crate) fn recover(layout: &Layout) -> Result<Recovered, QueueError> {
             let reply = "not delivered: the relay stopped while the client waited (passthrough); the client resends it";
             for r in meta.recipients.iter_mut().filter(|r| r.status.is_open()) {
                 r.status = RecipientState::Failed;
-                r.reply = Some(reply.into());
+                r.reason = Some(relay_outcome::Reason::Local);
+                r.reply = Some(relay_outcome::Reply {
+                    code: 554,
+                    enhanced: Some(relay_outcome::Enhanced::new(5, 3, 0)),
+                    text: reply.into(),
+                });
             }
             meta.last_error = Some(reply.into());
-            tracing::warn!(%id, "{reply}");
+            tracing::warn!(queue_id = %id, "{reply}");
         }
         if meta.state != State::Failed && meta.open_recipients().is_empty() {
             if meta
@@ -364,12 +369,12 @@ pub(crate) fn recover(layout: &Layout) -> Result<Recovered, QueueError> {
                 .iter()
                 .all(|r| r.status == RecipientState::Delivered)
             {
-                tracing::info!(%id, "removing fully delivered message left in the queue");
+                tracing::info!(queue_id = %id, "removing fully delivered message left in the queue");
                 apply(layout, &[Op::Remove { id: id.clone() }])?;
                 keep.remove(&id);
                 continue;
             }
-            tracing::warn!(%id, "marking message with no recipient left to try as failed");
+            tracing::warn!(queue_id = %id, "marking message with no recipient left to try as failed");
             meta.state = State::Failed;
             meta.next_attempt = None;
             let bytes = serde_json::to_vec_pretty(&meta).map_err(|source| QueueError::Encode {

@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use relay_outcome::{Enhanced, Reason, Reply};
 use relay_queue::{
     list, show, submit, NewMessage, Outcome, Queue, QueueSettings, RecipientResult, Request,
     Selection, State,
@@ -47,11 +48,17 @@ async fn attempt(q: &Queue, outcome: fn(String) -> Outcome) {
     q.record(lease, results).await.expect("record");
 }
 
-fn permanent(reply: String) -> Outcome {
-    Outcome::Permanent { reply }
+fn permanent(text: String) -> Outcome {
+    Outcome::new(
+        Reason::Refused,
+        Reply::local(550, Enhanced::new(5, 1, 1), &text),
+    )
 }
-fn temporary(reply: String) -> Outcome {
-    Outcome::Temporary { reply }
+fn temporary(text: String) -> Outcome {
+    Outcome::new(
+        Reason::Deferred,
+        Reply::local(451, Enhanced::new(4, 4, 1), &text),
+    )
 }
 
 // A deferred message retried by the admin is due at once.
@@ -98,8 +105,9 @@ async fn retry_revives_failed_messages() {
     );
 }
 
-// Deleting removes waiting and failed messages from disk; a message being
-// delivered is removed when its attempt ends, whatever the outcome.
+// Deleting removes waiting and failed messages from disk, and a leased one
+// not yet handed to the upstream (waiting for its pacing slot): its worker
+// is told not to send it.
 #[tokio::test]
 async fn delete_waiting_failed_and_leased() {
     let dir = TempDir::new().expect("tempdir");
@@ -109,25 +117,58 @@ async fn delete_waiting_failed_and_leased() {
     let leased_id = q.enqueue(msg(), b"leased\r\n").await.expect("enqueue");
     let lease = q.next_due("main", None).await.expect("due");
     q.enqueue(msg(), b"waiting\r\n").await.expect("enqueue");
-    let deleted = q.delete(Selection::All).await.expect("delete");
-    assert_eq!(deleted.len(), 3);
-    // the leased one is still on disk until its attempt ends
-    assert_eq!(list(dir.path()).expect("list").len(), 1);
-    let results = lease
-        .recipients
-        .iter()
-        .map(|r| RecipientResult {
-            recipient: r.clone(),
-            outcome: temporary(r.clone()),
-        })
-        .collect();
-    q.record(lease, results).await.expect("record");
+    let deletion = q.delete(Selection::All).await.expect("delete");
+    assert_eq!(deletion.deleted.len(), 3);
+    assert!(deletion.in_flight.is_empty());
     assert!(list(dir.path()).expect("list").is_empty());
+    assert!(!q.begin(&lease), "a deleted message may not be sent");
+    drop(lease);
     assert!(show(dir.path(), &leased_id).is_err());
     assert!(q
         .next_due("main", Some(Duration::from_millis(200)))
         .await
         .is_none());
+}
+
+// A message already handed to the upstream cannot be stopped: the deletion
+// waits for the attempt, says how it ended, and removes what is left.
+#[tokio::test]
+async fn delete_during_an_attempt_in_flight_reports_it() {
+    let dir = TempDir::new().expect("tempdir");
+    let q = Queue::open(settings(dir.path())).await.expect("open");
+    let id = q.enqueue(msg(), b"in flight\r\n").await.expect("enqueue");
+    let lease = q.next_due("main", None).await.expect("due");
+    assert!(q.begin(&lease));
+    let deleting = tokio::spawn({
+        let q = q.clone();
+        async move { q.delete(Selection::All).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let results = vec![
+        RecipientResult {
+            recipient: "a@example.com".into(),
+            outcome: Outcome::delivered(Reply::local(250, Enhanced::new(2, 0, 0), "OK")),
+        },
+        RecipientResult {
+            recipient: "b@example.com".into(),
+            outcome: temporary("b".into()),
+        },
+    ];
+    q.record(lease, results).await.expect("record");
+    let deletion = tokio::time::timeout(LIMIT, deleting)
+        .await
+        .expect("in time")
+        .expect("task")
+        .expect("delete");
+    assert!(deletion.deleted.is_empty());
+    assert_eq!(
+        deletion.in_flight,
+        vec![(
+            id,
+            "delivered to 1 of 2 recipient(s) by the attempt in flight; the rest removed".into()
+        )]
+    );
+    assert!(list(dir.path()).expect("list").is_empty());
 }
 
 // Another process (the CLI) reaches the running queue through control/.
@@ -145,7 +186,8 @@ async fn requests_reach_a_running_queue() {
     )
     .await
     .expect("answer in time")
-    .expect("deleted");
+    .expect("deleted")
+    .ids;
     assert_eq!(ids, vec![id]);
     assert!(list(dir.path()).expect("list").is_empty());
     shutdown.cancel();
@@ -164,7 +206,8 @@ async fn requests_apply_directly_when_no_relay_runs() {
         Request::Delete(Selection::Id(id.clone())),
     )
     .await
-    .expect("deleted");
+    .expect("deleted")
+    .ids;
     assert_eq!(ids, vec![id]);
     assert!(list(dir.path()).expect("list").is_empty());
 }

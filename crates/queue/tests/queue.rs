@@ -5,6 +5,7 @@ use std::future::Future;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
+use relay_outcome::{Reason, Reply};
 use relay_queue::{
     list, Disposition, Lease, NewMessage, Outcome, Queue, QueueError, QueueId, QueueSettings,
     RecipientResult, RecipientState, State,
@@ -58,7 +59,10 @@ async fn enqueue(q: &Queue, account: &str, recipients: &[&str], body: &[u8]) -> 
 
 /// Records the outcome of a delivery attempt (bounded).
 async fn record(q: &Queue, lease: Lease, results: Vec<RecipientResult>) -> Disposition {
-    within(q.record(lease, results)).await.expect("record")
+    within(q.record(lease, results))
+        .await
+        .expect("record")
+        .disposition
 }
 
 /// How long after `since` a deferral's next attempt is; panics on any other
@@ -88,31 +92,20 @@ fn result(rcpt: &str, outcome: Outcome) -> RecipientResult {
     }
 }
 
+fn reply(text: &str) -> Reply {
+    Reply::parse(text).expect("a reply with a code")
+}
+
 fn delivered(rcpt: &str) -> RecipientResult {
-    result(
-        rcpt,
-        Outcome::Delivered {
-            reply: "250 2.0.0 OK".into(),
-        },
-    )
+    result(rcpt, Outcome::delivered(reply("250 2.0.0 OK")))
 }
 
-fn temporary(rcpt: &str, reply: &str) -> RecipientResult {
-    result(
-        rcpt,
-        Outcome::Temporary {
-            reply: reply.into(),
-        },
-    )
+fn temporary(rcpt: &str, text: &str) -> RecipientResult {
+    result(rcpt, Outcome::new(Reason::Deferred, reply(text)))
 }
 
-fn permanent(rcpt: &str, reply: &str) -> RecipientResult {
-    result(
-        rcpt,
-        Outcome::Permanent {
-            reply: reply.into(),
-        },
-    )
+fn permanent(rcpt: &str, text: &str) -> RecipientResult {
+    result(rcpt, Outcome::new(Reason::Refused, reply(text)))
 }
 
 fn names(dir: &Path) -> Vec<String> {
@@ -741,7 +734,8 @@ async fn record_with_a_foreign_lease_is_refused() {
     assert_eq!(
         within(q1.record(l, vec![delivered("a@x")]))
             .await
-            .expect("record"),
+            .expect("record")
+            .disposition,
         Disposition::Removed
     );
 }

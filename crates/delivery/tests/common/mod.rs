@@ -140,6 +140,10 @@ impl Relay {
                 &config.upstream,
                 tokens.clone(),
             )],
+            relay_delivery::Settings {
+                pacing_dir: Some(queue_dir.join("pacing")),
+                hostname: "relay.test".into(),
+            },
             shutdown.clone(),
         );
         Relay {

@@ -2,16 +2,31 @@
 //!
 //! Both act on the running queue's memory and disk together under its
 //! schedule lock, so a delivery in progress and an admin action cannot lose
-//! or double a message: a message being tried is deleted when its attempt
-//! ends, and retrying it is a no-op (it is being tried).
+//! or double a message. A leased message not yet handed to the upstream is
+//! deleted at once and its worker does not send it ([`Queue::begin`]); one
+//! in flight is deleted when its attempt ends, and the deletion reports how
+//! that ended. Retrying a leased message is a no-op (it is being tried).
 
 use super::{blocking, lock, Inner, Queue};
 use crate::meta::{Meta, RecipientState, State};
 use crate::store::{self, Op};
 use crate::{QueueError, QueueId};
 use serde::{Deserialize, Serialize};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
+
+/// How long a deletion waits for attempts in flight to end.
+const IN_FLIGHT_WAIT: Duration = Duration::from_secs(10);
+
+/// What [`Queue::delete`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Deletion {
+    /// Removed before any of it was sent in an attempt still running.
+    pub deleted: Vec<QueueId>,
+    /// Being handed to the upstream when the deletion came, and how that
+    /// attempt ended (what was not delivered is removed).
+    pub in_flight: Vec<(QueueId, String)>,
+}
 
 /// Which messages an administrator's action applies to.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,8 +74,9 @@ impl Queue {
                 let Some(slot) = sched.messages.get_mut(&id) else {
                     continue;
                 };
-                // a leased message is being tried right now
-                if let Some(due) = slot.due.replace(now) {
+                // a leased message is being tried right now: leave it be
+                if let Some(due) = slot.due {
+                    slot.due = Some(now);
                     let account = slot.meta.account.clone();
                     let queue = sched.account(&account);
                     queue.due.remove(&(due, id.clone()));
@@ -91,7 +107,7 @@ impl Queue {
                         meta: bytes,
                     }],
                 )?;
-                tracing::info!(id = %meta.id, "failed message queued again by an administrator");
+                tracing::info!(queue_id = %meta.id, "failed message queued again by an administrator");
                 revived.push(meta.id.clone());
                 let mut sched = lock(&inner.sched);
                 sched.failed.remove(&meta.id);
@@ -104,12 +120,16 @@ impl Queue {
         Ok(affected)
     }
 
-    /// Removes the selected messages, body and metadata. A message being
-    /// tried right now is removed when the attempt ends (whatever its
-    /// outcome). Returns the ids affected.
-    pub async fn delete(&self, which: Selection) -> Result<Vec<QueueId>, QueueError> {
+    /// Removes the selected messages, body and metadata. A message leased
+    /// by a worker that has not handed it to the upstream yet (it waits for
+    /// its pacing slot) is removed at once, and the worker will not send it
+    /// ([`Queue::begin`]). A message being handed over right now cannot be
+    /// stopped: the deletion waits (up to 10 s) for that attempt to end,
+    /// reports how it ended, and removes what is left of it.
+    pub async fn delete(&self, which: Selection) -> Result<Deletion, QueueError> {
         let mut affected = Vec::new();
         let mut remove_now = Vec::new();
+        let mut in_flight = Vec::new();
         {
             let mut sched = lock(&self.inner.sched);
             let ids = which.in_memory(&sched);
@@ -118,7 +138,17 @@ impl Queue {
                     continue;
                 };
                 match slot.due {
-                    None => slot.deleted = true,
+                    None if slot.in_flight || slot.unrecorded => {
+                        slot.deleted = true;
+                        let (tx, rx) = tokio::sync::oneshot::channel();
+                        sched.watchers.entry(id.clone()).or_default().push(tx);
+                        in_flight.push((id, rx));
+                        continue;
+                    }
+                    None => {
+                        sched.messages.remove(&id);
+                        remove_now.push(id.clone());
+                    }
                     Some(due) => {
                         let account = slot.meta.account.clone();
                         sched.messages.remove(&id);
@@ -138,7 +168,7 @@ impl Queue {
             let mut sched = lock(&inner.sched);
             for id in &ids {
                 sched.failed.remove(id);
-                tracing::info!(%id, "message deleted by an administrator");
+                tracing::info!(queue_id = %id, "message deleted by an administrator");
             }
             Ok(ids)
         })
@@ -148,7 +178,25 @@ impl Queue {
                 affected.push(id);
             }
         }
-        Ok(affected)
+        let mut deletion = Deletion {
+            deleted: affected,
+            in_flight: Vec::new(),
+        };
+        for (id, ended) in in_flight {
+            let how = match tokio::time::timeout(IN_FLIGHT_WAIT, ended).await {
+                Ok(Ok(results)) => {
+                    let sent = results.iter().filter(|r| r.outcome.is_delivered()).count();
+                    format!("delivered to {sent} of {} recipient(s) by the attempt in flight; the rest removed", results.len())
+                }
+                Ok(Err(_)) => "its attempt ended; removed".to_owned(),
+                Err(_) => format!(
+                    "still being delivered after {} s; removed when the attempt ends",
+                    IN_FLIGHT_WAIT.as_secs()
+                ),
+            };
+            deletion.in_flight.push((id, how));
+        }
+        Ok(deletion)
     }
 }
 
