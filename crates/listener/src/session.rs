@@ -172,10 +172,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let mut phase = Phase::Command;
         let mut input: Vec<u8> = Vec::with_capacity(1024);
         let mut chunk = vec![0u8; READ_CHUNK];
-        // When the last read arrived, and when the first byte of the command
-        // line still incomplete did: the line must be complete within
-        // `command_timeout` of it, however the client drips it.
-        let mut last_read = Instant::now();
+        // When the first byte of the command line still incomplete arrived:
+        // the line must be complete within `command_timeout` of it, however
+        // the client drips it. `rest_since`: when the input not yet worked
+        // through became the session's to work through (the last read, or the
+        // end of the line or message before it, whose answer may have taken a
+        // while).
+        let mut rest_since = Instant::now();
         let mut line_started: Option<Instant> = None;
         loop {
             // Work through everything already received: pipelined commands
@@ -190,8 +193,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     n > 0 && input[used + n - 1] == b'\n'
                 };
                 if line_ended {
-                    // what follows arrived with the last read
                     line_started = None;
+                    rest_since = Instant::now();
                 }
                 used += n;
                 match next {
@@ -224,7 +227,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Phase::Command | Phase::Sasl(_) => !input.is_empty(),
             };
             line_started = if line_pending {
-                Some(line_started.unwrap_or(last_read))
+                Some(line_started.unwrap_or(rest_since))
             } else {
                 None
             };
@@ -251,7 +254,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Err(_) => return self.timed_out("the client went silent").await,
                 Ok(Ok(0)) => return Ok(()),
                 Ok(Ok(n)) => {
-                    last_read = Instant::now();
+                    rest_since = Instant::now();
                     if let Phase::Data { received, .. } = &mut phase {
                         *received += n as u64;
                     }
