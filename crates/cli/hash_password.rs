@@ -22,8 +22,7 @@ pub fn hash_password() -> anyhow::Result<()> {
     if password.is_empty() {
         bail!("empty password: type it, or pipe it in (e.g. `printf %s \"$PW\" | smtp-oauth-relay hash-password`)");
     }
-    let phc =
-        relay_listener::auth::hash_password(password.as_bytes()).map_err(anyhow::Error::msg)?;
+    let phc = relay_listener::hash_password(password.as_bytes())?;
     println!("{phc}");
     Ok(())
 }

@@ -10,9 +10,10 @@
 
 use crate::status::RelayStatus;
 use anyhow::Context as _;
+use arc_swap::ArcSwap;
 use relay_config::{AccountConfig, Config};
 use relay_delivery::{Account, Upstream};
-use relay_listener::{session::Context, Live, Router};
+use relay_listener::{Context, Router};
 use relay_queue::{Queue, QueueSettings};
 use relay_tokens::{TokenManager, TokenSource};
 use std::{path::Path, sync::Arc, time::Duration};
@@ -58,7 +59,7 @@ pub struct Running {
     /// values the relay started with).
     config: Config,
     queue: Queue,
-    context: Live<Context>,
+    context: Arc<ArcSwap<Context>>,
     listener: JoinHandle<()>,
     delivery: Delivery,
     tokens: Vec<AccountTokens>,
@@ -107,11 +108,8 @@ impl Running {
     /// fails at once), then opens the queue and starts token managers,
     /// delivery, the listener and the admin endpoint.
     pub async fn start(config: Config) -> anyhow::Result<Running> {
-        let listener = relay_listener::bind_with_tls(
-            &config.listener.bind,
-            &config.listener.implicit_tls_bind,
-        )
-        .await?;
+        let listener =
+            relay_listener::bind(&config.listener.bind, &config.listener.implicit_tls_bind).await?;
         let admin = relay_admin::Endpoint::bind(config.admin.bind).await?;
         let metrics = relay_admin::install_recorder()?;
         let queue = Queue::open(queue_settings(&config.queue))
@@ -131,15 +129,15 @@ impl Running {
             listening: listener.local_addrs(),
             queue_dir: config.queue.dir.clone(),
             queue: queue.clone(),
-            tokens: Live::new(Arc::new(managers(&tokens))),
+            tokens: ArcSwap::from_pointee(managers(&tokens)),
         });
         if let Some(addr) = admin.local_addr() {
             tracing::info!(%addr, "admin endpoint: /healthz /readyz /metrics");
         }
         background.spawn(admin.serve(status.clone(), metrics, shutdown.clone()));
-        let context = Live::new(Arc::new(listener_context(&config, &queue)?));
+        let context = Arc::new(ArcSwap::from_pointee(listener_context(&config, &queue)?));
         tracing::info!(addrs = ?listener.local_addrs(), "listening for SMTP");
-        let listener = tokio::spawn(relay_listener::serve_live(
+        let listener = tokio::spawn(relay_listener::serve(
             listener,
             context.clone(),
             shutdown.clone(),
@@ -225,8 +223,8 @@ impl Running {
                 old.stop.cancel();
             }
         }
-        self.status.tokens.set(Arc::new(managers(&tokens)));
-        self.context.set(Arc::new(context));
+        self.status.tokens.store(Arc::new(managers(&tokens)));
+        self.context.store(Arc::new(context));
         self.tokens = tokens;
         self.config = new;
         tracing::info!("configuration reloaded");
@@ -371,12 +369,11 @@ fn start_delivery(
 
 /// The listener's policy, TLS certificate and local users.
 fn listener_context(config: &Config, queue: &Queue) -> anyhow::Result<Context> {
-    Context::new(
+    Ok(Context::new(
         config.listener.clone(),
         Router::new(&config.accounts),
         queue.clone(),
-    )
-    .map_err(anyhow::Error::msg)
+    )?)
 }
 
 fn warn_about_orphans(queue: &Queue, config: &Config) {

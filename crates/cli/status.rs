@@ -1,8 +1,8 @@
 //! What `/readyz`, `/metrics` and systemd's STATUS= say about the running
 //! relay.
 
+use arc_swap::ArcSwap;
 use relay_admin::Check;
-use relay_listener::Live;
 use relay_queue::Queue;
 use relay_tokens::TokenManager;
 use std::{
@@ -16,7 +16,7 @@ pub struct RelayStatus {
     pub queue_dir: PathBuf,
     pub queue: Queue,
     /// The token managers of the accounts in force (replaced on reload).
-    pub tokens: Live<Vec<TokenManager>>,
+    pub tokens: ArcSwap<Vec<TokenManager>>,
 }
 
 impl RelayStatus {
@@ -27,7 +27,7 @@ impl RelayStatus {
         let failed = census.failed.count;
         let tokens: Vec<String> = self
             .tokens
-            .get()
+            .load()
             .iter()
             .map(|t| match t.valid_for() {
                 Some(left) => format!("{} ok ({}m left)", t.account(), left.as_secs() / 60),
@@ -54,7 +54,7 @@ impl relay_admin::Status for RelayStatus {
                 result: probe_writable(&self.queue_dir),
             },
         ];
-        for tokens in self.tokens.get().iter() {
+        for tokens in self.tokens.load().iter() {
             checks.push(Check {
                 name: format!("token for account {}", tokens.account()),
                 result: match tokens.valid_for() {
@@ -67,7 +67,7 @@ impl relay_admin::Status for RelayStatus {
     }
 
     fn refresh(&self) {
-        for tokens in self.tokens.get().iter() {
+        for tokens in self.tokens.load().iter() {
             let left = tokens.valid_for().unwrap_or(Duration::ZERO);
             metrics::gauge!("smtp_relay_token_expiry_seconds", "account" => tokens.account().to_owned())
                 .set(left.as_secs_f64());

@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use relay_listener::data::DataReceiver;
+use relay_listener::fuzzing::DataReceiver;
 
 mod split;
 use split::split;

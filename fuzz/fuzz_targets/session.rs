@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use relay_listener::{session::Context, session::Session, Router};
+use relay_listener::{fuzzing::Session, Context, Router};
 use std::{net::SocketAddr, sync::Arc, sync::OnceLock, time::Duration};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

@@ -5,7 +5,7 @@
 //! `cargo bench -p relay-listener` (criterion; figures in BENCHMARKS.md).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use relay_listener::data::DataReceiver;
+use relay_listener::fuzzing::DataReceiver;
 use smtp_proto::{request::receiver::RequestReceiver, Error as ParseError, Request};
 use std::hint::black_box;
 use std::time::Duration;

@@ -2,6 +2,7 @@
 //! passwords are stored as argon2 PHC strings, and the per-client limit on
 //! failed logins. These credentials are checked here and go nowhere else.
 
+use crate::ListenerError;
 use argon2::{password_hash::PasswordHash, Argon2, PasswordVerifier};
 use base64::{engine::general_purpose::STANDARD, Engine as _};
 use relay_config::ListenerUser;
@@ -27,19 +28,14 @@ pub struct Users {
 
 impl Users {
     /// Checks every hash parses as a PHC string.
-    pub fn new(users: &[ListenerUser]) -> Result<Users, String> {
+    pub fn new(users: &[ListenerUser]) -> Result<Users, ListenerError> {
         let mut hashes = HashMap::new();
-        for (i, user) in users.iter().enumerate() {
-            PasswordHash::new(&user.password_hash).map_err(|e| {
-                format!("listener.users[{i}].password_hash is not a PHC string: {e}")
-            })?;
+        for (index, user) in users.iter().enumerate() {
+            PasswordHash::new(&user.password_hash)
+                .map_err(|source| ListenerError::PasswordHash { index, source })?;
             hashes.insert(user.username.clone(), user.password_hash.clone());
         }
         Ok(Users { hashes })
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.hashes.is_empty()
     }
 
     /// Whether `password` is `username`'s. Slow on purpose (argon2): call
@@ -59,13 +55,13 @@ impl Users {
 
 /// An argon2id PHC string for `password` (default parameters, a random
 /// salt): what `[[listener.users]] password_hash` holds.
-pub fn hash_password(password: &[u8]) -> Result<String, String> {
+pub fn hash_password(password: &[u8]) -> Result<String, ListenerError> {
     use argon2::password_hash::{rand_core::OsRng, PasswordHasher, SaltString};
     let salt = SaltString::generate(&mut OsRng);
     Argon2::default()
         .hash_password(password, &salt)
         .map(|hash| hash.to_string())
-        .map_err(|e| e.to_string())
+        .map_err(ListenerError::Hashing)
 }
 
 /// The `authzid NUL authcid NUL password` of `AUTH PLAIN`, decoded; the
@@ -165,6 +161,20 @@ mod tests {
         .expect("valid");
         assert!(users.verify("u", b"pa55"));
         assert!(!users.verify("u", b"pa56"));
+    }
+
+    #[test]
+    fn failed_logins_are_counted_per_address() {
+        let limiter = AuthLimiter::default();
+        let ip = "192.0.2.1".parse().expect("ip");
+        for _ in 0..MAX_AUTH_FAILURES {
+            assert!(!limiter.blocked(ip));
+            limiter.failed(ip);
+        }
+        assert!(limiter.blocked(ip));
+        assert!(!limiter.blocked("192.0.2.2".parse().expect("ip")));
+        limiter.succeeded(ip);
+        assert!(!limiter.blocked(ip));
     }
 
     #[test]

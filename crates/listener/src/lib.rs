@@ -5,25 +5,44 @@
 //! disconnected), routes each envelope sender to an account, and answers
 //! `250` to `DATA` only after the queue has the message on disk.
 //!
-//! - [`server`]: binding, accepting, the allow-list, shutdown.
-//! - [`session`]: one SMTP conversation, a state machine over smtp-proto's
+//! The binary needs [`bind`], [`serve`], a [`Context`] (built again on
+//! reload and swapped in for new connections), the [`Router`] inside it,
+//! and [`hash_password`] for `hash-password`. Inside:
+//!
+//! - `server`: binding, accepting, the allow-list, shutdown.
+//! - `session`: one SMTP conversation, a state machine over smtp-proto's
 //!   command parser; pipelined input is handled by working through each read
 //!   buffer command by command.
-//! - [`data`]: the message receiver; end-of-data is only `CRLF.CRLF`, bare CR
+//! - `data`: the message receiver; end-of-data is only `CRLF.CRLF`, bare CR
 //!   and LF are normalised to CRLF, so no smuggled command gets through.
-//! - [`route`]: which account sends for which sender.
-//! - [`syntax`]: command-line and address checks smtp-proto does not make.
-//! - [`tls`]: STARTTLS and implicit TLS (certificates read at each reload).
-//! - [`auth`]: local AUTH PLAIN/LOGIN against argon2 hashes, and the limit
+//! - `route`: which account sends for which sender.
+//! - `syntax`: command-line and address checks smtp-proto does not make.
+//! - `tls`: STARTTLS and implicit TLS (certificates read at each reload).
+//! - `auth`: local AUTH PLAIN/LOGIN against argon2 hashes, and the limit
 //!   on failed logins per client.
+//!
+//! The `fuzzing` feature also exports the session and the data receiver,
+//! for the fuzz targets, the benchmarks and tests that drive a session over
+//! an in-memory stream.
 
-pub mod auth;
-pub mod data;
-pub mod route;
-pub mod server;
-pub mod session;
-pub mod syntax;
-pub mod tls;
+mod auth;
+mod data;
+mod error;
+mod route;
+mod server;
+mod session;
+mod syntax;
+mod tls;
 
+pub use auth::hash_password;
+pub use error::ListenerError;
 pub use route::Router;
-pub use server::{bind, bind_with_tls, serve, serve_live, Listener, ListenerError, Live, Shared};
+pub use server::{bind, serve, Listener};
+pub use session::Context;
+
+/// The parts fuzz targets and benchmarks drive directly.
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing {
+    pub use crate::data::DataReceiver;
+    pub use crate::session::Session;
+}

@@ -4,25 +4,17 @@ use crate::{
     auth::AuthLimiter,
     session::{Context, Session},
     tls::Conn,
+    ListenerError,
 };
+use arc_swap::ArcSwap;
 use relay_config::ListenerConfig;
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex, RwLock},
+    sync::{Arc, Mutex},
 };
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-
-/// Why the listener cannot start.
-#[derive(Debug, thiserror::Error)]
-pub enum ListenerError {
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
-}
 
 /// Bound sockets, ready to serve.
 pub struct Listener {
@@ -49,15 +41,10 @@ impl Listener {
     }
 }
 
-/// Binds every address in `listener.bind`, before anything else starts, so a
-/// port in use is reported at once.
-pub async fn bind(addrs: &[SocketAddr]) -> Result<Listener, ListenerError> {
-    bind_with_tls(addrs, &[]).await
-}
-
-/// [`bind`], plus `implicit_tls` addresses (`listener.implicit_tls_bind`)
-/// whose clients start with a TLS handshake.
-pub async fn bind_with_tls(
+/// Binds every address in `listener.bind` and `listener.implicit_tls_bind`
+/// (whose clients start with a TLS handshake), before anything else
+/// starts, so a port in use is reported at once.
+pub async fn bind(
     addrs: &[SocketAddr],
     implicit_tls: &[SocketAddr],
 ) -> Result<Listener, ListenerError> {
@@ -117,14 +104,6 @@ impl Shared {
             ip,
         })
     }
-
-    /// Connections open now.
-    pub fn open_connections(&self) -> usize {
-        self.connections
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .total
-    }
 }
 
 impl Drop for Slot {
@@ -144,48 +123,21 @@ impl Drop for Slot {
     }
 }
 
-/// A value replaced as a whole at run time (on reload). Readers take the
-/// current one and keep it for as long as they need it: a session keeps the
-/// configuration it started with.
-pub struct Live<T>(Arc<RwLock<Arc<T>>>);
-
-impl<T> Clone for Live<T> {
-    fn clone(&self) -> Self {
-        Live(self.0.clone())
-    }
-}
-
-impl<T> Live<T> {
-    pub fn new(value: Arc<T>) -> Self {
-        Live(Arc::new(RwLock::new(value)))
-    }
-
-    /// The current value.
-    pub fn get(&self) -> Arc<T> {
-        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    /// Replaces the value for everyone who asks from now on.
-    pub fn set(&self, value: Arc<T>) {
-        *self.0.write().unwrap_or_else(|p| p.into_inner()) = value;
-    }
-}
-
-/// [`serve_live`] with a context that never changes.
-pub async fn serve(listener: Listener, ctx: Arc<Context>, shutdown: CancellationToken) {
-    serve_live(listener, Live::new(ctx), shutdown).await
-}
-
 /// Accepts clients until `shutdown`, then stops accepting; open sessions are
 /// told `421` at their next command. Returns once every session has ended.
-/// Each new client gets the context current when it connects (see [`Live`]).
-pub async fn serve_live(listener: Listener, ctx: Live<Context>, shutdown: CancellationToken) {
+/// Each new client gets the context in `contexts` when it connects (a
+/// reload stores a new one); a session keeps the one it started with.
+pub async fn serve(
+    listener: Listener,
+    contexts: Arc<ArcSwap<Context>>,
+    shutdown: CancellationToken,
+) {
     let sessions = TaskTracker::new();
     let shared = Arc::new(Shared::default());
     let mut accept_loops = Vec::new();
     for (socket, implicit_tls) in listener.sockets {
-        let (ctx, shutdown, sessions, shared) = (
-            ctx.clone(),
+        let (contexts, shutdown, sessions, shared) = (
+            contexts.clone(),
             shutdown.clone(),
             sessions.clone(),
             shared.clone(),
@@ -199,7 +151,7 @@ pub async fn serve_live(listener: Listener, ctx: Live<Context>, shutdown: Cancel
                 match accepted {
                     Ok((stream, peer)) => {
                         let _ = stream.set_nodelay(true);
-                        let (ctx, shutdown) = (ctx.get(), shutdown.clone());
+                        let (ctx, shutdown) = (contexts.load_full(), shutdown.clone());
                         sessions.spawn(handle(
                             stream,
                             peer,
@@ -266,9 +218,9 @@ async fn handle(
         }
     };
     tracing::debug!(client = %ip, tls = implicit_tls, "connected");
-    // Fix: the session (its logs, and the client address stored with each
-    // queued message) gets the canonical address too, `127.0.0.1` rather
-    // than `::ffff:127.0.0.1` on a dual-stack socket, as the allow-list saw it.
+    // The session (its logs, and the client address stored with each queued
+    // message) sees the address as the allow-list did: `127.0.0.1` rather
+    // than `::ffff:127.0.0.1` on a dual-stack socket.
     let peer = SocketAddr::new(ip, peer.port());
     let conn = if implicit_tls {
         let Some(acceptor) = ctx.tls.clone() else {

@@ -12,11 +12,11 @@ use crate::{
     server::Shared,
     syntax::{self, DeclaredSize, MAX_COMMAND_LINE},
     tls::Conn,
-    Router,
+    ListenerError, Router,
 };
 use relay_config::{ListenerAuth, ListenerConfig, Mode};
 use relay_queue::{NewMessage, Queue, QueueId, RecipientResult};
-use smtp_proto::{Error as ParseError, Request, AUTH_LOGIN, AUTH_PLAIN};
+use smtp_proto::{Error as ParseError, Request, AUTH_LOGIN, AUTH_PLAIN, MAIL_SMTPUTF8};
 use std::{borrow::Cow, net::SocketAddr, sync::Arc, time::Duration};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
@@ -25,35 +25,46 @@ use tokio::{
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-/// How long a client may stay silent by default (RFC 5321 4.5.3.2 suggests
-/// 5 minutes); `listener.command_timeout` sets it.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long a passthrough client waits for the upstream's answer.
-pub const PASSTHROUGH_WAIT: Duration = Duration::from_secs(300);
+const PASSTHROUGH_WAIT: Duration = Duration::from_secs(300);
 /// A client that keeps getting errors is closed after this many.
-pub const MAX_ERRORS: u32 = 20;
+const MAX_ERRORS: u32 = 20;
+/// `RCPT`s past `max_recipients` in one transaction that are refused with
+/// `452` without counting as errors (Postfix's
+/// `smtpd_recipient_overshoot_limit`): a client sending too many recipients
+/// keeps its session, delivers the first `max_recipients` and sends the rest
+/// in a next transaction (RFC 5321 4.5.3.1.10).
+const RECIPIENT_OVERSHOOT: u32 = 1000;
 /// The read buffer of a session.
 const READ_CHUNK: usize = 16 * 1024;
 
+/// A non-ASCII address in a transaction that did not ask for SMTPUTF8
+/// (RFC 6531 3.5; Postfix's wording).
+const UNICODE_WITHOUT_SMTPUTF8: &str = "553 5.6.7 Must declare SMTPUTF8 to send unicode address";
+
 /// What every session needs; shared by all, replaced as a whole on reload.
 pub struct Context {
-    pub config: ListenerConfig,
-    pub router: Router,
-    pub queue: Queue,
+    pub(crate) config: ListenerConfig,
+    router: Router,
+    queue: Queue,
     /// Built from `tls_certificate` / `tls_private_key`; `None` without them.
-    pub tls: Option<TlsAcceptor>,
+    pub(crate) tls: Option<TlsAcceptor>,
     /// `[[listener.users]]`.
-    pub users: Users,
+    users: Users,
 }
 
 impl Context {
     /// Reads the TLS certificate and key (when configured) and the users'
     /// password hashes.
-    pub fn new(config: ListenerConfig, router: Router, queue: Queue) -> Result<Context, String> {
+    pub fn new(
+        config: ListenerConfig,
+        router: Router,
+        queue: Queue,
+    ) -> Result<Context, ListenerError> {
         let tls = match (&config.tls_certificate, &config.tls_private_key) {
             (Some(cert), Some(key)) => Some(crate::tls::acceptor(cert, key)?),
             (None, None) => None,
-            _ => return Err("listener.tls_certificate and tls_private_key go together".into()),
+            _ => return Err(ListenerError::HalfTls),
         };
         let users = Users::new(&config.users)?;
         Ok(Context {
@@ -70,6 +81,10 @@ struct Envelope {
     sender: String,
     account: String,
     recipients: Vec<String>,
+    /// `MAIL FROM:<…> SMTPUTF8`: addresses may be non-ASCII (RFC 6531).
+    smtputf8: bool,
+    /// `RCPT`s refused as over `max_recipients` so far.
+    overshoot: u32,
 }
 
 enum Phase {
@@ -119,6 +134,7 @@ pub struct Session<S> {
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// A plaintext session with state of its own (no other session's
     /// failed logins count).
+    #[cfg(feature = "fuzzing")]
     pub fn new(stream: S, peer: SocketAddr, ctx: Arc<Context>) -> Self {
         Session::with_conn(Conn::Plain(stream), peer, ctx, Arc::default())
     }
@@ -156,12 +172,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let mut phase = Phase::Command;
         let mut input: Vec<u8> = Vec::with_capacity(1024);
         let mut chunk = vec![0u8; READ_CHUNK];
+        // When the first byte of the command line still incomplete arrived:
+        // the line must be complete within `command_timeout` of it, however
+        // the client drips it. `rest_since`: when the input not yet worked
+        // through became the session's to work through (the last read, or the
+        // end of the line or message before it, whose answer may have taken a
+        // while).
+        let mut rest_since = Instant::now();
+        let mut line_started: Option<Instant> = None;
         loop {
             // Work through everything already received: pipelined commands
             // are answered in order, and flushed together before the next read.
             let mut used = 0;
             while used < input.len() {
+                let in_data = matches!(phase, Phase::Data { .. });
                 let (n, next) = self.step(&mut phase, &input[used..]).await;
+                let line_ended = if in_data {
+                    !matches!(phase, Phase::Data { .. })
+                } else {
+                    n > 0 && input[used + n - 1] == b'\n'
+                };
+                if line_ended {
+                    line_started = None;
+                    rest_since = Instant::now();
+                }
                 used += n;
                 match next {
                     Next::Continue => {}
@@ -187,9 +221,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 }
             }
             input.drain(..used);
+            let line_pending = match phase {
+                Phase::Data { .. } => false,
+                Phase::SkipLine => true,
+                Phase::Command | Phase::Sasl(_) => !input.is_empty(),
+            };
+            line_started = if line_pending {
+                Some(line_started.unwrap_or(rest_since))
+            } else {
+                None
+            };
             self.flush().await?;
-            let wait = match self.read_limit(&phase) {
+            let wait = match self.read_limit(&phase, line_started) {
                 Some(wait) => wait,
+                None if line_started.is_some() => {
+                    return self.timed_out("a command line took too long").await
+                }
                 None => return self.timed_out("DATA took too long").await,
             };
             // On shutdown an idle client is told at once; one in the middle
@@ -207,6 +254,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Err(_) => return self.timed_out("the client went silent").await,
                 Ok(Ok(0)) => return Ok(()),
                 Ok(Ok(n)) => {
+                    rest_since = Instant::now();
                     if let Phase::Data { received, .. } = &mut phase {
                         *received += n as u64;
                     }
@@ -239,8 +287,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 
-    /// How long the next read may wait; `None` when DATA is out of time.
-    fn read_limit(&self, phase: &Phase) -> Option<Duration> {
+    /// How long the next read may wait; `None` when the message, or the
+    /// command line begun at `line_started`, is out of time.
+    fn read_limit(&self, phase: &Phase, line_started: Option<Instant>) -> Option<Duration> {
         let c = &self.ctx.config;
         match phase {
             Phase::Data {
@@ -254,7 +303,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 let left = allowed.checked_sub(started.elapsed())?;
                 (!left.is_zero()).then(|| left.min(c.data_block_timeout))
             }
-            _ => Some(c.command_timeout),
+            _ => match line_started {
+                None => Some(c.command_timeout),
+                Some(started) => {
+                    let left = c.command_timeout.checked_sub(started.elapsed())?;
+                    (!left.is_zero()).then_some(left)
+                }
+            },
         }
     }
 
@@ -346,12 +401,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     };
                     Next::Continue
                 }
-                // Fix: a refused DATA may be the error that reaches
-                // MAX_ERRORS; its Close used to be dropped, so the 421 was
-                // sent but the session went on.
+                // the refusal may be the error that closes the session
                 Some(next) => next,
             },
-            Ok(Request::Mail { from }) => self.mail(from.address, content),
+            Ok(Request::Mail { from }) => {
+                let smtputf8 = from.flags & MAIL_SMTPUTF8 != 0;
+                self.mail(from.address, smtputf8, content)
+            }
             Ok(Request::Rcpt { to }) => self.rcpt(to.address, content),
             Ok(Request::Auth {
                 mechanism,
@@ -557,7 +613,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 
-    fn mail(&mut self, sender: String, content: &[u8]) -> Next {
+    fn mail(&mut self, sender: String, smtputf8: bool, content: &[u8]) -> Next {
         if self.envelope.is_some() {
             return self.error("503 5.5.1 Error: nested MAIL command");
         }
@@ -581,6 +637,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             let text = format!("501 5.1.7 <{sender}>: Sender address rejected: {why}");
             return self.error(&text);
         }
+        if !smtputf8 && !sender.is_ascii() {
+            return self.error(UNICODE_WITHOUT_SMTPUTF8);
+        }
         let Some(account) = self.ctx.router.route(&sender).map(str::to_owned) else {
             let text = format!(
                 "550 5.7.1 <{sender}>: Sender address rejected: no account of this relay sends for it (see senders in [[accounts]])"
@@ -591,6 +650,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             sender,
             account,
             recipients: Vec::new(),
+            smtputf8,
+            overshoot: 0,
         });
         self.line("250 2.1.0 Ok");
         Next::Continue
@@ -612,8 +673,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let Some(envelope) = self.envelope.as_mut() else {
             return self.error("503 5.5.1 Error: need MAIL command");
         };
+        if !envelope.smtputf8 && !recipient.is_ascii() {
+            return self.error(UNICODE_WITHOUT_SMTPUTF8);
+        }
         if envelope.recipients.len() >= max {
-            return self.error("452 4.5.3 Error: too many recipients");
+            envelope.overshoot += 1;
+            let too_many = "452 4.5.3 Error: too many recipients";
+            if envelope.overshoot <= RECIPIENT_OVERSHOOT {
+                self.line(too_many);
+                return Next::Continue;
+            }
+            return self.error(too_many);
         }
         envelope.recipients.push(recipient);
         self.line("250 2.1.5 Ok");

@@ -2,6 +2,11 @@
 //! `tls_private_key` (read again at every reload), and [`Conn`], a stream
 //! that starts plain and may be upgraded by `STARTTLS`.
 
+use crate::ListenerError;
+use rustls::pki_types::{
+    pem::{self, PemObject},
+    CertificateDer, PrivateKeyDer,
+};
 use std::{
     io,
     path::Path,
@@ -14,43 +19,44 @@ use tokio_rustls::{server::TlsStream, TlsAcceptor};
 
 /// Reads the certificate chain and key and builds a server configuration
 /// that speaks TLS 1.2 and 1.3 only.
-pub fn acceptor(certificate: &Path, private_key: &Path) -> Result<TlsAcceptor, String> {
-    let certs = rustls_pemfile::certs(&mut io::BufReader::new(
-        std::fs::File::open(certificate)
-            .map_err(|e| format!("listener.tls_certificate {}: {e}", certificate.display()))?,
-    ))
-    .collect::<Result<Vec<_>, _>>()
-    .map_err(|e| format!("listener.tls_certificate {}: {e}", certificate.display()))?;
+pub fn acceptor(certificate: &Path, private_key: &Path) -> Result<TlsAcceptor, ListenerError> {
+    let pem_error = |key, path: &Path, source| match source {
+        pem::Error::NoItemsFound => ListenerError::NothingInPem {
+            key,
+            path: path.to_owned(),
+            what: if key == "tls_certificate" {
+                "certificate"
+            } else {
+                "private key"
+            },
+        },
+        source => ListenerError::Pem {
+            key,
+            path: path.to_owned(),
+            source,
+        },
+    };
+    let certs = CertificateDer::pem_file_iter(certificate)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| pem_error("tls_certificate", certificate, e))?;
     if certs.is_empty() {
-        return Err(format!(
-            "listener.tls_certificate {}: no certificate in it",
-            certificate.display()
+        return Err(pem_error(
+            "tls_certificate",
+            certificate,
+            pem::Error::NoItemsFound,
         ));
     }
-    let key = rustls_pemfile::private_key(&mut io::BufReader::new(
-        std::fs::File::open(private_key)
-            .map_err(|e| format!("listener.tls_private_key {}: {e}", private_key.display()))?,
-    ))
-    .map_err(|e| format!("listener.tls_private_key {}: {e}", private_key.display()))?
-    .ok_or_else(|| {
-        format!(
-            "listener.tls_private_key {}: no private key in it",
-            private_key.display()
-        )
-    })?;
+    let key = PrivateKeyDer::from_pem_file(private_key)
+        .map_err(|e| pem_error("tls_private_key", private_key, e))?;
     let config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::aws_lc_rs::default_provider(),
     ))
     .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-    .map_err(|e| format!("listener TLS: {e}"))?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .map_err(|e| {
-        format!(
-            "listener.tls_certificate {} and tls_private_key {}: {e}",
-            certificate.display(),
-            private_key.display()
-        )
+    .and_then(|builder| builder.with_no_client_auth().with_single_cert(certs, key))
+    .map_err(|source| ListenerError::Tls {
+        certificate: certificate.to_owned(),
+        private_key: private_key.to_owned(),
+        source,
     })?;
     Ok(TlsAcceptor::from(Arc::new(config)))
 }

@@ -3,7 +3,8 @@
 //! bytes, and every reply is compared byte for byte. What was accepted is
 //! checked in the queue directory itself.
 
-use relay_listener::{session::Context, Router};
+use arc_swap::ArcSwap;
+use relay_listener::{Context, Router};
 use relay_queue::{list, Entry, Queue, QueueSettings};
 use std::{
     net::SocketAddr,
@@ -23,6 +24,13 @@ use tokio_util::sync::CancellationToken;
 const WAIT: Duration = Duration::from_secs(10);
 
 const HOST: &str = "relay.test";
+
+/// Error replies after which a session is closed.
+const MAX_ERRORS: u32 = 20;
+/// `listener.command_timeout` by default.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
+/// Failed logins from one address before it is locked out.
+const MAX_AUTH_FAILURES: u32 = 5;
 
 /// Awaits `f`, failing the test if it takes longer than [`WAIT`].
 async fn within<F: std::future::Future>(what: &str, f: F) -> F::Output {
@@ -155,21 +163,23 @@ impl Setup {
         } else {
             Vec::new()
         };
-        let listener = relay_listener::bind_with_tls(&[self.bind], &implicit)
+        let listener = relay_listener::bind(&[self.bind], &implicit)
             .await
             .expect("bind");
         let addr = listener.local_addrs()[0];
         let tls_addr = listener.tls_addrs().first().copied();
-        let ctx = Arc::new(
-            Context::new(
-                config.listener,
-                Router::new(&config.accounts),
-                queue.clone(),
-            )
-            .expect("listener context"),
-        );
+        let ctx = Context::new(
+            config.listener,
+            Router::new(&config.accounts),
+            queue.clone(),
+        )
+        .expect("listener context");
         let shutdown = CancellationToken::new();
-        let server = tokio::spawn(relay_listener::serve(listener, ctx, shutdown.clone()));
+        let server = tokio::spawn(relay_listener::serve(
+            listener,
+            Arc::new(ArcSwap::from_pointee(ctx)),
+            shutdown.clone(),
+        ));
         Relay {
             addr,
             tls_addr,
@@ -289,6 +299,8 @@ impl Client {
         let stream = within("connecting", TcpStream::connect(addr))
             .await
             .expect("connect");
+        // each write goes out at once, also to a server on a paused clock
+        stream.set_nodelay(true).expect("TCP_NODELAY");
         Client::over(stream)
     }
 
@@ -968,6 +980,9 @@ async fn size_limits() {
     relay.stop().await;
 }
 
+/// Recipients past `max_recipients` get `452 4.5.3` without counting as
+/// errors (up to an overshoot of 1000, as Postfix), so the client keeps its
+/// session and sends the rest in a next transaction.
 #[tokio::test]
 async fn too_many_recipients() {
     let relay = Setup::default()
@@ -975,18 +990,76 @@ async fn too_many_recipients() {
         .start()
         .await;
     let mut c = relay.client().await;
+    let too_many = "452 4.5.3 Error: too many recipients\r\n";
     c.cmd("MAIL FROM:<a@contoso.com>", "250 2.1.0 Ok").await;
-    c.cmd("RCPT TO:<one@example.com>", "250 2.1.5 Ok").await;
-    c.cmd("RCPT TO:<two@example.com>", "250 2.1.5 Ok").await;
-    c.cmd(
-        "RCPT TO:<three@example.com>",
-        "452 4.5.3 Error: too many recipients",
-    )
-    .await;
-    let id = c.data(b"x\r\n").await;
-    let (entry, _) = relay.single();
-    assert_eq!(entry.id, id);
-    assert_eq!(entry.recipients, ["one@example.com", "two@example.com"]);
+    c.cmd("RCPT TO:<r0@example.com>", "250 2.1.5 Ok").await;
+    c.cmd("RCPT TO:<r1@example.com>", "250 2.1.5 Ok").await;
+    // more than MAX_ERRORS of them, pipelined
+    let rest: String = (2..30)
+        .map(|i| format!("RCPT TO:<r{i}@example.com>\r\n"))
+        .collect();
+    c.send(rest).await;
+    for _ in 2..30 {
+        c.expect(too_many).await;
+    }
+    let first = c.data(b"x\r\n").await;
+    c.cmd("MAIL FROM:<a@contoso.com>", "250 2.1.0 Ok").await;
+    c.cmd("RCPT TO:<r2@example.com>", "250 2.1.5 Ok").await;
+    c.cmd("RCPT TO:<r3@example.com>", "250 2.1.5 Ok").await;
+    let second = c.data(b"x\r\n").await;
+    let entries = relay.entries();
+    assert_eq!(entries.len(), 2);
+    assert_eq!(entries[0].id, first);
+    assert_eq!(entries[0].recipients, ["r0@example.com", "r1@example.com"]);
+    assert_eq!(entries[1].id, second);
+    assert_eq!(entries[1].recipients, ["r2@example.com", "r3@example.com"]);
+
+    // past the overshoot, each one counts: MAX_ERRORS more close the session
+    c.cmd("MAIL FROM:<a@contoso.com>", "250 2.1.0 Ok").await;
+    let rcpts: String = (0..2 + 1000 + MAX_ERRORS)
+        .map(|i| format!("RCPT TO:<r{i}@example.com>\r\n"))
+        .collect();
+    c.send(rcpts).await;
+    c.expect("250 2.1.5 Ok\r\n").await;
+    c.expect("250 2.1.5 Ok\r\n").await;
+    for _ in 0..1000 + MAX_ERRORS {
+        c.expect(too_many).await;
+    }
+    c.expect(TOO_MANY).await;
+    c.closed().await;
+    relay.stop().await;
+}
+
+/// Without `SMTPUTF8` on `MAIL FROM`, a non-ASCII address is refused with
+/// `553 5.6.7` (RFC 6531 3.5), never forwarded raw; with it, accepted.
+#[tokio::test]
+async fn non_ascii_addresses_need_smtputf8() {
+    let relay = Relay::start().await;
+    let mut c = relay.client().await;
+    let refused = "553 5.6.7 Must declare SMTPUTF8 to send unicode address";
+    c.cmd("MAIL FROM:<grüße@contoso.com>", refused).await;
+    c.cmd("MAIL FROM:<grüße@contoso.com> BODY=8BITMIME", refused)
+        .await;
+    c.cmd("MAIL FROM:<a@contoso.com>", "250 2.1.0 Ok").await;
+    c.cmd("RCPT TO:<jürgen@exämple.com>", refused).await;
+    c.cmd("RCPT TO:<juergen@exämple.com>", refused).await;
+    c.cmd("RCPT TO:<b@example.com>", "250 2.1.5 Ok").await;
+    let ascii = c.data(b"x\r\n").await;
+    c.cmd("MAIL FROM:<a@contoso.com> SMTPUTF8", "250 2.1.0 Ok")
+        .await;
+    c.cmd("RCPT TO:<jürgen@exämple.com>", "250 2.1.5 Ok").await;
+    let utf8 = c.data(b"x\r\n").await;
+    c.cmd("QUIT", "221 2.0.0 Bye").await;
+    let entries = relay.entries();
+    assert_eq!(entries.len(), 2);
+    assert_eq!(
+        (entries[0].id.as_str(), entries[0].recipients.as_slice()),
+        (ascii.as_str(), &["b@example.com".to_owned()][..])
+    );
+    assert_eq!(
+        (entries[1].id.as_str(), entries[1].recipients.as_slice()),
+        (utf8.as_str(), &["jürgen@exämple.com".to_owned()][..])
+    );
     relay.stop().await;
 }
 
@@ -1073,7 +1146,7 @@ const TOO_MANY: &str = "421 4.7.0 Error: too many errors, closing connection\r\n
 async fn too_many_errors_close_the_session() {
     let relay = Relay::start().await;
     let mut c = relay.client().await;
-    for _ in 1..relay_listener::session::MAX_ERRORS {
+    for _ in 1..MAX_ERRORS {
         c.cmd("BOGUS", "500 5.5.2 Error: command not recognized")
             .await;
     }
@@ -1092,7 +1165,7 @@ async fn too_many_pipelined_errors_stop_at_the_limit() {
     let relay = Relay::start().await;
     let mut c = relay.client().await;
     c.send("BOGUS\r\n".repeat(25) + "NOOP\r\n").await;
-    for _ in 0..relay_listener::session::MAX_ERRORS {
+    for _ in 0..MAX_ERRORS {
         c.expect("500 5.5.2 Error: command not recognized\r\n")
             .await;
     }
@@ -1115,7 +1188,7 @@ async fn the_error_that_reaches_the_limit_closes_whatever_it_is() {
         ("STARTTLS", "502 5.5.1 Error: STARTTLS not available"),
     ] {
         let mut c = relay.client().await;
-        for _ in 1..relay_listener::session::MAX_ERRORS {
+        for _ in 1..MAX_ERRORS {
             c.cmd("DATA", "503 5.5.1 Error: need MAIL command").await;
         }
         c.send(format!("{last}\r\n")).await;
@@ -1325,23 +1398,23 @@ async fn ipv4_clients_of_a_dual_stack_socket() {
     refused.stop().await;
 }
 
-/// A silent client is told `421 4.4.2` after IDLE_TIMEOUT (on a paused
-/// clock, so the test takes no time).
+/// A silent client is told `421 4.4.2` after `command_timeout` (on a
+/// paused clock, so the test takes no time).
 #[tokio::test(start_paused = true)]
 async fn idle_clients_are_timed_out() {
     let relay = Relay::start().await;
     let mut c = relay.client().await;
     c.cmd("MAIL FROM:<a@contoso.com>", "250 2.1.0 Ok").await;
     let silent_since = tokio::time::Instant::now();
-    c.wait = relay_listener::session::IDLE_TIMEOUT + Duration::from_secs(60);
+    c.wait = COMMAND_TIMEOUT + Duration::from_secs(60);
     c.expect("421 4.4.2 relay.test Error: timeout exceeded\r\n")
         .await;
-    assert!(silent_since.elapsed() >= relay_listener::session::IDLE_TIMEOUT);
+    assert!(silent_since.elapsed() >= COMMAND_TIMEOUT);
     c.closed().await;
     // also in the middle of a message; nothing is queued
     let mut c = relay.client_in_data().await;
     c.send("half\r\n").await;
-    c.wait = relay_listener::session::IDLE_TIMEOUT + Duration::from_secs(60);
+    c.wait = COMMAND_TIMEOUT + Duration::from_secs(60);
     c.expect("421 4.4.2 relay.test Error: timeout exceeded\r\n")
         .await;
     c.closed().await;
@@ -1349,7 +1422,103 @@ async fn idle_clients_are_timed_out() {
     relay.stop().await;
 }
 
-// ------------------------------------------------------ limits (issue 5)
+/// Writes `bytes` one at a time, `every` apart, until the server says
+/// something; returns what it said and how long after the first byte.
+async fn drip_bytes(c: &mut Client, every: Duration, bytes: &[u8]) -> (String, Duration) {
+    let first = tokio::time::Instant::now();
+    for &byte in bytes {
+        c.send([byte]).await;
+        let mut chunk = [0u8; 512];
+        match tokio::time::timeout(every, c.stream.read(&mut chunk)).await {
+            Err(_) => continue,
+            Ok(read) => {
+                let n = read.expect("read");
+                assert!(n > 0, "closed without a reply");
+                let elapsed = first.elapsed();
+                c.buf.extend_from_slice(&chunk[..n]);
+                return (c.reply().await, elapsed);
+            }
+        }
+    }
+    panic!("the server never answered the drip");
+}
+
+/// A command line must be complete within `command_timeout` of its first
+/// byte: dripping it a byte at a time does not hold the connection (on a
+/// paused clock, over a real socket).
+#[tokio::test(start_paused = true)]
+async fn a_dripped_command_line_is_cut_off_at_command_timeout() {
+    let relay = Setup::default()
+        .listener("command_timeout = \"10s\"")
+        .start()
+        .await;
+    let timeout = "421 4.4.2 relay.test Error: timeout exceeded\r\n";
+    let second = Duration::from_secs(1);
+    // one byte every 3 s, never a line end
+    let mut c = relay.client().await;
+    let (reply, after) = drip_bytes(&mut c, 3 * second, &[b'X'; 100]).await;
+    assert_eq!(reply, timeout);
+    assert!(after >= 10 * second && after < 11 * second, "{after:?}");
+    c.closed().await;
+    // lines completed in time are answered; each line has its own limit
+    let mut c = relay.client().await;
+    let (reply, after) = drip_bytes(&mut c, second, b"NOOP\r\n").await;
+    assert_eq!(reply, "250 2.0.0 Ok\r\n");
+    assert!(after >= 5 * second && after < 6 * second, "{after:?}");
+    let (reply, _) = drip_bytes(&mut c, 1500 * Duration::from_millis(1), b"NOOP\r\n").await;
+    assert_eq!(reply, "250 2.0.0 Ok\r\n");
+    // the clock starts at the first byte of a line pipelined after another
+    c.send("NOOP\r\nNO").await;
+    c.expect("250 2.0.0 Ok\r\n").await;
+    tokio::time::sleep(4 * second).await;
+    let (reply, after) = drip_bytes(&mut c, 3 * second, &[b'X'; 100]).await;
+    assert_eq!(reply, timeout);
+    assert!(after >= 6 * second && after < 7 * second, "{after:?}");
+    c.closed().await;
+    // the rest of an over-long line too
+    let mut c = relay.client().await;
+    c.send("X".repeat(600)).await;
+    c.expect("500 5.5.2 Error: line too long\r\n").await;
+    tokio::time::sleep(4 * second).await;
+    let (reply, after) = drip_bytes(&mut c, 3 * second, &[b'X'; 100]).await;
+    assert_eq!(reply, timeout);
+    assert!(after >= 6 * second && after < 7 * second, "{after:?}");
+    c.closed().await;
+    relay.stop().await;
+}
+
+/// After `354` a drip is cut off by `min_data_rate` (after
+/// `data_block_timeout` of grace) and, with the rate check off, by
+/// `data_timeout`: never later.
+#[tokio::test(start_paused = true)]
+async fn a_dripped_message_is_cut_off() {
+    let second = Duration::from_secs(1);
+    let timeout = "421 4.4.2 relay.test Error: timeout exceeded\r\n";
+    let relay = Setup::default()
+        .listener("data_block_timeout = \"10s\"\ndata_timeout = \"60s\"\nmin_data_rate = 100")
+        .start()
+        .await;
+    // 1 byte a second: allowed 10 s + 1/100 s per byte received
+    let mut c = relay.client_in_data().await;
+    let (reply, after) = drip_bytes(&mut c, second, &[b'x'; 1000]).await;
+    assert_eq!(reply, timeout);
+    assert!(after >= 10 * second && after < 11 * second, "{after:?}");
+    c.closed().await;
+    relay.stop().await;
+    let relay = Setup::default()
+        .listener("data_block_timeout = \"10s\"\ndata_timeout = \"60s\"\nmin_data_rate = 0")
+        .start()
+        .await;
+    let mut c = relay.client_in_data().await;
+    let (reply, after) = drip_bytes(&mut c, second, &[b'x'; 1000]).await;
+    assert_eq!(reply, timeout);
+    assert!(after >= 60 * second && after < 61 * second, "{after:?}");
+    c.closed().await;
+    assert!(relay.entries().is_empty());
+    relay.stop().await;
+}
+
+// ------------------------------------------------------ limits
 
 /// A command line may be 512 octets with its CRLF (RFC 5321 4.5.3.1.4);
 /// one more is `500 5.5.2`, and the session goes on in step.
@@ -1739,7 +1908,7 @@ async fn more_smuggling_variants_are_content() {
     relay.stop().await;
 }
 
-// ------------------------------------------------------------- TLS (issue 5)
+// ------------------------------------------------------------- TLS
 
 const EHLO_PLAIN: &str = "250-relay.test Hello c\r\n250-PIPELINING\r\n250-SIZE 36700160\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n";
 
@@ -1829,15 +1998,23 @@ async fn implicit_tls_sockets_start_with_the_handshake() {
 /// the relay does on SIGHUP); sessions already open keep theirs.
 #[tokio::test]
 async fn a_rebuilt_context_serves_the_new_certificate() {
-    let (ctx, dir, cert) = Setup::default().tls().context().await;
+    let (config, dir, queue, cert) = Setup::default().tls().load().await;
     let old = cert.expect("certificate");
-    let listener = relay_listener::bind(&[SocketAddr::from(([127, 0, 0, 1], 0))])
+    let context = || {
+        Context::new(
+            config.listener.clone(),
+            Router::new(&config.accounts),
+            queue.clone(),
+        )
+        .expect("listener context")
+    };
+    let listener = relay_listener::bind(&[SocketAddr::from(([127, 0, 0, 1], 0))], &[])
         .await
         .expect("bind");
     let addr = listener.local_addrs()[0];
-    let live = relay_listener::Live::new(ctx.clone());
+    let live = Arc::new(ArcSwap::from_pointee(context()));
     let shutdown = CancellationToken::new();
-    let server = tokio::spawn(relay_listener::serve_live(
+    let server = tokio::spawn(relay_listener::serve(
         listener,
         live.clone(),
         shutdown.clone(),
@@ -1856,10 +2033,7 @@ async fn a_rebuilt_context_serves_the_new_certificate() {
     assert!(starttls(&old).await.is_ok());
     // renewed on disk, same file names
     let new = TestCert::write(dir.path(), "cert");
-    live.set(Arc::new(
-        Context::new(ctx.config.clone(), ctx.router.clone(), ctx.queue.clone())
-            .expect("rebuilt context"),
-    ));
+    live.store(Arc::new(context()));
     assert!(starttls(&new).await.is_ok(), "new certificate served");
     assert!(
         starttls(&old).await.is_err(),
@@ -1869,7 +2043,7 @@ async fn a_rebuilt_context_serves_the_new_certificate() {
     within("serve", server).await.expect("serve task");
 }
 
-// ------------------------------------------------------------ AUTH (issue 5)
+// ------------------------------------------------------------ AUTH
 
 fn phc(password: &str) -> String {
     use argon2::password_hash::{PasswordHasher, SaltString};
@@ -2001,7 +2175,7 @@ async fn auth_required_refuses_mail_before_login() {
 #[tokio::test]
 async fn failed_logins_are_rate_limited_per_client() {
     let relay = Setup::default().listener(&users("optional")).start().await;
-    for _ in 0..relay_listener::auth::MAX_AUTH_FAILURES {
+    for _ in 0..MAX_AUTH_FAILURES {
         let mut c = relay.client().await;
         c.cmd(
             &format!("AUTH PLAIN {}", b64(b"\0scanner\0guess")),
@@ -2020,15 +2194,6 @@ async fn failed_logins_are_rate_limited_per_client() {
         "454 4.7.0 Error: too many failed logins, try again later",
     )
     .await;
-    // unknown users count the same
-    let limiter = relay_listener::auth::AuthLimiter::default();
-    let ip = "192.0.2.1".parse().expect("ip");
-    for _ in 0..relay_listener::auth::MAX_AUTH_FAILURES {
-        assert!(!limiter.blocked(ip));
-        limiter.failed(ip);
-    }
-    assert!(limiter.blocked(ip));
-    assert!(!limiter.blocked("192.0.2.2".parse().expect("ip")));
     relay.stop().await;
 }
 
@@ -2037,7 +2202,7 @@ async fn session_from(ctx: Arc<Context>, ip: [u8; 4]) -> Client {
     let (client, server) = tokio::io::duplex(64 * 1024);
     let peer = SocketAddr::from((ip, 40000));
     tokio::spawn(
-        relay_listener::session::Session::new(server, peer, ctx).run(CancellationToken::new()),
+        relay_listener::fuzzing::Session::new(server, peer, ctx).run(CancellationToken::new()),
     );
     let mut c = Client::over(client);
     c.expect("220 relay.test ESMTP smtp-oauth-relay ready\r\n")
