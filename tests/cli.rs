@@ -107,3 +107,70 @@ async fn the_example_config_is_valid() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+// `demo` writes its configuration and names it, so the admin verbs can be
+// tried against the running demo.
+#[tokio::test]
+async fn demo_config_serves_the_admin_verbs() {
+    use std::io::BufRead;
+    let port = free_port();
+    let mut demo = std::process::Command::new(BIN)
+        .args(["demo", "--listen", &format!("127.0.0.1:{port}")])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start demo");
+    let stdout = demo.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut config = None;
+    while let Ok(line) = rx.recv_timeout(std::time::Duration::from_secs(60)) {
+        if let Some((_, path)) = line.split_once(" queue list --config ") {
+            config = Some(std::path::PathBuf::from(path.trim()));
+            break;
+        }
+    }
+    let Some(config) = config else {
+        let _ = demo.kill();
+        panic!("demo printed no --config PATH");
+    };
+    for args in [
+        &["queue", "list"][..],
+        &["health"],
+        &["token"],
+        &["doctor"],
+        &["send-test", "--to", "bob@example.com"],
+    ] {
+        let out = cli(args, &config);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &demo.id().to_string()])
+        .status();
+    let mut exited = false;
+    for _ in 0..200 {
+        if let Ok(Some(_)) = demo.try_wait() {
+            exited = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    if !exited {
+        let _ = demo.kill();
+    }
+    assert!(exited, "demo did not stop on SIGTERM");
+}
