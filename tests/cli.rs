@@ -174,3 +174,56 @@ async fn demo_config_serves_the_admin_verbs() {
     }
     assert!(exited, "demo did not stop on SIGTERM");
 }
+
+// The admin verbs read no credential: with the secret's path naming
+// ${CREDENTIALS_DIRECTORY} (set only for the service), they work without it.
+#[tokio::test]
+async fn admin_verbs_need_no_secret() {
+    let world = World::start().await;
+    let port = free_port();
+    let secret = world.dir.path().join("secret").display().to_string();
+    let config = world
+        .config(port)
+        .replace(&secret, "${CREDENTIALS_DIRECTORY}/secret")
+        .replace(
+            "bind = \"127.0.0.1:0\"",
+            &format!("bind = \"127.0.0.1:{}\"", free_port()),
+        );
+    assert!(config.contains("${CREDENTIALS_DIRECTORY}/secret"));
+    let path = world.write_config(&config);
+    let without_credentials = |args: &[&str]| {
+        std::process::Command::new(BIN)
+            .args(args)
+            .arg("--config")
+            .arg(&path)
+            .env_remove("CREDENTIALS_DIRECTORY")
+            .output()
+            .expect("run the binary")
+    };
+    let out = without_credentials(&["check"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("accounts[0].oauth.client_secret_file")
+            && stderr.contains("CREDENTIALS_DIRECTORY is not set"),
+        "{stderr}"
+    );
+    let dir = world.dir.path().display().to_string();
+    let relay = Relay::start_with_env(&path, port, &[("CREDENTIALS_DIRECTORY", &dir)]).await;
+    send_accepted(&relay, "no secret needed").await;
+    relay.delivered(&world, 1).await;
+    for args in [
+        &["queue", "list"][..],
+        &["queue", "list", "--json"],
+        &["queue", "retry", "--all"],
+        &["queue", "delete", "--failed"],
+        &["health"],
+    ] {
+        let out = without_credentials(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

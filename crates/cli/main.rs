@@ -79,7 +79,7 @@ fn main() -> ExitCode {
     // `run` logs as its configuration says; the other verbs print their
     // results and log only problems.
     let run_config = match cli.command {
-        Command::Run => match check::load(&cli.config) {
+        Command::Run => match check::load_with_secrets(&cli.config) {
             Ok(config) => Some(config),
             Err(e) => {
                 eprintln!("error: {e:#}");

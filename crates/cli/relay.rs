@@ -37,7 +37,7 @@ pub async fn run(config: Config, path: &Path) -> anyhow::Result<()> {
             result = wait_for_signal() => { result?; break; }
             _ = hangup.recv() => {
                 crate::notify::reloading();
-                match crate::check::load(path) {
+                match crate::check::load_with_secrets(path) {
                     Ok(new) => relay.reload(new).await,
                     Err(e) => tracing::error!("reload refused, the running configuration stays: {e:#}"),
                 }

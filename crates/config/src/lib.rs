@@ -12,7 +12,7 @@ mod schema;
 mod secret;
 mod validate;
 
-pub use load::{load_file, load_str, ConfigError, ENV_PREFIX};
+pub use load::{load_file, load_file_with, load_str, ConfigError, Secrets, ENV_PREFIX};
 pub use schema::*;
 pub use secret::Secret;
 pub use validate::decode_cache_key;

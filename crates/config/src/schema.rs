@@ -71,10 +71,10 @@ pub struct ListenerConfig {
     /// Both files are read again on every reload (SIGHUP), so a renewed
     /// certificate is used by new connections without a restart. TLS 1.2
     /// and 1.3 only. Default: none (no TLS).
-    #[serde(default, deserialize_with = "opt_env_path")]
+    #[serde(default, deserialize_with = "credential_path")]
     pub tls_certificate: Option<PathBuf>,
     /// The certificate's private key (PEM: PKCS#8, PKCS#1 or SEC1).
-    #[serde(default, deserialize_with = "opt_env_path")]
+    #[serde(default, deserialize_with = "credential_path")]
     pub tls_private_key: Option<PathBuf>,
     /// Addresses for implicit TLS (TLS from the first byte, usually port
     /// 465), in addition to `bind`. Needs `tls_certificate`. Default: none.
@@ -487,14 +487,14 @@ pub struct OAuthConfig {
     pub client_secret: Option<Secret>,
     /// A file holding the client secret value (surrounding white space is
     /// ignored). Read at each token request, so a rotated secret needs no restart.
-    #[serde(default, deserialize_with = "opt_env_path")]
+    #[serde(default, deserialize_with = "credential_path")]
     pub client_secret_file: Option<PathBuf>,
     /// The certificate uploaded to the app registration (PEM), instead of a
     /// secret; goes with `client_private_key`.
-    #[serde(default, deserialize_with = "opt_env_path")]
+    #[serde(default, deserialize_with = "credential_path")]
     pub client_certificate: Option<PathBuf>,
     /// The certificate's RSA private key (PEM, PKCS#8 or PKCS#1, unencrypted).
-    #[serde(default, deserialize_with = "opt_env_path")]
+    #[serde(default, deserialize_with = "credential_path")]
     pub client_private_key: Option<PathBuf>,
     /// How the client assertion is signed: `PS256` (default, with `x5t#S256`)
     /// or `RS256` (with `x5t`).
@@ -502,7 +502,7 @@ pub struct OAuthConfig {
     pub assertion_algorithm: AssertionAlgorithm,
     /// Google service account key (the JSON file downloaded from the Cloud
     /// console), for `flow = "service_account"`.
-    #[serde(default, deserialize_with = "opt_env_path")]
+    #[serde(default, deserialize_with = "credential_path")]
     pub service_account_key_file: Option<PathBuf>,
     /// Scope requested. Default: `https://outlook.office365.com/.default`
     /// (client credentials), `https://outlook.office.com/SMTP.Send
@@ -515,7 +515,7 @@ pub struct OAuthConfig {
     pub token_cache: Option<PathBuf>,
     /// A file with a 32-byte key (base64 or hex) that encrypts the token
     /// cache at rest (ChaCha20-Poly1305). Default: not encrypted.
-    #[serde(default, deserialize_with = "opt_env_path")]
+    #[serde(default, deserialize_with = "credential_path")]
     pub token_cache_key_file: Option<PathBuf>,
     /// Renew a token this long before it expires (capped at a third of its
     /// lifetime for short-lived tokens). Default `10m`.
@@ -766,7 +766,17 @@ fn opt_env_path<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Pat
     env_path(deserializer).map(Some)
 }
 
-fn expand_env(text: &str) -> Result<String, String> {
+/// A file holding a credential (client secret, private key, …), kept as
+/// written: its `${NAME}`s are expanded only when the secrets are read
+/// ([`crate::Secrets::Read`]), so verbs that never use them work where
+/// `CREDENTIALS_DIRECTORY` is not set.
+fn credential_path<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<PathBuf>, D::Error> {
+    String::deserialize(deserializer).map(|text| Some(PathBuf::from(text)))
+}
+
+pub(crate) fn expand_env(text: &str) -> Result<String, String> {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(start) = rest.find("${") {

@@ -1,10 +1,14 @@
 //! Rules the schema alone cannot express. Each problem is one line that
 //! starts with the key path it is about.
 
-use crate::{AccountConfig, Config, Flow, ListenerAuth, ListenerConfig, OAuthConfig, Provider};
+use crate::{
+    AccountConfig, Config, Flow, ListenerAuth, ListenerConfig, OAuthConfig, Provider, Secrets,
+};
 use std::{collections::HashSet, path::Path};
 
-pub(crate) fn problems(config: &Config) -> Vec<String> {
+/// Every problem of `config`; the credential files are read only with
+/// [`Secrets::Read`].
+pub(crate) fn problems(config: &Config, secrets: Secrets) -> Vec<String> {
     let mut out = Vec::new();
     let l = &config.listener;
     if l.bind.is_empty() {
@@ -25,7 +29,7 @@ pub(crate) fn problems(config: &Config) -> Vec<String> {
     if l.max_recipients == 0 {
         out.push("listener.max_recipients must be more than 0".into());
     }
-    listener_problems(l, &mut out);
+    listener_problems(l, secrets, &mut out);
     let q = &config.queue;
     if q.retry_initial.is_zero() {
         out.push("queue.retry_initial must be more than 0".into());
@@ -76,14 +80,15 @@ pub(crate) fn problems(config: &Config) -> Vec<String> {
                 out.push(format!("accounts[{i}].{key} must be more than 0"));
             }
         }
-        account_problems(&format!("accounts[{i}]"), account, &mut out);
+        account_problems(&format!("accounts[{i}]"), account, secrets, &mut out);
     }
     out
 }
 
 /// TLS, local logins, connection limits and timeouts of `[listener]`.
-fn listener_problems(l: &ListenerConfig, out: &mut Vec<String>) {
+fn listener_problems(l: &ListenerConfig, secrets: Secrets, out: &mut Vec<String>) {
     match (&l.tls_certificate, &l.tls_private_key) {
+        (Some(_), Some(_)) if secrets == Secrets::Skip => {}
         (Some(cert), Some(key)) => {
             check_file(
                 "listener",
@@ -170,7 +175,7 @@ fn is_argon2_phc(text: &str) -> bool {
                 && !hash.is_empty())
 }
 
-fn account_problems(at: &str, account: &AccountConfig, out: &mut Vec<String>) {
+fn account_problems(at: &str, account: &AccountConfig, secrets: Secrets, out: &mut Vec<String>) {
     if account.name.trim().is_empty() {
         out.push(format!("{at}.name is empty"));
     }
@@ -197,12 +202,13 @@ fn account_problems(at: &str, account: &AccountConfig, out: &mut Vec<String>) {
             ));
         }
     }
-    oauth_problems(&format!("{at}.oauth"), &account.oauth, out);
+    oauth_problems(&format!("{at}.oauth"), &account.oauth, secrets, out);
 }
 
 /// The `[accounts.oauth]` rules: required keys per flow and provider, exactly
-/// one client credential, readable files.
-fn oauth_problems(at: &str, o: &OAuthConfig, out: &mut Vec<String>) {
+/// one client credential, readable files (with [`Secrets::Read`]).
+fn oauth_problems(at: &str, o: &OAuthConfig, secrets: Secrets, out: &mut Vec<String>) {
+    let read = secrets == Secrets::Read;
     if let Some(authority) = &o.authority {
         if let Err(why) = check_authority(authority) {
             out.push(format!("{at}.authority {authority:?}: {why}"));
@@ -245,9 +251,10 @@ fn oauth_problems(at: &str, o: &OAuthConfig, out: &mut Vec<String>) {
             }
             match &o.service_account_key_file {
                 None => out.push(format!("{at}.service_account_key_file is missing")),
-                Some(path) => {
+                Some(path) if read => {
                     check_file(at, "service_account_key_file", path, "\"private_key\"", out)
                 }
+                Some(_) => {}
             }
         }
         Flow::ClientCredentials | Flow::RefreshToken => {
@@ -281,11 +288,12 @@ fn oauth_problems(at: &str, o: &OAuthConfig, out: &mut Vec<String>) {
                     out.push(format!("{at}.client_secret is empty"));
                 }
             }
-            if let Some(path) = &o.client_secret_file {
+            if let Some(path) = o.client_secret_file.as_ref().filter(|_| read) {
                 check_file(at, "client_secret_file", path, "", out);
             }
             if certificate {
                 match (&o.client_certificate, &o.client_private_key) {
+                    (Some(_), Some(_)) if !read => {}
                     (Some(cert), Some(key)) => {
                         check_file(at, "client_certificate", cert, "-----BEGIN CERTIFICATE-----", out);
                         check_file(at, "client_private_key", key, "PRIVATE KEY-----", out);
@@ -312,7 +320,7 @@ fn oauth_problems(at: &str, o: &OAuthConfig, out: &mut Vec<String>) {
             }
         }
     }
-    if let Some(path) = &o.token_cache_key_file {
+    if let Some(path) = o.token_cache_key_file.as_ref().filter(|_| read) {
         match std::fs::read_to_string(path) {
             Ok(text) if !is_cache_key(text.trim()) => out.push(format!(
                 "{at}.token_cache_key_file {}: must hold a 32-byte key, base64 or hex (e.g. `openssl rand -base64 32`)",
