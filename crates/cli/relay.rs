@@ -10,7 +10,7 @@
 
 use crate::status::RelayStatus;
 use anyhow::Context as _;
-use relay_config::{AccountConfig, Config};
+use relay_config::{AccountConfig, Config, StateDir};
 use relay_delivery::{Account, Upstream};
 use relay_listener::{session::Context, Live, Router};
 use relay_queue::{Queue, QueueSettings};
@@ -316,9 +316,9 @@ fn account_tokens(
             });
             continue;
         }
-        // Delegated accounts keep their refresh token in a token cache
-        // beside the queue unless `token_cache` says otherwise.
-        let source = TokenSource::for_account(account, &config.queue.dir)
+        // Delegated accounts keep their refresh token in the state
+        // directory's token cache unless `token_cache` says otherwise.
+        let source = TokenSource::for_account(account, StateDir::new(&config.queue).queue())
             .with_context(|| format!("accounts[{i}]"))?;
         out.push(AccountTokens {
             account: account.clone(),

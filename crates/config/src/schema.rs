@@ -584,23 +584,9 @@ impl OAuthConfig {
     }
 
     /// The token cache file: `token_cache`, or `tokens/{account}.json` in the
-    /// directory that holds the queue directory.
+    /// directory that holds the queue directory (see [`crate::StateDir`]).
     pub fn token_cache_path(&self, account: &str, queue_dir: &std::path::Path) -> PathBuf {
-        if let Some(path) = &self.token_cache {
-            return path.clone();
-        }
-        let state = match queue_dir.parent() {
-            Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
-            _ => PathBuf::from("."),
-        };
-        let file: String = account
-            .chars()
-            .map(|c| match c {
-                'a'..='z' | 'A'..='Z' | '0'..='9' | '.' | '_' | '-' => c,
-                _ => '_',
-            })
-            .collect();
-        state.join("tokens").join(format!("{file}.json"))
+        crate::StateDir::around(queue_dir).token_cache_of(account, self.token_cache.as_deref())
     }
 }
 
