@@ -18,7 +18,7 @@ mod token;
 
 use clap::{Parser, Subcommand};
 use relay_config::LogFormat;
-use std::{path::PathBuf, process::ExitCode};
+use std::{io::IsTerminal, path::PathBuf, process::ExitCode};
 
 /// A local SMTP relay for applications that cannot do OAuth: they send
 /// without authentication to 127.0.0.1, the relay delivers to Microsoft 365
@@ -142,12 +142,18 @@ fn main() -> ExitCode {
     }
 }
 
-/// Logs go to stderr; `RUST_LOG` overrides the level.
+/// Logs go to stderr, one event per line; `RUST_LOG` overrides the level.
+/// Colour only on a terminal, and never with `NO_COLOR` set: journald,
+/// `docker logs` and files get plain text.
 fn init_logging(level: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour(
+            std::io::stderr().is_terminal(),
+            std::env::var_os("NO_COLOR").as_deref(),
+        ))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -156,5 +162,25 @@ fn init_logging(level: &str, format: LogFormat) {
             .flatten_event(true)
             .with_current_span(true)
             .init(),
+    }
+}
+
+/// Whether log lines are coloured: on a terminal, unless `NO_COLOR` is set
+/// to anything but the empty string (<https://no-color.org>).
+fn colour(terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::colour;
+    use std::ffi::OsStr;
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        assert!(colour(true, None));
+        assert!(colour(true, Some(OsStr::new(""))));
+        assert!(!colour(true, Some(OsStr::new("1"))));
+        assert!(!colour(false, None));
     }
 }
