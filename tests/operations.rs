@@ -80,6 +80,35 @@ async fn sighup_reloads_and_refuses_broken_configs() {
     let (_, greeting) = Client::connect(port).await;
     assert!(greeting.starts_with("220"), "{greeting}");
 
+    // two problems: refused in one log event on one line, naming both
+    std::fs::write(
+        &path,
+        world.config(port).replace(
+            "hostname = \"relay.test\"",
+            "hostname = \"relay.test\"\nmax_recipients = 0\nmax_connections = 0",
+        ),
+    )
+    .expect("write");
+    relay.signal("HUP");
+    eventually(10, "the second refusal in the log", || {
+        relay.log().matches("reload refused").count() == 2
+    })
+    .await;
+    let log = relay.log();
+    let refusal = log
+        .lines()
+        .filter(|l| l.contains("reload refused"))
+        .nth(1)
+        .unwrap_or_default();
+    assert!(
+        refusal.contains("listener.max_recipients must be more than 0; listener.max_connections must be more than 0"),
+        "{log}"
+    );
+    assert!(
+        !log.lines().any(|l| l.starts_with("  listener.")),
+        "a refusal spans lines:\n{log}"
+    );
+
     // valid: loopback is no longer allowed, and a new hostname is used
     let locked = world.config(port).replace(
         "hostname = \"relay.test\"",
@@ -111,6 +140,48 @@ async fn sighup_reloads_and_refuses_broken_configs() {
         "delivery restarted after the reload; log:\n{}",
         relay.log()
     );
+}
+
+// A reload restarts the delivery workers only when what they use changed.
+#[tokio::test]
+async fn reload_restarts_delivery_only_when_it_changed() {
+    let world = World::start().await;
+    let port = free_port();
+    let path = world.write_config(&world.config(port));
+    let relay = Relay::start(&path, port).await;
+    let starts = |relay: &Relay| relay.log().matches("delivering to the upstream").count();
+    let reload = |relay: &Relay, n: usize| {
+        relay.signal("HUP");
+        let log = relay.config.with_file_name("relay.log");
+        eventually(10, "the reload", move || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .matches("configuration reloaded")
+                .count()
+                == n
+        })
+    };
+    eventually(10, "delivery", || starts(&relay) == 1).await;
+    std::fs::write(
+        &path,
+        world
+            .config(port)
+            .replace("[listener]\n", "[listener]\nmax_recipients = 10\n"),
+    )
+    .expect("write");
+    reload(&relay, 1).await;
+    assert_eq!(starts(&relay), 1, "{}", relay.log());
+    std::fs::write(
+        &path,
+        world
+            .config(port)
+            .replace("[upstream]\n", "[upstream]\nidle_timeout = \"5s\"\n"),
+    )
+    .expect("write");
+    reload(&relay, 2).await;
+    assert_eq!(starts(&relay), 2, "{}", relay.log());
+    send_accepted(&relay, "after the restart").await;
+    relay.delivered(&world, 1).await;
 }
 
 // /readyz and `health` say not ready while an account has no token, and
@@ -198,8 +269,9 @@ async fn readiness_health_and_metrics() {
 }
 
 // Under systemd: READY=1 with a STATUS= line once listening with a token,
-// watchdog pings, STOPPING=1 on SIGTERM.
-#[tokio::test]
+// watchdog pings, STOPPING=1 on SIGTERM. Multi-threaded: the blocking
+// reads of the notify socket must not stall the in-process identity platform.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn systemd_notifications() {
     let world = World::start().await;
     let port = free_port();
@@ -237,7 +309,8 @@ async fn systemd_notifications() {
         .unwrap_or_default();
     assert!(
         ready.contains("STATUS=queue: 0 to deliver, 0 failed; tokens: main ok"),
-        "{ready}"
+        "{ready}\nlog:\n{}",
+        relay.log()
     );
     assert_eq!(relay.terminate().await, Some(0));
     let mut stopping = false;

@@ -14,6 +14,7 @@ mod relay;
 mod send_test;
 mod status;
 mod submit;
+mod supervise;
 mod token;
 
 use clap::{Parser, Subcommand};
