@@ -6,6 +6,9 @@ use std::path::Path;
 
 pub fn check(path: &Path) -> anyhow::Result<()> {
     let config = load_with_secrets(path)?;
+    for warning in relay_config::warnings(&config) {
+        eprintln!("warning: {warning}");
+    }
     println!(
         "{}: valid ({} account(s); listening on {}; upstream {}:{})",
         path.display(),

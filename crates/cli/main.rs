@@ -83,14 +83,19 @@ fn main() -> ExitCode {
         Command::Run => match check::load_with_secrets(&cli.config) {
             Ok(config) => Some(config),
             Err(e) => {
-                eprintln!("error: {e:#}");
+                eprintln!("error: {}", describe(&e));
                 return ExitCode::FAILURE;
             }
         },
         _ => None,
     };
     match &run_config {
-        Some(config) => init_logging(&config.log.level, config.log.format),
+        Some(config) => {
+            init_logging(&config.log.level, config.log.format);
+            for warning in relay_config::warnings(config) {
+                tracing::warn!("{warning}");
+            }
+        }
         None => {
             let quiet = matches!(
                 cli.command,
@@ -137,10 +142,28 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", describe(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error with its causes, each said once: a cause whose text its
+/// context already ends with (as in "cannot listen on …: Address already
+/// in use") is not repeated.
+pub fn describe(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.ends_with(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 /// Logs go to stderr, one event per line; `RUST_LOG` overrides the level.

@@ -323,7 +323,7 @@ impl Running {
 /// An error on one line (a log event is one line): a list of problems is
 /// joined with "; ".
 fn one_line(e: &anyhow::Error) -> String {
-    format!("{e:#}")
+    crate::describe(e)
         .replace(":\n  ", ": ")
         .replace("\n  ", "; ")
         .replace('\n', " ")

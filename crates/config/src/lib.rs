@@ -17,4 +17,4 @@ pub use load::{load_file, load_file_with, load_str, ConfigError, Secrets, ENV_PR
 pub use schema::*;
 pub use secret::Secret;
 pub use state::{file_name, StateDir};
-pub use validate::decode_cache_key;
+pub use validate::{decode_cache_key, warnings};

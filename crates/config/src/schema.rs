@@ -4,7 +4,7 @@
 use crate::Secret;
 use ipnet::IpNet;
 use serde::{Deserialize, Deserializer};
-use std::{fmt::Display, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 /// The whole configuration file.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -321,7 +321,7 @@ fn default_shutdown_timeout() -> Duration {
 pub struct AdminConfig {
     /// Address of the HTTP endpoint (`/healthz`, `/readyz`, `/metrics`).
     /// Default `127.0.0.1:9925`. Keep it on loopback or a management network.
-    #[serde(default = "default_admin_bind")]
+    #[serde(default = "default_admin_bind", deserialize_with = "socket_addr")]
     pub bind: SocketAddr,
 }
 
@@ -785,8 +785,7 @@ pub(crate) fn expand_env(text: &str) -> Result<String, String> {
 fn one_or_many<'de, D, T>(deserializer: D) -> Result<Vec<T>, D::Error>
 where
     D: Deserializer<'de>,
-    T: FromStr,
-    T::Err: Display,
+    T: Item,
 {
     #[derive(Deserialize)]
     #[serde(untagged)]
@@ -801,9 +800,66 @@ where
     items
         .iter()
         .map(|item| {
-            item.trim()
-                .parse()
-                .map_err(|e| serde::de::Error::custom(format!("`{}`: {e}", item.trim())))
+            T::parse(item.trim())
+                .map_err(|why| serde::de::Error::custom(format!("`{}`: {why}", item.trim())))
         })
         .collect()
+}
+
+/// One address.
+fn socket_addr<'de, D: Deserializer<'de>>(deserializer: D) -> Result<SocketAddr, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    SocketAddr::parse(text.trim())
+        .map_err(|why| serde::de::Error::custom(format!("`{}`: {why}", text.trim())))
+}
+
+/// A list item, parsed with an error that says what to write instead.
+trait Item: Sized {
+    fn parse(text: &str) -> Result<Self, String>;
+}
+
+impl Item for String {
+    fn parse(text: &str) -> Result<Self, String> {
+        Ok(text.to_owned())
+    }
+}
+
+impl Item for SocketAddr {
+    fn parse(text: &str) -> Result<Self, String> {
+        if let Ok(addr) = text.parse() {
+            return Ok(addr);
+        }
+        let bare = text.trim_start_matches('[').trim_end_matches(']');
+        Err(match bare.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(ip)) => format!("add a port, e.g. {ip}:2525"),
+            Ok(std::net::IpAddr::V6(ip)) => format!("add a port, e.g. [{ip}]:2525"),
+            Err(_) => "not an address with a port, e.g. 127.0.0.1:2525 or [::1]:2525".into(),
+        })
+    }
+}
+
+impl Item for IpNet {
+    fn parse(text: &str) -> Result<Self, String> {
+        if let Ok(net) = text.parse() {
+            return Ok(net);
+        }
+        let Some((addr, prefix)) = text.split_once('/') else {
+            return Err(match text.parse::<std::net::IpAddr>() {
+                Ok(ip) => format!(
+                    "an address, not a network: write {ip}/{} for this host alone",
+                    if ip.is_ipv4() { 32 } else { 128 }
+                ),
+                Err(_) => "not a network (CIDR), e.g. 192.168.10.0/24".into(),
+            });
+        };
+        match addr.parse::<std::net::IpAddr>() {
+            Ok(ip) => {
+                let max = if ip.is_ipv4() { 32 } else { 128 };
+                Err(format!(
+                    "the prefix length {prefix:?} is not a number from 0 to {max}"
+                ))
+            }
+            Err(_) => Err(format!("{addr:?} is not an IP address")),
+        }
+    }
 }
