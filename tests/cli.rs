@@ -227,3 +227,50 @@ async fn admin_verbs_need_no_secret() {
         );
     }
 }
+
+// `config show` prints the merged configuration, environment overrides
+// included, with secrets masked, and reads no secret.
+#[tokio::test]
+async fn config_show_prints_the_effective_configuration() {
+    let world = World::start().await;
+    let config = world
+        .config(2525)
+        .replace("[upstream]\n", "[upstream]\nmax_connections = 2\n")
+        .replace(
+            "[accounts.oauth]\n",
+            "[accounts.oauth]\nclient_secret = \"hunter2\"\n",
+        );
+    let config: String = config
+        .lines()
+        .filter(|l| !l.starts_with("client_secret_file"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let path = world.write_config(&config);
+    let out = std::process::Command::new(BIN)
+        .args(["config", "show", "--config"])
+        .arg(&path)
+        .env("SMTP_OAUTH_RELAY__UPSTREAM__PORT", "2587")
+        .output()
+        .expect("run");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for line in [
+        "upstream.port = 2587",
+        "upstream.max_connections = 2",
+        "listener.bind = [\"127.0.0.1:2525\"]",
+        "queue.retry_initial = \"300ms\"",
+        "accounts[0].oauth.client_secret = \"[redacted]\"",
+        "log.level = \"info\"",
+    ] {
+        assert!(
+            stdout.lines().any(|l| l == line),
+            "{line} missing:\n{stdout}"
+        );
+    }
+    assert!(!stdout.contains("hunter2"), "{stdout}");
+}

@@ -12,6 +12,7 @@ mod notify;
 mod queue;
 mod relay;
 mod send_test;
+mod show_config;
 mod status;
 mod submit;
 mod supervise;
@@ -45,6 +46,11 @@ enum Command {
     Run,
     /// Validate the configuration and exit (non-zero, naming each bad key, if it is wrong).
     Check,
+    /// Print the effective configuration: `config show`.
+    Config {
+        #[command(subcommand)]
+        command: show_config::ConfigCommand,
+    },
     /// Inspect the queue (works while the relay runs).
     Queue {
         #[command(subcommand)]
@@ -100,6 +106,7 @@ fn main() -> ExitCode {
             let quiet = matches!(
                 cli.command,
                 Command::Check
+                    | Command::Config { .. }
                     | Command::Queue { .. }
                     | Command::Authorize(_)
                     | Command::Token(_)
@@ -127,6 +134,7 @@ fn main() -> ExitCode {
                 None => Ok(()),
             },
             Command::Check => check::check(&cli.config),
+            Command::Config { command } => show_config::config(&cli.config, command),
             Command::Queue { command } => queue::queue(&cli.config, command).await,
             Command::Demo(args) => demo::demo(args).await,
             Command::Authorize(args) => authorize::authorize(&cli.config, args).await,

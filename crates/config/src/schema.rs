@@ -3,11 +3,11 @@
 
 use crate::Secret;
 use ipnet::IpNet;
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize};
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 /// The whole configuration file.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Where legacy applications connect.
@@ -31,7 +31,7 @@ pub struct Config {
 }
 
 /// `[listener]`: the local, unauthenticated SMTP server.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
     /// Addresses to listen on, `ip:port`. Default `["127.0.0.1:2525"]`.
@@ -124,7 +124,8 @@ pub struct ListenerConfig {
 }
 
 /// `listener.auth`: whether clients log in.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
 #[serde(try_from = "String")]
 pub enum ListenerAuth {
     /// `AUTH` is not offered.
@@ -151,7 +152,7 @@ impl TryFrom<String> for ListenerAuth {
 }
 
 /// `[[listener.users]]`: one local login.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerUser {
     /// The user name the application logs in with.
@@ -159,11 +160,13 @@ pub struct ListenerUser {
     /// Its password as an argon2 PHC string (`$argon2id$v=19$...`); print
     /// one with `smtp-oauth-relay hash-password`. The password itself is
     /// never stored.
+    #[serde(serialize_with = "redacted")]
     pub password_hash: String,
 }
 
 /// When the listener answers the end of `DATA`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
 #[serde(try_from = "String")]
 pub enum Mode {
     /// Once the message is safely queued.
@@ -187,7 +190,7 @@ impl TryFrom<String> for Mode {
 }
 
 /// `[queue]`: where accepted mail waits, and how failed attempts are retried.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct QueueConfig {
     /// Queue directory; must be writable by the relay. Default
@@ -207,7 +210,8 @@ pub struct QueueConfig {
 }
 
 /// How the connection to the upstream is secured. There is no plaintext option.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
 #[serde(try_from = "String")]
 pub enum Security {
     /// Plain TCP upgraded with STARTTLS, which the server must offer (port 587).
@@ -230,7 +234,7 @@ impl TryFrom<String> for Security {
 }
 
 /// `[upstream]`: the submission server.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     /// Host name; also the name its TLS certificate must carry. Default `smtp.office365.com`.
@@ -264,7 +268,7 @@ pub struct UpstreamConfig {
 
 /// `[log]`: where and how the relay logs (always to standard error, which
 /// systemd's journal and container runtimes collect).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
     /// `text` (default) or `json` (one object per line).
@@ -277,7 +281,8 @@ pub struct LogConfig {
 }
 
 /// How log lines look.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
 #[serde(try_from = "String")]
 pub enum LogFormat {
     #[default]
@@ -316,7 +321,7 @@ fn default_shutdown_timeout() -> Duration {
 }
 
 /// `[admin]`: the health and metrics HTTP endpoint.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     /// Address of the HTTP endpoint (`/healthz`, `/readyz`, `/metrics`).
@@ -326,7 +331,7 @@ pub struct AdminConfig {
 }
 
 /// `[[accounts]]`: a mailbox the relay authenticates as.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AccountConfig {
     /// A short name for logs and commands.
@@ -357,7 +362,8 @@ pub struct AccountConfig {
 }
 
 /// The OAuth 2.0 grant an account uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
 #[serde(try_from = "String")]
 pub enum Flow {
     /// App-only: the app registration's own credentials (SMTP.SendAsApp),
@@ -397,7 +403,8 @@ impl TryFrom<String> for Flow {
 }
 
 /// Whose identity platform issues the tokens.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
 #[serde(try_from = "String")]
 pub enum Provider {
     /// Microsoft Entra ID (Microsoft 365). The default.
@@ -431,7 +438,7 @@ impl TryFrom<String> for Provider {
 }
 
 /// How a client assertion (certificate credential) is signed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(try_from = "String")]
 pub enum AssertionAlgorithm {
     /// RSASSA-PSS with SHA-256, certificate named by `x5t#S256`. The default,
@@ -464,7 +471,7 @@ pub const GOOGLE_AUTHORITY: &str = "https://oauth2.googleapis.com";
 pub const GOOGLE_AUTHORIZE_URL: &str = "https://accounts.google.com/o/oauth2/v2/auth";
 
 /// `[accounts.oauth]`: where and how tokens are obtained.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct OAuthConfig {
     /// The grant: `client_credentials` (app-only, Microsoft), `refresh_token`
@@ -862,4 +869,9 @@ impl Item for IpNet {
             Err(_) => Err(format!("{addr:?} is not an IP address")),
         }
     }
+}
+
+/// Shown as `[redacted]` when the configuration is printed.
+fn redacted<S: serde::Serializer>(_: &str, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str("[redacted]")
 }
