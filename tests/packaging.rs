@@ -306,9 +306,15 @@ fn man_page_and_completions_are_generated_from_the_cli() {
         ".SH OPTIONS",
         ".SH ENVIRONMENT",
         ".SH FILES",
+        ".SH CONFIGURATION",
+        ".SH SIGNALS",
+        ".SH EXIT STATUS",
     ] {
         assert!(man.contains(section), "man page lacks {section}");
     }
+    // the configuration reference, and the exit status the code gives
+    assert!(man.contains("shutdown_timeout = \"10s\""), "{man}");
+    assert!(man.contains("\\fB2\\fR\nA usage error"), "{man}");
     for verb in ["run", "check", "queue"] {
         assert!(
             man.contains(&format!("smtp\\-oauth\\-relay\\-{verb}(1)")),
@@ -340,6 +346,55 @@ fn man_page_and_completions_are_generated_from_the_cli() {
         "{help}"
     );
     assert!(run(&["--version"]).starts_with("smtp-oauth-relay "));
+}
+
+// The bash completion completes verbs and sub-verbs, asked the way bash
+// asks it (COMP_WORDS, then the completion function, read with compgen).
+#[test]
+fn bash_completes_subcommands() {
+    let script = Command::new(BIN)
+        .args(["completions", "bash"])
+        .output()
+        .expect("run");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("smtp-oauth-relay.bash");
+    std::fs::write(&path, &script.stdout).unwrap();
+    let complete = |words: &str| {
+        let out = Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                r#"source "$1"
+                COMP_WORDS=({words}); COMP_CWORD=$(( ${{#COMP_WORDS[@]}} - 1 ))
+                cur="${{COMP_WORDS[COMP_CWORD]}}"; prev="${{COMP_WORDS[COMP_CWORD-1]}}"
+                fn=$(complete -p smtp-oauth-relay | sed -E 's/.* -F ([^ ]+) .*/\1/')
+                "$fn" smtp-oauth-relay "$cur" "$prev"
+                printf '%s\n' "${{COMPREPLY[@]}}""#
+            ))
+            .arg("bash")
+            .arg(&path)
+            .output()
+            .expect("bash");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(complete("smtp-oauth-relay qu"), "queue\n");
+    assert_eq!(complete("smtp-oauth-relay send"), "send-test\n");
+    assert_eq!(complete("smtp-oauth-relay queue li"), "list\n");
+    assert_eq!(complete("smtp-oauth-relay config sh"), "show\n");
+    assert!(complete("smtp-oauth-relay queue list --j").contains("--json"));
+    // and with compgen, as an interactive bash would list them
+    let verbs = Command::new("bash")
+        .arg("-c")
+        .arg(r#"source "$1"; COMP_WORDS=(smtp-oauth-relay queue ""); COMP_CWORD=2; fn=$(complete -p smtp-oauth-relay | sed -E 's/.* -F ([^ ]+) .*/\1/'); "$fn" smtp-oauth-relay "" queue; compgen -W "${COMPREPLY[*]}" -- re"#)
+        .arg("bash")
+        .arg(&path)
+        .output()
+        .expect("bash");
+    assert_eq!(String::from_utf8_lossy(&verbs.stdout), "retry\n");
 }
 
 /// `[Section] Key=value` lines of a unit file; a key may repeat.
