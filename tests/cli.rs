@@ -97,7 +97,7 @@ async fn the_example_config_is_valid() {
     .expect("example config");
     let secret = world.dir.path().join("secret");
     let text = example.replace(
-        "/run/credentials/smtp-oauth-relay/client-secret",
+        "${CREDENTIALS_DIRECTORY}/client-secret",
         &secret.display().to_string(),
     );
     let out = cli(&["check"], &world.write_config(&text));

@@ -268,13 +268,66 @@ fn the_container_config_and_the_compose_environment_are_valid() {
     assert!(image.contains(r#"dir = "/var/lib/smtp-oauth-relay/queue""#));
 }
 
+// README's "Use it", outside systemd: the example with the README's own
+// `sed` line applied passes `check` with no CREDENTIALS_DIRECTORY.
+#[test]
+fn the_readmes_use_it_passes_check_outside_systemd() {
+    let readme = repo_file("README.md");
+    let section = &readme[readme.find("## Use it").expect("Use it")..];
+    let sed = section
+        .lines()
+        .find(|l| l.starts_with("sudo sed -i "))
+        .expect("the sed line")
+        .trim_start_matches("sudo ");
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("client-secret");
+    let config = dir.path().join("config.toml");
+    std::fs::write(&secret, "s3cret\n").unwrap();
+    std::fs::copy(
+        Path::new(ROOT).join("config/smtp-oauth-relay.toml"),
+        &config,
+    )
+    .unwrap();
+    let sed = sed
+        .replace(
+            "/etc/smtp-oauth-relay/config.toml",
+            &config.display().to_string(),
+        )
+        .replace(
+            "/etc/smtp-oauth-relay/client-secret",
+            &secret.display().to_string(),
+        );
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(&sed)
+        .status()
+        .expect("sed");
+    assert!(status.success(), "{sed}");
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "/var/lib/smtp-oauth-relay",
+        &dir.path().display().to_string(),
+    );
+    std::fs::write(&config, text).unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&config)
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "check: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 // The example installed for the systemd service passes `check` once the
 // secret file exists in $CREDENTIALS_DIRECTORY.
 #[test]
 fn the_systemd_config_example_is_valid() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("client-secret"), "s3cret").unwrap();
-    let config = Path::new(ROOT).join("deploy/systemd/config.toml");
+    let config = Path::new(ROOT).join("config/smtp-oauth-relay.toml");
     let env = [(
         "CREDENTIALS_DIRECTORY".to_owned(),
         dir.path().display().to_string(),
@@ -488,7 +541,7 @@ fn the_systemd_unit_has_the_required_directives() {
 
     // The config installed with it matches the unit: the credential's name,
     // and a queue inside the StateDirectory.
-    let config = repo_file("deploy/systemd/config.toml");
+    let config = repo_file("config/smtp-oauth-relay.toml");
     assert!(config.contains(r#"client_secret_file = "${CREDENTIALS_DIRECTORY}/client-secret""#));
     assert!(config.contains(r#"dir = "/var/lib/smtp-oauth-relay/queue""#));
 }
@@ -623,7 +676,7 @@ fn install_script_stages_everything_and_is_idempotent() {
     );
     assert_eq!(
         std::fs::read_to_string(at("/etc/smtp-oauth-relay/config.toml")).unwrap(),
-        repo_file("deploy/systemd/config.toml")
+        repo_file("config/smtp-oauth-relay.toml")
     );
     assert_eq!(mode(&at("/etc/smtp-oauth-relay/client-secret")), 0o600);
     for file in [
