@@ -602,7 +602,48 @@ fn the_dockerfile_has_the_required_instructions() {
         .iter()
         .any(|r| r.contains("cargo build --release --locked")));
 
+    // The dependency layer: every workspace member's manifest is copied
+    // (and built) before the sources.
+    let sources_at = builder
+        .iter()
+        .position(|(op, args)| op == "COPY" && args == ". .")
+        .expect("COPY . .");
+    let members: Vec<String> = manifest
+        .split("members = [")
+        .nth(1)
+        .and_then(|rest| rest.split(']').next())
+        .expect("workspace members")
+        .split(',')
+        .map(|m| m.trim().trim_matches('"').to_owned())
+        .filter(|m| !m.is_empty())
+        .collect();
+    assert!(members.len() >= 9, "{members:?}");
+    for manifest in ["Cargo.toml Cargo.lock ./".to_owned()]
+        .into_iter()
+        .chain(members.iter().map(|m| format!("{m}/Cargo.toml {m}/")))
+    {
+        let at = builder
+            .iter()
+            .position(|(op, args)| op == "COPY" && *args == manifest)
+            .unwrap_or_else(|| panic!("COPY {manifest} missing"));
+        assert!(at < sources_at, "COPY {manifest} after the sources");
+    }
+    assert!(builder[..sources_at]
+        .iter()
+        .any(|(op, args)| op == "RUN" && args.contains("cargo build --release --locked")));
+
     let runtime = stages.last().unwrap();
+    for label in [
+        "org.opencontainers.image.title",
+        "org.opencontainers.image.licenses",
+        "org.opencontainers.image.description",
+    ] {
+        assert!(
+            find(runtime, "LABEL").iter().any(|l| l.contains(label)),
+            "{label}"
+        );
+    }
+    assert_eq!(find(runtime, "ENV"), ["NO_COLOR=1"]);
     let from = &find(runtime, "FROM")[0];
     assert!(
         from.starts_with("gcr.io/distroless/cc-debian12")
