@@ -58,12 +58,11 @@ async fn unknown_keys_and_plaintext_are_refused() {
 async fn environment_overrides_the_file() {
     let world = World::start().await;
     let path = world.write_config(&world.config(2525));
-    let out = std::process::Command::new(BIN)
-        .args(["check", "--config"])
-        .arg(&path)
-        .env("SMTP_OAUTH_RELAY__UPSTREAM__PORT", "2587")
-        .output()
-        .expect("run");
+    let out = cli_env(
+        &["check"],
+        &path,
+        &[("SMTP_OAUTH_RELAY__UPSTREAM__PORT", "2587")],
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("upstream localhost:2587"), "{stdout}");
     // and the config path itself can come from the environment
@@ -191,15 +190,7 @@ async fn admin_verbs_need_no_secret() {
         );
     assert!(config.contains("${CREDENTIALS_DIRECTORY}/secret"));
     let path = world.write_config(&config);
-    let without_credentials = |args: &[&str]| {
-        std::process::Command::new(BIN)
-            .args(args)
-            .arg("--config")
-            .arg(&path)
-            .env_remove("CREDENTIALS_DIRECTORY")
-            .output()
-            .expect("run the binary")
-    };
+    let without_credentials = |args: &[&str]| cli_env(args, &path, &[] as &[(&str, &str)]);
     let out = without_credentials(&["check"]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -246,12 +237,11 @@ async fn config_show_prints_the_effective_configuration() {
         .map(|l| format!("{l}\n"))
         .collect();
     let path = world.write_config(&config);
-    let out = std::process::Command::new(BIN)
-        .args(["config", "show", "--config"])
-        .arg(&path)
-        .env("SMTP_OAUTH_RELAY__UPSTREAM__PORT", "2587")
-        .output()
-        .expect("run");
+    let out = cli_env(
+        &["config", "show"],
+        &path,
+        &[("SMTP_OAUTH_RELAY__UPSTREAM__PORT", "2587")],
+    );
     assert_eq!(
         out.status.code(),
         Some(0),

@@ -150,7 +150,8 @@ async fn reload_restarts_delivery_only_when_it_changed() {
     let path = world.write_config(&world.config(port));
     let relay = Relay::start(&path, port).await;
     let starts = |relay: &Relay| relay.log().matches("delivering to the upstream").count();
-    let reload = |relay: &Relay, n: usize| {
+    let reload = |relay: &Relay, config: String, n: usize| {
+        std::fs::write(&path, config).expect("write");
         relay.signal("HUP");
         let log = relay.config.with_file_name("relay.log");
         eventually(10, "the reload", move || {
@@ -162,23 +163,15 @@ async fn reload_restarts_delivery_only_when_it_changed() {
         })
     };
     eventually(10, "delivery", || starts(&relay) == 1).await;
-    std::fs::write(
-        &path,
-        world
-            .config(port)
-            .replace("[listener]\n", "[listener]\nmax_recipients = 10\n"),
-    )
-    .expect("write");
-    reload(&relay, 1).await;
+    let listener_only = world
+        .config(port)
+        .replace("[listener]\n", "[listener]\nmax_recipients = 10\n");
+    reload(&relay, listener_only, 1).await;
     assert_eq!(starts(&relay), 1, "{}", relay.log());
-    std::fs::write(
-        &path,
-        world
-            .config(port)
-            .replace("[upstream]\n", "[upstream]\nidle_timeout = \"5s\"\n"),
-    )
-    .expect("write");
-    reload(&relay, 2).await;
+    let upstream_too = world
+        .config(port)
+        .replace("[upstream]\n", "[upstream]\nidle_timeout = \"5s\"\n");
+    reload(&relay, upstream_too, 2).await;
     assert_eq!(starts(&relay), 2, "{}", relay.log());
     send_accepted(&relay, "after the restart").await;
     relay.delivered(&world, 1).await;

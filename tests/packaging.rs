@@ -13,7 +13,7 @@ use std::{
     collections::BTreeMap,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
-    process::{Command, Output, Stdio},
+    process::{Command, Stdio},
 };
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
@@ -32,17 +32,6 @@ async fn start_with_env(config: &Path, port: u16, env: &[(String, String)]) -> R
 }
 
 /// Runs a verb with extra environment variables.
-fn cli_env(args: &[&str], config: &Path, env: &[(String, String)]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .arg("--config")
-        .arg(config)
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null())
-        .output()
-        .expect("run the binary")
-}
-
 fn var(key: &str, value: impl ToString) -> (String, String) {
     (format!("SMTP_OAUTH_RELAY__{key}"), value.to_string())
 }
@@ -308,12 +297,7 @@ fn the_readmes_use_it_passes_check_outside_systemd() {
         &dir.path().display().to_string(),
     );
     std::fs::write(&config, text).unwrap();
-    let out = Command::new(BIN)
-        .args(["check", "--config"])
-        .arg(&config)
-        .env_remove("CREDENTIALS_DIRECTORY")
-        .output()
-        .expect("run");
+    let out = cli_env(&["check"], &config, &[] as &[(&str, &str)]);
     assert!(
         out.status.success(),
         "check: {}",
