@@ -402,3 +402,20 @@ async fn a_failing_task_never_leaves_the_relay_half_alive() {
         }
     }
 }
+
+// SIGTERM while the relay still waits for its first token (up to 30 s)
+// stops it in order, exit 0, instead of killing it outright.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_waiting_for_the_first_token() {
+    let world = World::start().await;
+    world.idp.set_reply_delay(Some(Duration::from_secs(20)));
+    let port = free_port();
+    let config = world.config(port).replace(
+        "hostname = \"relay.test\"",
+        "hostname = \"relay.test\"\nshutdown_timeout = \"2s\"",
+    );
+    let mut relay = Relay::start(&world.write_config(&config), port).await;
+    assert_eq!(relay.terminate().await, Some(0), "log:\n{}", relay.log());
+    assert!(relay.log().contains("shutting down"), "{}", relay.log());
+    world.idp.set_reply_delay(None);
+}

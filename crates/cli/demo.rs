@@ -5,7 +5,7 @@
 //! Its configuration is written to a file, so the admin verbs (`queue list`,
 //! `doctor`, `health`…) can be tried against the running demo.
 
-use crate::relay::{wait_for_signal, Running};
+use crate::relay::{termination, Running};
 use anyhow::{bail, Context};
 use relay_standin::{IdentityPlatform, ReceivedMessage, RelayConfig, Section, SubmissionServer};
 use std::{net::SocketAddr, time::Duration};
@@ -116,11 +116,11 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     println!("Messages arriving are printed below. Ctrl-C stops.");
     let mut shown = arrived.len();
     let mut rejected = upstream.rejected().len();
-    let signal = wait_for_signal();
+    let signal = termination()?;
     tokio::pin!(signal);
     loop {
         tokio::select! {
-            result = &mut signal => { result?; break; }
+            () = &mut signal => break,
             _ = tokio::time::sleep(Duration::from_millis(300)) => {}
         }
         for message in upstream.messages().iter().skip(shown) {

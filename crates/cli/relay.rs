@@ -34,27 +34,16 @@ const FIRST_TOKEN_WAIT: Duration = Duration::from_secs(30);
 const STATUS_EVERY: Duration = Duration::from_secs(30);
 
 pub async fn run(config: Config, path: &Path) -> anyhow::Result<()> {
+    // Signals first: SIGTERM stops the relay in order and SIGHUP waits for
+    // its turn, even while it starts or waits for its first tokens.
+    let terminate = termination()?;
+    tokio::pin!(terminate);
+    let mut hangup = signal(tokio::signal::unix::SignalKind::hangup())?;
     let mut relay = Running::start(config).await?;
     crate::notify::spawn_watchdog(relay.shutdown.clone());
-    relay.wait_for_first_tokens().await;
-    crate::notify::ready(&relay.status.summary());
-    relay.spawn_status_updates();
-    let mut hangup = signal(tokio::signal::unix::SignalKind::hangup())?;
-    let terminate = wait_for_signal();
-    tokio::pin!(terminate);
-    let outcome = loop {
-        tokio::select! {
-            result = &mut terminate => break result,
-            failure = relay.failure() => break Err(failure),
-            _ = hangup.recv() => {}
-        }
-        crate::notify::reloading();
-        // A reload waits for deliveries in hand; SIGTERM must not wait for it.
-        tokio::select! {
-            result = &mut terminate => break result,
-            () = relay.reload_from(path) => {}
-        }
-        crate::notify::ready(&relay.status.summary());
+    let outcome = tokio::select! {
+        () = &mut terminate => Ok(()),
+        () = relay.wait_for_first_tokens() => relay.serve(path, &mut hangup, terminate).await,
     };
     match &outcome {
         Ok(()) => tracing::info!("shutting down"),
@@ -166,6 +155,32 @@ impl Running {
             status,
             tasks,
         })
+    }
+
+    /// Tells systemd it is ready, then reloads on SIGHUP until `terminate`
+    /// resolves or a task fails.
+    async fn serve(
+        &mut self,
+        path: &Path,
+        hangup: &mut tokio::signal::unix::Signal,
+        mut terminate: std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+    ) -> anyhow::Result<()> {
+        crate::notify::ready(&self.status.summary());
+        self.spawn_status_updates();
+        loop {
+            tokio::select! {
+                () = &mut terminate => return Ok(()),
+                failure = self.failure() => return Err(failure),
+                _ = hangup.recv() => {}
+            }
+            crate::notify::reloading();
+            // A reload waits for deliveries in hand; SIGTERM must not wait for it.
+            tokio::select! {
+                () = &mut terminate => return Ok(()),
+                () = self.reload_from(path) => {}
+            }
+            crate::notify::ready(&self.status.summary());
+        }
     }
 
     /// Reads the configuration at `path` again and applies it; if it is
@@ -440,12 +455,16 @@ fn signal(kind: tokio::signal::unix::SignalKind) -> anyhow::Result<tokio::signal
     tokio::signal::unix::signal(kind).context("installing a signal handler")
 }
 
-/// Waits for SIGTERM or Ctrl-C (SIGINT).
-pub async fn wait_for_signal() -> anyhow::Result<()> {
-    let mut term = signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        result = tokio::signal::ctrl_c() => result.context("waiting for Ctrl-C")?,
-    }
-    Ok(())
+/// Installs the handlers for SIGTERM and Ctrl-C (SIGINT) now, so a signal
+/// that comes early is not lost (nor fatal), and returns what waits for one.
+pub fn termination() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::SignalKind;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+    })
 }
