@@ -113,20 +113,18 @@ fn load(
     let merged = builder
         .build()
         .map_err(|e| ConfigError::Syntax(e.to_string()))?;
-    let mut config: Config = serde_path_to_error::deserialize(merged).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner().to_string();
-        // the config crate appends the key again; the path already says it
-        let inner = match inner.rfind(" for key `") {
-            Some(at) => inner[..at].to_owned(),
-            None => inner,
-        };
-        ConfigError::Invalid(vec![if path == "." {
-            inner
-        } else {
-            format!("{path}: {inner}")
-        }])
-    })?;
+    let mut config: Config = match serde_path_to_error::deserialize(merged.clone()) {
+        Ok(config) => config,
+        Err(e) => {
+            // Each section on its own, so one run names the first problem
+            // of every section, not only of the first.
+            let mut problems = section_problems(&merged);
+            if problems.is_empty() {
+                problems.push(describe("", e));
+            }
+            return Err(ConfigError::Invalid(problems));
+        }
+    };
     let mut problems = Vec::new();
     if secrets == Secrets::Read {
         expand_credential_paths(&mut config, &mut problems);
@@ -137,6 +135,48 @@ fn load(
     } else {
         Err(ConfigError::Invalid(problems))
     }
+}
+
+/// The first schema problem of each top-level section.
+fn section_problems(merged: &config::Config) -> Vec<String> {
+    fn check<T: serde::de::DeserializeOwned>(
+        merged: &config::Config,
+        key: &str,
+        out: &mut Vec<String>,
+    ) {
+        if let Ok(value) = merged.get::<config::Value>(key) {
+            if let Err(e) = serde_path_to_error::deserialize::<_, T>(value) {
+                out.push(describe(key, e));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    check::<crate::ListenerConfig>(merged, "listener", &mut out);
+    check::<crate::QueueConfig>(merged, "queue", &mut out);
+    check::<crate::UpstreamConfig>(merged, "upstream", &mut out);
+    check::<crate::AdminConfig>(merged, "admin", &mut out);
+    check::<crate::LogConfig>(merged, "log", &mut out);
+    check::<Vec<crate::AccountConfig>>(merged, "accounts", &mut out);
+    out
+}
+
+/// `section.path: reason` for a schema error found under `section`.
+fn describe(section: &str, e: serde_path_to_error::Error<config::ConfigError>) -> String {
+    let path = e.path().to_string();
+    let inner = e.into_inner().to_string();
+    // the config crate appends the key again; the path already says it
+    let inner = match inner.rfind(" for key `") {
+        Some(at) => inner[..at].to_owned(),
+        None => inner,
+    };
+    let path = match (section, path.as_str()) {
+        ("", ".") => return inner,
+        ("", path) => path.to_owned(),
+        (section, ".") => section.to_owned(),
+        (section, path) if path.starts_with('[') => format!("{section}{path}"),
+        (section, path) => format!("{section}.{path}"),
+    };
+    format!("{path}: {inner}")
 }
 
 /// Expands `${NAME}` in every credential file's path (kept as written by

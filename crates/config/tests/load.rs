@@ -299,3 +299,20 @@ fn warnings_name_the_fix() {
         "accounts[0].oauth.client_secret looks like a GUID: that is the secret's ID; use its Value"
     ));
 }
+
+#[test]
+fn schema_problems_of_every_section_in_one_run() {
+    let p = problems(
+        &VALID
+            .replace("127.0.0.1:2525", "127.0.0.1")
+            .replace("retry_initial = \"1s\"", "retry_initial = \"soon\"")
+            .replace("flow = \"client_credentials\"", "flow = \"magic\""),
+    );
+    assert_eq!(p.len(), 3, "{p:#?}");
+    assert!(
+        p[0].starts_with("listener.bind: `127.0.0.1`: add a port"),
+        "{p:#?}"
+    );
+    assert!(p[1].starts_with("queue.retry_initial: "), "{p:#?}");
+    assert!(p[2].starts_with("accounts[0].oauth.flow: "), "{p:#?}");
+}
