@@ -56,12 +56,14 @@ fi
 say "installed /etc/systemd/system/smtp-oauth-relay.service"
 
 install -d -m 0755 "$etc"
-# The shipped example, always refreshed, to compare with after an upgrade.
-put "$src/deploy/systemd/config.toml" "$etc/config.toml.example" 0644
+# The full commented example (every key with its default), always refreshed,
+# to compare with after an upgrade. Its client_secret_file names the unit's
+# credential.
+put "$src/config/smtp-oauth-relay.toml" "$etc/config.toml.example" 0644
 if [ -e "$etc/config.toml" ]; then
     say "kept existing /etc/smtp-oauth-relay/config.toml (new example: config.toml.example)"
 else
-    put "$src/deploy/systemd/config.toml" "$etc/config.toml" 0644
+    put "$src/config/smtp-oauth-relay.toml" "$etc/config.toml" 0644
     say "installed /etc/smtp-oauth-relay/config.toml (edit it)"
 fi
 if [ -e "$etc/client-secret" ]; then

@@ -80,6 +80,35 @@ async fn sighup_reloads_and_refuses_broken_configs() {
     let (_, greeting) = Client::connect(port).await;
     assert!(greeting.starts_with("220"), "{greeting}");
 
+    // two problems: refused in one log event on one line, naming both
+    std::fs::write(
+        &path,
+        world.config(port).replace(
+            "hostname = \"relay.test\"",
+            "hostname = \"relay.test\"\nmax_recipients = 0\nmax_connections = 0",
+        ),
+    )
+    .expect("write");
+    relay.signal("HUP");
+    eventually(10, "the second refusal in the log", || {
+        relay.log().matches("reload refused").count() == 2
+    })
+    .await;
+    let log = relay.log();
+    let refusal = log
+        .lines()
+        .filter(|l| l.contains("reload refused"))
+        .nth(1)
+        .unwrap_or_default();
+    assert!(
+        refusal.contains("listener.max_recipients must be more than 0; listener.max_connections must be more than 0"),
+        "{log}"
+    );
+    assert!(
+        !log.lines().any(|l| l.starts_with("  listener.")),
+        "a refusal spans lines:\n{log}"
+    );
+
     // valid: loopback is no longer allowed, and a new hostname is used
     let locked = world.config(port).replace(
         "hostname = \"relay.test\"",
@@ -111,6 +140,41 @@ async fn sighup_reloads_and_refuses_broken_configs() {
         "delivery restarted after the reload; log:\n{}",
         relay.log()
     );
+}
+
+// A reload restarts the delivery workers only when what they use changed.
+#[tokio::test]
+async fn reload_restarts_delivery_only_when_it_changed() {
+    let world = World::start().await;
+    let port = free_port();
+    let path = world.write_config(&world.config(port));
+    let relay = Relay::start(&path, port).await;
+    let starts = |relay: &Relay| relay.log().matches("delivering to the upstream").count();
+    let reload = |relay: &Relay, config: String, n: usize| {
+        std::fs::write(&path, config).expect("write");
+        relay.signal("HUP");
+        let log = relay.config.with_file_name("relay.log");
+        eventually(10, "the reload", move || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .matches("configuration reloaded")
+                .count()
+                == n
+        })
+    };
+    eventually(10, "delivery", || starts(&relay) == 1).await;
+    let listener_only = world
+        .config(port)
+        .replace("[listener]\n", "[listener]\nmax_recipients = 10\n");
+    reload(&relay, listener_only, 1).await;
+    assert_eq!(starts(&relay), 1, "{}", relay.log());
+    let upstream_too = world
+        .config(port)
+        .replace("[upstream]\n", "[upstream]\nidle_timeout = \"5s\"\n");
+    reload(&relay, upstream_too, 2).await;
+    assert_eq!(starts(&relay), 2, "{}", relay.log());
+    send_accepted(&relay, "after the restart").await;
+    relay.delivered(&world, 1).await;
 }
 
 // /readyz and `health` say not ready while an account has no token, and
@@ -198,8 +262,9 @@ async fn readiness_health_and_metrics() {
 }
 
 // Under systemd: READY=1 with a STATUS= line once listening with a token,
-// watchdog pings, STOPPING=1 on SIGTERM.
-#[tokio::test]
+// watchdog pings, STOPPING=1 on SIGTERM. Multi-threaded: the blocking
+// reads of the notify socket must not stall the in-process identity platform.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn systemd_notifications() {
     let world = World::start().await;
     let port = free_port();
@@ -237,7 +302,8 @@ async fn systemd_notifications() {
         .unwrap_or_default();
     assert!(
         ready.contains("STATUS=queue: 0 to deliver, 0 failed; tokens: main ok"),
-        "{ready}"
+        "{ready}\nlog:\n{}",
+        relay.log()
     );
     assert_eq!(relay.terminate().await, Some(0));
     let mut stopping = false;
@@ -296,4 +362,60 @@ async fn json_logs_carry_the_fields() {
     assert_eq!(delivered["code"], 250);
     assert_eq!(delivered["enhanced"], "2.0.0");
     assert!(delivered["took"].is_string());
+}
+
+// A token renewal that cannot be handled (an absurd `expires_in`) must not
+// leave the relay half alive, accepting mail it never delivers: it either
+// copes and keeps delivering, or stops with exit status 1 so systemd
+// restarts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_task_never_leaves_the_relay_half_alive() {
+    let world = World::start().await;
+    world.idp.set_lifetime(3);
+    let port = free_port();
+    let mut relay = Relay::start(&world.write_config(&world.config(port)), port).await;
+    let grants = || world.idp.grants("client_credentials");
+    eventually(20, "the first token", || grants() >= 1).await;
+    world.idp.set_lifetime(i64::MAX as u64);
+    eventually(20, "a renewal with an absurd lifetime", || grants() >= 2).await;
+    world.idp.set_lifetime(3599);
+    let mut exited = None;
+    for _ in 0..50 {
+        if let Ok(Some(status)) = relay.child.try_wait() {
+            exited = Some(status);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    match exited {
+        Some(status) => {
+            assert_eq!(status.code(), Some(1), "log:\n{}", relay.log());
+            assert!(
+                relay.log().contains("shutting down error="),
+                "the reason is logged:\n{}",
+                relay.log()
+            );
+        }
+        None => {
+            send_accepted(&relay, "still alive").await;
+            relay.delivered(&world, 1).await;
+        }
+    }
+}
+
+// SIGTERM while the relay still waits for its first token (up to 30 s)
+// stops it in order, exit 0, instead of killing it outright.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_waiting_for_the_first_token() {
+    let world = World::start().await;
+    world.idp.set_reply_delay(Some(Duration::from_secs(20)));
+    let port = free_port();
+    let config = world.config(port).replace(
+        "hostname = \"relay.test\"",
+        "hostname = \"relay.test\"\nshutdown_timeout = \"2s\"",
+    );
+    let mut relay = Relay::start(&world.write_config(&config), port).await;
+    assert_eq!(relay.terminate().await, Some(0), "log:\n{}", relay.log());
+    assert!(relay.log().contains("shutting down"), "{}", relay.log());
+    world.idp.set_reply_delay(None);
 }

@@ -13,7 +13,7 @@ use std::{
     collections::BTreeMap,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
-    process::{Command, Output, Stdio},
+    process::{Command, Stdio},
 };
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
@@ -32,17 +32,6 @@ async fn start_with_env(config: &Path, port: u16, env: &[(String, String)]) -> R
 }
 
 /// Runs a verb with extra environment variables.
-fn cli_env(args: &[&str], config: &Path, env: &[(String, String)]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .arg("--config")
-        .arg(config)
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null())
-        .output()
-        .expect("run the binary")
-}
-
 fn var(key: &str, value: impl ToString) -> (String, String) {
     (format!("SMTP_OAUTH_RELAY__{key}"), value.to_string())
 }
@@ -268,13 +257,61 @@ fn the_container_config_and_the_compose_environment_are_valid() {
     assert!(image.contains(r#"dir = "/var/lib/smtp-oauth-relay/queue""#));
 }
 
+// README's "Use it", outside systemd: the example with the README's own
+// `sed` line applied passes `check` with no CREDENTIALS_DIRECTORY.
+#[test]
+fn the_readmes_use_it_passes_check_outside_systemd() {
+    let readme = repo_file("README.md");
+    let section = &readme[readme.find("## Use it").expect("Use it")..];
+    let sed = section
+        .lines()
+        .find(|l| l.starts_with("sudo sed -i "))
+        .expect("the sed line")
+        .trim_start_matches("sudo ");
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("client-secret");
+    let config = dir.path().join("config.toml");
+    std::fs::write(&secret, "s3cret\n").unwrap();
+    std::fs::copy(
+        Path::new(ROOT).join("config/smtp-oauth-relay.toml"),
+        &config,
+    )
+    .unwrap();
+    let sed = sed
+        .replace(
+            "/etc/smtp-oauth-relay/config.toml",
+            &config.display().to_string(),
+        )
+        .replace(
+            "/etc/smtp-oauth-relay/client-secret",
+            &secret.display().to_string(),
+        );
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(&sed)
+        .status()
+        .expect("sed");
+    assert!(status.success(), "{sed}");
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "/var/lib/smtp-oauth-relay",
+        &dir.path().display().to_string(),
+    );
+    std::fs::write(&config, text).unwrap();
+    let out = cli_env(&["check"], &config, &[] as &[(&str, &str)]);
+    assert!(
+        out.status.success(),
+        "check: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 // The example installed for the systemd service passes `check` once the
 // secret file exists in $CREDENTIALS_DIRECTORY.
 #[test]
 fn the_systemd_config_example_is_valid() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("client-secret"), "s3cret").unwrap();
-    let config = Path::new(ROOT).join("deploy/systemd/config.toml");
+    let config = Path::new(ROOT).join("config/smtp-oauth-relay.toml");
     let env = [(
         "CREDENTIALS_DIRECTORY".to_owned(),
         dir.path().display().to_string(),
@@ -306,9 +343,15 @@ fn man_page_and_completions_are_generated_from_the_cli() {
         ".SH OPTIONS",
         ".SH ENVIRONMENT",
         ".SH FILES",
+        ".SH CONFIGURATION",
+        ".SH SIGNALS",
+        ".SH EXIT STATUS",
     ] {
         assert!(man.contains(section), "man page lacks {section}");
     }
+    // the configuration reference, and the exit status the code gives
+    assert!(man.contains("shutdown_timeout = \"10s\""), "{man}");
+    assert!(man.contains("\\fB2\\fR\nA usage error"), "{man}");
     for verb in ["run", "check", "queue"] {
         assert!(
             man.contains(&format!("smtp\\-oauth\\-relay\\-{verb}(1)")),
@@ -340,6 +383,55 @@ fn man_page_and_completions_are_generated_from_the_cli() {
         "{help}"
     );
     assert!(run(&["--version"]).starts_with("smtp-oauth-relay "));
+}
+
+// The bash completion completes verbs and sub-verbs, asked the way bash
+// asks it (COMP_WORDS, then the completion function, read with compgen).
+#[test]
+fn bash_completes_subcommands() {
+    let script = Command::new(BIN)
+        .args(["completions", "bash"])
+        .output()
+        .expect("run");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("smtp-oauth-relay.bash");
+    std::fs::write(&path, &script.stdout).unwrap();
+    let complete = |words: &str| {
+        let out = Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                r#"source "$1"
+                COMP_WORDS=({words}); COMP_CWORD=$(( ${{#COMP_WORDS[@]}} - 1 ))
+                cur="${{COMP_WORDS[COMP_CWORD]}}"; prev="${{COMP_WORDS[COMP_CWORD-1]}}"
+                fn=$(complete -p smtp-oauth-relay | sed -E 's/.* -F ([^ ]+) .*/\1/')
+                "$fn" smtp-oauth-relay "$cur" "$prev"
+                printf '%s\n' "${{COMPREPLY[@]}}""#
+            ))
+            .arg("bash")
+            .arg(&path)
+            .output()
+            .expect("bash");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(complete("smtp-oauth-relay qu"), "queue\n");
+    assert_eq!(complete("smtp-oauth-relay send"), "send-test\n");
+    assert_eq!(complete("smtp-oauth-relay queue li"), "list\n");
+    assert_eq!(complete("smtp-oauth-relay config sh"), "show\n");
+    assert!(complete("smtp-oauth-relay queue list --j").contains("--json"));
+    // and with compgen, as an interactive bash would list them
+    let verbs = Command::new("bash")
+        .arg("-c")
+        .arg(r#"source "$1"; COMP_WORDS=(smtp-oauth-relay queue ""); COMP_CWORD=2; fn=$(complete -p smtp-oauth-relay | sed -E 's/.* -F ([^ ]+) .*/\1/'); "$fn" smtp-oauth-relay "" queue; compgen -W "${COMPREPLY[*]}" -- re"#)
+        .arg("bash")
+        .arg(&path)
+        .output()
+        .expect("bash");
+    assert_eq!(String::from_utf8_lossy(&verbs.stdout), "retry\n");
 }
 
 /// `[Section] Key=value` lines of a unit file; a key may repeat.
@@ -433,7 +525,7 @@ fn the_systemd_unit_has_the_required_directives() {
 
     // The config installed with it matches the unit: the credential's name,
     // and a queue inside the StateDirectory.
-    let config = repo_file("deploy/systemd/config.toml");
+    let config = repo_file("config/smtp-oauth-relay.toml");
     assert!(config.contains(r#"client_secret_file = "${CREDENTIALS_DIRECTORY}/client-secret""#));
     assert!(config.contains(r#"dir = "/var/lib/smtp-oauth-relay/queue""#));
 }
@@ -494,7 +586,48 @@ fn the_dockerfile_has_the_required_instructions() {
         .iter()
         .any(|r| r.contains("cargo build --release --locked")));
 
+    // The dependency layer: every workspace member's manifest is copied
+    // (and built) before the sources.
+    let sources_at = builder
+        .iter()
+        .position(|(op, args)| op == "COPY" && args == ". .")
+        .expect("COPY . .");
+    let members: Vec<String> = manifest
+        .split("members = [")
+        .nth(1)
+        .and_then(|rest| rest.split(']').next())
+        .expect("workspace members")
+        .split(',')
+        .map(|m| m.trim().trim_matches('"').to_owned())
+        .filter(|m| !m.is_empty())
+        .collect();
+    assert!(members.len() >= 9, "{members:?}");
+    for manifest in ["Cargo.toml Cargo.lock ./".to_owned()]
+        .into_iter()
+        .chain(members.iter().map(|m| format!("{m}/Cargo.toml {m}/")))
+    {
+        let at = builder
+            .iter()
+            .position(|(op, args)| op == "COPY" && *args == manifest)
+            .unwrap_or_else(|| panic!("COPY {manifest} missing"));
+        assert!(at < sources_at, "COPY {manifest} after the sources");
+    }
+    assert!(builder[..sources_at]
+        .iter()
+        .any(|(op, args)| op == "RUN" && args.contains("cargo build --release --locked")));
+
     let runtime = stages.last().unwrap();
+    for label in [
+        "org.opencontainers.image.title",
+        "org.opencontainers.image.licenses",
+        "org.opencontainers.image.description",
+    ] {
+        assert!(
+            find(runtime, "LABEL").iter().any(|l| l.contains(label)),
+            "{label}"
+        );
+    }
+    assert_eq!(find(runtime, "ENV"), ["NO_COLOR=1"]);
     let from = &find(runtime, "FROM")[0];
     assert!(
         from.starts_with("gcr.io/distroless/cc-debian12")
@@ -568,7 +701,7 @@ fn install_script_stages_everything_and_is_idempotent() {
     );
     assert_eq!(
         std::fs::read_to_string(at("/etc/smtp-oauth-relay/config.toml")).unwrap(),
-        repo_file("deploy/systemd/config.toml")
+        repo_file("config/smtp-oauth-relay.toml")
     );
     assert_eq!(mode(&at("/etc/smtp-oauth-relay/client-secret")), 0o600);
     for file in [

@@ -68,7 +68,7 @@ pub fn pick_account<'a>(
 }
 
 pub async fn authorize(path: &Path, args: AuthorizeArgs) -> anyhow::Result<()> {
-    let config = crate::check::load(path)?;
+    let config = crate::check::load_with_secrets(path)?;
     let account = pick_account(&config, args.account.as_deref(), Some(Flow::RefreshToken))?;
     let source = TokenSource::for_account(account, &config.queue.dir)
         .with_context(|| format!("account {:?}", account.name))?;

@@ -2,8 +2,10 @@
 //! stand-in identity platform and Microsoft 365 submission server on
 //! loopback, a relay configured for them, sends a sample message through and
 //! shows what arrived, then keeps serving so a user can try their own client.
+//! Its configuration is written to a file, so the admin verbs (`queue list`,
+//! `doctor`, `health`…) can be tried against the running demo.
 
-use crate::relay::{wait_for_signal, Running};
+use crate::relay::{termination, Running};
 use anyhow::{bail, Context};
 use relay_standin::{IdentityPlatform, ReceivedMessage, RelayConfig, Section, SubmissionServer};
 use std::{net::SocketAddr, time::Duration};
@@ -28,19 +30,19 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let ca = dir.path().join("stand-in-ca.pem");
     std::fs::write(&ca, upstream.ca_pem())?;
     std::fs::write(dir.path().join("client-secret"), idp.client_secret())?;
-    let config = relay_config::load_str(
-        &RelayConfig::new(&idp, &upstream, dir.path())
-            .listener(args.listen, "relay.demo")
-            .admin("127.0.0.1:0")
-            .ca_file(&ca)
-            .account("demo")
-            .extra(
-                Section::Queue,
-                "retry_initial = \"5s\"\nretry_max = \"1m\"\n",
-            )
-            .to_toml(),
-    )
-    .context("the demo configuration")?;
+    let toml = RelayConfig::new(&idp, &upstream, dir.path())
+        .listener(args.listen, "relay.demo")
+        .admin(&free_loopback_address()?.to_string())
+        .ca_file(&ca)
+        .account("demo")
+        .extra(
+            Section::Queue,
+            "retry_initial = \"5s\"\nretry_max = \"1m\"\n",
+        )
+        .to_toml();
+    let config_path = dir.path().join("config.toml");
+    std::fs::write(&config_path, &toml)?;
+    let config = relay_config::load_str(&toml).context("the demo configuration")?;
     let relay = Running::start(config).await.with_context(|| {
         format!(
             "starting the relay on {} (use --listen to pick another address)",
@@ -94,14 +96,31 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         args.listen
     );
     println!("The stand-in lets only {mailbox} send (others get 554 5.2.252 SendAsDenied, as in Microsoft 365).");
+    let exe = std::env::args()
+        .next()
+        .unwrap_or_else(|| "smtp-oauth-relay".into());
+    let config_arg = format!("--config {}", config_path.display());
+    println!(
+        "Its configuration is {}; try, in another terminal:",
+        config_path.display()
+    );
+    for verb in [
+        "queue list",
+        "health",
+        "token",
+        "doctor",
+        "send-test --to you@example.com",
+    ] {
+        println!("  {exe} {verb} {config_arg}");
+    }
     println!("Messages arriving are printed below. Ctrl-C stops.");
     let mut shown = arrived.len();
     let mut rejected = upstream.rejected().len();
-    let signal = wait_for_signal();
+    let signal = termination()?;
     tokio::pin!(signal);
     loop {
         tokio::select! {
-            result = &mut signal => { result?; break; }
+            () = &mut signal => break,
             _ = tokio::time::sleep(Duration::from_millis(300)) => {}
         }
         for message in upstream.messages().iter().skip(shown) {
@@ -118,6 +137,14 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     upstream.stop().await;
     idp.stop().await;
     Ok(())
+}
+
+/// A loopback address with a port free right now, for the admin endpoint:
+/// the config file must name the real port for `health` to find it.
+fn free_loopback_address() -> anyhow::Result<SocketAddr> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .context("finding a free port for the admin endpoint")
 }
 
 fn print_message(m: &ReceivedMessage) {

@@ -59,7 +59,7 @@ impl Report {
 pub async fn doctor(path: &Path, args: DoctorArgs) -> anyhow::Result<()> {
     let mut report = Report { failed: false };
     let started = Instant::now();
-    let loaded = crate::check::load(path);
+    let loaded = crate::check::load_with_secrets(path);
     let config = match loaded {
         Ok(config) => {
             report.check(

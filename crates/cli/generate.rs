@@ -60,8 +60,36 @@ The durable queue (mode 0700); \fBsmtp\-oauth\-relay queue list\fR shows it.
 .TP
 \fI/var/lib/smtp\-oauth\-relay/tokens\fR
 Token caches of delegated (\fBrefresh_token\fR) accounts.
+.TP
+\fI/var/lib/smtp\-oauth\-relay/queue/pacing\fR
+Each mailbox's pace, kept across restarts.
+.SH SIGNALS
+.TP
+\fBSIGTERM\fR, \fBSIGINT\fR
+Stop: new connections are refused, clients in the middle of a transaction and
+deliveries in hand get \fBlistener.shutdown_timeout\fR to finish; what is
+queued stays on disk for the next start.
+.TP
+\fBSIGHUP\fR
+Reload the configuration: the listener's policy, the upstream, the accounts
+and the TLS certificate and key (read again) take effect without dropping
+connections or mail; delivery restarts only when the upstream or the
+accounts changed. An invalid configuration is refused, logged, and the
+running one stays. Listen addresses, \fB[queue]\fR, \fB[admin]\fR and
+\fB[log]\fR need a restart.
 .SH EXIT STATUS
-0 on success; 1 on any error, which is printed to standard error.
+.TP
+\fB0\fR
+Success (for \fBrun\fR: stopped by a signal).
+.TP
+\fB1\fR
+An error, printed to standard error: an invalid configuration, an address
+in use, a relay that is not ready (\fBhealth\fR), a failed step
+(\fBdoctor\fR, \fBsend\-test\fR), or, for \fBrun\fR, a task of the relay
+that ended unexpectedly (systemd then restarts it).
+.TP
+\fB2\fR
+A usage error: an unknown verb or option, a missing argument.
 .SH SEE ALSO
 \fBsystemctl\fR(1), \fBjournalctl\fR(1), \fBswaks\fR(1); the README.md of the project.
 "#;
@@ -104,7 +132,8 @@ fn write_pages(
     Ok(())
 }
 
-/// The main page: clap's sections plus ENVIRONMENT, FILES, EXIT STATUS, SEE ALSO.
+/// The main page: clap's sections plus CONFIGURATION, ENVIRONMENT, FILES,
+/// SIGNALS, EXIT STATUS, SEE ALSO.
 fn main_page() -> anyhow::Result<Vec<u8>> {
     let man = clap_mangen::Man::new(crate::Cli::command().disable_help_subcommand(true));
     let mut page = Vec::new();
@@ -115,6 +144,7 @@ fn main_page() -> anyhow::Result<Vec<u8>> {
         man.render_description_section(&mut page)?;
         man.render_options_section(&mut page)?;
         man.render_subcommands_section(&mut page)?;
+        page.write_all(configuration_section().as_bytes())?;
         page.write_all(EXTRA_SECTIONS.as_bytes())?;
         man.render_version_section(&mut page)
     })()
@@ -122,13 +152,45 @@ fn main_page() -> anyhow::Result<Vec<u8>> {
     Ok(page)
 }
 
+/// The example configuration, every key with its comment (the reference),
+/// as a CONFIGURATION section.
+fn configuration_section() -> String {
+    let mut out = String::from(
+        ".SH CONFIGURATION\nEvery key, with its default, as in the example shipped with the relay \
+         (\\fIconfig/smtp\\-oauth\\-relay.toml\\fR); unknown keys are errors.\n.nf\n",
+    );
+    for line in EXAMPLE_CONFIG.lines() {
+        let line = line.replace('\\', "\\e");
+        if line.starts_with('.') || line.starts_with('\'') {
+            out.push_str("\\&");
+        }
+        out.push_str(&line);
+        out.push('\n');
+    }
+    out.push_str(".fi\n");
+    out
+}
+
+const EXAMPLE_CONFIG: &str = include_str!("../../config/smtp-oauth-relay.toml");
+
 /// Prints the completion script for `args.shell` to stdout.
 pub fn completions(args: CompletionsArgs) -> anyhow::Result<()> {
     let mut command = crate::Cli::command();
     let name = command.get_name().to_owned();
     let mut script = Vec::new();
-    clap_complete::generate(args.shell, &mut command, name, &mut script);
+    clap_complete::generate(args.shell, &mut command, &name, &mut script);
+    if args.shell == Shell::Bash {
+        script = bash_function_names(&script, &name).into_bytes();
+    }
     write_stdout(&script)
+}
+
+/// clap_complete's bash script names a hyphenated binary's states two ways
+/// (`smtp__oauth__relay__…` where it sets them, `smtp__subcmd__oauth__…`
+/// where it matches them), so no subcommand would complete: one spelling.
+fn bash_function_names(script: &[u8], name: &str) -> String {
+    String::from_utf8_lossy(script)
+        .replace(&name.replace('-', "__subcmd__"), &name.replace('-', "__"))
 }
 
 fn write_stdout(bytes: &[u8]) -> anyhow::Result<()> {

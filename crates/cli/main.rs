@@ -12,13 +12,15 @@ mod notify;
 mod queue;
 mod relay;
 mod send_test;
+mod show_config;
 mod status;
 mod submit;
+mod supervise;
 mod token;
 
 use clap::{Parser, Subcommand};
 use relay_config::LogFormat;
-use std::{path::PathBuf, process::ExitCode};
+use std::{io::IsTerminal, path::PathBuf, process::ExitCode};
 
 /// A local SMTP relay for applications that cannot do OAuth: they send
 /// without authentication to 127.0.0.1, the relay delivers to Microsoft 365
@@ -44,6 +46,11 @@ enum Command {
     Run,
     /// Validate the configuration and exit (non-zero, naming each bad key, if it is wrong).
     Check,
+    /// Print the effective configuration: `config show`.
+    Config {
+        #[command(subcommand)]
+        command: show_config::ConfigCommand,
+    },
     /// Inspect the queue (works while the relay runs).
     Queue {
         #[command(subcommand)]
@@ -79,21 +86,27 @@ fn main() -> ExitCode {
     // `run` logs as its configuration says; the other verbs print their
     // results and log only problems.
     let run_config = match cli.command {
-        Command::Run => match check::load(&cli.config) {
+        Command::Run => match check::load_with_secrets(&cli.config) {
             Ok(config) => Some(config),
             Err(e) => {
-                eprintln!("error: {e:#}");
+                eprintln!("error: {}", describe(&e));
                 return ExitCode::FAILURE;
             }
         },
         _ => None,
     };
     match &run_config {
-        Some(config) => init_logging(&config.log.level, config.log.format),
+        Some(config) => {
+            init_logging(&config.log.level, config.log.format);
+            for warning in relay_config::warnings(config) {
+                tracing::warn!("{warning}");
+            }
+        }
         None => {
             let quiet = matches!(
                 cli.command,
                 Command::Check
+                    | Command::Config { .. }
                     | Command::Queue { .. }
                     | Command::Authorize(_)
                     | Command::Token(_)
@@ -121,6 +134,7 @@ fn main() -> ExitCode {
                 None => Ok(()),
             },
             Command::Check => check::check(&cli.config),
+            Command::Config { command } => show_config::config(&cli.config, command),
             Command::Queue { command } => queue::queue(&cli.config, command).await,
             Command::Demo(args) => demo::demo(args).await,
             Command::Authorize(args) => authorize::authorize(&cli.config, args).await,
@@ -136,18 +150,42 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", describe(&e));
             ExitCode::FAILURE
         }
     }
 }
 
-/// Logs go to stderr; `RUST_LOG` overrides the level.
+/// An error with its causes, each said once: a cause whose text its
+/// context already ends with (as in "cannot listen on …: Address already
+/// in use") is not repeated.
+pub fn describe(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.ends_with(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+/// Logs go to stderr, one event per line; `RUST_LOG` overrides the level.
+/// Colour only on a terminal, and never with `NO_COLOR` set: journald,
+/// `docker logs` and files get plain text.
 fn init_logging(level: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour(
+            std::io::stderr().is_terminal(),
+            std::env::var_os("NO_COLOR").as_deref(),
+        ))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -156,5 +194,25 @@ fn init_logging(level: &str, format: LogFormat) {
             .flatten_event(true)
             .with_current_span(true)
             .init(),
+    }
+}
+
+/// Whether log lines are coloured: on a terminal, unless `NO_COLOR` is set
+/// to anything but the empty string (<https://no-color.org>).
+fn colour(terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::colour;
+    use std::ffi::OsStr;
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        assert!(colour(true, None));
+        assert!(colour(true, Some(OsStr::new(""))));
+        assert!(!colour(true, Some(OsStr::new("1"))));
+        assert!(!colour(false, None));
     }
 }

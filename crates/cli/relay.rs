@@ -4,20 +4,28 @@
 //!
 //! A reload swaps what can change while mail flows: the listener's policy
 //! (allowed networks, limits, accounts' senders) for new connections, the
-//! upstream and the accounts (delivery workers are restarted after finishing
-//! the message in hand; unchanged accounts keep their tokens), and the
-//! listener's TLS certificate and key, read again. Addresses to listen on, the queue and the admin endpoint need a restart.
+//! upstream and the accounts (delivery workers are restarted, after finishing
+//! the message in hand, only when one of those changed; unchanged accounts
+//! keep their tokens), and the listener's TLS certificate and key, read
+//! again. Addresses to listen on, the queue and the admin endpoint need a
+//! restart.
+//!
+//! Every task the relay spawns (listener, delivery workers, token renewal,
+//! admin endpoint, queue control) is supervised: one that ends while the
+//! relay runs, by a panic or otherwise, stops the relay with an error, so
+//! the process exits non-zero and systemd restarts it rather than leaving
+//! it half alive.
 
-use crate::status::RelayStatus;
+use crate::{status::RelayStatus, supervise::Tasks};
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
-use relay_config::{AccountConfig, Config};
+use relay_config::{AccountConfig, Config, StateDir};
 use relay_delivery::{Account, Upstream};
 use relay_listener::{Context, Router};
 use relay_queue::{Queue, QueueSettings};
 use relay_tokens::{TokenManager, TokenSource};
 use std::{path::Path, sync::Arc, time::Duration};
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 /// How long `run` waits for every account's first token before telling
@@ -27,29 +35,24 @@ const FIRST_TOKEN_WAIT: Duration = Duration::from_secs(30);
 const STATUS_EVERY: Duration = Duration::from_secs(30);
 
 pub async fn run(config: Config, path: &Path) -> anyhow::Result<()> {
+    // Signals first: SIGTERM stops the relay in order and SIGHUP waits for
+    // its turn, even while it starts or waits for its first tokens.
+    let terminate = termination()?;
+    tokio::pin!(terminate);
+    let mut hangup = signal(tokio::signal::unix::SignalKind::hangup())?;
     let mut relay = Running::start(config).await?;
     crate::notify::spawn_watchdog(relay.shutdown.clone());
-    relay.wait_for_first_tokens().await;
-    crate::notify::ready(&relay.status.summary());
-    relay.spawn_status_updates();
-    let mut hangup = signal(tokio::signal::unix::SignalKind::hangup())?;
-    loop {
-        tokio::select! {
-            result = wait_for_signal() => { result?; break; }
-            _ = hangup.recv() => {
-                crate::notify::reloading();
-                match crate::check::load(path) {
-                    Ok(new) => relay.reload(new).await,
-                    Err(e) => tracing::error!("reload refused, the running configuration stays: {e:#}"),
-                }
-                crate::notify::ready(&relay.status.summary());
-            }
-        }
+    let outcome = tokio::select! {
+        () = &mut terminate => Ok(()),
+        () = relay.wait_for_first_tokens() => relay.serve(path, &mut hangup, terminate).await,
+    };
+    match &outcome {
+        Ok(()) => tracing::info!("shutting down"),
+        Err(e) => tracing::error!(error = %one_line(e), "shutting down"),
     }
-    tracing::info!("shutting down");
     crate::notify::stopping();
     relay.stop().await;
-    Ok(())
+    outcome
 }
 
 /// A started relay.
@@ -60,11 +63,11 @@ pub struct Running {
     config: Config,
     queue: Queue,
     context: Arc<ArcSwap<Context>>,
-    listener: JoinHandle<()>,
     delivery: Delivery,
     tokens: Vec<AccountTokens>,
     status: Arc<RelayStatus>,
-    background: JoinSet<()>,
+    /// Everything spawned but the delivery workers, supervised.
+    tasks: Tasks,
 }
 
 /// An account's token manager and what stops its refresher.
@@ -74,6 +77,16 @@ struct AccountTokens {
     stop: CancellationToken,
 }
 
+/// What a reload applies, all of it built before anything changes.
+struct Prepared {
+    config: Config,
+    tokens: Vec<AccountTokens>,
+    context: Context,
+    /// Set when `[upstream]`, the accounts or the host name changed: the
+    /// delivery workers restart with it.
+    upstream: Option<Arc<Upstream>>,
+}
+
 /// The delivery workers of the accounts in force.
 struct Delivery {
     stop: CancellationToken,
@@ -81,24 +94,12 @@ struct Delivery {
 }
 
 impl Delivery {
-    /// No workers (between two reloads' sets).
-    fn idle() -> Self {
-        Delivery {
-            stop: CancellationToken::new(),
-            workers: JoinSet::new(),
-        }
-    }
-
     /// Lets workers finish the message in hand, for at most `grace`.
-    async fn stop(mut self, grace: Duration) {
+    /// Cancel safe: workers not yet joined stay in `self.workers`.
+    async fn stop(&mut self, grace: Duration) {
         self.stop.cancel();
-        let drained = tokio::time::timeout(grace, async {
-            while self.workers.join_next().await.is_some() {}
-        })
-        .await;
-        if drained.is_err() {
+        if !crate::supervise::drain(&mut self.workers, grace).await {
             tracing::warn!("deliveries still running after the grace period; they will be retried");
-            self.workers.abort_all();
         }
     }
 }
@@ -117,14 +118,14 @@ impl Running {
             .with_context(|| format!("queue directory {}", config.queue.dir.display()))?;
         let shutdown = CancellationToken::new();
         let tokens = account_tokens(&config, &[])?;
+        let mut tasks = Tasks::default();
         for entry in &tokens {
-            entry.start_refresher();
+            entry.start_refresher(&mut tasks);
         }
         warn_about_orphans(&queue, &config);
         let upstream = upstream(&config)?;
         let delivery = start_delivery(&config, &queue, &tokens, upstream, &shutdown);
-        let mut background = JoinSet::new();
-        background.spawn(queue.clone().serve_control(shutdown.clone()));
+        tasks.spawn_background(queue.clone().serve_control(shutdown.clone()));
         let status = Arc::new(RelayStatus {
             listening: listener.local_addrs(),
             queue_dir: config.queue.dir.clone(),
@@ -134,10 +135,10 @@ impl Running {
         if let Some(addr) = admin.local_addr() {
             tracing::info!(%addr, "admin endpoint: /healthz /readyz /metrics");
         }
-        background.spawn(admin.serve(status.clone(), metrics, shutdown.clone()));
+        tasks.spawn_background(admin.serve(status.clone(), metrics, shutdown.clone()));
         let context = Arc::new(ArcSwap::from_pointee(listener_context(&config, &queue)?));
         tracing::info!(addrs = ?listener.local_addrs(), "listening for SMTP");
-        let listener = tokio::spawn(relay_listener::serve(
+        tasks.spawn_listener(relay_listener::serve(
             listener,
             context.clone(),
             shutdown.clone(),
@@ -147,18 +148,56 @@ impl Running {
             config,
             queue,
             context,
-            listener,
             delivery,
             tokens,
             status,
-            background,
+            tasks,
         })
     }
 
-    /// Applies a new, valid configuration without dropping connections or
-    /// queued mail. If part of it cannot be built (a bad CA file, say),
-    /// nothing changes.
-    pub async fn reload(&mut self, mut new: Config) {
+    /// Tells systemd it is ready, then reloads on SIGHUP until `terminate`
+    /// resolves or a task fails.
+    async fn serve(
+        &mut self,
+        path: &Path,
+        hangup: &mut tokio::signal::unix::Signal,
+        mut terminate: std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+    ) -> anyhow::Result<()> {
+        crate::notify::ready(&self.status.summary());
+        self.spawn_status_updates();
+        loop {
+            tokio::select! {
+                () = &mut terminate => return Ok(()),
+                failure = self.failure() => return Err(failure),
+                _ = hangup.recv() => {}
+            }
+            crate::notify::reloading();
+            // A reload waits for deliveries in hand; SIGTERM must not wait for it.
+            tokio::select! {
+                () = &mut terminate => return Ok(()),
+                () = self.reload_from(path) => {}
+            }
+            crate::notify::ready(&self.status.summary());
+        }
+    }
+
+    /// Reads the configuration at `path` again and applies it; if it is
+    /// invalid, or part of it cannot be built, nothing changes.
+    async fn reload_from(&mut self, path: &Path) {
+        match crate::check::load_with_secrets(path).and_then(|new| self.prepare(new)) {
+            Ok(prepared) => self.apply(prepared).await,
+            Err(e) => tracing::error!(
+                error = %one_line(&e),
+                "reload refused, the running configuration stays"
+            ),
+        }
+    }
+
+    /// Builds everything `new` needs (token managers, the upstream, the
+    /// listener's context with its TLS certificate read again) without
+    /// changing anything. Sections that need a restart keep their running
+    /// values, with a warning.
+    fn prepare(&self, mut new: Config) -> anyhow::Result<Prepared> {
         let old = &self.config;
         for (changed, what) in [
             (new.listener.bind != old.listener.bind, "listener.bind"),
@@ -179,43 +218,48 @@ impl Running {
         new.queue = old.queue.clone();
         new.admin = old.admin.clone();
         new.log = old.log.clone();
-        let tokens = match account_tokens(&new, &self.tokens) {
-            Ok(tokens) => tokens,
-            Err(e) => {
-                tracing::error!("reload refused, the running configuration stays: {e:#}");
-                return;
-            }
+        let tokens = account_tokens(&new, &self.tokens)?;
+        let delivery_changed = new.upstream != old.upstream
+            || new.accounts != old.accounts
+            || new.listener.hostname != old.listener.hostname;
+        let upstream = if delivery_changed {
+            Some(upstream(&new)?)
+        } else {
+            None
         };
-        let upstream = match upstream(&new) {
-            Ok(upstream) => upstream,
-            Err(e) => {
-                tracing::error!("reload refused, the running configuration stays: {e:#}");
-                return;
-            }
-        };
-        // The TLS certificate and key are read again here, so a renewed
-        // certificate is picked up by new connections.
-        let context = match listener_context(&new, &self.queue) {
-            Ok(context) => context,
-            Err(e) => {
-                tracing::error!("reload refused, the running configuration stays: {e:#}");
-                return;
-            }
-        };
-        // The old workers finish first, so the mailbox never sees more
-        // connections than allowed.
-        let grace = old.listener.shutdown_timeout;
-        std::mem::replace(&mut self.delivery, Delivery::idle())
-            .stop(grace)
-            .await;
-        self.delivery = start_delivery(&new, &self.queue, &tokens, upstream, &self.shutdown);
+        let context = listener_context(&new, &self.queue)?;
+        Ok(Prepared {
+            config: new,
+            tokens,
+            context,
+            upstream,
+        })
+    }
+
+    /// Applies what [`Running::prepare`] built, without dropping connections
+    /// or queued mail.
+    async fn apply(&mut self, prepared: Prepared) {
+        let Prepared {
+            config: new,
+            tokens,
+            context,
+            upstream,
+        } = prepared;
+        if let Some(upstream) = upstream {
+            // The old workers finish first, so the mailbox never sees more
+            // connections than allowed.
+            self.delivery
+                .stop(self.config.listener.shutdown_timeout)
+                .await;
+            self.delivery = start_delivery(&new, &self.queue, &tokens, upstream, &self.shutdown);
+        }
         for entry in &tokens {
             if !self
                 .tokens
                 .iter()
                 .any(|old| old.manager.same_as(&entry.manager))
             {
-                entry.start_refresher();
+                entry.start_refresher(&mut self.tasks);
             }
         }
         for old in &self.tokens {
@@ -228,6 +272,15 @@ impl Running {
         self.tokens = tokens;
         self.config = new;
         tracing::info!("configuration reloaded");
+    }
+
+    /// Waits until a supervised task ends without being told to, and says
+    /// which. Cancel safe.
+    async fn failure(&mut self) -> anyhow::Error {
+        let stopping = self.delivery.stop.is_cancelled();
+        self.tasks
+            .failure(&mut self.delivery.workers, stopping)
+            .await
     }
 
     /// Waits (bounded) until every account has a token, so READY=1 means
@@ -255,7 +308,7 @@ impl Running {
 
     fn spawn_status_updates(&mut self) {
         let (status, shutdown) = (self.status.clone(), self.shutdown.clone());
-        self.background.spawn(async move {
+        self.tasks.spawn_background(async move {
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
@@ -271,27 +324,32 @@ impl Running {
     pub async fn stop(mut self) {
         let grace = self.config.listener.shutdown_timeout;
         self.shutdown.cancel();
-        if tokio::time::timeout(grace, &mut self.listener)
-            .await
-            .is_err()
-        {
-            tracing::warn!("SMTP sessions still open after the grace period; closing them");
-            self.listener.abort();
+        for entry in &self.tokens {
+            entry.stop.cancel();
         }
+        self.tasks.stop_listener(grace).await;
         self.delivery.stop(grace).await;
-        let finished = tokio::time::timeout(Duration::from_secs(2), async {
-            while self.background.join_next().await.is_some() {}
-        })
-        .await;
-        if finished.is_err() {
-            self.background.abort_all();
-        }
+        self.tasks.stop().await;
     }
 }
 
+/// An error on one line (a log event is one line): a list of problems is
+/// joined with "; ".
+fn one_line(e: &anyhow::Error) -> String {
+    crate::describe(e)
+        .replace(":\n  ", ": ")
+        .replace("\n  ", "; ")
+        .replace('\n', " ")
+}
+
 impl AccountTokens {
-    fn start_refresher(&self) {
-        self.manager.spawn_refresher(self.stop.clone());
+    /// Starts the account's token renewal under supervision.
+    fn start_refresher(&self, tasks: &mut Tasks) {
+        tasks.watch(
+            format!("token renewal of account {:?}", self.account.name),
+            self.stop.clone(),
+            self.manager.spawn_refresher(self.stop.clone()),
+        );
     }
 }
 
@@ -314,9 +372,9 @@ fn account_tokens(
             });
             continue;
         }
-        // Delegated accounts keep their refresh token in a token cache
-        // beside the queue unless `token_cache` says otherwise.
-        let source = TokenSource::for_account(account, &config.queue.dir)
+        // Delegated accounts keep their refresh token in the state
+        // directory's token cache unless `token_cache` says otherwise.
+        let source = TokenSource::for_account(account, StateDir::new(&config.queue).queue())
             .with_context(|| format!("accounts[{i}]"))?;
         out.push(AccountTokens {
             account: account.clone(),
@@ -358,7 +416,7 @@ fn start_delivery(
             upstream,
             accounts,
             relay_delivery::Settings {
-                pacing_dir: Some(config.queue.dir.join("pacing")),
+                state: Some(StateDir::new(&config.queue)),
                 hostname: config.listener.hostname.clone(),
             },
             stop.clone(),
@@ -403,12 +461,16 @@ fn signal(kind: tokio::signal::unix::SignalKind) -> anyhow::Result<tokio::signal
     tokio::signal::unix::signal(kind).context("installing a signal handler")
 }
 
-/// Waits for SIGTERM or Ctrl-C (SIGINT).
-pub async fn wait_for_signal() -> anyhow::Result<()> {
-    let mut term = signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        result = tokio::signal::ctrl_c() => result.context("waiting for Ctrl-C")?,
-    }
-    Ok(())
+/// Installs the handlers for SIGTERM and Ctrl-C (SIGINT) now, so a signal
+/// that comes early is not lost (nor fatal), and returns what waits for one.
+pub fn termination() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::SignalKind;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+    })
 }

@@ -18,7 +18,7 @@ pub struct TokenArgs {
 }
 
 pub async fn token(path: &Path, args: TokenArgs) -> anyhow::Result<()> {
-    let config = crate::check::load(path)?;
+    let config = crate::check::load_with_secrets(path)?;
     let account = crate::authorize::pick_account(&config, args.account.as_deref(), None)?;
     let source = TokenSource::for_account(account, &config.queue.dir)
         .with_context(|| format!("account {:?}", account.name))?;

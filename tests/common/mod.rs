@@ -187,6 +187,24 @@ pub fn cli(args: &[&str], config: &Path) -> Output {
         .expect("run the binary")
 }
 
+/// [`cli`] with environment variables `env` set, and `CREDENTIALS_DIRECTORY`
+/// unset unless `env` sets it (an admin's shell, not the service's).
+pub fn cli_env<K: AsRef<std::ffi::OsStr>, V: AsRef<std::ffi::OsStr>>(
+    args: &[&str],
+    config: &Path,
+    env: &[(K, V)],
+) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .output()
+        .expect("run the binary")
+}
+
 /// A minimal SMTP client that asserts nothing: it returns each reply.
 pub struct Client {
     stream: TcpStream,

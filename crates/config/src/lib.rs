@@ -10,9 +10,11 @@
 mod load;
 mod schema;
 mod secret;
+mod state;
 mod validate;
 
-pub use load::{load_file, load_str, ConfigError, ENV_PREFIX};
+pub use load::{load_file, load_file_with, load_str, ConfigError, Secrets, ENV_PREFIX};
 pub use schema::*;
 pub use secret::Secret;
-pub use validate::decode_cache_key;
+pub use state::{file_name, StateDir};
+pub use validate::{decode_cache_key, warnings};

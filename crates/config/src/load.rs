@@ -21,8 +21,28 @@ pub enum ConfigError {
     Invalid(Vec<String>),
 }
 
-/// Reads, overrides from the environment, parses and validates the file at `path`.
+/// Whether loading reads the credentials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Secrets {
+    /// Expand `${NAME}` in the credential files' paths and check each file
+    /// can be read: for the verbs that use them (`run`, `check`, `token`,
+    /// `doctor`, `authorize`).
+    Read,
+    /// Leave credential paths as written and never open them: for verbs
+    /// that only read the queue or ask the running relay, so an admin
+    /// without access to the secret (or outside systemd, with no
+    /// `CREDENTIALS_DIRECTORY`) can run them.
+    Skip,
+}
+
+/// Reads, overrides from the environment, parses and validates the file at
+/// `path`, credentials included.
 pub fn load_file(path: &Path) -> Result<Config, ConfigError> {
+    load_file_with(path, Secrets::Read)
+}
+
+/// [`load_file`], reading the credentials or not.
+pub fn load_file_with(path: &Path, secrets: Secrets) -> Result<Config, ConfigError> {
     if let Err(e) = std::fs::metadata(path) {
         return Err(ConfigError::Read {
             path: path.to_owned(),
@@ -31,13 +51,16 @@ pub fn load_file(path: &Path) -> Result<Config, ConfigError> {
     }
     let source = File::from(path).format(FileFormat::Toml).required(true);
     let builder = config::Config::builder().add_source(source);
-    load(with_environment(builder, std::env::vars_os())?)
+    load(with_environment(builder, std::env::vars_os())?, secrets)
 }
 
 /// Parses and validates TOML text, without environment overrides: for
 /// built-in configurations (the demo) and tests.
 pub fn load_str(toml: &str) -> Result<Config, ConfigError> {
-    load(config::Config::builder().add_source(File::from_str(toml, FileFormat::Toml)))
+    load(
+        config::Config::builder().add_source(File::from_str(toml, FileFormat::Toml)),
+        Secrets::Read,
+    )
 }
 
 /// Every `SMTP_OAUTH_RELAY__A__B=value` becomes an override of key `a.b`. A
@@ -85,28 +108,124 @@ fn with_environment(
 
 fn load(
     builder: config::ConfigBuilder<config::builder::DefaultState>,
+    secrets: Secrets,
 ) -> Result<Config, ConfigError> {
     let merged = builder
         .build()
         .map_err(|e| ConfigError::Syntax(e.to_string()))?;
-    let config: Config = serde_path_to_error::deserialize(merged).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner().to_string();
-        // the config crate appends the key again; the path already says it
-        let inner = match inner.rfind(" for key `") {
-            Some(at) => inner[..at].to_owned(),
-            None => inner,
-        };
-        ConfigError::Invalid(vec![if path == "." {
-            inner
-        } else {
-            format!("{path}: {inner}")
-        }])
-    })?;
-    let problems = crate::validate::problems(&config);
+    let mut config: Config = match serde_path_to_error::deserialize(merged.clone()) {
+        Ok(config) => config,
+        Err(e) => {
+            // Each section on its own, so one run names the first problem
+            // of every section, not only of the first.
+            let mut problems = section_problems(&merged);
+            if problems.is_empty() {
+                problems.push(describe("", e));
+            }
+            return Err(ConfigError::Invalid(problems));
+        }
+    };
+    let mut problems = Vec::new();
+    if secrets == Secrets::Read {
+        expand_credential_paths(&mut config, &mut problems);
+    }
+    problems.extend(crate::validate::problems(&config, secrets));
     if problems.is_empty() {
         Ok(config)
     } else {
         Err(ConfigError::Invalid(problems))
+    }
+}
+
+/// The first schema problem of each top-level section.
+fn section_problems(merged: &config::Config) -> Vec<String> {
+    fn check<T: serde::de::DeserializeOwned>(
+        merged: &config::Config,
+        key: &str,
+        out: &mut Vec<String>,
+    ) {
+        if let Ok(value) = merged.get::<config::Value>(key) {
+            if let Err(e) = serde_path_to_error::deserialize::<_, T>(value) {
+                out.push(describe(key, e));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    check::<crate::ListenerConfig>(merged, "listener", &mut out);
+    check::<crate::QueueConfig>(merged, "queue", &mut out);
+    check::<crate::UpstreamConfig>(merged, "upstream", &mut out);
+    check::<crate::AdminConfig>(merged, "admin", &mut out);
+    check::<crate::LogConfig>(merged, "log", &mut out);
+    check::<Vec<crate::AccountConfig>>(merged, "accounts", &mut out);
+    out
+}
+
+/// `section.path: reason` for a schema error found under `section`.
+fn describe(section: &str, e: serde_path_to_error::Error<config::ConfigError>) -> String {
+    let path = e.path().to_string();
+    let inner = e.into_inner().to_string();
+    // the config crate appends the key again; the path already says it
+    let inner = match inner.rfind(" for key `") {
+        Some(at) => inner[..at].to_owned(),
+        None => inner,
+    };
+    let path = match (section, path.as_str()) {
+        ("", ".") => return inner,
+        ("", path) => path.to_owned(),
+        (section, ".") => section.to_owned(),
+        (section, path) if path.starts_with('[') => format!("{section}{path}"),
+        (section, path) => format!("{section}.{path}"),
+    };
+    format!("{path}: {inner}")
+}
+
+/// Expands `${NAME}` in every credential file's path (kept as written by
+/// the schema until the secrets are read).
+fn expand_credential_paths(config: &mut Config, problems: &mut Vec<String>) {
+    let listener = &mut config.listener;
+    let mut paths = vec![
+        (
+            "listener.tls_certificate".to_owned(),
+            &mut listener.tls_certificate,
+        ),
+        (
+            "listener.tls_private_key".to_owned(),
+            &mut listener.tls_private_key,
+        ),
+    ];
+    for (i, account) in config.accounts.iter_mut().enumerate() {
+        let o = &mut account.oauth;
+        let at = format!("accounts[{i}].oauth");
+        paths.extend([
+            (
+                format!("{at}.client_secret_file"),
+                &mut o.client_secret_file,
+            ),
+            (
+                format!("{at}.client_certificate"),
+                &mut o.client_certificate,
+            ),
+            (
+                format!("{at}.client_private_key"),
+                &mut o.client_private_key,
+            ),
+            (
+                format!("{at}.service_account_key_file"),
+                &mut o.service_account_key_file,
+            ),
+            (
+                format!("{at}.token_cache_key_file"),
+                &mut o.token_cache_key_file,
+            ),
+        ]);
+    }
+    for (key, path) in paths {
+        let Some(written) = path.as_ref() else {
+            continue;
+        };
+        match crate::schema::expand_env(&written.to_string_lossy()) {
+            Ok(expanded) => *path = Some(PathBuf::from(expanded)),
+            Err(why) => problems.push(format!("{key}: {why}")),
+        }
     }
 }

@@ -3,11 +3,11 @@
 
 use crate::Secret;
 use ipnet::IpNet;
-use serde::{Deserialize, Deserializer};
-use std::{fmt::Display, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
+use serde::{Deserialize, Deserializer, Serialize};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 /// The whole configuration file.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Where legacy applications connect.
@@ -31,7 +31,7 @@ pub struct Config {
 }
 
 /// `[listener]`: the local, unauthenticated SMTP server.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
     /// Addresses to listen on, `ip:port`. Default `["127.0.0.1:2525"]`.
@@ -71,10 +71,10 @@ pub struct ListenerConfig {
     /// Both files are read again on every reload (SIGHUP), so a renewed
     /// certificate is used by new connections without a restart. TLS 1.2
     /// and 1.3 only. Default: none (no TLS).
-    #[serde(default, deserialize_with = "opt_env_path")]
+    #[serde(default, deserialize_with = "credential_path")]
     pub tls_certificate: Option<PathBuf>,
     /// The certificate's private key (PEM: PKCS#8, PKCS#1 or SEC1).
-    #[serde(default, deserialize_with = "opt_env_path")]
+    #[serde(default, deserialize_with = "credential_path")]
     pub tls_private_key: Option<PathBuf>,
     /// Addresses for implicit TLS (TLS from the first byte, usually port
     /// 465), in addition to `bind`. Needs `tls_certificate`. Default: none.
@@ -124,7 +124,8 @@ pub struct ListenerConfig {
 }
 
 /// `listener.auth`: whether clients log in.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
 #[serde(try_from = "String")]
 pub enum ListenerAuth {
     /// `AUTH` is not offered.
@@ -151,7 +152,7 @@ impl TryFrom<String> for ListenerAuth {
 }
 
 /// `[[listener.users]]`: one local login.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerUser {
     /// The user name the application logs in with.
@@ -159,11 +160,13 @@ pub struct ListenerUser {
     /// Its password as an argon2 PHC string (`$argon2id$v=19$...`); print
     /// one with `smtp-oauth-relay hash-password`. The password itself is
     /// never stored.
+    #[serde(serialize_with = "redacted")]
     pub password_hash: String,
 }
 
 /// When the listener answers the end of `DATA`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
 #[serde(try_from = "String")]
 pub enum Mode {
     /// Once the message is safely queued.
@@ -187,7 +190,7 @@ impl TryFrom<String> for Mode {
 }
 
 /// `[queue]`: where accepted mail waits, and how failed attempts are retried.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct QueueConfig {
     /// Queue directory; must be writable by the relay. Default
@@ -207,7 +210,8 @@ pub struct QueueConfig {
 }
 
 /// How the connection to the upstream is secured. There is no plaintext option.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
 #[serde(try_from = "String")]
 pub enum Security {
     /// Plain TCP upgraded with STARTTLS, which the server must offer (port 587).
@@ -230,7 +234,7 @@ impl TryFrom<String> for Security {
 }
 
 /// `[upstream]`: the submission server.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     /// Host name; also the name its TLS certificate must carry. Default `smtp.office365.com`.
@@ -264,7 +268,7 @@ pub struct UpstreamConfig {
 
 /// `[log]`: where and how the relay logs (always to standard error, which
 /// systemd's journal and container runtimes collect).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
     /// `text` (default) or `json` (one object per line).
@@ -277,7 +281,8 @@ pub struct LogConfig {
 }
 
 /// How log lines look.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
 #[serde(try_from = "String")]
 pub enum LogFormat {
     #[default]
@@ -316,17 +321,17 @@ fn default_shutdown_timeout() -> Duration {
 }
 
 /// `[admin]`: the health and metrics HTTP endpoint.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     /// Address of the HTTP endpoint (`/healthz`, `/readyz`, `/metrics`).
     /// Default `127.0.0.1:9925`. Keep it on loopback or a management network.
-    #[serde(default = "default_admin_bind")]
+    #[serde(default = "default_admin_bind", deserialize_with = "socket_addr")]
     pub bind: SocketAddr,
 }
 
 /// `[[accounts]]`: a mailbox the relay authenticates as.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AccountConfig {
     /// A short name for logs and commands.
@@ -357,7 +362,8 @@ pub struct AccountConfig {
 }
 
 /// The OAuth 2.0 grant an account uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
 #[serde(try_from = "String")]
 pub enum Flow {
     /// App-only: the app registration's own credentials (SMTP.SendAsApp),
@@ -397,7 +403,8 @@ impl TryFrom<String> for Flow {
 }
 
 /// Whose identity platform issues the tokens.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
 #[serde(try_from = "String")]
 pub enum Provider {
     /// Microsoft Entra ID (Microsoft 365). The default.
@@ -431,7 +438,7 @@ impl TryFrom<String> for Provider {
 }
 
 /// How a client assertion (certificate credential) is signed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(try_from = "String")]
 pub enum AssertionAlgorithm {
     /// RSASSA-PSS with SHA-256, certificate named by `x5t#S256`. The default,
@@ -464,7 +471,7 @@ pub const GOOGLE_AUTHORITY: &str = "https://oauth2.googleapis.com";
 pub const GOOGLE_AUTHORIZE_URL: &str = "https://accounts.google.com/o/oauth2/v2/auth";
 
 /// `[accounts.oauth]`: where and how tokens are obtained.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct OAuthConfig {
     /// The grant: `client_credentials` (app-only, Microsoft), `refresh_token`
@@ -487,14 +494,14 @@ pub struct OAuthConfig {
     pub client_secret: Option<Secret>,
     /// A file holding the client secret value (surrounding white space is
     /// ignored). Read at each token request, so a rotated secret needs no restart.
-    #[serde(default, deserialize_with = "opt_env_path")]
+    #[serde(default, deserialize_with = "credential_path")]
     pub client_secret_file: Option<PathBuf>,
     /// The certificate uploaded to the app registration (PEM), instead of a
     /// secret; goes with `client_private_key`.
-    #[serde(default, deserialize_with = "opt_env_path")]
+    #[serde(default, deserialize_with = "credential_path")]
     pub client_certificate: Option<PathBuf>,
     /// The certificate's RSA private key (PEM, PKCS#8 or PKCS#1, unencrypted).
-    #[serde(default, deserialize_with = "opt_env_path")]
+    #[serde(default, deserialize_with = "credential_path")]
     pub client_private_key: Option<PathBuf>,
     /// How the client assertion is signed: `PS256` (default, with `x5t#S256`)
     /// or `RS256` (with `x5t`).
@@ -502,7 +509,7 @@ pub struct OAuthConfig {
     pub assertion_algorithm: AssertionAlgorithm,
     /// Google service account key (the JSON file downloaded from the Cloud
     /// console), for `flow = "service_account"`.
-    #[serde(default, deserialize_with = "opt_env_path")]
+    #[serde(default, deserialize_with = "credential_path")]
     pub service_account_key_file: Option<PathBuf>,
     /// Scope requested. Default: `https://outlook.office365.com/.default`
     /// (client credentials), `https://outlook.office.com/SMTP.Send
@@ -515,7 +522,7 @@ pub struct OAuthConfig {
     pub token_cache: Option<PathBuf>,
     /// A file with a 32-byte key (base64 or hex) that encrypts the token
     /// cache at rest (ChaCha20-Poly1305). Default: not encrypted.
-    #[serde(default, deserialize_with = "opt_env_path")]
+    #[serde(default, deserialize_with = "credential_path")]
     pub token_cache_key_file: Option<PathBuf>,
     /// Renew a token this long before it expires (capped at a third of its
     /// lifetime for short-lived tokens). Default `10m`.
@@ -584,23 +591,9 @@ impl OAuthConfig {
     }
 
     /// The token cache file: `token_cache`, or `tokens/{account}.json` in the
-    /// directory that holds the queue directory.
+    /// directory that holds the queue directory (see [`crate::StateDir`]).
     pub fn token_cache_path(&self, account: &str, queue_dir: &std::path::Path) -> PathBuf {
-        if let Some(path) = &self.token_cache {
-            return path.clone();
-        }
-        let state = match queue_dir.parent() {
-            Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
-            _ => PathBuf::from("."),
-        };
-        let file: String = account
-            .chars()
-            .map(|c| match c {
-                'a'..='z' | 'A'..='Z' | '0'..='9' | '.' | '_' | '-' => c,
-                _ => '_',
-            })
-            .collect();
-        state.join("tokens").join(format!("{file}.json"))
+        crate::StateDir::around(queue_dir).token_cache_of(account, self.token_cache.as_deref())
     }
 }
 
@@ -766,7 +759,17 @@ fn opt_env_path<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Pat
     env_path(deserializer).map(Some)
 }
 
-fn expand_env(text: &str) -> Result<String, String> {
+/// A file holding a credential (client secret, private key, …), kept as
+/// written: its `${NAME}`s are expanded only when the secrets are read
+/// ([`crate::Secrets::Read`]), so verbs that never use them work where
+/// `CREDENTIALS_DIRECTORY` is not set.
+fn credential_path<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<PathBuf>, D::Error> {
+    String::deserialize(deserializer).map(|text| Some(PathBuf::from(text)))
+}
+
+pub(crate) fn expand_env(text: &str) -> Result<String, String> {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(start) = rest.find("${") {
@@ -789,8 +792,7 @@ fn expand_env(text: &str) -> Result<String, String> {
 fn one_or_many<'de, D, T>(deserializer: D) -> Result<Vec<T>, D::Error>
 where
     D: Deserializer<'de>,
-    T: FromStr,
-    T::Err: Display,
+    T: Item,
 {
     #[derive(Deserialize)]
     #[serde(untagged)]
@@ -805,9 +807,71 @@ where
     items
         .iter()
         .map(|item| {
-            item.trim()
-                .parse()
-                .map_err(|e| serde::de::Error::custom(format!("`{}`: {e}", item.trim())))
+            T::parse(item.trim())
+                .map_err(|why| serde::de::Error::custom(format!("`{}`: {why}", item.trim())))
         })
         .collect()
+}
+
+/// One address.
+fn socket_addr<'de, D: Deserializer<'de>>(deserializer: D) -> Result<SocketAddr, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    SocketAddr::parse(text.trim())
+        .map_err(|why| serde::de::Error::custom(format!("`{}`: {why}", text.trim())))
+}
+
+/// A list item, parsed with an error that says what to write instead.
+trait Item: Sized {
+    fn parse(text: &str) -> Result<Self, String>;
+}
+
+impl Item for String {
+    fn parse(text: &str) -> Result<Self, String> {
+        Ok(text.to_owned())
+    }
+}
+
+impl Item for SocketAddr {
+    fn parse(text: &str) -> Result<Self, String> {
+        if let Ok(addr) = text.parse() {
+            return Ok(addr);
+        }
+        let bare = text.trim_start_matches('[').trim_end_matches(']');
+        Err(match bare.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(ip)) => format!("add a port, e.g. {ip}:2525"),
+            Ok(std::net::IpAddr::V6(ip)) => format!("add a port, e.g. [{ip}]:2525"),
+            Err(_) => "not an address with a port, e.g. 127.0.0.1:2525 or [::1]:2525".into(),
+        })
+    }
+}
+
+impl Item for IpNet {
+    fn parse(text: &str) -> Result<Self, String> {
+        if let Ok(net) = text.parse() {
+            return Ok(net);
+        }
+        let Some((addr, prefix)) = text.split_once('/') else {
+            return Err(match text.parse::<std::net::IpAddr>() {
+                Ok(ip) => format!(
+                    "an address, not a network: write {ip}/{} for this host alone",
+                    if ip.is_ipv4() { 32 } else { 128 }
+                ),
+                Err(_) => "not a network (CIDR), e.g. 192.168.10.0/24".into(),
+            });
+        };
+        match addr.parse::<std::net::IpAddr>() {
+            Ok(ip) => {
+                let max = if ip.is_ipv4() { 32 } else { 128 };
+                Err(format!(
+                    "the prefix length {prefix:?} is not a number from 0 to {max}"
+                ))
+            }
+            Err(_) => Err(format!("{addr:?} is not an IP address")),
+        }
+    }
+}
+
+/// Shown as `[redacted]` when the configuration is printed.
+fn redacted<S: serde::Serializer>(_: &str, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str("[redacted]")
 }

@@ -1,4 +1,4 @@
-use serde::Deserialize;
+use serde::{Deserialize, Serialize, Serializer};
 use std::fmt;
 
 /// A credential (client secret, access token, refresh token) that must never
@@ -17,6 +17,13 @@ impl Secret {
     /// The secret value itself, for the request that needs it.
     pub fn expose(&self) -> &str {
         &self.0
+    }
+}
+
+/// Printed configurations show `[redacted]`, never the value.
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str("[redacted]")
     }
 }
 

@@ -1,10 +1,14 @@
 //! Rules the schema alone cannot express. Each problem is one line that
 //! starts with the key path it is about.
 
-use crate::{AccountConfig, Config, Flow, ListenerAuth, ListenerConfig, OAuthConfig, Provider};
+use crate::{
+    AccountConfig, Config, Flow, ListenerAuth, ListenerConfig, OAuthConfig, Provider, Secrets,
+};
 use std::{collections::HashSet, path::Path};
 
-pub(crate) fn problems(config: &Config) -> Vec<String> {
+/// Every problem of `config`; the credential files are read only with
+/// [`Secrets::Read`].
+pub(crate) fn problems(config: &Config, secrets: Secrets) -> Vec<String> {
     let mut out = Vec::new();
     let l = &config.listener;
     if l.bind.is_empty() {
@@ -25,7 +29,10 @@ pub(crate) fn problems(config: &Config) -> Vec<String> {
     if l.max_recipients == 0 {
         out.push("listener.max_recipients must be more than 0".into());
     }
-    listener_problems(l, &mut out);
+    listener_problems(l, secrets, &mut out);
+    if let Err(why) = check_log_level(&config.log.level) {
+        out.push(format!("log.level {:?}: {why}", config.log.level));
+    }
     let q = &config.queue;
     if q.retry_initial.is_zero() {
         out.push("queue.retry_initial must be more than 0".into());
@@ -76,14 +83,15 @@ pub(crate) fn problems(config: &Config) -> Vec<String> {
                 out.push(format!("accounts[{i}].{key} must be more than 0"));
             }
         }
-        account_problems(&format!("accounts[{i}]"), account, &mut out);
+        account_problems(&format!("accounts[{i}]"), account, secrets, &mut out);
     }
     out
 }
 
 /// TLS, local logins, connection limits and timeouts of `[listener]`.
-fn listener_problems(l: &ListenerConfig, out: &mut Vec<String>) {
+fn listener_problems(l: &ListenerConfig, secrets: Secrets, out: &mut Vec<String>) {
     match (&l.tls_certificate, &l.tls_private_key) {
+        (Some(_), Some(_)) if secrets == Secrets::Skip => {}
         (Some(cert), Some(key)) => {
             check_file(
                 "listener",
@@ -113,6 +121,13 @@ fn listener_problems(l: &ListenerConfig, out: &mut Vec<String>) {
         if l.bind.contains(addr) {
             out.push(format!(
                 "listener.implicit_tls_bind {addr} is also in listener.bind"
+            ));
+        }
+    }
+    if l.auth != ListenerAuth::Required {
+        for net in l.allowed_networks.iter().filter(|n| n.prefix_len() == 0) {
+            out.push(format!(
+                "listener.allowed_networks {net} lets anyone send: that is an open relay. Name your networks (e.g. 192.168.10.0/24), or set listener.auth = \"required\" with [[listener.users]]"
             ));
         }
     }
@@ -170,7 +185,7 @@ fn is_argon2_phc(text: &str) -> bool {
                 && !hash.is_empty())
 }
 
-fn account_problems(at: &str, account: &AccountConfig, out: &mut Vec<String>) {
+fn account_problems(at: &str, account: &AccountConfig, secrets: Secrets, out: &mut Vec<String>) {
     if account.name.trim().is_empty() {
         out.push(format!("{at}.name is empty"));
     }
@@ -197,12 +212,13 @@ fn account_problems(at: &str, account: &AccountConfig, out: &mut Vec<String>) {
             ));
         }
     }
-    oauth_problems(&format!("{at}.oauth"), &account.oauth, out);
+    oauth_problems(&format!("{at}.oauth"), &account.oauth, secrets, out);
 }
 
 /// The `[accounts.oauth]` rules: required keys per flow and provider, exactly
-/// one client credential, readable files.
-fn oauth_problems(at: &str, o: &OAuthConfig, out: &mut Vec<String>) {
+/// one client credential, readable files (with [`Secrets::Read`]).
+fn oauth_problems(at: &str, o: &OAuthConfig, secrets: Secrets, out: &mut Vec<String>) {
+    let read = secrets == Secrets::Read;
     if let Some(authority) = &o.authority {
         if let Err(why) = check_authority(authority) {
             out.push(format!("{at}.authority {authority:?}: {why}"));
@@ -245,9 +261,10 @@ fn oauth_problems(at: &str, o: &OAuthConfig, out: &mut Vec<String>) {
             }
             match &o.service_account_key_file {
                 None => out.push(format!("{at}.service_account_key_file is missing")),
-                Some(path) => {
+                Some(path) if read => {
                     check_file(at, "service_account_key_file", path, "\"private_key\"", out)
                 }
+                Some(_) => {}
             }
         }
         Flow::ClientCredentials | Flow::RefreshToken => {
@@ -281,11 +298,12 @@ fn oauth_problems(at: &str, o: &OAuthConfig, out: &mut Vec<String>) {
                     out.push(format!("{at}.client_secret is empty"));
                 }
             }
-            if let Some(path) = &o.client_secret_file {
+            if let Some(path) = o.client_secret_file.as_ref().filter(|_| read) {
                 check_file(at, "client_secret_file", path, "", out);
             }
             if certificate {
                 match (&o.client_certificate, &o.client_private_key) {
+                    (Some(_), Some(_)) if !read => {}
                     (Some(cert), Some(key)) => {
                         check_file(at, "client_certificate", cert, "-----BEGIN CERTIFICATE-----", out);
                         check_file(at, "client_private_key", key, "PRIVATE KEY-----", out);
@@ -312,7 +330,7 @@ fn oauth_problems(at: &str, o: &OAuthConfig, out: &mut Vec<String>) {
             }
         }
     }
-    if let Some(path) = &o.token_cache_key_file {
+    if let Some(path) = o.token_cache_key_file.as_ref().filter(|_| read) {
         match std::fs::read_to_string(path) {
             Ok(text) if !is_cache_key(text.trim()) => out.push(format!(
                 "{at}.token_cache_key_file {}: must hold a 32-byte key, base64 or hex (e.g. `openssl rand -base64 32`)",
@@ -387,7 +405,13 @@ pub(crate) fn is_address(text: &str) -> bool {
 
 /// Tokens travel to the authority: https, except to a loopback test server.
 fn check_authority(authority: &str) -> Result<(), String> {
-    let url = url::Url::parse(authority).map_err(|e| e.to_string())?;
+    let url = match url::Url::parse(authority) {
+        Ok(url) => url,
+        Err(url::ParseError::RelativeUrlWithoutBase) => {
+            return Err(format!("has no scheme: write https://{authority}"))
+        }
+        Err(e) => return Err(e.to_string()),
+    };
     let loopback = match url.host() {
         Some(url::Host::Domain(d)) => d == "localhost",
         Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
@@ -399,4 +423,97 @@ fn check_authority(authority: &str) -> Result<(), String> {
         "http" if loopback => Ok(()),
         _ => Err("must be an https:// URL".into()),
     }
+}
+
+/// `error`, `warn`, `info`, `debug`, `trace` or `off`, or a filter of
+/// comma-separated `[target=]level` directives.
+fn check_log_level(filter: &str) -> Result<(), String> {
+    const LEVELS: [&str; 6] = ["error", "warn", "info", "debug", "trace", "off"];
+    let usage =
+        "use error, warn, info, debug or trace, or a filter like \"info,relay_delivery=debug\"";
+    if filter.trim().is_empty() {
+        return Err(format!("is empty: {usage}"));
+    }
+    for directive in filter.split(',').map(str::trim) {
+        let level = directive
+            .rsplit_once('=')
+            .map_or(directive, |(_, level)| level);
+        if !LEVELS.contains(&level.trim().to_ascii_lowercase().as_str()) {
+            return Err(format!("{level:?} is not a level: {usage}"));
+        }
+    }
+    Ok(())
+}
+
+/// What `check` should tell an admin although the relay would run: each
+/// warning names the key and the fix. Reads the client secret file.
+pub fn warnings(config: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+    for (i, account) in config.accounts.iter().enumerate() {
+        let at = format!("accounts[{i}].oauth");
+        let o = &account.oauth;
+        for (key, value, fix) in [
+            ("tenant_id", &o.tenant_id, "the Directory (tenant) ID"),
+            ("client_id", &o.client_id, "the Application (client) ID"),
+        ] {
+            if value.as_deref().map(str::trim) == Some(PLACEHOLDER_GUID) {
+                out.push(format!(
+                    "{at}.{key} is the example's placeholder: put {fix} from the app registration's Overview page in Entra ID"
+                ));
+            }
+        }
+        let secret_id = "looks like a GUID: that is the secret's ID; use its Value (shown once, when the secret is created under Certificates & secrets)";
+        if o.client_secret
+            .as_ref()
+            .is_some_and(|s| is_guid(s.expose()))
+        {
+            out.push(format!("{at}.client_secret {secret_id}"));
+        }
+        if let Some(path) = &o.client_secret_file {
+            if std::fs::read_to_string(path).is_ok_and(|text| is_guid(&text)) {
+                out.push(format!(
+                    "{at}.client_secret_file {}: the secret {secret_id}",
+                    path.display()
+                ));
+            }
+        }
+        for (key, path) in [
+            ("client_secret_file", &o.client_secret_file),
+            ("client_private_key", &o.client_private_key),
+            ("service_account_key_file", &o.service_account_key_file),
+            ("token_cache_key_file", &o.token_cache_key_file),
+        ] {
+            if let Some(path) = path.as_ref().filter(|p| readable_by_others(p)) {
+                out.push(format!(
+                    "{at}.{key} {} is readable by every user: chmod 600 {0}",
+                    path.display()
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// The GUID the example configuration uses for the ids to fill in.
+const PLACEHOLDER_GUID: &str = "00000000-0000-0000-0000-000000000000";
+
+/// `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx` in hex digits.
+fn is_guid(text: &str) -> bool {
+    let text = text.trim();
+    let groups: Vec<&str> = text.split('-').collect();
+    groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12])
+        && groups
+            .iter()
+            .all(|g| g.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+#[cfg(unix)]
+fn readable_by_others(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o004 != 0)
+}
+
+#[cfg(not(unix))]
+fn readable_by_others(_: &Path) -> bool {
+    false
 }

@@ -197,3 +197,122 @@ fn paths_may_name_environment_variables() {
         "{p:?}"
     );
 }
+
+#[test]
+fn every_rule_is_reported_in_one_run() {
+    let p = problems(
+        &VALID
+            .replace("tenant_id = \"t\"\n", "")
+            .replace(
+                "hostname = \"relay.test\"",
+                "hostname = \"relay.test\"\nallowed_networks = [\"0.0.0.0/0\", \"::/0\"]",
+            )
+            .replace("[queue]", "[log]\nlevel = \"warning\"\n\n[queue]"),
+    );
+    assert_eq!(p.len(), 4, "{p:#?}");
+    assert!(
+        p[0].starts_with(
+            "listener.allowed_networks 0.0.0.0/0 lets anyone send: that is an open relay"
+        ),
+        "{p:#?}"
+    );
+    assert!(
+        p[1].starts_with("listener.allowed_networks ::/0 lets anyone send"),
+        "{p:#?}"
+    );
+    assert_eq!(
+        p[2],
+        "log.level \"warning\": \"warning\" is not a level: use error, warn, info, debug or trace, or a filter like \"info,relay_delivery=debug\""
+    );
+    assert_eq!(p[3], "accounts[0].oauth.tenant_id is missing");
+}
+
+#[test]
+fn an_open_network_needs_required_auth() {
+    let hash = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNo";
+    let open = VALID.replace(
+        "hostname = \"relay.test\"",
+        &format!("hostname = \"relay.test\"\nallowed_networks = [\"0.0.0.0/0\"]\nauth = \"required\"\n[[listener.users]]\nusername = \"app\"\npassword_hash = \"{hash}\"\n"),
+    );
+    load_str(&open).expect("open network with required AUTH");
+    load_str(&VALID.replace(
+        "[queue]",
+        "[log]\nlevel = \"info,relay_delivery=debug\"\n\n[queue]",
+    ))
+    .expect("a filter is a level");
+}
+
+#[test]
+fn plain_messages_for_addresses_networks_and_authorities() {
+    let message = |toml: &str| match load_str(toml) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("accepted"),
+    };
+    for (toml, expected) in [
+        (
+            VALID.replace("127.0.0.1:2525", "127.0.0.1"),
+            "listener.bind: `127.0.0.1`: add a port, e.g. 127.0.0.1:2525",
+        ),
+        (
+            VALID.replace(
+                "hostname = \"relay.test\"",
+                "hostname = \"relay.test\"\nallowed_networks = [\"10.0.0.0/33\"]",
+            ),
+            "`10.0.0.0/33`: the prefix length \"33\" is not a number from 0 to 32",
+        ),
+        (
+            VALID.replace("[queue]", "[admin]\nbind = \"::1\"\n\n[queue]"),
+            "admin.bind: `::1`: add a port, e.g. [::1]:2525",
+        ),
+    ] {
+        let m = message(&toml);
+        assert!(m.contains(expected), "{m}");
+    }
+    let p = problems(&VALID.replace(
+        "tenant_id = \"t\"",
+        "tenant_id = \"t\"\nauthority = \"login.microsoftonline.us\"",
+    ));
+    assert_eq!(
+        p,
+        vec!["accounts[0].oauth.authority \"login.microsoftonline.us\": has no scheme: write https://login.microsoftonline.us"]
+    );
+}
+
+#[test]
+fn warnings_name_the_fix() {
+    let c = load_str(
+        &VALID
+            .replace(
+                "tenant_id = \"t\"",
+                "tenant_id = \"00000000-0000-0000-0000-000000000000\"",
+            )
+            .replace(
+                "client_secret = \"s\"",
+                "client_secret = \"8c6a4f1e-2b3d-4e5f-9a0b-1c2d3e4f5a6b\"",
+            ),
+    )
+    .expect("valid");
+    let w = relay_config::warnings(&c);
+    assert_eq!(w.len(), 2, "{w:#?}");
+    assert!(w[0].starts_with("accounts[0].oauth.tenant_id is the example's placeholder"));
+    assert!(w[1].starts_with(
+        "accounts[0].oauth.client_secret looks like a GUID: that is the secret's ID; use its Value"
+    ));
+}
+
+#[test]
+fn schema_problems_of_every_section_in_one_run() {
+    let p = problems(
+        &VALID
+            .replace("127.0.0.1:2525", "127.0.0.1")
+            .replace("retry_initial = \"1s\"", "retry_initial = \"soon\"")
+            .replace("flow = \"client_credentials\"", "flow = \"magic\""),
+    );
+    assert_eq!(p.len(), 3, "{p:#?}");
+    assert!(
+        p[0].starts_with("listener.bind: `127.0.0.1`: add a port"),
+        "{p:#?}"
+    );
+    assert!(p[1].starts_with("queue.retry_initial: "), "{p:#?}");
+    assert!(p[2].starts_with("accounts[0].oauth.flow: "), "{p:#?}");
+}

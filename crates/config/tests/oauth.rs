@@ -1,4 +1,4 @@
-//! `[accounts.oauth]` rules for the credentials and flows of issue 3.
+//! `[accounts.oauth]` rules for the credentials and flows.
 
 use relay_config::{load_str, ConfigError, Flow, Provider};
 

@@ -5,10 +5,10 @@
 
 use crate::transport::{Broken, Message, SlowDown, Transport, Unopened};
 use crate::{classify::hint, dsn, pace::Limits, pace::Pacer, rewrite::rewrite_from};
+use relay_config::StateDir;
 use relay_outcome::{Enhanced, Outcome, Reason, Reply, Verdict};
 use relay_queue::{Disposition, Lease, NewMessage, Queue, RecipientResult, Recorded};
 use relay_tokens::TokenManager;
-use std::path::PathBuf;
 use std::{sync::Arc, time::Duration};
 use tokio::{task::JoinSet, time::Instant};
 use tokio_util::sync::CancellationToken;
@@ -69,7 +69,7 @@ impl Account {
 pub struct Settings {
     /// Where each account's record of recent sends is kept, so a restart
     /// does not send in a burst; `None` keeps it in memory only.
-    pub pacing_dir: Option<PathBuf>,
+    pub state: Option<StateDir>,
     /// The relay's name in failure notices.
     pub hostname: String,
 }
@@ -85,17 +85,17 @@ pub fn spawn<T: Transport>(
     shutdown: CancellationToken,
 ) -> JoinSet<()> {
     let mut set = JoinSet::new();
-    if let Some(dir) = &settings.pacing_dir {
-        if let Err(e) = std::fs::create_dir_all(dir) {
+    if let Some(dir) = settings.state.as_ref().map(StateDir::pacing) {
+        if let Err(e) = std::fs::create_dir_all(&dir) {
             tracing::warn!(dir = %dir.display(), error = %e, "cannot keep the pacing record; a restart may send in a burst");
         }
     }
     let hostname: Arc<str> = settings.hostname.into();
     for account in accounts.into_iter().map(Arc::new) {
         let file = settings
-            .pacing_dir
+            .state
             .as_ref()
-            .map(|dir| dir.join(format!("{}.json", account.name)));
+            .map(|state| state.pacing_file(&account.name));
         let pacer = Arc::new(Pacer::new(account.limits, file));
         for n in 0..account.limits.max_connections {
             let worker = Worker {

@@ -141,7 +141,7 @@ impl Relay {
                 tokens.clone(),
             )],
             relay_delivery::Settings {
-                pacing_dir: Some(queue_dir.join("pacing")),
+                state: Some(relay_config::StateDir::around(&queue_dir)),
                 hostname: "relay.test".into(),
             },
             shutdown.clone(),
