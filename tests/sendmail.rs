@@ -287,3 +287,20 @@ async fn a_refused_recipient_sends_nothing() {
     let got = host.only_message().await;
     assert_eq!(header(&got.text(), "Subject"), Some("after"));
 }
+
+#[tokio::test]
+async fn the_relays_environment_overrides_name_the_listener() {
+    let host = Host::start().await;
+    let dir = tempfile::tempdir().expect("dir");
+    let mut cmd = host.command(host.sendmail());
+    cmd.env("SMTP_OAUTH_RELAY_CONFIG", config_without_relay(dir.path()))
+        .env(
+            "SMTP_OAUTH_RELAY__LISTENER__BIND",
+            format!("127.0.0.1:{}", host.relay.port),
+        )
+        .arg("ops@example.com");
+    let out = run(cmd, b"Subject: overridden\n\nbody\n");
+    assert_success(&out, "sendmail with SMTP_OAUTH_RELAY__LISTENER__BIND");
+    let got = host.only_message().await;
+    assert_eq!(header(&got.text(), "Subject"), Some("overridden"));
+}

@@ -246,6 +246,8 @@ pub struct RelayView {
 
 /// The keys read, each defaulting as the relay's own schema does; every
 /// other key is ignored (and so never needs a secret or a variable).
+/// Environment overrides (`SMTP_OAUTH_RELAY__LISTENER__BIND`…) apply as in
+/// the relay.
 #[derive(Deserialize)]
 struct PartialConfig {
     #[serde(default)]
@@ -277,8 +279,24 @@ impl RelayView {
     pub fn load(path: &Path) -> Result<RelayView, Failure> {
         let fail = |why: String| Failure::new(Exit::Config, format!("{}: {why}", path.display()));
         let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
-        let partial: PartialConfig = config::Config::builder()
-            .add_source(config::File::from_str(&text, config::FileFormat::Toml))
+        let mut builder = config::Config::builder()
+            .add_source(config::File::from_str(&text, config::FileFormat::Toml));
+        // the relay's environment overrides of the keys read here, so a
+        // container configured by environment is found where it listens
+        for (key, variable) in [
+            ("listener.bind", "LISTENER__BIND"),
+            ("listener.hostname", "LISTENER__HOSTNAME"),
+            ("listener.max_message_size", "LISTENER__MAX_MESSAGE_SIZE"),
+            ("accounts[0].mailbox", "ACCOUNTS__0__MAILBOX"),
+        ] {
+            let name = format!("{}__{variable}", relay_config::ENV_PREFIX);
+            if let Ok(value) = std::env::var(&name) {
+                builder = builder
+                    .set_override(key, value)
+                    .map_err(|e| fail(format!("{name}: {e}")))?;
+            }
+        }
+        let partial: PartialConfig = builder
             .build()
             .and_then(config::Config::try_deserialize)
             .map_err(|e| fail(e.to_string()))?;
