@@ -884,6 +884,18 @@ mod tests {
         .expect("ok");
         assert!(o.verbose && !o.ignore_dots && !o.extract_recipients);
         assert_eq!(o.recipients, ["c@example.com"]);
+        // Debian's cron
+        let o = parse(&[
+            "-FCronDaemon",
+            "-i",
+            "-B8BITMIME",
+            "-oem",
+            "root@example.com",
+        ])
+        .expect("ok");
+        assert_eq!(o.full_name.as_deref(), Some("CronDaemon"));
+        assert!(o.ignore_dots);
+        assert_eq!(o.recipients, ["root@example.com"]);
         let o = parse(&["-f", "", "-C", "/tmp/relay.toml", "d@example.com"]).expect("ok");
         assert_eq!(o.sender.as_deref(), Some(""));
         assert_eq!(o.config, Some(PathBuf::from("/tmp/relay.toml")));
