@@ -10,7 +10,6 @@ mod common;
 
 use common::{free_port, World, MAILBOX};
 use std::{
-    io::Write,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::Duration,
@@ -100,21 +99,19 @@ async fn installed_package_relays_sendmail_to_the_stand_in() {
 
     let sendmail = installed_sendmail(dir);
     eprintln!("sendmail: {}", sendmail.display());
-    let mut child = Command::new(&sendmail)
+    let message = dir.join("message.txt");
+    std::fs::write(
+        &message,
+        "To: admin@example.com\nSubject: from the package\n\nInstalled and relayed.\n",
+    )
+    .expect("message");
+    let out = Command::new(&sendmail)
         .arg("-t")
         // only where the relay listens; the sender is the config's mailbox
         .env("SMTP_OAUTH_RELAY__LISTENER__BIND", &bind)
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
+        .stdin(std::fs::File::open(&message).expect("message"))
+        .output()
         .expect("run sendmail");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(b"To: admin@example.com\nSubject: from the package\n\nInstalled and relayed.\n")
-        .expect("message");
-    let out = child.wait_with_output().expect("sendmail");
     let got = world
         .upstream
         .wait_for_messages(1, Duration::from_secs(20))

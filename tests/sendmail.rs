@@ -10,9 +10,9 @@ mod common;
 
 use common::{free_port, Relay, World, BIN, MAILBOX};
 use std::{
-    io::Write,
+    io::{Seek, SeekFrom, Write},
     path::{Path, PathBuf},
-    process::{Command, Output, Stdio},
+    process::{Command, Output},
 };
 
 /// A running relay and a directory holding a `sendmail` symlink to the
@@ -65,20 +65,13 @@ impl Host {
     }
 }
 
+/// Runs `cmd` with `stdin` as its standard input (a file, so a caller that
+/// exits without reading it, as on a bad flag, is no broken pipe).
 fn run(mut cmd: Command, stdin: &[u8]) -> Output {
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(stdin)
-        .expect("write stdin");
-    child.wait_with_output().expect("wait")
+    let mut file = tempfile::tempfile().expect("stdin file");
+    file.write_all(stdin).expect("write stdin");
+    file.seek(SeekFrom::Start(0)).expect("rewind stdin");
+    cmd.stdin(file).output().expect("run")
 }
 
 fn assert_success(out: &Output, what: &str) {

@@ -244,30 +244,16 @@ pub struct RelayView {
     pub default_sender: Option<String>,
 }
 
-/// The keys read, each defaulting as the relay's own schema does; every
-/// other key is ignored (and so never needs a secret or a variable).
-/// Environment overrides (`SMTP_OAUTH_RELAY__LISTENER__BIND`…) apply as in
-/// the relay.
+/// The parts read: `[listener]` whole (its own schema and defaults) and
+/// the accounts' mailboxes. Every other key is ignored, so no secret or
+/// variable the relay's other sections name is needed. Environment overrides
+/// (`SMTP_OAUTH_RELAY__LISTENER__BIND`…) apply as in the relay.
 #[derive(Deserialize)]
 struct PartialConfig {
     #[serde(default)]
-    listener: PartialListener,
+    listener: relay_config::ListenerConfig,
     #[serde(default)]
     accounts: Vec<PartialAccount>,
-}
-
-#[derive(Deserialize, Default)]
-struct PartialListener {
-    bind: Option<OneOrMany>,
-    hostname: Option<String>,
-    max_message_size: Option<u64>,
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum OneOrMany {
-    Many(Vec<String>),
-    One(String),
 }
 
 #[derive(Deserialize)]
@@ -281,8 +267,8 @@ impl RelayView {
         let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
         let mut builder = config::Config::builder()
             .add_source(config::File::from_str(&text, config::FileFormat::Toml));
-        // the relay's environment overrides of the keys read here, so a
-        // container configured by environment is found where it listens
+        // the relay's environment overrides of the keys that matter here,
+        // so a container configured by environment is found where it listens
         for (key, variable) in [
             ("listener.bind", "LISTENER__BIND"),
             ("listener.hostname", "LISTENER__HOSTNAME"),
@@ -300,34 +286,15 @@ impl RelayView {
             .build()
             .and_then(config::Config::try_deserialize)
             .map_err(|e| fail(e.to_string()))?;
-        let defaults = relay_config::ListenerConfig::default();
-        let bind = match partial.listener.bind {
-            None => defaults.bind,
-            Some(list) => {
-                let items = match list {
-                    OneOrMany::Many(items) => items,
-                    OneOrMany::One(joined) => joined.split(',').map(str::to_owned).collect(),
-                };
-                items
-                    .iter()
-                    .map(|item| {
-                        item.trim()
-                            .parse()
-                            .map_err(|e| fail(format!("listener.bind: `{}`: {e}", item.trim())))
-                    })
-                    .collect::<Result<Vec<SocketAddr>, Failure>>()?
-            }
-        };
-        let first = *bind
+        let listener = partial.listener;
+        let first = *listener
+            .bind
             .first()
             .ok_or_else(|| fail("listener.bind is empty".into()))?;
         Ok(RelayView {
             address: crate::submit::reachable(first),
-            hostname: partial.listener.hostname.unwrap_or(defaults.hostname),
-            max_message_size: partial
-                .listener
-                .max_message_size
-                .unwrap_or(defaults.max_message_size),
+            hostname: listener.hostname,
+            max_message_size: listener.max_message_size,
             default_sender: partial.accounts.into_iter().next().map(|a| a.mailbox),
         })
     }
