@@ -227,7 +227,10 @@ fn config_without_relay(dir: &Path) -> PathBuf {
     std::fs::write(
         &path,
         format!(
-            "[listener]\nbind = [\"127.0.0.1:{}\"]\n[[accounts]]\nname = \"a\"\nmailbox = \"{MAILBOX}\"\n",
+            "[listener]\nbind = [\"127.0.0.1:{}\"]\n[[accounts]]\nname = \"a\"\nmailbox = \"{MAILBOX}\"\n\
+             [accounts.oauth]\nflow = \"client_credentials\"\ntenant_id = \"contoso.onmicrosoft.com\"\n\
+             client_id = \"11111111-2222-3333-4444-555555555555\"\n\
+             client_secret_file = \"${{CREDENTIALS_DIRECTORY}}/client-secret\"\n",
             free_port()
         ),
     )

@@ -7,11 +7,9 @@
 //!
 //! sendmail's flags are getopt-style with glued values (`-oi`, `-odi`,
 //! `-fSENDER`, `-ti`), which clap does not model: they are parsed here by
-//! hand into [`Options`]. The relay's configuration is read only for the
-//! listener's address and the accounts' mailboxes, never validated: callers
-//! run as any user, without the relay's secrets.
+//! hand into [`Options`]. The relay's configuration is loaded without its
+//! credentials, for the listener's address and the first account's mailbox.
 
-use serde::Deserialize;
 use std::{
     ffi::OsString,
     fmt,
@@ -244,58 +242,24 @@ pub struct RelayView {
     pub default_sender: Option<String>,
 }
 
-/// The parts read: `[listener]` whole (its own schema and defaults) and
-/// the accounts' mailboxes. Every other key is ignored, so no secret or
-/// variable the relay's other sections name is needed. Environment overrides
-/// (`SMTP_OAUTH_RELAY__LISTENER__BIND`…) apply as in the relay.
-#[derive(Deserialize)]
-struct PartialConfig {
-    #[serde(default)]
-    listener: relay_config::ListenerConfig,
-    #[serde(default)]
-    accounts: Vec<PartialAccount>,
-}
-
-#[derive(Deserialize)]
-struct PartialAccount {
-    mailbox: String,
-}
-
 impl RelayView {
+    /// Loads the relay's configuration as the admin verbs do (validated,
+    /// environment overrides applied, no credential read), so callers run
+    /// as any user, without the secret or `CREDENTIALS_DIRECTORY`.
     pub fn load(path: &Path) -> Result<RelayView, Failure> {
-        let fail = |why: String| Failure::new(Exit::Config, format!("{}: {why}", path.display()));
-        let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
-        let mut builder = config::Config::builder()
-            .add_source(config::File::from_str(&text, config::FileFormat::Toml));
-        // the relay's environment overrides of the keys that matter here,
-        // so a container configured by environment is found where it listens
-        for (key, variable) in [
-            ("listener.bind", "LISTENER__BIND"),
-            ("listener.hostname", "LISTENER__HOSTNAME"),
-            ("listener.max_message_size", "LISTENER__MAX_MESSAGE_SIZE"),
-            ("accounts[0].mailbox", "ACCOUNTS__0__MAILBOX"),
-        ] {
-            let name = format!("{}__{variable}", relay_config::ENV_PREFIX);
-            if let Ok(value) = std::env::var(&name) {
-                builder = builder
-                    .set_override(key, value)
-                    .map_err(|e| fail(format!("{name}: {e}")))?;
-            }
-        }
-        let partial: PartialConfig = builder
-            .build()
-            .and_then(config::Config::try_deserialize)
-            .map_err(|e| fail(e.to_string()))?;
-        let listener = partial.listener;
-        let first = *listener
-            .bind
-            .first()
-            .ok_or_else(|| fail("listener.bind is empty".into()))?;
+        let config =
+            crate::check::load(path).map_err(|e| Failure::new(Exit::Config, format!("{e:#}")))?;
+        let first = *config.listener.bind.first().ok_or_else(|| {
+            Failure::new(
+                Exit::Config,
+                format!("{}: listener.bind is empty", path.display()),
+            )
+        })?;
         Ok(RelayView {
             address: crate::submit::reachable(first),
-            hostname: listener.hostname,
-            max_message_size: listener.max_message_size,
-            default_sender: partial.accounts.into_iter().next().map(|a| a.mailbox),
+            max_message_size: config.listener.max_message_size,
+            default_sender: config.accounts.into_iter().next().map(|a| a.mailbox),
+            hostname: config.listener.hostname,
         })
     }
 }
@@ -1023,17 +987,21 @@ mod tests {
     }
 
     #[test]
-    fn wildcard_bind_is_reached_on_loopback() {
+    fn wildcard_bind_is_reached_on_loopback_without_the_secret() {
         let dir = tempfile::tempdir().expect("dir");
         let path = dir.path().join("c.toml");
         std::fs::write(
             &path,
-            "[listener]\nbind = [\"0.0.0.0:2600\"]\nhostname = \"h.test\"\n[[accounts]]\nname = \"a\"\nmailbox = \"m@x\"\n[accounts.oauth]\nclient_secret_file = \"${UNSET_VARIABLE}/s\"\n",
+            "[listener]\nbind = [\"0.0.0.0:2600\"]\nhostname = \"h.test\"\n\
+             [[accounts]]\nname = \"a\"\nmailbox = \"m@x.test\"\n\
+             [accounts.oauth]\nflow = \"client_credentials\"\ntenant_id = \"x.test\"\n\
+             client_id = \"11111111-2222-3333-4444-555555555555\"\n\
+             client_secret_file = \"${UNSET_VARIABLE}/s\"\n",
         )
         .expect("write");
         let view = RelayView::load(&path).expect("loaded");
         assert_eq!(view.address, "127.0.0.1:2600".parse().expect("addr"));
-        assert_eq!(view.default_sender.as_deref(), Some("m@x"));
+        assert_eq!(view.default_sender.as_deref(), Some("m@x.test"));
         assert_eq!(view.hostname, "h.test");
         let missing = RelayView::load(&dir.path().join("none.toml")).expect_err("missing");
         assert_eq!(missing.exit, Exit::Config);

@@ -1,14 +1,11 @@
 #!/bin/sh
 # Builds the Debian package, target/debian/smtp-oauth-relay_VERSION-1_ARCH.deb,
 # with cargo-deb (metadata: [package.metadata.deb] in Cargo.toml). What the
-# package ships that is not in the tree is derived here from the source of
-# truth, so nothing is kept twice:
+# package ships that is not in the tree is derived here from its source, so
+# nothing is kept twice (the conffile is config/smtp-oauth-relay.toml as is):
 #   - the systemd unit: deploy/systemd/smtp-oauth-relay.service with
 #     ExecStart in /usr/bin (its drop-in deploy/debian/debian.conf adds the
 #     system user and the placeholder guard);
-#   - /etc/smtp-oauth-relay/config.toml: the full commented example
-#     config/smtp-oauth-relay.toml, reading the secret from the credential
-#     the unit passes ($CREDENTIALS_DIRECTORY/client-secret);
 #   - man pages and bash/zsh/fish completions, printed by the binary itself.
 #
 # Usage: deploy/debian/build.sh         (PROFILE=dev for a quick, unoptimised package)
@@ -35,9 +32,6 @@ sed 's#/usr/local/bin/smtp-oauth-relay#/usr/bin/smtp-oauth-relay#g' \
 grep -q '^ExecStart=/usr/bin/smtp-oauth-relay run ' "$assets/smtp-oauth-relay.service" ||
     die "the unit's ExecStart no longer names /usr/local/bin/smtp-oauth-relay run: update this script"
 ! grep -q /usr/local "$assets/smtp-oauth-relay.service" || die "the unit still names /usr/local"
-
-sed 's#^client_secret_file = "/run/credentials/smtp-oauth-relay/client-secret"#client_secret_file = "${CREDENTIALS_DIRECTORY}/client-secret"#' \
-    config/smtp-oauth-relay.toml >"$assets/config.toml"
 
 "$bin" man --dir "$assets/man" >/dev/null
 gzip -9n "$assets"/man/*.1

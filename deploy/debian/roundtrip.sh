@@ -39,8 +39,7 @@ ok "installed $deb: user smtp-oauth-relay owns $state"
 
 dpkg-query -W -f='${Conffiles}\n' smtp-oauth-relay | grep -q ' /etc/smtp-oauth-relay/config.toml ' ||
     die "config.toml is not a conffile"
-cmp -s /etc/smtp-oauth-relay/config.toml target/debian-assets/config.toml 2>/dev/null ||
-    grep -q '^\[\[accounts\]\]' /etc/smtp-oauth-relay/config.toml || die "config.toml is not the example"
+cmp -s /etc/smtp-oauth-relay/config.toml config/smtp-oauth-relay.toml || die "config.toml is not the example"
 [ "$(stat -c %a /etc/smtp-oauth-relay/client-secret)" = 600 ] || die "client-secret is not mode 0600"
 ok "conffile /etc/smtp-oauth-relay/config.toml, empty client-secret (0600)"
 
