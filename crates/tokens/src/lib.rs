@@ -15,11 +15,13 @@
 
 mod assertion;
 mod authorize;
+pub mod bounded;
 mod cache;
 mod claims;
 mod error;
 mod explain;
 mod http;
+mod lifetime;
 mod manager;
 mod source;
 
