@@ -115,6 +115,10 @@ async fn survives_error_body(fault: TokenFault) {
     let longest = log.lines().map(str::len).max().unwrap_or(0);
     assert!(longest < 4096, "a log line of {longest} bytes");
     assert!(log.len() < 4 << 20, "{} bytes of log", log.len());
+    assert!(
+        !log.contains(world.idp.client_secret()),
+        "the client secret reached the log"
+    );
     let queue = cli(&["queue", "list", "--json"], &relay.config);
     assert!(queue.status.success());
     assert!(
