@@ -198,8 +198,9 @@ async fn readiness_health_and_metrics() {
 }
 
 // Under systemd: READY=1 with a STATUS= line once listening with a token,
-// watchdog pings, STOPPING=1 on SIGTERM.
-#[tokio::test]
+// watchdog pings, STOPPING=1 on SIGTERM. The notification socket is read
+// with blocking calls: the stand-ins need their own threads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn systemd_notifications() {
     let world = World::start().await;
     let port = free_port();
