@@ -234,7 +234,7 @@ impl TokenManager {
     ///
     /// The handle ends with `Ok(())` after `shutdown`. Should the renewal
     /// task panic, it is restarted (and the panic logged); only when it
-    /// panics [`MAX_RESTARTS`] times in a row does the handle end early,
+    /// keeps panicking (three restarts in a row) does the handle end early,
     /// with the panic (`JoinError::is_panic`): the caller should then exit
     /// non-zero rather than run on without renewals. Aborting the handle
     /// stops the task.
@@ -365,7 +365,7 @@ impl TokenManager {
                     account = %self.inner.account,
                     expires_in = stated,
                     planned = ?lifetime.get(),
-                    "the identity platform gave a token lifetime out of bounds; planning with a bounded one (told once)"
+                    "the identity platform stated a token lifetime out of bounds or unreadable; planning with a bounded one (told once)"
                 );
             }
         }
