@@ -1,5 +1,5 @@
 //! `bench`: throughput, latency, memory and token cost of the relay, measured
-//! side by side with its alternatives on the same machine (issue 7).
+//! side by side with its alternatives on the same machine.
 //!
 //! It starts the test kit's identity platform and submission server
 //! (STARTTLS + XOAUTH2) in this process, starts the relay as a child process

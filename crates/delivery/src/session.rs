@@ -359,15 +359,20 @@ pub(crate) async fn authenticate(
     if r.code == 235 {
         return Ok(());
     }
+    // mail-send has already split the reply; carry its parts over as they are.
     let [class, subject, detail] = r.esc;
-    let line = if class == 0 {
-        format!("{} {}", r.code, r.message)
-    } else {
-        format!("{} {class}.{subject}.{detail} {}", r.code, r.message)
+    let enhanced =
+        matches!(class, 2 | 4 | 5).then(|| Enhanced::new(class, subject.into(), detail.into()));
+    let message = r.message.replace(['\r', '\n'], " ");
+    let text = match enhanced {
+        Some(e) => format!("{} {e} {message}", r.code),
+        None => format!("{} {message}", r.code),
     };
-    let reply = Reply::parse(&line.replace(['\r', '\n'], " ")).unwrap_or_else(|| {
-        Reply::local(535, Enhanced::new(5, 7, 3), "Authentication unsuccessful")
-    });
+    let reply = Reply {
+        code: r.code,
+        enhanced,
+        text,
+    };
     Err(Outcome::new(classify_auth(&reply), reply))
 }
 
