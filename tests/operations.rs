@@ -364,45 +364,6 @@ async fn json_logs_carry_the_fields() {
     assert!(delivered["took"].is_string());
 }
 
-// A token renewal that cannot be handled (an absurd `expires_in`) must not
-// leave the relay half alive, accepting mail it never delivers: it either
-// copes and keeps delivering, or stops with exit status 1 so systemd
-// restarts it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failing_task_never_leaves_the_relay_half_alive() {
-    let world = World::start().await;
-    world.idp.set_lifetime(3);
-    let port = free_port();
-    let mut relay = Relay::start(&world.write_config(&world.config(port)), port).await;
-    let grants = || world.idp.grants("client_credentials");
-    eventually(20, "the first token", || grants() >= 1).await;
-    world.idp.set_lifetime(i64::MAX as u64);
-    eventually(20, "a renewal with an absurd lifetime", || grants() >= 2).await;
-    world.idp.set_lifetime(3599);
-    let mut exited = None;
-    for _ in 0..50 {
-        if let Ok(Some(status)) = relay.child.try_wait() {
-            exited = Some(status);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    match exited {
-        Some(status) => {
-            assert_eq!(status.code(), Some(1), "log:\n{}", relay.log());
-            assert!(
-                relay.log().contains("shutting down error="),
-                "the reason is logged:\n{}",
-                relay.log()
-            );
-        }
-        None => {
-            send_accepted(&relay, "still alive").await;
-            relay.delivered(&world, 1).await;
-        }
-    }
-}
-
 // SIGTERM while the relay still waits for its first token (up to 30 s)
 // stops it in order, exit 0, instead of killing it outright.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -419,7 +419,7 @@ fn bash_completes_subcommands() {
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     assert_eq!(complete("smtp-oauth-relay qu"), "queue\n");
-    assert_eq!(complete("smtp-oauth-relay send"), "send-test\n");
+    assert_eq!(complete("smtp-oauth-relay send"), "send-test\nsendmail\n");
     assert_eq!(complete("smtp-oauth-relay queue li"), "list\n");
     assert_eq!(complete("smtp-oauth-relay config sh"), "show\n");
     assert!(complete("smtp-oauth-relay queue list --j").contains("--json"));

@@ -74,11 +74,16 @@ async fn first_token(world: &World) {
 }
 
 /// SIGKILLs the relay while a refresh is in flight: the kit has rotated the
-/// token, but its reply is held back and never reaches the relay.
+/// token, but its reply is held back and never reaches the relay. The
+/// refresh is caused by the upstream refusing the token of a delivery (the
+/// message "trigger", which stays queued).
 async fn kill_during_refresh(world: &World, relay: &mut Relay) {
-    tokio::time::sleep(Duration::from_millis(500)).await;
     world.idp.set_reply_delay(Some(Duration::from_secs(30)));
+    world
+        .upstream
+        .push_auth_fault("535 5.7.3 Authentication unsuccessful");
     let before = world.idp.grants("refresh_token");
+    send_accepted(relay, "trigger").await;
     eventually(15, "a refresh in flight", || {
         world.idp.grants("refresh_token") > before
     })
@@ -191,17 +196,18 @@ async fn authorize_with_device_code_then_relay_delivers_as_the_user() {
 #[tokio::test]
 async fn rotated_refresh_token_survives_sigkill_after_use() {
     let world = World::start().await;
-    world.idp.set_lifetime(3); // renewal every 2 s
     let (config, mut relay) = start_delegated(&world).await;
-    eventually(20, "several rotations", || {
-        world.idp.grants("refresh_token") >= 3
-    })
-    .await;
+    first_token(&world).await;
+    // the upstream refuses the token once: a rotation right before use
+    world
+        .upstream
+        .push_auth_fault("535 5.7.3 Authentication unsuccessful");
     send_accepted(&relay, "one").await;
     world
         .upstream
         .wait_for_messages(1, Duration::from_secs(20))
         .await;
+    assert_eq!(world.idp.grants("refresh_token"), 2, "two rotations");
     relay.kill9();
     let cached = cached_refresh_token(&world);
     assert!(
@@ -222,7 +228,6 @@ async fn rotated_refresh_token_survives_sigkill_after_use() {
 async fn sigkill_in_the_middle_of_a_refresh() {
     let world = World::start().await;
     world.idp.reuse_refresh_tokens(true);
-    world.idp.set_lifetime(4);
     let (config, mut relay) = start_delegated(&world).await;
     first_token(&world).await;
     kill_during_refresh(&world, &mut relay).await;
@@ -230,7 +235,7 @@ async fn sigkill_in_the_middle_of_a_refresh() {
     assert!(world.idp.refresh_token_is_live(&cached));
     let relay = Relay::start(&config, relay.port).await;
     send_accepted(&relay, "after kill").await;
-    relay.delivered(&world, 1).await;
+    relay.delivered(&world, 2).await;
 }
 
 // The known limit: against a server whose refresh tokens are strictly
@@ -239,7 +244,8 @@ async fn sigkill_in_the_middle_of_a_refresh() {
 #[tokio::test]
 async fn lost_rotation_with_single_use_tokens_asks_for_authorize() {
     let world = World::start().await;
-    world.idp.set_lifetime(4);
+    // too short for the restarted relay to reuse the cached access token
+    world.idp.set_lifetime(60);
     let (config, mut relay) = start_delegated(&world).await;
     first_token(&world).await;
     kill_during_refresh(&world, &mut relay).await;
@@ -250,15 +256,17 @@ async fn lost_rotation_with_single_use_tokens_asks_for_authorize() {
 }
 
 // A revoked refresh token: deliveries wait, the log names the command, no
-// retry storm; `authorize` (here: a new cache) brings it back without restart.
+// retry storm; `authorize` (here: a new cache) brings it back without
+// restart. Tokens of the shortest lifetime the relay plans with (a minute)
+// are renewed after 40 s: that renewal finds the revocation.
 #[tokio::test]
 async fn revoked_refresh_token_is_explained_and_recovered_without_restart() {
     let world = World::start().await;
-    world.idp.set_lifetime(4);
+    world.idp.set_lifetime(60);
     let (_, relay) = start_delegated(&world).await;
     first_token(&world).await;
     world.idp.revoke_refresh_tokens();
-    names_authorize(&relay, 20).await;
+    names_authorize(&relay, 60).await;
     assert!(relay.log().contains("50173"), "log:\n{}", relay.log());
     assert_no_token_requests(&world, "no retries").await;
     send_accepted(&relay, "waits").await;

@@ -12,6 +12,7 @@ mod notify;
 mod queue;
 mod relay;
 mod send_test;
+mod sendmail;
 mod show_config;
 mod status;
 mod submit;
@@ -70,6 +71,8 @@ enum Command {
     Doctor(doctor::DoctorArgs),
     /// Send a test message through the running relay (listener → queue → delivery) and wait for the outcome.
     SendTest(send_test::SendTestArgs),
+    /// Submit a message from standard input to the running relay, as /usr/sbin/sendmail does (also when run as `sendmail`).
+    Sendmail(sendmail::SendmailArgs),
     /// Print the manual page (roff) to stdout, or write one page per verb into --dir; for packagers.
     #[command(hide = true)]
     Man(generate::ManArgs),
@@ -82,7 +85,10 @@ fn main() -> ExitCode {
     // One crypto provider for every rustls user in the process (reqwest,
     // mail-send, the test kit), installed before any of them builds a config.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(sendmail::argv(std::env::args_os()));
+    if let Command::Sendmail(args) = &cli.command {
+        return sendmail::sendmail(&cli.config, &args.args);
+    }
     // `run` logs as its configuration says; the other verbs print their
     // results and log only problems.
     let run_config = match cli.command {
@@ -145,6 +151,7 @@ fn main() -> ExitCode {
             Command::SendTest(args) => send_test::send_test(&cli.config, args).await,
             Command::Man(args) => generate::man(args),
             Command::Completions(args) => generate::completions(args),
+            Command::Sendmail(_) => Ok(()),
         }
     });
     match result {

@@ -331,3 +331,42 @@ pub fn plain(log: &str) -> String {
     }
     out
 }
+
+impl World {
+    /// [`World::config`] with the admin endpoint on `admin`.
+    pub fn config_with_admin(&self, port: u16, admin: u16) -> String {
+        self.config(port).replace(
+            "bind = \"127.0.0.1:0\"",
+            &format!("bind = \"127.0.0.1:{admin}\""),
+        )
+    }
+}
+
+impl Relay {
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// The process's peak resident memory (VmHWM), in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("/proc/PID/status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM in /proc/PID/status")
+    }
+}
+
+/// GET `url` (5 s at most): the status, or `None` when nothing answered.
+pub async fn http_status(url: &str) -> Option<u16> {
+    reqwest::Client::new()
+        .get(url)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .ok()
+        .map(|r| r.status().as_u16())
+}

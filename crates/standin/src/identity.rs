@@ -8,13 +8,18 @@
 //! Google-style token endpoint (JWT bearer grant of service accounts,
 //! refresh tokens, authorization code) and authorization endpoint. The token
 //! handler dispatches on `grant_type`, one function per grant.
+//!
+//! For tests of a client's defences the Microsoft token endpoint can also be
+//! made hostile ([`TokenFault`]): absurd lifetimes, failures, huge and
+//! endless bodies; every request is recorded with its time.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
@@ -60,6 +65,33 @@ pub struct TokenRequest {
     pub at: Instant,
 }
 
+/// A way the Microsoft token endpoint misbehaves, set with
+/// [`IdentityPlatform::set_fault`]. It applies to every token request until
+/// cleared; scripted errors ([`IdentityPlatform::fail_next`]) come first.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TokenFault {
+    /// Tokens are issued as usual (they really live the configured
+    /// lifetime), but the reply states these `expires_in` and
+    /// `ext_expires_in`: huge, zero, negative, text — any JSON.
+    Lifetime {
+        /// Stated as `expires_in`.
+        expires_in: serde_json::Value,
+        /// Stated as `ext_expires_in`.
+        ext_expires_in: serde_json::Value,
+    },
+    /// This HTTP status with a short OAuth error (`temporarily_unavailable`,
+    /// AADSTS50000), as during an outage.
+    Status(u16),
+    /// 500 with an OAuth error whose `error_description` makes the JSON body
+    /// `size` bytes, its length declared; sent in chunks, never held whole.
+    LargeError {
+        /// The body's length in bytes.
+        size: usize,
+    },
+    /// 500 with a chunked body that never ends, until the client hangs up.
+    EndlessBody,
+}
+
 /// A fake Microsoft identity platform serving on `127.0.0.1`.
 ///
 /// This is a cheap handle: clones share the same server and records.
@@ -79,6 +111,9 @@ struct Inner {
     mint: TokenMint,
     state: Mutex<Record>,
     server: Mutex<Option<Running>>,
+    /// Body bytes of [`TokenFault::LargeError`] and
+    /// [`TokenFault::EndlessBody`] replies handed to connections.
+    streamed: Arc<AtomicU64>,
 }
 
 #[derive(Debug)]
@@ -109,6 +144,7 @@ struct Record {
     assertions: Vec<AssertionRecord>,
     service_accounts: HashMap<String, ServiceAccount>,
     reply_delay: Option<Duration>,
+    fault: Option<TokenFault>,
 }
 
 impl Record {
@@ -134,6 +170,7 @@ impl Record {
             assertions: Vec::new(),
             service_accounts: HashMap::new(),
             reply_delay: None,
+            fault: None,
         }
     }
 }
@@ -276,6 +313,7 @@ impl IdentityPlatform {
             mint: TokenMint::new(),
             state: Mutex::new(Record::new()),
             server: Mutex::new(None),
+            streamed: Arc::default(),
         });
         let app = Router::new()
             .route("/{tenant}/oauth2/v2.0/token", post(token_endpoint))
@@ -340,6 +378,28 @@ impl IdentityPlatform {
             reply.description = description.to_string();
         }
         lock(&self.inner.state).scripted.push_back(reply);
+    }
+
+    /// Makes the Microsoft token endpoint misbehave (see [`TokenFault`]), or
+    /// behave again with `None`.
+    pub fn set_fault(&self, fault: Option<TokenFault>) {
+        lock(&self.inner.state).fault = fault;
+    }
+
+    /// Body bytes of large and endless fault replies handed to connections
+    /// so far: what a client that hangs up early spared itself is missing.
+    pub fn streamed_bytes(&self) -> u64 {
+        self.inner.streamed.load(Ordering::Relaxed)
+    }
+
+    /// How many requests reached the token (or device code) endpoints at or
+    /// after `since`.
+    pub fn requests_since(&self, since: Instant) -> usize {
+        lock(&self.inner.state)
+            .requests
+            .iter()
+            .filter(|r| r.at >= since)
+            .count()
     }
 
     /// Every request that reached the token endpoint so far, in order.
@@ -613,6 +673,25 @@ async fn token_endpoint(
     if let Some(reply) = scripted {
         return reply.into_response();
     }
+    let fault = lock(&idp.state).fault.clone();
+    let stated_lifetime = match fault {
+        None => None,
+        Some(TokenFault::Lifetime {
+            expires_in,
+            ext_expires_in,
+        }) => Some((expires_in, ext_expires_in)),
+        Some(TokenFault::Status(status)) => {
+            return AadError::new(
+                StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                "temporarily_unavailable",
+                50000,
+                "There was an error issuing a token or an authorization code.",
+            )
+            .into_response()
+        }
+        Some(TokenFault::LargeError { size }) => return large_error(&idp, size),
+        Some(TokenFault::EndlessBody) => return endless_body(&idp),
+    };
 
     if !tenant.eq_ignore_ascii_case(&idp.tenant) {
         return AadError::new(
@@ -644,11 +723,73 @@ async fn token_endpoint(
         )),
     };
     let response = match result {
-        Ok(reply) => reply.into_response(),
+        Ok(reply) => Issued {
+            stated_lifetime,
+            ..reply
+        }
+        .into_response(),
         Err(error) => error.into_response(),
     };
     delay_reply(&idp).await;
     response
+}
+
+/// Chunks of filler for the large and endless bodies: shared, not copied.
+const FILLER_CHUNK: usize = 64 * 1024;
+
+/// A `500` whose JSON error body is `size` bytes, declared and streamed.
+fn large_error(idp: &Inner, size: usize) -> Response {
+    let head = Bytes::from_static(
+        b"{\"error\":\"server_error\",\"error_codes\":[50000],\"error_description\":\"AADSTS50000: ",
+    );
+    let tail = Bytes::from_static(b"\"}");
+    let filler_len = size.saturating_sub(head.len() + tail.len());
+    let filler = Bytes::from(vec![b'x'; FILLER_CHUNK]);
+    let mut chunks = vec![head.clone()];
+    chunks.extend(std::iter::repeat_n(
+        filler.clone(),
+        filler_len / FILLER_CHUNK,
+    ));
+    chunks.push(filler.slice(..filler_len % FILLER_CHUNK));
+    chunks.push(tail);
+    let length = head.len() + filler_len + 2;
+    let body = counted(idp, futures_util::stream::iter(chunks));
+    (
+        StatusCode::INTERNAL_SERVER_ERROR,
+        [
+            (
+                header::CONTENT_TYPE,
+                "application/json; charset=utf-8".to_string(),
+            ),
+            (header::CONTENT_LENGTH, length.to_string()),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// A `500` whose body never ends.
+fn endless_body(idp: &Inner) -> Response {
+    let filler = Bytes::from(vec![b'x'; FILLER_CHUNK]);
+    let head = Bytes::from_static(b"{\"error\":\"server_error\",\"error_description\":\"");
+    let chunks = std::iter::once(head).chain(std::iter::repeat(filler));
+    let body = counted(idp, futures_util::stream::iter(chunks));
+    (
+        StatusCode::INTERNAL_SERVER_ERROR,
+        [(header::CONTENT_TYPE, "application/json; charset=utf-8")],
+        body,
+    )
+        .into_response()
+}
+
+/// A streamed body that adds what it hands on to [`Inner::streamed`].
+fn counted(idp: &Inner, chunks: impl futures_util::Stream<Item = Bytes> + Send + 'static) -> Body {
+    use futures_util::StreamExt as _;
+    let streamed = idp.streamed.clone();
+    Body::from_stream(chunks.map(move |chunk| {
+        streamed.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        Ok::<_, std::convert::Infallible>(chunk)
+    }))
 }
 
 async fn delay_reply(idp: &Inner) {
@@ -676,14 +817,19 @@ struct Issued {
     token: String,
     refresh_token: Option<String>,
     scope: Option<String>,
+    /// `expires_in` and `ext_expires_in` to state instead of `lifetime`.
+    stated_lifetime: Option<(serde_json::Value, serde_json::Value)>,
 }
 
 impl IntoResponse for Issued {
     fn into_response(self) -> Response {
+        let (expires_in, ext_expires_in) = self
+            .stated_lifetime
+            .unwrap_or_else(|| (self.lifetime.into(), self.lifetime.into()));
         let mut body = json!({
             "token_type": "Bearer",
-            "expires_in": self.lifetime,
-            "ext_expires_in": self.lifetime,
+            "expires_in": expires_in,
+            "ext_expires_in": ext_expires_in,
             "access_token": self.token,
         });
         if let Some(refresh_token) = self.refresh_token {
@@ -785,6 +931,7 @@ fn app_token(idp: &Inner, form: &Form) -> Result<Issued, AadError> {
         token,
         refresh_token: None,
         scope: None,
+        stated_lifetime: None,
     })
 }
 
@@ -959,6 +1106,7 @@ fn delegated_token(idp: &Inner, grant: Grant, with_refresh_token: bool) -> Issue
         token,
         refresh_token,
         scope: Some(scope),
+        stated_lifetime: None,
     }
 }
 

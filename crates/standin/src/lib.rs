@@ -57,7 +57,7 @@ pub use credentials::ClientCertificate;
 pub use graph::{
     GraphAttachment, GraphCall, GraphFault, GraphMessage, GraphRequest, GraphServer, GRAPH_AUDIENCE,
 };
-pub use identity::{AssertionRecord, Consent, IdentityPlatform, TokenRequest};
+pub use identity::{AssertionRecord, Consent, IdentityPlatform, TokenFault, TokenRequest};
 pub use jwt::{TokenClaims, TokenRejection};
 pub use relay_config::{RelayConfig, Section};
 pub use submission::{ReceivedMessage, SubmissionOptions, SubmissionServer};

@@ -18,6 +18,10 @@ use tokio::{
 
 /// RFC 8628 §3.5: `slow_down` adds five seconds to the interval.
 const SLOW_DOWN: Duration = Duration::from_secs(5);
+/// Bounds on what the device authorization response may ask for: Entra ID
+/// gives 900 s and 5 s.
+const DEVICE_CODE_MAX_SECS: u64 = 3600;
+const POLL_INTERVAL_MAX_SECS: u64 = 60;
 const DEVICE_CODE_GRANT: &str = "urn:ietf:params:oauth:grant-type:device_code";
 
 /// What the identity platform answered to a device authorization request.
@@ -119,8 +123,16 @@ impl TokenSource {
             user_code,
             verification_uri,
             message,
-            expires_in: Duration::from_secs(num(&value, "expires_in").unwrap_or(900)),
-            interval: Duration::from_secs(num(&value, "interval").unwrap_or(5).max(1)),
+            expires_in: Duration::from_secs(
+                num(&value, "expires_in")
+                    .unwrap_or(900)
+                    .clamp(60, DEVICE_CODE_MAX_SECS),
+            ),
+            interval: Duration::from_secs(
+                num(&value, "interval")
+                    .unwrap_or(5)
+                    .clamp(1, POLL_INTERVAL_MAX_SECS),
+            ),
         })
     }
 
@@ -154,7 +166,8 @@ impl TokenSource {
                 Err(TokenError::Refused { error, description, .. }) => match error.as_str() {
                     "authorization_pending" => {}
                     "slow_down" => {
-                        interval += SLOW_DOWN;
+                        interval = (interval + SLOW_DOWN)
+                            .min(Duration::from_secs(POLL_INTERVAL_MAX_SECS));
                         tracing::debug!(?interval, "identity platform asked to slow down");
                     }
                     "expired_token" | "code_expired" => {
@@ -173,7 +186,7 @@ impl TokenSource {
                         )))
                     }
                     _ => {
-                        return Err(crate::http::refused(error, description, &[]));
+                        return Err(crate::http::refused(&error, &description, &[]));
                     }
                 },
                 Err(e) => return Err(e),
@@ -330,7 +343,10 @@ async fn wait_for_redirect(listeners: &[TcpListener], state: &str) -> Result<Sec
         }
         if let Some(error) = error {
             let _ = respond(&mut stream, "200 OK", PAGE_FAILED).await;
-            let description = get("error_description").unwrap_or_default();
+            let description = crate::bounded::clip(
+                &get("error_description").unwrap_or_default(),
+                crate::bounded::TEXT_LIMIT,
+            );
             let hint = crate::explain::explain_error(&error)
                 .map(|h| format!(" — {h}"))
                 .unwrap_or_default();

@@ -226,7 +226,8 @@ impl TokenCache {
             scope: scope.to_owned(),
             refresh_token: refresh_token.expose().to_owned(),
             access_token: access_token.map(|(t, _)| t.expose().to_owned()),
-            access_token_expires_at: access_token.map(|(_, lifetime)| unix_now() + lifetime),
+            access_token_expires_at: access_token
+                .map(|(_, lifetime)| unix_now().saturating_add(lifetime)),
             updated_at: unix_now(),
         }
     }

@@ -1,5 +1,5 @@
 use crate::explain::{explain_aadsts, explain_error};
-use std::path::PathBuf;
+use std::{path::PathBuf, time::Duration};
 
 /// Why no token could be obtained. Every variant is worth retrying later:
 /// mail waits in the queue meanwhile.
@@ -36,6 +36,15 @@ pub enum TokenError {
     /// The relay does not retry until the token cache changes.
     #[error("account {account:?}: {reason}; run `smtp-oauth-relay authorize --account {account}` to sign in again")]
     NeedsAuthorization { account: String, reason: String },
+    /// An earlier token request failed and the next one is not due yet, so
+    /// none was made: the caller defers its work.
+    #[error("token unavailable, next attempt in {}s (last attempt: {last})", whole_secs(*.retry_in))]
+    Unavailable {
+        /// How long until the next request may be made.
+        retry_in: Duration,
+        /// Why the last attempt failed.
+        last: String,
+    },
     /// An interactive sign-in (`authorize`) did not complete.
     #[error("{0}")]
     Authorization(String),
@@ -57,6 +66,11 @@ impl TokenError {
     pub fn needs_authorization(&self) -> bool {
         matches!(self, TokenError::NeedsAuthorization { .. })
     }
+}
+
+/// Rounded up: "next attempt in 0s" would be wrong.
+fn whole_secs(d: Duration) -> u128 {
+    d.as_millis().div_ceil(1000)
 }
 
 fn hint(code: Option<u32>, error: &str) -> String {

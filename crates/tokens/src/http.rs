@@ -1,5 +1,12 @@
 //! The HTTP side of token requests: one reqwest client, form POSTs, and
-//! reading token responses and OAuth errors.
+//! reading token responses and OAuth errors. Replies are read up to
+//! [`REPLY_LIMIT`]; text from them is clipped to [`TEXT_LIMIT`] before it
+//! goes into an error.
+
+use crate::{
+    bounded::{clip, read_bounded, REPLY_LIMIT, TEXT_LIMIT},
+    lifetime::Lifetime,
+};
 
 /// The HTTP client for identity-platform requests: no redirects (a token
 /// request must not be forwarded elsewhere), bounded time.
@@ -16,7 +23,7 @@ pub(crate) fn client() -> Result<reqwest::Client, reqwest::Error> {
 pub(crate) struct TokenReply {
     pub access_token: relay_config::Secret,
     pub refresh_token: Option<relay_config::Secret>,
-    pub expires_in: Option<u64>,
+    pub lifetime: Lifetime,
 }
 
 /// The raw JSON of a token response or error; never logged.
@@ -31,12 +38,12 @@ struct RawReply {
     error_codes: Vec<u32>,
 }
 
-/// An OAuth error reply, or a transport failure.
-pub(crate) fn refused(error: String, description: String, codes: &[u32]) -> crate::TokenError {
-    let code = crate::error::parse_aadsts(&description).or_else(|| codes.first().copied());
+/// An OAuth error reply, its texts clipped.
+pub(crate) fn refused(error: &str, description: &str, codes: &[u32]) -> crate::TokenError {
+    let code = crate::error::parse_aadsts(description).or_else(|| codes.first().copied());
     crate::TokenError::Refused {
-        error,
-        description,
+        error: clip(error, 64),
+        description: clip(description, TEXT_LIMIT),
         code,
     }
 }
@@ -60,16 +67,30 @@ pub(crate) async fn post_form(
         .await
         .map_err(|e| transport(crate::source::error_chain(&e)))?;
     let status = response.status();
-    let body = response
-        .bytes()
+    let body = read_bounded(response, REPLY_LIMIT)
         .await
         .map_err(|e| transport(crate::source::error_chain(&e)))?;
-    let value: serde_json::Value = match serde_json::from_slice(&body) {
+    if body.cut {
+        return Err(transport(format!(
+            "HTTP {status} with a body of {}, more than the {REPLY_LIMIT} bytes read",
+            body.size()
+        )));
+    }
+    let value: serde_json::Value = match serde_json::from_slice(&body.bytes) {
         Ok(value) => value,
+        // A failure page (a proxy's, say) helps the admin; a success is
+        // never shown, it may carry a token.
+        Err(_) if !status.is_success() => {
+            return Err(transport(format!(
+                "HTTP {status} with a body that is not JSON ({}): {}",
+                body.size(),
+                clip(&String::from_utf8_lossy(&body.bytes), TEXT_LIMIT)
+            )))
+        }
         Err(_) => {
             return Err(transport(format!(
-                "HTTP {status} with a body that is not JSON ({} bytes)",
-                body.len()
+                "HTTP {status} with a body that is not JSON ({})",
+                body.size()
             )))
         }
     };
@@ -83,8 +104,8 @@ pub(crate) async fn post_form(
             error_codes: Vec::new(),
         });
         return Err(refused(
-            error.to_owned(),
-            raw.error_description.unwrap_or_default(),
+            error,
+            raw.error_description.as_deref().unwrap_or_default(),
             &raw.error_codes,
         ));
     }
@@ -111,12 +132,12 @@ pub(crate) fn parse_token_reply(
     let raw: RawReply =
         serde_json::from_value(value).map_err(|e| crate::TokenError::Transport {
             url: url.to_owned(),
-            reason: format!("unreadable token response: {e}"),
+            reason: clip(&format!("unreadable token response: {e}"), TEXT_LIMIT),
         })?;
     if let Some(error) = raw.error {
         return Err(refused(
-            error,
-            raw.error_description.unwrap_or_default(),
+            &error,
+            raw.error_description.as_deref().unwrap_or_default(),
             &raw.error_codes,
         ));
     }
@@ -126,15 +147,9 @@ pub(crate) fn parse_token_reply(
             url: url.to_owned(),
             reason: "token response without access_token".into(),
         })?;
-    // Some servers send expires_in as a string.
-    let expires_in = raw.expires_in.and_then(|v| match v {
-        serde_json::Value::Number(n) => n.as_u64(),
-        serde_json::Value::String(s) => s.parse().ok(),
-        _ => None,
-    });
     Ok(TokenReply {
         access_token: relay_config::Secret::new(access_token),
         refresh_token: raw.refresh_token.map(relay_config::Secret::new),
-        expires_in,
+        lifetime: Lifetime::from_reply(raw.expires_in.as_ref()),
     })
 }

@@ -6,20 +6,28 @@
 //! a background task started by [`TokenManager::spawn_refresher`] renews the
 //! token ahead of expiry — when ten minutes or a third of its lifetime remain,
 //! whichever is sooner — with or without traffic. Concurrent callers share one
-//! in-flight request. A failed renewal backs off with jitter while the current
-//! token is used until it expires. When the upstream refuses a token the relay
+//! in-flight request. A failed request starts an exponential back-off (1 s
+//! doubling to 5 minutes, with jitter): the current token is used until it
+//! expires, and without one callers get [`TokenError::Unavailable`] at once
+//! instead of making requests. When the upstream refuses a token the relay
 //! thought valid, [`TokenManager::refresh_rejected`] fetches a new one, once
 //! per token.
+//!
+//! Nothing the identity platform says is trusted to be sane: lifetimes are
+//! planned within a minute and a day, replies are read up to 64 KiB and
+//! their texts clipped before they reach an error ([`bounded`]).
 //!
 //! Tokens and secrets are [`relay_config::Secret`]s: they never reach a log.
 
 mod assertion;
 mod authorize;
+pub mod bounded;
 mod cache;
 mod claims;
 mod error;
 mod explain;
 mod http;
+mod lifetime;
 mod manager;
 mod source;
 

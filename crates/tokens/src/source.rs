@@ -5,6 +5,7 @@ use crate::{
     assertion::{self, Certificate, ASSERTION_TYPE, JWT_BEARER},
     cache::{CacheEntry, TokenCache},
     http::{self, TokenReply},
+    lifetime::Lifetime,
     TokenError,
 };
 use relay_config::{AccountConfig, Flow, OAuthConfig, Provider, Secret};
@@ -14,16 +15,13 @@ use std::{
     time::Duration,
 };
 
-/// Used when a token response carries no `expires_in`: short, so the
-/// relay asks again soon rather than present a dead token.
-const ASSUMED_LIFETIME: Duration = Duration::from_secs(600);
 /// A cached access token is reused at start only with this much life left.
 const CACHED_TOKEN_MIN: u64 = 120;
 
 /// A token just issued.
 pub(crate) struct Issued {
     pub access_token: Secret,
-    pub lifetime: Duration,
+    pub lifetime: Lifetime,
 }
 
 /// How the client authenticates itself to the identity platform.
@@ -299,10 +297,7 @@ impl TokenSource {
         };
         Ok(Issued {
             access_token: reply.access_token,
-            lifetime: reply
-                .expires_in
-                .map(Duration::from_secs)
-                .unwrap_or(ASSUMED_LIFETIME),
+            lifetime: reply.lifetime,
         })
     }
 
@@ -377,11 +372,11 @@ impl TokenSource {
                 (&entry.access_token, entry.access_token_expires_at)
             {
                 let now = assertion::unix_now();
-                if expires_at > now + CACHED_TOKEN_MIN {
+                if expires_at > now.saturating_add(CACHED_TOKEN_MIN) {
                     tracing::debug!(account = %self.account, "using the access token from the token cache");
                     return Ok(Issued {
                         access_token: Secret::new(token.clone()),
-                        lifetime: Duration::from_secs(expires_at - now),
+                        lifetime: Lifetime::from_secs(expires_at - now),
                     });
                 }
             }
@@ -407,14 +402,13 @@ impl TokenSource {
             Err(e) => return Err(e),
         };
         let rotated = reply.refresh_token.is_some();
-        let lifetime = reply.expires_in.unwrap_or(ASSUMED_LIFETIME.as_secs());
         let new_entry = TokenCache::entry(
             &self.account,
             self.provider.name(),
             &self.client_id,
             &entry.scope,
             reply.refresh_token.as_ref().unwrap_or(&refresh_token),
-            Some((&reply.access_token, lifetime)),
+            Some((&reply.access_token, reply.lifetime.secs())),
         );
         {
             let mut state = self.lock();
@@ -426,7 +420,7 @@ impl TokenSource {
         tracing::info!(account = %self.account, rotated, "token cache updated");
         Ok(Issued {
             access_token: reply.access_token,
-            lifetime: Duration::from_secs(lifetime),
+            lifetime: reply.lifetime,
         })
     }
 
@@ -449,10 +443,7 @@ impl TokenSource {
             &self.client_id,
             &self.scope,
             refresh_token,
-            Some((
-                &reply.access_token,
-                reply.expires_in.unwrap_or(ASSUMED_LIFETIME.as_secs()),
-            )),
+            Some((&reply.access_token, reply.lifetime.secs())),
         );
         let saved = cache.save(&entry)?;
         let mut state = self.lock();
