@@ -4,7 +4,7 @@
 mod common;
 
 use base64::Engine as _;
-use common::{eventually, free_port, plain, send_one, Relay, World, MAILBOX};
+use common::{cli, eventually, free_port, plain, send_one, Relay, World, MAILBOX};
 use relay_testkit::{GraphCall, GraphFault, GraphServer, RelayConfig, Section};
 use std::time::Duration;
 
@@ -392,4 +392,43 @@ async fn passthrough_answers_with_graphs_verdict() {
     .await;
     assert!(reply.starts_with("550 5.7.1 "), "{reply}");
     assert!(reply.contains("ErrorAccessDenied"), "{reply}");
+}
+
+// `doctor` runs as a child process the test waits for: the stand-ins need
+// threads of their own meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_checks_the_graph_token_and_names_the_entra_steps() {
+    let g = GraphWorld::start().await;
+    let port = free_port();
+    let relay = g.relay(port).await;
+    let out = cli(&["doctor", "--send-to", "bob@example.com"], &relay.config);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("✓ token claims for Microsoft Graph — aud=https://graph.microsoft.com roles=Mail.Send Mail.ReadWrite"),
+        "{text}"
+    );
+    assert!(text.contains("✓ test message to bob@example.com"), "{text}");
+
+    // a token for Exchange, not Graph
+    let config = std::fs::read_to_string(&relay.config).expect("config");
+    let wrong = config.replace(
+        "[accounts.oauth]\n",
+        "[accounts.oauth]\nscope = \"https://outlook.office365.com/.default\"\n",
+    );
+    std::fs::write(&relay.config, wrong).expect("config");
+    let out = cli(&["doctor"], &relay.config);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("not Microsoft Graph"), "{text}");
+    for step in [
+        "Mail.Send",
+        "Grant admin consent",
+        "New-ManagementScope",
+        "New-ManagementRoleAssignment",
+        "\"Application Mail.Send\"",
+        "Test-ServicePrincipalAuthorization",
+    ] {
+        assert!(text.contains(step), "{step} missing:\n{text}");
+    }
 }
