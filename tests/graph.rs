@@ -409,6 +409,13 @@ async fn doctor_checks_the_graph_token_and_names_the_entra_steps() {
         "{text}"
     );
     assert!(text.contains("✓ test message to bob@example.com"), "{text}");
+    let out = cli(&["token"], &relay.config);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("scope:     https://graph.microsoft.com/.default")
+            && text.contains("ok:        this token should work for Microsoft Graph sendMail"),
+        "{text}"
+    );
 
     // a token for Exchange, not Graph
     let config = std::fs::read_to_string(&relay.config).expect("config");

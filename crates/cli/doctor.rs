@@ -202,7 +202,7 @@ const GRAPH_SETUP: &str = "in the Entra admin center: App registrations > the ap
 
 /// Whether a Graph token can send mail: its audience is Graph and it
 /// carries `Mail.Send` (`roles` for an app, `scp` for a user).
-fn graph_claims_problem(claims: &[(String, String)]) -> Option<String> {
+pub fn graph_claims_problem(claims: &[(String, String)]) -> Option<String> {
     let claim = |name: &str| {
         claims
             .iter()
