@@ -63,6 +63,17 @@ impl GraphWorld {
     }
 }
 
+/// Sends a short message to alice@example.com (header and envelope alike).
+async fn send_to_alice(port: u16, subject: &str) -> String {
+    send_one(
+        port,
+        MAILBOX,
+        &["alice@example.com"],
+        &common::message(subject),
+    )
+    .await
+}
+
 fn text_message(to: &str, cc: &str, subject: &str) -> Vec<u8> {
     format!(
         "From: {MAILBOX}\r\nTo: {to}\r\nCc: {cc}\r\nSubject: {subject}\r\nMessage-ID: <{subject}@app.test>\r\n\r\nHello.\r\n"
@@ -187,13 +198,7 @@ async fn throttling_pauses_the_mailbox_for_retry_after() {
     );
     let port = free_port();
     let relay = g.relay(port).await;
-    send_one(
-        port,
-        MAILBOX,
-        &["alice@example.com"],
-        &common::message("throttled"),
-    )
-    .await;
+    send_to_alice(port, "throttled").await;
     g.delivered(&relay, 1).await;
     let requests = g.graph.requests();
     let throttled = requests.iter().find(|r| r.status == 429).expect("the 429");
@@ -217,13 +222,7 @@ async fn access_denied_fails_with_the_fix_and_is_not_retried() {
     g.graph.forbid_mailbox(MAILBOX);
     let port = free_port();
     let relay = g.relay(port).await;
-    send_one(
-        port,
-        MAILBOX,
-        &["alice@example.com"],
-        &common::message("denied"),
-    )
-    .await;
+    send_to_alice(port, "denied").await;
     eventually(20, "the bounce in the log", || {
         plain(&relay.log()).contains("status=bounced")
     })
@@ -269,13 +268,7 @@ async fn a_refused_token_is_replaced_once() {
     );
     let port = free_port();
     let relay = g.relay(port).await;
-    send_one(
-        port,
-        MAILBOX,
-        &["alice@example.com"],
-        &common::message("token"),
-    )
-    .await;
+    send_to_alice(port, "token").await;
     g.delivered(&relay, 1).await;
     assert_eq!(g.world.idp.grants("client_credentials"), 2);
     let statuses: Vec<u16> = g.graph.requests().iter().map(|r| r.status).collect();
@@ -289,13 +282,7 @@ async fn never_more_than_four_requests_at_once() {
     let port = free_port();
     let relay = g.relay(port).await;
     for n in 0..12 {
-        let reply = send_one(
-            port,
-            MAILBOX,
-            &["alice@example.com"],
-            &common::message(&format!("m{n}")),
-        )
-        .await;
+        let reply = send_to_alice(port, &format!("m{n}")).await;
         assert!(reply.starts_with("250"), "{reply}");
     }
     g.delivered(&relay, 12).await;
@@ -360,13 +347,7 @@ async fn without_mail_readwrite_only_drafts_fail_and_say_why() {
     })
     .await;
     // ... this one does not
-    send_one(
-        port,
-        MAILBOX,
-        &["alice@example.com"],
-        &common::message("direct"),
-    )
-    .await;
+    send_to_alice(port, "direct").await;
     let [sent] = g.delivered(&relay, 1).await.try_into().expect("one");
     assert!(!sent.via_draft);
     let log = plain(&relay.log());
@@ -383,13 +364,7 @@ async fn passthrough_answers_with_graphs_verdict() {
     g.graph.forbid_mailbox(MAILBOX);
     let port = free_port();
     let _relay = g.relay_with(port, "mode = \"passthrough\"\n").await;
-    let reply = send_one(
-        port,
-        MAILBOX,
-        &["alice@example.com"],
-        &common::message("passthrough"),
-    )
-    .await;
+    let reply = send_to_alice(port, "passthrough").await;
     assert!(reply.starts_with("550 5.7.1 "), "{reply}");
     assert!(reply.contains("ErrorAccessDenied"), "{reply}");
 }

@@ -5,7 +5,7 @@
 
 use relay_config::{AccountConfig, Config, Transport};
 use relay_delivery::{Step, Upstream};
-use relay_tokens::{describe_token, AccessToken, TokenManager, TokenSource};
+use relay_tokens::{describe_token, AccessToken, TokenManager, TokenReport, TokenSource};
 use std::{path::Path, time::Instant};
 
 #[derive(clap::Args)]
@@ -104,18 +104,7 @@ pub async fn doctor(path: &Path, args: DoctorArgs) -> anyhow::Result<()> {
     let token = fetch_token(&config, account, &mut report).await?;
 
     let started = Instant::now();
-    let claims = describe_token(
-        token.secret().expose(),
-        account.oauth.flow,
-        &account.mailbox,
-    );
-    let summary = claims
-        .claims
-        .iter()
-        .filter(|(name, _)| ["aud", "roles", "scp", "upn"].contains(&name.as_str()))
-        .map(|(name, value)| format!("{name}={value}"))
-        .collect::<Vec<_>>()
-        .join(" ");
+    let (claims, summary) = token_claims(&token, account);
     let claims_ok = report.check(
         "token claims",
         started,
@@ -155,6 +144,24 @@ pub async fn doctor(path: &Path, args: DoctorArgs) -> anyhow::Result<()> {
         account.name, account.mailbox
     );
     Ok(())
+}
+
+/// The token's claims, and the ones that decide whether it can send as
+/// `aud=… roles=… scp=… upn=…`.
+fn token_claims(token: &AccessToken, account: &AccountConfig) -> (TokenReport, String) {
+    let claims = describe_token(
+        token.secret().expose(),
+        account.oauth.flow,
+        &account.mailbox,
+    );
+    let summary = claims
+        .claims
+        .iter()
+        .filter(|(name, _)| ["aud", "roles", "scp", "upn"].contains(&name.as_str()))
+        .map(|(name, value)| format!("{name}={value}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    (claims, summary)
 }
 
 /// The account's token, reported as a step.
@@ -238,18 +245,7 @@ async fn doctor_graph(
 ) -> anyhow::Result<()> {
     let token = fetch_token(config, account, report).await?;
     let started = Instant::now();
-    let claims = describe_token(
-        token.secret().expose(),
-        account.oauth.flow,
-        &account.mailbox,
-    );
-    let summary = claims
-        .claims
-        .iter()
-        .filter(|(name, _)| ["aud", "roles", "scp", "upn"].contains(&name.as_str()))
-        .map(|(name, value)| format!("{name}={value}"))
-        .collect::<Vec<_>>()
-        .join(" ");
+    let (claims, summary) = token_claims(&token, account);
     let ok = report.check(
         "token claims for Microsoft Graph",
         started,
