@@ -414,3 +414,33 @@ async fn doctor_checks_the_graph_token_and_names_the_entra_steps() {
         assert!(text.contains(step), "{step} missing:\n{text}");
     }
 }
+
+#[tokio::test]
+async fn reload_switches_an_account_to_graph() {
+    let g = GraphWorld::start().await;
+    let port = free_port();
+    let relay = g.relay(port).await;
+    let graph_config = std::fs::read_to_string(&relay.config).expect("config");
+    std::fs::write(
+        &relay.config,
+        graph_config.replace("transport = \"graph\"\n", ""),
+    )
+    .expect("config");
+    relay.signal("HUP");
+    eventually(10, "the reload", || {
+        relay.log().matches("configuration reloaded").count() == 1
+    })
+    .await;
+    send_to_alice(port, "over smtp").await;
+    relay.delivered(&g.world, 1).await;
+
+    std::fs::write(&relay.config, graph_config).expect("config");
+    relay.signal("HUP");
+    eventually(10, "the second reload", || {
+        relay.log().matches("configuration reloaded").count() == 2
+    })
+    .await;
+    send_to_alice(port, "over graph").await;
+    g.delivered(&relay, 1).await;
+    assert_eq!(g.world.upstream.messages().len(), 1);
+}
