@@ -92,7 +92,7 @@ fn no_token(e: relay_tokens::TokenError) -> Outcome {
 
 /// What a failed send means for every recipient of the message. `retried`:
 /// a 401 came back with a newly issued token too.
-pub fn outcome(e: &GraphError, retried: bool) -> Outcome {
+fn outcome(e: &GraphError, retried: bool) -> Outcome {
     let reason = match &e.failure {
         Failure::Temporary { retry_after } => match (e.status, retry_after) {
             (Some(429), _) | (None, Some(_)) => Reason::Throttled(Throttle::Requests),
