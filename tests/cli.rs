@@ -111,10 +111,21 @@ async fn the_example_config_is_valid() {
 // tried against the running demo.
 #[tokio::test]
 async fn demo_config_serves_the_admin_verbs() {
+    demo_serves_the_admin_verbs("smtp").await;
+}
+
+// The same tour through the stand-in Microsoft Graph.
+#[tokio::test]
+async fn demo_through_graph_serves_the_admin_verbs() {
+    demo_serves_the_admin_verbs("graph").await;
+}
+
+async fn demo_serves_the_admin_verbs(transport: &str) {
     use std::io::BufRead;
     let port = free_port();
     let mut demo = std::process::Command::new(BIN)
         .args(["demo", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--transport", transport])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -147,6 +158,7 @@ async fn demo_config_serves_the_admin_verbs() {
         &["health"],
         &["token"],
         &["doctor"],
+        &["doctor", "--send-to", "bob@example.com"],
         &["send-test", "--to", "bob@example.com"],
     ] {
         let out = cli(args, &config);

@@ -73,6 +73,7 @@ async fn doctor_names_the_broken_step_and_its_fix() {
         ),
         "{text}"
     );
+    assert!(text.contains("transport = \"graph\""), "{text}");
 
     // token refused: service principal, Enterprise Application object id, mailbox permission
     world

@@ -20,7 +20,7 @@ mod smtp;
 
 use clap::Parser;
 use procs::{EmailProxy, Relay, RelayOptions, MAILBOX, PROXY_PASSWORD};
-use relay_standin::{IdentityPlatform, SubmissionServer};
+use relay_standin::{GraphServer, IdentityPlatform, SubmissionServer};
 use smtp::{Client, Load, LoadResult, Login};
 use std::{
     net::SocketAddr,
@@ -323,6 +323,15 @@ impl Bench {
         upstream: &SubmissionServer,
         messages_per_minute: Option<u32>,
     ) -> anyhow::Result<Relay> {
+        self.start_relay_with(upstream, messages_per_minute, None)
+    }
+
+    fn start_relay_with(
+        &self,
+        upstream: &SubmissionServer,
+        messages_per_minute: Option<u32>,
+        graph: Option<SocketAddr>,
+    ) -> anyhow::Result<Relay> {
         Relay::start(
             &self.bin,
             self.work.path(),
@@ -331,9 +340,47 @@ impl Bench {
             RelayOptions {
                 messages_per_minute,
                 max_connections: 3,
+                graph,
             },
             &self.args.log_level,
         )
+    }
+
+    /// The relay's end-to-end run with `transport = "graph"`: the same load,
+    /// delivered through the stand-in Graph (`sendMail`, 4 requests per
+    /// mailbox at most). Returns what was delivered, how long it took and
+    /// the peak of concurrent Graph requests.
+    async fn graph_run(&self, load: Load, wire: Arc<Vec<u8>>) -> anyhow::Result<GraphRun> {
+        let limit = load.duration + Duration::from_secs(60);
+        let upstream = self.upstream().await?;
+        let graph = GraphServer::start(self.idp.clone()).await?;
+        let addr: SocketAddr = graph.endpoint().trim_start_matches("http://").parse()?;
+        let relay = self.start_relay_with(&upstream, Some(RAW_PACE), Some(addr))?;
+        let before = procs::loadavg();
+        let start = Instant::now();
+        let sent = smtp::run(
+            relay.addr,
+            &Login::Plain,
+            load,
+            wire,
+            MAILBOX,
+            RECIPIENT,
+            true,
+        )
+        .await;
+        let got = graph.wait_for_messages(sent.messages, limit).await.len();
+        let elapsed = start.elapsed();
+        let peak = graph.peak_concurrency();
+        relay.stop();
+        graph.stop().await;
+        upstream.stop().await;
+        Ok(GraphRun {
+            got,
+            elapsed,
+            peak,
+            failed: sent.failed,
+            before,
+        })
     }
 
     fn clean_postfix(&self) {
@@ -573,6 +620,12 @@ impl Bench {
         upstream.stop().await;
         let direct_rate = direct.rate();
 
+        progress(&format!(
+            "e2e: relay through Graph, {clients} clients × {per_client}"
+        ));
+        settle().await;
+        let graph = self.graph_run(load, wire.clone()).await?;
+
         // email-oauth2-proxy, when given.
         let mut proxy = None;
         let mut proxy3 = None;
@@ -669,6 +722,16 @@ impl Bench {
                 relay_rate,
                 relay_rate / direct_rate,
                 sent.failed
+            );
+            let graph_rate = graph.got as f64 / graph.elapsed.as_secs_f64();
+            println!(
+                "| relay, `transport = \"graph\"` (stand-in Graph `sendMail`, not warmed up) | {} Graph requests (max seen) | {} | {:.2} | {graph_rate:.0} | {:.2} | {} | {} |",
+                graph.peak,
+                graph.got,
+                graph.elapsed.as_secs_f64(),
+                graph_rate / direct_rate,
+                graph.failed,
+                graph.before
             );
             if let Some((r, got, elapsed, _, before, _, _)) = &proxy {
                 let rate = *got as f64 / elapsed.as_secs_f64();
@@ -1129,4 +1192,13 @@ async fn settle() {
     });
     let _ = sync.await;
     tokio::time::sleep(Duration::from_millis(500)).await;
+}
+
+/// The relay's end-to-end run through the stand-in Graph.
+struct GraphRun {
+    got: usize,
+    elapsed: Duration,
+    peak: usize,
+    failed: usize,
+    before: String,
 }

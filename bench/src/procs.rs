@@ -75,6 +75,9 @@ pub struct RelayOptions {
     /// `upstream.messages_per_minute`; `None` keeps the default (30).
     pub messages_per_minute: Option<u32>,
     pub max_connections: usize,
+    /// Deliver through Microsoft Graph at this (stand-in) address instead
+    /// of SMTP: `transport = "graph"`.
+    pub graph: Option<SocketAddr>,
 }
 
 /// A relay started as a child process: `smtp-oauth-relay run --config …`.
@@ -129,7 +132,7 @@ impl Relay {
             Some(n) => format!("messages_per_minute = {n}\nrecipients_per_day = 4000000000\n"),
             None => String::new(),
         };
-        let config = RelayConfig::new(idp, upstream, &dir)
+        let mut config = RelayConfig::new(idp, upstream, &dir)
             .listener(format!("127.0.0.1:{port}"), "relay.bench")
             .extra(Section::Listener, listener_extras)
             .admin("127.0.0.1:0")
@@ -139,8 +142,19 @@ impl Relay {
                 &format!("max_connections = {}\n{pacing}", options.max_connections),
             )
             .extra(Section::Queue, "retry_initial = \"5s\"\n")
-            .extra(Section::End, &format!("\n[log]\nlevel = \"{log_level}\"\n"))
-            .to_toml();
+            .extra(Section::End, &format!("\n[log]\nlevel = \"{log_level}\"\n"));
+        if let Some(graph) = options.graph {
+            config = config
+                .extra(
+                    Section::Account,
+                    &format!("transport = \"graph\"\n{pacing}"),
+                )
+                .extra(
+                    Section::End,
+                    &format!("\n[graph]\nendpoint = \"http://{graph}\"\n"),
+                );
+        }
+        let config = config.to_toml();
         let config_path = dir.join("config.toml");
         fs::write(&config_path, config)?;
         let log = File::create(dir.join("relay.log"))?;

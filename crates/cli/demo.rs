@@ -2,12 +2,17 @@
 //! stand-in identity platform and Microsoft 365 submission server on
 //! loopback, a relay configured for them, sends a sample message through and
 //! shows what arrived, then keeps serving so a user can try their own client.
+//! With `--transport graph` the account sends through a stand-in Microsoft
+//! Graph instead of the submission server.
 //! Its configuration is written to a file, so the admin verbs (`queue list`,
 //! `doctor`, `health`…) can be tried against the running demo.
 
 use crate::relay::{termination, Running};
 use anyhow::{bail, Context};
-use relay_standin::{IdentityPlatform, ReceivedMessage, RelayConfig, Section, SubmissionServer};
+use relay_standin::{
+    GraphMessage, GraphServer, IdentityPlatform, ReceivedMessage, RelayConfig, Section,
+    SubmissionServer,
+};
 use std::{net::SocketAddr, time::Duration};
 
 #[derive(clap::Args)]
@@ -15,6 +20,10 @@ pub struct DemoArgs {
     /// Where the demo relay listens.
     #[arg(long, default_value = "127.0.0.1:2525")]
     listen: SocketAddr,
+    /// How the demo account sends: "smtp" (SMTP AUTH XOAUTH2) or "graph"
+    /// (Microsoft Graph sendMail).
+    #[arg(long, default_value = "smtp", value_parser = ["smtp", "graph"])]
+    transport: String,
 }
 
 pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
@@ -30,7 +39,15 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let ca = dir.path().join("stand-in-ca.pem");
     std::fs::write(&ca, upstream.ca_pem())?;
     std::fs::write(dir.path().join("client-secret"), idp.client_secret())?;
-    let toml = RelayConfig::new(&idp, &upstream, dir.path())
+    let graph = match args.transport.as_str() {
+        "graph" => Some(
+            GraphServer::start(idp.clone())
+                .await
+                .context("starting the stand-in Microsoft Graph")?,
+        ),
+        _ => None,
+    };
+    let mut toml = RelayConfig::new(&idp, &upstream, dir.path())
         .listener(args.listen, "relay.demo")
         .admin(&free_loopback_address()?.to_string())
         .ca_file(&ca)
@@ -38,8 +55,16 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         .extra(
             Section::Queue,
             "retry_initial = \"5s\"\nretry_max = \"1m\"\n",
-        )
-        .to_toml();
+        );
+    if let Some(graph) = &graph {
+        toml = toml
+            .extra(Section::Account, "transport = \"graph\"\n")
+            .extra(
+                Section::End,
+                &format!("\n[graph]\nendpoint = \"{}\"\n", graph.endpoint()),
+            );
+    }
+    let toml = toml.to_toml();
     let config_path = dir.path().join("config.toml");
     std::fs::write(&config_path, &toml)?;
     let config = relay_config::load_str(&toml).context("the demo configuration")?;
@@ -56,10 +81,16 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         idp.authority(),
         idp.tenant()
     );
-    println!(
-        "  stand-in Microsoft 365      127.0.0.1:{} (STARTTLS + AUTH XOAUTH2 as {mailbox})",
-        upstream.port()
-    );
+    match &graph {
+        Some(graph) => println!(
+            "  stand-in Microsoft Graph    {} (sendMail as {mailbox})",
+            graph.endpoint()
+        ),
+        None => println!(
+            "  stand-in Microsoft 365      127.0.0.1:{} (STARTTLS + AUTH XOAUTH2 as {mailbox})",
+            upstream.port()
+        ),
+    }
     println!(
         "  relay                       {} (queue in {})",
         args.listen,
@@ -75,13 +106,30 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         .await
         .context("sending the sample message")?;
     println!("Sent a sample message to the relay: {reply}");
-    let arrived = upstream.wait_for_messages(1, Duration::from_secs(30)).await;
-    let Some(first) = arrived.first() else {
+    let mut shown = match &graph {
+        Some(graph) => graph
+            .wait_for_messages(1, Duration::from_secs(30))
+            .await
+            .len(),
+        None => upstream
+            .wait_for_messages(1, Duration::from_secs(30))
+            .await
+            .len(),
+    };
+    if shown == 0 {
         relay.stop().await;
         bail!("the sample message did not reach the stand-in within 30 s (see the log above)");
-    };
-    println!("The stand-in Microsoft 365 received it:");
-    print_message(first);
+    }
+    match &graph {
+        Some(graph) => {
+            println!("The stand-in Microsoft Graph accepted it:");
+            graph.messages().iter().for_each(print_graph_message);
+        }
+        None => {
+            println!("The stand-in Microsoft 365 received it:");
+            upstream.messages().iter().for_each(print_message);
+        }
+    }
     println!();
     println!(
         "The relay keeps running. Point an application at {} (no AUTH, no TLS), e.g.:",
@@ -114,7 +162,6 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         println!("  {exe} {verb} {config_arg}");
     }
     println!("Messages arriving are printed below. Ctrl-C stops.");
-    let mut shown = arrived.len();
     let mut rejected = upstream.rejected().len();
     let signal = termination()?;
     tokio::pin!(signal);
@@ -123,10 +170,21 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
             () = &mut signal => break,
             _ = tokio::time::sleep(Duration::from_millis(300)) => {}
         }
-        for message in upstream.messages().iter().skip(shown) {
-            println!();
-            print_message(message);
-            shown += 1;
+        match &graph {
+            Some(graph) => {
+                for message in graph.messages().iter().skip(shown) {
+                    println!();
+                    print_graph_message(message);
+                    shown += 1;
+                }
+            }
+            None => {
+                for message in upstream.messages().iter().skip(shown) {
+                    println!();
+                    print_message(message);
+                    shown += 1;
+                }
+            }
         }
         for refusal in upstream.rejected().iter().skip(rejected) {
             println!("\nThe stand-in refused a message: {refusal}");
@@ -134,6 +192,9 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         }
     }
     relay.stop().await;
+    if let Some(graph) = graph {
+        graph.stop().await;
+    }
     upstream.stop().await;
     idp.stop().await;
     Ok(())
@@ -172,4 +233,27 @@ fn print_message(m: &ReceivedMessage) {
         claims.tid
     );
     println!("  message     {} bytes, Subject: {subject}", m.data.len());
+}
+
+fn print_graph_message(m: &GraphMessage) {
+    let subject = String::from_utf8_lossy(&m.mime)
+        .lines()
+        .take_while(|l| !l.is_empty())
+        .find_map(|l| l.strip_prefix("Subject: ").map(str::to_owned))
+        .unwrap_or_default();
+    println!("  sent as     {}", m.mailbox);
+    println!("  recipients  {}", m.recipients().join(", "));
+    println!(
+        "  request     {}",
+        if m.via_draft {
+            "draft (recipients set to the envelope's), then send"
+        } else {
+            "sendMail"
+        }
+    );
+    println!(
+        "  message     {} bytes, {} attachment(s) added, Subject: {subject}",
+        m.mime.len(),
+        m.attachments.len()
+    );
 }

@@ -19,8 +19,9 @@
 use crate::{status::RelayStatus, supervise::Tasks};
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
+use relay_config::Transport;
 use relay_config::{AccountConfig, Config, StateDir};
-use relay_delivery::{Account, Upstream};
+use relay_delivery::{transport::graph::Graph, Account, Upstream};
 use relay_listener::{Context, Router};
 use relay_queue::{Queue, QueueSettings};
 use relay_tokens::{TokenManager, TokenSource};
@@ -82,9 +83,16 @@ struct Prepared {
     config: Config,
     tokens: Vec<AccountTokens>,
     context: Context,
-    /// Set when `[upstream]`, the accounts or the host name changed: the
-    /// delivery workers restart with it.
-    upstream: Option<Arc<Upstream>>,
+    /// Set when `[upstream]`, `[graph]`, the accounts or the host name
+    /// changed: the delivery workers restart with it.
+    ways_out: Option<WaysOut>,
+}
+
+/// The transports the accounts deliver through.
+struct WaysOut {
+    smtp: Arc<Upstream>,
+    /// Only when an account has `transport = "graph"`.
+    graph: Option<Arc<Graph>>,
 }
 
 /// The delivery workers of the accounts in force.
@@ -123,8 +131,8 @@ impl Running {
             entry.start_refresher(&mut tasks);
         }
         warn_about_orphans(&queue, &config);
-        let upstream = upstream(&config)?;
-        let delivery = start_delivery(&config, &queue, &tokens, upstream, &shutdown);
+        let ways_out = ways_out(&config)?;
+        let delivery = start_delivery(&config, &queue, &tokens, ways_out, &shutdown);
         tasks.spawn_background(queue.clone().serve_control(shutdown.clone()));
         let status = Arc::new(RelayStatus {
             listening: listener.local_addrs(),
@@ -220,10 +228,11 @@ impl Running {
         new.log = old.log.clone();
         let tokens = account_tokens(&new, &self.tokens)?;
         let delivery_changed = new.upstream != old.upstream
+            || new.graph != old.graph
             || new.accounts != old.accounts
             || new.listener.hostname != old.listener.hostname;
-        let upstream = if delivery_changed {
-            Some(upstream(&new)?)
+        let ways_out = if delivery_changed {
+            Some(ways_out(&new)?)
         } else {
             None
         };
@@ -232,7 +241,7 @@ impl Running {
             config: new,
             tokens,
             context,
-            upstream,
+            ways_out,
         })
     }
 
@@ -243,15 +252,15 @@ impl Running {
             config: new,
             tokens,
             context,
-            upstream,
+            ways_out,
         } = prepared;
-        if let Some(upstream) = upstream {
+        if let Some(ways_out) = ways_out {
             // The old workers finish first, so the mailbox never sees more
             // connections than allowed.
             self.delivery
                 .stop(self.config.listener.shutdown_timeout)
                 .await;
-            self.delivery = start_delivery(&new, &self.queue, &tokens, upstream, &self.shutdown);
+            self.delivery = start_delivery(&new, &self.queue, &tokens, ways_out, &self.shutdown);
         }
         for entry in &tokens {
             if !self
@@ -389,40 +398,76 @@ fn managers(tokens: &[AccountTokens]) -> Vec<TokenManager> {
     tokens.iter().map(|t| t.manager.clone()).collect()
 }
 
-/// The upstream `config` describes (reading its CA file).
-fn upstream(config: &Config) -> anyhow::Result<Arc<Upstream>> {
-    Ok(Arc::new(Upstream::new(
-        &config.upstream,
-        &config.listener.hostname,
-    )?))
+/// The upstream `config` describes (reading its CA file), and one Graph
+/// client shared by the graph accounts.
+fn ways_out(config: &Config) -> anyhow::Result<WaysOut> {
+    let smtp = Arc::new(Upstream::new(&config.upstream, &config.listener.hostname)?);
+    let graph = match config
+        .accounts
+        .iter()
+        .any(|a| a.transport == Transport::Graph)
+    {
+        true => Some(Arc::new(Graph::new(Arc::new(graph_client(&config.graph)?)))),
+        false => None,
+    };
+    Ok(WaysOut { smtp, graph })
+}
+
+/// The Graph client `[graph]` describes.
+pub fn graph_client(graph: &relay_config::GraphConfig) -> anyhow::Result<relay_graph::GraphClient> {
+    let settings = relay_graph::Settings {
+        endpoint: graph.endpoint.clone(),
+        max_requests: std::num::NonZeroUsize::new(graph.max_requests)
+            .context("graph.max_requests must be more than 0")?,
+        timeout: graph.timeout,
+    };
+    relay_graph::GraphClient::new(settings).context("building the Graph HTTP client")
 }
 
 fn start_delivery(
     config: &Config,
     queue: &Queue,
     tokens: &[AccountTokens],
-    upstream: Arc<Upstream>,
+    ways_out: WaysOut,
     stop: &CancellationToken,
 ) -> Delivery {
-    let accounts = tokens
-        .iter()
-        .map(|t| Account::from_config(&t.account, &config.upstream, t.manager.clone()))
-        .collect();
-    tracing::info!(upstream = %upstream.address(), queued = queue.depth(), "delivering to the upstream");
-    let stop = stop.child_token();
-    Delivery {
-        workers: relay_delivery::spawn(
-            queue.clone(),
-            upstream,
-            accounts,
-            relay_delivery::Settings {
-                state: Some(StateDir::new(&config.queue)),
-                hostname: config.listener.hostname.clone(),
-            },
-            stop.clone(),
-        ),
-        stop,
+    let (mut smtp, mut graph) = (Vec::new(), Vec::new());
+    for t in tokens {
+        let account = Account::from_config(&t.account, config, t.manager.clone());
+        match t.account.transport {
+            Transport::Smtp => smtp.push(account),
+            Transport::Graph => graph.push(account),
+        }
     }
+    let stop = stop.child_token();
+    let settings = relay_delivery::Settings {
+        state: Some(StateDir::new(&config.queue)),
+        hostname: config.listener.hostname.clone(),
+    };
+    let mut workers = JoinSet::new();
+    if !smtp.is_empty() {
+        tracing::info!(upstream = %ways_out.smtp.address(), queued = queue.depth(), "delivering to the upstream");
+        relay_delivery::spawn_into(
+            &mut workers,
+            queue.clone(),
+            ways_out.smtp,
+            smtp,
+            settings.clone(),
+            stop.clone(),
+        );
+    }
+    if let (Some(transport), false) = (ways_out.graph, graph.is_empty()) {
+        tracing::info!(graph = %config.graph.endpoint, queued = queue.depth(), "delivering through Microsoft Graph");
+        relay_delivery::spawn_into(
+            &mut workers,
+            queue.clone(),
+            transport,
+            graph,
+            settings,
+            stop.clone(),
+        );
+    }
+    Delivery { workers, stop }
 }
 
 /// The listener's policy, TLS certificate and local users.

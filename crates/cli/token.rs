@@ -1,6 +1,6 @@
 //! `token`: obtains (or reads from the token cache) the account's access
 //! token and shows what it says — flow, expiry, the claims that matter for
-//! SMTP — with warnings when it cannot work. The token itself is printed
+//! SMTP or Graph — with warnings when it cannot work. The token itself is printed
 //! only with `--print`, alone on stdout, for piping into other tools.
 
 use anyhow::Context;
@@ -53,14 +53,21 @@ pub async fn token(path: &Path, args: TokenArgs) -> anyhow::Result<()> {
     } else if report.warnings.is_empty() {
         writeln!(out, "claims:    (opaque token: nothing to decode)")?;
     }
-    for warning in &report.warnings {
+    // A graph account's token is judged for Graph, not for SMTP.
+    let (warnings, works_for) = match account.transport {
+        relay_config::Transport::Smtp => (report.warnings, "SMTP AUTH XOAUTH2"),
+        relay_config::Transport::Graph => (
+            crate::doctor::graph_claims_problem(&report.claims)
+                .into_iter()
+                .collect(),
+            "Microsoft Graph sendMail",
+        ),
+    };
+    for warning in &warnings {
         writeln!(out, "warning:   {warning}")?;
     }
-    if report.warnings.is_empty() {
-        writeln!(
-            out,
-            "ok:        this token should work for SMTP AUTH XOAUTH2"
-        )?;
+    if warnings.is_empty() {
+        writeln!(out, "ok:        this token should work for {works_for}")?;
     }
     Ok(())
 }

@@ -125,6 +125,7 @@ fn load(
             return Err(ConfigError::Invalid(problems));
         }
     };
+    default_graph_scopes(&mut config);
     let mut problems = Vec::new();
     if secrets == Secrets::Read {
         expand_credential_paths(&mut config, &mut problems);
@@ -134,6 +135,26 @@ fn load(
         Ok(config)
     } else {
         Err(ConfigError::Invalid(problems))
+    }
+}
+
+/// A graph account without an explicit `scope` asks for a Graph token: the
+/// scope is decided here, once, so the token source, `authorize`, `token`
+/// and `config show` all see the same one.
+fn default_graph_scopes(config: &mut Config) {
+    for account in &mut config.accounts {
+        let oauth = &mut account.oauth;
+        if account.transport != crate::Transport::Graph
+            || oauth.scope.is_some()
+            || oauth.provider != crate::Provider::Microsoft
+        {
+            continue;
+        }
+        let scope = match oauth.flow {
+            crate::Flow::RefreshToken => crate::GRAPH_DELEGATED_SCOPE,
+            _ => crate::GRAPH_APP_SCOPE,
+        };
+        oauth.scope = Some(scope.to_owned());
     }
 }
 
@@ -154,6 +175,7 @@ fn section_problems(merged: &config::Config) -> Vec<String> {
     check::<crate::ListenerConfig>(merged, "listener", &mut out);
     check::<crate::QueueConfig>(merged, "queue", &mut out);
     check::<crate::UpstreamConfig>(merged, "upstream", &mut out);
+    check::<crate::GraphConfig>(merged, "graph", &mut out);
     check::<crate::AdminConfig>(merged, "admin", &mut out);
     check::<crate::LogConfig>(merged, "log", &mut out);
     check::<Vec<crate::AccountConfig>>(merged, "accounts", &mut out);

@@ -19,6 +19,9 @@ pub struct Config {
     /// The submission server mail is delivered to (Microsoft 365).
     #[serde(default)]
     pub upstream: UpstreamConfig,
+    /// Microsoft Graph, for accounts with `transport = "graph"`.
+    #[serde(default)]
+    pub graph: GraphConfig,
     /// The administrative HTTP endpoint.
     #[serde(default)]
     pub admin: AdminConfig,
@@ -266,6 +269,59 @@ pub struct UpstreamConfig {
     pub idle_timeout: Duration,
 }
 
+/// `[graph]`: Microsoft Graph's `sendMail`, the way out for accounts with
+/// `transport = "graph"` (tenants where SMTP AUTH is switched off).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GraphConfig {
+    /// Graph's base URL. Default `https://graph.microsoft.com`; national
+    /// clouds: `https://graph.microsoft.us`, `https://dod-graph.microsoft.us`,
+    /// `https://microsoftgraph.chinacloudapi.cn`. Must be https, except on
+    /// loopback.
+    #[serde(default)]
+    pub endpoint: relay_graph::Endpoint,
+    /// Requests in flight per mailbox, across all its deliveries. Default 4,
+    /// Graph's `MailboxConcurrency` limit: more get `429`.
+    #[serde(default = "default_graph_max_requests")]
+    pub max_requests: usize,
+    /// The longest one HTTP request (or one upload range) may take. Default `2m`.
+    #[serde(default = "default_graph_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for GraphConfig {
+    fn default() -> Self {
+        GraphConfig {
+            endpoint: relay_graph::Endpoint::default(),
+            max_requests: default_graph_max_requests(),
+            timeout: default_graph_timeout(),
+        }
+    }
+}
+
+fn default_graph_max_requests() -> usize {
+    relay_graph::DEFAULT_MAX_REQUESTS
+}
+fn default_graph_timeout() -> Duration {
+    relay_graph::DEFAULT_TIMEOUT
+}
+
+/// How an account's mail leaves the relay.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// SMTP submission with AUTH XOAUTH2 to `[upstream]`.
+    #[default]
+    Smtp,
+    /// Microsoft Graph's `sendMail` at `[graph] endpoint`.
+    Graph,
+}
+
+/// The token scope of a Graph account using client credentials.
+pub const GRAPH_APP_SCOPE: &str = "https://graph.microsoft.com/.default";
+/// The token scope of a Graph account using a refresh token (delegated).
+pub const GRAPH_DELEGATED_SCOPE: &str = "https://graph.microsoft.com/Mail.Send offline_access";
+
 /// `[log]`: where and how the relay logs (always to standard error, which
 /// systemd's journal and container runtimes collect).
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -357,6 +413,14 @@ pub struct AccountConfig {
     /// for a notification. Default false.
     #[serde(default)]
     pub bounce: bool,
+    /// `smtp` (default): SMTP submission to `[upstream]`. `graph`: Microsoft
+    /// Graph's `sendMail` at `[graph] endpoint`, for tenants where SMTP AUTH
+    /// is off (`535 5.7.139`). The token scope then defaults to
+    /// `https://graph.microsoft.com/.default` (client credentials) or
+    /// `https://graph.microsoft.com/Mail.Send offline_access` (refresh
+    /// token). Pacing applies the same.
+    #[serde(default)]
+    pub transport: Transport,
     /// How the account obtains access tokens.
     pub oauth: OAuthConfig,
 }
@@ -513,7 +577,10 @@ pub struct OAuthConfig {
     pub service_account_key_file: Option<PathBuf>,
     /// Scope requested. Default: `https://outlook.office365.com/.default`
     /// (client credentials), `https://outlook.office.com/SMTP.Send
-    /// offline_access` (refresh token), `https://mail.google.com/` (Google).
+    /// offline_access` (refresh token), `https://mail.google.com/` (Google);
+    /// for `transport = "graph"`: `https://graph.microsoft.com/.default`
+    /// (client credentials), `https://graph.microsoft.com/Mail.Send
+    /// offline_access` (refresh token).
     pub scope: Option<String>,
     /// The token cache of a `refresh_token` account (written by `authorize`,
     /// rotated by the relay; mode 0600). Default: `tokens/NAME.json` in the

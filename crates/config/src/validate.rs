@@ -3,6 +3,7 @@
 
 use crate::{
     AccountConfig, Config, Flow, ListenerAuth, ListenerConfig, OAuthConfig, Provider, Secrets,
+    Transport,
 };
 use std::{collections::HashSet, path::Path};
 
@@ -63,6 +64,13 @@ pub(crate) fn problems(config: &Config, secrets: Secrets) -> Vec<String> {
         if let Err(e) = std::fs::metadata(ca) {
             out.push(format!("upstream.ca_file {}: {e}", ca.display()));
         }
+    }
+    let g = &config.graph;
+    if g.max_requests == 0 {
+        out.push("graph.max_requests must be more than 0".into());
+    }
+    if g.timeout.is_zero() {
+        out.push("graph.timeout must be more than 0".into());
     }
     if config.accounts.is_empty() {
         out.push("accounts: at least one [[accounts]] table is required".into());
@@ -188,6 +196,11 @@ fn is_argon2_phc(text: &str) -> bool {
 fn account_problems(at: &str, account: &AccountConfig, secrets: Secrets, out: &mut Vec<String>) {
     if account.name.trim().is_empty() {
         out.push(format!("{at}.name is empty"));
+    }
+    if account.transport == Transport::Graph && account.oauth.provider != Provider::Microsoft {
+        out.push(format!(
+            "{at}.transport = \"graph\" needs oauth.provider = \"microsoft\": Microsoft Graph takes Microsoft tokens only"
+        ));
     }
     if !is_address(&account.mailbox) {
         out.push(format!(

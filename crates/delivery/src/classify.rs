@@ -72,6 +72,9 @@ pub fn outcome(reply: Reply) -> Outcome {
     Outcome::new(classify(&reply), reply)
 }
 
+/// Both ways out of `535 5.7.139`.
+pub const SMTP_AUTH_OFF_FIX: &str = "SMTP AUTH is off for the tenant or the mailbox (security defaults and the CIS benchmark turn it off): turn it on for the mailbox with `Set-CASMailbox -Identity <mailbox> -SmtpClientAuthenticationDisabled $false`, or set transport = \"graph\" on the account to send through Microsoft Graph";
+
 /// What an administrator can do about an outcome, when it is a known case.
 pub fn hint(outcome: &Outcome) -> Option<&'static str> {
     let enhanced = outcome
@@ -92,7 +95,7 @@ pub fn hint(outcome: &Outcome) -> Option<&'static str> {
                 _ => return None,
             }
         }
-        Reason::SmtpAuthDisabled => "SMTP AUTH is disabled for the mailbox or tenant: run `Set-CASMailbox -Identity <mailbox> -SmtpClientAuthenticationDisabled $false` (security defaults also turn it off)",
+        Reason::SmtpAuthDisabled => SMTP_AUTH_OFF_FIX,
         Reason::TokenRejected => "the token was refused: check New-ServicePrincipal used the Enterprise Application's object id, then Add-MailboxPermission for the mailbox, and that the mailbox is the account's",
         Reason::SendAsDenied => "the mailbox may not send as this sender: send from the mailbox's address, or grant it Send As (Add-RecipientPermission -AccessRights SendAs)",
         Reason::Throttled(Throttle::Connections) => "too many concurrent connections for the mailbox (Microsoft allows 3): lower upstream.max_connections",
@@ -169,7 +172,9 @@ mod tests {
     #[test]
     fn hints_for_known_setups() {
         let out = outcome(Reply::parse("535 5.7.139 Authentication unsuccessful").expect("reply"));
-        assert!(hint(&out).is_some_and(|h| h.contains("Set-CASMailbox")));
+        assert!(hint(&out).is_some_and(|h| h.contains("Set-CASMailbox")
+            && h.contains("-SmtpClientAuthenticationDisabled $false")
+            && h.contains("transport = \"graph\"")));
         let out = outcome(Reply::parse("550 5.1.1 User unknown").expect("reply"));
         assert_eq!(hint(&out), None);
     }

@@ -1,6 +1,7 @@
 //! Delivery: takes due messages from the queue and hands them to a
-//! [`Transport`] (today SMTP submission to Microsoft 365 over TLS with AUTH
-//! XOAUTH2, [`Upstream`]), recording each recipient's outcome back in the
+//! [`Transport`] (SMTP submission to Microsoft 365 over TLS with AUTH
+//! XOAUTH2, [`Upstream`], or Microsoft Graph's `sendMail`,
+//! [`transport::graph::Graph`]), recording each recipient's outcome back in the
 //! queue.
 //!
 //! Each account gets `max_connections` workers; a worker holds at most one
@@ -23,7 +24,7 @@ mod tls;
 pub mod transport;
 mod worker;
 
-pub use classify::{classify, classify_auth, hint};
+pub use classify::{classify, classify_auth, hint, SMTP_AUTH_OFF_FIX};
 pub use error::DeliveryError;
 pub use pace::{Limits, Pacer};
 pub use probe::{Secured, Step};
@@ -32,4 +33,4 @@ pub use rewrite::rewrite_from;
 pub use session::Upstream;
 pub use tls::connector;
 pub use transport::Transport;
-pub use worker::{spawn, Account, Settings};
+pub use worker::{spawn, spawn_into, Account, Settings};

@@ -316,7 +316,7 @@ fn auth_fix(failure: &Outcome, mailbox: &str) -> Option<String> {
     let e = failure.reply.enhanced?;
     Some(match (e.subject, e.detail) {
         (7, 139) => format!(
-            "SMTP AUTH is disabled for the mailbox (or tenant, or by security defaults). In Exchange Online PowerShell:\n    Set-CASMailbox -Identity {mailbox} -SmtpClientAuthenticationDisabled $false"
+            "SMTP AUTH is off for the tenant or the mailbox (security defaults and the CIS benchmark turn it off). Either turn it on for the mailbox, in Exchange Online PowerShell:\n    Set-CASMailbox -Identity {mailbox} -SmtpClientAuthenticationDisabled $false\nor send through Microsoft Graph instead: set transport = \"graph\" on the account (see the README, \"When SMTP AUTH is off: Microsoft Graph\")"
         ),
         (7, 3) | (7, 8) => format!(
             "the token was refused. Check, in this order:\n    1. the service principal exists: New-ServicePrincipal -AppId <client_id> -ObjectId <object id>\n    2. that object id is the Enterprise Application's (Enterprise applications → the app → Object ID), not the App registration's\n    3. the mailbox permission: Add-MailboxPermission -Identity {mailbox} -User <that object id> -AccessRights FullAccess"

@@ -40,11 +40,20 @@ pub struct Account {
 impl Account {
     /// The account `[[accounts]]` describes, with `[upstream]`'s limits
     /// where it sets none of its own.
+    ///
+    /// A graph account gets `graph.max_requests` workers: each has at most
+    /// one request in flight, so that many use the mailbox's whole request
+    /// cap, and more would only hold messages waiting for it.
     pub fn from_config(
         account: &relay_config::AccountConfig,
-        upstream: &relay_config::UpstreamConfig,
+        config: &relay_config::Config,
         tokens: TokenManager,
     ) -> Account {
+        let upstream = &config.upstream;
+        let max_connections = match account.transport {
+            relay_config::Transport::Smtp => upstream.max_connections,
+            relay_config::Transport::Graph => config.graph.max_requests,
+        };
         Account {
             name: account.name.clone(),
             mailbox: account.mailbox.clone(),
@@ -56,7 +65,7 @@ impl Account {
                 recipients_per_day: account
                     .recipients_per_day
                     .unwrap_or(upstream.recipients_per_day),
-                max_connections: upstream.max_connections,
+                max_connections,
             },
             rewrite_from: account.rewrite_from,
             bounce: account.bounce,
@@ -85,6 +94,20 @@ pub fn spawn<T: Transport>(
     shutdown: CancellationToken,
 ) -> JoinSet<()> {
     let mut set = JoinSet::new();
+    spawn_into(&mut set, queue, transport, accounts, settings, shutdown);
+    set
+}
+
+/// [`spawn`], into `set`: accounts with different transports share one
+/// set of workers to supervise.
+pub fn spawn_into<T: Transport>(
+    set: &mut JoinSet<()>,
+    queue: Queue,
+    transport: Arc<T>,
+    accounts: Vec<Account>,
+    settings: Settings,
+    shutdown: CancellationToken,
+) {
     if let Some(dir) = settings.state.as_ref().map(StateDir::pacing) {
         if let Err(e) = std::fs::create_dir_all(&dir) {
             tracing::warn!(dir = %dir.display(), error = %e, "cannot keep the pacing record; a restart may send in a burst");
@@ -110,7 +133,6 @@ pub fn spawn<T: Transport>(
             set.spawn(Arc::new(worker).run(shutdown.clone()).instrument(span));
         }
     }
-    set
 }
 
 struct Worker<T: Transport> {

@@ -29,9 +29,7 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Settings {
-            endpoint: DEFAULT_ENDPOINT
-                .parse()
-                .expect("the default endpoint is valid"),
+            endpoint: Endpoint::default(),
             max_requests: NonZeroUsize::new(DEFAULT_MAX_REQUESTS).expect("4 is not zero"),
             timeout: DEFAULT_TIMEOUT,
         }
@@ -39,7 +37,7 @@ impl Default for Settings {
 }
 
 /// A Graph base URL: https, or plain http on a loopback address (tests, `demo`).
-/// Deserializes from a string, validated the same way.
+/// Deserializes from a string, validated the same way; serializes back to it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
 #[serde(try_from = "String")]
 pub struct Endpoint(Url);
@@ -93,7 +91,26 @@ impl std::fmt::Display for Endpoint {
     }
 }
 
+impl serde::Serialize for Endpoint {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl Default for Endpoint {
+    fn default() -> Self {
+        DEFAULT_ENDPOINT
+            .parse()
+            .expect("the default endpoint is valid")
+    }
+}
+
 impl Endpoint {
+    /// The host, for logs (`relay=`).
+    pub fn host(&self) -> &str {
+        self.0.host_str().unwrap_or_default()
+    }
+
     /// `{endpoint}/v1.0/users/{mailbox}/{rest...}`, each segment escaped.
     pub(crate) fn user_url(&self, mailbox: &str, rest: &[&str]) -> Url {
         let mut url = self.0.clone();

@@ -32,6 +32,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::credentials::{self, ClientCertificate, Jws, RegisteredKey};
+use crate::graph::GRAPH_AUDIENCE;
 use crate::jwt::{
     TokenClaims, TokenMint, TokenRejection, EXCHANGE_AUDIENCE, GOOGLE_AUDIENCE, SEND_AS_ROLE,
 };
@@ -41,9 +42,13 @@ const DEFAULT_TENANT: &str = "11111111-2222-3333-4444-555555555555";
 const DEFAULT_CLIENT_ID: &str = "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee";
 const DEFAULT_CLIENT_SECRET: &str = "s3cr3t~ValueFromTheAzurePortal";
 const DEFAULT_LIFETIME: u64 = 3599;
-/// The only scope the client-credentials grant accepts: Exchange Online's
-/// `.default` scope, which is what SMTP submission needs.
+/// Exchange Online's `.default` scope, which is what SMTP submission needs;
+/// with [`GRAPH_SCOPE`] the only scopes the client-credentials grant accepts.
 const EXCHANGE_SCOPE: &str = "https://outlook.office365.com/.default";
+/// Microsoft Graph's `.default` scope, for sending through `sendMail`.
+const GRAPH_SCOPE: &str = "https://graph.microsoft.com/.default";
+/// The application permissions Graph tokens carry unless set otherwise.
+const GRAPH_ROLES: [&str; 2] = ["Mail.Send", "Mail.ReadWrite"];
 /// Google's scope for IMAP/SMTP.
 const GOOGLE_MAIL_SCOPE: &str = "https://mail.google.com/";
 /// The user who signs in on the delegated flows, unless set otherwise.
@@ -145,12 +150,15 @@ struct Record {
     service_accounts: HashMap<String, ServiceAccount>,
     reply_delay: Option<Duration>,
     fault: Option<TokenFault>,
+    /// The `roles` of app-only Graph tokens.
+    graph_roles: Vec<String>,
 }
 
 impl Record {
     fn new() -> Self {
         Record {
             lifetime: DEFAULT_LIFETIME,
+            graph_roles: GRAPH_ROLES.map(str::to_owned).to_vec(),
             scripted: VecDeque::new(),
             requests: Vec::new(),
             user: DEFAULT_USER.to_string(),
@@ -423,12 +431,28 @@ impl IdentityPlatform {
         self.inner.mint.check(token)
     }
 
+    /// Judges an access token the way Microsoft Graph does: issued here,
+    /// verifying, not expired, and for `https://graph.microsoft.com`.
+    pub fn check_graph_token(&self, token: &str) -> Result<TokenClaims, TokenRejection> {
+        self.inner.mint.check_for(token, &[GRAPH_AUDIENCE])
+    }
+
+    /// The application permissions (`roles`) of the app-only Graph tokens
+    /// issued from now on; default `Mail.Send` and `Mail.ReadWrite`. Leave
+    /// out `Mail.ReadWrite` to see draft-based sends refused.
+    pub fn set_graph_roles(&self, roles: &[&str]) {
+        lock(&self.inner.state).graph_roles = roles.iter().map(|r| r.to_string()).collect();
+    }
+
     /// Issues a token directly, bypassing HTTP, for tests that need a token
     /// the endpoint would not hand out: another `audience`, or a lifetime in
     /// the past (negative `lifetime_secs`). It counts as issued here.
     pub fn mint_token(&self, audience: &str, lifetime_secs: i64) -> String {
         let exp = unix_now().saturating_add_signed(lifetime_secs);
-        self.inner.mint.mint(self.inner.app_claims(audience, exp))
+        let roles = self.inner.app_roles(audience);
+        self.inner
+            .mint
+            .mint(self.inner.app_claims(audience, roles, exp))
     }
 
     /// The user who signs in on the delegated flows (default
@@ -614,9 +638,15 @@ impl Inner {
                 }
             })
             .collect();
+        let graph = grant
+            .scope
+            .split_whitespace()
+            .any(|s| s.starts_with(GRAPH_AUDIENCE));
         TokenClaims {
             aud: if grant.google {
                 GOOGLE_AUDIENCE.to_string()
+            } else if graph {
+                GRAPH_AUDIENCE.to_string()
             } else {
                 EXCHANGE_AUDIENCE.to_string()
             },
@@ -630,11 +660,20 @@ impl Inner {
         }
     }
 
-    fn app_claims(&self, audience: &str, exp: u64) -> TokenClaims {
+    /// The application permissions an app-only token for `audience` carries.
+    fn app_roles(&self, audience: &str) -> Vec<String> {
+        if audience == GRAPH_AUDIENCE {
+            lock(&self.state).graph_roles.clone()
+        } else {
+            vec![SEND_AS_ROLE.to_string()]
+        }
+    }
+
+    fn app_claims(&self, audience: &str, roles: Vec<String>, exp: u64) -> TokenClaims {
         TokenClaims {
             aud: audience.to_string(),
             exp,
-            roles: vec![SEND_AS_ROLE.to_string()],
+            roles,
             scp: None,
             appid: self.client_id.clone(),
             tid: self.tenant.clone(),
@@ -911,21 +950,26 @@ fn app_token(idp: &Inner, form: &Form) -> Result<Issued, AadError> {
     let scope = form
         .get("scope")
         .ok_or_else(|| AadError::missing("scope"))?;
-    if scope != EXCHANGE_SCOPE {
-        return Err(AadError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_scope",
-            1002012,
-            format!(
+    let audience = match scope {
+        EXCHANGE_SCOPE => EXCHANGE_AUDIENCE,
+        GRAPH_SCOPE => GRAPH_AUDIENCE,
+        _ => {
+            return Err(AadError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_scope",
+                1002012,
+                format!(
                 "The provided value for scope {scope} is not valid. Client credential flows must \
                  have a scope value with /.default suffixed to the resource identifier \
                  (application ID URI)."
             ),
-        ));
-    }
+            ));
+        }
+    };
     let lifetime = lock(&idp.state).lifetime;
     let exp = unix_now().saturating_add(lifetime);
-    let token = idp.mint.mint(idp.app_claims(EXCHANGE_AUDIENCE, exp));
+    let roles = idp.app_roles(audience);
+    let token = idp.mint.mint(idp.app_claims(audience, roles, exp));
     Ok(Issued {
         lifetime,
         token,

@@ -64,7 +64,8 @@ pub enum TokenRejection {
     /// The token's `exp` has passed.
     #[error("token has expired")]
     Expired,
-    /// The token is for a resource other than Exchange Online.
+    /// The token is for another resource than the one judging it (the
+    /// message names Exchange Online's, the resource it usually is).
     #[error("token audience is not {EXCHANGE_AUDIENCE}")]
     WrongAudience,
 }
@@ -124,6 +125,15 @@ impl TokenMint {
 
     /// Judges a token the way Exchange Online does at AUTH time.
     pub(crate) fn check(&self, token: &str) -> Result<TokenClaims, TokenRejection> {
+        self.check_for(token, &[EXCHANGE_AUDIENCE, GOOGLE_AUDIENCE])
+    }
+
+    /// [`TokenMint::check`] for a resource that takes these audiences.
+    pub(crate) fn check_for(
+        &self,
+        token: &str,
+        audiences: &[&str],
+    ) -> Result<TokenClaims, TokenRejection> {
         // Only the signature is checked by the library; the other checks are
         // done below so each failure maps to its own rejection.
         let mut validation = Validation::new(Algorithm::HS256);
@@ -144,7 +154,7 @@ impl TokenMint {
         if unix_now() >= payload.claims.exp {
             return Err(TokenRejection::Expired);
         }
-        if payload.claims.aud != EXCHANGE_AUDIENCE && payload.claims.aud != GOOGLE_AUDIENCE {
+        if !audiences.contains(&payload.claims.aud.as_str()) {
             return Err(TokenRejection::WrongAudience);
         }
         Ok(payload.claims)
@@ -179,6 +189,13 @@ mod tests {
 
         let graph = mint.mint(claims("https://graph.microsoft.com", unix_now() + 60));
         assert_eq!(mint.check(&graph), Err(TokenRejection::WrongAudience));
+        assert!(mint
+            .check_for(&graph, &["https://graph.microsoft.com"])
+            .is_ok());
+        assert_eq!(
+            mint.check_for(&good, &["https://graph.microsoft.com"]),
+            Err(TokenRejection::WrongAudience)
+        );
 
         let other = TokenMint::new().mint(claims(EXCHANGE_AUDIENCE, unix_now() + 60));
         assert_eq!(mint.check(&other), Err(TokenRejection::BadSignature));

@@ -16,6 +16,8 @@ pub enum Section {
     Upstream,
     /// `[queue]`.
     Queue,
+    /// The `[[accounts]]` table (e.g. `transport = "graph"`).
+    Account,
     /// After everything else, for whole tables such as `[log]`.
     End,
 }
@@ -63,6 +65,7 @@ pub struct RelayConfig {
     listener_toml: String,
     upstream_toml: String,
     queue_toml: String,
+    account_toml: String,
     end_toml: String,
 }
 
@@ -87,6 +90,7 @@ impl RelayConfig {
             listener_toml: String::new(),
             upstream_toml: String::new(),
             queue_toml: String::new(),
+            account_toml: String::new(),
             end_toml: String::new(),
         }
     }
@@ -129,6 +133,7 @@ impl RelayConfig {
             Section::Listener => &mut self.listener_toml,
             Section::Upstream => &mut self.upstream_toml,
             Section::Queue => &mut self.queue_toml,
+            Section::Account => &mut self.account_toml,
             Section::End => &mut self.end_toml,
         };
         extra.push_str(lines);
@@ -157,9 +162,10 @@ impl RelayConfig {
         );
         let _ = write!(
             out,
-            "[[accounts]]\nname = {}\nmailbox = {}\n\n",
+            "[[accounts]]\nname = {}\nmailbox = {}\n{}\n",
             quote(&self.account),
-            quote(&self.mailbox)
+            quote(&self.mailbox),
+            self.account_toml
         );
         let _ = write!(
             out,

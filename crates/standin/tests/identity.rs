@@ -202,7 +202,7 @@ async fn refuses_bad_requests_with_aadsts_errors() {
 
     for scope in [
         "https://outlook.office365.com/SMTP.Send",
-        "https://graph.microsoft.com/.default",
+        "https://graph.microsoft.com/Mail.Send",
     ] {
         let bad_scope = client_credentials(&idp, idp.client_secret(), scope).await;
         assert_aad_error(&bad_scope, 400, "invalid_scope", 1002012);
@@ -279,4 +279,43 @@ async fn stop_refuses_new_connections() {
     tokio::time::timeout(common::STEP, idp.stop())
         .await
         .expect("stop timed out");
+}
+
+#[tokio::test]
+async fn issues_graph_tokens() {
+    let idp = IdentityPlatform::start().await.unwrap();
+    let graph = "https://graph.microsoft.com";
+    let app = client_credentials(&idp, idp.client_secret(), &format!("{graph}/.default")).await;
+    assert_eq!(app.status, 200, "{}", app.json);
+    let token = app.json["access_token"].as_str().unwrap();
+    let claims = idp.check_graph_token(token).unwrap();
+    assert_eq!(claims.aud, graph);
+    assert_eq!(claims.roles, vec!["Mail.Send", "Mail.ReadWrite"]);
+    assert_eq!(
+        idp.check_access_token(token),
+        Err(TokenRejection::WrongAudience),
+        "Exchange does not take a Graph token"
+    );
+
+    idp.set_graph_roles(&["Mail.Send"]);
+    let app = client_credentials(&idp, idp.client_secret(), &format!("{graph}/.default")).await;
+    let token = app.json["access_token"].as_str().unwrap();
+    assert_eq!(
+        idp.check_graph_token(token).unwrap().roles,
+        vec!["Mail.Send"]
+    );
+
+    let body = form(&[
+        ("grant_type", "refresh_token"),
+        ("client_id", idp.client_id()),
+        ("refresh_token", &idp.mint_refresh_token()),
+        ("scope", &format!("{graph}/Mail.Send offline_access")),
+    ]);
+    let user = post(&idp.authority(), &token_path(&idp), FORM, &[], &body).await;
+    assert_eq!(user.status, 200, "{}", user.json);
+    let claims = idp
+        .check_graph_token(user.json["access_token"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(claims.aud, graph);
+    assert_eq!(claims.scp.as_deref(), Some("Mail.Send"));
 }

@@ -8,6 +8,7 @@
 //! ([`relay_outcome::Outcome`], decided where the reply is received) and
 //! whether the upstream asked the mailbox to slow down.
 
+pub mod graph;
 pub mod smtp;
 
 use crate::Account;

@@ -135,11 +135,7 @@ impl Relay {
         let workers = relay_delivery::spawn(
             queue.clone(),
             Arc::new(upstream),
-            vec![Account::from_config(
-                account,
-                &config.upstream,
-                tokens.clone(),
-            )],
+            vec![Account::from_config(account, &config, tokens.clone())],
             relay_delivery::Settings {
                 state: Some(relay_config::StateDir::around(&queue_dir)),
                 hostname: "relay.test".into(),
