@@ -257,8 +257,8 @@ async fn lost_rotation_with_single_use_tokens_asks_for_authorize() {
 
 // A revoked refresh token: deliveries wait, the log names the command, no
 // retry storm; `authorize` (here: a new cache) brings it back without
-// restart. Tokens of the shortest lifetime the relay plans with (a minute)
-// are renewed after 40 s: that renewal finds the revocation.
+// restart. One-minute tokens are renewed after 40 s: that renewal finds the
+// revocation.
 #[tokio::test]
 async fn revoked_refresh_token_is_explained_and_recovered_without_restart() {
     let world = World::start().await;

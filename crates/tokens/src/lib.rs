@@ -14,7 +14,8 @@
 //! per token.
 //!
 //! Nothing the identity platform says is trusted to be sane: lifetimes are
-//! planned within a minute and a day, replies are read up to 64 KiB and
+//! planned within 5 s and a day (a stated lifetime under 5 s also counts
+//! toward the back-off), replies are read up to 64 KiB and
 //! their texts clipped before they reach an error ([`bounded`]).
 //!
 //! Tokens and secrets are [`relay_config::Secret`]s: they never reach a log.

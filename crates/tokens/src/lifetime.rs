@@ -4,10 +4,12 @@
 
 use std::time::Duration;
 
-/// Below this the relay would renew continuously (`expires_in: 0` is one
-/// request a second for ever); a token that really dies sooner is replaced
-/// when the upstream refuses it.
-pub(crate) const MIN_LIFETIME: Duration = Duration::from_secs(60);
+/// Short-lived tokens down to this are honoured as stated (renewed at two
+/// thirds of their life); below it (`expires_in: 0`) the relay would renew
+/// continuously, so such a lifetime is planned as this floor and the answer
+/// counts toward the back-off (see `below_floor`). A token that really dies
+/// sooner is replaced when the upstream refuses it.
+pub(crate) const MIN_LIFETIME: Duration = Duration::from_secs(5);
 /// Entra ID tokens live about an hour, Google's an hour; a day is generous
 /// and keeps every instant computed from it representable.
 pub(crate) const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
@@ -21,6 +23,8 @@ pub(crate) struct Lifetime {
     planned: Duration,
     /// What was stated instead, when it was out of bounds or unreadable.
     replaced: Option<String>,
+    /// The stated lifetime was under [`MIN_LIFETIME`].
+    below_floor: bool,
 }
 
 impl Lifetime {
@@ -31,6 +35,7 @@ impl Lifetime {
             return Lifetime {
                 planned: ASSUMED_LIFETIME,
                 replaced: None,
+                below_floor: false,
             };
         };
         let secs = match value {
@@ -43,10 +48,12 @@ impl Lifetime {
             Some(secs) if secs.is_nan() => Lifetime {
                 planned: ASSUMED_LIFETIME,
                 replaced: Some(stated()),
+                below_floor: false,
             },
             None => Lifetime {
                 planned: ASSUMED_LIFETIME,
                 replaced: Some(stated()),
+                below_floor: false,
             },
             Some(secs) => {
                 // Whole seconds; clamp before converting, so nothing overflows.
@@ -55,6 +62,7 @@ impl Lifetime {
                 Lifetime {
                     planned,
                     replaced: (bounded != secs).then(stated),
+                    below_floor: secs < MIN_LIFETIME.as_secs_f64(),
                 }
             }
         }
@@ -79,6 +87,12 @@ impl Lifetime {
     pub(crate) fn replaced(&self) -> Option<&str> {
         self.replaced.as_deref()
     }
+
+    /// Whether the stated lifetime was under the floor: renewing on it alone
+    /// would be a request every few seconds for ever.
+    pub(crate) fn below_floor(&self) -> bool {
+        self.below_floor
+    }
 }
 
 #[cfg(test)]
@@ -96,6 +110,8 @@ mod tests {
         assert_eq!(planned(json!(3599)), (3599, false));
         assert_eq!(planned(json!("3599")), (3599, false));
         assert_eq!(planned(json!(60)), (60, false));
+        assert_eq!(planned(json!(6)), (6, false));
+        assert!(!Lifetime::from_reply(Some(&json!(5))).below_floor());
         assert_eq!(planned(json!(86400)), (86400, false));
         assert_eq!(planned(json!(3599.7)), (3599, false));
         let absent = Lifetime::from_reply(None);
@@ -109,10 +125,12 @@ mod tests {
         assert_eq!(planned(json!("18446744073709551616000")), (86400, true));
         assert_eq!(planned(json!(1e300)), (86400, true));
         assert_eq!(planned(json!("inf")), (86400, true));
-        assert_eq!(planned(json!(0)), (60, true));
-        assert_eq!(planned(json!(-1)), (60, true));
-        assert_eq!(planned(json!(i64::MIN)), (60, true));
-        assert_eq!(planned(json!("-inf")), (60, true));
+        assert_eq!(planned(json!(0)), (5, true));
+        assert_eq!(planned(json!(-1)), (5, true));
+        assert_eq!(planned(json!(i64::MIN)), (5, true));
+        assert_eq!(planned(json!("-inf")), (5, true));
+        assert!(Lifetime::from_reply(Some(&json!(0))).below_floor());
+        assert!(!Lifetime::from_reply(Some(&json!(1e300))).below_floor());
         assert_eq!(planned(json!("NaN")), (600, true));
         assert_eq!(planned(json!("soon")), (600, true));
         assert_eq!(planned(json!(null)), (600, true));

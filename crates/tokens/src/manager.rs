@@ -380,7 +380,19 @@ impl TokenManager {
         {
             let mut state = self.state();
             state.current = Some(token.clone());
-            state.backoff = Backoff::default();
+            if lifetime.below_floor() {
+                // Used, but renewed on the back-off schedule: `expires_in: 0`
+                // must not mean a request every few seconds for ever.
+                let why = format!(
+                    "the identity platform stated a token lifetime of {}",
+                    lifetime.replaced().unwrap_or("0")
+                );
+                state
+                    .backoff
+                    .failed(Instant::now(), rand::rng().random(), why);
+            } else {
+                state.backoff = Backoff::default();
+            }
         }
         self.inner.replaced.notify_one();
         tracing::info!(
@@ -531,10 +543,10 @@ mod tests {
         assert_eq!(hour.refresh_at() - now, Duration::from_secs(3000));
         assert!(hour.usable_at(now + Duration::from_secs(3539)));
         assert!(!hour.usable_at(now + Duration::from_secs(3540)));
-        // the floor: renewed after 40 s, not continuously
+        // the floor: renewed after two thirds of it
         let floor = token(now, crate::lifetime::MIN_LIFETIME);
-        assert_eq!(floor.refresh_at() - now, Duration::from_secs(40));
-        assert!(floor.usable_at(now + Duration::from_secs(53)));
+        assert_eq!(floor.refresh_at().duration_since(now).as_millis(), 3333);
+        assert!(floor.usable_at(now + Duration::from_millis(4400)));
         // the ceiling: every instant is representable
         let day = token(now, crate::lifetime::MAX_LIFETIME);
         assert_eq!(day.refresh_at() - now, Duration::from_secs(86400 - 600));

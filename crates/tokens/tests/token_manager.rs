@@ -80,8 +80,8 @@ async fn concurrent_callers_share_one_token_request() {
 }
 
 // Protects background renewal: tokens are renewed ahead of expiry without
-// traffic, and cancelling stops the refresher. The shortest lifetime the
-// relay plans with is a minute, renewed when a third of it remains.
+// traffic, and cancelling stops the refresher. A one-minute token is
+// renewed when a third of it remains.
 #[tokio::test]
 async fn refresher_renews_ahead_of_expiry_until_cancelled() {
     init();
