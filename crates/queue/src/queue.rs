@@ -671,16 +671,17 @@ impl Queue {
     }
 
     /// Marks the leased message as being handed to the upstream now. False
-    /// when an administrator deleted it while the lease waited (for its
-    /// pacing slot, say): the message is gone and must not be sent; drop the
-    /// lease. After `true`, a deletion waits for this attempt to end.
+    /// when an administrator deleted or held it while the lease waited (for
+    /// its pacing slot, say): it must not be sent now; drop the lease (a
+    /// held message then waits for its release). After `true`, a deletion
+    /// waits for this attempt to end, and a hold applies after it.
     pub fn begin(&self, lease: &Lease) -> bool {
         if !self.owns(lease) {
             return false;
         }
         let mut sched = lock(&self.inner.sched);
         match sched.messages.get_mut(&lease.id) {
-            Some(slot) if slot.due.is_none() && !slot.deleted => {
+            Some(slot) if slot.due.is_none() && !slot.deleted && !slot.meta.held => {
                 slot.in_flight = true;
                 true
             }

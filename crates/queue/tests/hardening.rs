@@ -143,6 +143,19 @@ async fn held_messages_wait_for_release_across_restarts() {
     let got = within(q.next_due("acct", Some(Duration::from_millis(400)))).await;
     assert!(got.is_none(), "held while leased, yet handed out again");
     assert!(relay_queue::list(tmp.path()).expect("list")[0].held);
+
+    // held while leased but not yet handed to the upstream: not sent
+    within(q.release_held(Selection::All))
+        .await
+        .expect("release");
+    let lease = within(q.next_due("acct", Some(Duration::from_secs(3))))
+        .await
+        .expect("due after release");
+    within(q.hold(Selection::All)).await.expect("hold");
+    assert!(!q.begin(&lease), "a held message may not be sent");
+    drop(lease);
+    let got = within(q.next_due("acct", Some(Duration::from_millis(400)))).await;
+    assert!(got.is_none(), "held, yet handed out again");
 }
 
 #[tokio::test]
