@@ -1021,7 +1021,7 @@ impl Bench {
             });
         }
         drop(ready_tx);
-        let deadline = Instant::now() + Duration::from_secs(120);
+        let deadline = Instant::now() + Duration::from_secs(300);
         let mut ready = 0;
         while ready < clients {
             match tokio::time::timeout_at(deadline.into(), ready_rx.recv()).await {
@@ -1033,14 +1033,24 @@ impl Bench {
         let (mid_way, _) = procs::rss(pid)?;
         let _ = go_tx.send(true);
         let mut accepted = 0;
+        let mut first_error = None;
         while let Ok(Some(done)) = tokio::time::timeout_at(deadline.into(), tasks.join_next()).await
         {
-            if matches!(done, Ok(Ok(()))) {
-                accepted += 1;
+            match done {
+                Ok(Ok(())) => accepted += 1,
+                Ok(Err(e)) => {
+                    first_error.get_or_insert_with(|| e.to_string());
+                }
+                Err(e) => {
+                    first_error.get_or_insert_with(|| e.to_string());
+                }
             }
         }
         let (_, peak) = procs::rss(pid)?;
         relay.stop();
+        if let Some(e) = first_error {
+            println!("\nConcurrent 10 MB messages, first error: {e}");
+        }
         Ok((clients, mid_way, peak.max(mid_way), accepted))
     }
 
