@@ -118,28 +118,13 @@ pub async fn queue(config: &Path, command: QueueCommand) -> anyhow::Result<()> {
             }
         }
         QueueCommand::Retry(which) => {
-            let which = which.selection();
-            let ids = relay_queue::submit(settings, Request::Retry(which.clone()))
-                .await?
-                .ids;
-            known(&which, &ids, &[])?;
-            println!("{} message(s) due now{}", ids.len(), id_list(&ids));
+            act(settings, which.selection(), Request::Retry, "due now").await?
         }
         QueueCommand::Hold(which) => {
-            let which = which.selection();
-            let ids = relay_queue::submit(settings, Request::Hold(which.clone()))
-                .await?
-                .ids;
-            known(&which, &ids, &[])?;
-            println!("{} message(s) held{}", ids.len(), id_list(&ids));
+            act(settings, which.selection(), Request::Hold, "held").await?
         }
         QueueCommand::Release(which) => {
-            let which = which.selection();
-            let ids = relay_queue::submit(settings, Request::Release(which.clone()))
-                .await?
-                .ids;
-            known(&which, &ids, &[])?;
-            println!("{} message(s) released{}", ids.len(), id_list(&ids));
+            act(settings, which.selection(), Request::Release, "released").await?
         }
         QueueCommand::Delete(which) => {
             let which = which.selection();
@@ -155,6 +140,21 @@ pub async fn queue(config: &Path, command: QueueCommand) -> anyhow::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// Applies `request` to `which` and says to how many messages it was done.
+async fn act(
+    settings: relay_queue::QueueSettings,
+    which: Selection,
+    request: fn(Selection) -> Request,
+    done: &str,
+) -> anyhow::Result<()> {
+    let ids = relay_queue::submit(settings, request(which.clone()))
+        .await?
+        .ids;
+    known(&which, &ids, &[])?;
+    println!("{} message(s) {done}{}", ids.len(), id_list(&ids));
     Ok(())
 }
 

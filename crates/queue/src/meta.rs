@@ -284,11 +284,7 @@ pub fn survey(dir: &Path) -> Result<Survey, QueueError> {
     };
     for item in read {
         let item = item.map_err(|e| QueueError::io("listing queue directory", &layout.meta, e))?;
-        let Some(id) = item
-            .file_name()
-            .to_str()
-            .and_then(crate::store::meta_file_id)
-        else {
+        let Some(id) = crate::store::meta_entry_id(&item) else {
             continue;
         };
         let path = item.path();
@@ -306,11 +302,7 @@ pub fn survey(dir: &Path) -> Result<Survey, QueueError> {
     }
     if let Ok(read) = std::fs::read_dir(&layout.corrupt) {
         for item in read.flatten() {
-            let Some(id) = item
-                .file_name()
-                .to_str()
-                .and_then(crate::store::meta_file_id)
-            else {
+            let Some(id) = crate::store::meta_entry_id(&item) else {
                 continue;
             };
             let reason = std::fs::read_to_string(crate::store::reason_path(&layout, &id))

@@ -29,6 +29,11 @@ pub(crate) fn meta_file_id(name: &str) -> Option<QueueId> {
     exact_id(stem)
 }
 
+/// The id of a directory entry named `ID.json`, if it is one.
+pub(crate) fn meta_entry_id(item: &fs::DirEntry) -> Option<QueueId> {
+    item.file_name().to_str().and_then(meta_file_id)
+}
+
 /// The id spelled exactly as `name` (uppercase), if it is one.
 fn exact_id(name: &str) -> Option<QueueId> {
     let id: QueueId = name.parse().ok()?;
@@ -346,7 +351,7 @@ pub(crate) fn recover(layout: &Layout) -> Result<Recovered, QueueError> {
     for item in read {
         let item = item.map_err(|e| QueueError::io("listing queue directory", &layout.meta, e))?;
         let path = item.path();
-        let Some(id) = item.file_name().to_str().and_then(meta_file_id) else {
+        let Some(id) = meta_entry_id(&item) else {
             tracing::warn!(path = %path.display(), "ignoring unexpected file in queue metadata directory");
             continue;
         };

@@ -103,14 +103,7 @@ impl Queue {
                 }
                 meta.state = State::Deferred;
                 meta.next_attempt = Some(SystemTime::now());
-                let bytes = inner.encode(&meta)?;
-                store::apply(
-                    &inner.layout,
-                    &[Op::Update {
-                        id: meta.id.clone(),
-                        meta: bytes,
-                    }],
-                )?;
+                inner.write_meta(&meta)?;
                 tracing::info!(queue_id = %meta.id, "failed message queued again by an administrator");
                 revived.push(meta.id.clone());
                 let mut sched = lock(&inner.sched);
@@ -250,14 +243,7 @@ impl Queue {
             move || {
                 let mut ids = Vec::with_capacity(changed.len());
                 for meta in changed {
-                    let bytes = inner.encode(&meta)?;
-                    store::apply(
-                        &inner.layout,
-                        &[Op::Update {
-                            id: meta.id.clone(),
-                            meta: bytes,
-                        }],
-                    )?;
+                    inner.write_meta(&meta)?;
                     let what = if held { "held" } else { "released" };
                     tracing::info!(queue_id = %meta.id, "message {what} by an administrator");
                     ids.push(meta.id);
@@ -270,6 +256,15 @@ impl Queue {
 }
 
 impl Inner {
+    /// Writes a message's changed metadata (blocking).
+    fn write_meta(&self, meta: &Meta) -> Result<(), QueueError> {
+        let op = Op::Update {
+            id: meta.id.clone(),
+            meta: self.encode(meta)?,
+        };
+        store::apply(&self.layout, &[op])
+    }
+
     /// Failed messages (kept on disk only) that `which` selects. An entry
     /// that cannot be read is set aside, not an error.
     fn failed_on_disk(&self, which: &super::Selection) -> Result<Vec<Meta>, QueueError> {
@@ -280,7 +275,7 @@ impl Inner {
                 let read = std::fs::read_dir(dir)
                     .map_err(|e| QueueError::io("listing queue metadata", dir, e))?;
                 read.filter_map(|item| item.ok())
-                    .filter_map(|item| item.file_name().to_str().and_then(store::meta_file_id))
+                    .filter_map(|item| store::meta_entry_id(&item))
                     .collect()
             }
         };
