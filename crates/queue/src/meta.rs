@@ -261,7 +261,7 @@ pub(crate) fn hex(digest: &[u8]) -> String {
 pub fn list(dir: &Path) -> Result<Vec<Entry>, QueueError> {
     let survey = survey(dir)?;
     for bad in &survey.unusable {
-        tracing::warn!(path = %bad.path.display(), reason = %bad.reason, "unusable queue entry left out");
+        tracing::warn!(queue_id = %bad.id, path = %bad.path.display(), reason = %bad.reason, "unusable queue entry left out");
     }
     Ok(survey.entries)
 }

@@ -502,6 +502,7 @@ pub(crate) fn set_aside(layout: &Layout, id: &QueueId, reason: &str) -> bool {
     let meta_from = layout.meta_path(id);
     let meta_to = layout.corrupt.join(format!("{id}.json"));
     tracing::warn!(
+        queue_id = %id,
         path = %meta_from.display(),
         %reason,
         moved_to = %meta_to.display(),
