@@ -990,7 +990,6 @@ impl Inner {
                 );
                 slot.unrecorded = false;
                 slot.in_flight = false;
-                slot.meta.held = meta.held;
                 sched.insert_slot(slot, instant_after(Instant::now(), delay));
                 Ok(Some(Disposition::Deferred { next_attempt }))
             }
