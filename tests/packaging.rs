@@ -426,12 +426,12 @@ fn bash_completes_subcommands() {
     // and with compgen, as an interactive bash would list them
     let verbs = Command::new("bash")
         .arg("-c")
-        .arg(r#"source "$1"; COMP_WORDS=(smtp-oauth-relay queue ""); COMP_CWORD=2; fn=$(complete -p smtp-oauth-relay | sed -E 's/.* -F ([^ ]+) .*/\1/'); "$fn" smtp-oauth-relay "" queue; compgen -W "${COMPREPLY[*]}" -- re"#)
+        .arg(r#"source "$1"; COMP_WORDS=(smtp-oauth-relay queue ""); COMP_CWORD=2; fn=$(complete -p smtp-oauth-relay | sed -E 's/.* -F ([^ ]+) .*/\1/'); "$fn" smtp-oauth-relay "" queue; compgen -W "${COMPREPLY[*]}" -- re | sort"#)
         .arg("bash")
         .arg(&path)
         .output()
         .expect("bash");
-    assert_eq!(String::from_utf8_lossy(&verbs.stdout), "retry\n");
+    assert_eq!(String::from_utf8_lossy(&verbs.stdout), "release\nretry\n");
 }
 
 /// `[Section] Key=value` lines of a unit file; a key may repeat.

@@ -93,6 +93,10 @@ struct Args {
     /// Idle connections for the memory run.
     #[arg(long, default_value_t = 1000)]
     idle: usize,
+    /// Clients each holding a 10 MB message mid-way, for the memory run
+    /// [default: 100, quick 10].
+    #[arg(long)]
+    large_clients: Option<usize>,
     /// Keep the scratch directory (queues, configs, the peers' logs).
     #[arg(long)]
     keep: bool,
@@ -120,6 +124,8 @@ struct Summary {
     proxy_ratio: Option<f64>,
     /// idle, 1000 connections, large-message peak (KiB)
     memory: Option<(u64, u64, u64, usize)>,
+    /// Clients, RSS with each mid-way through a 10 MB message, peak.
+    concurrent_large: Option<(usize, u64, u64)>,
 }
 
 impl Summary {
@@ -987,6 +993,7 @@ impl Bench {
         done.store(true, std::sync::atomic::Ordering::Relaxed);
         let sampled = sampler.await.unwrap_or(0);
         relay.stop();
+        let concurrent = self.concurrent_large(&upstream).await?;
         upstream.stop().await;
 
         println!("\n## 4. Memory (relay RSS from /proc/PID/status)\n");
@@ -1018,8 +1025,96 @@ impl Bench {
         if let Some(e) = &sent.first_error {
             println!("first error: {e}");
         }
+        let (clients, mid_way, peak, accepted) = concurrent;
+        println!("\n| RSS under {clients} concurrent 10 MB messages | RSS MiB |\n|---|---:|");
+        println!(
+            "| each client mid-way (5 MB sent, message in progress) | **{}** |",
+            mib(mid_way)
+        );
+        println!(
+            "| peak (VmHWM) until every end of data is answered | {} |",
+            mib(peak)
+        );
+        println!("\n{accepted} of {clients} messages accepted (250).");
         self.summary.memory = Some((idle, with_conns, hwm.max(sampled), open));
+        self.summary.concurrent_large = Some((clients, mid_way, peak));
         Ok(())
+    }
+
+    /// RSS while many clients are each mid-way through a 10 MB message
+    /// (the listener spools each to disk past a threshold), then the peak
+    /// until all are accepted. Returns (clients, mid-way RSS, peak,
+    /// accepted).
+    async fn concurrent_large(
+        &self,
+        upstream: &SubmissionServer,
+    ) -> anyhow::Result<(usize, u64, u64, usize)> {
+        const SIZE: usize = 10_000_000;
+        let clients = self
+            .args
+            .large_clients
+            .unwrap_or(if self.quick() { 10 } else { 100 });
+        progress(&format!(
+            "memory: {clients} clients each mid-way through a 10 MB message"
+        ));
+        let relay = self.start_relay(upstream, None)?;
+        let pid = relay.pid();
+        let wire = Arc::new(smtp::message(SIZE, MAILBOX, RECIPIENT));
+        let half = wire.len() / 2;
+        procs::reset_peak(pid);
+        let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<bool>(clients);
+        let (go_tx, go_rx) = tokio::sync::watch::channel(false);
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..clients {
+            let (wire, ready, mut go) = (wire.clone(), ready_tx.clone(), go_rx.clone());
+            let addr = relay.addr;
+            tasks.spawn(async move {
+                let started = async {
+                    let mut c = Client::open(addr, &Login::Plain, None).await?;
+                    c.start_message(MAILBOX, RECIPIENT, &wire[..half]).await?;
+                    anyhow::Ok(c)
+                }
+                .await;
+                let _ = ready.send(started.is_ok()).await;
+                let mut c = started?;
+                go.wait_for(|go| *go).await?;
+                c.end_message(&wire[half..]).await?;
+                c.quit().await;
+                anyhow::Ok(())
+            });
+        }
+        drop(ready_tx);
+        let deadline = Instant::now() + Duration::from_secs(300);
+        let mut ready = 0;
+        while ready < clients {
+            match tokio::time::timeout_at(deadline.into(), ready_rx.recv()).await {
+                Ok(Some(_)) => ready += 1,
+                Ok(None) | Err(_) => break,
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (mid_way, _) = procs::rss(pid)?;
+        let _ = go_tx.send(true);
+        let mut accepted = 0;
+        let mut first_error = None;
+        while let Ok(Some(done)) = tokio::time::timeout_at(deadline.into(), tasks.join_next()).await
+        {
+            match done {
+                Ok(Ok(())) => accepted += 1,
+                Ok(Err(e)) => {
+                    first_error.get_or_insert_with(|| e.to_string());
+                }
+                Err(e) => {
+                    first_error.get_or_insert_with(|| e.to_string());
+                }
+            }
+        }
+        let (_, peak) = procs::rss(pid)?;
+        relay.stop();
+        if let Some(e) = first_error {
+            println!("\nConcurrent 10 MB messages, first error: {e}");
+        }
+        Ok((clients, mid_way, peak.max(mid_way), accepted))
     }
 
     /// The targets against what this run measured.
@@ -1090,6 +1185,14 @@ impl Bench {
                 "| one large message peaks < 100 MB | {} MiB | {} |",
                 mib(peak),
                 verdict(peak < 100 * 1024)
+            );
+        }
+        if let Some((clients, mid_way, peak)) = s.concurrent_large {
+            println!(
+                "| {clients} clients each mid-way through a 10 MB message ≤ 300 MB | {} MiB (peak {} MiB) | {} |",
+                mib(mid_way),
+                mib(peak),
+                verdict(mid_way <= 300 * 1024 && peak <= 300 * 1024)
             );
         }
         if let Some(ratio) = s.proxy_ratio {

@@ -117,12 +117,27 @@ impl Client {
     /// Sends one message; returns the time from the end of data (the `.`
     /// line written) to the `250`.
     pub async fn send(&mut self, from: &str, to: &str, wire: &[u8]) -> anyhow::Result<Duration> {
+        self.start_message(from, to, wire).await?;
+        self.end_message(&[]).await
+    }
+
+    /// Starts a message and writes `part` of it, leaving it in progress.
+    pub async fn start_message(&mut self, from: &str, to: &str, part: &[u8]) -> anyhow::Result<()> {
         self.command(&format!("MAIL FROM:<{from}>\r\n"), '2')
             .await?;
         self.command(&format!("RCPT TO:<{to}>\r\n"), '2').await?;
         self.command("DATA\r\n", '3').await?;
         let writer = self.io.get_mut();
-        writer.write_all(wire).await?;
+        writer.write_all(part).await?;
+        writer.flush().await?;
+        Ok(())
+    }
+
+    /// Writes the `rest` of a message in progress and its end; returns the
+    /// time from the end of data (the `.` line written) to the `250`.
+    pub async fn end_message(&mut self, rest: &[u8]) -> anyhow::Result<Duration> {
+        let writer = self.io.get_mut();
+        writer.write_all(rest).await?;
         writer.write_all(b".\r\n").await?;
         writer.flush().await?;
         let end = Instant::now();

@@ -1,15 +1,18 @@
 //! `queue …`: look at and act on the queue, whether or not the relay runs.
-//! Reads go straight to the queue directory; retry and delete go through
-//! the running relay when there is one (see relay_queue::submit).
+//! Reads go straight to the queue directory; retry, delete, hold and
+//! release go through the running relay when there is one (see
+//! relay_queue::submit).
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use relay_queue::{Entry, QueueId, Request, Selection};
+use relay_queue::{Entry, QueueError, QueueId, Request, Selection, Unusable};
 use std::path::Path;
+use std::time::{Duration, SystemTime};
 
 #[derive(Subcommand)]
 pub enum QueueCommand {
-    /// List the messages in the queue: queued, deferred and failed.
+    /// List the messages in the queue: queued, deferred, failed, held, and
+    /// entries set aside as corrupt.
     List {
         /// Print a JSON array instead of a table.
         #[arg(long)]
@@ -20,13 +23,40 @@ pub enum QueueCommand {
         /// The queue id (from `queue list` or the 250 reply).
         id: QueueId,
         /// Print JSON instead of text.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "body")]
         json: bool,
+        /// Print the message itself, as received (like `postcat -q`).
+        #[arg(long)]
+        body: bool,
     },
     /// Make messages due now; a failed message is tried again for its failed recipients.
     Retry(Which),
     /// Remove messages from the queue.
     Delete(Which),
+    /// Keep messages from being delivered until released (like `postsuper -h`).
+    Hold(Held),
+    /// Release held messages (like `postsuper -H`).
+    Release(Held),
+}
+
+/// One message, or all of them.
+#[derive(Args)]
+#[group(required = true, multiple = false)]
+pub struct Held {
+    /// The queue id.
+    id: Option<QueueId>,
+    /// Every message.
+    #[arg(long)]
+    all: bool,
+}
+
+impl Held {
+    fn selection(self) -> Selection {
+        match self.id {
+            Some(id) => Selection::Id(id),
+            None => Selection::All,
+        }
+    }
 }
 
 /// One message, or a group of them.
@@ -59,16 +89,26 @@ pub async fn queue(config: &Path, command: QueueCommand) -> anyhow::Result<()> {
     let settings = crate::relay::queue_settings(&config.queue);
     match command {
         QueueCommand::List { json } => {
-            let entries = relay_queue::list(dir)?;
+            let survey = relay_queue::survey(dir)?;
+            for bad in &survey.unusable {
+                eprintln!("warning: {}", unusable_note(bad));
+            }
             if json {
-                println!("{}", serde_json::to_string_pretty(&entries)?);
+                println!("{}", serde_json::to_string_pretty(&survey.entries)?);
             } else {
-                print!("{}", table(&entries));
+                print!(
+                    "{}",
+                    table(&survey.entries, &survey.unusable, SystemTime::now())
+                );
             }
         }
-        QueueCommand::Show { id, json } => {
-            let (entry, headers) =
-                relay_queue::show(dir, &id).with_context(|| format!("message {id}"))?;
+        QueueCommand::Show { id, body: true, .. } => {
+            let mut body = relay_queue::open_body(dir, &id)?;
+            let mut out = std::io::stdout().lock();
+            std::io::copy(&mut body, &mut out).context("printing the message")?;
+        }
+        QueueCommand::Show { id, json, .. } => {
+            let (entry, headers) = relay_queue::show(dir, &id)?;
             if json {
                 let mut value = serde_json::to_value(&entry)?;
                 value["headers"] = String::from_utf8_lossy(&headers).into();
@@ -78,13 +118,18 @@ pub async fn queue(config: &Path, command: QueueCommand) -> anyhow::Result<()> {
             }
         }
         QueueCommand::Retry(which) => {
-            let ids = relay_queue::submit(settings, Request::Retry(which.selection()))
-                .await?
-                .ids;
-            println!("{} message(s) due now{}", ids.len(), id_list(&ids));
+            act(settings, which.selection(), Request::Retry, "due now").await?
+        }
+        QueueCommand::Hold(which) => {
+            act(settings, which.selection(), Request::Hold, "held").await?
+        }
+        QueueCommand::Release(which) => {
+            act(settings, which.selection(), Request::Release, "released").await?
         }
         QueueCommand::Delete(which) => {
-            let applied = relay_queue::submit(settings, Request::Delete(which.selection())).await?;
+            let which = which.selection();
+            let applied = relay_queue::submit(settings, Request::Delete(which.clone())).await?;
+            known(&which, &applied.ids, &applied.notes)?;
             println!(
                 "{} message(s) deleted{}",
                 applied.ids.len(),
@@ -96,6 +141,45 @@ pub async fn queue(config: &Path, command: QueueCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Applies `request` to `which` and says to how many messages it was done.
+async fn act(
+    settings: relay_queue::QueueSettings,
+    which: Selection,
+    request: fn(Selection) -> Request,
+    done: &str,
+) -> anyhow::Result<()> {
+    let ids = relay_queue::submit(settings, request(which.clone()))
+        .await?
+        .ids;
+    known(&which, &ids, &[])?;
+    println!("{} message(s) {done}{}", ids.len(), id_list(&ids));
+    Ok(())
+}
+
+/// "no such message: ID" when one message was asked for and nothing
+/// happened to it. (Holding a held message, or releasing one that is not
+/// held, reports it as affected, so this means the id is not queued.)
+fn known(which: &Selection, ids: &[QueueId], notes: &[String]) -> anyhow::Result<()> {
+    match which {
+        Selection::Id(id) if ids.is_empty() && notes.is_empty() => {
+            Err(QueueError::NoSuchMessage { id: id.clone() }.into())
+        }
+        _ => Ok(()),
+    }
+}
+
+fn unusable_note(bad: &Unusable) -> String {
+    let status = if bad.set_aside {
+        "set aside, not delivered"
+    } else {
+        "unusable, set aside at the relay's next start"
+    };
+    format!(
+        "queue entry {} is corrupt ({status}): {}",
+        bad.id, bad.reason
+    )
 }
 
 fn id_list(ids: &[QueueId]) -> String {
@@ -122,19 +206,34 @@ fn sender(e: &Entry) -> &str {
     }
 }
 
-fn table(entries: &[Entry]) -> String {
-    if entries.is_empty() {
+/// The `queue list` table; `now` for each message's age.
+fn table(entries: &[Entry], unusable: &[Unusable], now: SystemTime) -> String {
+    if entries.is_empty() && unusable.is_empty() {
         return "The queue is empty.\n".into();
     }
     let mut out = format!(
-        "{:<16}  {:<8}  {:>8}  {:<20}  {:<30}  {}\n",
-        "ID", "STATE", "ATTEMPTS", "NEXT ATTEMPT", "SENDER", "RECIPIENTS / LAST ERROR"
+        "{:<16}  {:<8}  {:>9}  {:>6}  {:>8}  {:<20}  {:<30}  {}\n",
+        "ID",
+        "STATE",
+        "SIZE",
+        "AGE",
+        "ATTEMPTS",
+        "NEXT ATTEMPT",
+        "SENDER",
+        "RECIPIENTS / LAST ERROR"
     );
     for e in entries {
+        let state = if e.held {
+            "held".to_owned()
+        } else {
+            state_name(e.state)
+        };
         out.push_str(&format!(
-            "{:<16}  {:<8}  {:>8}  {:<20}  {:<30}  {}\n",
+            "{:<16}  {:<8}  {:>9}  {:>6}  {:>8}  {:<20}  {:<30}  {}\n",
             e.id,
-            state_name(e.state),
+            state,
+            e.size,
+            age(&e.received_at, now),
             e.attempts,
             e.next_attempt.as_deref().unwrap_or("-"),
             sender(e),
@@ -144,15 +243,40 @@ fn table(entries: &[Entry]) -> String {
             out.push_str(&format!("{:<16}  {error}\n", ""));
         }
     }
+    for bad in unusable {
+        out.push_str(&format!(
+            "{:<16}  {:<8}  {}\n",
+            bad.id, "corrupt", bad.reason
+        ));
+    }
     out.push_str(&format!("{} message(s)\n", entries.len()));
+    if !unusable.is_empty() {
+        out.push_str(&format!("{} corrupt entry(ies)\n", unusable.len()));
+    }
     out
+}
+
+/// How long ago `received_at` (RFC 3339) was, in its largest unit: `42s`,
+/// `5m`, `3h`, `2d`.
+fn age(received_at: &str, now: SystemTime) -> String {
+    let Ok(at) = humantime::parse_rfc3339(received_at) else {
+        return "-".into();
+    };
+    let secs = now.duration_since(at).unwrap_or(Duration::ZERO).as_secs();
+    match secs {
+        0..60 => format!("{secs}s"),
+        60..3600 => format!("{}m", secs / 60),
+        3600..86_400 => format!("{}h", secs / 3600),
+        _ => format!("{}d", secs / 86_400),
+    }
 }
 
 fn details(e: &Entry, headers: &[u8]) -> String {
     let mut out = format!(
-        "Queue ID:    {}\nState:       {} after {} attempt(s){}\nAccount:     {}\nSender:      {}\nReceived:    {}\nSize:        {} bytes\nRecipients:\n",
+        "Queue ID:    {}\nState:       {}{} after {} attempt(s){}\nAccount:     {}\nSender:      {}\nReceived:    {}\nSize:        {} bytes\nRecipients:\n",
         e.id,
         state_name(e.state),
+        if e.held { ", held" } else { "" },
         e.attempts,
         e.next_attempt
             .as_deref()

@@ -229,6 +229,11 @@ impl Client {
         self.reply().await
     }
 
+    /// Writes `bytes` without waiting for a reply (part of a message).
+    pub async fn write_part(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.expect("write");
+    }
+
     /// One complete reply (all its lines), without the final CRLF.
     pub async fn reply(&mut self) -> String {
         let read = async {

@@ -186,7 +186,7 @@ impl<T: Transport> Worker<T> {
             // The wait for the pacing slot may have been long enough for an
             // administrator to delete the message.
             if !self.queue.begin(&lease) {
-                tracing::info!(queue_id = %lease.id, "deleted while waiting for its turn; not sent");
+                tracing::info!(queue_id = %lease.id, "deleted or held while waiting for its turn; not sent");
                 continue;
             }
             let span = tracing::info_span!("delivery", queue_id = %lease.id);

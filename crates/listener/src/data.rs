@@ -7,6 +7,11 @@
 //! data by the next server either. The message starts as if after a CRLF, so a
 //! first line of `.` or `..x` is handled like any other.
 
+/// Once a message has grown past its spill threshold, the receiver holds at
+/// most this much (plus the 3 bytes one input byte can emit) before the
+/// session must [`DataReceiver::take_spill`] it to disk.
+const STAGING: usize = 64 * 1024;
+
 /// Where the receiver is within the current line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -24,36 +29,69 @@ enum State {
     Cr,
 }
 
-/// The message being received.
+/// The message being received. It stays synchronous (no I/O): past the
+/// spill threshold the caller moves the bytes to disk in chunks, so memory
+/// per message in progress stays bounded whatever its size.
 #[derive(Debug)]
 pub struct DataReceiver {
     state: State,
+    /// What is stored and not yet handed out by `take_spill`.
     body: Vec<u8>,
     limit: u64,
     size: u64,
+    /// Past this size the message is spilled (`u64::MAX`: never).
+    spill_after: u64,
 }
 
 impl DataReceiver {
     /// A receiver that keeps at most `limit` bytes (it keeps reading past
-    /// them, to find the end, but stores nothing more).
+    /// them, to find the end, but stores nothing more), all in memory.
+    #[cfg(any(test, feature = "fuzzing"))]
     pub fn new(limit: u64) -> Self {
+        Self::spilling(limit, u64::MAX)
+    }
+
+    /// A receiver like [`DataReceiver::new`] that, once the message is
+    /// larger than `spill_after`, stops taking input whenever it holds
+    /// 64 KiB, until the caller takes them with
+    /// [`DataReceiver::take_spill`].
+    pub fn spilling(limit: u64, spill_after: u64) -> Self {
         DataReceiver {
             state: State::LineStart,
             body: Vec::new(),
             limit,
             size: 0,
+            spill_after,
         }
     }
 
     /// Takes bytes from `input`; returns how many it consumed and whether the
     /// end of data was among them (the rest of `input` is the next command).
+    /// When spilling it may stop early (having consumed less than all of
+    /// `input`, maybe nothing) until [`DataReceiver::take_spill`] is called.
     pub fn ingest(&mut self, input: &[u8]) -> (usize, bool) {
         for (i, &byte) in input.iter().enumerate() {
+            if self.spill_ready() {
+                return (i, false);
+            }
             if self.step(byte) {
                 return (i + 1, true);
             }
         }
         (input.len(), false)
+    }
+
+    fn spill_ready(&self) -> bool {
+        self.size > self.spill_after && self.body.len() >= STAGING
+    }
+
+    /// The bytes stored so far, once the message is past its spill
+    /// threshold and they fill the staging buffer; the caller appends them
+    /// to the spooled body. What remains at the end is
+    /// [`DataReceiver::into_body`], the message's tail.
+    pub fn take_spill(&mut self) -> Option<Vec<u8>> {
+        self.spill_ready()
+            .then(|| std::mem::replace(&mut self.body, Vec::with_capacity(STAGING)))
     }
 
     /// The size of the message as stored (after un-stuffing and normalising).
@@ -66,7 +104,8 @@ impl DataReceiver {
         self.size > self.limit
     }
 
-    /// The received message, ending in CRLF unless it is empty.
+    /// The received message (after spills: the rest of it), ending in
+    /// CRLF unless it is empty.
     pub fn into_body(self) -> Vec<u8> {
         self.body
     }
@@ -190,6 +229,40 @@ mod tests {
         assert_eq!(r.ingest(b"\r"), (1, false));
         assert_eq!(r.ingest(b"\nNOOP"), (1, true));
         assert_eq!(r.into_body(), b"x\r\n");
+    }
+
+    #[test]
+    fn spilling_hands_out_bounded_chunks_of_the_same_bytes() {
+        let mut wire = Vec::new();
+        for i in 0..20_000 {
+            wire.extend_from_slice(format!("line {i}\n..dot\r\n").as_bytes());
+        }
+        wire.extend_from_slice(b".\r\nQUIT\r\n");
+        let mut whole = DataReceiver::new(1 << 30);
+        let (used_whole, done) = whole.ingest(&wire);
+        assert!(done);
+        let expected = whole.into_body();
+
+        let mut r = DataReceiver::spilling(1 << 30, 100_000);
+        let (mut spilled, mut at, mut chunks) = (Vec::new(), 0, 0);
+        loop {
+            let (n, done) = r.ingest(&wire[at..at + 7000.min(wire.len() - at)]);
+            at += n;
+            assert!(r.body.len() <= 100_003, "held {}", r.body.len());
+            if let Some(chunk) = r.take_spill() {
+                chunks += 1;
+                spilled.extend_from_slice(&chunk);
+            }
+            if done {
+                break;
+            }
+        }
+        assert_eq!(at, used_whole);
+        assert!(chunks > 3);
+        assert!(r.body.len() <= STAGING + 3);
+        assert_eq!(r.size(), expected.len() as u64);
+        spilled.extend_from_slice(&r.into_body());
+        assert_eq!(spilled, expected);
     }
 
     #[test]

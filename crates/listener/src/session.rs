@@ -15,7 +15,7 @@ use crate::{
     ListenerError, Router,
 };
 use relay_config::{ListenerAuth, ListenerConfig, Mode};
-use relay_queue::{NewMessage, Queue, QueueId, RecipientResult};
+use relay_queue::{BodyWriter, NewMessage, Queue, QueueId, RecipientResult};
 use smtp_proto::{Error as ParseError, Request, AUTH_LOGIN, AUTH_PLAIN, MAIL_SMTPUTF8};
 use std::{borrow::Cow, net::SocketAddr, sync::Arc, time::Duration};
 use tokio::{
@@ -37,6 +37,10 @@ const MAX_ERRORS: u32 = 20;
 const RECIPIENT_OVERSHOOT: u32 = 1000;
 /// The read buffer of a session.
 const READ_CHUNK: usize = 16 * 1024;
+/// A message in progress larger than this is spooled to the queue's disk
+/// as it arrives, so concurrent large messages cannot exhaust memory; the
+/// many small ones never touch the disk before their commit.
+const SPOOL_AFTER: u64 = 256 * 1024;
 
 /// A non-ASCII address in a transaction that did not ask for SMTPUTF8
 /// (RFC 6531 3.5; Postfix's wording).
@@ -89,11 +93,13 @@ struct Envelope {
 
 enum Phase {
     Command,
-    /// After `354`: the message, with when it started and the bytes read.
+    /// After `354`: the message, with when it started and the bytes read,
+    /// and its spooled part once past [`SPOOL_AFTER`].
     Data {
         receiver: DataReceiver,
         started: Instant,
         received: u64,
+        spool: Spool,
     },
     /// The rest of an over-long command line, already answered with one
     /// `500 line too long`: one line gets one reply, whatever its length,
@@ -101,6 +107,17 @@ enum Phase {
     SkipLine,
     /// After `334`: the client's SASL response line.
     Sasl(Sasl),
+}
+
+/// Where the spilled part of a message in progress goes.
+enum Spool {
+    /// Nothing spilled yet.
+    None,
+    /// Boxed: a hasher's state, and most sessions never spool.
+    Writing(Box<BodyWriter>),
+    /// Spooling failed (disk full, say): the rest is read and dropped, and
+    /// the message is answered `451`.
+    Failed,
 }
 
 enum Sasl {
@@ -327,14 +344,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// message bytes. Returns how many bytes it used (0: it needs more).
     async fn step(&mut self, phase: &mut Phase, input: &[u8]) -> (usize, Next) {
         match phase {
-            Phase::Data { receiver, .. } => {
-                let (n, done) = receiver.ingest(input);
-                if done {
-                    if let Phase::Data { receiver, .. } = std::mem::replace(phase, Phase::Command) {
-                        self.end_of_data(receiver).await;
+            Phase::Data {
+                receiver, spool, ..
+            } => {
+                let mut used = 0;
+                loop {
+                    let (n, done) = receiver.ingest(&input[used..]);
+                    used += n;
+                    if let Some(chunk) = receiver.take_spill() {
+                        self.spill(spool, &chunk, receiver.too_big()).await;
+                    }
+                    if done {
+                        if let Phase::Data {
+                            receiver, spool, ..
+                        } = std::mem::replace(phase, Phase::Command)
+                        {
+                            self.end_of_data(receiver, spool).await;
+                        }
+                        break;
+                    }
+                    if used == input.len() {
+                        break;
                     }
                 }
-                (n, Next::Continue)
+                (used, Next::Continue)
             }
             Phase::SkipLine => match memchr::memchr(b'\n', input) {
                 Some(lf) => {
@@ -395,9 +428,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Ok(Request::Data) => match self.data_allowed() {
                 None => {
                     *phase = Phase::Data {
-                        receiver: DataReceiver::new(self.ctx.config.max_message_size),
+                        receiver: DataReceiver::spilling(
+                            self.ctx.config.max_message_size,
+                            SPOOL_AFTER,
+                        ),
                         started: Instant::now(),
                         received: 0,
+                        spool: Spool::None,
                     };
                     Next::Continue
                 }
@@ -705,7 +742,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 
-    async fn end_of_data(&mut self, receiver: DataReceiver) {
+    /// Appends a spilled chunk to the message's spool file (started on the
+    /// first). A message already too big is not stored; after a failure the
+    /// rest is dropped and the end of data answers `451`.
+    async fn spill(&mut self, spool: &mut Spool, chunk: &[u8], too_big: bool) {
+        if too_big {
+            *spool = Spool::None;
+            return;
+        }
+        if let Spool::None = spool {
+            match self.ctx.queue.begin_body().await {
+                Ok(writer) => *spool = Spool::Writing(Box::new(writer)),
+                Err(e) => {
+                    tracing::error!(client = %self.peer.ip(), error = %e, "cannot spool a large message");
+                    *spool = Spool::Failed;
+                }
+            }
+        }
+        if let Spool::Writing(writer) = spool {
+            if let Err(e) = writer.append(chunk).await {
+                tracing::error!(client = %self.peer.ip(), error = %e, "cannot spool a large message");
+                *spool = Spool::Failed;
+            }
+        }
+    }
+
+    async fn end_of_data(&mut self, receiver: DataReceiver, spool: Spool) {
         let Some(envelope) = self.envelope.take() else {
             return;
         };
@@ -720,6 +782,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         let size = receiver.size();
         let body = receiver.into_body();
+        let spooled = match spool {
+            Spool::None => None,
+            Spool::Writing(writer) => Some(*writer),
+            Spool::Failed => {
+                self.line(
+                    "451 4.3.0 Error: cannot store the message in the queue, try again later",
+                );
+                return;
+            }
+        };
         let message = NewMessage {
             sender: envelope.sender,
             recipients: envelope.recipients,
@@ -727,17 +799,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             client: Some(self.peer.ip()),
         };
         let (sender, recipients) = (message.sender.clone(), message.recipients.len());
-        let stored = match self.ctx.config.mode {
-            Mode::Queue => self
-                .ctx
-                .queue
+        let queue = &self.ctx.queue;
+        let stored = match (self.ctx.config.mode, spooled) {
+            (Mode::Queue, None) => queue
                 .enqueue_owned(message, body)
                 .await
                 .map(|id| (id, None)),
-            Mode::Passthrough => self
-                .ctx
-                .queue
+            (Mode::Queue, Some(writer)) => queue
+                .enqueue_spooled(message, writer, &body)
+                .await
+                .map(|id| (id, None)),
+            (Mode::Passthrough, None) => queue
                 .enqueue_passthrough(message, body)
+                .await
+                .map(|(id, answer)| (id, Some(answer))),
+            (Mode::Passthrough, Some(writer)) => queue
+                .enqueue_passthrough_spooled(message, writer, &body)
                 .await
                 .map(|(id, answer)| (id, Some(answer))),
         };

@@ -1,7 +1,7 @@
 //! Admin commands from another process while the relay runs.
 //!
-//! The running relay holds the queue's lock, so `queue retry` and `queue
-//! delete` cannot open the queue themselves. They write a request file into
+//! The running relay holds the queue's lock, so `queue retry`, `delete`,
+//! `hold` and `release` cannot open the queue themselves. They write a request file into
 //! `DIR/control/` (write to a temporary name, then rename) and wait for the
 //! answer file; the relay polls that directory and applies each request to
 //! its live queue. Who may ask is decided by the queue directory's
@@ -25,6 +25,10 @@ pub enum Request {
     Retry(Selection),
     /// Remove messages.
     Delete(Selection),
+    /// Keep messages from being delivered until released.
+    Hold(Selection),
+    /// Release held messages.
+    Release(Selection),
 }
 
 /// What a request did.
@@ -52,6 +56,14 @@ impl Queue {
         match request {
             Request::Retry(which) => Ok(Applied {
                 ids: self.retry(which).await?,
+                notes: Vec::new(),
+            }),
+            Request::Hold(which) => Ok(Applied {
+                ids: self.hold(which).await?,
+                notes: Vec::new(),
+            }),
+            Request::Release(which) => Ok(Applied {
+                ids: self.release_held(which).await?,
                 notes: Vec::new(),
             }),
             Request::Delete(which) => {

@@ -65,6 +65,13 @@ pub enum QueueError {
         id: QueueId,
     },
 
+    /// No message with this id is in the queue.
+    #[error("no such message: {id}")]
+    NoSuchMessage {
+        /// The id asked for.
+        id: QueueId,
+    },
+
     /// Encoding a metadata file failed (should not happen; kept so that no
     /// code path panics).
     #[error("encoding metadata for {}: {source}", path.display())]

@@ -7,7 +7,7 @@
 //! upstream with [`Queue::begin`] (after waiting for their pacing slot; a
 //! message deleted meanwhile is not to be sent), and report per-recipient
 //! outcomes with [`Queue::record`]. The `queue list` command reads the
-//! directory from another process with [`list`]. The queue knows nothing
+//! directory from another process with [`list`] and [`survey`]. The queue knows nothing
 //! about SMTP: a recipient's [`Outcome`] (reply and reason, decided by the
 //! transport) is kept as given; only its verdict (delivered, temporary,
 //! permanent) moves the message on.
@@ -17,11 +17,12 @@
 //! ```text
 //! DIR/                mode 0700
 //!   lock              flock'ed by the running relay (one process per DIR)
-//!   tmp/ID.body       files being written; never read, deleted at open
-//!   tmp/ID.json
+//!   tmp/ID.body       files being written (a large message is spooled here
+//!   tmp/ID.json       while it is received); never read, deleted at open
 //!   body/ID           the message as received (raw bytes, never changed)
-//!   meta/ID.json      envelope, state, per-recipient status (JSON)
-//!   corrupt/          entries set aside at open (ID.json, ID.body)
+//!   meta/ID.json      envelope, state, per-recipient status, held flag,
+//!                     the body's SHA-256 (JSON)
+//!   corrupt/          entries set aside (ID.json, ID.body, ID.reason)
 //!   control/          admin requests to the running relay (see `control`)
 //! ```
 //!
@@ -34,7 +35,9 @@
 //! metadata into `meta/` is the commit point; everything else is ordered
 //! around it with fsyncs:
 //!
-//! * *Enqueue*: write `tmp/ID.body` and `tmp/ID.json`, fsync both; rename
+//! * *Enqueue*: write `tmp/ID.body` and `tmp/ID.json`, fsync both (a body
+//!   spooled while it was received is already written: [`BodyWriter`]
+//!   appends to `tmp/ID.body`, and only the metadata is written now); rename
 //!   the body to `body/ID`, fsync `body/`; rename the metadata to
 //!   `meta/ID.json`, fsync `meta/`. Only then does `enqueue` return. (The
 //!   `body/` fsync comes *before* the metadata rename so that no file system
@@ -53,14 +56,24 @@
 //!
 //! # Recovery ([`Queue::open`])
 //!
-//! Everything in `tmp/` is an unfinished write and is deleted. A body
-//! without metadata is a crash before the commit point (the client got no
-//! 250 and will resend) or in the middle of a removal (already delivered),
-//! and is deleted. Metadata that does not parse, or whose body is missing
-//! or has the wrong size, cannot come from this protocol on a working disk;
-//! it is logged and moved to `corrupt/` rather than deleted or crashing the
-//! relay. Every other entry that is not failed is scheduled at its recorded
-//! next-attempt time.
+//! Everything in `tmp/` is an unfinished write (or a spooled message whose
+//! session ended without a commit) and is deleted. A body without metadata
+//! is a crash before the commit point (the client got no 250 and will
+//! resend) or in the middle of a removal (already delivered), and is
+//! deleted. Metadata that cannot be read (permissions, a directory), does
+//! not parse, or whose body is missing or has the wrong size, cannot come
+//! from this protocol on a working disk; it is logged and moved to
+//! `corrupt/` (with a note of why) rather than deleted or stopping the
+//! relay. One bad entry never stops the others: not at open, not in
+//! [`list`]/[`survey`], not in an admin action. Every other entry that is
+//! not failed is scheduled at its recorded next-attempt time (held ones
+//! are not scheduled). A queue directory others can write to is made
+//! private (0700) with a warning.
+//!
+//! The body's SHA-256 is checked each time it is read for delivery
+//! ([`Queue::read_body`]); a body changed on disk is set aside in
+//! `corrupt/`, never sent. Metadata written before checksums were stored
+//! has none and is not checked.
 //!
 //! # What can duplicate, what can never be lost
 //!
@@ -84,7 +97,8 @@
 //!
 //! Messages still to be tried are indexed in memory: per account an ordered
 //! set of (due instant, id) and a [`tokio::sync::Notify`] that wakes the
-//! account's waiting workers on enqueue, release and deferral. A leased
+//! account's waiting workers on enqueue, release and deferral. A held
+//! message is indexed but in no set; releasing it puts it back. A leased
 //! message is out of the set, so it is never handed out twice; dropping a
 //! [`Lease`] without recording puts it back (due after `retry_initial`), so a
 //! panicking worker cannot strand mail. A message whose outcome is waiting
@@ -105,9 +119,12 @@ mod store;
 pub use control::{submit, Applied, Request};
 pub use error::QueueError;
 pub use id::{ParseQueueIdError, QueueId};
-pub use meta::{check_writable, list, show, Entry, RecipientState, RecipientStatus, State};
+pub use meta::{
+    check_writable, list, open_body, show, survey, Entry, RecipientState, RecipientStatus, State,
+    Survey, Unusable,
+};
 pub use queue::{
-    Census, Deletion, Disposition, Lease, NewMessage, Queue, QueueSettings, RecipientResult,
-    Recorded, Selection, Tally,
+    BodyWriter, Census, Deletion, Disposition, Lease, NewMessage, Queue, QueueSettings,
+    RecipientResult, Recorded, Selection, Tally,
 };
 pub use relay_outcome::Outcome;

@@ -114,6 +114,17 @@ pub(crate) struct Meta {
     /// delivery does not retry it behind the client's back.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub passthrough: bool,
+    /// SHA-256 of the body (lowercase hex), checked before each delivery so
+    /// a body changed on disk is set aside, never sent. A cryptographic
+    /// hash rather than a fast 64-bit one: it also catches deliberate
+    /// tampering, and it costs less than the fsync of the same bytes.
+    /// Absent in files written before it was stored; those are not checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// Held by an administrator (`queue hold`): not delivered until
+    /// released.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub held: bool,
 }
 
 impl Meta {
@@ -175,6 +186,7 @@ impl Meta {
             last_error: self.last_error.clone(),
             size: self.size,
             recipient_status: self.recipients.iter().map(Recipient::to_status).collect(),
+            held: self.held,
         }
     }
 }
@@ -205,39 +217,108 @@ pub struct Entry {
     pub size: u64,
     /// Per-recipient delivery state and last reply.
     pub recipient_status: Vec<RecipientStatus>,
+    /// Held by an administrator: not delivered until released.
+    #[serde(default)]
+    pub held: bool,
+}
+
+/// An entry that cannot be used (unreadable, not a file, does not parse,
+/// or set aside in `corrupt/`), as [`survey`] reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Unusable {
+    /// The message's [`QueueId`].
+    pub id: String,
+    /// The metadata file.
+    pub path: std::path::PathBuf,
+    /// What is wrong with it.
+    pub reason: String,
+    /// Already moved to `corrupt/` (never delivered); otherwise still in
+    /// `meta/`, set aside at the relay's next start.
+    pub set_aside: bool,
+}
+
+/// What [`survey`] found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Survey {
+    /// The usable messages, sorted by id.
+    pub entries: Vec<Entry>,
+    /// The unusable ones, sorted by id.
+    pub unusable: Vec<Unusable>,
+}
+
+/// Lowercase hex of a digest, as stored in the metadata.
+pub(crate) fn hex(digest: &[u8]) -> String {
+    use std::fmt::Write;
+    digest.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
 }
 
 /// Reads a snapshot of the queue in `dir` straight from disk, sorted by id.
+/// Unusable entries are logged (naming each) and left out; [`survey`]
+/// returns them too.
+pub fn list(dir: &Path) -> Result<Vec<Entry>, QueueError> {
+    let survey = survey(dir)?;
+    for bad in &survey.unusable {
+        tracing::warn!(queue_id = %bad.id, path = %bad.path.display(), reason = %bad.reason, "unusable queue entry left out");
+    }
+    Ok(survey.entries)
+}
+
+/// Reads a snapshot of the queue in `dir` straight from disk: the usable
+/// entries and the unusable ones (in `meta/`, or already in `corrupt/`).
 ///
 /// Meant for another process (the `queue list` command) while the relay is
 /// running: it takes no lock and changes nothing. Entries whose files vanish
-/// while being read (delivered in the meantime) are skipped. A metadata file
-/// that does not parse is an error naming it. A missing `meta/` directory in
-/// an existing queue directory means an empty queue.
-pub fn list(dir: &Path) -> Result<Vec<Entry>, QueueError> {
-    let meta_dir = dir.join(crate::store::META_DIR);
-    let read = match std::fs::read_dir(&meta_dir) {
+/// while being read (delivered in the meantime) are skipped. One bad entry
+/// never fails the whole listing. A queue directory that does not exist yet
+/// (no relay ever ran) is an empty queue.
+pub fn survey(dir: &Path) -> Result<Survey, QueueError> {
+    let layout = crate::store::Layout::new(dir);
+    let mut survey = Survey::default();
+    let read = match std::fs::read_dir(&layout.meta) {
         Ok(read) => read,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && dir.is_dir() => return Ok(Vec::new()),
-        Err(e) => return Err(QueueError::io("listing queue directory", &meta_dir, e)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(survey),
+        Err(e) => return Err(QueueError::io("listing queue directory", &layout.meta, e)),
     };
-    let mut entries = Vec::new();
     for item in read {
-        let item = item.map_err(|e| QueueError::io("listing queue directory", &meta_dir, e))?;
-        let name = item.file_name();
-        let Some(id) = name.to_str().and_then(crate::store::meta_file_id) else {
+        let item = item.map_err(|e| QueueError::io("listing queue directory", &layout.meta, e))?;
+        let Some(id) = crate::store::meta_entry_id(&item) else {
             continue;
         };
         let path = item.path();
-        let data = match std::fs::read(&path) {
-            Ok(data) => data,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(QueueError::io("reading queue metadata", &path, e)),
-        };
-        entries.push(Meta::parse(&path, &id, &data)?.to_entry());
+        match crate::store::read_meta(&path, &id) {
+            Ok(meta) => survey.entries.push(meta.to_entry()),
+            Err(QueueError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            }
+            Err(e) => survey.unusable.push(Unusable {
+                id: id.to_string(),
+                path,
+                reason: e.to_string(),
+                set_aside: false,
+            }),
+        }
     }
-    entries.sort_by(|a, b| a.id.cmp(&b.id));
-    Ok(entries)
+    if let Ok(read) = std::fs::read_dir(&layout.corrupt) {
+        for item in read.flatten() {
+            let Some(id) = crate::store::meta_entry_id(&item) else {
+                continue;
+            };
+            let reason = std::fs::read_to_string(crate::store::reason_path(&layout, &id))
+                .map(|r| r.trim_end().to_owned())
+                .unwrap_or_else(|_| "set aside as corrupt".to_owned());
+            survey.unusable.push(Unusable {
+                id: id.to_string(),
+                path: item.path(),
+                reason,
+                set_aside: true,
+            });
+        }
+    }
+    survey.entries.sort_by(|a, b| a.id.cmp(&b.id));
+    survey.unusable.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(survey)
 }
 
 /// One message's entry and its header section (up to the first empty
@@ -245,19 +326,40 @@ pub fn list(dir: &Path) -> Result<Vec<Entry>, QueueError> {
 pub fn show(dir: &Path, id: &QueueId) -> Result<(Entry, Vec<u8>), QueueError> {
     use std::io::Read;
     const MAX_HEADERS: u64 = 64 * 1024;
-    let path = dir.join(crate::store::META_DIR).join(format!("{id}.json"));
-    let data =
-        std::fs::read(&path).map_err(|e| QueueError::io("reading queue metadata", &path, e))?;
-    let entry = Meta::parse(&path, id, &data)?.to_entry();
-    let body_path = dir.join(crate::store::BODY_DIR).join(id.as_str());
+    let entry = read_entry(dir, id)?;
     let mut head = Vec::new();
-    std::fs::File::open(&body_path)
-        .and_then(|f| f.take(MAX_HEADERS).read_to_end(&mut head))
+    let body_path = crate::store::Layout::new(dir).body_path(id);
+    open_body(dir, id)?
+        .take(MAX_HEADERS)
+        .read_to_end(&mut head)
         .map_err(|e| QueueError::io("reading message body", &body_path, e))?;
     if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
         head.truncate(end + 2);
     }
     Ok((entry, head))
+}
+
+/// One message's entry, read straight from disk like [`list`];
+/// [`QueueError::NoSuchMessage`] if there is none.
+fn read_entry(dir: &Path, id: &QueueId) -> Result<Entry, QueueError> {
+    let path = crate::store::Layout::new(dir).meta_path(id);
+    match crate::store::read_meta(&path, id) {
+        Ok(meta) => Ok(meta.to_entry()),
+        Err(QueueError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            Err(QueueError::NoSuchMessage { id: id.clone() })
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The body of message `id` (the message as received), opened for
+/// reading, like Postfix's `postcat -q`.
+pub fn open_body(dir: &Path, id: &QueueId) -> Result<std::fs::File, QueueError> {
+    let path = crate::store::Layout::new(dir).body_path(id);
+    std::fs::File::open(&path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => QueueError::NoSuchMessage { id: id.clone() },
+        _ => QueueError::io("reading message body", &path, e),
+    })
 }
 
 /// Whether the queue in `dir` can take new messages: creates and removes a

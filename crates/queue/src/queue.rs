@@ -12,10 +12,11 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::id::IdGen;
-use crate::meta::{add_time, Meta, Recipient, RecipientState, State, META_VERSION};
+use crate::meta::{add_time, hex, Meta, Recipient, RecipientState, State, META_VERSION};
 use crate::store::{self, Layout, Op};
 use crate::{QueueError, QueueId};
 use relay_outcome::{Enhanced, Outcome, Reason, Reply, Verdict};
+use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 
 /// The first wait before an outcome that could not be written is written
@@ -235,12 +236,15 @@ impl Schedule {
     }
 
     /// Puts a message (new, or back from a lease) into its account's
-    /// schedule and wakes that account's waiting workers.
+    /// schedule and wakes that account's waiting workers. A held message
+    /// is indexed but not scheduled.
     fn insert(&mut self, meta: Meta, due: Instant) {
         let id = meta.id.clone();
-        let account = self.account(&meta.account);
-        account.due.insert((due, id.clone()));
-        account.notify.notify_waiters();
+        if !meta.held {
+            let account = self.account(&meta.account);
+            account.due.insert((due, id.clone()));
+            account.notify.notify_waiters();
+        }
         self.messages.insert(
             id,
             Slot {
@@ -251,6 +255,95 @@ impl Schedule {
                 in_flight: false,
             },
         );
+    }
+}
+
+impl Schedule {
+    /// Puts a slot back (after a lease) due at `due`; scheduled unless held.
+    fn insert_slot(&mut self, mut slot: Slot, due: Instant) {
+        let id = slot.meta.id.clone();
+        slot.due = Some(due);
+        if !slot.meta.held {
+            let account = self.account(&slot.meta.account);
+            account.due.insert((due, id.clone()));
+            account.notify.notify_waiters();
+        }
+        self.messages.insert(id, slot);
+    }
+}
+
+/// The body of a message to store.
+enum Body {
+    /// Received whole, in memory.
+    Whole(Vec<u8>),
+    /// Spooled to `tmp/` while it was received.
+    Spooled(BodyWriter),
+}
+
+/// The body of a message being received, spooled to a file under `tmp/`
+/// ([`Queue::begin_body`]). The SHA-256 stored in the metadata is computed
+/// as the bytes go by. Dropping the writer deletes the file unless the
+/// message was committed.
+#[derive(Debug)]
+pub struct BodyWriter {
+    id: QueueId,
+    path: PathBuf,
+    /// `None` once an append failed or was cancelled: the file is then
+    /// incomplete and every later append fails.
+    file: Option<File>,
+    hasher: Sha256,
+    size: u64,
+}
+
+impl BodyWriter {
+    /// Appends `data`, on a blocking thread. After an error (or a
+    /// cancelled append) the writer is unusable; drop it.
+    pub async fn append(&mut self, data: &[u8]) -> Result<(), QueueError> {
+        use std::io::Write;
+        let Some(mut file) = self.file.take() else {
+            return Err(QueueError::io(
+                "appending to a spooled message",
+                &self.path,
+                std::io::Error::other("an earlier write failed"),
+            ));
+        };
+        let data = data.to_vec();
+        let len = data.len() as u64;
+        let path = self.path.clone();
+        let dir = self.path.clone();
+        let mut hasher = self.hasher.clone();
+        let (file, hasher) = blocking(&dir, "spooling a message", move || {
+            file.write_all(&data)
+                .map_err(|e| QueueError::io("writing", &path, e))?;
+            hasher.update(&data);
+            Ok((file, hasher))
+        })
+        .await?;
+        self.size += len;
+        self.file = Some(file);
+        self.hasher = hasher;
+        Ok(())
+    }
+
+    /// Fsyncs the file; returns its size and hex SHA-256. Blocking.
+    fn finish(&mut self) -> Result<(u64, String), QueueError> {
+        let file = self.file.take().ok_or_else(|| {
+            QueueError::io(
+                "finishing a spooled message",
+                &self.path,
+                std::io::Error::other("an earlier write failed"),
+            )
+        })?;
+        file.sync_all()
+            .map_err(|e| QueueError::io("fsyncing", &self.path, e))?;
+        Ok((self.size, hex(&self.hasher.clone().finalize())))
+    }
+}
+
+impl Drop for BodyWriter {
+    fn drop(&mut self) {
+        // after a commit the file has been renamed away: nothing to delete
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 
@@ -323,7 +416,7 @@ impl Queue {
     /// even if the returned future is dropped, so a committed message is
     /// always scheduled.
     pub async fn enqueue(&self, msg: NewMessage, body: &[u8]) -> Result<QueueId, QueueError> {
-        self.insert(msg, body.to_vec(), None).await
+        self.insert(msg, Body::Whole(body.to_vec()), None).await
     }
 
     /// [`Queue::enqueue`] taking the body by value: the listener hands over
@@ -333,7 +426,55 @@ impl Queue {
         msg: NewMessage,
         body: Vec<u8>,
     ) -> Result<QueueId, QueueError> {
-        self.insert(msg, body, None).await
+        self.insert(msg, Body::Whole(body), None).await
+    }
+
+    /// Starts the body of a message too large to hold in memory while it
+    /// is received: a file under `tmp/` that [`BodyWriter::append`] fills
+    /// and [`Queue::enqueue_spooled`] commits. Dropping the writer instead
+    /// deletes the file, so a cancelled session leaves nothing behind.
+    pub async fn begin_body(&self) -> Result<BodyWriter, QueueError> {
+        let id = self.inner.ids.next();
+        let path = self.inner.layout.tmp_body_path(&id);
+        let task_path = path.clone();
+        let file = blocking(&self.inner.settings.dir, "spooling a message", move || {
+            store::create_private(&task_path)
+        })
+        .await?;
+        Ok(BodyWriter {
+            id,
+            path,
+            file: Some(file),
+            hasher: Sha256::new(),
+            size: 0,
+        })
+    }
+
+    /// Stores a message like [`Queue::enqueue`] whose body so far is in
+    /// `writer` and ends with `tail`: appends the tail, fsyncs, and commits
+    /// the metadata (the body is renamed into place, not copied).
+    pub async fn enqueue_spooled(
+        &self,
+        msg: NewMessage,
+        mut writer: BodyWriter,
+        tail: &[u8],
+    ) -> Result<QueueId, QueueError> {
+        writer.append(tail).await?;
+        self.insert(msg, Body::Spooled(writer), None).await
+    }
+
+    /// [`Queue::enqueue_passthrough`] for a spooled body (see
+    /// [`Queue::enqueue_spooled`]).
+    pub async fn enqueue_passthrough_spooled(
+        &self,
+        msg: NewMessage,
+        mut writer: BodyWriter,
+        tail: &[u8],
+    ) -> Result<(QueueId, oneshot::Receiver<Vec<RecipientResult>>), QueueError> {
+        writer.append(tail).await?;
+        let (tx, rx) = oneshot::channel();
+        let id = self.insert(msg, Body::Spooled(writer), Some(tx)).await?;
+        Ok((id, rx))
     }
 
     /// Stores a message like [`Queue::enqueue`] for a client that waits for
@@ -347,7 +488,7 @@ impl Queue {
         body: Vec<u8>,
     ) -> Result<(QueueId, oneshot::Receiver<Vec<RecipientResult>>), QueueError> {
         let (tx, rx) = oneshot::channel();
-        let id = self.insert(msg, body, Some(tx)).await?;
+        let id = self.insert(msg, Body::Whole(body), Some(tx)).await?;
         Ok((id, rx))
     }
 
@@ -366,7 +507,7 @@ impl Queue {
     async fn insert(
         &self,
         msg: NewMessage,
-        body: Vec<u8>,
+        body: Body,
         watcher: Option<oneshot::Sender<Vec<RecipientResult>>>,
     ) -> Result<QueueId, QueueError> {
         let mut recipients: Vec<String> = Vec::with_capacity(msg.recipients.len());
@@ -381,11 +522,13 @@ impl Queue {
                 reason: "the message has no recipients".into(),
             });
         }
-        let id = self.inner.ids.next();
         let now = SystemTime::now();
-        let meta = Meta {
+        let mut meta = Meta {
             version: META_VERSION,
-            id: id.clone(),
+            id: match &body {
+                Body::Whole(_) => self.inner.ids.next(),
+                Body::Spooled(writer) => writer.id.clone(),
+            },
             state: State::Queued,
             sender: msg.sender,
             account: msg.account,
@@ -394,8 +537,10 @@ impl Queue {
             attempts: 0,
             next_attempt: Some(now),
             last_error: None,
-            size: body.len() as u64,
+            size: 0,
             passthrough: watcher.is_some(),
+            sha256: None,
+            held: false,
             recipients: recipients
                 .into_iter()
                 .map(|address| Recipient {
@@ -408,15 +553,32 @@ impl Queue {
         };
         let inner = self.inner.clone();
         blocking(&self.inner.settings.dir, "queueing message", move || {
-            let bytes = inner.encode(&meta)?;
-            store::apply(
-                &inner.layout,
-                &[Op::Insert {
-                    id: id.clone(),
-                    meta: bytes,
-                    body,
-                }],
-            )?;
+            let id = meta.id.clone();
+            // a spooled body's file must outlive the commit that renames it
+            let mut spooled = None;
+            let op = match body {
+                Body::Whole(body) => {
+                    meta.size = body.len() as u64;
+                    meta.sha256 = Some(hex(&Sha256::digest(&body)));
+                    Op::Insert {
+                        id: id.clone(),
+                        meta: inner.encode(&meta)?,
+                        body,
+                    }
+                }
+                Body::Spooled(mut writer) => {
+                    let (size, sha256) = writer.finish()?;
+                    meta.size = size;
+                    meta.sha256 = Some(sha256);
+                    spooled = Some(writer);
+                    Op::InsertSpooled {
+                        id: id.clone(),
+                        meta: inner.encode(&meta)?,
+                    }
+                }
+            };
+            store::apply(&inner.layout, &[op])?;
+            drop(spooled);
             tracing::debug!(queue_id = %id, account = %meta.account, size = meta.size, "message queued");
             let mut sched = lock(&inner.sched);
             if let Some(watcher) = watcher {
@@ -509,16 +671,17 @@ impl Queue {
     }
 
     /// Marks the leased message as being handed to the upstream now. False
-    /// when an administrator deleted it while the lease waited (for its
-    /// pacing slot, say): the message is gone and must not be sent; drop the
-    /// lease. After `true`, a deletion waits for this attempt to end.
+    /// when an administrator deleted or held it while the lease waited (for
+    /// its pacing slot, say): it must not be sent now; drop the lease (a
+    /// held message then waits for its release). After `true`, a deletion
+    /// waits for this attempt to end, and a hold applies after it.
     pub fn begin(&self, lease: &Lease) -> bool {
         if !self.owns(lease) {
             return false;
         }
         let mut sched = lock(&self.inner.sched);
         match sched.messages.get_mut(&lease.id) {
-            Some(slot) if slot.due.is_none() && !slot.deleted => {
+            Some(slot) if slot.due.is_none() && !slot.deleted && !slot.meta.held => {
                 slot.in_flight = true;
                 true
             }
@@ -538,13 +701,52 @@ impl Queue {
         let body = tokio::fs::read(&path)
             .await
             .map_err(|e| QueueError::io("reading message body", &path, e))?;
-        if body.len() as u64 != lease.size {
-            return Err(QueueError::corrupt(
-                &path,
-                format!("has {} bytes, metadata says {}", body.len(), lease.size),
-            ));
+        let expected = lock(&self.inner.sched)
+            .messages
+            .get(&lease.id)
+            .and_then(|slot| slot.meta.sha256.clone());
+        let problem = if body.len() as u64 != lease.size {
+            Some(format!(
+                "has {} bytes, metadata says {}",
+                body.len(),
+                lease.size
+            ))
+        } else {
+            let actual = hex(&Sha256::digest(&body));
+            expected
+                .filter(|expected| *expected != actual)
+                .map(|expected| format!("its SHA-256 is {actual}, metadata says {expected}"))
+        };
+        match problem {
+            None => Ok(body),
+            Some(problem) => {
+                let error = QueueError::corrupt(&path, problem);
+                self.set_aside(&lease.id, &error).await;
+                Err(error)
+            }
         }
-        Ok(body)
+    }
+
+    /// Takes a message whose body is corrupt out of the queue (to
+    /// `corrupt/`, where `queue list` shows it): it is never delivered.
+    async fn set_aside(&self, id: &QueueId, error: &QueueError) {
+        tracing::error!(queue_id = %id, %error, "message body changed on disk; setting the message aside, it will not be delivered");
+        let inner = self.inner.clone();
+        let id = id.clone();
+        let reason = error.to_string();
+        let _ = blocking(
+            &self.inner.settings.dir,
+            "setting a message aside",
+            move || {
+                let mut sched = lock(&inner.sched);
+                sched.messages.remove(&id);
+                sched.watchers.remove(&id);
+                drop(sched);
+                store::set_aside(&inner.layout, &id, &reason);
+                Ok(())
+            },
+        )
+        .await;
     }
 
     fn owns(&self, lease: &Lease) -> bool {
@@ -645,6 +847,8 @@ impl Queue {
                     let _ = watcher.send(results.clone()); // the watcher may have gone
                 }
                 if let Some(slot) = sched.messages.get_mut(&id) {
+                    // held meanwhile by an administrator: stays held
+                    meta.held = slot.meta.held;
                     slot.meta = meta;
                 }
             }
@@ -786,12 +990,7 @@ impl Inner {
                 );
                 slot.unrecorded = false;
                 slot.in_flight = false;
-                let due = instant_after(Instant::now(), delay);
-                slot.due = Some(due);
-                sched.messages.insert(id.clone(), slot);
-                let queue = sched.account(&meta.account);
-                queue.due.insert((due, id.clone()));
-                queue.notify.notify_waiters();
+                sched.insert_slot(slot, instant_after(Instant::now(), delay));
                 Ok(Some(Disposition::Deferred { next_attempt }))
             }
         }
@@ -841,12 +1040,10 @@ impl Inner {
             self.remove_in_background(id.clone());
             return;
         }
-        let due = instant_after(Instant::now(), delay);
-        slot.due = Some(due);
-        let account = slot.meta.account.clone();
-        let queue = sched.account(&account);
-        queue.due.insert((due, id.clone()));
-        queue.notify.notify_waiters();
+        let Some(slot) = sched.messages.remove(id) else {
+            return;
+        };
+        sched.insert_slot(slot, instant_after(Instant::now(), delay));
     }
 }
 
@@ -1064,6 +1261,8 @@ mod tests {
             last_error: None,
             size: 0,
             passthrough: false,
+            sha256: None,
+            held: false,
             recipients: recipients
                 .iter()
                 .map(|a| Recipient {

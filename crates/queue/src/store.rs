@@ -29,6 +29,11 @@ pub(crate) fn meta_file_id(name: &str) -> Option<QueueId> {
     exact_id(stem)
 }
 
+/// The id of a directory entry named `ID.json`, if it is one.
+pub(crate) fn meta_entry_id(item: &fs::DirEntry) -> Option<QueueId> {
+    item.file_name().to_str().and_then(meta_file_id)
+}
+
 /// The id spelled exactly as `name` (uppercase), if it is one.
 fn exact_id(name: &str) -> Option<QueueId> {
     let id: QueueId = name.parse().ok()?;
@@ -66,7 +71,7 @@ impl Layout {
         self.meta.join(format!("{id}.json"))
     }
 
-    fn tmp_body_path(&self, id: &QueueId) -> PathBuf {
+    pub(crate) fn tmp_body_path(&self, id: &QueueId) -> PathBuf {
         self.tmp.join(format!("{id}.body"))
     }
 
@@ -86,6 +91,9 @@ pub(crate) enum Op {
         meta: Vec<u8>,
         body: Vec<u8>,
     },
+    /// A new message whose body is already written and fsynced at
+    /// `tmp/ID.body` (spooled while it was received): metadata only.
+    InsertSpooled { id: QueueId, meta: Vec<u8> },
     /// New metadata for an existing message.
     Update { id: QueueId, meta: Vec<u8> },
     /// Delete a message.
@@ -111,7 +119,7 @@ pub(crate) fn apply(layout: &Layout, ops: &[Op]) -> Result<(), QueueError> {
     if result.is_err() {
         for op in ops {
             match op {
-                Op::Insert { id, .. } => {
+                Op::Insert { id, .. } | Op::InsertSpooled { id, .. } => {
                     let _ = fs::remove_file(layout.tmp_body_path(id));
                     let _ = fs::remove_file(layout.tmp_meta_path(id));
                     let _ = fs::remove_file(layout.meta_path(id));
@@ -135,7 +143,9 @@ fn apply_inner(layout: &Layout, ops: &[Op]) -> Result<(), QueueError> {
                 write_durable(&layout.tmp_body_path(id), body)?;
                 write_durable(&layout.tmp_meta_path(id), meta)?;
             }
-            Op::Update { id, meta } => write_durable(&layout.tmp_meta_path(id), meta)?,
+            Op::InsertSpooled { id, meta } | Op::Update { id, meta } => {
+                write_durable(&layout.tmp_meta_path(id), meta)?
+            }
             Op::Remove { .. } => {}
         }
     }
@@ -143,7 +153,7 @@ fn apply_inner(layout: &Layout, ops: &[Op]) -> Result<(), QueueError> {
     // 2. Bodies into place, durably, before any metadata refers to them.
     let mut bodies = false;
     for op in ops {
-        if let Op::Insert { id, .. } = op {
+        if let Op::Insert { id, .. } | Op::InsertSpooled { id, .. } = op {
             rename(
                 &layout.tmp_body_path(id),
                 &layout.body_path(id),
@@ -160,7 +170,7 @@ fn apply_inner(layout: &Layout, ops: &[Op]) -> Result<(), QueueError> {
     let mut metas = false;
     for op in ops {
         match op {
-            Op::Insert { id, .. } | Op::Update { id, .. } => {
+            Op::Insert { id, .. } | Op::InsertSpooled { id, .. } | Op::Update { id, .. } => {
                 rename(
                     &layout.tmp_meta_path(id),
                     &layout.meta_path(id),
@@ -187,8 +197,8 @@ fn apply_inner(layout: &Layout, ops: &[Op]) -> Result<(), QueueError> {
     Ok(())
 }
 
-/// Writes `data` to a fresh file at `path` (mode 0600) and fsyncs it.
-fn write_durable(path: &Path, data: &[u8]) -> Result<(), QueueError> {
+/// Creates (or truncates) a private file (mode 0600) for writing.
+pub(crate) fn create_private(path: &Path) -> Result<File, QueueError> {
     let mut options = OpenOptions::new();
     options.write(true).create(true).truncate(true);
     #[cfg(unix)]
@@ -196,9 +206,14 @@ fn write_durable(path: &Path, data: &[u8]) -> Result<(), QueueError> {
         use std::os::unix::fs::OpenOptionsExt;
         options.mode(0o600);
     }
-    let mut file = options
+    options
         .open(path)
-        .map_err(|e| QueueError::io("creating", path, e))?;
+        .map_err(|e| QueueError::io("creating", path, e))
+}
+
+/// Writes `data` to a fresh file at `path` (mode 0600) and fsyncs it.
+fn write_durable(path: &Path, data: &[u8]) -> Result<(), QueueError> {
+    let mut file = create_private(path)?;
     file.write_all(data)
         .map_err(|e| QueueError::io("writing", path, e))?;
     file.sync_all()
@@ -241,6 +256,7 @@ fn create_dir(path: &Path) -> Result<(), QueueError> {
 /// returned file holds the lock until dropped.
 pub(crate) fn prepare(layout: &Layout) -> Result<File, QueueError> {
     create_dir(&layout.root)?;
+    private_mode(&layout.root)?;
     let mut created = false;
     for dir in [
         &layout.tmp,
@@ -253,6 +269,7 @@ pub(crate) fn prepare(layout: &Layout) -> Result<File, QueueError> {
             create_dir(dir)?;
             created = true;
         }
+        private_mode(dir)?;
     }
     if created {
         sync_dir(&layout.root)?;
@@ -273,6 +290,32 @@ pub(crate) fn prepare(layout: &Layout) -> Result<File, QueueError> {
         Err(fs::TryLockError::WouldBlock) => Err(QueueError::Locked { path: lock_path }),
         Err(fs::TryLockError::Error(e)) => Err(QueueError::io("locking", &lock_path, e)),
     }
+}
+
+/// Makes a queue directory writable by its owner only if others could
+/// write into it: anyone who can would be able to plant messages (an open
+/// relay) or delete them. Fails if the mode cannot be fixed (not the
+/// owner), so the relay does not run on such a directory.
+fn private_mode(dir: &Path) -> Result<(), QueueError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(dir)
+            .map_err(|e| QueueError::io("checking queue directory", dir, e))?
+            .permissions()
+            .mode();
+        if mode & 0o022 != 0 {
+            tracing::warn!(
+                path = %dir.display(),
+                mode = format!("{:o}", mode & 0o7777),
+                "queue directory is writable by others; setting its mode to 0700"
+            );
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(|e| {
+                QueueError::io("making the queue directory private (mode 0700)", dir, e)
+            })?;
+        }
+    }
+    Ok(())
 }
 
 /// What recovery found on disk.
@@ -308,14 +351,12 @@ pub(crate) fn recover(layout: &Layout) -> Result<Recovered, QueueError> {
     for item in read {
         let item = item.map_err(|e| QueueError::io("listing queue directory", &layout.meta, e))?;
         let path = item.path();
-        let Some(id) = item.file_name().to_str().and_then(meta_file_id) else {
+        let Some(id) = meta_entry_id(&item) else {
             tracing::warn!(path = %path.display(), "ignoring unexpected file in queue metadata directory");
             continue;
         };
         found.max_micros = found.max_micros.max(id.micros());
-        let data =
-            fs::read(&path).map_err(|e| QueueError::io("reading queue metadata", &path, e))?;
-        let meta = Meta::parse(&path, &id, &data).and_then(|meta| {
+        let meta = read_meta(&path, &id).and_then(|meta| {
             let body = layout.body_path(&id);
             match fs::metadata(&body) {
                 Ok(m) if m.len() == meta.size => Ok(meta),
@@ -337,13 +378,12 @@ pub(crate) fn recover(layout: &Layout) -> Result<Recovered, QueueError> {
         });
         let mut meta = match meta {
             Ok(meta) => meta,
-            Err(QueueError::Corrupt { reason, .. }) => {
-                if !set_aside(layout, &id, &reason) {
+            Err(e) => {
+                if !set_aside(layout, &id, &e.to_string()) {
                     keep.insert(id);
                 }
                 continue;
             }
-            Err(e) => return Err(e),
         };
         keep.insert(id.clone());
         if meta.passthrough && meta.state != State::Failed {
@@ -408,7 +448,9 @@ pub(crate) fn recover(layout: &Layout) -> Result<Recovered, QueueError> {
         found.max_micros = found.max_micros.max(id.micros());
         if !keep.contains(&id) {
             tracing::info!(path = %path.display(), "deleting message body without metadata (never committed, or removal interrupted)");
-            remove_if_exists(&path, "deleting orphan message body")?;
+            if let Err(e) = remove_if_exists(&path, "deleting orphan message body") {
+                tracing::warn!(error = %e, "cannot delete an orphan body; leaving it in place");
+            }
         }
     }
     found.active.sort_by(|a, b| a.id.cmp(&b.id));
@@ -431,18 +473,36 @@ fn clean_tmp(layout: &Layout) -> Result<(), QueueError> {
         match result {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(QueueError::io("deleting temporary file", &path, e)),
+            Err(e) => {
+                let e = QueueError::io("deleting temporary file", &path, e);
+                tracing::warn!(error = %e, "cannot clean the queue's tmp directory; going on");
+            }
         }
     }
     Ok(())
 }
 
-/// Moves an unusable entry to `corrupt/`. Returns false if it could not be
-/// moved (then it stays where it is, is not scheduled, and its body is kept).
-fn set_aside(layout: &Layout, id: &QueueId, reason: &str) -> bool {
+/// Reads and parses `meta/ID.json`. Any failure (unreadable, a directory,
+/// garbage) is an error naming the file: the caller sets the entry aside or
+/// reports it, and goes on with the others.
+pub(crate) fn read_meta(path: &Path, id: &QueueId) -> Result<Meta, QueueError> {
+    let data = fs::read(path).map_err(|e| QueueError::io("reading queue metadata", path, e))?;
+    Meta::parse(path, id, &data)
+}
+
+/// The file beside a set-aside entry saying why it was set aside.
+pub(crate) fn reason_path(layout: &Layout, id: &QueueId) -> PathBuf {
+    layout.corrupt.join(format!("{id}.reason"))
+}
+
+/// Moves an unusable entry to `corrupt/`, with a note of why. Returns false
+/// if it could not be moved (then it stays where it is, is not scheduled,
+/// and its body is kept).
+pub(crate) fn set_aside(layout: &Layout, id: &QueueId, reason: &str) -> bool {
     let meta_from = layout.meta_path(id);
     let meta_to = layout.corrupt.join(format!("{id}.json"));
     tracing::warn!(
+        queue_id = %id,
         path = %meta_from.display(),
         %reason,
         moved_to = %meta_to.display(),
@@ -460,5 +520,8 @@ fn set_aside(layout: &Layout, id: &QueueId, reason: &str) -> bool {
         tracing::warn!(path = %meta_from.display(), error = %e, "cannot move corrupt metadata aside; leaving it in place");
         return false;
     }
+    // only for the administrator's eyes (`queue list`): losing it loses nothing
+    let _ = fs::write(reason_path(layout, id), format!("{reason}\n"));
+    let _ = sync_dir(&layout.meta);
     true
 }

@@ -533,9 +533,17 @@ async fn open_cleans_leftovers_and_sets_corrupt_entries_aside() {
     good_meta = good_meta.replace(good.as_str(), "0000000000000DDD");
     std::fs::write(dir.join("meta/0000000000000DDD.json"), good_meta).expect("write");
 
-    // list (read-only, another process) reports the corrupt file by name.
-    let err = list(dir).expect_err("corrupt meta");
-    assert!(err.to_string().contains("0000000000000CCC.json"), "{err}");
+    // A metadata entry that is a directory, and one in a directory.
+    std::fs::create_dir(dir.join("meta/0000000000000EEE.json")).expect("mkdir");
+
+    // survey (read-only, another process) reports the bad entries by name
+    // and lists the rest.
+    let survey = relay_queue::survey(dir).expect("one bad entry fails nothing");
+    assert_eq!(survey.entries.len(), 2);
+    let bad: Vec<&str> = survey.unusable.iter().map(|u| u.id.as_str()).collect();
+    assert_eq!(bad, ["0000000000000CCC", "0000000000000EEE"]);
+    assert!(survey.unusable[0].reason.contains("0000000000000CCC.json"));
+    assert!(!survey.unusable[0].set_aside);
 
     let q = open(dir).await;
     assert!(names(&dir.join("tmp")).is_empty());
@@ -546,10 +554,22 @@ async fn open_cleans_leftovers_and_sets_corrupt_entries_aside() {
         vec![
             "0000000000000CCC.body",
             "0000000000000CCC.json",
-            "0000000000000DDD.json"
+            "0000000000000CCC.reason",
+            "0000000000000DDD.json",
+            "0000000000000DDD.reason",
+            "0000000000000EEE.json",
+            "0000000000000EEE.reason",
         ]
     );
     assert_eq!(q.depth(), 1);
+    let survey = relay_queue::survey(dir).expect("survey");
+    assert!(survey.unusable.iter().all(|u| u.set_aside));
+    assert_eq!(survey.unusable.len(), 3);
+    assert!(
+        survey.unusable[1].reason.contains("is missing"),
+        "{:?}",
+        survey.unusable[1]
+    );
     let entries = list(dir).expect("list");
     assert_eq!(entries.len(), 1);
     let l = lease(&q, "acct").await;
@@ -706,10 +726,8 @@ async fn next_due_is_cancel_safe() {
 async fn list_of_missing_or_empty_directory() {
     let tmp = TempDir::new().expect("tempdir");
     assert!(list(tmp.path()).expect("empty dir").is_empty());
-    assert!(matches!(
-        list(&tmp.path().join("nope")),
-        Err(QueueError::Io { .. })
-    ));
+    // before the first run there is no queue yet: an empty one
+    assert!(list(&tmp.path().join("nope")).expect("missing").is_empty());
 }
 
 #[tokio::test]

@@ -1,4 +1,5 @@
-//! What an administrator does to queued messages: retry now, delete.
+//! What an administrator does to queued messages: retry now, delete, hold
+//! and release.
 //!
 //! Both act on the running queue's memory and disk together under its
 //! schedule lock, so a delivery in progress and an admin action cannot lose
@@ -6,6 +7,8 @@
 //! deleted at once and its worker does not send it ([`Queue::begin`]); one
 //! in flight is deleted when its attempt ends, and the deletion reports how
 //! that ended. Retrying a leased message is a no-op (it is being tried).
+//! A held message stays indexed but out of the schedule (retry leaves it
+//! held); holding a leased one takes effect when its attempt ends.
 
 use super::{blocking, lock, Inner, Queue};
 use crate::meta::{Meta, RecipientState, State};
@@ -74,8 +77,9 @@ impl Queue {
                 let Some(slot) = sched.messages.get_mut(&id) else {
                     continue;
                 };
-                // a leased message is being tried right now: leave it be
-                if let Some(due) = slot.due {
+                // a leased message is being tried right now: leave it be;
+                // a held one waits for its release
+                if let (Some(due), false) = (slot.due, slot.meta.held) {
                     slot.due = Some(now);
                     let account = slot.meta.account.clone();
                     let queue = sched.account(&account);
@@ -99,14 +103,7 @@ impl Queue {
                 }
                 meta.state = State::Deferred;
                 meta.next_attempt = Some(SystemTime::now());
-                let bytes = inner.encode(&meta)?;
-                store::apply(
-                    &inner.layout,
-                    &[Op::Update {
-                        id: meta.id.clone(),
-                        meta: bytes,
-                    }],
-                )?;
+                inner.write_meta(&meta)?;
                 tracing::info!(queue_id = %meta.id, "failed message queued again by an administrator");
                 revived.push(meta.id.clone());
                 let mut sched = lock(&inner.sched);
@@ -200,8 +197,76 @@ impl Queue {
     }
 }
 
+impl Queue {
+    /// Holds the selected messages (not failed ones): they are not
+    /// delivered until released, across restarts too. Returns the ids.
+    pub async fn hold(&self, which: Selection) -> Result<Vec<QueueId>, QueueError> {
+        self.set_held(which, true).await
+    }
+
+    /// Releases the selected held messages: they are due at their recorded
+    /// next attempt (now, if that has passed). Returns the ids.
+    pub async fn release_held(&self, which: Selection) -> Result<Vec<QueueId>, QueueError> {
+        self.set_held(which, false).await
+    }
+
+    async fn set_held(&self, which: Selection, held: bool) -> Result<Vec<QueueId>, QueueError> {
+        let mut changed = Vec::new();
+        {
+            let mut sched = lock(&self.inner.sched);
+            for id in which.in_memory(&sched) {
+                let Some(slot) = sched.messages.get_mut(&id) else {
+                    continue;
+                };
+                if slot.meta.held == held {
+                    continue;
+                }
+                slot.meta.held = held;
+                changed.push(slot.meta.clone());
+                let (due, account) = (slot.due, slot.meta.account.clone());
+                // a leased message is scheduled (or not) when its lease ends
+                if let Some(due) = due {
+                    let queue = sched.account(&account);
+                    if held {
+                        queue.due.remove(&(due, id.clone()));
+                    } else {
+                        queue.due.insert((due, id.clone()));
+                        queue.notify.notify_waiters();
+                    }
+                }
+            }
+        }
+        let inner = self.inner.clone();
+        blocking(
+            &self.inner.settings.dir,
+            "holding or releasing messages",
+            move || {
+                let mut ids = Vec::with_capacity(changed.len());
+                for meta in changed {
+                    inner.write_meta(&meta)?;
+                    let what = if held { "held" } else { "released" };
+                    tracing::info!(queue_id = %meta.id, "message {what} by an administrator");
+                    ids.push(meta.id);
+                }
+                Ok(ids)
+            },
+        )
+        .await
+    }
+}
+
 impl Inner {
-    /// Failed messages (kept on disk only) that `which` selects.
+    /// Writes a message's changed metadata (blocking).
+    fn write_meta(&self, meta: &Meta) -> Result<(), QueueError> {
+        let op = Op::Update {
+            id: meta.id.clone(),
+            meta: self.encode(meta)?,
+        };
+        store::apply(&self.layout, &[op])
+    }
+
+    /// Failed messages (kept on disk only) that `which` selects. An entry
+    /// that cannot be read is set aside, not an error.
     fn failed_on_disk(&self, which: &super::Selection) -> Result<Vec<Meta>, QueueError> {
         let ids: Vec<QueueId> = match which {
             Selection::Id(id) => vec![id.clone()],
@@ -210,21 +275,25 @@ impl Inner {
                 let read = std::fs::read_dir(dir)
                     .map_err(|e| QueueError::io("listing queue metadata", dir, e))?;
                 read.filter_map(|item| item.ok())
-                    .filter_map(|item| item.file_name().to_str().and_then(store::meta_file_id))
+                    .filter_map(|item| store::meta_entry_id(&item))
                     .collect()
             }
         };
         let mut failed = Vec::new();
         for id in ids {
             let path = self.layout.meta_path(&id);
-            let data = match std::fs::read(&path) {
-                Ok(data) => data,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(QueueError::io("reading queue metadata", &path, e)),
-            };
-            let meta = Meta::parse(&path, &id, &data)?;
-            if meta.state == State::Failed {
-                failed.push(meta);
+            match store::read_meta(&path, &id) {
+                Ok(meta) if meta.state == State::Failed => failed.push(meta),
+                Ok(_) => {}
+                Err(QueueError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    // a message the schedule knows is fine in memory
+                    let known = lock(&self.sched).messages.contains_key(&id);
+                    if !known {
+                        store::set_aside(&self.layout, &id, &e.to_string());
+                    }
+                }
             }
         }
         Ok(failed)

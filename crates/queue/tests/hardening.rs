@@ -1,0 +1,202 @@
+//! Corrupt bodies, hold/release, spooled bodies, a world-writable queue
+//! directory.
+
+use std::future::Future;
+use std::path::Path;
+use std::time::Duration;
+
+use relay_queue::{
+    NewMessage, Outcome, Queue, QueueError, QueueSettings, RecipientResult, Selection,
+};
+use tempfile::TempDir;
+
+async fn within<F: Future>(f: F) -> F::Output {
+    tokio::time::timeout(Duration::from_secs(10), f)
+        .await
+        .expect("timed out")
+}
+
+fn settings(dir: &Path) -> QueueSettings {
+    QueueSettings {
+        dir: dir.to_path_buf(),
+        retry_initial: Duration::from_millis(50),
+        retry_max: Duration::from_secs(1),
+        max_age: Duration::from_secs(3600),
+    }
+}
+
+fn msg() -> NewMessage {
+    NewMessage {
+        sender: "app@example.com".into(),
+        recipients: vec!["a@x".into()],
+        account: "acct".into(),
+        client: None,
+    }
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .expect("read dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn a_body_changed_on_disk_is_set_aside_not_delivered() {
+    let tmp = TempDir::new().expect("tempdir");
+    let q = within(Queue::open(settings(tmp.path())))
+        .await
+        .expect("open");
+    let id = within(q.enqueue(msg(), b"Subject: x\r\n\r\nhello\r\n"))
+        .await
+        .expect("enqueue");
+    // same size, different bytes: only the checksum can tell
+    std::fs::write(
+        tmp.path().join("body").join(id.as_str()),
+        b"Subject: x\r\n\r\nHELLO\r\n",
+    )
+    .expect("overwrite");
+    let lease = within(q.next_due("acct", None)).await.expect("lease");
+    let err = within(q.read_body(&lease)).await.expect_err("corrupt body");
+    assert!(matches!(err, QueueError::Corrupt { .. }), "{err}");
+    assert!(err.to_string().contains("SHA-256"), "{err}");
+    drop(lease);
+    assert_eq!(q.depth(), 0);
+    let got = within(q.next_due("acct", Some(Duration::from_millis(300)))).await;
+    assert!(got.is_none(), "handed out again: {got:?}");
+    let survey = relay_queue::survey(tmp.path()).expect("survey");
+    assert!(survey.entries.is_empty());
+    assert_eq!(survey.unusable.len(), 1);
+    assert!(survey.unusable[0].set_aside && survey.unusable[0].reason.contains("SHA-256"));
+}
+
+#[tokio::test]
+async fn metadata_without_a_checksum_still_loads_and_delivers() {
+    let tmp = TempDir::new().expect("tempdir");
+    let q = within(Queue::open(settings(tmp.path())))
+        .await
+        .expect("open");
+    let id = within(q.enqueue(msg(), b"old\r\n")).await.expect("enqueue");
+    drop(q);
+    let path = tmp.path().join("meta").join(format!("{id}.json"));
+    let mut meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("json");
+    assert!(meta["sha256"].is_string());
+    meta.as_object_mut().expect("object").remove("sha256");
+    std::fs::write(&path, serde_json::to_vec(&meta).expect("encode")).expect("write");
+    let q = within(Queue::open(settings(tmp.path())))
+        .await
+        .expect("open");
+    let lease = within(q.next_due("acct", None)).await.expect("lease");
+    assert_eq!(within(q.read_body(&lease)).await.expect("body"), b"old\r\n");
+}
+
+#[tokio::test]
+async fn held_messages_wait_for_release_across_restarts() {
+    let tmp = TempDir::new().expect("tempdir");
+    let q = within(Queue::open(settings(tmp.path())))
+        .await
+        .expect("open");
+    let id = within(q.enqueue(msg(), b"x\r\n")).await.expect("enqueue");
+    assert_eq!(
+        within(q.hold(Selection::All)).await.expect("hold"),
+        std::slice::from_ref(&id)
+    );
+    let got = within(q.next_due("acct", Some(Duration::from_millis(200)))).await;
+    assert!(got.is_none());
+    assert!(within(q.retry(Selection::All)).await.is_ok());
+    let got = within(q.next_due("acct", Some(Duration::from_millis(200)))).await;
+    assert!(got.is_none(), "retry released a held message");
+    drop(q);
+    assert!(relay_queue::list(tmp.path()).expect("list")[0].held);
+
+    let q = within(Queue::open(settings(tmp.path())))
+        .await
+        .expect("reopen");
+    let got = within(q.next_due("acct", Some(Duration::from_millis(200)))).await;
+    assert!(got.is_none(), "held message delivered after a restart");
+    let released = within(q.release_held(Selection::Id(id.clone())))
+        .await
+        .expect("release");
+    assert_eq!(released, std::slice::from_ref(&id));
+    let lease = within(q.next_due("acct", Some(Duration::from_secs(2))))
+        .await
+        .expect("due after release");
+    assert_eq!(lease.id, id);
+    // held while leased: after a deferral it stays out of the schedule
+    within(q.hold(Selection::All)).await.expect("hold leased");
+    let deferred = Outcome::new(
+        relay_outcome::Reason::Deferred,
+        relay_outcome::Reply::parse("451 later").expect("reply"),
+    );
+    within(q.record(
+        lease,
+        vec![RecipientResult {
+            recipient: "a@x".into(),
+            outcome: deferred,
+        }],
+    ))
+    .await
+    .expect("record");
+    let got = within(q.next_due("acct", Some(Duration::from_millis(400)))).await;
+    assert!(got.is_none(), "held while leased, yet handed out again");
+    assert!(relay_queue::list(tmp.path()).expect("list")[0].held);
+
+    // held while leased but not yet handed to the upstream: not sent
+    within(q.release_held(Selection::All))
+        .await
+        .expect("release");
+    let lease = within(q.next_due("acct", Some(Duration::from_secs(3))))
+        .await
+        .expect("due after release");
+    within(q.hold(Selection::All)).await.expect("hold");
+    assert!(!q.begin(&lease), "a held message may not be sent");
+    drop(lease);
+    let got = within(q.next_due("acct", Some(Duration::from_millis(400)))).await;
+    assert!(got.is_none(), "held, yet handed out again");
+}
+
+#[tokio::test]
+async fn spooled_bodies_are_committed_whole_or_leave_nothing() {
+    let tmp = TempDir::new().expect("tempdir");
+    let q = within(Queue::open(settings(tmp.path())))
+        .await
+        .expect("open");
+    let body: Vec<u8> = (0..300_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+    let mut writer = within(q.begin_body()).await.expect("begin");
+    for chunk in body[..250_000].chunks(65_536) {
+        within(writer.append(chunk)).await.expect("append");
+    }
+    assert_eq!(names(&tmp.path().join("tmp")).len(), 1);
+    let id = within(q.enqueue_spooled(msg(), writer, &body[250_000..]))
+        .await
+        .expect("enqueue");
+    assert!(names(&tmp.path().join("tmp")).is_empty());
+    let lease = within(q.next_due("acct", None)).await.expect("lease");
+    assert_eq!(lease.id, id);
+    assert_eq!(lease.size, body.len() as u64);
+    assert_eq!(within(q.read_body(&lease)).await.expect("body"), body);
+
+    // a cancelled session drops its writer: the file goes with it
+    let mut writer = within(q.begin_body()).await.expect("begin");
+    within(writer.append(b"partial")).await.expect("append");
+    assert_eq!(names(&tmp.path().join("tmp")).len(), 1);
+    drop(writer);
+    assert!(names(&tmp.path().join("tmp")).is_empty());
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn a_world_writable_queue_directory_is_made_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = TempDir::new().expect("tempdir");
+    let dir = tmp.path().join("q");
+    std::fs::create_dir(&dir).expect("mkdir");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let q = within(Queue::open(settings(&dir))).await.expect("open");
+    let mode = std::fs::metadata(&dir).expect("stat").permissions().mode();
+    assert_eq!(mode & 0o777, 0o700);
+    drop(q);
+}
