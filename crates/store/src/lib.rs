@@ -30,6 +30,12 @@
 //!   messages in one transaction; the caller removes the old files only
 //!   after it returned.
 //!
+//! # Cancel safety
+//!
+//! Every operation but [`Store::insert`] is one transaction: dropping its
+//! future before the commit rolls it back, after the commit it stands.
+//! [`Store::insert`] hands the message to the commit task; see there.
+//!
 //! Refresh tokens are stored as given (the database is as sensitive as the
 //! token cache file it replaces); in memory they are [`Secret`]s.
 

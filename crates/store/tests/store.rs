@@ -88,6 +88,22 @@ async fn insert_lease_record_delete() {
             b"Subject: hi\r\n\r\nbody\r\n",
         );
         store.insert(new.clone()).await.expect("insert");
+        assert_eq!(
+            store.due().await.expect("due"),
+            vec![("box@contoso.com".to_string(), at(0))],
+            "{name}"
+        );
+        // Held: not handed out until released.
+        assert!(store.set_held(&new.envelope.id, true).await.expect("hold"));
+        assert!(store
+            .lease_next("box@contoso.com", at(1), LEASE)
+            .await
+            .expect("lease")
+            .is_none());
+        assert!(store
+            .set_held(&new.envelope.id, false)
+            .await
+            .expect("release"));
 
         let leased = store
             .lease_next("box@contoso.com", at(1), LEASE)

@@ -29,13 +29,13 @@ pub struct Postgres {
 
 impl Postgres {
     /// Starts a server, or returns `None` when PostgreSQL is not installed
-    /// (`/usr/lib/postgresql/*/bin/initdb`). With `CI` set, a missing
-    /// installation panics instead: CI installs it, so its absence is a
-    /// failure, not a reason to skip. Panics when the server does not start.
+    /// (`/usr/lib/postgresql/*/bin/initdb`). With `CI` or
+    /// `POSTGRES_REQUIRED` set, a missing installation panics instead: CI
+    /// installs it, so its absence is a failure, not a reason to skip. Panics when the server does not start.
     pub fn start() -> Option<Postgres> {
         let Some(bin) = find_bin() else {
             assert!(
-                std::env::var_os("CI").is_none(),
+                std::env::var_os("CI").is_none() && std::env::var_os("POSTGRES_REQUIRED").is_none(),
                 "PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb); \
                  .ci/run installs the `postgresql` package"
             );
