@@ -59,18 +59,26 @@ enum Pool {
     Postgres(PgPool),
 }
 
-/// Runs `$body` with `$p` bound to the engine's pool and `$begin` to the
+/// Runs `$body` with `$p` bound to the engine's pool, `$Db` (optional) to
+/// its database type and `$begin` to the
 /// statement opening a write transaction: SQLite's `BEGIN IMMEDIATE` takes
 /// the write lock up front, so a transaction never has to upgrade a read
 /// lock (which SQLite refuses with `SQLITE_BUSY` rather than waiting).
 macro_rules! on_pool {
     ($pool:expr, |$p:ident, $begin:ident| $body:expr) => {
+        on_pool!($pool, |$p, $begin, _Db| $body)
+    };
+    ($pool:expr, |$p:ident, $begin:ident, $Db:ident| $body:expr) => {
         match $pool {
             Pool::Sqlite($p) => {
+                #[allow(dead_code)]
+                type $Db = sqlx::Sqlite;
                 let $begin = "BEGIN IMMEDIATE";
                 $body
             }
             Pool::Postgres($p) => {
+                #[allow(dead_code)]
+                type $Db = sqlx::Postgres;
                 let $begin = "BEGIN";
                 $body
             }
@@ -244,12 +252,10 @@ impl Store {
     /// before the old files were removed) is kept as it is. Returns how many
     /// were new. Remove the old files only after this returned `Ok`.
     pub async fn import(&self, messages: &[NewMessage]) -> Result<u64, StoreError> {
-        on_pool!(&self.pool, |p, begin| {
+        let messages: Vec<&NewMessage> = messages.iter().collect();
+        on_pool!(&self.pool, |p, begin, Db| {
             let mut tx = p.begin_with(begin).await?;
-            let mut new = 0;
-            for m in messages {
-                new += insert_one!(&mut *tx, m, "ON CONFLICT (id) DO NOTHING");
-            }
+            let new = insert_many!(tx, Db, &messages, true);
             tx.commit().await?;
             Ok(new)
         })
@@ -780,63 +786,98 @@ const LEASE_NEXT_POSTGRES: &str = "UPDATE messages SET lease_relay = $1, lease_e
         ORDER BY next_attempt, id LIMIT 1 FOR UPDATE SKIP LOCKED)
     RETURNING id";
 
-/// Inserts one message inside a transaction; evaluates to the rows added
-/// (0 when `$conflict` skipped it). A macro so that one text serves both
-/// engines' connection types.
-macro_rules! insert_one {
-    ($conn:expr, $m:expr, $conflict:literal) => {{
-        let m: &NewMessage = $m;
-        let e = &m.envelope;
-        let added = sqlx::query(concat!(
-            "INSERT INTO messages (id, account, sender, client, received_at, state, attempts,
-                 next_attempt, last_error, passthrough, held, size, checksum)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) ",
-            $conflict
-        ))
-        .bind(&e.id)
-        .bind(&e.account)
-        .bind(&e.sender)
-        .bind(e.client.as_deref())
-        .bind(ms(e.received_at))
-        .bind(m.progress.state.as_str())
-        .bind(i64::from(m.progress.attempts))
-        .bind(m.progress.next_attempt.map(ms))
-        .bind(m.progress.last_error.as_deref())
-        .bind(e.passthrough)
-        .bind(m.held)
-        .bind(i64::try_from(m.body.len()).unwrap_or(i64::MAX))
-        .bind(Sha256::digest(&m.body).to_vec())
-        .execute($conn)
-        .await?
-        .rows_affected();
-        if added == 1 {
-            sqlx::query("INSERT INTO bodies (message_id, body) VALUES ($1, $2)")
-                .bind(&e.id)
-                .bind(&m.body)
-                .execute($conn)
-                .await?;
-            for (position, r) in m.progress.recipients.iter().enumerate() {
-                sqlx::query(
+/// Rows per multi-row `INSERT` (at most 13 parameters each, well under
+/// both engines' limits on parameters per statement).
+const ROWS_PER_STATEMENT: usize = 1000;
+
+/// Inserts messages inside a transaction, three multi-row statements per
+/// [`ROWS_PER_STATEMENT`] (a round trip per row would cost more than the
+/// commit). With `$skip_existing` a message whose id is already stored is
+/// left as it is (an import repeated); without, it fails the transaction.
+/// Evaluates to the number of messages added. A macro so that one text
+/// serves both engines (`$Db`).
+macro_rules! insert_many {
+    ($conn:expr, $Db:ty, $messages:expr, $skip_existing:expr) => {{
+        let messages: &[&NewMessage] = $messages;
+        let mut added = 0u64;
+        for chunk in messages.chunks(ROWS_PER_STATEMENT) {
+            let mut q = sqlx::QueryBuilder::<$Db>::new(
+                "INSERT INTO messages (id, account, sender, client, received_at, state, attempts,
+                     next_attempt, last_error, passthrough, held, size, checksum) ",
+            );
+            q.push_values(chunk, |mut row, m| {
+                let e = &m.envelope;
+                row.push_bind(e.id.as_str())
+                    .push_bind(e.account.as_str())
+                    .push_bind(e.sender.as_str())
+                    .push_bind(e.client.as_deref())
+                    .push_bind(ms(e.received_at))
+                    .push_bind(m.progress.state.as_str())
+                    .push_bind(i64::from(m.progress.attempts))
+                    .push_bind(m.progress.next_attempt.map(ms))
+                    .push_bind(m.progress.last_error.as_deref())
+                    .push_bind(e.passthrough)
+                    .push_bind(m.held)
+                    .push_bind(i64::try_from(m.body.len()).unwrap_or(i64::MAX))
+                    .push_bind(Sha256::digest(&m.body).to_vec());
+            });
+            if $skip_existing {
+                q.push(" ON CONFLICT (id) DO NOTHING");
+            }
+            q.push(" RETURNING id");
+            let ids: std::collections::HashSet<String> = q
+                .build_query_scalar()
+                .fetch_all(&mut *$conn)
+                .await?
+                .into_iter()
+                .collect();
+            let new: Vec<&NewMessage> = chunk
+                .iter()
+                .copied()
+                .filter(|m| ids.contains(&m.envelope.id))
+                .collect();
+            if new.is_empty() {
+                continue;
+            }
+            added += new.len() as u64;
+            let mut q = sqlx::QueryBuilder::<$Db>::new("INSERT INTO bodies (message_id, body) ");
+            q.push_values(&new, |mut row, m| {
+                row.push_bind(m.envelope.id.as_str())
+                    .push_bind(m.body.as_slice());
+            });
+            q.build().execute(&mut *$conn).await?;
+            let recipients: Vec<(&str, i64, &Recipient)> = new
+                .iter()
+                .flat_map(|m| {
+                    m.progress
+                        .recipients
+                        .iter()
+                        .enumerate()
+                        .map(|(position, r)| (m.envelope.id.as_str(), position as i64, r))
+                })
+                .collect();
+            for rows in recipients.chunks(ROWS_PER_STATEMENT) {
+                let mut q = sqlx::QueryBuilder::<$Db>::new(
                     "INSERT INTO recipients (message_id, position, address, state, reply_code,
-                         reply_enhanced, reply_text, reason)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-                )
-                .bind(&e.id)
-                .bind(position as i64)
-                .bind(&r.address)
-                .bind(r.state.as_str())
-                .bind(r.reply.as_ref().map(|r| i64::from(r.code)))
-                .bind(r.reply.as_ref().and_then(|r| r.enhanced.as_deref()))
-                .bind(r.reply.as_ref().map(|r| r.text.as_str()))
-                .bind(r.reason.as_deref())
-                .execute($conn)
-                .await?;
+                         reply_enhanced, reply_text, reason) ",
+                );
+                q.push_values(rows, |mut row, (id, position, r)| {
+                    row.push_bind(*id)
+                        .push_bind(*position)
+                        .push_bind(r.address.as_str())
+                        .push_bind(r.state.as_str())
+                        .push_bind(r.reply.as_ref().map(|r| i64::from(r.code)))
+                        .push_bind(r.reply.as_ref().and_then(|r| r.enhanced.as_deref()))
+                        .push_bind(r.reply.as_ref().map(|r| r.text.as_str()))
+                        .push_bind(r.reason.as_deref());
+                });
+                q.build().execute(&mut *$conn).await?;
             }
         }
         added
     }};
 }
-use insert_one;
+use insert_many;
 
 /// The group-commit task: takes whatever inserts are waiting (up to
 /// [`MAX_BATCH`]) into one transaction, commits once, answers each. While a
@@ -878,11 +919,9 @@ async fn commit_task(pool: Pool, mut rx: mpsc::Receiver<Insert>, commits: Arc<At
 }
 
 async fn insert_batch(pool: &Pool, messages: &[&NewMessage]) -> Result<(), sqlx::Error> {
-    on_pool!(pool, |p, begin| {
+    on_pool!(pool, |p, begin, Db| {
         let mut tx = p.begin_with(begin).await?;
-        for m in messages {
-            insert_one!(&mut *tx, m, "");
-        }
+        insert_many!(tx, Db, messages, false);
         tx.commit().await
     })
 }
