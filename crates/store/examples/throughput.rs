@@ -31,7 +31,9 @@ async fn main() {
             "PostgreSQL (synchronous_commit=on)",
             Location::Postgres {
                 url: pg.url(),
-                password: Some(Secret::from_file(&pg.password_file()).expect("password")),
+                password: Some(Secret::new(
+                    std::fs::read_to_string(pg.password_file()).expect("password"),
+                )),
             },
         ));
     }

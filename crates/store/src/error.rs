@@ -1,6 +1,5 @@
 //! The store's errors.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 /// What can go wrong in the store.
@@ -9,15 +8,6 @@ pub enum StoreError {
     /// The database could not be reached or opened.
     #[error("cannot open the database: {0}")]
     Connect(#[source] sqlx::Error),
-    /// The password file could not be read.
-    #[error("cannot read the database password file {path}: {source}")]
-    PasswordFile {
-        /// The file named in the configuration.
-        path: PathBuf,
-        /// Why it could not be read.
-        #[source]
-        source: std::io::Error,
-    },
     /// The database was migrated by a newer relay; this one would misread it.
     #[error(
         "the database schema is at version {found}, newer than this relay knows (up to {known}); \

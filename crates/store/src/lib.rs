@@ -37,21 +37,22 @@
 //! [`Store::insert`] hands the message to the commit task; see there.
 //!
 //! Refresh tokens are stored as given (the database is as sensitive as the
-//! token cache file it replaces); in memory they are [`Secret`]s.
+//! token cache file it replaces); in memory they, and the database
+//! password, are `relay_config`'s [`Secret`]s (the configuration reads
+//! `database_password_file` like its other credential files).
 
 #![warn(missing_docs)]
 
 mod error;
 mod pace;
 mod schema;
-mod secret;
 mod store;
 mod types;
 
 pub use error::StoreError;
 pub use pace::{decide as decide_pace, Pace, PaceLimits, Sent};
+pub use relay_config::Secret;
 pub use schema::SCHEMA_VERSION;
-pub use secret::Secret;
 pub use store::{Location, Redeem, SharedToken, SlotId, Store, StoreSettings};
 pub use types::{
     Envelope, LeaseHolder, Message, MessageState, NewMessage, Progress, Recipient, RecipientState,

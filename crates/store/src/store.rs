@@ -26,7 +26,7 @@ pub enum Location {
     /// An embedded SQLite file (created if missing).
     Sqlite(std::path::PathBuf),
     /// A PostgreSQL database shared with other relays; the password, if
-    /// any, from `database_password_file` rather than the URL.
+    /// any, read from `database_password_file` rather than put in the URL.
     Postgres {
         /// `postgres://user@host:port/db?sslmode=…`
         url: String,
@@ -86,11 +86,20 @@ macro_rules! on_pool {
     };
 }
 
-/// Takes the named lock until the transaction ends: the upsert row-locks
-/// on PostgreSQL (a second taker waits) and is a write on SQLite (which
-/// the write transaction already serialises).
-const LOCK: &str = "INSERT INTO locks (name, n) VALUES ($1, 0)
-     ON CONFLICT (name) DO UPDATE SET n = locks.n + 1";
+/// Takes the named lock until the transaction `$tx` ends: the upsert
+/// row-locks on PostgreSQL (a second taker waits) and is a write on SQLite
+/// (which the write transaction already serialises).
+macro_rules! take_lock {
+    ($tx:expr, $name:expr) => {
+        sqlx::query(
+            "INSERT INTO locks (name, n) VALUES ($1, 0)
+             ON CONFLICT (name) DO UPDATE SET n = locks.n + 1",
+        )
+        .bind($name)
+        .execute(&mut *$tx)
+        .await?
+    };
+}
 
 struct Insert {
     message: NewMessage,
@@ -565,10 +574,7 @@ impl Store {
         let day_ago = now_ms.saturating_sub(ms_of(pace::DAY));
         on_pool!(&self.pool, |p, begin| {
             let mut tx = p.begin_with(begin).await?;
-            sqlx::query(LOCK)
-                .bind(format!("pace {mailbox}"))
-                .execute(&mut *tx)
-                .await?;
+            take_lock!(tx, format!("pace {mailbox}"));
             sqlx::query("DELETE FROM pace_events WHERE mailbox = $1 AND at <= $2")
                 .bind(mailbox)
                 .bind(day_ago)
@@ -618,10 +624,7 @@ impl Store {
         let now_ms = ms(now);
         on_pool!(&self.pool, |p, begin| {
             let mut tx = p.begin_with(begin).await?;
-            sqlx::query(LOCK)
-                .bind(format!("slots {mailbox}"))
-                .execute(&mut *tx)
-                .await?;
+            take_lock!(tx, format!("slots {mailbox}"));
             sqlx::query("DELETE FROM slots WHERE mailbox = $1 AND expires <= $2")
                 .bind(mailbox)
                 .bind(now_ms)
@@ -698,10 +701,7 @@ impl Store {
         let now_ms = ms(now);
         on_pool!(&self.pool, |p, begin| {
             let mut tx = p.begin_with(begin).await?;
-            sqlx::query(LOCK)
-                .bind(format!("token {account}"))
-                .execute(&mut *tx)
-                .await?;
+            take_lock!(tx, format!("token {account}"));
             sqlx::query(
                 "INSERT INTO refresh_tokens (account, token, version, updated_at)
                  VALUES ($1, NULL, 0, $2) ON CONFLICT (account) DO NOTHING",

@@ -35,7 +35,9 @@ impl Engine {
             Engine::Sqlite(dir) => Location::Sqlite(dir.path().join("queue.sqlite")),
             Engine::Postgres(pg) => Location::Postgres {
                 url: pg.url(),
-                password: Some(Secret::from_file(&pg.password_file()).expect("password")),
+                password: Some(Secret::new(
+                    std::fs::read_to_string(pg.password_file()).expect("password"),
+                )),
             },
         }
     }
