@@ -529,3 +529,20 @@ fn the_password_is_never_printed() {
     };
     assert!(!format!("{location:?}").contains("hunter2"));
 }
+
+#[tokio::test]
+async fn a_body_changed_on_disk_is_refused() {
+    for engine in Engine::all() {
+        let store = engine.open("relay-a").await;
+        store
+            .insert(message("0000000000000001", "box", b"original"))
+            .await
+            .expect("insert");
+        let sql = "UPDATE bodies SET body = body || body".to_string();
+        raw(&engine, sql).await;
+        match store.body("0000000000000001").await {
+            Err(StoreError::Checksum { id }) => assert_eq!(id, "0000000000000001"),
+            other => panic!("{}: {other:?}", engine.name()),
+        }
+    }
+}
