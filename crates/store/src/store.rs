@@ -47,6 +47,9 @@ pub struct StoreSettings {
     pub max_connections: u32,
 }
 
+/// Batches committed at once on PostgreSQL, which overlaps their commits
+/// (SQLite writes one transaction at a time: one task).
+const POSTGRES_COMMITTERS: usize = 4;
 /// Inserts taken into one transaction at most.
 const MAX_BATCH: usize = 512;
 /// How long an SQLite writer waits for another (another handle, `queue`
@@ -217,7 +220,14 @@ impl Store {
         })?;
         let commits = Arc::new(AtomicU64::new(0));
         let (tx, rx) = mpsc::channel(MAX_BATCH);
-        tokio::spawn(commit_task(pool.clone(), rx, commits.clone()));
+        let rx = Arc::new(tokio::sync::Mutex::new(rx));
+        let committers = match dialect {
+            Dialect::Sqlite => 1,
+            Dialect::Postgres => POSTGRES_COMMITTERS,
+        };
+        for _ in 0..committers {
+            tokio::spawn(commit_task(pool.clone(), rx.clone(), commits.clone()));
+        }
         Ok(Store {
             pool,
             dialect,
@@ -879,16 +889,21 @@ macro_rules! insert_many {
 }
 use insert_many;
 
-/// The group-commit task: takes whatever inserts are waiting (up to
+/// A group-commit task (one on SQLite, [`POSTGRES_COMMITTERS`] taking
+/// turns at the channel on PostgreSQL): takes whatever inserts are waiting (up to
 /// [`MAX_BATCH`]) into one transaction, commits once, answers each. While a
 /// commit is in flight new inserts queue up in the channel and form the
 /// next batch, so the batch size follows the load with no timer. A batch
 /// that fails is retried one insert per transaction, so that one bad
-/// message (a duplicate id) fails alone. The task ends when every
+/// message (a duplicate id) fails alone. The tasks end when every
 /// [`Store`] clone is dropped.
-async fn commit_task(pool: Pool, mut rx: mpsc::Receiver<Insert>, commits: Arc<AtomicU64>) {
+async fn commit_task(
+    pool: Pool,
+    rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Insert>>>,
+    commits: Arc<AtomicU64>,
+) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+    while rx.lock().await.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let messages: Vec<&NewMessage> = batch.iter().map(|i| &i.message).collect();
         match insert_batch(&pool, &messages).await {
             Ok(()) => {
