@@ -5,7 +5,9 @@
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
+mod postgres;
 mod wait;
 
+pub use postgres::{Postgres, POSTGRES_PASSWORD, POSTGRES_USER};
 pub use relay_standin::*;
 pub use wait::poll_until;

@@ -1,0 +1,51 @@
+//! The store's errors.
+
+use std::sync::Arc;
+
+/// What can go wrong in the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be reached or opened.
+    #[error("cannot open the database: {0}")]
+    Connect(#[source] sqlx::Error),
+    /// The database was migrated by a newer relay; this one would misread it.
+    #[error(
+        "the database schema is at version {found}, newer than this relay knows (up to {known}); \
+         upgrade the relay or point it at another database"
+    )]
+    SchemaTooNew {
+        /// The newest version recorded in the database.
+        found: i64,
+        /// The newest version this build knows.
+        known: i64,
+    },
+    /// Applying the schema migrations failed.
+    #[error("cannot migrate the database schema: {0}")]
+    Migrate(#[source] sqlx::migrate::MigrateError),
+    /// A query failed.
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    /// The shared commit of a batch of inserts failed (every insert of the
+    /// batch gets the same error).
+    #[error("database: {0}")]
+    Batch(#[source] Arc<sqlx::Error>),
+    /// A stored body no longer matches the checksum taken at insert.
+    #[error("message {id}: the stored body does not match its checksum")]
+    Checksum {
+        /// The message.
+        id: String,
+    },
+    /// A stored value is not one this build writes.
+    #[error("message {id}: stored {column} {value:?} is not valid")]
+    Invalid {
+        /// The message.
+        id: String,
+        /// The column.
+        column: &'static str,
+        /// What it held.
+        value: String,
+    },
+    /// The store's commit task has stopped (the runtime is shutting down).
+    #[error("the store is closed")]
+    Closed,
+}

@@ -1,0 +1,60 @@
+//! The queue's durable store in SQL: an embedded SQLite file by default, or
+//! a PostgreSQL database shared by several relays. One implementation
+//! serves both (runtime-checked `sqlx` queries whose text both engines
+//! accept); the schema is versioned and migrated at [`Store::open`].
+//!
+//! # Guarantees
+//!
+//! * **Durable before `Ok`.** SQLite runs in WAL mode with
+//!   `synchronous = FULL` (every commit is fsynced); PostgreSQL sessions set
+//!   `synchronous_commit = on`. [`Store::insert`] returns only after its
+//!   transaction committed.
+//! * **Group commit.** Inserts go through one task that takes every insert
+//!   waiting into one transaction ([`Store::insert_commits`] counts them);
+//!   none is answered before the commit that holds it.
+//! * **One lease at a time.** [`Store::lease_next`] marks a due message
+//!   with this relay's id and an expiry in one atomic statement; only the
+//!   holder can [`Store::renew`], [`Store::record`] or [`Store::release`]
+//!   it. After the expiry any relay may take it over, so a dead relay's
+//!   mail is delivered by another; a relay that finds its lease gone stops
+//!   (a duplicate is possible only if it had already handed the message
+//!   over).
+//! * **Shared limits.** Pacing ([`Store::pace`]), connection slots
+//!   ([`Store::acquire_slot`]) and the refresh token
+//!   ([`Store::begin_redeem`]) each decide under a lock held in the
+//!   database for one transaction (a row lock on PostgreSQL, the write lock
+//!   on SQLite), so relays sharing a database see one pace, one set of
+//!   slots and one redeemer. Times are passed in by the caller; relays
+//!   sharing a database must keep their clocks in step.
+//! * **Import all or nothing.** [`Store::import`] stores an older queue's
+//!   messages in one transaction; the caller removes the old files only
+//!   after it returned.
+//!
+//! # Cancel safety
+//!
+//! Every operation but [`Store::insert`] is one transaction: dropping its
+//! future before the commit rolls it back, after the commit it stands.
+//! [`Store::insert`] hands the message to the commit task; see there.
+//!
+//! Refresh tokens are stored as given (the database is as sensitive as the
+//! token cache file it replaces); in memory they, and the database
+//! password, are `relay_config`'s [`Secret`]s (the configuration reads
+//! `database_password_file` like its other credential files).
+
+#![warn(missing_docs)]
+
+mod error;
+mod pace;
+mod schema;
+mod store;
+mod types;
+
+pub use error::StoreError;
+pub use pace::{decide as decide_pace, Pace, PaceLimits, Sent};
+pub use relay_config::Secret;
+pub use schema::SCHEMA_VERSION;
+pub use store::{Location, Redeem, SharedToken, SlotId, Store, StoreSettings};
+pub use types::{
+    Envelope, LeaseHolder, Message, MessageState, NewMessage, Progress, Recipient, RecipientState,
+    Reply,
+};

@@ -1,0 +1,103 @@
+//! The versioned schema. Migrations are applied at open by sqlx's migrator
+//! (which records each in `_sqlx_migrations` with a checksum, and takes an
+//! advisory lock on PostgreSQL so two relays starting together do not race).
+//! A migration, once released, is never edited: a change is a new version.
+
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::{AssertSqlSafe, SqlSafeStr};
+
+/// The two engines' dialects differ only in the name of the byte type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+/// Version 1. Times are milliseconds since the Unix epoch (UTC).
+const V1: &str = "
+CREATE TABLE messages (
+    id            TEXT PRIMARY KEY,
+    account       TEXT NOT NULL,
+    sender        TEXT NOT NULL,
+    client        TEXT,
+    received_at   BIGINT NOT NULL,
+    state         TEXT NOT NULL CHECK (state IN ('queued', 'deferred', 'failed')),
+    attempts      BIGINT NOT NULL,
+    next_attempt  BIGINT,
+    last_error    TEXT,
+    passthrough   BOOLEAN NOT NULL,
+    held          BOOLEAN NOT NULL,
+    size          BIGINT NOT NULL,
+    checksum      BYTES NOT NULL,
+    lease_relay   TEXT,
+    lease_expires BIGINT,
+    CHECK (state = 'failed' OR next_attempt IS NOT NULL)
+);
+CREATE INDEX messages_due ON messages (account, next_attempt);
+CREATE TABLE recipients (
+    message_id     TEXT NOT NULL REFERENCES messages (id) ON DELETE CASCADE,
+    position       BIGINT NOT NULL,
+    address        TEXT NOT NULL,
+    state          TEXT NOT NULL CHECK (state IN ('pending', 'delivered', 'deferred', 'failed')),
+    reply_code     BIGINT,
+    reply_enhanced TEXT,
+    reply_text     TEXT,
+    reason         TEXT,
+    PRIMARY KEY (message_id, position)
+);
+CREATE TABLE bodies (
+    message_id TEXT PRIMARY KEY REFERENCES messages (id) ON DELETE CASCADE,
+    body       BYTES NOT NULL
+);
+CREATE TABLE locks (
+    name TEXT PRIMARY KEY,
+    n    BIGINT NOT NULL
+);
+CREATE TABLE pace_events (
+    mailbox    TEXT NOT NULL,
+    at         BIGINT NOT NULL,
+    recipients BIGINT NOT NULL
+);
+CREATE INDEX pace_events_by_mailbox ON pace_events (mailbox, at);
+CREATE TABLE slots (
+    holder  TEXT PRIMARY KEY,
+    mailbox TEXT NOT NULL,
+    expires BIGINT NOT NULL
+);
+CREATE INDEX slots_by_mailbox ON slots (mailbox);
+CREATE TABLE refresh_tokens (
+    account        TEXT PRIMARY KEY,
+    token          TEXT,
+    version        BIGINT NOT NULL,
+    redeemer       TEXT,
+    redeem_expires BIGINT,
+    updated_at     BIGINT NOT NULL
+);
+";
+
+/// Every migration, oldest first.
+const MIGRATIONS: &[(i64, &str, &str)] = &[(1, "queue, pacing, slots, tokens", V1)];
+
+/// The newest schema version this build knows.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;
+
+pub(crate) fn migrator(dialect: Dialect) -> Migrator {
+    let bytes = match dialect {
+        Dialect::Sqlite => "BLOB",
+        Dialect::Postgres => "BYTEA",
+    };
+    Migrator::with_migrations(
+        MIGRATIONS
+            .iter()
+            .map(|(version, description, sql)| {
+                Migration::new(
+                    *version,
+                    (*description).into(),
+                    MigrationType::Simple,
+                    AssertSqlSafe(sql.replace("BYTES", bytes)).into_sql_str(),
+                    false,
+                )
+            })
+            .collect(),
+    )
+}

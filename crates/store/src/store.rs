@@ -1,0 +1,942 @@
+//! The store: connection, group commit, and every operation in SQL that
+//! both engines run unchanged (parameters are `$N`, which SQLite reads too).
+
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sha2::{Digest, Sha256};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{PgPool, Row, SqlitePool};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::pace::{self, Pace, PaceLimits, Sent};
+use crate::schema::{self, Dialect, SCHEMA_VERSION};
+use crate::types::{
+    Envelope, LeaseHolder, Message, MessageState, NewMessage, Progress, Recipient, RecipientState,
+    Reply,
+};
+use crate::{Secret, StoreError};
+
+/// Where the store lives.
+#[derive(Clone, Debug)]
+pub enum Location {
+    /// An embedded SQLite file (created if missing).
+    Sqlite(std::path::PathBuf),
+    /// A PostgreSQL database shared with other relays; the password, if
+    /// any, read from `database_password_file` rather than put in the URL.
+    Postgres {
+        /// `postgres://user@host:port/db?sslmode=…`
+        url: String,
+        /// The password.
+        password: Option<Secret>,
+    },
+}
+
+/// How the store is opened.
+#[derive(Clone, Debug)]
+pub struct StoreSettings {
+    /// Where.
+    pub location: Location,
+    /// This relay's id: written into leases, slots and token locks, shown
+    /// by `queue list`. Unique among the relays sharing a database.
+    pub relay: String,
+    /// Connections in the pool.
+    pub max_connections: u32,
+}
+
+/// Batches committed at once on PostgreSQL, which overlaps their commits
+/// (SQLite writes one transaction at a time: one task).
+const POSTGRES_COMMITTERS: usize = 4;
+/// Inserts taken into one transaction at most.
+const MAX_BATCH: usize = 512;
+/// How long an SQLite writer waits for another (another handle, `queue`
+/// commands) before failing.
+const SQLITE_BUSY: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Debug)]
+enum Pool {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// Runs `$body` with `$p` bound to the engine's pool, `$Db` (optional) to
+/// its database type and `$begin` to the
+/// statement opening a write transaction: SQLite's `BEGIN IMMEDIATE` takes
+/// the write lock up front, so a transaction never has to upgrade a read
+/// lock (which SQLite refuses with `SQLITE_BUSY` rather than waiting).
+macro_rules! on_pool {
+    ($pool:expr, |$p:ident, $begin:ident| $body:expr) => {
+        on_pool!($pool, |$p, $begin, _Db| $body)
+    };
+    ($pool:expr, |$p:ident, $begin:ident, $Db:ident| $body:expr) => {
+        match $pool {
+            Pool::Sqlite($p) => {
+                #[allow(dead_code)]
+                type $Db = sqlx::Sqlite;
+                let $begin = "BEGIN IMMEDIATE";
+                $body
+            }
+            Pool::Postgres($p) => {
+                #[allow(dead_code)]
+                type $Db = sqlx::Postgres;
+                let $begin = "BEGIN";
+                $body
+            }
+        }
+    };
+}
+
+/// Takes the named lock until the transaction `$tx` ends: the upsert
+/// row-locks on PostgreSQL (a second taker waits) and is a write on SQLite
+/// (which the write transaction already serialises).
+macro_rules! take_lock {
+    ($tx:expr, $name:expr) => {
+        sqlx::query(
+            "INSERT INTO locks (name, n) VALUES ($1, 0)
+             ON CONFLICT (name) DO UPDATE SET n = locks.n + 1",
+        )
+        .bind($name)
+        .execute(&mut *$tx)
+        .await?
+    };
+}
+
+struct Insert {
+    message: NewMessage,
+    done: oneshot::Sender<Result<(), StoreError>>,
+}
+
+/// The queue's durable store. Cheap to clone; every clone is the same
+/// relay. See the crate documentation for the guarantees.
+#[derive(Clone)]
+pub struct Store {
+    pool: Pool,
+    dialect: Dialect,
+    relay: Arc<str>,
+    commits: Arc<AtomicU64>,
+    slot_serial: Arc<AtomicU64>,
+    inserts: mpsc::Sender<Insert>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("dialect", &self.dialect)
+            .field("relay", &self.relay)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A connection/request slot of a mailbox, held until released or expired.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlotId(String);
+
+/// The shared refresh token of an account.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SharedToken {
+    /// The token, if one was ever stored.
+    pub token: Option<Secret>,
+    /// Bumped at every rotation; a relay that saw version N waits for N+1.
+    pub version: i64,
+}
+
+/// The answer to "may this relay redeem the refresh token?".
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Redeem {
+    /// Yes, until [`Store::finish_redeem`] or the lock's expiry; here is the
+    /// token to redeem.
+    Granted(SharedToken),
+    /// Another relay is redeeming it until this time at the latest; read the
+    /// result with [`Store::token`] when its version changes.
+    Busy {
+        /// The relay redeeming it.
+        relay: String,
+        /// When its lock expires.
+        until: SystemTime,
+    },
+}
+
+pub(crate) fn ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn time(ms: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+}
+
+fn ms_of(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl Store {
+    /// Opens (creating if needed) the store and brings its schema up to
+    /// date. Refuses a schema newer than this build's.
+    pub async fn open(settings: StoreSettings) -> Result<Store, StoreError> {
+        let max = settings.max_connections.max(2);
+        let (pool, dialect) = match &settings.location {
+            Location::Sqlite(path) => {
+                let options = SqliteConnectOptions::new()
+                    .filename(path)
+                    .create_if_missing(true)
+                    .journal_mode(SqliteJournalMode::Wal)
+                    .synchronous(SqliteSynchronous::Full)
+                    .foreign_keys(true)
+                    .busy_timeout(SQLITE_BUSY);
+                let pool = SqlitePoolOptions::new()
+                    .max_connections(max)
+                    .connect_with(options)
+                    .await
+                    .map_err(StoreError::Connect)?;
+                (Pool::Sqlite(pool), Dialect::Sqlite)
+            }
+            Location::Postgres { url, password } => {
+                let mut options = PgConnectOptions::from_str(url)
+                    .map_err(StoreError::Connect)?
+                    .application_name(&format!("smtp-oauth-relay {}", settings.relay))
+                    .options([("synchronous_commit", "on")]);
+                if let Some(password) = password {
+                    options = options.password(password.expose());
+                }
+                let pool = PgPoolOptions::new()
+                    .max_connections(max)
+                    .connect_with(options)
+                    .await
+                    .map_err(StoreError::Connect)?;
+                (Pool::Postgres(pool), Dialect::Postgres)
+            }
+        };
+        let migrator = schema::migrator(dialect);
+        let migrated = on_pool!(&pool, |p, _begin| migrator.run(p).await);
+        migrated.map_err(|e| match e {
+            sqlx::migrate::MigrateError::VersionMissing(found) => StoreError::SchemaTooNew {
+                found,
+                known: SCHEMA_VERSION,
+            },
+            e => StoreError::Migrate(e),
+        })?;
+        let commits = Arc::new(AtomicU64::new(0));
+        let (tx, rx) = mpsc::channel(MAX_BATCH);
+        let rx = Arc::new(tokio::sync::Mutex::new(rx));
+        let committers = match dialect {
+            Dialect::Sqlite => 1,
+            Dialect::Postgres => POSTGRES_COMMITTERS,
+        };
+        for _ in 0..committers {
+            tokio::spawn(commit_task(pool.clone(), rx.clone(), commits.clone()));
+        }
+        Ok(Store {
+            pool,
+            dialect,
+            relay: settings.relay.into(),
+            commits,
+            slot_serial: Arc::new(AtomicU64::new(0)),
+            inserts: tx,
+        })
+    }
+
+    /// This relay's id.
+    pub fn relay(&self) -> &str {
+        &self.relay
+    }
+
+    /// Transactions committed by the insert task so far (group commit
+    /// shares one among concurrent inserts).
+    pub fn insert_commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
+    }
+
+    /// Stores a message durably: when this returns `Ok`, it survives a crash
+    /// of the relay, the machine or (with PostgreSQL) the database server.
+    /// Concurrent calls share one transaction and one commit.
+    ///
+    /// Cancel safety: dropping the future before the message reached the
+    /// commit task stores nothing; dropping it later does not stop the
+    /// commit, so the message may be stored although the caller never saw
+    /// `Ok` (as when a client's connection breaks before it reads `250`).
+    pub async fn insert(&self, message: NewMessage) -> Result<(), StoreError> {
+        let (done, result) = oneshot::channel();
+        self.inserts
+            .send(Insert { message, done })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        result.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Stores messages from an older queue in one transaction: all or none.
+    /// A message already stored (an import repeated after a crash that came
+    /// before the old files were removed) is kept as it is. Returns how many
+    /// were new. Remove the old files only after this returned `Ok`.
+    pub async fn import(&self, messages: &[NewMessage]) -> Result<u64, StoreError> {
+        let messages: Vec<&NewMessage> = messages.iter().collect();
+        on_pool!(&self.pool, |p, begin, Db| {
+            let mut tx = p.begin_with(begin).await?;
+            let new = insert_many!(tx, Db, &messages, true);
+            tx.commit().await?;
+            Ok(new)
+        })
+    }
+
+    /// Leases the account's next due message (not failed, not held, due at
+    /// `now`, not leased or its lease expired) to this relay until
+    /// `now + lease_timeout`.
+    pub async fn lease_next(
+        &self,
+        account: &str,
+        now: SystemTime,
+        lease_timeout: Duration,
+    ) -> Result<Option<Message>, StoreError> {
+        // PostgreSQL: skip rows another relay is leasing right now rather
+        // than wait for it; a row it leased meanwhile fails the re-checked
+        // condition. SQLite's write transaction excludes both.
+        let sql = match self.dialect {
+            Dialect::Sqlite => LEASE_NEXT_SQLITE,
+            Dialect::Postgres => LEASE_NEXT_POSTGRES,
+        };
+        let now_ms = ms(now);
+        let id = on_pool!(&self.pool, |p, begin| {
+            let mut tx = p.begin_with(begin).await?;
+            let id: Option<String> = sqlx::query_scalar(sql)
+                .bind(&*self.relay)
+                .bind(now_ms.saturating_add(ms_of(lease_timeout)))
+                .bind(account)
+                .bind(now_ms)
+                .fetch_optional(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            id
+        });
+        match id {
+            Some(id) => self.get(&id).await,
+            None => Ok(None),
+        }
+    }
+
+    /// Extends this relay's lease on `id` to `now + lease_timeout`. `false`:
+    /// the lease is no longer ours (expired and taken, or the message was
+    /// deleted); stop and do not record.
+    pub async fn renew(
+        &self,
+        id: &str,
+        now: SystemTime,
+        lease_timeout: Duration,
+    ) -> Result<bool, StoreError> {
+        let sql = "UPDATE messages SET lease_expires = $1 WHERE id = $2 AND lease_relay = $3";
+        let expires = ms(now).saturating_add(ms_of(lease_timeout));
+        let done = on_pool!(&self.pool, |p, _begin| sqlx::query(sql)
+            .bind(expires)
+            .bind(id)
+            .bind(&*self.relay)
+            .execute(p)
+            .await?
+            .rows_affected());
+        Ok(done == 1)
+    }
+
+    /// Records an attempt's outcome and ends this relay's lease. `false`:
+    /// the lease was not ours any more and nothing was written (another
+    /// relay may be delivering it).
+    pub async fn record(&self, id: &str, progress: &Progress) -> Result<bool, StoreError> {
+        on_pool!(&self.pool, |p, begin| {
+            let mut tx = p.begin_with(begin).await?;
+            let updated = sqlx::query(
+                "UPDATE messages SET state = $1, attempts = $2, next_attempt = $3,
+                     last_error = $4, lease_relay = NULL, lease_expires = NULL
+                 WHERE id = $5 AND lease_relay = $6",
+            )
+            .bind(progress.state.as_str())
+            .bind(i64::from(progress.attempts))
+            .bind(progress.next_attempt.map(ms))
+            .bind(progress.last_error.as_deref())
+            .bind(id)
+            .bind(&*self.relay)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if updated != 1 {
+                return Ok(false);
+            }
+            for (position, r) in progress.recipients.iter().enumerate() {
+                sqlx::query(
+                    "UPDATE recipients SET state = $1, reply_code = $2, reply_enhanced = $3,
+                         reply_text = $4, reason = $5
+                     WHERE message_id = $6 AND position = $7",
+                )
+                .bind(r.state.as_str())
+                .bind(r.reply.as_ref().map(|r| i64::from(r.code)))
+                .bind(r.reply.as_ref().and_then(|r| r.enhanced.as_deref()))
+                .bind(r.reply.as_ref().map(|r| r.text.as_str()))
+                .bind(r.reason.as_deref())
+                .bind(id)
+                .bind(position as i64)
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+            Ok(true)
+        })
+    }
+
+    /// Gives up this relay's lease without an outcome, due again at
+    /// `next_attempt`. `false`: it was not ours.
+    pub async fn release(&self, id: &str, next_attempt: SystemTime) -> Result<bool, StoreError> {
+        let sql = "UPDATE messages SET lease_relay = NULL, lease_expires = NULL, next_attempt = $1
+                   WHERE id = $2 AND lease_relay = $3";
+        let done = on_pool!(&self.pool, |p, _begin| sqlx::query(sql)
+            .bind(ms(next_attempt))
+            .bind(id)
+            .bind(&*self.relay)
+            .execute(p)
+            .await?
+            .rows_affected());
+        Ok(done == 1)
+    }
+
+    /// Holds or releases a message (administrator). `false`: no such message.
+    pub async fn set_held(&self, id: &str, held: bool) -> Result<bool, StoreError> {
+        let sql = "UPDATE messages SET held = $1 WHERE id = $2";
+        let done = on_pool!(&self.pool, |p, _begin| sqlx::query(sql)
+            .bind(held)
+            .bind(id)
+            .execute(p)
+            .await?
+            .rows_affected());
+        Ok(done == 1)
+    }
+
+    /// Deletes a message, leased or not (delivered to all, or deleted by an
+    /// administrator; a relay delivering it finds its lease gone).
+    /// `false`: no such message.
+    pub async fn delete(&self, id: &str) -> Result<bool, StoreError> {
+        on_pool!(&self.pool, |p, begin| {
+            let mut tx = p.begin_with(begin).await?;
+            for sql in [
+                "DELETE FROM bodies WHERE message_id = $1",
+                "DELETE FROM recipients WHERE message_id = $1",
+            ] {
+                sqlx::query(sql).bind(id).execute(&mut *tx).await?;
+            }
+            let done = sqlx::query("DELETE FROM messages WHERE id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            tx.commit().await?;
+            Ok(done == 1)
+        })
+    }
+
+    /// The body, checked against the checksum taken at insert.
+    pub async fn body(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let sql = "SELECT b.body, m.checksum FROM bodies b JOIN messages m ON m.id = b.message_id
+                   WHERE b.message_id = $1";
+        let row: Option<(Vec<u8>, Vec<u8>)> = on_pool!(&self.pool, |p, _begin| {
+            sqlx::query_as(sql).bind(id).fetch_optional(p).await?
+        });
+        match row {
+            None => Ok(None),
+            Some((body, checksum)) if Sha256::digest(&body).as_slice() == checksum => {
+                Ok(Some(body))
+            }
+            Some(_) => Err(StoreError::Checksum { id: id.to_string() }),
+        }
+    }
+
+    /// One message, without its body.
+    pub async fn get(&self, id: &str) -> Result<Option<Message>, StoreError> {
+        Ok(self.select(Some(id)).await?.pop())
+    }
+
+    /// Every message, oldest first, without bodies (for `queue list`).
+    pub async fn list(&self) -> Result<Vec<Message>, StoreError> {
+        self.select(None).await
+    }
+
+    /// The accounts that have messages not failed, and the earliest time one
+    /// is due (whether leased or not), for a delivery loop to sleep on.
+    pub async fn due(&self) -> Result<Vec<(String, SystemTime)>, StoreError> {
+        let sql = "SELECT account, MIN(COALESCE(lease_expires, next_attempt)) FROM messages
+                   WHERE state <> 'failed' AND NOT held GROUP BY account ORDER BY account";
+        let rows: Vec<(String, i64)> = on_pool!(&self.pool, |p, _begin| {
+            sqlx::query_as(sql).fetch_all(p).await?
+        });
+        Ok(rows.into_iter().map(|(a, t)| (a, time(t))).collect())
+    }
+
+    async fn select(&self, id: Option<&str>) -> Result<Vec<Message>, StoreError> {
+        let messages_sql = "SELECT id, account, sender, client, received_at, state, attempts,
+                next_attempt, last_error, passthrough, held, size, lease_relay, lease_expires
+            FROM messages WHERE ($1 IS NULL OR id = $1) ORDER BY id";
+        let recipients_sql = "SELECT message_id, address, state, reply_code, reply_enhanced,
+                reply_text, reason
+            FROM recipients WHERE ($1 IS NULL OR message_id = $1) ORDER BY message_id, position";
+        let id = id.map(str::to_string);
+        let (messages, recipients) = on_pool!(&self.pool, |p, _begin| {
+            // One snapshot for both queries.
+            let mut tx = p.begin().await?;
+            let messages = sqlx::query(messages_sql)
+                .bind(&id)
+                .fetch_all(&mut *tx)
+                .await?
+                .iter()
+                .map(|row| -> Result<Message, StoreError> {
+                    let id: String = row.try_get("id")?;
+                    let lease = match (
+                        row.try_get::<Option<String>, _>("lease_relay")?,
+                        row.try_get::<Option<i64>, _>("lease_expires")?,
+                    ) {
+                        (Some(relay), Some(expires)) => Some(LeaseHolder {
+                            relay,
+                            expires: time(expires),
+                        }),
+                        _ => None,
+                    };
+                    let state = MessageState::parse(&id, &row.try_get::<String, _>("state")?)?;
+                    Ok(Message {
+                        progress: Progress {
+                            state,
+                            attempts: u32::try_from(row.try_get::<i64, _>("attempts")?)
+                                .unwrap_or(u32::MAX),
+                            next_attempt: row.try_get::<Option<i64>, _>("next_attempt")?.map(time),
+                            last_error: row.try_get("last_error")?,
+                            recipients: Vec::new(),
+                        },
+                        envelope: Envelope {
+                            account: row.try_get("account")?,
+                            sender: row.try_get("sender")?,
+                            client: row.try_get("client")?,
+                            received_at: time(row.try_get("received_at")?),
+                            passthrough: row.try_get("passthrough")?,
+                            id,
+                        },
+                        held: row.try_get("held")?,
+                        size: u64::try_from(row.try_get::<i64, _>("size")?).unwrap_or(0),
+                        lease,
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let recipients = sqlx::query(recipients_sql)
+                .bind(&id)
+                .fetch_all(&mut *tx)
+                .await?
+                .iter()
+                .map(|row| -> Result<(String, Recipient), StoreError> {
+                    let id: String = row.try_get("message_id")?;
+                    let state = RecipientState::parse(&id, &row.try_get::<String, _>("state")?)?;
+                    let reply = match row.try_get::<Option<String>, _>("reply_text")? {
+                        Some(text) => Some(Reply {
+                            code: u16::try_from(
+                                row.try_get::<Option<i64>, _>("reply_code")?.unwrap_or(0),
+                            )
+                            .unwrap_or(0),
+                            enhanced: row.try_get("reply_enhanced")?,
+                            text,
+                        }),
+                        None => None,
+                    };
+                    let recipient = Recipient {
+                        address: row.try_get("address")?,
+                        state,
+                        reply,
+                        reason: row.try_get("reason")?,
+                    };
+                    Ok((id, recipient))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            tx.commit().await?;
+            (messages, recipients)
+        });
+        let mut messages = messages;
+        // Both are ordered by id: walk them together.
+        let mut recipients = recipients.into_iter().peekable();
+        for m in &mut messages {
+            while let Some((id, _)) = recipients.peek() {
+                match id.as_str().cmp(m.envelope.id.as_str()) {
+                    std::cmp::Ordering::Less => {
+                        recipients.next();
+                    }
+                    std::cmp::Ordering::Equal => {
+                        if let Some((_, r)) = recipients.next() {
+                            m.progress.recipients.push(r);
+                        }
+                    }
+                    std::cmp::Ordering::Greater => break,
+                }
+            }
+        }
+        Ok(messages)
+    }
+
+    /// Asks, for every relay sharing the store at once, whether `mailbox` may
+    /// send a message to `recipients` recipients at `now`; a `Go` is counted
+    /// before this returns. Relays' clocks are assumed in step (NTP).
+    pub async fn pace(
+        &self,
+        mailbox: &str,
+        now: SystemTime,
+        limits: PaceLimits,
+        recipients: u32,
+    ) -> Result<Pace, StoreError> {
+        let now_ms = ms(now);
+        let day_ago = now_ms.saturating_sub(ms_of(pace::DAY));
+        on_pool!(&self.pool, |p, begin| {
+            let mut tx = p.begin_with(begin).await?;
+            take_lock!(tx, format!("pace {mailbox}"));
+            sqlx::query("DELETE FROM pace_events WHERE mailbox = $1 AND at <= $2")
+                .bind(mailbox)
+                .bind(day_ago)
+                .execute(&mut *tx)
+                .await?;
+            let sent: Vec<(i64, i64)> = sqlx::query_as(
+                "SELECT at, recipients FROM pace_events WHERE mailbox = $1 ORDER BY at",
+            )
+            .bind(mailbox)
+            .fetch_all(&mut *tx)
+            .await?;
+            let sent: Vec<Sent> = sent
+                .into_iter()
+                .map(|(at, n)| Sent {
+                    at: time(at),
+                    recipients: u32::try_from(n).unwrap_or(u32::MAX),
+                })
+                .collect();
+            let pace = pace::decide(&sent, now, limits, recipients);
+            if pace == Pace::Go {
+                sqlx::query(
+                    "INSERT INTO pace_events (mailbox, at, recipients) VALUES ($1, $2, $3)",
+                )
+                .bind(mailbox)
+                .bind(now_ms)
+                .bind(i64::from(recipients))
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+            Ok(pace)
+        })
+    }
+
+    /// Takes one of `mailbox`'s `cap` slots (connections, Graph requests)
+    /// across every relay, until `now + ttl` unless renewed; slots of a relay
+    /// that died come back when they expire. `None`: all taken.
+    pub async fn acquire_slot(
+        &self,
+        mailbox: &str,
+        cap: u32,
+        now: SystemTime,
+        ttl: Duration,
+    ) -> Result<Option<SlotId>, StoreError> {
+        let serial = self.slot_serial.fetch_add(1, Ordering::Relaxed);
+        let holder = format!("{} {serial}", self.relay);
+        let now_ms = ms(now);
+        on_pool!(&self.pool, |p, begin| {
+            let mut tx = p.begin_with(begin).await?;
+            take_lock!(tx, format!("slots {mailbox}"));
+            sqlx::query("DELETE FROM slots WHERE mailbox = $1 AND expires <= $2")
+                .bind(mailbox)
+                .bind(now_ms)
+                .execute(&mut *tx)
+                .await?;
+            let held: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM slots WHERE mailbox = $1")
+                .bind(mailbox)
+                .fetch_one(&mut *tx)
+                .await?;
+            if held >= i64::from(cap) {
+                return Ok(None);
+            }
+            sqlx::query("INSERT INTO slots (holder, mailbox, expires) VALUES ($1, $2, $3)")
+                .bind(&holder)
+                .bind(mailbox)
+                .bind(now_ms.saturating_add(ms_of(ttl)))
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(Some(SlotId(holder)))
+        })
+    }
+
+    /// Extends a slot to `now + ttl`. `false`: it expired and may have been
+    /// given to another; stop using it.
+    pub async fn renew_slot(
+        &self,
+        slot: &SlotId,
+        now: SystemTime,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let sql = "UPDATE slots SET expires = $1 WHERE holder = $2 AND expires > $3";
+        let done = on_pool!(&self.pool, |p, _begin| sqlx::query(sql)
+            .bind(ms(now).saturating_add(ms_of(ttl)))
+            .bind(&slot.0)
+            .bind(ms(now))
+            .execute(p)
+            .await?
+            .rows_affected());
+        Ok(done == 1)
+    }
+
+    /// Gives a slot back.
+    pub async fn release_slot(&self, slot: SlotId) -> Result<(), StoreError> {
+        let sql = "DELETE FROM slots WHERE holder = $1";
+        on_pool!(&self.pool, |p, _begin| sqlx::query(sql)
+            .bind(&slot.0)
+            .execute(p)
+            .await?
+            .rows_affected());
+        Ok(())
+    }
+
+    /// The account's shared refresh token.
+    pub async fn token(&self, account: &str) -> Result<Option<SharedToken>, StoreError> {
+        let sql = "SELECT token, version FROM refresh_tokens WHERE account = $1";
+        let row: Option<(Option<String>, i64)> = on_pool!(&self.pool, |p, _begin| {
+            sqlx::query_as(sql).bind(account).fetch_optional(p).await?
+        });
+        Ok(row.map(|(token, version)| SharedToken {
+            token: token.map(Secret::new),
+            version,
+        }))
+    }
+
+    /// Asks to be the one relay redeeming the account's refresh token,
+    /// until `now + ttl` at the latest.
+    pub async fn begin_redeem(
+        &self,
+        account: &str,
+        now: SystemTime,
+        ttl: Duration,
+    ) -> Result<Redeem, StoreError> {
+        let now_ms = ms(now);
+        on_pool!(&self.pool, |p, begin| {
+            let mut tx = p.begin_with(begin).await?;
+            take_lock!(tx, format!("token {account}"));
+            sqlx::query(
+                "INSERT INTO refresh_tokens (account, token, version, updated_at)
+                 VALUES ($1, NULL, 0, $2) ON CONFLICT (account) DO NOTHING",
+            )
+            .bind(account)
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await?;
+            let (token, version, redeemer, expires): (
+                Option<String>,
+                i64,
+                Option<String>,
+                Option<i64>,
+            ) = sqlx::query_as(
+                "SELECT token, version, redeemer, redeem_expires FROM refresh_tokens
+                     WHERE account = $1",
+            )
+            .bind(account)
+            .fetch_one(&mut *tx)
+            .await?;
+            if let (Some(relay), Some(expires)) = (redeemer, expires) {
+                if expires > now_ms && relay != *self.relay {
+                    return Ok(Redeem::Busy {
+                        relay,
+                        until: time(expires),
+                    });
+                }
+            }
+            sqlx::query(
+                "UPDATE refresh_tokens SET redeemer = $1, redeem_expires = $2 WHERE account = $3",
+            )
+            .bind(&*self.relay)
+            .bind(now_ms.saturating_add(ms_of(ttl)))
+            .bind(account)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(Redeem::Granted(SharedToken {
+                token: token.map(Secret::new),
+                version,
+            }))
+        })
+    }
+
+    /// Ends this relay's redemption: stores the rotated token (a new
+    /// version) if there is one, and frees the lock. `false`: the lock had
+    /// expired and was taken, and nothing was written.
+    pub async fn finish_redeem(
+        &self,
+        account: &str,
+        rotated: Option<&Secret>,
+        now: SystemTime,
+    ) -> Result<bool, StoreError> {
+        let sql = "UPDATE refresh_tokens SET
+                token = COALESCE($1, token),
+                version = version + (CASE WHEN $1 IS NULL THEN 0 ELSE 1 END),
+                updated_at = $2, redeemer = NULL, redeem_expires = NULL
+            WHERE account = $3 AND redeemer = $4";
+        let done = on_pool!(&self.pool, |p, _begin| sqlx::query(sql)
+            .bind(rotated.map(Secret::expose))
+            .bind(ms(now))
+            .bind(account)
+            .bind(&*self.relay)
+            .execute(p)
+            .await?
+            .rows_affected());
+        Ok(done == 1)
+    }
+}
+
+const LEASE_NEXT_SQLITE: &str = "UPDATE messages SET lease_relay = $1, lease_expires = $2
+    WHERE id = (SELECT id FROM messages
+        WHERE account = $3 AND state <> 'failed' AND NOT held AND next_attempt <= $4
+          AND (lease_relay IS NULL OR lease_expires <= $4)
+        ORDER BY next_attempt, id LIMIT 1)
+    RETURNING id";
+
+const LEASE_NEXT_POSTGRES: &str = "UPDATE messages SET lease_relay = $1, lease_expires = $2
+    WHERE id = (SELECT id FROM messages
+        WHERE account = $3 AND state <> 'failed' AND NOT held AND next_attempt <= $4
+          AND (lease_relay IS NULL OR lease_expires <= $4)
+        ORDER BY next_attempt, id LIMIT 1 FOR UPDATE SKIP LOCKED)
+    RETURNING id";
+
+/// Rows per multi-row `INSERT` (at most 13 parameters each, well under
+/// both engines' limits on parameters per statement).
+const ROWS_PER_STATEMENT: usize = 1000;
+
+/// Inserts messages inside a transaction, three multi-row statements per
+/// [`ROWS_PER_STATEMENT`] (a round trip per row would cost more than the
+/// commit). With `$skip_existing` a message whose id is already stored is
+/// left as it is (an import repeated); without, it fails the transaction.
+/// Evaluates to the number of messages added. A macro so that one text
+/// serves both engines (`$Db`).
+macro_rules! insert_many {
+    ($conn:expr, $Db:ty, $messages:expr, $skip_existing:expr) => {{
+        let messages: &[&NewMessage] = $messages;
+        let mut added = 0u64;
+        for chunk in messages.chunks(ROWS_PER_STATEMENT) {
+            let mut q = sqlx::QueryBuilder::<$Db>::new(
+                "INSERT INTO messages (id, account, sender, client, received_at, state, attempts,
+                     next_attempt, last_error, passthrough, held, size, checksum) ",
+            );
+            q.push_values(chunk, |mut row, m| {
+                let e = &m.envelope;
+                row.push_bind(e.id.as_str())
+                    .push_bind(e.account.as_str())
+                    .push_bind(e.sender.as_str())
+                    .push_bind(e.client.as_deref())
+                    .push_bind(ms(e.received_at))
+                    .push_bind(m.progress.state.as_str())
+                    .push_bind(i64::from(m.progress.attempts))
+                    .push_bind(m.progress.next_attempt.map(ms))
+                    .push_bind(m.progress.last_error.as_deref())
+                    .push_bind(e.passthrough)
+                    .push_bind(m.held)
+                    .push_bind(i64::try_from(m.body.len()).unwrap_or(i64::MAX))
+                    .push_bind(Sha256::digest(&m.body).to_vec());
+            });
+            if $skip_existing {
+                q.push(" ON CONFLICT (id) DO NOTHING");
+            }
+            q.push(" RETURNING id");
+            let ids: std::collections::HashSet<String> = q
+                .build_query_scalar()
+                .fetch_all(&mut *$conn)
+                .await?
+                .into_iter()
+                .collect();
+            let new: Vec<&NewMessage> = chunk
+                .iter()
+                .copied()
+                .filter(|m| ids.contains(&m.envelope.id))
+                .collect();
+            if new.is_empty() {
+                continue;
+            }
+            added += new.len() as u64;
+            let mut q = sqlx::QueryBuilder::<$Db>::new("INSERT INTO bodies (message_id, body) ");
+            q.push_values(&new, |mut row, m| {
+                row.push_bind(m.envelope.id.as_str())
+                    .push_bind(m.body.as_slice());
+            });
+            q.build().execute(&mut *$conn).await?;
+            let recipients: Vec<(&str, i64, &Recipient)> = new
+                .iter()
+                .flat_map(|m| {
+                    m.progress
+                        .recipients
+                        .iter()
+                        .enumerate()
+                        .map(|(position, r)| (m.envelope.id.as_str(), position as i64, r))
+                })
+                .collect();
+            for rows in recipients.chunks(ROWS_PER_STATEMENT) {
+                let mut q = sqlx::QueryBuilder::<$Db>::new(
+                    "INSERT INTO recipients (message_id, position, address, state, reply_code,
+                         reply_enhanced, reply_text, reason) ",
+                );
+                q.push_values(rows, |mut row, (id, position, r)| {
+                    row.push_bind(*id)
+                        .push_bind(*position)
+                        .push_bind(r.address.as_str())
+                        .push_bind(r.state.as_str())
+                        .push_bind(r.reply.as_ref().map(|r| i64::from(r.code)))
+                        .push_bind(r.reply.as_ref().and_then(|r| r.enhanced.as_deref()))
+                        .push_bind(r.reply.as_ref().map(|r| r.text.as_str()))
+                        .push_bind(r.reason.as_deref());
+                });
+                q.build().execute(&mut *$conn).await?;
+            }
+        }
+        added
+    }};
+}
+use insert_many;
+
+/// A group-commit task (one on SQLite, [`POSTGRES_COMMITTERS`] taking
+/// turns at the channel on PostgreSQL): takes whatever inserts are waiting (up to
+/// [`MAX_BATCH`]) into one transaction, commits once, answers each. While a
+/// commit is in flight new inserts queue up in the channel and form the
+/// next batch, so the batch size follows the load with no timer. A batch
+/// that fails is retried one insert per transaction, so that one bad
+/// message (a duplicate id) fails alone. The tasks end when every
+/// [`Store`] clone is dropped.
+async fn commit_task(
+    pool: Pool,
+    rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Insert>>>,
+    commits: Arc<AtomicU64>,
+) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while rx.lock().await.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let messages: Vec<&NewMessage> = batch.iter().map(|i| &i.message).collect();
+        match insert_batch(&pool, &messages).await {
+            Ok(()) => {
+                commits.fetch_add(1, Ordering::Relaxed);
+                for insert in batch.drain(..) {
+                    let _ = insert.done.send(Ok(()));
+                }
+            }
+            Err(_) if batch.len() > 1 => {
+                for insert in batch.drain(..) {
+                    let result = insert_batch(&pool, &[&insert.message]).await;
+                    if result.is_ok() {
+                        commits.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let _ = insert
+                        .done
+                        .send(result.map_err(|e| StoreError::Batch(Arc::new(e))));
+                }
+            }
+            Err(e) => {
+                let e = Arc::new(e);
+                for insert in batch.drain(..) {
+                    let _ = insert.done.send(Err(StoreError::Batch(e.clone())));
+                }
+            }
+        }
+    }
+}
+
+async fn insert_batch(pool: &Pool, messages: &[&NewMessage]) -> Result<(), sqlx::Error> {
+    on_pool!(pool, |p, begin, Db| {
+        let mut tx = p.begin_with(begin).await?;
+        insert_many!(tx, Db, messages, false);
+        tx.commit().await
+    })
+}

@@ -1,0 +1,548 @@
+//! The store against both engines: each test runs on SQLite in a temporary
+//! directory and on a PostgreSQL server the test starts itself.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use relay_store::{
+    Envelope, Location, MessageState, NewMessage, Pace, PaceLimits, Progress, Recipient,
+    RecipientState, Redeem, Reply, Secret, Store, StoreError, StoreSettings, SCHEMA_VERSION,
+};
+use relay_testkit::Postgres;
+
+/// One engine's database; opens any number of handles ("relays") on it.
+enum Engine {
+    Sqlite(tempfile::TempDir),
+    Postgres(Postgres),
+}
+
+impl Engine {
+    /// SQLite, and PostgreSQL when installed.
+    fn all() -> Vec<Engine> {
+        let mut engines = vec![Engine::Sqlite(tempfile::tempdir().expect("tempdir"))];
+        engines.extend(Postgres::start().map(Engine::Postgres));
+        engines
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Engine::Sqlite(_) => "sqlite",
+            Engine::Postgres(_) => "postgres",
+        }
+    }
+
+    fn location(&self) -> Location {
+        match self {
+            Engine::Sqlite(dir) => Location::Sqlite(dir.path().join("queue.sqlite")),
+            Engine::Postgres(pg) => Location::Postgres {
+                url: pg.url(),
+                password: Some(Secret::new(
+                    std::fs::read_to_string(pg.password_file()).expect("password"),
+                )),
+            },
+        }
+    }
+
+    async fn try_open(&self, relay: &str) -> Result<Store, StoreError> {
+        Store::open(StoreSettings {
+            location: self.location(),
+            relay: relay.to_string(),
+            max_connections: 8,
+        })
+        .await
+    }
+
+    async fn open(&self, relay: &str) -> Store {
+        self.try_open(relay).await.expect("open the store")
+    }
+}
+
+fn at(secs: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(1_800_000_000 + secs)
+}
+
+const LEASE: Duration = Duration::from_secs(60);
+
+fn message(id: &str, account: &str, body: &[u8]) -> NewMessage {
+    let recipients = vec!["a@example.com".to_string(), "b@example.com".to_string()];
+    NewMessage {
+        envelope: Envelope {
+            id: id.to_string(),
+            account: account.to_string(),
+            sender: "app@contoso.com".to_string(),
+            client: Some("127.0.0.1".to_string()),
+            received_at: at(0),
+            passthrough: false,
+        },
+        progress: Progress::new(&recipients, at(0)),
+        held: false,
+        body: body.to_vec(),
+    }
+}
+
+#[tokio::test]
+async fn insert_lease_record_delete() {
+    for engine in Engine::all() {
+        let name = engine.name();
+        let store = engine.open("relay-a").await;
+        let new = message(
+            "0000000000000001",
+            "box@contoso.com",
+            b"Subject: hi\r\n\r\nbody\r\n",
+        );
+        store.insert(new.clone()).await.expect("insert");
+        assert_eq!(
+            store.due().await.expect("due"),
+            vec![("box@contoso.com".to_string(), at(0))],
+            "{name}"
+        );
+        // Held: not handed out until released.
+        assert!(store.set_held(&new.envelope.id, true).await.expect("hold"));
+        assert!(store
+            .lease_next("box@contoso.com", at(1), LEASE)
+            .await
+            .expect("lease")
+            .is_none());
+        assert!(store
+            .set_held(&new.envelope.id, false)
+            .await
+            .expect("release"));
+
+        let leased = store
+            .lease_next("box@contoso.com", at(1), LEASE)
+            .await
+            .expect("lease")
+            .expect("a due message");
+        assert_eq!(leased.envelope, new.envelope, "{name}");
+        assert_eq!(leased.progress, new.progress, "{name}");
+        assert_eq!(leased.size, new.body.len() as u64, "{name}");
+        assert_eq!(
+            leased.lease.as_ref().map(|l| l.relay.as_str()),
+            Some("relay-a")
+        );
+        assert_eq!(
+            store.body(&new.envelope.id).await.expect("body"),
+            Some(new.body.clone())
+        );
+        assert!(store
+            .lease_next("box@contoso.com", at(1), LEASE)
+            .await
+            .expect("lease")
+            .is_none());
+
+        let progress = Progress {
+            state: MessageState::Deferred,
+            attempts: 1,
+            next_attempt: Some(at(300)),
+            last_error: Some("451 4.3.2 slow down".to_string()),
+            recipients: vec![
+                Recipient {
+                    address: "a@example.com".to_string(),
+                    state: RecipientState::Delivered,
+                    reply: Some(Reply {
+                        code: 250,
+                        enhanced: Some("2.0.0".to_string()),
+                        text: "250 2.0.0 OK".to_string(),
+                    }),
+                    reason: Some("delivered".to_string()),
+                },
+                Recipient {
+                    address: "b@example.com".to_string(),
+                    state: RecipientState::Deferred,
+                    reply: Some(Reply {
+                        code: 451,
+                        enhanced: Some("4.3.2".to_string()),
+                        text: "451 4.3.2 slow down".to_string(),
+                    }),
+                    reason: Some("throttled".to_string()),
+                },
+            ],
+        };
+        assert!(store
+            .record("0000000000000001", &progress)
+            .await
+            .expect("record"));
+        let stored = store
+            .get("0000000000000001")
+            .await
+            .expect("get")
+            .expect("kept");
+        assert_eq!(stored.progress, progress, "{name}");
+        assert_eq!(stored.lease, None, "{name}");
+        assert!(store
+            .lease_next("box@contoso.com", at(299), LEASE)
+            .await
+            .expect("lease")
+            .is_none());
+        assert!(store
+            .lease_next("box@contoso.com", at(300), LEASE)
+            .await
+            .expect("lease")
+            .is_some());
+
+        assert!(store.delete("0000000000000001").await.expect("delete"));
+        assert!(store.list().await.expect("list").is_empty(), "{name}");
+        assert_eq!(store.body("0000000000000001").await.expect("body"), None);
+        assert!(!store.delete("0000000000000001").await.expect("delete"));
+    }
+}
+
+#[tokio::test]
+async fn concurrent_inserts_share_commits() {
+    for engine in Engine::all() {
+        let store = engine.open("relay-a").await;
+        let inserts: Vec<_> = (0..64)
+            .map(|i| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    store
+                        .insert(message(&format!("{i:016X}"), "box", b"x"))
+                        .await
+                })
+            })
+            .collect();
+        for insert in inserts {
+            insert.await.expect("task").expect("insert");
+        }
+        assert_eq!(
+            store.list().await.expect("list").len(),
+            64,
+            "{}",
+            engine.name()
+        );
+        let commits = store.insert_commits();
+        assert!(
+            commits < 64,
+            "{}: 64 concurrent inserts took {commits} commits",
+            engine.name()
+        );
+        // A duplicate fails alone, not its batch.
+        let again = store.insert(message("0000000000000000", "box", b"x"));
+        let fresh = store.insert(message("00000000000000FF", "box", b"x"));
+        let (again, fresh) = tokio::join!(again, fresh);
+        assert!(again.is_err(), "{}", engine.name());
+        fresh.expect("a fresh id in the same batch is stored");
+    }
+}
+
+#[tokio::test]
+async fn two_relays_never_hold_one_lease_and_expired_leases_are_taken_over() {
+    for engine in Engine::all() {
+        let name = engine.name();
+        let a = engine.open("relay-a").await;
+        let b = engine.open("relay-b").await;
+        for i in 0..20 {
+            a.insert(message(&format!("{i:016X}"), "box", b"x"))
+                .await
+                .expect("insert");
+        }
+        let lease_all = |store: Store| async move {
+            let mut ids = Vec::new();
+            while let Some(m) = store.lease_next("box", at(1), LEASE).await.expect("lease") {
+                ids.push(m.envelope.id);
+            }
+            ids
+        };
+        let (from_a, from_b) = tokio::join!(lease_all(a.clone()), lease_all(b.clone()));
+        let mut all: Vec<String> = from_a.iter().chain(&from_b).cloned().collect();
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), 20, "{name}: every message leased once");
+        assert_eq!(from_a.len() + from_b.len(), 20, "{name}: none twice");
+
+        // b holds nothing of a's: it cannot renew or record a's leases.
+        if let Some(id) = from_a.first() {
+            assert!(!b.renew(id, at(2), LEASE).await.expect("renew"));
+            assert!(a.renew(id, at(2), LEASE).await.expect("renew"));
+        }
+        // After the timeout without renewal, b takes over a's messages.
+        let late = at(2) + LEASE + Duration::from_secs(1);
+        let mut taken = 0;
+        while let Some(m) = b.lease_next("box", late, LEASE).await.expect("lease") {
+            assert_eq!(m.lease.map(|l| l.relay), Some("relay-b".to_string()));
+            taken += 1;
+        }
+        assert_eq!(taken, 20, "{name}");
+        if let Some(id) = from_a.first() {
+            let progress = Progress::new(&["a@example.com".to_string()], at(9));
+            assert!(
+                !a.record(id, &progress).await.expect("record"),
+                "{name}: lease lost"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn pacing_holds_across_relays() {
+    let limits = PaceLimits {
+        messages_per_minute: Some(5),
+        recipients_per_day: None,
+    };
+    for engine in Engine::all() {
+        let a = engine.open("relay-a").await;
+        let b = engine.open("relay-b").await;
+        let mut sent: Vec<SystemTime> = Vec::new();
+        // Both relays ask every 3 seconds for 5 minutes, concurrently.
+        for step in 0..100 {
+            let now = at(step * 3);
+            let (pa, pb) =
+                tokio::join!(a.pace("box", now, limits, 1), b.pace("box", now, limits, 1));
+            for pace in [pa.expect("pace"), pb.expect("pace")] {
+                match pace {
+                    Pace::Go => sent.push(now),
+                    Pace::WaitUntil(t) => assert!(t > now),
+                }
+            }
+        }
+        for (i, t) in sent.iter().enumerate() {
+            let in_minute = sent[i..]
+                .iter()
+                .filter(|s| s.duration_since(*t).expect("ordered") < Duration::from_secs(60))
+                .count();
+            assert!(in_minute <= 5, "{}: {in_minute} in a minute", engine.name());
+        }
+        assert!(
+            sent.len() >= 25,
+            "{}: only {} sent",
+            engine.name(),
+            sent.len()
+        );
+    }
+}
+
+#[tokio::test]
+async fn slot_cap_holds_across_relays_and_expired_slots_return() {
+    let ttl = Duration::from_secs(30);
+    for engine in Engine::all() {
+        let name = engine.name();
+        let a = engine.open("relay-a").await;
+        let b = engine.open("relay-b").await;
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            let (sa, sb) = tokio::join!(
+                a.acquire_slot("box", 3, at(0), ttl),
+                b.acquire_slot("box", 3, at(0), ttl)
+            );
+            held.extend(sa.expect("slot").into_iter().map(|s| (a.clone(), s)));
+            held.extend(sb.expect("slot").into_iter().map(|s| (b.clone(), s)));
+        }
+        assert_eq!(held.len(), 3, "{name}");
+        let (store, slot) = held.pop().expect("a slot");
+        store.release_slot(slot).await.expect("release");
+        assert!(b
+            .acquire_slot("box", 3, at(1), ttl)
+            .await
+            .expect("slot")
+            .is_some());
+        assert!(a
+            .acquire_slot("box", 3, at(1), ttl)
+            .await
+            .expect("slot")
+            .is_none());
+        // Renewed slots stay; the others expire and come back.
+        let (store, slot) = &held[0];
+        assert!(store.renew_slot(slot, at(20), ttl).await.expect("renew"));
+        let later = at(35);
+        let mut more = 0;
+        while a
+            .acquire_slot("box", 3, later, ttl)
+            .await
+            .expect("slot")
+            .is_some()
+        {
+            more += 1;
+            assert!(more <= 3, "{name}: cap exceeded");
+        }
+        assert_eq!(more, 2, "{name}");
+        assert!(!held[1]
+            .0
+            .renew_slot(&held[1].1, later, ttl)
+            .await
+            .expect("renew"));
+    }
+}
+
+#[tokio::test]
+async fn one_relay_redeems_the_refresh_token_and_the_others_read_it() {
+    let ttl = Duration::from_secs(30);
+    for engine in Engine::all() {
+        let name = engine.name();
+        let a = engine.open("relay-a").await;
+        let b = engine.open("relay-b").await;
+        assert_eq!(a.token("box").await.expect("token"), None);
+        let (ra, rb) = tokio::join!(
+            a.begin_redeem("box", at(0), ttl),
+            b.begin_redeem("box", at(0), ttl)
+        );
+        let (ra, rb) = (ra.expect("redeem"), rb.expect("redeem"));
+        let granted = [&ra, &rb]
+            .iter()
+            .filter(|r| matches!(r, Redeem::Granted(_)))
+            .count();
+        assert_eq!(granted, 1, "{name}: {ra:?} {rb:?}");
+        let (winner, loser) = if matches!(ra, Redeem::Granted(_)) {
+            (&a, &b)
+        } else {
+            (&b, &a)
+        };
+        assert!(winner
+            .finish_redeem("box", Some(&Secret::new("rotated-1")), at(1))
+            .await
+            .expect("finish"));
+        let token = loser.token("box").await.expect("token").expect("stored");
+        assert_eq!(token.version, 1);
+        assert_eq!(token.token.as_ref().map(Secret::expose), Some("rotated-1"));
+
+        // A redeemer that dies: its lock expires and another takes over.
+        assert!(matches!(
+            a.begin_redeem("box", at(10), ttl).await.expect("redeem"),
+            Redeem::Granted(_)
+        ));
+        assert!(matches!(
+            b.begin_redeem("box", at(11), ttl).await.expect("redeem"),
+            Redeem::Busy { .. }
+        ));
+        assert!(matches!(
+            b.begin_redeem("box", at(41), ttl).await.expect("redeem"),
+            Redeem::Granted(_)
+        ));
+        assert!(!a
+            .finish_redeem("box", Some(&Secret::new("stale")), at(42))
+            .await
+            .expect("finish"));
+        assert!(b.finish_redeem("box", None, at(42)).await.expect("finish"));
+        let token = a.token("box").await.expect("token").expect("stored");
+        assert_eq!(
+            (token.version, token.token.as_ref().map(Secret::expose)),
+            (1, Some("rotated-1"))
+        );
+    }
+}
+
+#[tokio::test]
+async fn reopening_is_idempotent_and_a_newer_schema_is_refused() {
+    for engine in Engine::all() {
+        let name = engine.name();
+        let store = engine.open("relay-a").await;
+        store
+            .insert(message("0000000000000001", "box", b"x"))
+            .await
+            .expect("insert");
+        drop(store);
+        let store = engine.open("relay-a").await;
+        assert_eq!(store.list().await.expect("list").len(), 1, "{name}");
+        drop(store);
+
+        // A newer relay migrated the database.
+        let newer = SCHEMA_VERSION + 1;
+        let sql = format!(
+            "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+             VALUES ({newer}, 'from the future', TRUE, X'00', 0)"
+        );
+        let sql = match engine {
+            Engine::Sqlite(_) => sql,
+            Engine::Postgres(_) => sql.replace("X'00'", "'\\x00'::bytea"),
+        };
+        raw(&engine, sql).await;
+        match engine.try_open("relay-a").await {
+            Err(StoreError::SchemaTooNew { found, known }) => {
+                assert_eq!((found, known), (newer, SCHEMA_VERSION), "{name}");
+            }
+            other => panic!("{name}: opened a newer schema: {other:?}"),
+        }
+    }
+}
+
+/// Runs one statement outside the store.
+async fn raw(engine: &Engine, sql: String) {
+    use sqlx::Connection;
+    match engine.location() {
+        Location::Sqlite(path) => {
+            let url = format!("sqlite://{}", path.display());
+            let mut c = sqlx::SqliteConnection::connect(&url)
+                .await
+                .expect("connect");
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                .execute(&mut c)
+                .await
+                .expect("statement");
+        }
+        Location::Postgres { url, password } => {
+            let options: sqlx::postgres::PgConnectOptions = url.parse().expect("url");
+            let options = options.password(password.as_ref().map_or("", Secret::expose));
+            let mut c = sqlx::PgConnection::connect_with(&options)
+                .await
+                .expect("connect");
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                .execute(&mut c)
+                .await
+                .expect("statement");
+        }
+    }
+}
+
+#[tokio::test]
+async fn import_is_all_or_nothing_and_repeatable() {
+    for engine in Engine::all() {
+        let name = engine.name();
+        let store = engine.open("relay-a").await;
+        let mut old: Vec<NewMessage> = (0..10)
+            .map(|i| {
+                let mut m = message(&format!("{i:016X}"), "box", format!("body {i}").as_bytes());
+                m.progress.state = MessageState::Deferred;
+                m.progress.attempts = 3;
+                m.held = i == 4;
+                m
+            })
+            .collect();
+        // One record the schema refuses (due never, yet not failed) fails
+        // them all.
+        let mut broken = old.clone();
+        broken[7].progress.next_attempt = None;
+        assert!(store.import(&broken).await.is_err(), "{name}");
+        assert!(
+            store.list().await.expect("list").is_empty(),
+            "{name}: nothing kept"
+        );
+
+        assert_eq!(store.import(&old).await.expect("import"), 10, "{name}");
+        // Repeated after a crash before the old files were removed.
+        old.push(message("00000000000000AA", "box", b"new"));
+        assert_eq!(store.import(&old).await.expect("import"), 1, "{name}");
+        let listed = store.list().await.expect("list");
+        assert_eq!(listed.len(), 11, "{name}");
+        assert!(listed
+            .iter()
+            .any(|m| m.held && m.envelope.id == "0000000000000004"));
+        assert_eq!(
+            store.body("0000000000000009").await.expect("body"),
+            Some(b"body 9".to_vec())
+        );
+    }
+}
+
+#[test]
+fn the_password_is_never_printed() {
+    let location = Location::Postgres {
+        url: "postgres://relay@127.0.0.1:1/relay".to_string(),
+        password: Some(Secret::new("hunter2")),
+    };
+    assert!(!format!("{location:?}").contains("hunter2"));
+}
+
+#[tokio::test]
+async fn a_body_changed_on_disk_is_refused() {
+    for engine in Engine::all() {
+        let store = engine.open("relay-a").await;
+        store
+            .insert(message("0000000000000001", "box", b"original"))
+            .await
+            .expect("insert");
+        let sql = "UPDATE bodies SET body = body || body".to_string();
+        raw(&engine, sql).await;
+        match store.body("0000000000000001").await {
+            Err(StoreError::Checksum { id }) => assert_eq!(id, "0000000000000001"),
+            other => panic!("{}: {other:?}", engine.name()),
+        }
+    }
+}

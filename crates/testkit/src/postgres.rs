@@ -1,0 +1,205 @@
+//! A throwaway PostgreSQL server from the distribution's packages, for
+//! tests of the shared store.
+//!
+//! `initdb` refuses to run as root, so as root the server runs as the
+//! `postgres` user (`runuser`) in a temporary directory that user owns;
+//! otherwise as the current user. It listens on 127.0.0.1 on a free port
+//! and keeps its socket in that directory. Dropping it stops the server
+//! (immediate shutdown) and removes the directory. Every wait is bounded.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The database superuser the tests connect as.
+pub const POSTGRES_USER: &str = "relay";
+/// Its password (also in [`Postgres::password_file`]).
+pub const POSTGRES_PASSWORD: &str = "relay-test-password";
+
+/// How long `pg_ctl` may wait for the server to start or stop, in seconds.
+const PG_CTL_WAIT: &str = "60";
+
+/// A running PostgreSQL server; stopped when dropped.
+pub struct Postgres {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    as_postgres: bool,
+    port: u16,
+}
+
+impl Postgres {
+    /// Starts a server, or returns `None` when PostgreSQL is not installed
+    /// (`/usr/lib/postgresql/*/bin/initdb`). With `CI` or
+    /// `POSTGRES_REQUIRED` set, a missing installation panics instead: CI
+    /// installs it, so its absence is a failure, not a reason to skip. Panics when the server does not start.
+    pub fn start() -> Option<Postgres> {
+        let Some(bin) = find_bin() else {
+            assert!(
+                std::env::var_os("CI").is_none() && std::env::var_os("POSTGRES_REQUIRED").is_none(),
+                "PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb); \
+                 .ci/run installs the `postgresql` package"
+            );
+            eprintln!("PostgreSQL is not installed: skipping its half of the test");
+            return None;
+        };
+        let as_postgres = run(Command::new("id").arg("-u")).trim() == "0";
+        let dir = tempfile::tempdir().expect("temporary directory");
+        if as_postgres {
+            let uid = run(Command::new("id").args(["-u", "postgres"]));
+            let gid = run(Command::new("id").args(["-g", "postgres"]));
+            std::os::unix::fs::chown(
+                dir.path(),
+                Some(uid.trim().parse().expect("uid")),
+                Some(gid.trim().parse().expect("gid")),
+            )
+            .expect("chown the directory to postgres");
+        }
+        let mut server = Postgres {
+            dir,
+            bin,
+            as_postgres,
+            port: 0,
+        };
+        std::fs::write(server.password_file(), POSTGRES_PASSWORD).expect("password file");
+        let data = server.data();
+        server.pg(
+            "initdb",
+            &[
+                "-D",
+                path_str(&data),
+                "-U",
+                POSTGRES_USER,
+                "--pwfile",
+                path_str(&server.password_file()),
+                "--auth-host=scram-sha-256",
+                "--auth-local=trust",
+                "--no-sync",
+            ],
+        );
+        // A free port may be taken between looking and binding: try a few.
+        for _ in 0..5 {
+            let port = free_port();
+            let options = format!(
+                "-c listen_addresses=127.0.0.1 -p {port} -k {}",
+                path_str(server.dir.path())
+            );
+            let log = server.dir.path().join("server.log");
+            let started = server.pg_try(
+                "pg_ctl",
+                &[
+                    "start",
+                    "-w",
+                    "-t",
+                    PG_CTL_WAIT,
+                    "-D",
+                    path_str(&data),
+                    "-l",
+                    path_str(&log),
+                    "-o",
+                    &options,
+                ],
+            );
+            if started.status.success() {
+                server.port = port;
+                return Some(server);
+            }
+        }
+        let log = std::fs::read_to_string(server.dir.path().join("server.log")).unwrap_or_default();
+        panic!("PostgreSQL did not start:\n{log}");
+    }
+
+    /// `postgres://relay@127.0.0.1:PORT/postgres` (no password in it).
+    pub fn url(&self) -> String {
+        format!(
+            "postgres://{POSTGRES_USER}@127.0.0.1:{}/postgres",
+            self.port
+        )
+    }
+
+    /// A file holding the password, as `database_password_file` would.
+    pub fn password_file(&self) -> PathBuf {
+        self.dir.path().join("password")
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn pg(&self, tool: &str, args: &[&str]) {
+        let out = self.pg_try(tool, args);
+        assert!(
+            out.status.success(),
+            "{tool} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn pg_try(&self, tool: &str, args: &[&str]) -> Output {
+        let program = self.bin.join(tool);
+        let mut command = if self.as_postgres {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(program);
+            c
+        } else {
+            Command::new(program)
+        };
+        command
+            .args(args)
+            .current_dir(self.dir.path())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {tool}: {e}"))
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        if self.port != 0 {
+            let data = self.data();
+            self.pg_try(
+                "pg_ctl",
+                &[
+                    "stop",
+                    "-m",
+                    "immediate",
+                    "-w",
+                    "-t",
+                    PG_CTL_WAIT,
+                    "-D",
+                    path_str(&data),
+                ],
+            );
+        }
+    }
+}
+
+/// The newest installed `/usr/lib/postgresql/VERSION/bin` with `initdb`.
+fn find_bin() -> Option<PathBuf> {
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let version = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").exists().then_some((version, bin))
+        })
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, bin)| bin)
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+fn run(command: &mut Command) -> String {
+    let out = command.output().expect("run a command");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn path_str(path: &Path) -> &str {
+    path.to_str().expect("temporary paths are UTF-8")
+}
