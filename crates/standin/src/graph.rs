@@ -30,9 +30,9 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
-use tokio::sync::{oneshot, watch};
-use tokio::task::JoinHandle;
+use tokio::sync::watch;
 
+use crate::http::Server;
 use crate::identity::IdentityPlatform;
 use crate::jwt::TokenRejection;
 use crate::util::{form_decode, lock, random_guid};
@@ -47,8 +47,6 @@ pub const MAIL_READ_WRITE: &str = "Mail.ReadWrite";
 pub const GRAPH_MAX_REQUEST: usize = 4 * 1024 * 1024;
 /// Bodies beyond this are cut off by the server itself (still a 413).
 const BODY_CEILING: usize = 64 * 1024 * 1024;
-/// How long `stop` lets in-flight requests finish before cutting them off.
-const STOP_GRACE: Duration = Duration::from_secs(5);
 
 /// The kinds of request the fake serves, for targeting faults and reading
 /// the request log.
@@ -206,13 +204,7 @@ struct Inner {
     idp: IdentityPlatform,
     state: Mutex<Record>,
     sent_count: watch::Sender<usize>,
-    server: Mutex<Option<Running>>,
-}
-
-#[derive(Debug)]
-struct Running {
-    shutdown: oneshot::Sender<()>,
-    task: JoinHandle<()>,
+    server: Server,
 }
 
 #[derive(Debug)]
@@ -319,7 +311,7 @@ impl GraphServer {
                 reply_delay: None,
             }),
             sent_count: watch::Sender::new(0),
-            server: Mutex::new(None),
+            server: Server::default(),
         });
         let app = Router::new()
             .fallback(serve)
@@ -329,16 +321,7 @@ impl GraphServer {
             ))
             .layer(DefaultBodyLimit::max(BODY_CEILING))
             .with_state(inner.clone());
-        let (shutdown, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            let serve = axum::serve(listener, app).with_graceful_shutdown(async {
-                let _ = stopped.await;
-            });
-            if let Err(e) = serve.await {
-                tracing::debug!(error = %e, "fake graph stopped with an error");
-            }
-        });
-        *lock(&inner.server) = Some(Running { shutdown, task });
+        inner.server.start(listener, app, "fake graph");
         tracing::debug!(addr = %inner.addr, "fake graph listening");
         Ok(GraphServer { inner })
     }
@@ -414,15 +397,7 @@ impl GraphServer {
 
     /// Stops serving; records are kept. Idempotent.
     pub async fn stop(&self) {
-        let running = lock(&self.inner.server).take();
-        let Some(Running { shutdown, mut task }) = running else {
-            return;
-        };
-        let _ = shutdown.send(());
-        if tokio::time::timeout(STOP_GRACE, &mut task).await.is_err() {
-            task.abort();
-            let _ = task.await;
-        }
+        self.inner.server.stop().await;
     }
 }
 

@@ -28,11 +28,10 @@ use axum::{Json, Router};
 use base64::Engine as _;
 use serde_json::json;
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
 use crate::credentials::{self, ClientCertificate, Jws, RegisteredKey};
 use crate::graph::GRAPH_AUDIENCE;
+use crate::http::Server;
 use crate::jwt::{
     TokenClaims, TokenMint, TokenRejection, EXCHANGE_AUDIENCE, GOOGLE_AUDIENCE, SEND_AS_ROLE,
 };
@@ -56,8 +55,6 @@ const DEFAULT_USER: &str = "relay@contoso.com";
 const DEVICE_CODE_GRANT: &str = "urn:ietf:params:oauth:grant-type:device_code";
 const JWT_BEARER_GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
 const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
-/// How long `stop` lets in-flight requests finish before cutting them off.
-const STOP_GRACE: Duration = Duration::from_secs(5);
 
 /// One request that reached the token endpoint.
 #[derive(Debug, Clone)]
@@ -115,7 +112,7 @@ struct Inner {
     service_principal: String,
     mint: TokenMint,
     state: Mutex<Record>,
-    server: Mutex<Option<Running>>,
+    server: Server,
     /// Body bytes of [`TokenFault::LargeError`] and
     /// [`TokenFault::EndlessBody`] replies handed to connections.
     streamed: Arc<AtomicU64>,
@@ -248,12 +245,6 @@ pub struct AssertionRecord {
     pub jti: String,
 }
 
-#[derive(Debug)]
-struct Running {
-    shutdown: oneshot::Sender<()>,
-    task: JoinHandle<()>,
-}
-
 /// An error reply in the identity platform's format.
 #[derive(Debug, Clone)]
 struct AadError {
@@ -320,7 +311,7 @@ impl IdentityPlatform {
             service_principal: random_guid(),
             mint: TokenMint::new(),
             state: Mutex::new(Record::new()),
-            server: Mutex::new(None),
+            server: Server::default(),
             streamed: Arc::default(),
         });
         let app = Router::new()
@@ -333,16 +324,7 @@ impl IdentityPlatform {
             .route("/google/token", post(google_token_endpoint))
             .route("/google/o/oauth2/v2/auth", get(google_authorize_endpoint))
             .with_state(inner.clone());
-        let (shutdown, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            let serve = axum::serve(listener, app).with_graceful_shutdown(async {
-                let _ = stopped.await;
-            });
-            if let Err(e) = serve.await {
-                tracing::debug!(error = %e, "fake identity platform stopped with an error");
-            }
-        });
-        *lock(&inner.server) = Some(Running { shutdown, task });
+        inner.server.start(listener, app, "fake identity platform");
         tracing::debug!(addr = %inner.addr, "fake identity platform listening");
         Ok(IdentityPlatform { inner })
     }
@@ -611,15 +593,7 @@ impl IdentityPlatform {
     /// Stops listening. Requests already being handled may finish (for a few
     /// seconds at most); idle keep-alive connections are closed. Idempotent.
     pub async fn stop(&self) {
-        let running = lock(&self.inner.server).take();
-        let Some(Running { shutdown, mut task }) = running else {
-            return;
-        };
-        let _ = shutdown.send(());
-        if tokio::time::timeout(STOP_GRACE, &mut task).await.is_err() {
-            task.abort();
-            let _ = task.await;
-        }
+        self.inner.server.stop().await;
     }
 }
 

@@ -44,6 +44,7 @@
 mod browser;
 mod credentials;
 mod graph;
+mod http;
 mod identity;
 mod jwt;
 mod relay_config;
