@@ -8,7 +8,9 @@
 //! authenticated session and reuses it for consecutive messages until it
 //! has been idle for the transport's idle timeout, so the mailbox never
 //! sees more sessions than Microsoft allows. A [`Pacer`] per account keeps
-//! the mailbox within its message and recipient rates. Each reply becomes
+//! the mailbox within its message and recipient rates. Relays sharing a
+//! database ([`Account::shared`]) share each mailbox's pace and its cap on
+//! sessions through it. Each reply becomes
 //! an [`Outcome`] where it is received ([`classify`]); the queue retries
 //! the temporary ones.
 
@@ -20,6 +22,7 @@ mod probe;
 mod reply;
 mod rewrite;
 mod session;
+mod shared;
 mod tls;
 pub mod transport;
 mod worker;

@@ -13,7 +13,14 @@
 //!
 //! The record of recent sends is saved beside the queue (at most every two
 //! seconds), so a restart does not start with a full allowance and burst.
+//!
+//! Relays sharing a database share the pace too: each admission is also
+//! asked of the store, which counts every relay's sends of the mailbox in
+//! one sliding window (messages a minute, recipients a day). Each relay
+//! still spaces its own messages evenly and keeps its own pauses.
 
+use crate::shared::{Retry, Shared};
+use relay_store::{Pace, StoreError};
 use serde::{Deserialize, Serialize};
 use std::{
     collections::VecDeque,
@@ -46,6 +53,11 @@ pub struct Pacer {
     limits: Limits,
     file: Option<PathBuf>,
     state: Mutex<State>,
+    /// The pace of every relay on the database, when shared.
+    shared: Option<Shared>,
+    /// One shared admission at a time, so this relay's own spacing holds
+    /// across the store's answer.
+    admitting: tokio::sync::Mutex<()>,
 }
 
 #[derive(Debug, Default)]
@@ -100,15 +112,39 @@ impl Pacer {
             limits,
             file,
             state: Mutex::new(state),
+            shared: None,
+            admitting: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// This pacer, also admitting by the pace `shared` keeps for all relays.
+    pub(crate) fn sharing(self, shared: Option<Shared>) -> Self {
+        Pacer { shared, ..self }
     }
 
     /// Waits until a message to `recipients` recipients may go, and counts it
     /// as sent. Returns false if `shutdown` came first.
     pub async fn admit(&self, recipients: usize, shutdown: &CancellationToken) -> bool {
         let recipients = u32::try_from(recipients).unwrap_or(u32::MAX);
+        let mut retry = Retry::default();
         loop {
-            let wait = self.try_admit(recipients, SystemTime::now());
+            let wait = match &self.shared {
+                None => self.try_admit(recipients, SystemTime::now()),
+                Some(shared) => {
+                    let asked = tokio::select! {
+                        _ = shutdown.cancelled() => return false,
+                        asked = self.try_admit_shared(shared, recipients, SystemTime::now()) => asked,
+                    };
+                    match asked {
+                        Ok(wait) => {
+                            retry = Retry::default();
+                            wait
+                        }
+                        // Never unpaced: wait for the store to answer.
+                        Err(e) => Some(retry.failed("pacing", &e)),
+                    }
+                }
+            };
             let Some(wait) = wait else {
                 return true;
             };
@@ -154,6 +190,48 @@ impl Pacer {
     /// None when admitted (and counted); otherwise how long to wait.
     fn try_admit(&self, recipients: u32, now: SystemTime) -> Option<Duration> {
         let mut state = self.lock();
+        if let Some(wait) = self.wait(&mut state, recipients, now, true) {
+            return Some(wait);
+        }
+        state.sends.push_back((now, recipients));
+        drop(state);
+        self.save(false);
+        None
+    }
+
+    /// [`Self::try_admit`] by this relay's pauses and spacing, and by the
+    /// pace all relays share (which alone counts recipients a day, since it
+    /// sees every relay's). Cancel safety: dropped after the store counted
+    /// a send, that send is counted once too often, never too few.
+    async fn try_admit_shared(
+        &self,
+        shared: &Shared,
+        recipients: u32,
+        now: SystemTime,
+    ) -> Result<Option<Duration>, StoreError> {
+        let _turn = self.admitting.lock().await;
+        let local = self.wait(&mut self.lock(), recipients, now, false);
+        if local.is_some() {
+            return Ok(local);
+        }
+        if let Pace::WaitUntil(at) = shared.pace(now, &self.limits, recipients).await? {
+            return Ok(Some(until(at, now)));
+        }
+        self.lock().sends.push_back((now, recipients));
+        self.save(false);
+        Ok(None)
+    }
+
+    /// How long before a message to `recipients` may go at `now` by this
+    /// relay's record: pauses, even spacing and (with `per_day`) the
+    /// recipients of the last day. `None`: now.
+    fn wait(
+        &self,
+        state: &mut State,
+        recipients: u32,
+        now: SystemTime,
+        per_day: bool,
+    ) -> Option<Duration> {
         while state
             .sends
             .front()
@@ -173,6 +251,9 @@ impl Pacer {
                 return Some(until(*last + spacing, now));
             }
         }
+        if !per_day {
+            return None;
+        }
         let per_day = self.limits.recipients_per_day;
         let mut used: u32 = state.sends.iter().map(|(_, n)| *n).sum();
         // a message bigger than the whole allowance goes once the day is clear
@@ -184,9 +265,6 @@ impl Pacer {
                 }
             }
         }
-        state.sends.push_back((now, recipients));
-        drop(state);
-        self.save(false);
         None
     }
 
@@ -259,6 +337,8 @@ fn load(file: &std::path::Path) -> Option<Saved> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::shared::engines::Engine;
+    use std::sync::Arc;
 
     fn pacer(per_minute: u32, per_day: u32) -> Pacer {
         Pacer::new(
@@ -302,6 +382,82 @@ mod tests {
         p.too_many_connections();
         p.too_many_connections();
         assert_eq!(p.connections(), 1);
+    }
+
+    const SHARED_60: Limits = Limits {
+        messages_per_minute: 60,
+        recipients_per_day: 10_000,
+        max_connections: 3,
+    };
+
+    /// Two relays (two handles with their own ids on one database), each
+    /// trying every 250 ms of a clock passed in for three minutes at 60 a
+    /// minute: never more than 60 go out in any minute window, both send,
+    /// and the pace is used.
+    #[tokio::test]
+    async fn two_relays_share_one_pace() {
+        for engine in Engine::all() {
+            let relays = [engine.relay("a").await, engine.relay("b").await].map(|store| {
+                let shared = Shared::new(store, "main");
+                (
+                    Pacer::new(SHARED_60, None).sharing(Some(shared.clone())),
+                    shared,
+                )
+            });
+            let t0 = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+            let mut sent: Vec<(Duration, usize)> = Vec::new();
+            for step in 0..(3 * 60 * 4) {
+                let t = Duration::from_millis(250 * step);
+                for (n, (pacer, shared)) in relays.iter().enumerate() {
+                    let wait = pacer
+                        .try_admit_shared(shared, 1, t0 + t)
+                        .await
+                        .expect("the store answers");
+                    if wait.is_none() {
+                        sent.push((t, n));
+                    }
+                }
+            }
+            for (i, (start, _)) in sent.iter().enumerate() {
+                let in_minute = sent[i..]
+                    .iter()
+                    .take_while(|(t, _)| *t < *start + MINUTE)
+                    .count();
+                assert!(in_minute <= 60, "{in_minute} in the minute from {start:?}");
+            }
+            for relay in 0..2 {
+                let own = sent.iter().filter(|(_, n)| *n == relay).count();
+                assert!(own >= 30, "relay {relay} sent {own} of {}", sent.len());
+            }
+            assert!(sent.len() >= 170, "only {} in three minutes", sent.len());
+        }
+    }
+
+    /// The database gone: nothing is admitted (it waits and retries), and
+    /// shutdown still ends the wait.
+    #[tokio::test]
+    async fn no_admission_without_the_store() {
+        let Some(pg) = relay_testkit::Postgres::start() else {
+            return;
+        };
+        let engine = Engine::Postgres(pg);
+        let store = engine.relay("a").await;
+        let pacer = Arc::new(Pacer::new(SHARED_60, None).sharing(Some(Shared::new(store, "main"))));
+        drop(engine); // stops the server
+        let shutdown = CancellationToken::new();
+        let admitting = tokio::spawn({
+            let (pacer, shutdown) = (pacer.clone(), shutdown.clone());
+            async move { pacer.admit(1, &shutdown).await }
+        });
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(!admitting.is_finished(), "admitted without the store");
+        shutdown.cancel();
+        let admitted = tokio::time::timeout(Duration::from_secs(10), admitting)
+            .await
+            .expect("shutdown ends the wait")
+            .expect("no panic");
+        assert!(!admitted);
+        assert!(pacer.lock().sends.is_empty(), "nothing counted");
     }
 
     #[test]

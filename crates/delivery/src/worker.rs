@@ -3,6 +3,7 @@
 //! in the queue. Pacing, the cap on sessions per mailbox, the passthrough
 //! rule and recording are the same whatever the transport.
 
+use crate::shared::{Shared, Slot};
 use crate::transport::{Broken, Message, SlowDown, Transport, Unopened};
 use crate::{classify::hint, dsn, pace::Limits, pace::Pacer, rewrite::rewrite_from};
 use relay_config::StateDir;
@@ -35,6 +36,11 @@ pub struct Account {
     pub rewrite_from: bool,
     /// Notify the envelope sender of failed messages.
     pub bounce: bool,
+    /// The database shared with other relays, if any: the account's pace
+    /// and its `limits.max_connections` then hold for all of them together
+    /// (a worker opens a session only holding one of the mailbox's slots).
+    /// `None`: this relay alone.
+    pub shared: Option<relay_store::Store>,
 }
 
 impl Account {
@@ -69,6 +75,7 @@ impl Account {
             },
             rewrite_from: account.rewrite_from,
             bounce: account.bounce,
+            shared: None,
         }
     }
 }
@@ -119,13 +126,18 @@ pub fn spawn_into<T: Transport>(
             .state
             .as_ref()
             .map(|state| state.pacing_file(&account.name));
-        let pacer = Arc::new(Pacer::new(account.limits, file));
+        let shared = account
+            .shared
+            .clone()
+            .map(|store| Shared::new(store, &account.name));
+        let pacer = Arc::new(Pacer::new(account.limits, file).sharing(shared.clone()));
         for n in 0..account.limits.max_connections {
             let worker = Worker {
                 queue: queue.clone(),
                 transport: transport.clone(),
                 account: account.clone(),
                 pacer: pacer.clone(),
+                shared: shared.clone(),
                 hostname: hostname.clone(),
                 n,
             };
@@ -140,6 +152,8 @@ struct Worker<T: Transport> {
     transport: Arc<T>,
     account: Arc<Account>,
     pacer: Arc<Pacer>,
+    /// Where the mailbox's slots are, when shared with other relays.
+    shared: Option<Shared>,
     hostname: Arc<str>,
     /// This worker's place among the account's; those past the allowed
     /// session count stay idle.
@@ -158,12 +172,22 @@ struct Attempt {
 impl<T: Transport> Worker<T> {
     async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let mut session: Option<T::Session> = None;
+        // With a shared database: the slot the open session holds.
+        let mut slot: Option<Slot> = None;
         let mut recording = JoinSet::new();
         loop {
-            if self.n >= self.pacer.connections() {
+            let parked = self.n >= self.pacer.connections();
+            if parked {
                 if let Some(open) = session.take() {
                     self.transport.close(open).await;
                 }
+            }
+            if session.is_none() {
+                if let Some(free) = slot.take() {
+                    free.release().await;
+                }
+            }
+            if parked {
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = tokio::time::sleep(PARKED_RECHECK) => continue,
@@ -172,6 +196,7 @@ impl<T: Transport> Worker<T> {
             let idle = session.as_ref().map(|_| self.transport.idle_timeout());
             let lease = tokio::select! {
                 _ = shutdown.cancelled() => break,
+                _ = lost(&slot) => None,
                 lease = self.queue.next_due(&self.account.name, idle) => lease,
             };
             let Some(lease) = lease else {
@@ -180,6 +205,14 @@ impl<T: Transport> Worker<T> {
                 }
                 continue;
             };
+            if let (None, Some(shared)) = (&slot, &self.shared) {
+                // No session without a slot: wait for one, holding the
+                // message (the queue keeps the rest).
+                let Some(held) = shared.acquire(self.pacer.connections(), &shutdown).await else {
+                    break; // shutting down: the dropped lease leaves the message queued
+                };
+                slot = Some(held);
+            }
             if !self.pacer.admit(lease.recipients.len(), &shutdown).await {
                 break; // shutting down: the dropped lease leaves the message queued
             }
@@ -203,10 +236,18 @@ impl<T: Transport> Worker<T> {
                 recording.join_next().await;
             }
             recording.spawn(self.clone().record(attempt).in_current_span());
+            if slot.as_ref().is_some_and(Slot::is_lost) {
+                if let Some(open) = session.take() {
+                    self.transport.close(open).await;
+                }
+            }
         }
         while recording.join_next().await.is_some() {}
         if let Some(open) = session {
             self.transport.close(open).await;
+        }
+        if let Some(held) = slot {
+            held.release().await;
         }
     }
 
@@ -490,6 +531,14 @@ struct LogContext {
     attempt: u32,
     received_at: std::time::SystemTime,
     took: Duration,
+}
+
+/// Resolves when the held slot is lost; never without one.
+async fn lost(slot: &Option<Slot>) {
+    match slot {
+        Some(slot) => slot.lost().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Added to the reply of a passthrough recipient that was not delivered.

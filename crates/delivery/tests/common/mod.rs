@@ -46,6 +46,12 @@ pub struct Setup {
     pub retry_initial: &'static str,
     /// `queue.retry_max`, humantime syntax.
     pub retry_max: &'static str,
+    /// `upstream.idle_timeout`, humantime syntax.
+    pub idle_timeout: &'static str,
+    /// Deliver to this relay's kit (another relay's) instead of starting one.
+    pub kit: Option<(IdentityPlatform, SubmissionServer)>,
+    /// The database shared with other relays.
+    pub shared: Option<relay_store::Store>,
 }
 
 impl Setup {
@@ -67,6 +73,9 @@ impl Default for Setup {
             max_connections: 3,
             retry_initial: "200ms",
             retry_max: "1s",
+            idle_timeout: "30s",
+            kit: None,
+            shared: None,
         }
     }
 }
@@ -87,10 +96,16 @@ pub struct Relay {
 impl Relay {
     pub async fn start(setup: Setup) -> Relay {
         init();
-        let idp = IdentityPlatform::start().await.expect("identity platform");
-        let server = SubmissionServer::start_with(idp.clone(), setup.options)
-            .await
-            .expect("submission server");
+        let (idp, server) = match setup.kit {
+            Some(kit) => kit,
+            None => {
+                let idp = IdentityPlatform::start().await.expect("identity platform");
+                let server = SubmissionServer::start_with(idp.clone(), setup.options)
+                    .await
+                    .expect("submission server");
+                (idp, server)
+            }
+        };
         assert_eq!(server.mailbox(), MAILBOX);
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("ca.pem"), server.ca_pem()).expect("write CA");
@@ -101,10 +116,10 @@ impl Relay {
             .extra(
                 Section::Upstream,
                 &format!(
-                    "security = \"starttls\"\nmax_connections = {}\n\
+                    "security = \"starttls\"\nmax_connections = {}\nidle_timeout = \"{}\"\n\
                  # far above Microsoft's 30 a minute, so pacing does not slow the tests\n\
                  messages_per_minute = 6000\n",
-                    setup.max_connections
+                    setup.max_connections, setup.idle_timeout
                 ),
             )
             .extra(
@@ -135,7 +150,10 @@ impl Relay {
         let workers = relay_delivery::spawn(
             queue.clone(),
             Arc::new(upstream),
-            vec![Account::from_config(account, &config, tokens.clone())],
+            vec![Account {
+                shared: setup.shared,
+                ..Account::from_config(account, &config, tokens.clone())
+            }],
             relay_delivery::Settings {
                 state: Some(relay_config::StateDir::around(&queue_dir)),
                 hostname: "relay.test".into(),

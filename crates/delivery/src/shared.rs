@@ -1,0 +1,225 @@
+//! Limits shared with the other relays on one database: a mailbox's pace
+//! and its connection slots live in the [`Store`], which decides for every
+//! relay at once under a database lock.
+//!
+//! A store that does not answer never lets mail out unpaced or past the
+//! cap: admissions and slots wait, retrying with a bounded back-off, until
+//! it answers again. A slot is renewed in the background while held; a
+//! relay that dies leaves its slots to expire after [`SLOT_TTL`].
+
+use crate::pace::Limits;
+use rand::Rng;
+use relay_store::{Pace, PaceLimits, SlotId, Store, StoreError};
+use std::time::{Duration, SystemTime};
+use tokio_util::{sync::CancellationToken, task::AbortOnDropHandle};
+
+/// The first pause after a store error; it doubles up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+/// A slot lasts this long unless renewed, so a dead relay's slots return.
+const SLOT_TTL: Duration = Duration::from_secs(60);
+/// Renewed this often: two more chances before it would expire.
+const SLOT_RENEW: Duration = Duration::from_secs(20);
+/// A worker without a slot looks again after this (less up to a half, so
+/// the relays' workers do not ask in step).
+const SLOT_POLL: Duration = Duration::from_secs(1);
+
+/// The store an account's limits are shared through, and the account's
+/// name there (the queue's name for it, as the shared queue keys it).
+#[derive(Clone, Debug)]
+pub(crate) struct Shared {
+    store: Store,
+    account: String,
+}
+
+impl Shared {
+    pub(crate) fn new(store: Store, account: &str) -> Shared {
+        Shared {
+            store,
+            account: account.to_owned(),
+        }
+    }
+
+    /// Whether a message to `recipients` may go at `now` by the pace of
+    /// every relay together; a `Go` is counted.
+    pub(crate) async fn pace(
+        &self,
+        now: SystemTime,
+        limits: &Limits,
+        recipients: u32,
+    ) -> Result<Pace, StoreError> {
+        let limits = PaceLimits {
+            messages_per_minute: Some(limits.messages_per_minute),
+            recipients_per_day: Some(limits.recipients_per_day),
+        };
+        self.store
+            .pace(&self.account, now, limits, recipients)
+            .await
+    }
+
+    /// Waits for one of the mailbox's `cap` slots across all relays; `None`
+    /// if `shutdown` came first.
+    pub(crate) async fn acquire(&self, cap: usize, shutdown: &CancellationToken) -> Option<Slot> {
+        let cap = u32::try_from(cap).unwrap_or(u32::MAX);
+        let mut retry = Retry::default();
+        let mut told = false;
+        loop {
+            let asked = tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                asked = self.store.acquire_slot(&self.account, cap, SystemTime::now(), SLOT_TTL) => asked,
+            };
+            let pause = match asked {
+                Ok(Some(id)) => return Some(Slot::hold(self.store.clone(), id)),
+                Ok(None) => {
+                    if !told {
+                        tracing::debug!(cap, "every connection slot of the mailbox is taken (by this or another relay): waiting");
+                        told = true;
+                    }
+                    retry = Retry::default();
+                    SLOT_POLL.mul_f64(1.0 - rand::rng().random::<f64>() / 2.0)
+                }
+                Err(e) => retry.failed("taking a connection slot", &e),
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+}
+
+/// Pauses between retries after store errors: doubling from
+/// [`RETRY_FIRST`] to [`RETRY_MAX`], less up to a quarter.
+#[derive(Debug, Default)]
+pub(crate) struct Retry {
+    failures: u32,
+}
+
+impl Retry {
+    /// Logs the error (warning once, then quietly) and says how long to
+    /// wait before the next try.
+    pub(crate) fn failed(&mut self, doing: &str, e: &StoreError) -> Duration {
+        self.failures = self.failures.saturating_add(1);
+        let doublings = (self.failures - 1).min(16);
+        let pause = RETRY_FIRST
+            .saturating_mul(1 << doublings)
+            .min(RETRY_MAX)
+            .mul_f64(1.0 - rand::rng().random::<f64>() / 4.0);
+        if self.failures == 1 {
+            tracing::warn!(error = %e, retry_in = ?pause, "the shared database does not answer ({doing}); nothing goes out until it does");
+        } else {
+            tracing::debug!(error = %e, retry_in = ?pause, failures = self.failures, "the shared database still does not answer ({doing})");
+        }
+        pause
+    }
+}
+
+/// A connection slot held by a worker, renewed in the background until
+/// released. Dropped without [`Slot::release`] (a worker aborted), it
+/// stops being renewed and expires.
+pub(crate) struct Slot {
+    id: SlotId,
+    store: Store,
+    lost: CancellationToken,
+    renewer: AbortOnDropHandle<()>,
+}
+
+impl Slot {
+    fn hold(store: Store, id: SlotId) -> Slot {
+        let lost = CancellationToken::new();
+        let renewer = tokio::spawn(renew(store.clone(), id.clone(), lost.clone()));
+        Slot {
+            id,
+            store,
+            lost,
+            renewer: AbortOnDropHandle::new(renewer),
+        }
+    }
+
+    /// Resolves when the slot is no longer ours (it expired, and another
+    /// relay may have it): the session must close.
+    pub(crate) async fn lost(&self) {
+        self.lost.cancelled().await
+    }
+
+    pub(crate) fn is_lost(&self) -> bool {
+        self.lost.is_cancelled()
+    }
+
+    /// Gives the slot back to the relays. If the store does not answer, it
+    /// comes back by itself when it expires.
+    pub(crate) async fn release(self) {
+        let Slot {
+            id, store, renewer, ..
+        } = self;
+        drop(renewer);
+        if let Err(e) = store.release_slot(id).await {
+            tracing::debug!(error = %e, "cannot release the connection slot; it expires by itself");
+        }
+    }
+}
+
+/// Renews `id` every [`SLOT_RENEW`] until aborted; cancels `lost` once it
+/// is not ours any more: refused, or not renewed before its expiry.
+async fn renew(store: Store, id: SlotId, lost: CancellationToken) {
+    let mut expires = SystemTime::now() + SLOT_TTL;
+    loop {
+        tokio::time::sleep(SLOT_RENEW).await;
+        let now = SystemTime::now();
+        match store.renew_slot(&id, now, SLOT_TTL).await {
+            Ok(true) => expires = now + SLOT_TTL,
+            Ok(false) => {
+                tracing::warn!("the connection slot expired and may be another relay's now: closing the session after this message");
+                lost.cancel();
+                return;
+            }
+            Err(e) if SystemTime::now() + SLOT_RENEW >= expires => {
+                tracing::warn!(error = %e, "cannot renew the connection slot before it expires: closing the session after this message");
+                lost.cancel();
+                return;
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot renew the connection slot; trying again"),
+        }
+    }
+}
+
+/// The databases the tests share limits through: an SQLite file, and a
+/// PostgreSQL server the test starts itself when it is installed.
+#[cfg(test)]
+pub(crate) mod engines {
+    use relay_store::{Location, Secret, Store, StoreSettings};
+    use relay_testkit::Postgres;
+
+    pub(crate) enum Engine {
+        Sqlite(tempfile::TempDir),
+        Postgres(Postgres),
+    }
+
+    impl Engine {
+        pub(crate) fn all() -> Vec<Engine> {
+            let mut engines = vec![Engine::Sqlite(tempfile::tempdir().expect("tempdir"))];
+            engines.extend(Postgres::start().map(Engine::Postgres));
+            engines
+        }
+
+        /// A handle on the database for the relay with id `relay`.
+        pub(crate) async fn relay(&self, relay: &str) -> Store {
+            let location = match self {
+                Engine::Sqlite(dir) => Location::Sqlite(dir.path().join("queue.sqlite")),
+                Engine::Postgres(pg) => Location::Postgres {
+                    url: pg.url(),
+                    password: Some(Secret::new(
+                        std::fs::read_to_string(pg.password_file()).expect("password"),
+                    )),
+                },
+            };
+            Store::open(StoreSettings {
+                location,
+                relay: relay.to_owned(),
+                max_connections: 4,
+            })
+            .await
+            .expect("open the store")
+        }
+    }
+}
