@@ -51,6 +51,17 @@ pub enum TokenError {
     /// The account's configuration cannot make a token request.
     #[error("{0}")]
     Config(String),
+    /// The database shared with other relays, which holds the refresh
+    /// token, did not answer.
+    #[error("shared refresh token: {0}")]
+    Store(#[from] relay_store::StoreError),
+    /// Another relay held the shared refresh token for longer than this one
+    /// waits; it tries again later.
+    #[error("relay {relay:?} has been redeeming the shared refresh token for too long")]
+    Redeeming {
+        /// The relay holding it.
+        relay: String,
+    },
 }
 
 impl TokenError {

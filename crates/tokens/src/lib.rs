@@ -18,6 +18,10 @@
 //! toward the back-off), replies are read up to 64 KiB and
 //! their texts clipped before they reach an error ([`bounded`]).
 //!
+//! A delegated account's rotating refresh token can be shared by relays on
+//! one database ([`TokenManager::shared`]): one relay redeems it at a time
+//! and the others redeem the token it stored.
+//!
 //! Tokens and secrets are [`relay_config::Secret`]s: they never reach a log.
 
 mod assertion;
@@ -30,6 +34,7 @@ mod explain;
 mod http;
 mod lifetime;
 mod manager;
+mod shared;
 mod source;
 
 pub use authorize::{now_unix, BrowserAuthorization, DeviceAuthorization};

@@ -1,6 +1,6 @@
-use crate::{http, source::Issued, TokenError, TokenSource};
+use crate::{http, shared::SharedRefresh, source::Issued, TokenError, TokenSource};
 use rand::Rng;
-use relay_config::Secret;
+use relay_config::{Flow, Secret};
 use std::{
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -144,6 +144,8 @@ pub struct TokenManager {
 struct Inner {
     account: String,
     source: TokenSource,
+    /// A delegated account's refresh token, when shared with other relays.
+    shared: Option<SharedRefresh>,
     client: reqwest::Client,
     state: Mutex<State>,
     /// Held while a request is in flight, so concurrent callers share it;
@@ -165,11 +167,27 @@ struct State {
 impl TokenManager {
     /// A manager for `account` that obtains tokens from `source`.
     pub fn new(account: &str, source: TokenSource) -> Result<Self, TokenError> {
+        Self::shared(account, source, None)
+    }
+
+    /// [`TokenManager::new`], sharing a delegated (`refresh_token`)
+    /// account's refresh token with the other relays on `store`'s database
+    /// (other flows have nothing to share). `None`: this relay alone, with
+    /// the token cache file.
+    pub fn shared(
+        account: &str,
+        source: TokenSource,
+        store: Option<relay_store::Store>,
+    ) -> Result<Self, TokenError> {
         let client = http_client(&source)?;
+        let shared = store
+            .filter(|_| source.flow() == Flow::RefreshToken)
+            .map(SharedRefresh::new);
         Ok(TokenManager {
             inner: Arc::new(Inner {
                 account: account.to_owned(),
                 source,
+                shared,
                 client,
                 state: Mutex::new(State::default()),
                 in_flight: tokio::sync::Mutex::new(0),
@@ -322,11 +340,11 @@ impl TokenManager {
         // Only the first token of the process may come from a token cache:
         // later ones replace a token that is due or was refused.
         let allow_cached = *generation == 0;
-        let issued = self
-            .inner
-            .source
-            .fetch(&self.inner.client, allow_cached)
-            .await;
+        let (source, client) = (&self.inner.source, &self.inner.client);
+        let issued = match &self.inner.shared {
+            Some(shared) => shared.fetch(source, client, allow_cached).await,
+            None => source.fetch(client, allow_cached).await,
+        };
         let result = if issued.is_ok() { "ok" } else { "error" };
         metrics::counter!("smtp_relay_token_requests_total", "account" => self.inner.account.clone(), "result" => result)
             .increment(1);
