@@ -337,7 +337,7 @@ fn load(file: &std::path::Path) -> Option<Saved> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::shared::engines::Engine;
+    use relay_testkit::SharedDatabase;
     use std::sync::Arc;
 
     fn pacer(per_minute: u32, per_day: u32) -> Pacer {
@@ -396,8 +396,8 @@ mod tests {
     /// and the pace is used.
     #[tokio::test]
     async fn two_relays_share_one_pace() {
-        for engine in Engine::all() {
-            let relays = [engine.relay("a").await, engine.relay("b").await].map(|store| {
+        for database in SharedDatabase::all() {
+            let relays = [database.relay("a").await, database.relay("b").await].map(|store| {
                 let shared = Shared::new(store, "main");
                 (
                     Pacer::new(SHARED_60, None).sharing(Some(shared.clone())),
@@ -440,10 +440,10 @@ mod tests {
         let Some(pg) = relay_testkit::Postgres::start() else {
             return;
         };
-        let engine = Engine::Postgres(pg);
-        let store = engine.relay("a").await;
+        let database = SharedDatabase::Postgres(pg);
+        let store = database.relay("a").await;
         let pacer = Arc::new(Pacer::new(SHARED_60, None).sharing(Some(Shared::new(store, "main"))));
-        drop(engine); // stops the server
+        drop(database); // stops the server
         let shutdown = CancellationToken::new();
         let admitting = tokio::spawn({
             let (pacer, shutdown) = (pacer.clone(), shutdown.clone());

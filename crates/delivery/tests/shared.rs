@@ -6,49 +6,9 @@
 mod common;
 
 use common::{Relay, Setup, LIMIT, MAILBOX};
-use relay_store::{Location, Secret, Store, StoreSettings};
-use relay_testkit::Postgres;
+use relay_store::Store;
+use relay_testkit::SharedDatabase;
 use std::time::{Duration, SystemTime};
-
-/// One database, and how to open a relay's handle on it.
-struct Database {
-    location: Location,
-    _server: Option<Postgres>,
-    _dir: tempfile::TempDir,
-}
-
-impl Database {
-    fn all() -> Vec<Database> {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut all = vec![Database {
-            location: Location::Sqlite(dir.path().join("queue.sqlite")),
-            _server: None,
-            _dir: dir,
-        }];
-        if let Some(pg) = Postgres::start() {
-            let password = std::fs::read_to_string(pg.password_file()).expect("password");
-            all.push(Database {
-                location: Location::Postgres {
-                    url: pg.url(),
-                    password: Some(Secret::new(password)),
-                },
-                _server: Some(pg),
-                _dir: tempfile::tempdir().expect("tempdir"),
-            });
-        }
-        all
-    }
-
-    async fn relay(&self, id: &str) -> Store {
-        Store::open(StoreSettings {
-            location: self.location.clone(),
-            relay: id.to_owned(),
-            max_connections: 4,
-        })
-        .await
-        .expect("open the store")
-    }
-}
 
 fn setup(shared: Store) -> Setup {
     Setup {
@@ -66,7 +26,7 @@ fn setup(shared: Store) -> Setup {
 // once together; every message exactly once; every slot given back.
 #[tokio::test]
 async fn two_relays_never_exceed_max_connections_together() {
-    for database in Database::all() {
+    for database in SharedDatabase::all() {
         let a = Relay::start(setup(database.relay("a").await)).await;
         let b = Relay::start(Setup {
             kit: Some((a.idp.clone(), a.server.clone())),
@@ -95,8 +55,9 @@ async fn two_relays_never_exceed_max_connections_together() {
         assert_eq!(received, bodies, "each message exactly once");
         assert!(
             a.server.max_concurrent() <= 3,
-            "max_concurrent = {}",
-            a.server.max_concurrent()
+            "max_concurrent = {} on {}",
+            a.server.max_concurrent(),
+            database.name()
         );
         a.shutdown().await;
         b.shutdown().await;

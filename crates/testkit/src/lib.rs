@@ -5,9 +5,11 @@
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
+mod database;
 mod postgres;
 mod wait;
 
+pub use database::SharedDatabase;
 pub use postgres::{Postgres, POSTGRES_PASSWORD, POSTGRES_USER};
 pub use relay_standin::*;
 pub use wait::poll_until;

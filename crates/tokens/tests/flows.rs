@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{bounded, eventually, init, LIMIT};
+use common::{bounded, eventually, init, seed_cache, LIMIT};
 use relay_config::{AccountConfig, Flow};
 use relay_testkit::{open_in_browser, ClientCertificate, Consent, IdentityPlatform};
 use relay_tokens::{
@@ -75,25 +75,6 @@ fn finish_in_background(
 ) -> JoinHandle<Result<CacheEntry, TokenError>> {
     let source = source.clone();
     tokio::spawn(async move { source.finish_browser_authorization(sign_in, LIMIT).await })
-}
-
-/// Seeds the cache as if someone had signed in.
-fn seed_cache(source: &TokenSource, idp: &IdentityPlatform) -> String {
-    let refresh_token = idp.mint_refresh_token();
-    let cache = source.cache().expect("a cache");
-    let entry = relay_tokens::CacheEntry {
-        version: 1,
-        account: "main".into(),
-        provider: "microsoft".into(),
-        client_id: idp.client_id().into(),
-        scope: source.scope().into(),
-        refresh_token: refresh_token.clone(),
-        access_token: None,
-        access_token_expires_at: None,
-        updated_at: 0,
-    };
-    cache.save(&entry).expect("seed the cache");
-    refresh_token
 }
 
 async fn certificate_account(idp: &IdentityPlatform, dir: &Path, algorithm: &str) -> AccountConfig {

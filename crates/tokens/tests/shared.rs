@@ -5,52 +5,12 @@
 
 mod common;
 
-use common::{bounded, init};
+use common::{bounded, init, seed_cache};
 use relay_config::AccountConfig;
-use relay_store::{Location, Secret, Store, StoreSettings};
-use relay_testkit::{IdentityPlatform, Postgres};
-use relay_tokens::{CacheEntry, TokenManager, TokenSource};
-use std::{path::Path, time::Duration};
-
-/// One database, and how to open a relay's handle on it.
-struct Database {
-    location: Location,
-    _server: Option<Postgres>,
-    _dir: tempfile::TempDir,
-}
-
-impl Database {
-    fn all() -> Vec<Database> {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut all = vec![Database {
-            location: Location::Sqlite(dir.path().join("queue.sqlite")),
-            _server: None,
-            _dir: dir,
-        }];
-        if let Some(pg) = Postgres::start() {
-            let password = std::fs::read_to_string(pg.password_file()).expect("password");
-            all.push(Database {
-                location: Location::Postgres {
-                    url: pg.url(),
-                    password: Some(Secret::new(password)),
-                },
-                _server: Some(pg),
-                _dir: tempfile::tempdir().expect("tempdir"),
-            });
-        }
-        all
-    }
-
-    async fn relay(&self, id: &str) -> Store {
-        Store::open(StoreSettings {
-            location: self.location.clone(),
-            relay: id.to_owned(),
-            max_connections: 4,
-        })
-        .await
-        .expect("open the store")
-    }
-}
+use relay_store::{Secret, Store};
+use relay_testkit::{IdentityPlatform, SharedDatabase};
+use relay_tokens::{TokenManager, TokenSource};
+use std::time::Duration;
 
 fn delegated(idp: &IdentityPlatform) -> AccountConfig {
     let toml = format!(
@@ -65,32 +25,33 @@ fn delegated(idp: &IdentityPlatform) -> AccountConfig {
     config.accounts.remove(0)
 }
 
-/// A relay's token manager: its own queue directory (and token cache
-/// file) under `dir`, the shared refresh token in `store`.
-fn relay(idp: &IdentityPlatform, dir: &Path, store: Store) -> (TokenManager, TokenSource) {
-    let source = TokenSource::for_account(&delegated(idp), &dir.join("queue")).expect("source");
-    let manager = TokenManager::shared("main", source.clone(), Some(store)).expect("manager");
-    (manager, source)
+/// A relay: its token manager, and the source whose token cache file
+/// sits in the relay's own queue directory.
+struct Relay {
+    tokens: TokenManager,
+    source: TokenSource,
+    _dir: tempfile::TempDir,
 }
 
-/// A sign-in on relay `source`'s host, as `authorize` writes it.
-fn sign_in(source: &TokenSource, idp: &IdentityPlatform) {
-    let entry = CacheEntry {
-        version: 1,
-        account: "main".into(),
-        provider: "microsoft".into(),
-        client_id: idp.client_id().into(),
-        scope: source.scope().into(),
-        refresh_token: idp.mint_refresh_token(),
-        access_token: None,
-        access_token_expires_at: None,
-        updated_at: 0,
+/// Relays `a` and `b` sharing the refresh token of one sign-in on a's host,
+/// and a's handle on the store.
+async fn two_relays(idp: &IdentityPlatform, database: &SharedDatabase) -> (Relay, Relay, Store) {
+    let store = database.relay("a").await;
+    let relay = |store: Store| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let source =
+            TokenSource::for_account(&delegated(idp), &dir.path().join("queue")).expect("source");
+        let tokens = TokenManager::shared("main", source.clone(), Some(store)).expect("manager");
+        Relay {
+            tokens,
+            source,
+            _dir: dir,
+        }
     };
-    source
-        .cache()
-        .expect("a cache")
-        .save(&entry)
-        .expect("sign in");
+    let a = relay(store.clone());
+    let b = relay(database.relay("b").await);
+    seed_cache(&a.source, idp);
+    (a, b, store)
 }
 
 /// Every refresh grant so far succeeded (a token presented twice would have
@@ -117,31 +78,29 @@ async fn each_token_redeemed_once(idp: &IdentityPlatform, store: &Store, grants:
 #[tokio::test]
 async fn relays_take_turns_with_one_rotating_refresh_token() {
     init();
-    for database in Database::all() {
+    for database in SharedDatabase::all() {
         let idp = IdentityPlatform::start().await.expect("identity platform");
-        let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
-        let store = database.relay("a").await;
-        let (a, source_a) = relay(&idp, dirs[0].path(), store.clone());
-        let (b, _) = relay(&idp, dirs[1].path(), database.relay("b").await);
-        sign_in(&source_a, &idp);
+        let (a, b, store) = two_relays(&idp, &database).await;
 
-        let token_a = bounded(a.token()).await.expect("relay a's token");
-        let token_b = bounded(b.token())
+        let token_a = bounded(a.tokens.token()).await.expect("relay a's token");
+        let token_b = bounded(b.tokens.token())
             .await
             .expect("relay b's token (no sign-in there)");
         for token in [&token_a, &token_b] {
             idp.check_access_token(token.secret().expose())
-                .expect("a working access token");
+                .unwrap_or_else(|e| {
+                    panic!("not a working access token on {}: {e:?}", database.name())
+                });
         }
         each_token_redeemed_once(&idp, &store, 2).await;
         // relay a's file holds a rotation b has redeemed since: it takes the shared one
-        let renewed = bounded(a.refresh_rejected(&token_a))
+        let renewed = bounded(a.tokens.refresh_rejected(&token_a))
             .await
             .expect("renewed");
         idp.check_access_token(renewed.secret().expose())
             .expect("a working access token");
         each_token_redeemed_once(&idp, &store, 3).await;
-        let debug = format!("{renewed:?} {source_a:?}");
+        let debug = format!("{renewed:?} {:?}", a.source);
         assert!(
             idp.issued_refresh_tokens()
                 .iter()
@@ -156,28 +115,29 @@ async fn relays_take_turns_with_one_rotating_refresh_token() {
 #[tokio::test]
 async fn concurrent_relays_redeem_one_at_a_time() {
     init();
-    for database in Database::all() {
+    for database in SharedDatabase::all() {
         let idp = IdentityPlatform::start().await.expect("identity platform");
-        let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
-        let store = database.relay("a").await;
-        let (a, source_a) = relay(&idp, dirs[0].path(), store.clone());
-        let (b, source_b) = relay(&idp, dirs[1].path(), database.relay("b").await);
-        sign_in(&source_a, &idp);
+        let (a, b, store) = two_relays(&idp, &database).await;
         // seed the store, then let both relays' tokens be due together
-        let token_a = bounded(a.token()).await.expect("a");
-        let token_b = bounded(b.token()).await.expect("b");
+        let token_a = bounded(a.tokens.token()).await.expect("a");
+        let token_b = bounded(b.tokens.token()).await.expect("b");
         idp.set_reply_delay(Some(Duration::from_millis(300)));
         let (renewed_a, renewed_b) = bounded(async {
-            tokio::join!(a.refresh_rejected(&token_a), b.refresh_rejected(&token_b))
+            tokio::join!(
+                a.tokens.refresh_rejected(&token_a),
+                b.tokens.refresh_rejected(&token_b)
+            )
         })
         .await;
         for token in [renewed_a.expect("a"), renewed_b.expect("b")] {
             idp.check_access_token(token.secret().expose())
-                .expect("a working access token");
+                .unwrap_or_else(|e| {
+                    panic!("not a working access token on {}: {e:?}", database.name())
+                });
         }
         each_token_redeemed_once(&idp, &store, 4).await;
         // both files end with a token the platform issued
-        for source in [&source_a, &source_b] {
+        for source in [&a.source, &b.source] {
             let entry = source.cache().unwrap().load().unwrap().unwrap();
             assert!(idp.issued_refresh_tokens().contains(&entry.refresh_token));
         }

@@ -6,7 +6,7 @@
 
 use relay_config::OAuthConfig;
 use relay_testkit::IdentityPlatform;
-use relay_tokens::{TokenManager, TokenSource};
+use relay_tokens::{CacheEntry, TokenManager, TokenSource};
 use std::{path::Path, time::Duration};
 
 /// Upper bound for anything a test waits for.
@@ -69,6 +69,26 @@ pub fn kit_config(idp: &IdentityPlatform) -> OAuthConfig {
 pub fn manager(oauth: &OAuthConfig) -> TokenManager {
     let source = TokenSource::from_config(oauth).expect("token source");
     TokenManager::new("main", source).expect("token manager")
+}
+
+/// Seeds `source`'s token cache as if someone had signed in (as
+/// `authorize` writes it); returns the refresh token.
+pub fn seed_cache(source: &TokenSource, idp: &IdentityPlatform) -> String {
+    let refresh_token = idp.mint_refresh_token();
+    let cache = source.cache().expect("a cache");
+    let entry = CacheEntry {
+        version: 1,
+        account: "main".into(),
+        provider: "microsoft".into(),
+        client_id: idp.client_id().into(),
+        scope: source.scope().into(),
+        refresh_token: refresh_token.clone(),
+        access_token: None,
+        access_token_expires_at: None,
+        updated_at: 0,
+    };
+    cache.save(&entry).expect("seed the cache");
+    refresh_token
 }
 
 /// Polls `condition` every 20 ms until it holds or `limit` passes; returns
