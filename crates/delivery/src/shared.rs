@@ -127,7 +127,7 @@ pub(crate) struct Slot {
 impl Slot {
     fn hold(store: Store, id: SlotId) -> Slot {
         let lost = CancellationToken::new();
-        let renewer = tokio::spawn(renew(store.clone(), id.clone(), lost.clone()));
+        let renewer = tokio::spawn(renew(store.clone(), id.clone(), lost.clone(), SLOT_RENEW));
         Slot {
             id,
             store,
@@ -159,12 +159,13 @@ impl Slot {
     }
 }
 
-/// Renews `id` every [`SLOT_RENEW`] until aborted; cancels `lost` once it
-/// is not ours any more: refused, or not renewed before its expiry.
-async fn renew(store: Store, id: SlotId, lost: CancellationToken) {
+/// Renews `id` `every` so often (well within [`SLOT_TTL`]) until aborted;
+/// cancels `lost` once it is not ours any more: refused, or not renewed
+/// before its expiry.
+async fn renew(store: Store, id: SlotId, lost: CancellationToken, every: Duration) {
     let mut expires = SystemTime::now() + SLOT_TTL;
     loop {
-        tokio::time::sleep(SLOT_RENEW).await;
+        tokio::time::sleep(every).await;
         let now = SystemTime::now();
         match store.renew_slot(&id, now, SLOT_TTL).await {
             Ok(true) => expires = now + SLOT_TTL,
@@ -173,12 +174,84 @@ async fn renew(store: Store, id: SlotId, lost: CancellationToken) {
                 lost.cancel();
                 return;
             }
-            Err(e) if SystemTime::now() + SLOT_RENEW >= expires => {
+            Err(e) if SystemTime::now() + every >= expires => {
                 tracing::warn!(error = %e, "cannot renew the connection slot before it expires: closing the session after this message");
                 lost.cancel();
                 return;
             }
             Err(e) => tracing::debug!(error = %e, "cannot renew the connection slot; trying again"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use relay_testkit::SharedDatabase;
+
+    const LIMIT: Duration = Duration::from_secs(10);
+
+    // The cap holds across relays: b waits while a holds the only slot,
+    // gets it once a gives it back, and shutdown ends a wait.
+    #[tokio::test]
+    async fn without_a_free_slot_a_worker_waits() {
+        for database in SharedDatabase::all() {
+            let a = Shared::new(database.relay("a").await, "main");
+            let b = Shared::new(database.relay("b").await, "main");
+            let shutdown = CancellationToken::new();
+            let held = a.acquire(1, &shutdown).await.expect("a free slot");
+            let waiting = tokio::spawn({
+                let (b, shutdown) = (b.clone(), shutdown.clone());
+                async move { b.acquire(1, &shutdown).await }
+            });
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            assert!(!waiting.is_finished(), "{}: past the cap", database.name());
+            held.release().await;
+            let taken = tokio::time::timeout(LIMIT, waiting)
+                .await
+                .expect("b gets the slot")
+                .expect("no panic")
+                .expect("a slot, not shutdown");
+            let stopped = tokio::spawn({
+                let shutdown = shutdown.clone();
+                async move { a.acquire(1, &shutdown).await.is_none() }
+            });
+            shutdown.cancel();
+            let stopped = tokio::time::timeout(LIMIT, stopped).await;
+            assert!(stopped.expect("shutdown ends the wait").expect("no panic"));
+            taken.release().await;
+        }
+    }
+
+    // A held slot is renewed; once it is gone (expired and taken over
+    // while this relay stalled) the holder is told.
+    #[tokio::test]
+    async fn a_slot_taken_away_is_lost() {
+        for database in SharedDatabase::all() {
+            let store = database.relay("a").await;
+            let id = store
+                .acquire_slot("main", 1, SystemTime::now(), SLOT_TTL)
+                .await
+                .expect("the store answers")
+                .expect("a free slot");
+            let lost = CancellationToken::new();
+            let every = Duration::from_millis(50);
+            let _renewer = AbortOnDropHandle::new(tokio::spawn(renew(
+                store.clone(),
+                id.clone(),
+                lost.clone(),
+                every,
+            )));
+            tokio::time::sleep(every * 4).await;
+            assert!(
+                !lost.is_cancelled(),
+                "{}: renewed while ours",
+                database.name()
+            );
+            store.release_slot(id).await.expect("the store answers");
+            tokio::time::timeout(LIMIT, lost.cancelled())
+                .await
+                .expect("the loss is noticed");
         }
     }
 }
