@@ -2,6 +2,12 @@
 //! reused session of a [`Transport`], and record each recipient's outcome
 //! in the queue. Pacing, the cap on sessions per mailbox, the passthrough
 //! rule and recording are the same whatever the transport.
+//!
+//! With a database shared by several relays ([`Account::shared`]) a worker
+//! opens a session only while it holds one of the mailbox's slots there,
+//! taken before the message's pacing (so a send is counted only once it
+//! can go) and given back when the session closes; an idle session keeps
+//! its slot until the transport's idle timeout, as it keeps the upstream's.
 
 use crate::shared::{Shared, Slot};
 use crate::transport::{Broken, Message, SlowDown, Transport, Unopened};
