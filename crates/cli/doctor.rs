@@ -268,6 +268,7 @@ async fn doctor_graph(
             .send(
                 token.secret().expose(),
                 &account.mailbox,
+                &format!("doctor-{}", std::process::id()),
                 std::slice::from_ref(to),
                 message.as_bytes(),
             )

@@ -16,7 +16,7 @@ use serde_json::json;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-use crate::error::{GraphError, Step};
+use crate::error::{Failure, GraphError, Step};
 use crate::mime::{self, Detached, Field, HeaderRecipients};
 use crate::settings::Settings;
 
@@ -34,6 +34,18 @@ const REPLY_LIMIT: usize = 64 * 1024;
 pub const UPLOAD_CHUNK: usize = 12 * 320 * 1024;
 /// Room for the JSON around an attachment's base64.
 const ATTACHMENT_JSON_ROOM: usize = 4096;
+/// The header a draft carries naming the message it is for (the caller's
+/// key, the queue id), so that the next attempt finds a draft an interrupted
+/// one left behind and deletes it instead of leaving it, or sending twice.
+pub const DRAFT_TAG_HEADER: &str = "X-Relay-Queue-Id";
+/// [`DRAFT_TAG_HEADER`] as Exchange stores it: a named property in the
+/// internet headers property set (`PS_INTERNET_HEADERS`), which `$filter`
+/// on `singleValueExtendedProperties` can match.
+const DRAFT_TAG_PROPERTY: &str =
+    "String {00020386-0000-0000-C000-000000000046} Name X-Relay-Queue-Id";
+/// Most leftover drafts deleted per attempt: one interrupted attempt leaves
+/// at most one.
+const LEFTOVERS_LISTED: &str = "10";
 
 /// A message Graph accepted (202): queued for sending, not yet delivered.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,6 +83,7 @@ struct Sending<'a> {
     gate: Arc<Gate>,
     token: &'a str,
     mailbox: &'a str,
+    key: &'a str,
 }
 
 impl GraphClient {
@@ -94,22 +107,37 @@ impl GraphClient {
     }
 
     /// Sends `mime` as `mailbox` to exactly `recipients` (the envelope's),
-    /// with `token` as the bearer token (never logged).
+    /// with `token` as the bearer token (never logged). `key` names the
+    /// message across attempts (the queue id: letters, digits, `-`, `.`,
+    /// `_`).
     ///
     /// When the header recipients are the envelope's and the message fits
-    /// one request, this is one `sendMail`. Otherwise a draft is created from
-    /// the MIME (large attachments taken out and added separately), its
-    /// recipients set to the envelope's, and sent; a draft whose send does
-    /// not happen is deleted.
+    /// one request, this is one `sendMail`. Otherwise a draft tagged with
+    /// `key` is created from the MIME (large attachments taken out and added
+    /// separately), its recipients set to the envelope's, and sent; a draft
+    /// whose send does not happen is deleted, and one that an interrupted
+    /// attempt left behind is deleted before the new one is made.
     pub async fn send(
         &self,
         token: &str,
         mailbox: &str,
+        key: &str,
         recipients: &[String],
         mime: &[u8],
     ) -> Result<Accepted, GraphError> {
         if recipients.is_empty() {
             return Err(GraphError::local(Step::Prepare, "no envelope recipients"));
+        }
+        let key_usable = !key.is_empty()
+            && key.len() <= 64
+            && key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b));
+        if !key_usable {
+            return Err(GraphError::local(
+                Step::Prepare,
+                "the message key is not usable as a draft tag",
+            ));
         }
         let header = HeaderRecipients::parse(mime)
             .ok_or_else(|| GraphError::local(Step::Prepare, "the message has no header"))?;
@@ -119,23 +147,26 @@ impl GraphClient {
             gate: self.gate(mailbox),
             token,
             mailbox,
+            key,
         };
         let fits = mime::base64_len(mime.len()) <= MAX_REQUEST;
         if exact && fits {
             return sending.send_mail(mime).await;
         }
         let patch = (!exact).then(|| recipients_patch(&header, recipients));
-        if fits {
+        let tag_len = draft_tag(key).len();
+        if mime::base64_len(tag_len + mime.len()) <= MAX_REQUEST {
             return sending
                 .send_draft(mime, std::slice::from_ref(&(0..mime.len())), &[], patch)
                 .await;
         }
-        let split = mime::split(mime, MAX_REQUEST).ok_or_else(|| {
-            GraphError::local(
-                Step::Prepare,
-                "the message is over 4 MB even without its attachments: Graph cannot take it",
-            )
-        })?;
+        let split =
+            mime::split(mime, MAX_REQUEST - mime::base64_len(tag_len)).ok_or_else(|| {
+                GraphError::local(
+                    Step::Prepare,
+                    "the message is over 4 MB even without its attachments: Graph cannot take it",
+                )
+            })?;
         sending
             .send_draft(mime, &split.kept, &split.detached, patch)
             .await
@@ -245,8 +276,9 @@ impl Sending<'_> {
         })
     }
 
-    /// Draft from `kept` (ranges of `mime`), the `detached` attachments
-    /// added, recipients patched, then sent; deleted if anything fails.
+    /// Draft from `kept` (ranges of `mime`) and the tag, the `detached`
+    /// attachments added, recipients patched, then sent; deleted if anything
+    /// fails. Drafts of earlier attempts go first.
     async fn send_draft(
         &self,
         mime: &[u8],
@@ -254,7 +286,10 @@ impl Sending<'_> {
         detached: &[Detached],
         patch: Option<serde_json::Value>,
     ) -> Result<Accepted, GraphError> {
+        self.delete_leftovers().await?;
         let mut encoder = EncoderStringWriter::new(&STANDARD);
+        // Writing to a String cannot fail.
+        let _ = encoder.write_all(draft_tag(self.key).as_bytes());
         for range in kept {
             // Writing to a String cannot fail.
             let _ = encoder.write_all(&mime[range.clone()]);
@@ -371,8 +406,49 @@ impl Sending<'_> {
         Ok(())
     }
 
+    /// Deletes the drafts tagged with this message's key: an attempt that
+    /// was interrupted (the relay killed, the host down) left them. They are
+    /// never sent (each attempt sends only its own draft), so a failed
+    /// delete, or a listing Graph refuses outright, only leaves clutter and
+    /// the send goes on. A temporary failure, a refused token or missing
+    /// `Mail.ReadWrite` stops the attempt, as creating the draft would fail
+    /// alike.
+    async fn delete_leftovers(&self) -> Result<(), GraphError> {
+        let mut url = self.url(&["mailFolders", "drafts", "messages"]);
+        url.query_pairs_mut()
+            .append_pair(
+                "$filter",
+                &format!(
+                    "singleValueExtendedProperties/any(ep: ep/id eq '{DRAFT_TAG_PROPERTY}' \
+                     and ep/value eq '{}')",
+                    self.key
+                ),
+            )
+            .append_pair("$select", "id")
+            .append_pair("$top", LEFTOVERS_LISTED);
+        let request = self.client.http.get(url).bearer_auth(self.token);
+        let reply = match self.call(Step::FindLeftovers, request).await {
+            Err(e) if e.failure == Failure::Permanent => {
+                tracing::warn!(mailbox = self.mailbox, error = %e, "could not look for drafts an interrupted attempt left behind");
+                return Ok(());
+            }
+            other => other?,
+        };
+        let found: Listed = parse(Step::FindLeftovers, &reply)?;
+        for draft in found.value {
+            tracing::info!(
+                mailbox = self.mailbox,
+                key = self.key,
+                "deleting the draft an interrupted attempt left behind"
+            );
+            self.delete_draft(&draft.id).await;
+        }
+        Ok(())
+    }
+
     /// Best effort: a draft left behind is never sent (each attempt makes
-    /// its own), so failing to delete it only leaves clutter in Drafts.
+    /// its own) and the next attempt deletes it, so failing to delete it
+    /// now only leaves clutter in Drafts meanwhile.
     async fn delete_draft(&self, id: &str) {
         if self.gate.paused_for(Instant::now()).is_some() {
             tracing::warn!(
@@ -386,6 +462,11 @@ impl Sending<'_> {
             tracing::warn!(mailbox = self.mailbox, error = %e, "could not delete the unsent graph draft");
         }
     }
+}
+
+/// The header line a draft's MIME starts with.
+fn draft_tag(key: &str) -> String {
+    format!("{DRAFT_TAG_HEADER}: {key}\r\n")
 }
 
 /// The PATCH setting the draft's recipients to exactly the envelope's.
@@ -439,6 +520,12 @@ struct Created {
     id: String,
 }
 
+/// A `GET` of a message collection with `$select=id`.
+#[derive(Deserialize)]
+struct Listed {
+    value: Vec<Created>,
+}
+
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct UploadSession {
@@ -449,7 +536,7 @@ fn parse<T: for<'de> Deserialize<'de>>(step: Step, reply: &Reply) -> Result<T, G
     serde_json::from_slice(&reply.body).map_err(|e| {
         let mut error = GraphError::local(step, format!("unexpected reply from Graph: {e}"));
         error.request_id = reply.request_id.clone();
-        error.failure = crate::Failure::Temporary { retry_after: None };
+        error.failure = Failure::Temporary { retry_after: None };
         error
     })
 }

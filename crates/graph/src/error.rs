@@ -15,6 +15,9 @@ pub enum Step {
     Prepare,
     /// `POST /users/{mailbox}/sendMail`.
     SendMail,
+    /// `GET …/mailFolders/drafts/messages` for drafts an interrupted attempt
+    /// left behind.
+    FindLeftovers,
     /// `POST /users/{mailbox}/messages` (draft from MIME).
     CreateDraft,
     /// `POST …/messages/{id}/attachments` (small attachment).
@@ -36,6 +39,7 @@ impl fmt::Display for Step {
         f.write_str(match self {
             Step::Prepare => "preparing the message",
             Step::SendMail => "sendMail",
+            Step::FindLeftovers => "looking for drafts of an interrupted attempt",
             Step::CreateDraft => "creating the draft",
             Step::AddAttachment => "adding an attachment",
             Step::CreateUploadSession => "creating an upload session",
@@ -62,7 +66,8 @@ pub enum Failure {
     TokenRejected,
     /// 403 `ErrorAccessDenied`: the app may not send as this mailbox.
     AccessDenied,
-    /// 403 on creating a draft: draft-based sending also needs `Mail.ReadWrite`.
+    /// 403 on looking for or creating a draft: draft-based sending also
+    /// needs `Mail.ReadWrite`.
     /// Messages that fit `sendMail` still go through.
     DraftForbidden,
     /// 404 `ErrorInvalidUser` / `MailboxNotEnabledForRESTAPI`.
@@ -250,7 +255,9 @@ pub(crate) fn classify(
             mailbox: mailbox.to_string(),
         },
         (401, _) => Failure::TokenRejected,
-        (403, _) if step == Step::CreateDraft => Failure::DraftForbidden,
+        (403, _) if matches!(step, Step::FindLeftovers | Step::CreateDraft) => {
+            Failure::DraftForbidden
+        }
         (403, Some("ErrorAccessDenied")) => Failure::AccessDenied,
         (429 | 500..=599, _) => Failure::Temporary { retry_after },
         _ => Failure::Permanent,

@@ -19,7 +19,9 @@ mod error;
 mod mime;
 mod settings;
 
-pub use client::{Accepted, GraphClient, MAX_REQUEST, UPLOAD_CHUNK, UPLOAD_SESSION_ABOVE};
+pub use client::{
+    Accepted, GraphClient, DRAFT_TAG_HEADER, MAX_REQUEST, UPLOAD_CHUNK, UPLOAD_SESSION_ABOVE,
+};
 pub use error::{Failure, GraphError, Step, ACCESS_DENIED_FIX, DRAFT_FORBIDDEN_FIX, SEND_AS_FIX};
 pub use settings::{
     Endpoint, EndpointError, Settings, DEFAULT_ENDPOINT, DEFAULT_MAX_REQUESTS, DEFAULT_TIMEOUT,

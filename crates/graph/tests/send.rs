@@ -8,6 +8,8 @@ use relay_graph::{Failure, GraphClient, Settings, ACCESS_DENIED_FIX, MAX_REQUEST
 use relay_standin::{GraphCall, GraphFault, GraphServer, IdentityPlatform, GRAPH_AUDIENCE};
 
 const MAILBOX: &str = "relay@contoso.com";
+/// The queue id the sends are tagged with.
+const KEY: &str = "1A2B3C4D5E6F7";
 
 struct World {
     idp: IdentityPlatform,
@@ -55,7 +57,7 @@ impl World {
         mime: &[u8],
     ) -> Result<relay_graph::Accepted, relay_graph::GraphError> {
         self.client
-            .send(&self.token, MAILBOX, &envelope(recipients), mime)
+            .send(&self.token, MAILBOX, KEY, &envelope(recipients), mime)
             .await
     }
 
@@ -101,10 +103,12 @@ async fn exactly_the_envelope_recipients_receive_the_message() {
     assert_eq!(sent.to, ["a@example.com"]);
     assert_eq!(sent.cc, ["c@example.net"]);
     assert_eq!(sent.bcc, ["hidden@example.org"]);
-    assert_eq!(sent.mime, mime);
+    let tagged = [format!("X-Relay-Queue-Id: {KEY}\r\n").as_bytes(), &mime].concat();
+    assert_eq!(sent.mime, tagged);
     assert_eq!(
         w.calls(),
         [
+            Some(GraphCall::ListDrafts),
             Some(GraphCall::CreateDraft),
             Some(GraphCall::UpdateDraft),
             Some(GraphCall::SendDraft)
@@ -172,7 +176,10 @@ async fn a_12_mb_attachment_arrives_byte_identical_with_no_request_over_4_mib() 
     assert_eq!(sent.recipients(), ["a@example.com", "bcc@example.org"]);
     assert_eq!(sent.bcc, ["bcc@example.org"]);
     // Only the big attachment was taken out, the rest is byte-identical.
-    assert_eq!(sent.mime, format!("{head}{small_part}{tail}").into_bytes());
+    assert_eq!(
+        sent.mime,
+        format!("X-Relay-Queue-Id: {KEY}\r\n{head}{small_part}{tail}").into_bytes()
+    );
     let [attachment] = &sent.attachments[..] else {
         panic!("one attachment added separately")
     };
@@ -263,7 +270,7 @@ async fn a_rejected_token_is_classified_for_one_refetch() {
     ] {
         let error = w
             .client
-            .send(&token, MAILBOX, &envelope(&["a@example.com"]), &mime)
+            .send(&token, MAILBOX, KEY, &envelope(&["a@example.com"]), &mime)
             .await
             .expect_err("refused");
         assert_eq!(error.failure, Failure::TokenRejected, "{error}");
@@ -329,7 +336,8 @@ async fn never_more_than_max_requests_in_flight_per_mailbox() {
         let (client, token) = (w.client.clone(), w.token.clone());
         sends.spawn(async move {
             let recipients = envelope(&["a@example.com", "b@example.com"]);
-            client.send(&token, MAILBOX, &recipients, &mime).await
+            let key = format!("Q{i}");
+            client.send(&token, MAILBOX, &key, &recipients, &mime).await
         });
     }
     while let Some(result) = sends.join_next().await {
@@ -356,6 +364,72 @@ async fn a_draft_whose_send_fails_is_deleted() {
     assert_eq!(w.graph.drafts(), 0);
     assert_eq!(w.graph.deleted_drafts(), 1);
     assert_eq!(w.calls().last(), Some(&Some(GraphCall::DeleteDraft)));
+}
+
+/// Leaves a draft tagged `key` behind: its send and then its delete fail.
+async fn leave_a_draft(w: &World, key: &str) {
+    w.graph.push_fault(
+        GraphFault::new(503, "ServiceUnavailable", "Try later.").on(GraphCall::SendDraft),
+    );
+    w.graph.push_fault(
+        GraphFault::new(503, "ServiceUnavailable", "Try later.").on(GraphCall::DeleteDraft),
+    );
+    let mime = simple("a@example.com", "b@example.com");
+    w.client
+        .send(&w.token, MAILBOX, key, &envelope(&["a@example.com"]), &mime)
+        .await
+        .expect_err("send step failed");
+}
+
+#[tokio::test]
+async fn a_draft_an_earlier_attempt_left_is_deleted_not_sent() {
+    let w = world().await;
+    leave_a_draft(&w, KEY).await;
+    leave_a_draft(&w, "OTHER").await;
+    assert_eq!(w.graph.drafts(), 2);
+    let mime = simple("a@example.com", "b@example.com");
+    let accepted = w.send(&["a@example.com"], &mime).await.expect("sent");
+    assert!(accepted.via_draft);
+    let [sent] = &w.graph.messages()[..] else {
+        panic!("one message")
+    };
+    assert_eq!(sent.to, ["a@example.com"]);
+    assert_eq!(w.graph.deleted_drafts(), 1);
+    assert_eq!(w.graph.drafts(), 1, "another message's draft is kept");
+    let calls = w.calls();
+    assert_eq!(
+        calls[calls.len() - 5..],
+        [
+            Some(GraphCall::ListDrafts),
+            Some(GraphCall::DeleteDraft),
+            Some(GraphCall::CreateDraft),
+            Some(GraphCall::UpdateDraft),
+            Some(GraphCall::SendDraft)
+        ]
+    );
+}
+
+#[tokio::test]
+async fn drafts_are_sent_even_when_graph_refuses_the_leftover_search() {
+    let w = world().await;
+    w.graph.push_fault(
+        GraphFault::new(400, "ErrorInvalidUrlQueryFilter", "Unsupported filter.")
+            .on(GraphCall::ListDrafts),
+    );
+    let mime = simple("a@example.com", "b@example.com");
+    w.send(&["a@example.com"], &mime).await.expect("sent");
+    assert_eq!(w.graph.messages().len(), 1);
+
+    w.graph.push_fault(
+        GraphFault::new(429, "ApplicationThrottled", "Too many requests.")
+            .on(GraphCall::ListDrafts),
+    );
+    let error = w
+        .send(&["a@example.com"], &mime)
+        .await
+        .expect_err("throttled");
+    assert_eq!(error.failure, Failure::Temporary { retry_after: None });
+    assert_eq!(w.graph.messages().len(), 1);
 }
 
 #[tokio::test]

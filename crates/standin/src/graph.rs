@@ -4,7 +4,8 @@
 //! Serves what a relay uses to send as a mailbox: `sendMail` with base64
 //! MIME, drafts from MIME, `PATCH` of a draft's recipients, small
 //! attachments, upload sessions and their `PUT` ranges, sending and deleting
-//! a draft. Like Graph, it takes recipients from the MIME `To:`/`Cc:`/`Bcc:`
+//! a draft, and listing the drafts whose MIME carried an `X-` header with a
+//! given value (the one `$filter` form [`INTERNET_HEADER_FILTER`] documents). Like Graph, it takes recipients from the MIME `To:`/`Cc:`/`Bcc:`
 //! fields (never from an envelope), refuses request bodies over 4 MiB with
 //! 413 and puts a `request-id` header on every reply. Bearer tokens must come
 //! from the [`IdentityPlatform`], be for `https://graph.microsoft.com` and
@@ -45,6 +46,9 @@ pub const MAIL_SEND: &str = "Mail.Send";
 pub const MAIL_READ_WRITE: &str = "Mail.ReadWrite";
 /// The largest request body Graph takes.
 pub const GRAPH_MAX_REQUEST: usize = 4 * 1024 * 1024;
+/// How Exchange names the named property an `X-` header of a MIME message
+/// becomes (`PS_INTERNET_HEADERS`), followed by the header's name.
+const INTERNET_HEADER_PROPERTY: &str = "String {00020386-0000-0000-C000-000000000046} Name ";
 /// Bodies beyond this are cut off by the server itself (still a 413).
 const BODY_CEILING: usize = 64 * 1024 * 1024;
 
@@ -54,6 +58,9 @@ const BODY_CEILING: usize = 64 * 1024 * 1024;
 pub enum GraphCall {
     /// `POST /v1.0/users/{mailbox}/sendMail`.
     SendMail,
+    /// `GET /v1.0/users/{mailbox}/mailFolders/drafts/messages`, filtered
+    /// on one internet header.
+    ListDrafts,
     /// `POST /v1.0/users/{mailbox}/messages`.
     CreateDraft,
     /// `PATCH /v1.0/users/{mailbox}/messages/{id}`.
@@ -468,6 +475,7 @@ fn route(method: &Method, segments: &[String]) -> Option<(GraphCall, String, Str
     let call = match (method.as_str(), s.as_slice()) {
         ("PUT", ["upload", id]) => return Some((GraphCall::Upload, String::new(), id.to_string())),
         ("POST", ["v1.0", "users", _, "sendMail"]) => GraphCall::SendMail,
+        ("GET", ["v1.0", "users", _, "mailFolders", "drafts", "messages"]) => GraphCall::ListDrafts,
         ("POST", ["v1.0", "users", _, "messages"]) => GraphCall::CreateDraft,
         ("PATCH", ["v1.0", "users", _, "messages", _]) => GraphCall::UpdateDraft,
         ("DELETE", ["v1.0", "users", _, "messages", _]) => GraphCall::DeleteDraft,
@@ -479,7 +487,10 @@ fn route(method: &Method, segments: &[String]) -> Option<(GraphCall, String, Str
         _ => return None,
     };
     let mailbox = s[2].to_ascii_lowercase();
-    let id = s.get(4).map(|id| id.to_string()).unwrap_or_default();
+    let id = match call {
+        GraphCall::ListDrafts => String::new(),
+        _ => s.get(4).map(|id| id.to_string()).unwrap_or_default(),
+    };
     Some((call, mailbox, id))
 }
 
@@ -490,17 +501,17 @@ async fn serve(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    serve_call(&inner, &method, uri.path(), &headers, body)
-        .unwrap_or_else(IntoResponse::into_response)
+    serve_call(&inner, &method, &uri, &headers, body).unwrap_or_else(IntoResponse::into_response)
 }
 
 fn serve_call(
     inner: &Inner,
     method: &Method,
-    path: &str,
+    uri: &axum::http::Uri,
     headers: &HeaderMap,
     body: Bytes,
 ) -> Served {
+    let path = uri.path();
     if body.len() > GRAPH_MAX_REQUEST {
         return Err(GraphReply::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -536,6 +547,23 @@ fn serve_call(
         return Err(GraphReply::access_denied());
     }
     match call {
+        GraphCall::ListDrafts => {
+            let (name, value) = header_filter(uri.query().unwrap_or_default())?;
+            let state = lock(&inner.state);
+            let found: Vec<Value> = state
+                .drafts
+                .iter()
+                .filter(|(_, d)| d.message.mailbox == mailbox)
+                .filter(|(_, d)| {
+                    header_fields(&d.message.mime)
+                        .into_iter()
+                        .find(|(n, _)| *n == name)
+                        .is_some_and(|(_, v)| v == value)
+                })
+                .map(|(id, _)| json!({"id": id}))
+                .collect();
+            Ok((StatusCode::OK, Json(json!({"value": found}))).into_response())
+        }
         GraphCall::SendMail => {
             let message = from_mime(&mailbox, headers, &body, false)?;
             if message.recipients().is_empty() {
@@ -690,6 +718,34 @@ fn judge(inner: &Inner, headers: &HeaderMap) -> Result<Vec<String>, GraphReply> 
         return Err(GraphReply::access_denied());
     }
     Ok(permissions)
+}
+
+/// The (lowercased) header name and value of the one `$filter` form the
+/// drafts listing takes, `singleValueExtendedProperties/any(ep: ep/id eq
+/// '{INTERNET_HEADER_PROPERTY}{name}' and ep/value eq '{value}')`; any other
+/// gets Graph's 400.
+fn header_filter(query: &str) -> Result<(String, String), GraphReply> {
+    let filter = query
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(key, _)| form_decode(key.as_bytes()) == "$filter")
+        .map(|(_, value)| form_decode(value.as_bytes()))
+        .unwrap_or_default();
+    filter
+        .strip_prefix("singleValueExtendedProperties/any(ep: ep/id eq '")
+        .and_then(|rest| rest.strip_suffix("')"))
+        .and_then(|rest| rest.split_once("' and ep/value eq '"))
+        .and_then(|(property, value)| {
+            let name = property.strip_prefix(INTERNET_HEADER_PROPERTY)?;
+            Some((name.to_ascii_lowercase(), value.to_string()))
+        })
+        .ok_or_else(|| {
+            GraphReply::new(
+                StatusCode::BAD_REQUEST,
+                "ErrorInvalidUrlQueryFilter",
+                format!("The stand-in does not take the filter {filter:?}."),
+            )
+        })
 }
 
 fn take_fault(inner: &Inner, call: GraphCall) -> Result<(), GraphReply> {

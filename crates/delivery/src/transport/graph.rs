@@ -53,6 +53,7 @@ impl Graph {
                 .send(
                     token.secret().expose(),
                     &session.mailbox,
+                    message.queue_id.as_str(),
                     message.recipients,
                     message.body,
                 )

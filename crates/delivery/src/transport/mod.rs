@@ -20,7 +20,7 @@ use std::time::Duration;
 /// One message to deliver.
 #[derive(Debug, Clone, Copy)]
 pub struct Message<'a> {
-    /// Its queue id, for logs.
+    /// Its queue id, for logs and to tag what an attempt leaves upstream.
     pub queue_id: &'a QueueId,
     /// The envelope sender; `""` for the null sender.
     pub sender: &'a str,
