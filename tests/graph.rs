@@ -359,12 +359,35 @@ async fn without_mail_readwrite_only_drafts_fail_and_say_why() {
 #[tokio::test]
 async fn passthrough_answers_with_graphs_verdict() {
     let g = GraphWorld::start().await;
-    g.graph.forbid_mailbox(MAILBOX);
+    // Graph's message, cut to 300 bytes, and the fix: over 512 octets.
+    g.graph.push_fault(
+        GraphFault::new(
+            403,
+            "ErrorAccessDenied",
+            &"Access to this mailbox is denied by policy. ".repeat(8),
+        )
+        .on(GraphCall::SendMail),
+    );
     let port = free_port();
     let _relay = g.relay_with(port, "mode = \"passthrough\"\n").await;
     let reply = send_to_alice(port, "passthrough").await;
-    assert!(reply.starts_with("550 5.7.1 "), "{reply}");
-    assert!(reply.contains("ErrorAccessDenied"), "{reply}");
+    let rid = reply
+        .split("(request-id ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .expect("a request-id");
+    assert_eq!(rid.len(), 36, "{reply}");
+    let expected = format!(
+        "550-5.7.1 graph sendMail: 403 ErrorAccessDenied: {}Access to this mailbox is denied by \
+         [?] (request-id RID); the app needs the Microsoft Graph application permission \
+         Mail.Send with admin consent (Entra admin center\r\n\
+         550 5.7.1 > App registrations > API permissions), and where mailboxes are scoped (RBAC \
+         for Applications, or an ApplicationAccessPolicy) this mailbox must be in the app's scope \
+         (check with Test-ServicePrincipalAuthorization)",
+        "Access to this mailbox is denied by policy. ".repeat(6)
+    );
+    assert_eq!(reply, expected.replace("RID", rid));
+    assert!(reply.split("\r\n").all(|line| line.len() + 2 <= 512));
 }
 
 // `doctor` runs as a child process the test waits for: the stand-ins need

@@ -15,6 +15,7 @@ use crate::{
     ListenerError, Router,
 };
 use relay_config::{ListenerAuth, ListenerConfig, Mode};
+use relay_outcome::{Enhanced, Reply};
 use relay_queue::{BodyWriter, NewMessage, Queue, QueueId, RecipientResult};
 use smtp_proto::{Error as ParseError, Request, AUTH_LOGIN, AUTH_PLAIN, MAIL_SMTPUTF8};
 use std::{borrow::Cow, net::SocketAddr, sync::Arc, time::Duration};
@@ -822,16 +823,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Ok((id, answer)) => {
                 tracing::info!(queue_id = %id, client = %self.peer.ip(), %sender, recipients, size, "accepted");
                 metrics::counter!("smtp_relay_messages_accepted_total").increment(1);
-                let text = match answer {
-                    None => format!("250 2.0.0 Ok: queued as {id}"),
+                let reply = match answer {
+                    None => Reply::local(250, Enhanced::new(2, 0, 0), &format!("Ok: queued as {id}")),
                     Some(answer) => match tokio::time::timeout(PASSTHROUGH_WAIT, answer).await {
                         Ok(Ok(results)) => passthrough_reply(&id, &results),
-                        Ok(Err(_)) | Err(_) => format!(
-                            "451 4.4.7 No answer from the upstream in time; the message stays queued as {id}"
+                        Ok(Err(_)) | Err(_) => Reply::local(
+                            451,
+                            Enhanced::new(4, 4, 7),
+                            &format!("No answer from the upstream in time; the message stays queued as {id}"),
                         ),
                     },
                 };
-                self.line(&text);
+                for line in reply.wire_lines() {
+                    self.line(&line);
+                }
             }
             Err(e) => {
                 tracing::error!(client = %self.peer.ip(), error = %e, "cannot queue a message");
@@ -877,18 +882,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
 /// The reply a passthrough client gets: the upstream's own (a failure the
 /// relay found itself is worded like one).
-fn passthrough_reply(id: &QueueId, results: &[RecipientResult]) -> String {
+fn passthrough_reply(id: &QueueId, results: &[RecipientResult]) -> Reply {
     let delivered = results.iter().filter(|r| r.outcome.is_delivered()).count();
     match results.iter().find(|r| !r.outcome.is_delivered()) {
         None => match results.first() {
-            Some(r) => r.outcome.reply.text.clone(),
-            None => format!("250 2.0.0 Ok: delivered as {id}"),
+            Some(r) => r.outcome.reply.clone(),
+            None => Reply::local(250, Enhanced::new(2, 0, 0), &format!("Ok: delivered as {id}")),
         },
-        Some(_) if delivered > 0 => format!(
-            "250 2.0.0 Ok: delivered to {delivered} of {} recipients; the others failed, see queue entry {id}",
-            results.len()
+        Some(_) if delivered > 0 => Reply::local(
+            250,
+            Enhanced::new(2, 0, 0),
+            &format!(
+                "Ok: delivered to {delivered} of {} recipients; the others failed, see queue entry {id}",
+                results.len()
+            ),
         ),
-        Some(failed) => failed.outcome.reply.text.clone(),
+        Some(failed) => failed.outcome.reply.clone(),
     }
 }
 

@@ -11,7 +11,7 @@
 
 mod reply;
 
-pub use reply::{Enhanced, Reply};
+pub use reply::{Enhanced, Reply, MAX_REPLY_LINE};
 
 use serde::{Deserialize, Serialize};
 

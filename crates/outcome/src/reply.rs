@@ -4,6 +4,9 @@
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::fmt;
 
+/// Most octets of one reply line, its CRLF included (RFC 5321 4.5.3.1.5).
+pub const MAX_REPLY_LINE: usize = 512;
+
 /// One reply: code, enhanced status (if any) and the whole text.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Reply {
@@ -120,6 +123,76 @@ impl Reply {
             text,
         }
     }
+
+    /// The reply as the lines to write to an SMTP client, each without its
+    /// CRLF: the text wrapped at spaces so that no line, CRLF included, is
+    /// over [`MAX_REPLY_LINE`] octets, and every line carrying the code and
+    /// the enhanced status, as Postfix writes them (`550-5.7.1 …` and a last
+    /// `550 5.7.1 …`). A character that is not printable ASCII becomes `?`:
+    /// upstream text must neither end the reply early with a line break nor
+    /// give a client that did not ask for SMTPUTF8 anything but ASCII. A
+    /// reply without a code (stored by an older relay) goes out as `451`.
+    pub fn wire_lines(&self) -> Vec<String> {
+        let code = if (200..600).contains(&self.code) {
+            self.code
+        } else {
+            451
+        };
+        let enhanced = self.enhanced.map(|e| e.to_string());
+        let mut body = self.text.as_str();
+        if reply_code(body).is_some() {
+            body = body.get(4..).unwrap_or_default();
+        }
+        if let Some(status) = &enhanced {
+            if let Some(rest) = body.strip_prefix(status.as_str()) {
+                if rest.is_empty() || rest.starts_with(' ') {
+                    body = rest;
+                }
+            }
+        }
+        let body: String = body
+            .chars()
+            .map(|c| match c {
+                ' '..='~' => c,
+                c if c.is_whitespace() => ' ',
+                _ => '?',
+            })
+            .collect();
+        let status = enhanced.map(|e| format!("{e} ")).unwrap_or_default();
+        // code, separator, status; the rest of the line is text
+        let room = MAX_REPLY_LINE - 2 - 4 - status.len();
+        let mut texts: Vec<String> = Vec::new();
+        let mut current = String::new();
+        for word in body.split_whitespace() {
+            let mut word = word;
+            if !current.is_empty() && current.len() + 1 + word.len() > room {
+                texts.push(std::mem::take(&mut current));
+            }
+            // a word longer than a line is cut (it is ASCII by now)
+            while word.len() > room {
+                texts.push(word[..room].to_string());
+                word = &word[room..];
+            }
+            if !current.is_empty() {
+                current.push(' ');
+            }
+            current.push_str(word);
+        }
+        if !current.is_empty() || texts.is_empty() {
+            texts.push(current);
+        }
+        let last = texts.len() - 1;
+        texts
+            .into_iter()
+            .enumerate()
+            .map(|(i, text)| {
+                let separator = if i == last { ' ' } else { '-' };
+                format!("{code}{separator}{status}{text}")
+                    .trim_end()
+                    .to_string()
+            })
+            .collect()
+    }
 }
 
 fn reply_code(line: &str) -> Option<u16> {
@@ -193,6 +266,45 @@ mod tests {
             r.text,
             "550 5.7.708 Service unavailable. 5.7.708 Access denied, traffic not accepted"
         );
+    }
+
+    #[test]
+    fn wire_lines_stay_within_512_octets_and_repeat_the_status() {
+        let short = Reply::local(550, Enhanced::new(5, 7, 1), "denied");
+        assert_eq!(short.wire_lines(), ["550 5.7.1 denied"]);
+
+        let words = "word ".repeat(150);
+        let long = Reply::local(550, Enhanced::new(5, 7, 1), words.trim_end());
+        let lines = long.wire_lines();
+        // 10 octets of "550-5.7.1 ", then as many "word" as fit in 500
+        let first = format!("550-5.7.1 {}", ["word"; 100].join(" "));
+        assert_eq!(first.len(), 509);
+        let last = format!("550 5.7.1 {}", ["word"; 50].join(" "));
+        assert_eq!(lines, [first, last]);
+
+        let unbroken = Reply::local(451, Enhanced::new(4, 7, 0), &"x".repeat(1200));
+        let lines = unbroken.wire_lines();
+        assert_eq!(lines.len(), 3);
+        assert!(lines.iter().all(|l| l.len() + 2 <= MAX_REPLY_LINE));
+        assert_eq!(lines[0], format!("451-4.7.0 {}", "x".repeat(500)));
+        assert_eq!(lines[2], format!("451 4.7.0 {}", "x".repeat(200)));
+
+        let hostile = Reply::local(550, Enhanced::new(5, 7, 1), "no\r\n250 ok [\u{2026}]\u{7}");
+        assert_eq!(hostile.wire_lines(), ["550 5.7.1 no 250 ok [?]?"]);
+
+        let bare = Reply::parse("554 no status here").expect("reply");
+        assert_eq!(bare.wire_lines(), ["554 no status here"]);
+        let upstream = Reply::from_lines(&[
+            "550-5.7.708 Service unavailable.".into(),
+            "550 5.7.708 Access denied".into(),
+        ])
+        .expect("reply");
+        assert_eq!(
+            upstream.wire_lines(),
+            ["550 5.7.708 Service unavailable. 5.7.708 Access denied"]
+        );
+        let old: Reply = serde_json::from_str(r#""cannot connect""#).expect("text");
+        assert_eq!(old.wire_lines(), ["451 cannot connect"]);
     }
 
     #[test]
