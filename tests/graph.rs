@@ -217,6 +217,44 @@ async fn throttling_pauses_the_mailbox_for_retry_after() {
 }
 
 #[tokio::test]
+async fn a_reload_keeps_the_retry_after_pause() {
+    let g = GraphWorld::start().await;
+    g.graph.push_fault(
+        GraphFault::new(429, "ApplicationThrottled", "Too many requests")
+            .on(GraphCall::SendMail)
+            .retry_after(4),
+    );
+    let port = free_port();
+    let relay = g.relay(port).await;
+    send_to_alice(port, "throttled").await;
+    eventually(10, "the 429", || {
+        g.graph.requests().iter().any(|r| r.status == 429)
+    })
+    .await;
+    // a [graph] change: the delivery side, Graph client included, is rebuilt
+    let config = std::fs::read_to_string(&relay.config).expect("config");
+    let changed = config.replace("[graph]\n", "[graph]\ntimeout = \"1m\"\n");
+    assert_ne!(changed, config);
+    std::fs::write(&relay.config, changed).expect("config");
+    relay.signal("HUP");
+    eventually(10, "the reload", || {
+        relay.log().contains("configuration reloaded")
+    })
+    .await;
+    g.delivered(&relay, 1).await;
+    let requests = g.graph.requests();
+    let throttled = requests.iter().find(|r| r.status == 429).expect("the 429");
+    for later in requests.iter().filter(|r| r.start > throttled.end) {
+        assert!(
+            later.start >= throttled.end + Duration::from_secs(4),
+            "a request {:?} after the 429, before Retry-After\nlog:\n{}",
+            later.start - throttled.end,
+            relay.log()
+        );
+    }
+}
+
+#[tokio::test]
 async fn access_denied_fails_with_the_fix_and_is_not_retried() {
     let g = GraphWorld::start().await;
     g.graph.forbid_mailbox(MAILBOX);

@@ -22,6 +22,7 @@ use arc_swap::ArcSwap;
 use relay_config::Transport;
 use relay_config::{AccountConfig, Config, StateDir};
 use relay_delivery::{transport::graph::Graph, Account, Upstream};
+use relay_graph::GraphClient;
 use relay_listener::{Context, Router};
 use relay_queue::{Queue, QueueSettings};
 use relay_tokens::{TokenManager, TokenSource};
@@ -66,6 +67,8 @@ pub struct Running {
     context: Arc<ArcSwap<Context>>,
     delivery: Delivery,
     tokens: Vec<AccountTokens>,
+    /// The last Graph client built: a rebuilt one takes over its pauses.
+    graph: Option<Arc<GraphClient>>,
     status: Arc<RelayStatus>,
     /// Everything spawned but the delivery workers, supervised.
     tasks: Tasks,
@@ -131,7 +134,8 @@ impl Running {
             entry.start_refresher(&mut tasks);
         }
         warn_about_orphans(&queue, &config);
-        let ways_out = ways_out(&config)?;
+        let ways_out = ways_out(&config, None)?;
+        let graph = ways_out.graph.as_ref().map(|g| g.client().clone());
         let delivery = start_delivery(&config, &queue, &tokens, ways_out, &shutdown);
         tasks.spawn_background(queue.clone().serve_control(shutdown.clone()));
         let status = Arc::new(RelayStatus {
@@ -158,6 +162,7 @@ impl Running {
             context,
             delivery,
             tokens,
+            graph,
             status,
             tasks,
         })
@@ -232,7 +237,7 @@ impl Running {
             || new.accounts != old.accounts
             || new.listener.hostname != old.listener.hostname;
         let ways_out = if delivery_changed {
-            Some(ways_out(&new)?)
+            Some(ways_out(&new, self.graph.as_deref())?)
         } else {
             None
         };
@@ -255,6 +260,9 @@ impl Running {
             ways_out,
         } = prepared;
         if let Some(ways_out) = ways_out {
+            if let Some(graph) = &ways_out.graph {
+                self.graph = Some(graph.client().clone());
+            }
             // The old workers finish first, so the mailbox never sees more
             // connections than allowed.
             self.delivery
@@ -399,29 +407,40 @@ fn managers(tokens: &[AccountTokens]) -> Vec<TokenManager> {
 }
 
 /// The upstream `config` describes (reading its CA file), and one Graph
-/// client shared by the graph accounts.
-fn ways_out(config: &Config) -> anyhow::Result<WaysOut> {
+/// client shared by the graph accounts, in place of `previous` if any.
+fn ways_out(config: &Config, previous: Option<&GraphClient>) -> anyhow::Result<WaysOut> {
     let smtp = Arc::new(Upstream::new(&config.upstream, &config.listener.hostname)?);
     let graph = match config
         .accounts
         .iter()
         .any(|a| a.transport == Transport::Graph)
     {
-        true => Some(Arc::new(Graph::new(Arc::new(graph_client(&config.graph)?)))),
+        true => {
+            let settings = graph_settings(&config.graph)?;
+            let client = match previous {
+                Some(previous) => GraphClient::replacing(previous, settings),
+                None => GraphClient::new(settings),
+            }
+            .context("building the Graph HTTP client")?;
+            Some(Arc::new(Graph::new(Arc::new(client))))
+        }
         false => None,
     };
     Ok(WaysOut { smtp, graph })
 }
 
 /// The Graph client `[graph]` describes.
-pub fn graph_client(graph: &relay_config::GraphConfig) -> anyhow::Result<relay_graph::GraphClient> {
-    let settings = relay_graph::Settings {
+pub fn graph_client(graph: &relay_config::GraphConfig) -> anyhow::Result<GraphClient> {
+    GraphClient::new(graph_settings(graph)?).context("building the Graph HTTP client")
+}
+
+fn graph_settings(graph: &relay_config::GraphConfig) -> anyhow::Result<relay_graph::Settings> {
+    Ok(relay_graph::Settings {
         endpoint: graph.endpoint.clone(),
         max_requests: std::num::NonZeroUsize::new(graph.max_requests)
             .context("graph.max_requests must be more than 0")?,
         timeout: graph.timeout,
-    };
-    relay_graph::GraphClient::new(settings).context("building the Graph HTTP client")
+    })
 }
 
 fn start_delivery(

@@ -101,6 +101,25 @@ impl GraphClient {
         })
     }
 
+    /// A client with `settings` in place of `previous` (a reload): the
+    /// pauses Graph asked `previous` for still hold, so no request goes to
+    /// a throttled mailbox before its `Retry-After` has passed.
+    pub fn replacing(previous: &GraphClient, settings: Settings) -> Result<Self, reqwest::Error> {
+        let client = GraphClient::new(settings)?;
+        let now = Instant::now();
+        let paused: Vec<(String, Instant)> = previous
+            .mailboxes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter_map(|(mailbox, gate)| Some((mailbox.clone(), now + gate.paused_for(now)?)))
+            .collect();
+        for (mailbox, until) in paused {
+            client.gate(&mailbox).pause(until);
+        }
+        Ok(client)
+    }
+
     /// The settings it was built with.
     pub fn settings(&self) -> &Settings {
         &self.settings

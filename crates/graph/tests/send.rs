@@ -240,6 +240,26 @@ async fn retry_after_is_surfaced_and_pauses_the_whole_mailbox() {
     let wait = again.retry_after().expect("a remaining pause");
     assert!(wait <= Duration::from_secs(30) && wait > Duration::from_secs(0));
     assert_eq!(w.graph.requests().len(), 1);
+
+    // A client rebuilt by a reload keeps the pause, for that mailbox only.
+    let rebuilt = GraphClient::replacing(&w.client, w.client.settings().clone()).expect("client");
+    let again = rebuilt
+        .send(&w.token, MAILBOX, KEY, &envelope(&["a@example.com"]), &mime)
+        .await
+        .expect_err("still paused");
+    let left = again.retry_after().expect("a remaining pause");
+    assert!(left <= wait, "{left:?} > {wait:?}");
+    assert_eq!(w.graph.requests().len(), 1);
+    rebuilt
+        .send(
+            &w.token,
+            "other@contoso.com",
+            KEY,
+            &envelope(&["a@example.com"]),
+            &simple("a@example.com", ""),
+        )
+        .await
+        .expect("another mailbox is not paused");
 }
 
 #[tokio::test]

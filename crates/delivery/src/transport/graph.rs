@@ -40,6 +40,11 @@ impl Graph {
         Graph { client, relay }
     }
 
+    /// The client it delivers through.
+    pub fn client(&self) -> &Arc<GraphClient> {
+        &self.client
+    }
+
     /// Sends with the mailbox's token; a token Graph refuses (401) is
     /// replaced once and the send tried again. A failure comes with the
     /// pause Graph asked for, if any.
