@@ -14,7 +14,12 @@ async fn check_accepts_a_valid_config() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("valid"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(": valid (1 account(s); listening on 127.0.0.1:2525; upstream localhost:"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("Graph"), "{stdout}");
 }
 
 #[tokio::test]

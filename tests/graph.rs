@@ -474,6 +474,23 @@ async fn doctor_checks_the_graph_token_and_names_the_entra_steps() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_names_the_graph_endpoint_not_the_smtp_upstream() {
+    let g = GraphWorld::start().await;
+    let port = free_port();
+    let relay = g.relay(port).await;
+    let out = cli(&["check"], &relay.config);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.ends_with(&format!(
+            ": valid (1 account(s); listening on 127.0.0.1:{port}; Microsoft Graph {})\n",
+            g.graph.endpoint()
+        )),
+        "{stdout}"
+    );
+}
+
 #[tokio::test]
 async fn reload_switches_an_account_to_graph() {
     let g = GraphWorld::start().await;

@@ -1,7 +1,7 @@
 //! `check`: validate the configuration.
 
 use anyhow::Context;
-use relay_config::Secrets;
+use relay_config::{Secrets, Transport};
 use std::path::Path;
 
 pub fn check(path: &Path) -> anyhow::Result<()> {
@@ -9,20 +9,27 @@ pub fn check(path: &Path) -> anyhow::Result<()> {
     for warning in relay_config::warnings(&config) {
         eprintln!("warning: {warning}");
     }
-    println!(
-        "{}: valid ({} account(s); listening on {}; upstream {}:{})",
-        path.display(),
-        config.accounts.len(),
-        config
-            .listener
-            .bind
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(", "),
-        config.upstream.host,
-        config.upstream.port
+    let listening = config
+        .listener
+        .bind
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut summary = format!(
+        "{} account(s); listening on {listening}",
+        config.accounts.len()
     );
+    // only the ways out some account uses
+    let uses = |transport| config.accounts.iter().any(|a| a.transport == transport);
+    if uses(Transport::Smtp) {
+        let upstream = &config.upstream;
+        summary.push_str(&format!("; upstream {}:{}", upstream.host, upstream.port));
+    }
+    if uses(Transport::Graph) {
+        summary.push_str(&format!("; Microsoft Graph {}", config.graph.endpoint));
+    }
+    println!("{}: valid ({summary})", path.display());
     Ok(())
 }
 
