@@ -25,9 +25,6 @@ pub const MAX_REQUEST: usize = 4 * 1024 * 1024;
 /// Attachments above this go through an upload session; a smaller one fits a
 /// `POST …/attachments` as base64 JSON.
 pub const UPLOAD_SESSION_ABOVE: usize = 3_000_000;
-/// Most of any reply body that is read: Graph's answers are small, and a
-/// huge error page must not fill memory or logs.
-const REPLY_LIMIT: usize = 64 * 1024;
 /// Upload ranges: the largest multiple of 320 KiB (the granularity Graph's
 /// upload sessions expect) within [`MAX_REQUEST`]; also a multiple of 3, so
 /// base64 decodes into it in whole groups.
@@ -71,7 +68,8 @@ struct Gate {
     paused_until: Mutex<Option<Instant>>,
 }
 
-/// One answer, its body read up to [`REPLY_LIMIT`].
+/// One answer, its body read up to [`relay_http::REPLY_LIMIT`]: a huge
+/// error page must not fill memory or logs.
 struct Reply {
     request_id: Option<String>,
     body: Vec<u8>,
@@ -257,9 +255,10 @@ impl Sending<'_> {
         let status = response.status();
         let request_id = header_text(response.headers(), "request-id");
         let retry_after = retry_after(response.headers());
-        let body = read_capped(response)
+        let body = relay_http::read_bounded(response, relay_http::REPLY_LIMIT)
             .await
-            .map_err(|e| GraphError::network(step, e))?;
+            .map_err(|e| GraphError::network(step, e))?
+            .bytes;
         tracing::debug!(
             mailbox = self.mailbox,
             %step,
@@ -577,16 +576,4 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
         .parse()
         .ok()?;
     Some(Duration::from_secs(seconds))
-}
-
-async fn read_capped(mut response: reqwest::Response) -> Result<Vec<u8>, reqwest::Error> {
-    let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await? {
-        let room = REPLY_LIMIT - body.len();
-        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
-        if body.len() == REPLY_LIMIT {
-            break;
-        }
-    }
-    Ok(body)
 }

@@ -4,10 +4,6 @@
 use std::fmt;
 use std::time::Duration;
 
-/// How much of Graph's error message is kept: enough to read, not enough to
-/// flood a log line or a bounce.
-const MESSAGE_LIMIT: usize = 300;
-
 /// The request (or local step) of a send that failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
@@ -195,7 +191,7 @@ impl GraphError {
             step,
             status: None,
             code: None,
-            message: error_chain(&error),
+            message: relay_http::error_chain(&error),
             request_id: None,
         }
     }
@@ -228,17 +224,6 @@ impl GraphError {
             _ => None,
         }
     }
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        source = e.source();
-    }
-    text
 }
 
 /// The class of a Graph reply, from its status and `error.code`.
@@ -285,17 +270,10 @@ fn error_body(body: &[u8]) -> (Option<String>, Option<String>) {
     }
 }
 
-/// At most [`MESSAGE_LIMIT`] bytes (on a character boundary), marked when cut.
+/// Graph's text cut to [`relay_http::TEXT_LIMIT`] bytes, marked briefly
+/// when cut: it goes into SMTP replies.
 pub(crate) fn truncate(text: &str) -> String {
-    let text = text.trim();
-    if text.len() <= MESSAGE_LIMIT {
-        return text.to_string();
-    }
-    let mut end = MESSAGE_LIMIT;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}[…]", &text[..end])
+    relay_http::clip_ellipsis(text.trim(), relay_http::TEXT_LIMIT)
 }
 
 #[cfg(test)]
@@ -357,7 +335,7 @@ mod tests {
         assert_eq!(code.as_deref(), Some("X"));
         let message = message.expect("a message");
         assert!(message.ends_with("[…]"));
-        assert!(message.len() <= MESSAGE_LIMIT + "[…]".len());
+        assert!(message.len() <= relay_http::TEXT_LIMIT + "[…]".len());
         assert_eq!(
             error_body(b"<html>oops</html>").1.as_deref(),
             Some("<html>oops</html>")

@@ -343,9 +343,9 @@ async fn wait_for_redirect(listeners: &[TcpListener], state: &str) -> Result<Sec
         }
         if let Some(error) = error {
             let _ = respond(&mut stream, "200 OK", PAGE_FAILED).await;
-            let description = crate::bounded::clip(
+            let description = relay_http::clip(
                 &get("error_description").unwrap_or_default(),
-                crate::bounded::TEXT_LIMIT,
+                relay_http::TEXT_LIMIT,
             );
             let hint = crate::explain::explain_error(&error)
                 .map(|h| format!(" — {h}"))

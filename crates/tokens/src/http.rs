@@ -3,10 +3,8 @@
 //! [`REPLY_LIMIT`]; text from them is clipped to [`TEXT_LIMIT`] before it
 //! goes into an error.
 
-use crate::{
-    bounded::{clip, read_bounded, REPLY_LIMIT, TEXT_LIMIT},
-    lifetime::Lifetime,
-};
+use crate::lifetime::Lifetime;
+use relay_http::{clip, error_chain, read_bounded, REPLY_LIMIT, TEXT_LIMIT};
 
 /// The HTTP client for identity-platform requests: no redirects (a token
 /// request must not be forwarded elsewhere), bounded time.
@@ -65,11 +63,11 @@ pub(crate) async fn post_form(
         .form(form)
         .send()
         .await
-        .map_err(|e| transport(crate::source::error_chain(&e)))?;
+        .map_err(|e| transport(error_chain(&e)))?;
     let status = response.status();
     let body = read_bounded(response, REPLY_LIMIT)
         .await
-        .map_err(|e| transport(crate::source::error_chain(&e)))?;
+        .map_err(|e| transport(error_chain(&e)))?;
     if body.cut {
         return Err(transport(format!(
             "HTTP {status} with a body of {}, more than the {REPLY_LIMIT} bytes read",

@@ -16,7 +16,7 @@
 //! Nothing the identity platform says is trusted to be sane: lifetimes are
 //! planned within 5 s and a day (a stated lifetime under 5 s also counts
 //! toward the back-off), replies are read up to 64 KiB and
-//! their texts clipped before they reach an error ([`bounded`]).
+//! their texts clipped before they reach an error ([`relay_http`]).
 //!
 //! A delegated account's rotating refresh token can be shared by relays on
 //! one database ([`TokenManager::shared`]): one relay redeems it at a time
@@ -26,7 +26,6 @@
 
 mod assertion;
 mod authorize;
-pub mod bounded;
 mod cache;
 mod claims;
 mod error;

@@ -43,7 +43,7 @@ impl Lifetime {
             serde_json::Value::String(s) => s.trim().parse::<f64>().ok(),
             _ => None,
         };
-        let stated = || crate::bounded::clip(&value.to_string(), 40);
+        let stated = || relay_http::clip(&value.to_string(), 40);
         match secs {
             Some(secs) if secs.is_nan() => Lifetime {
                 planned: ASSUMED_LIFETIME,

@@ -465,7 +465,7 @@ fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
         .map(|s| (*s).to_owned())
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "(no message)".into());
-    crate::bounded::clip(&text, crate::bounded::TEXT_LIMIT)
+    relay_http::clip(&text, relay_http::TEXT_LIMIT)
 }
 
 /// The HTTP client for identity-platform requests of `source`.

@@ -468,16 +468,3 @@ fn is_dead_grant(e: &TokenError) -> bool {
         _ => false,
     }
 }
-
-/// reqwest's top-level message ("error sending request") hides the cause
-/// (connection refused, DNS, TLS): include the chain.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}

@@ -1,12 +1,15 @@
-//! Bounds on what a remote party can make the relay hold or repeat: a reply
-//! body is read up to a limit and the rest dropped unread (closing the
-//! connection), and text from a reply is clipped before it goes into an
-//! error, which ends up in logs and in queue metadata.
-//!
-//! Public so every HTTP client of the relay (token endpoint, Graph) applies
-//! the same bounds.
+//! Bounds on what a remote HTTP party can make the relay hold or repeat,
+//! shared by every HTTP client of the relay (the token endpoint, Graph): a
+//! reply body is read up to a limit and the rest dropped unread (closing the
+//! connection), text from a reply is clipped before it goes into an error
+//! (which ends up in logs, queue metadata and SMTP replies), and a reqwest
+//! error is told with its causes on one line.
 
-/// The most of a reply body that is read; token responses are a few KiB.
+#![warn(missing_docs)]
+#![forbid(unsafe_code)]
+
+/// The most of a reply body that is read: token responses and Graph's
+/// answers are a few KiB.
 pub const REPLY_LIMIT: usize = 64 * 1024;
 
 /// The most of a remote party's text that goes into one error.
@@ -65,21 +68,52 @@ pub async fn read_bounded(
 }
 
 /// `text` if it is at most `limit` bytes, else its first `limit` bytes (on a
-/// character boundary) marked as cut with the full length. Control
-/// characters become spaces: the text goes into one log line.
+/// character boundary) marked as cut with the full length: `… [cut, N
+/// bytes]`. Control characters become spaces: the text goes into one log
+/// line.
 pub fn clip(text: &str, limit: usize) -> String {
+    let (mut out, cut) = clipped(text, limit);
+    if cut {
+        out.push_str(&format!("… [cut, {} bytes]", text.len()));
+    }
+    out
+}
+
+/// [`clip`] with a short mark, `[…]`, for text that goes into an SMTP reply
+/// where every byte of a line counts.
+pub fn clip_ellipsis(text: &str, limit: usize) -> String {
+    let (mut out, cut) = clipped(text, limit);
+    if cut {
+        out.push_str("[…]");
+    }
+    out
+}
+
+/// The first `limit` bytes of `text`, control characters as spaces, and
+/// whether anything was cut.
+fn clipped(text: &str, limit: usize) -> (String, bool) {
     let mut end = text.len().min(limit);
     while !text.is_char_boundary(end) {
         end -= 1;
     }
-    let mut out: String = text[..end]
+    let out = text[..end]
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect();
-    if end < text.len() {
-        out.push_str(&format!("… [cut, {} bytes]", text.len()));
+    (out, end < text.len())
+}
+
+/// `error` and its sources, `: `-separated: reqwest's own text alone says
+/// only "error sending request", the cause (refused, TLS, DNS) is below.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
     }
-    out
+    text
 }
 
 #[cfg(test)]
@@ -101,6 +135,14 @@ mod tests {
     }
 
     #[test]
+    fn clip_ellipsis_marks_briefly() {
+        assert_eq!(clip_ellipsis("0123456789", 10), "0123456789");
+        assert_eq!(clip_ellipsis("0123456789ab", 10), "0123456789[…]");
+        assert_eq!(clip_ellipsis("aé\n", 2), "a[…]");
+        assert_eq!(clip_ellipsis("a\nb", 10), "a b");
+    }
+
+    #[test]
     fn size_is_exact_declared_or_a_lower_bound() {
         let body = |cut, declared| BoundedBody {
             bytes: vec![0; 10],
@@ -110,5 +152,29 @@ mod tests {
         assert_eq!(body(false, Some(10)).size(), "10 bytes");
         assert_eq!(body(true, Some(5000)).size(), "5000 bytes");
         assert_eq!(body(true, None).size(), "more than 10 bytes");
+    }
+
+    #[test]
+    fn error_chain_names_every_cause() {
+        #[derive(Debug)]
+        struct Layer(&'static str, Option<Box<Layer>>);
+        impl std::fmt::Display for Layer {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.0)
+            }
+        }
+        impl std::error::Error for Layer {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                self.1.as_deref().map(|e| e as _)
+            }
+        }
+        let error = Layer(
+            "error sending request",
+            Some(Box::new(Layer("connection refused", None))),
+        );
+        assert_eq!(
+            error_chain(&error),
+            "error sending request: connection refused"
+        );
     }
 }
