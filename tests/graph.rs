@@ -188,27 +188,42 @@ async fn a_12_mb_attachment_arrives_byte_identical_in_small_requests() {
     );
 }
 
+impl GraphWorld {
+    /// A relay whose first `sendMail` (of "throttled", sent now) gets 429
+    /// with `Retry-After: seconds`.
+    async fn throttled_relay(&self, seconds: u64) -> Relay {
+        self.graph.push_fault(
+            GraphFault::new(429, "ApplicationThrottled", "Too many requests")
+                .on(GraphCall::SendMail)
+                .retry_after(seconds),
+        );
+        let port = free_port();
+        let relay = self.relay(port).await;
+        send_to_alice(port, "throttled").await;
+        relay
+    }
+
+    /// No request followed the 429 before its `Retry-After` of `seconds`.
+    fn assert_paused_after_the_429(&self, seconds: u64, relay: &Relay) {
+        let requests = self.graph.requests();
+        let throttled = requests.iter().find(|r| r.status == 429).expect("the 429");
+        for later in requests.iter().filter(|r| r.start > throttled.end) {
+            assert!(
+                later.start >= throttled.end + Duration::from_secs(seconds),
+                "a request {:?} after the 429, before Retry-After\nlog:\n{}",
+                later.start - throttled.end,
+                relay.log()
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn throttling_pauses_the_mailbox_for_retry_after() {
     let g = GraphWorld::start().await;
-    g.graph.push_fault(
-        GraphFault::new(429, "ApplicationThrottled", "Too many requests")
-            .on(GraphCall::SendMail)
-            .retry_after(3),
-    );
-    let port = free_port();
-    let relay = g.relay(port).await;
-    send_to_alice(port, "throttled").await;
+    let relay = g.throttled_relay(3).await;
     g.delivered(&relay, 1).await;
-    let requests = g.graph.requests();
-    let throttled = requests.iter().find(|r| r.status == 429).expect("the 429");
-    for later in requests.iter().filter(|r| r.start > throttled.end) {
-        assert!(
-            later.start >= throttled.end + Duration::from_secs(3),
-            "a request {:?} after the 429, before Retry-After",
-            later.start - throttled.end
-        );
-    }
+    g.assert_paused_after_the_429(3, &relay);
     let log = plain(&relay.log());
     assert!(
         log.contains("status=deferred") && log.contains("ApplicationThrottled"),
@@ -219,14 +234,7 @@ async fn throttling_pauses_the_mailbox_for_retry_after() {
 #[tokio::test]
 async fn a_reload_keeps_the_retry_after_pause() {
     let g = GraphWorld::start().await;
-    g.graph.push_fault(
-        GraphFault::new(429, "ApplicationThrottled", "Too many requests")
-            .on(GraphCall::SendMail)
-            .retry_after(4),
-    );
-    let port = free_port();
-    let relay = g.relay(port).await;
-    send_to_alice(port, "throttled").await;
+    let relay = g.throttled_relay(4).await;
     eventually(10, "the 429", || {
         g.graph.requests().iter().any(|r| r.status == 429)
     })
@@ -242,16 +250,7 @@ async fn a_reload_keeps_the_retry_after_pause() {
     })
     .await;
     g.delivered(&relay, 1).await;
-    let requests = g.graph.requests();
-    let throttled = requests.iter().find(|r| r.status == 429).expect("the 429");
-    for later in requests.iter().filter(|r| r.start > throttled.end) {
-        assert!(
-            later.start >= throttled.end + Duration::from_secs(4),
-            "a request {:?} after the 429, before Retry-After\nlog:\n{}",
-            later.start - throttled.end,
-            relay.log()
-        );
-    }
+    g.assert_paused_after_the_429(4, &relay);
 }
 
 #[tokio::test]

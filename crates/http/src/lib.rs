@@ -122,24 +122,28 @@ mod tests {
 
     #[test]
     fn clip_keeps_short_text_and_marks_long_text() {
-        assert_eq!(clip("short", 10), "short");
-        assert_eq!(clip("0123456789", 10), "0123456789");
-        assert_eq!(clip("0123456789ab", 10), "0123456789… [cut, 12 bytes]");
-        assert_eq!(clip("a\r\nb", 10), "a  b");
-        // never splits a character: "é" is two bytes
-        assert_eq!(clip("aé", 2), "a… [cut, 3 bytes]");
+        // text, limit, clip, clip_ellipsis
+        let cases = [
+            ("short", 10, "short", "short"),
+            ("0123456789", 10, "0123456789", "0123456789"),
+            (
+                "0123456789ab",
+                10,
+                "0123456789… [cut, 12 bytes]",
+                "0123456789[…]",
+            ),
+            ("a\r\nb", 10, "a  b", "a  b"),
+            // never splits a character: "é" is two bytes
+            ("aé", 2, "a… [cut, 3 bytes]", "a[…]"),
+        ];
+        for (text, limit, counted, brief) in cases {
+            assert_eq!(clip(text, limit), counted);
+            assert_eq!(clip_ellipsis(text, limit), brief);
+        }
         let huge = "x".repeat(52_428_800);
         let clipped = clip(&huge, TEXT_LIMIT);
         assert!(clipped.ends_with("… [cut, 52428800 bytes]"), "{clipped}");
         assert!(clipped.len() < TEXT_LIMIT + 40);
-    }
-
-    #[test]
-    fn clip_ellipsis_marks_briefly() {
-        assert_eq!(clip_ellipsis("0123456789", 10), "0123456789");
-        assert_eq!(clip_ellipsis("0123456789ab", 10), "0123456789[…]");
-        assert_eq!(clip_ellipsis("aé\n", 2), "a[…]");
-        assert_eq!(clip_ellipsis("a\nb", 10), "a b");
     }
 
     #[test]
