@@ -35,9 +35,10 @@ const ATTACHMENT_JSON_ROOM: usize = 4096;
 /// key, the queue id), so that the next attempt finds a draft an interrupted
 /// one left behind and deletes it instead of leaving it, or sending twice.
 pub const DRAFT_TAG_HEADER: &str = "X-Relay-Queue-Id";
-/// [`DRAFT_TAG_HEADER`] as Exchange stores it: a named property in the
-/// internet headers property set (`PS_INTERNET_HEADERS`), which `$filter`
-/// on `singleValueExtendedProperties` can match.
+/// [`DRAFT_TAG_HEADER`] as Exchange stores it: reading MIME, it makes each
+/// such header a string named property in the internet headers property set
+/// (`PS_INTERNET_HEADERS`, [MS-OXCMAIL] 2.2.3.2.29), which `$filter` on
+/// `singleValueExtendedProperties` can match.
 const DRAFT_TAG_PROPERTY: &str =
     "String {00020386-0000-0000-C000-000000000046} Name X-Relay-Queue-Id";
 /// Most leftover drafts deleted per attempt: one interrupted attempt leaves
