@@ -37,7 +37,7 @@ const ATTACHMENT_JSON_ROOM: usize = 4096;
 pub const DRAFT_TAG_HEADER: &str = "X-Relay-Queue-Id";
 /// [`DRAFT_TAG_HEADER`] as Exchange stores it: reading MIME, it makes each
 /// such header a string named property in the internet headers property set
-/// (`PS_INTERNET_HEADERS`, [MS-OXCMAIL] 2.2.3.2.29), which `$filter` on
+/// (`PS_INTERNET_HEADERS`, MS-OXCMAIL section 2.2.3.2.29), which `$filter` on
 /// `singleValueExtendedProperties` can match.
 const DRAFT_TAG_PROPERTY: &str =
     "String {00020386-0000-0000-C000-000000000046} Name X-Relay-Queue-Id";
