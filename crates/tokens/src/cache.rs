@@ -181,7 +181,7 @@ impl TokenCache {
     }
 
     /// Writes `entry` atomically and durably, mode 0600; returns the bytes
-    /// written (what [`Self::read_raw`] will return until someone else writes).
+    /// written (what `read_raw` will return until someone else writes).
     pub fn save(&self, entry: &CacheEntry) -> Result<Vec<u8>, TokenError> {
         let plain = serde_json::to_vec_pretty(entry).map_err(|e| self.error(e.to_string()))?;
         let bytes = match &self.key {
