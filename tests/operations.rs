@@ -226,7 +226,10 @@ async fn readiness_health_and_metrics() {
     let mut metrics = String::new();
     for _ in 0..50 {
         metrics = get(&format!("http://127.0.0.1:{admin}/metrics")).await.1;
-        if metrics.contains("outcome=\"failed\"") {
+        // the queue depth is as of the queue's last look (once a second)
+        if metrics.contains("outcome=\"failed\"")
+            && metrics.contains("smtp_relay_queue_depth{state=\"failed\"} 1")
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

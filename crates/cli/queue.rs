@@ -1,11 +1,13 @@
-//! `queue …`: look at and act on the queue, whether or not the relay runs.
-//! Reads go straight to the queue directory; retry, delete, hold and
-//! release go through the running relay when there is one (see
-//! relay_queue::submit).
+//! `queue …`: look at and act on the queue, whether or not the relay runs:
+//! straight on its store (the SQLite file in the queue directory, which
+//! the running relay shares, or the PostgreSQL database of every relay).
+//! The running relays see the result: a held or deleted message is not
+//! sent, a retried one is picked up within a second.
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use relay_queue::{Entry, QueueError, QueueId, Request, Selection, Unusable};
+use relay_queue::{Entry, Queue, QueueError, QueueId, Request, Selection, Unusable};
+use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
@@ -85,11 +87,15 @@ impl Which {
 
 pub async fn queue(config: &Path, command: QueueCommand) -> anyhow::Result<()> {
     let config = crate::check::load(config)?;
-    let dir = &config.queue.dir;
-    let settings = crate::relay::queue_settings(&config.queue);
+    let q = &config.queue;
+    if q.database_url.is_none() && !q.dir.exists() {
+        // before the first run there is no queue: an empty one, left uncreated
+        return never_created(command);
+    }
+    let queue = Queue::open_admin(crate::relay::queue_settings(q)?).await?;
     match command {
         QueueCommand::List { json } => {
-            let survey = relay_queue::survey(dir)?;
+            let survey = queue.survey().await?;
             for bad in &survey.unusable {
                 eprintln!("warning: {}", unusable_note(bad));
             }
@@ -103,12 +109,14 @@ pub async fn queue(config: &Path, command: QueueCommand) -> anyhow::Result<()> {
             }
         }
         QueueCommand::Show { id, body: true, .. } => {
-            let mut body = relay_queue::open_body(dir, &id)?;
-            let mut out = std::io::stdout().lock();
-            std::io::copy(&mut body, &mut out).context("printing the message")?;
+            let body = queue.body(&id).await?;
+            std::io::stdout()
+                .lock()
+                .write_all(&body)
+                .context("printing the message")?;
         }
         QueueCommand::Show { id, json, .. } => {
-            let (entry, headers) = relay_queue::show(dir, &id)?;
+            let (entry, headers) = queue.show(&id).await?;
             if json {
                 let mut value = serde_json::to_value(&entry)?;
                 value["headers"] = String::from_utf8_lossy(&headers).into();
@@ -118,17 +126,15 @@ pub async fn queue(config: &Path, command: QueueCommand) -> anyhow::Result<()> {
             }
         }
         QueueCommand::Retry(which) => {
-            act(settings, which.selection(), Request::Retry, "due now").await?
+            act(&queue, which.selection(), Request::Retry, "due now").await?
         }
-        QueueCommand::Hold(which) => {
-            act(settings, which.selection(), Request::Hold, "held").await?
-        }
+        QueueCommand::Hold(which) => act(&queue, which.selection(), Request::Hold, "held").await?,
         QueueCommand::Release(which) => {
-            act(settings, which.selection(), Request::Release, "released").await?
+            act(&queue, which.selection(), Request::Release, "released").await?
         }
         QueueCommand::Delete(which) => {
             let which = which.selection();
-            let applied = relay_queue::submit(settings, Request::Delete(which.clone())).await?;
+            let applied = queue.apply(Request::Delete(which.clone())).await?;
             known(&which, &applied.ids, &applied.notes)?;
             println!(
                 "{} message(s) deleted{}",
@@ -143,16 +149,34 @@ pub async fn queue(config: &Path, command: QueueCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What each verb says of a queue that does not exist yet.
+fn never_created(command: QueueCommand) -> anyhow::Result<()> {
+    let which = match command {
+        QueueCommand::List { json: true } => {
+            println!("[]");
+            return Ok(());
+        }
+        QueueCommand::List { json: false } => {
+            print!("{}", table(&[], &[], SystemTime::now()));
+            return Ok(());
+        }
+        QueueCommand::Show { id, .. } => Selection::Id(id),
+        QueueCommand::Retry(which) | QueueCommand::Delete(which) => which.selection(),
+        QueueCommand::Hold(which) | QueueCommand::Release(which) => which.selection(),
+    };
+    known(&which, &[], &[])?;
+    println!("0 message(s)");
+    Ok(())
+}
+
 /// Applies `request` to `which` and says to how many messages it was done.
 async fn act(
-    settings: relay_queue::QueueSettings,
+    queue: &Queue,
     which: Selection,
     request: fn(Selection) -> Request,
     done: &str,
 ) -> anyhow::Result<()> {
-    let ids = relay_queue::submit(settings, request(which.clone()))
-        .await?
-        .ids;
+    let ids = queue.apply(request(which.clone())).await?.ids;
     known(&which, &ids, &[])?;
     println!("{} message(s) {done}{}", ids.len(), id_list(&ids));
     Ok(())
@@ -171,13 +195,8 @@ fn known(which: &Selection, ids: &[QueueId], notes: &[String]) -> anyhow::Result
 }
 
 fn unusable_note(bad: &Unusable) -> String {
-    let status = if bad.set_aside {
-        "set aside, not delivered"
-    } else {
-        "unusable, set aside at the relay's next start"
-    };
     format!(
-        "queue entry {} is corrupt ({status}): {}",
+        "queue entry {} is corrupt (set aside, not delivered): {}",
         bad.id, bad.reason
     )
 }
@@ -242,6 +261,9 @@ fn table(entries: &[Entry], unusable: &[Unusable], now: SystemTime) -> String {
         if let Some(error) = &e.last_error {
             out.push_str(&format!("{:<16}  {error}\n", ""));
         }
+        if let Some(relay) = &e.lease {
+            out.push_str(&format!("{:<16}  being delivered by relay {relay}\n", ""));
+        }
     }
     for bad in unusable {
         out.push_str(&format!(
@@ -297,6 +319,9 @@ fn details(e: &Entry, headers: &[u8]) -> String {
     }
     if let Some(error) = &e.last_error {
         out.push_str(&format!("Last error:  {error}\n"));
+    }
+    if let Some(relay) = &e.lease {
+        out.push_str(&format!("Leased by:   relay {relay} (being delivered)\n"));
     }
     out.push_str("Headers:\n");
     for line in String::from_utf8_lossy(headers).lines() {

@@ -124,7 +124,7 @@ impl Running {
             relay_listener::bind(&config.listener.bind, &config.listener.implicit_tls_bind).await?;
         let admin = relay_admin::Endpoint::bind(config.admin.bind).await?;
         let metrics = relay_admin::install_recorder()?;
-        let queue = Queue::open(queue_settings(&config.queue))
+        let queue = Queue::open(queue_settings(&config.queue)?)
             .await
             .with_context(|| format!("queue directory {}", config.queue.dir.display()))?;
         let shutdown = CancellationToken::new();
@@ -133,11 +133,10 @@ impl Running {
         for entry in &tokens {
             entry.start_refresher(&mut tasks);
         }
-        warn_about_orphans(&queue, &config);
+        warn_about_orphans(&queue, &config).await;
         let ways_out = ways_out(&config, None)?;
         let graph = ways_out.graph.as_ref().map(|g| g.client().clone());
         let delivery = start_delivery(&config, &queue, &tokens, ways_out, &shutdown);
-        tasks.spawn_background(queue.clone().serve_control(shutdown.clone()));
         let status = Arc::new(RelayStatus {
             listening: listener.local_addrs(),
             queue_dir: config.queue.dir.clone(),
@@ -465,7 +464,7 @@ fn start_delivery(
     };
     let mut workers = JoinSet::new();
     if !smtp.is_empty() {
-        tracing::info!(upstream = %ways_out.smtp.address(), queued = queue.depth(), "delivering to the upstream");
+        tracing::info!(upstream = %ways_out.smtp.address(), queued = waiting(queue), "delivering to the upstream");
         relay_delivery::spawn_into(
             &mut workers,
             queue.clone(),
@@ -476,7 +475,7 @@ fn start_delivery(
         );
     }
     if let (Some(transport), false) = (ways_out.graph, graph.is_empty()) {
-        tracing::info!(graph = %config.graph.endpoint, queued = queue.depth(), "delivering through Microsoft Graph");
+        tracing::info!(graph = %config.graph.endpoint, queued = waiting(queue), "delivering through Microsoft Graph");
         relay_delivery::spawn_into(
             &mut workers,
             queue.clone(),
@@ -498,9 +497,21 @@ fn listener_context(config: &Config, queue: &Queue) -> anyhow::Result<Context> {
     )?)
 }
 
-fn warn_about_orphans(queue: &Queue, config: &Config) {
-    for orphan in queue
-        .accounts_with_mail()
+/// Messages waiting for delivery, as of the queue's last look at its store.
+fn waiting(queue: &Queue) -> usize {
+    let census = queue.health().census;
+    census.queued.count + census.deferred.count
+}
+
+async fn warn_about_orphans(queue: &Queue, config: &Config) {
+    let accounts = match queue.accounts_with_mail().await {
+        Ok(accounts) => accounts,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list the accounts with queued mail");
+            return;
+        }
+    };
+    for orphan in accounts
         .into_iter()
         .filter(|name| !config.accounts.iter().any(|a| &a.name == name))
     {
@@ -511,14 +522,32 @@ fn warn_about_orphans(queue: &Queue, config: &Config) {
     }
 }
 
-/// The queue's settings from `[queue]`.
-pub fn queue_settings(queue: &relay_config::QueueConfig) -> QueueSettings {
-    QueueSettings {
+/// The queue's settings from `[queue]`, with the database password read.
+pub fn queue_settings(queue: &relay_config::QueueConfig) -> anyhow::Result<QueueSettings> {
+    let database = match &queue.database_url {
+        None => None,
+        Some(url) => Some(relay_queue::Database {
+            url: url.clone(),
+            password: queue.database_password().with_context(|| {
+                format!(
+                    "queue.database_password_file {}",
+                    queue
+                        .database_password_file
+                        .as_deref()
+                        .unwrap_or(std::path::Path::new(""))
+                        .display()
+                )
+            })?,
+        }),
+    };
+    Ok(QueueSettings {
         dir: queue.dir.clone(),
+        database,
+        lease_timeout: queue.lease_timeout,
         retry_initial: queue.retry_initial,
         retry_max: queue.retry_max,
         max_age: queue.max_age,
-    }
+    })
 }
 
 fn signal(kind: tokio::signal::unix::SignalKind) -> anyhow::Result<tokio::signal::unix::Signal> {

@@ -2,7 +2,7 @@
 //! whole path (listener → queue → delivery) and waits for the outcome.
 
 use anyhow::{bail, Context};
-use relay_queue::{QueueId, State};
+use relay_queue::{QueueError, QueueId, State};
 use std::{path::Path, time::Duration};
 
 /// How long to wait for the delivery.
@@ -42,16 +42,19 @@ pub async fn send_test(path: &Path, args: SendTestArgs) -> anyhow::Result<()> {
         .next()
         .and_then(|id| id.parse().ok())
         .with_context(|| format!("no queue id in {reply:?}"))?;
+    let queue =
+        relay_queue::Queue::open_admin(crate::relay::queue_settings(&config.queue)?).await?;
     let deadline = tokio::time::Instant::now() + WAIT;
     let mut reported = None;
     while tokio::time::Instant::now() < deadline {
-        match relay_queue::show(&config.queue.dir, &id) {
+        match queue.entry(&id).await {
             // gone from the queue: every recipient delivered
-            Err(_) => {
+            Err(QueueError::NoSuchMessage { .. }) => {
                 println!("delivered: Microsoft 365 accepted the message");
                 return Ok(());
             }
-            Ok((entry, _)) => {
+            Err(e) => return Err(e.into()),
+            Ok(entry) => {
                 if entry.state == State::Failed {
                     bail!(
                         "failed: {}",

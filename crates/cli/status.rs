@@ -22,7 +22,7 @@ pub struct RelayStatus {
 impl RelayStatus {
     /// One line for systemd: queue depth and token state.
     pub fn summary(&self) -> String {
-        let census = self.queue.census();
+        let census = self.queue.health().census;
         let waiting = census.queued.count + census.deferred.count;
         let failed = census.failed.count;
         let tokens: Vec<String> = self
@@ -53,6 +53,13 @@ impl relay_admin::Status for RelayStatus {
                 name: "queue directory writable".into(),
                 result: probe_writable(&self.queue_dir),
             },
+            Check {
+                name: "queue database".into(),
+                result: match self.queue.health().error {
+                    None => Ok(self.queue.store_name()),
+                    Some(error) => Err(format!("{}: {error}", self.queue.store_name())),
+                },
+            },
         ];
         for tokens in self.tokens.load().iter() {
             checks.push(Check {
@@ -72,7 +79,7 @@ impl relay_admin::Status for RelayStatus {
             metrics::gauge!("smtp_relay_token_expiry_seconds", "account" => tokens.account().to_owned())
                 .set(left.as_secs_f64());
         }
-        let census = self.queue.census();
+        let census = self.queue.health().census;
         let now = SystemTime::now();
         for (tally, name) in [
             (census.queued, "queued"),

@@ -37,6 +37,8 @@ fn fixture() -> &'static Fixture {
         let queue = runtime
             .block_on(relay_queue::Queue::open(relay_queue::QueueSettings {
                 dir: dir.path().join("queue"),
+                database: None,
+                lease_timeout: Duration::from_secs(60),
                 retry_initial: Duration::from_secs(60),
                 retry_max: Duration::from_secs(3600),
                 max_age: Duration::from_secs(86400),

@@ -207,6 +207,10 @@ fn expand_credential_paths(config: &mut Config, problems: &mut Vec<String>) {
     let listener = &mut config.listener;
     let mut paths = vec![
         (
+            "queue.database_password_file".to_owned(),
+            &mut config.queue.database_password_file,
+        ),
+        (
             "listener.tls_certificate".to_owned(),
             &mut listener.tls_certificate,
         ),

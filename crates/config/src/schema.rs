@@ -210,6 +210,34 @@ pub struct QueueConfig {
     /// How long a message may stay undelivered before it fails. Default `5d`.
     #[serde(default = "default_max_age", with = "humantime_serde")]
     pub max_age: Duration,
+    /// Share the queue with other relays: the PostgreSQL database (13 or
+    /// later) they all use, as `postgres://user@host:5432/db?sslmode=verify-full`
+    /// (`postgresql://` also works), without the password. Not set (the
+    /// default): the queue is an embedded database in `dir`.
+    #[serde(default)]
+    pub database_url: Option<String>,
+    /// File holding the database user's password (`${NAME}` is expanded,
+    /// e.g. `${CREDENTIALS_DIRECTORY}/db-password`); surrounding whitespace
+    /// is ignored. Not needed when the server trusts the relay otherwise
+    /// (a client certificate, a local socket).
+    #[serde(default)]
+    pub database_password_file: Option<PathBuf>,
+    /// How long a relay's claim on a message it is delivering lasts without
+    /// being renewed (it is renewed every third of this): a relay that dies
+    /// has its messages taken over by another after this. Default `60s`.
+    #[serde(default = "default_lease_timeout", with = "humantime_serde")]
+    pub lease_timeout: Duration,
+}
+
+impl QueueConfig {
+    /// The database password from `database_password_file`, trimmed;
+    /// `None` when no file is set.
+    pub fn database_password(&self) -> std::io::Result<Option<crate::Secret>> {
+        self.database_password_file
+            .as_ref()
+            .map(|path| std::fs::read_to_string(path).map(|text| crate::Secret::new(text.trim())))
+            .transpose()
+    }
 }
 
 /// How the connection to the upstream is secured. There is no plaintext option.
@@ -723,8 +751,15 @@ impl Default for QueueConfig {
             retry_initial: default_retry_initial(),
             retry_max: default_retry_max(),
             max_age: default_max_age(),
+            database_url: None,
+            database_password_file: None,
+            lease_timeout: default_lease_timeout(),
         }
     }
+}
+
+fn default_lease_timeout() -> Duration {
+    Duration::from_secs(60)
 }
 
 impl Default for UpstreamConfig {

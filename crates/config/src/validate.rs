@@ -44,6 +44,26 @@ pub(crate) fn problems(config: &Config, secrets: Secrets) -> Vec<String> {
     if q.max_age.is_zero() {
         out.push("queue.max_age must be more than 0".into());
     }
+    if q.lease_timeout < std::time::Duration::from_secs(3) {
+        out.push(
+            "queue.lease_timeout must be at least 3s (it is renewed every third of it)".into(),
+        );
+    }
+    if let Some(url) = &q.database_url {
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            out.push(format!(
+                "queue.database_url {url:?} is not a PostgreSQL URL: write postgres://user@host:5432/database (or remove it to keep the queue in queue.dir)"
+            ));
+        }
+    }
+    if let Some(path) = &q.database_password_file {
+        if q.database_url.is_none() {
+            out.push("queue.database_password_file is set but queue.database_url is not: set the URL, or remove the password file".into());
+        }
+        if secrets == Secrets::Read {
+            check_file("queue", "database_password_file", path, "", &mut out);
+        }
+    }
     let u = &config.upstream;
     if u.host.trim().is_empty() {
         out.push("upstream.host is empty".into());

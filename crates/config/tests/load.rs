@@ -316,3 +316,59 @@ fn schema_problems_of_every_section_in_one_run() {
     assert!(p[1].starts_with("queue.retry_initial: "), "{p:#?}");
     assert!(p[2].starts_with("accounts[0].oauth.flow: "), "{p:#?}");
 }
+
+#[test]
+fn a_shared_queue_is_checked() {
+    let c = load_str(VALID).expect("valid");
+    assert_eq!(c.queue.database_url, None);
+    assert_eq!(c.queue.lease_timeout.as_secs(), 60);
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let password = dir.path().join("db-password");
+    std::fs::write(&password, "hunter2\n").expect("write");
+    let shared = VALID.replace(
+        "retry_initial = \"1s\"\n",
+        &format!(
+            "retry_initial = \"1s\"\ndatabase_url = \"postgres://relay@db.example.com/relay\"\n\
+             database_password_file = {password:?}\nlease_timeout = \"30s\"\n"
+        ),
+    );
+    let c = load_str(&shared).expect("valid");
+    assert_eq!(c.queue.lease_timeout.as_secs(), 30);
+    assert_eq!(
+        c.queue
+            .database_password()
+            .expect("readable")
+            .map(|s| s.expose().to_owned()),
+        Some("hunter2".to_owned())
+    );
+
+    let p = problems(
+        &shared
+            .replace("postgres://", "mysql://")
+            .replace("db-password", "missing")
+            .replace("\"30s\"", "\"1s\""),
+    );
+    assert_eq!(p.len(), 3, "{p:?}");
+    assert!(
+        p[0].starts_with("queue.lease_timeout must be at least 3s"),
+        "{p:?}"
+    );
+    assert!(
+        p[1].starts_with("queue.database_url \"mysql://relay@db.example.com/relay\" is not a PostgreSQL URL: write postgres://"),
+        "{p:?}"
+    );
+    assert!(p[2].starts_with("queue.database_password_file "), "{p:?}");
+    assert!(p[2].contains("missing"), "{p:?}");
+
+    let p = problems(&VALID.replace(
+        "retry_initial = \"1s\"\n",
+        "retry_initial = \"1s\"\ndatabase_password_file = \"/nonexistent\"\n",
+    ));
+    assert!(
+        p[0].starts_with("queue.database_password_file is set but queue.database_url is not"),
+        "{p:?}"
+    );
+    let p = problems(&VALID.replace("[queue]\n", "[queue]\ndatabase = \"x\"\n"));
+    assert!(p[0].contains("unknown field `database`"), "{p:?}");
+}

@@ -224,7 +224,7 @@ impl<T: Transport> Worker<T> {
             }
             // The wait for the pacing slot may have been long enough for an
             // administrator to delete the message.
-            if !self.queue.begin(&lease) {
+            if !self.queue.begin(&lease).await {
                 tracing::info!(queue_id = %lease.id, "deleted or held while waiting for its turn; not sent");
                 continue;
             }

@@ -270,7 +270,11 @@ async fn send_as_refusal_fails_immediately_and_is_not_retried() {
         relay.server.rejected()
     );
     assert!(relay.server.messages().is_empty());
-    assert_eq!(relay.entries().len(), 1, "the failed message stays listed");
+    assert_eq!(
+        relay.entries().await.len(),
+        1,
+        "the failed message stays listed"
+    );
 
     relay.server.allow_send_as("alias@contoso.com");
     relay
@@ -381,7 +385,7 @@ async fn dead_pooled_connection_is_replaced_within_the_attempt() {
     assert_eq!(got[1].text(), "Subject: second\r\n\r\n2\r\n");
     assert_eq!(relay.server.sessions(), 2, "one reconnect");
     relay.wait_until_empty().await;
-    assert!(relay.entries().iter().all(|e| e.id != id.to_string()));
+    assert!(relay.entries().await.iter().all(|e| e.id != id.to_string()));
     assert_still_delivered(&relay, 2, Duration::from_millis(300), "nothing duplicated").await;
     relay.shutdown().await;
 }

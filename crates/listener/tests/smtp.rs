@@ -5,7 +5,7 @@
 
 use arc_swap::ArcSwap;
 use relay_listener::{Context, Router};
-use relay_queue::{list, Entry, Queue, QueueSettings};
+use relay_queue::{Entry, Queue, QueueSettings};
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -142,10 +142,12 @@ impl Setup {
         );
         let config = relay_config::load_str(&toml).expect("valid test configuration");
         std::fs::create_dir(dir.path().join("queue")).expect("queue dir");
-        let queue = within(
+        let queue = on_real_time(
             "opening the queue",
             Queue::open(QueueSettings {
                 dir: dir.path().join("queue"),
+                database: None,
+                lease_timeout: Duration::from_secs(60),
                 retry_initial: Duration::from_secs(60),
                 retry_max: Duration::from_secs(3600),
                 max_age: Duration::from_secs(86400),
@@ -190,6 +192,29 @@ impl Setup {
             server,
         }
     }
+}
+
+/// Runs `f` (bounded) on a runtime of its own on real time, where the
+/// queue's store lives: on a test's paused clock its waits for a database
+/// connection would time out at once.
+async fn on_real_time<T: Send + 'static>(
+    what: &str,
+    f: impl std::future::Future<Output = T> + Send + 'static,
+) -> T {
+    static STORE_RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    let runtime = STORE_RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("the store's runtime")
+    });
+    let what = what.to_owned();
+    // bounded there, on real time: the caller's clock may be paused
+    runtime
+        .spawn(async move { within(&what, f).await })
+        .await
+        .expect("store task")
 }
 
 /// A running listener over a queue in a temporary directory.
@@ -238,22 +263,29 @@ impl Relay {
     }
 
     /// Every queued message, in id order.
-    fn entries(&self) -> Vec<Entry> {
-        list(&self.path()).expect("list the queue")
+    async fn entries(&self) -> Vec<Entry> {
+        let queue = self.queue.clone();
+        on_real_time("listing the queue", async move { queue.list().await })
+            .await
+            .expect("list the queue")
     }
 
     /// The only queued message and its stored body.
-    fn single(&self) -> (Entry, Vec<u8>) {
-        let mut entries = self.entries();
+    async fn single(&self) -> (Entry, Vec<u8>) {
+        let mut entries = self.entries().await;
         assert_eq!(entries.len(), 1, "queued: {entries:?}");
         let entry = entries.remove(0);
-        let body = self.body(&entry.id);
+        let body = self.body(&entry.id).await;
         (entry, body)
     }
 
-    /// The stored body of message `id`, straight from the queue directory.
-    fn body(&self, id: &str) -> Vec<u8> {
-        std::fs::read(self.path().join("body").join(id)).expect("read body")
+    /// The stored body of message `id`, straight from the store.
+    async fn body(&self, id: &str) -> Vec<u8> {
+        let id = id.parse().expect("queue id");
+        let queue = self.queue.clone();
+        on_real_time("reading a body", async move { queue.body(&id).await })
+            .await
+            .expect("read body")
     }
 
     /// Cancels the shutdown token and waits (bounded) for `serve` to return.
@@ -524,7 +556,7 @@ async fn greeting_and_simple_commands() {
     c.cmd("noop", "250 2.0.0 Ok").await;
     c.cmd("QUIT", "221 2.0.0 Bye").await;
     c.closed().await;
-    assert!(relay.entries().is_empty());
+    assert!(relay.entries().await.is_empty());
     relay.stop().await;
 }
 
@@ -542,7 +574,7 @@ async fn full_transaction_is_queued_exactly() {
     c.cmd("QUIT", "221 2.0.0 Bye").await;
     c.closed().await;
 
-    let (entry, body) = relay.single();
+    let (entry, body) = relay.single().await;
     assert_eq!(entry.id, id);
     assert_eq!(entry.sender, "app@contoso.com");
     assert_eq!(entry.recipients, ["alice@example.com", "bob@example.org"]);
@@ -583,7 +615,7 @@ async fn null_sender_and_utf8_addresses() {
     let utf8 = c.data("Subject: Grüße\r\n\r\n☃\r\n".as_bytes()).await;
     c.cmd("QUIT", "221 2.0.0 Bye").await;
 
-    let entries = relay.entries();
+    let entries = relay.entries().await;
     assert_eq!(entries.len(), 2);
     assert_eq!(
         (entries[0].id.as_str(), entries[0].sender.as_str()),
@@ -612,7 +644,7 @@ async fn rset_and_ehlo_forget_the_envelope() {
     .await;
     // a new transaction after the reset works
     let id = c.mail("a@contoso.com", "c@example.com", b"x\r\n").await;
-    let (entry, _) = relay.single();
+    let (entry, _) = relay.single().await;
     assert_eq!(entry.id, id);
     assert_eq!(entry.recipients, ["c@example.com"]);
     relay.stop().await;
@@ -644,7 +676,7 @@ async fn pipelined_commands_are_answered_in_order() {
     c.expect("221 2.0.0 Bye\r\n").await;
     c.closed().await;
 
-    let (entry, body) = relay.single();
+    let (entry, body) = relay.single().await;
     assert_eq!(entry.id, id);
     assert_eq!(entry.recipients, ["a@example.com", "b@example.com"]);
     assert_eq!(body, b"Subject: p\r\n\r\nbody\r\n");
@@ -672,15 +704,15 @@ async fn whole_session_in_one_write() {
     c.expect("221 2.0.0 Bye\r\n").await;
     c.closed().await;
 
-    let entries = relay.entries();
+    let entries = relay.entries().await;
     assert_eq!(
         entries.iter().map(|e| &e.id).collect::<Vec<_>>(),
         [&ids[0], &ids[1]]
     );
     assert_eq!(entries[0].sender, "a@contoso.com");
     assert_eq!(entries[1].sender, "c@contoso.com");
-    assert_eq!(relay.body(&ids[0]), b"one\r\n");
-    assert_eq!(relay.body(&ids[1]), b"two\r\n");
+    assert_eq!(relay.body(&ids[0]).await, b"one\r\n");
+    assert_eq!(relay.body(&ids[1]).await, b"two\r\n");
     relay.stop().await;
 }
 
@@ -704,7 +736,7 @@ async fn commands_and_data_split_across_writes() {
         c.send(piece).await;
     }
     let id = queued_id(&c.reply().await);
-    let (entry, body) = relay.single();
+    let (entry, body) = relay.single().await;
     assert_eq!(entry.id, id);
     assert_eq!(body, b".a\r\nb\r\n");
     relay.stop().await;
@@ -729,7 +761,7 @@ async fn dot_stuffing_and_8bit_data_are_stored_exactly() {
     let id = c
         .mail("app@contoso.com", "a@example.com", wire.as_bytes())
         .await;
-    let (entry, body) = relay.single();
+    let (entry, body) = relay.single().await;
     assert_eq!(entry.id, id);
     assert_eq!(body, original.as_bytes());
     assert_eq!(entry.size, original.len() as u64);
@@ -740,7 +772,7 @@ async fn dot_stuffing_and_8bit_data_are_stored_exactly() {
         .chain(*b"\r\n")
         .collect();
     let id = c.mail("app@contoso.com", "a@example.com", &raw).await;
-    assert_eq!(relay.body(&id), raw);
+    assert_eq!(relay.body(&id).await, raw);
     relay.stop().await;
 }
 
@@ -756,11 +788,11 @@ async fn first_line_and_whole_body_dots() {
     let d = c.mail("a@contoso.com", "b@example.com", b"...\r\n").await;
     // an empty message: 354 then the end at once
     let e = c.mail("a@contoso.com", "b@example.com", b"").await;
-    assert_eq!(relay.body(&a), b".x\r\n");
-    assert_eq!(relay.body(&b), b".\r\n");
-    assert_eq!(relay.body(&d), b"..\r\n");
-    assert_eq!(relay.body(&e), b"");
-    assert_eq!(relay.entries().len(), 4);
+    assert_eq!(relay.body(&a).await, b".x\r\n");
+    assert_eq!(relay.body(&b).await, b".\r\n");
+    assert_eq!(relay.body(&d).await, b"..\r\n");
+    assert_eq!(relay.body(&e).await, b"");
+    assert_eq!(relay.entries().await.len(), 4);
     relay.stop().await;
 }
 
@@ -790,12 +822,12 @@ async fn smuggling_variants_are_content() {
         c.cmd("QUIT", "221 2.0.0 Bye").await;
         c.closed().await;
 
-        let entries = relay.entries();
+        let entries = relay.entries().await;
         assert_eq!(entries.len(), n + 1, "variant {variant:?}: {entries:?}");
         let entry = entries.iter().find(|e| e.id == id).expect("queued entry");
         assert_eq!(entry.sender, "app@contoso.com");
         assert_eq!(entry.recipients, ["real@example.com"]);
-        let body = relay.body(&id);
+        let body = relay.body(&id).await;
         assert!(
             only_crlf(&body),
             "variant {variant:?} stored a bare CR or LF: {:?}",
@@ -810,6 +842,7 @@ async fn smuggling_variants_are_content() {
     }
     assert!(relay
         .entries()
+        .await
         .iter()
         .all(|e| e.sender == "app@contoso.com"));
     relay.stop().await;
@@ -829,7 +862,7 @@ async fn smuggled_bodies_are_normalised_exactly() {
     ] {
         let id = c.mail("a@contoso.com", "b@example.com", wire).await;
         assert_eq!(
-            String::from_utf8_lossy(&relay.body(&id)),
+            String::from_utf8_lossy(&relay.body(&id).await),
             String::from_utf8_lossy(stored),
             "wire {wire:?}"
         );
@@ -849,7 +882,7 @@ async fn bare_line_endings_are_normalised() {
         )
         .await;
     assert_eq!(
-        relay.body(&id),
+        relay.body(&id).await,
         b"Subject: sloppy\r\n\r\nline one\r\nline two\r\nline three\r\n\r\nlast\r\n"
     );
     relay.stop().await;
@@ -874,7 +907,7 @@ async fn clients_outside_allowed_networks_are_refused() {
     c.expect("554 5.7.1 127.0.0.1 is not allowed to use this relay\r\n")
         .await;
     c.closed().await;
-    assert!(relay.entries().is_empty());
+    assert!(relay.entries().await.is_empty());
     relay.stop().await;
 }
 
@@ -917,6 +950,7 @@ async fn senders_are_routed_to_the_most_specific_account() {
     }
     let got: Vec<_> = relay
         .entries()
+        .await
         .into_iter()
         .map(|e| (e.id, e.sender, e.account))
         .collect();
@@ -974,9 +1008,9 @@ async fn size_limits() {
     .await;
     let after = c.mail("a@contoso.com", "b@example.com", b"small\r\n").await;
 
-    let ids: Vec<_> = relay.entries().into_iter().map(|e| e.id).collect();
+    let ids: Vec<_> = relay.entries().await.into_iter().map(|e| e.id).collect();
     assert_eq!(ids, [fits.clone(), after]);
-    assert_eq!(relay.body(&fits), exact);
+    assert_eq!(relay.body(&fits).await, exact);
     relay.stop().await;
 }
 
@@ -1007,7 +1041,7 @@ async fn too_many_recipients() {
     c.cmd("RCPT TO:<r2@example.com>", "250 2.1.5 Ok").await;
     c.cmd("RCPT TO:<r3@example.com>", "250 2.1.5 Ok").await;
     let second = c.data(b"x\r\n").await;
-    let entries = relay.entries();
+    let entries = relay.entries().await;
     assert_eq!(entries.len(), 2);
     assert_eq!(entries[0].id, first);
     assert_eq!(entries[0].recipients, ["r0@example.com", "r1@example.com"]);
@@ -1050,7 +1084,7 @@ async fn non_ascii_addresses_need_smtputf8() {
     c.cmd("RCPT TO:<jürgen@exämple.com>", "250 2.1.5 Ok").await;
     let utf8 = c.data(b"x\r\n").await;
     c.cmd("QUIT", "221 2.0.0 Bye").await;
-    let entries = relay.entries();
+    let entries = relay.entries().await;
     assert_eq!(entries.len(), 2);
     assert_eq!(
         (entries[0].id.as_str(), entries[0].recipients.as_slice()),
@@ -1134,7 +1168,7 @@ async fn sequence_and_syntax_errors() {
     // the transaction survived all that
     c.cmd("RCPT TO:<b@example.com>", "250 2.1.5 Ok").await;
     let id = c.data(b"x\r\n").await;
-    let (entry, _) = relay.single();
+    let (entry, _) = relay.single().await;
     assert_eq!(entry.id, id);
     assert_eq!(entry.recipients, ["b@example.com"]);
     relay.stop().await;
@@ -1214,7 +1248,6 @@ async fn shutdown_tells_idle_sessions_and_lets_transactions_finish() {
     // let the server take in the half message before the cancel
     tokio::time::sleep(Duration::from_millis(50)).await;
     let addr = relay.addr;
-    let dir = relay.path().to_path_buf();
     relay.shutdown.cancel();
     idle.expect("421 4.3.2 Service shutting down, try again later\r\n")
         .await;
@@ -1230,7 +1263,7 @@ async fn shutdown_tells_idle_sessions_and_lets_transactions_finish() {
         .await
         .expect("serve task");
     // the finished message was queued, and nobody is listening any more
-    assert_eq!(list(&dir).expect("list").len(), 1);
+    assert_eq!(relay.queue.list().await.expect("list").len(), 1);
     let again = tokio::time::timeout(WAIT, TcpStream::connect(addr)).await;
     assert!(matches!(again, Ok(Err(_))), "still accepting: {again:?}");
 }
@@ -1250,24 +1283,32 @@ async fn a_client_that_vanishes_mid_message_queues_nothing() {
     // the server notices and is ready for others
     let mut c = relay.client().await;
     c.cmd("NOOP", "250 2.0.0 Ok").await;
-    assert!(relay.entries().is_empty());
+    assert!(relay.entries().await.is_empty());
     relay.stop().await;
 }
 
 #[tokio::test]
 async fn queue_failure_is_a_temporary_error_and_the_session_goes_on() {
     let relay = Relay::start().await;
-    let body_dir = relay.path().join("body");
-    // a regular file where the body directory was: the rename into it fails
-    // for every user, root included
-    std::fs::remove_dir(&body_dir).expect("remove body dir");
-    std::fs::write(&body_dir, b"").expect("body file");
+    // the store refuses every new message, as a full disk would
+    let db = sqlx::SqlitePool::connect(&format!(
+        "sqlite://{}",
+        relay.path().join("queue.sqlite").display()
+    ))
+    .await
+    .expect("open the store");
+    sqlx::query(
+        "CREATE TRIGGER full BEFORE INSERT ON messages BEGIN SELECT RAISE(ABORT, 'disk full'); END",
+    )
+    .execute(&db)
+    .await
+    .expect("break the store");
 
     let mut c = relay.client_in_data().await;
     c.send("Subject: lost?\r\n\r\nx\r\n.\r\n").await;
     c.expect("451 4.3.0 Error: cannot store the message in the queue, try again later\r\n")
         .await;
-    assert!(relay.entries().is_empty());
+    assert!(relay.entries().await.is_empty());
     // the transaction is over, the session is not
     c.cmd("NOOP", "250 2.0.0 Ok").await;
     c.cmd(
@@ -1276,9 +1317,11 @@ async fn queue_failure_is_a_temporary_error_and_the_session_goes_on() {
     )
     .await;
 
-    // once the disk is fixed, the client's retry in the same session works
-    std::fs::remove_file(&body_dir).expect("remove body file");
-    std::fs::create_dir(&body_dir).expect("body dir");
+    // once the store is fixed, the client's retry in the same session works
+    sqlx::query("DROP TRIGGER full")
+        .execute(&db)
+        .await
+        .expect("fix the store");
     let id = c
         .mail(
             "a@contoso.com",
@@ -1286,7 +1329,7 @@ async fn queue_failure_is_a_temporary_error_and_the_session_goes_on() {
             b"Subject: lost?\r\n\r\nx\r\n",
         )
         .await;
-    let (entry, body) = relay.single();
+    let (entry, body) = relay.single().await;
     assert_eq!(entry.id, id);
     assert_eq!(body, b"Subject: lost?\r\n\r\nx\r\n");
     relay.stop().await;
@@ -1317,12 +1360,12 @@ async fn many_clients_at_once() {
     for task in tasks {
         sent.push(within("a client", task).await.expect("client task"));
     }
-    let entries = relay.entries();
+    let entries = relay.entries().await;
     assert_eq!(entries.len(), 20);
     for (i, id) in sent {
         let entry = entries.iter().find(|e| e.id == id).expect("queued");
         assert_eq!(entry.sender, format!("app{i}@contoso.com"));
-        assert_eq!(relay.body(&id), format!("message {i}\r\n").as_bytes());
+        assert_eq!(relay.body(&id).await, format!("message {i}\r\n").as_bytes());
     }
     relay.stop().await;
 }
@@ -1357,7 +1400,7 @@ async fn an_over_long_command_line_gets_one_reply() {
     let id = queued_id(&c.reply().await);
     c.expect("221 2.0.0 Bye\r\n").await;
     c.closed().await;
-    let (entry, _) = relay.single();
+    let (entry, _) = relay.single().await;
     assert_eq!(entry.id, id);
     assert_eq!(entry.recipients, ["b@example.com"]);
     relay.stop().await;
@@ -1418,7 +1461,7 @@ async fn idle_clients_are_timed_out() {
     c.expect("421 4.4.2 relay.test Error: timeout exceeded\r\n")
         .await;
     c.closed().await;
-    assert!(relay.entries().is_empty());
+    assert!(relay.entries().await.is_empty());
     relay.stop().await;
 }
 
@@ -1514,7 +1557,7 @@ async fn a_dripped_message_is_cut_off() {
     assert_eq!(reply, timeout);
     assert!(after >= 60 * second && after < 61 * second, "{after:?}");
     c.closed().await;
-    assert!(relay.entries().is_empty());
+    assert!(relay.entries().await.is_empty());
     relay.stop().await;
 }
 
@@ -1554,7 +1597,7 @@ async fn long_text_lines_are_accepted_unchanged() {
     let id = c
         .mail("a@contoso.com", "b@example.com", body.as_bytes())
         .await;
-    assert_eq!(relay.body(&id), body.as_bytes());
+    assert_eq!(relay.body(&id).await, body.as_bytes());
     relay.stop().await;
 }
 
@@ -1657,7 +1700,7 @@ async fn addresses_are_checked() {
     c.cmd(&format!("RCPT TO:<{local64}@{domain}>"), "250 2.1.5 Ok")
         .await;
     c.data(b"x\r\n").await;
-    let (entry, _) = relay.single();
+    let (entry, _) = relay.single().await;
     assert_eq!(entry.sender, format!("{local64}@contoso.com"));
     assert_eq!(entry.recipients, [format!("{local64}@{domain}")]);
     relay.stop().await;
@@ -1809,7 +1852,7 @@ async fn timeouts_are_configurable() {
     .await;
     assert_eq!(reply, timeout);
     about(since.elapsed(), 2500);
-    assert!(relay.entries().is_empty());
+    assert!(relay.entries().await.is_empty());
     relay.stop().await;
 }
 
@@ -1850,7 +1893,7 @@ async fn slow_drip_clients_are_cut_off() {
         waited >= Duration::from_millis(1400) && waited <= Duration::from_millis(3000),
         "{waited:?}"
     );
-    assert!(relay.entries().is_empty());
+    assert!(relay.entries().await.is_empty());
     // 10 kB/s for two seconds is fine
     let mut c = relay.client_in_data().await;
     let line = [&[b'x'; 998][..], b"\r\n"].concat();
@@ -1889,7 +1932,7 @@ async fn more_smuggling_variants_are_content() {
             .await;
         let id = queued_id(&c.reply().await);
         c.expect("250 2.0.0 Ok\r\n").await;
-        let body = relay.body(&id);
+        let body = relay.body(&id).await;
         assert!(
             only_crlf(&body),
             "{variant:?}: {:?}",
@@ -1900,9 +1943,10 @@ async fn more_smuggling_variants_are_content() {
             "{variant:?}"
         );
     }
-    assert_eq!(relay.entries().len(), variants.len());
+    assert_eq!(relay.entries().await.len(), variants.len());
     assert!(relay
         .entries()
+        .await
         .iter()
         .all(|e| e.sender == "app@contoso.com" && e.recipients == ["real@example.com"]));
     relay.stop().await;
@@ -1937,7 +1981,7 @@ async fn starttls_is_offered_with_a_certificate_and_works() {
         let id = c
             .mail("a@contoso.com", "b@example.com", b"over TLS\r\n")
             .await;
-        assert_eq!(relay.body(&id), b"over TLS\r\n");
+        assert_eq!(relay.body(&id).await, b"over TLS\r\n");
         c.cmd("QUIT", "221 2.0.0 Bye").await;
         relay.stop().await;
     }
@@ -1966,7 +2010,7 @@ async fn plaintext_after_starttls_is_discarded() {
     )
     .await;
     c.cmd("DATA", "503 5.5.1 Error: need MAIL command").await;
-    assert!(relay.entries().is_empty());
+    assert!(relay.entries().await.is_empty());
     relay.stop().await;
 }
 
@@ -1983,7 +2027,7 @@ async fn implicit_tls_sockets_start_with_the_handshake() {
     let id = c
         .mail("a@contoso.com", "b@example.com", b"implicit\r\n")
         .await;
-    assert_eq!(relay.body(&id), b"implicit\r\n");
+    assert_eq!(relay.body(&id).await, b"implicit\r\n");
     // plaintext on the TLS port goes nowhere
     let mut plain = Client::connect(relay.tls_addr.expect("address")).await;
     plain.send("EHLO plain\r\n").await;
@@ -2087,7 +2131,7 @@ async fn auth_plain_and_login_over_loopback() {
         .mail("a@contoso.com", "b@example.com", b"logged in\r\n")
         .await;
     // the login is nowhere in what is queued (and so never goes upstream)
-    let (entry, body) = relay.single();
+    let (entry, body) = relay.single().await;
     assert_eq!(entry.id, id);
     assert_eq!(body, b"logged in\r\n");
     let stored = std::fs::read_dir(relay.path())

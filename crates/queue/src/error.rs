@@ -23,11 +23,11 @@ pub enum QueueError {
         source: io::Error,
     },
 
-    /// A metadata file (or a body it refers to) cannot be used: it does not
-    /// parse, is missing fields, disagrees with its file name, or its body is
-    /// missing or has the wrong size. [`crate::Queue::open`] moves such
-    /// entries to `corrupt/` instead of failing; [`crate::list`] reports them
-    /// with this error.
+    /// A metadata file of an older queue being imported (or the body it
+    /// refers to) cannot be used: it does not parse, is missing fields,
+    /// disagrees with its file name, or its body is missing or does not
+    /// match. [`crate::Queue::open`] moves such entries to `corrupt/`
+    /// instead of failing.
     #[error("corrupt queue entry {}: {reason}", path.display())]
     Corrupt {
         /// The offending file.
@@ -36,9 +36,8 @@ pub enum QueueError {
         reason: String,
     },
 
-    /// Another process (most likely another relay) holds the queue's lock
-    /// file. Two relays must never share a queue directory: `open` cleans up
-    /// files that belong to the other one's in-flight writes.
+    /// Another relay holds the queue directory's lock: two relays must not
+    /// share one embedded store (share a PostgreSQL database instead).
     #[error("queue directory {} is locked by another process (is another relay running on it?)", path.display())]
     Locked {
         /// The lock file.
@@ -56,7 +55,7 @@ pub enum QueueError {
     },
 
     /// [`crate::Queue::record`] or [`crate::Queue::read_body`] was given a
-    /// lease that does not belong to this queue (or the message is gone).
+    /// lease that does not belong to this queue.
     #[error("message {id} in {} is not leased from this queue", path.display())]
     NotLeased {
         /// The queue directory.
@@ -72,18 +71,22 @@ pub enum QueueError {
         id: QueueId,
     },
 
-    /// Encoding a metadata file failed (should not happen; kept so that no
-    /// code path panics).
-    #[error("encoding metadata for {}: {source}", path.display())]
-    Encode {
-        /// The metadata file that was to be written.
-        path: PathBuf,
-        /// The underlying error.
-        #[source]
-        source: serde_json::Error,
+    /// The store (the database) failed: unreachable, full, or refusing.
+    /// Nothing was changed by the operation that got it.
+    #[error("queue store: {0}")]
+    Store(#[from] relay_store::StoreError),
+
+    /// This relay's lease on the message ended before its outcome was
+    /// recorded (it expired while the database was unreachable and another
+    /// relay took the message over, or an administrator deleted it): the
+    /// outcome is not recorded; whoever holds the message now decides.
+    #[error("message {id}: this relay's lease on it is gone; its outcome is not recorded")]
+    LeaseLost {
+        /// The message.
+        id: QueueId,
     },
 
-    /// The blocking task doing the file I/O panicked or was cancelled at
+    /// A task doing file I/O or a store write panicked or was cancelled at
     /// runtime shutdown.
     #[error("{action} {}: background I/O task failed: {source}", path.display())]
     Task {

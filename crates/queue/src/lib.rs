@@ -2,129 +2,118 @@
 //!
 //! Data flows listener → queue → delivery. The listener calls
 //! [`Queue::enqueue`] and answers the SMTP client `250` only after it
-//! returns; delivery workers (one set per upstream account) take due
-//! messages with [`Queue::next_due`], say when they hand one to the
-//! upstream with [`Queue::begin`] (after waiting for their pacing slot; a
-//! message deleted meanwhile is not to be sent), and report per-recipient
-//! outcomes with [`Queue::record`]. The `queue list` command reads the
-//! directory from another process with [`list`] and [`survey`]. The queue knows nothing
-//! about SMTP: a recipient's [`Outcome`] (reply and reason, decided by the
-//! transport) is kept as given; only its verdict (delivered, temporary,
-//! permanent) moves the message on.
+//! returns; delivery workers (one set per upstream account) lease due
+//! messages with [`Queue::next_due`], ask [`Queue::begin`] before they hand
+//! one to the upstream (after waiting for their pacing slot; a message held
+//! or deleted meanwhile is not to be sent), and report per-recipient
+//! outcomes with [`Queue::record`]. Administrators ([`Queue::survey`],
+//! [`Queue::apply`]) work on the same store from any process. The queue
+//! knows nothing about SMTP: a recipient's [`Outcome`] (reply and reason,
+//! decided by the transport) is kept as given; only its verdict (delivered,
+//! temporary, permanent) moves the message on.
 //!
-//! # On-disk layout
+//! # Where the state lives
+//!
+//! Every message — envelope, per-recipient state, held flag, lease, body and
+//! its SHA-256 — is in the store ([`relay_store`]): by default an SQLite file
+//! in the queue directory (WAL, `synchronous = FULL`); with `[queue]
+//! database_url`, a PostgreSQL database that several relays share. Every
+//! change to stored state is one `relay_store` call, one transaction.
 //!
 //! ```text
 //! DIR/                mode 0700
-//!   lock              flock'ed by the running relay (one process per DIR)
-//!   tmp/ID.body       files being written (a large message is spooled here
-//!   tmp/ID.json       while it is received); never read, deleted at open
-//!   body/ID           the message as received (raw bytes, never changed)
-//!   meta/ID.json      envelope, state, per-recipient status, held flag,
-//!                     the body's SHA-256 (JSON)
-//!   corrupt/          entries set aside (ID.json, ID.body, ID.reason)
-//!   control/          admin requests to the running relay (see `control`)
+//!   queue.sqlite      the embedded store (and its -wal, -shm files)
+//!   tmp/              large bodies spooled while received (anonymous
+//!                     files: nothing is left behind by a crash)
+//!   corrupt/          entries of an older queue that could not be imported
 //! ```
 //!
 //! `ID` is a [`QueueId`]: 16 uppercase hex digits, 13 of microseconds since
 //! the epoch and 3 random; ids sort by enqueue time.
 //!
-//! # Commit protocol
+//! # Commit and leases
 //!
-//! **A message exists if and only if `meta/ID.json` exists.** Renaming the
-//! metadata into `meta/` is the commit point; everything else is ordered
-//! around it with fsyncs:
+//! * *Enqueue*: the message is inserted in one transaction, shared with
+//!   every insert waiting at the time (group commit); `enqueue` returns
+//!   only after that commit. A body larger than the listener keeps in
+//!   memory (256 KiB) is spooled to an anonymous file while it arrives
+//!   ([`BodyWriter`]) and read back whole for the commit: memory per client
+//!   stays bounded while receiving; the commit holds the body once.
+//! * *Lease*: [`Queue::next_due`] marks one due message with this relay's
+//!   id and an expiry (`lease_timeout`) in one statement; a lease is renewed
+//!   every third of `lease_timeout` while the message is being delivered.
+//!   After the expiry any relay may take it (a relay that died). A relay
+//!   that finds its lease gone does not send (if it had not begun) and does
+//!   not record.
+//! * *Record*: the outcome replaces the message's state, or removes it when
+//!   every recipient is delivered, in one transaction — only under this
+//!   relay's lease.
+//! * *Passthrough* messages are leased at insert by the relay holding the
+//!   client's connection, and never leased by another: if that relay loses
+//!   them (dies), they fail, since the client, left without an answer,
+//!   resends.
 //!
-//! * *Enqueue*: write `tmp/ID.body` and `tmp/ID.json`, fsync both (a body
-//!   spooled while it was received is already written: [`BodyWriter`]
-//!   appends to `tmp/ID.body`, and only the metadata is written now); rename
-//!   the body to `body/ID`, fsync `body/`; rename the metadata to
-//!   `meta/ID.json`, fsync `meta/`. Only then does `enqueue` return. (The
-//!   `body/` fsync comes *before* the metadata rename so that no file system
-//!   can persist the metadata without its body.)
-//! * *Update* (after an attempt): write `tmp/ID.json`, fsync, rename over
-//!   `meta/ID.json`, fsync `meta/`. Readers see the old or the new file,
-//!   never a mix.
-//! * *Removal* (all delivered): unlink `meta/ID.json`, fsync `meta/`, then
-//!   unlink `body/ID`.
+//! # Upgrade ([`Queue::open`])
 //!
-//! All of these go through one function (`store::apply`) taking a batch of
-//! operations, so that group commit can share the fsyncs between concurrent
-//! callers without changing the protocol. Measured on a disk where creating
-//! a file is the cost (`BENCHMARKS.md`), batching these syncs gains nothing;
-//! what would is a write-ahead log that creates no file per message.
-//!
-//! # Recovery ([`Queue::open`])
-//!
-//! Everything in `tmp/` is an unfinished write (or a spooled message whose
-//! session ended without a commit) and is deleted. A body without metadata
-//! is a crash before the commit point (the client got no 250 and will
-//! resend) or in the middle of a removal (already delivered), and is
-//! deleted. Metadata that cannot be read (permissions, a directory), does
-//! not parse, or whose body is missing or has the wrong size, cannot come
-//! from this protocol on a working disk; it is logged and moved to
-//! `corrupt/` (with a note of why) rather than deleted or stopping the
-//! relay. One bad entry never stops the others: not at open, not in
-//! [`list`]/[`survey`], not in an admin action. Every other entry that is
-//! not failed is scheduled at its recorded next-attempt time (held ones
-//! are not scheduled). A queue directory others can write to is made
-//! private (0700) with a warning.
-//!
-//! The body's SHA-256 is checked each time it is read for delivery
-//! ([`Queue::read_body`]); a body changed on disk is set aside in
-//! `corrupt/`, never sent. Metadata written before checksums were stored
-//! has none and is not checked.
+//! A queue directory in the layout of older releases (`meta/ID.json`,
+//! `body/ID`) is imported into the store at open, all of it in one
+//! transaction; the old files are removed only after that commit. Entries
+//! that cannot be used are moved to `corrupt/` with a note of why, as the
+//! old queue did. A store written by this release cannot be read by an
+//! older one.
 //!
 //! # What can duplicate, what can never be lost
 //!
-//! * Never lost: once `enqueue` returned, the message is on disk and is
+//! * Never lost: once `enqueue` returned, the message is committed and is
 //!   retried until every recipient is delivered, fails permanently, or
-//!   `max_age` passes — across crashes and restarts. A failed message stays
-//!   on disk (state `failed`) until an administrator deletes it.
+//!   `max_age` passes — across crashes and restarts of this relay, and
+//!   (with PostgreSQL) of the database server. A failed message stays
+//!   (state `failed`) until an administrator deletes it.
 //! * May duplicate: a recipient is marked delivered only when `record`'s
-//!   update is committed. A crash (or a dropped [`Lease`], i.e. an attempt
+//!   transaction commits. A crash (or a dropped [`Lease`], i.e. an attempt
 //!   that never reached `record`) between the upstream accepting the
 //!   message and that commit means the attempt is repeated and those
-//!   recipients receive the message twice. An update that cannot be
-//!   written (disk full) does not: the outcome is kept in memory and
-//!   written again with capped back-off, and the message is not handed out
-//!   until it is, so only a crash in that window repeats the attempt.
-//!   Likewise a client whose connection breaks after the commit but before
-//!   it reads the `250` will resend. This is the usual at-least-once
-//!   trade-off of SMTP.
+//!   recipients receive the message twice. An outcome that cannot be
+//!   written (the database unreachable) is written again with capped
+//!   back-off while the lease is renewed, and this relay does not hand the
+//!   message out meanwhile; only if the lease expires first (another relay
+//!   takes it over) is the attempt repeated. Likewise a client whose
+//!   connection breaks after the commit but before it reads the `250` will
+//!   resend. This is the usual at-least-once trade-off of SMTP.
 //!
 //! # In memory
 //!
-//! Messages still to be tried are indexed in memory: per account an ordered
-//! set of (due instant, id) and a [`tokio::sync::Notify`] that wakes the
-//! account's waiting workers on enqueue, release and deferral. A held
-//! message is indexed but in no set; releasing it puts it back. A leased
-//! message is out of the set, so it is never handed out twice; dropping a
-//! [`Lease`] without recording puts it back (due after `retry_initial`), so a
-//! panicking worker cannot strand mail. A message whose outcome is waiting
-//! to be written stays out of the set too. Failed messages are not kept in
-//! memory. All file I/O runs in `spawn_blocking`, and enqueue/record finish
-//! their disk and memory updates together in that task, so cancelling the
-//! calling future cannot leave the two out of step.
+//! Only wake-ups and hand-offs: per account a [`tokio::sync::Notify`] that
+//! wakes the account's waiting workers on a local enqueue, release or
+//! retry (and, after a deferral, when it is due); passthrough messages
+//! waiting for a local worker, and their clients waiting for the outcome.
+//! Mail that becomes due otherwise (from another relay, an expired lease)
+//! is found by a look at the store every second, which also keeps
+//! [`Queue::health`] (counts per state, and the store's last error) for
+//! metrics and readiness.
+//!
+//! # Cancel safety
+//!
+//! The store's writes each run in a task of their own (the commit of an
+//! insert, the lease taken for `next_due`, the outcome of `record`), so
+//! dropping the calling future never leaves the store and memory out of
+//! step: a committed message is always woken for, a lease whose caller is
+//! gone is released, an outcome is written or retried.
 
 #![warn(missing_docs)]
 
-mod control;
 mod error;
 mod id;
-mod meta;
+mod legacy;
 mod queue;
-mod store;
+mod view;
 
-pub use control::{submit, Applied, Request};
 pub use error::QueueError;
 pub use id::{ParseQueueIdError, QueueId};
-pub use meta::{
-    check_writable, list, open_body, show, survey, Entry, RecipientState, RecipientStatus, State,
-    Survey, Unusable,
-};
 pub use queue::{
-    BodyWriter, Census, Deletion, Disposition, Lease, NewMessage, Queue, QueueSettings,
-    RecipientResult, Recorded, Selection, Tally,
+    check_writable, Applied, BodyWriter, Census, Database, Deletion, Disposition, Health, Lease,
+    NewMessage, Queue, QueueSettings, RecipientResult, Recorded, Request, Selection, Tally,
 };
 pub use relay_outcome::Outcome;
+pub use relay_store::{MessageState as State, RecipientState, Secret};
+pub use view::{Entry, RecipientStatus, Survey, Unusable};

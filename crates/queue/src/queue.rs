@@ -1,35 +1,63 @@
-//! The in-memory half of the queue: the schedule, leases, and the glue that
-//! drives the store.
+//! The queue over the store: enqueue, leases and their renewal, recording,
+//! and the in-memory wake-ups that spare the store from being polled hard.
 
-use std::collections::{BTreeSet, HashMap};
-use std::fs::File;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::Notify;
-use tokio::time::Instant;
+use relay_outcome::{Enhanced, Outcome, Reason, Reply, Verdict};
+use relay_store::{
+    Envelope, LeaseHolder, Location, Message, MessageState, Progress, RecipientState, Secret,
+    Store, StoreSettings,
+};
+use tokio::sync::{oneshot, Notify};
+use tokio::task::JoinHandle;
 
 use crate::id::IdGen;
-use crate::meta::{add_time, hex, Meta, Recipient, RecipientState, State, META_VERSION};
-use crate::store::{self, Layout, Op};
+use crate::view::{add_time, outcome_of, reply_of, stored_recipient, stored_reply};
 use crate::{QueueError, QueueId};
-use relay_outcome::{Enhanced, Outcome, Reason, Reply, Verdict};
-use sha2::{Digest, Sha256};
-use tokio::sync::oneshot;
 
+/// How often the queue asks the store what is due (mail from other relays,
+/// leases that expired, administrators' retries) and counts the messages.
+const POLL: Duration = Duration::from_secs(1);
 /// The first wait before an outcome that could not be written is written
 /// again; it doubles up to [`UNRECORDED_RETRY_MAX`].
 const UNRECORDED_RETRY: Duration = Duration::from_secs(1);
 const UNRECORDED_RETRY_MAX: Duration = Duration::from_secs(60);
+/// Connections to the store: the commit task, delivery workers and
+/// administrators' reads share them.
+const STORE_CONNECTIONS: u32 = 8;
+/// The SQLite file in the queue directory.
+const SQLITE_FILE: &str = "queue.sqlite";
+/// Where large bodies are spooled while they are received.
+const SPOOL_DIR: &str = "tmp";
+/// Locked by the relay running on an embedded store.
+const LOCK_FILE: &str = "lock";
+
+/// A PostgreSQL database shared with other relays (`[queue] database_url`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Database {
+    /// `postgres://user@host:port/db?sslmode=…`
+    pub url: String,
+    /// The password, from `database_password_file`.
+    pub password: Option<Secret>,
+}
 
 /// Settings of a [`Queue`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct QueueSettings {
-    /// The queue directory. Created (mode 0700) if missing. Must be on a
-    /// local file system with working `fsync` and atomic `rename`.
+    /// The queue directory: the embedded store (`queue.sqlite`) unless
+    /// `database` is set, and the spool of bodies being received. Created
+    /// (mode 0700) if missing.
     pub dir: PathBuf,
+    /// Share the queue with other relays through PostgreSQL.
+    pub database: Option<Database>,
+    /// How long a lease lasts without renewal; a dead relay's messages are
+    /// taken over after this. Renewed every third of it while delivering.
+    pub lease_timeout: Duration,
     /// Delay before the first retry; each further retry doubles it.
     pub retry_initial: Duration,
     /// Upper bound of the retry delay (before ±20% jitter).
@@ -69,7 +97,7 @@ pub struct Census {
     pub queued: Tally,
     /// Tried, waiting for the next attempt (or being tried again).
     pub deferred: Tally,
-    /// Given up; kept on disk for the administrator.
+    /// Given up; kept for the administrator.
     pub failed: Tally,
 }
 
@@ -82,11 +110,14 @@ pub struct Tally {
     pub oldest: Option<SystemTime>,
 }
 
-impl Tally {
-    fn add(&mut self, received_at: SystemTime) {
-        self.count += 1;
-        self.oldest = Some(self.oldest.map_or(received_at, |t| t.min(received_at)));
-    }
+/// What the queue's last look at the store found ([`Queue::health`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Health {
+    /// The messages per state at the last successful look.
+    pub census: Census,
+    /// Why the last look failed (the store is unreachable, say); `None`
+    /// when it succeeded.
+    pub error: Option<String>,
 }
 
 /// What [`Queue::record`] did with the message.
@@ -100,7 +131,7 @@ pub enum Disposition {
         next_attempt: SystemTime,
     },
     /// Nothing left to try and at least one recipient failed; the message
-    /// stays on disk as failed (visible in `queue list`) and is not retried.
+    /// stays as failed (visible in `queue list`) and is not retried.
     Failed,
 }
 
@@ -118,12 +149,14 @@ pub struct Recorded {
     pub failed: Vec<RecipientResult>,
 }
 
-/// A message handed to a delivery worker by [`Queue::next_due`]. While a
-/// lease exists no other worker gets the message.
+/// A message leased to a delivery worker by [`Queue::next_due`]: while it
+/// exists no other worker, here or on another relay, gets the message. The
+/// lease is renewed in the store every third of `lease_timeout` until it is
+/// consumed or dropped.
 ///
 /// Consume it with [`Queue::record`]. Dropping it without recording (an
 /// error path, a panic, a cancelled task) releases the message: it becomes
-/// due again after `retry_initial`, with its state on disk unchanged.
+/// due again after `retry_initial`, with its state unchanged.
 pub struct Lease {
     /// The message's id.
     pub id: QueueId,
@@ -143,6 +176,12 @@ pub struct Lease {
     pub client: Option<IpAddr>,
     /// Its client waits for this attempt's outcome (passthrough mode).
     pub passthrough: bool,
+    /// The message's state when leased, which the attempt's results update.
+    progress: Progress,
+    /// Set by the renewal when the store says the lease is no longer ours.
+    lost: Arc<AtomicBool>,
+    /// The renewal task; stopped when the lease ends.
+    renewal: Option<JoinHandle<()>>,
     /// The queue it came from; `None` once consumed by `record`.
     queue: Option<Weak<Inner>>,
 }
@@ -163,18 +202,40 @@ impl std::fmt::Debug for Lease {
 }
 
 impl Lease {
-    /// Marks the lease as consumed, so dropping it releases nothing.
-    fn disarm(&mut self) {
+    /// Consumes the lease without releasing it: the caller writes the
+    /// outcome. Returns the renewal, to stop once that is written.
+    fn disarm(&mut self) -> Option<JoinHandle<()>> {
         self.queue = None;
+        self.renewal.take()
     }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        if let Some(inner) = self.queue.take().and_then(|w| w.upgrade()) {
-            tracing::debug!(queue_id = %self.id, "lease dropped without a result; message released");
-            inner.release(&self.id, inner.settings.retry_initial);
+        if let Some(renewal) = self.renewal.take() {
+            renewal.abort();
         }
+        let Some(inner) = self.queue.take().and_then(|w| w.upgrade()) else {
+            return;
+        };
+        tracing::debug!(queue_id = %self.id, "lease dropped without a result; message released");
+        // a passthrough client waiting for this attempt learns it will not come
+        lock(&inner.local).watchers.remove(&self.id);
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let id = self.id.clone();
+        let account = self.account.clone();
+        runtime.spawn(async move {
+            let due = SystemTime::now() + inner.settings.retry_initial;
+            match inner.store.release(id.as_str(), due).await {
+                Ok(_) => inner.wake_at(&account, inner.settings.retry_initial),
+                // the lease expires by itself; the message is taken then
+                Err(e) => {
+                    tracing::warn!(queue_id = %id, error = %e, "cannot release a lease; the message is due again when it expires")
+                }
+            }
+        });
     }
 }
 
@@ -187,112 +248,52 @@ pub struct Queue {
 #[derive(Debug)]
 struct Inner {
     settings: QueueSettings,
-    layout: Layout,
+    store: Store,
     ids: IdGen,
-    sched: Mutex<Schedule>,
-    /// Holds the directory lock for the queue's lifetime.
-    _lock: File,
+    local: Mutex<Local>,
+    /// The directory's lock, held for the queue's lifetime by the relay on
+    /// an embedded store.
+    lock: Option<std::fs::File>,
 }
 
-/// Every message that is still to be tried, and per account the order in
-/// which they are due.
+/// What this relay keeps in memory: wake-ups, passthrough messages waiting
+/// for a worker, and those waiting for an outcome.
 #[derive(Debug, Default)]
-struct Schedule {
-    messages: HashMap<QueueId, Slot>,
-    accounts: HashMap<String, AccountSchedule>,
-    /// Those waiting for a message's next recorded attempt ([`Queue::watch`]).
-    watchers: HashMap<QueueId, Vec<oneshot::Sender<Vec<RecipientResult>>>>,
-    /// Failed messages (on disk only, never tried again) and when each was
-    /// accepted, so [`Queue::census`] needs no disk access.
-    failed: HashMap<QueueId, SystemTime>,
+struct Local {
+    /// Per account, what wakes its waiting workers.
+    wakers: HashMap<String, Arc<Notify>>,
+    /// Per account, passthrough messages leased at insert, for a worker of
+    /// this relay (which holds the client's connection).
+    handoff: HashMap<String, VecDeque<Lease>>,
+    /// Passthrough clients waiting for their message's attempt.
+    watchers: HashMap<QueueId, oneshot::Sender<Vec<RecipientResult>>>,
+    /// Messages whose outcome could not be written yet: not handed out
+    /// again by this relay until it is.
+    unrecorded: HashSet<QueueId>,
+    /// The last look at the store.
+    health: Health,
 }
 
-#[derive(Debug)]
-struct Slot {
-    meta: Meta,
-    /// `Some(due)` when waiting (and then in the account's `due` set),
-    /// `None` while leased.
-    due: Option<Instant>,
-    /// An administrator deleted it while it was leased: the attempt's end
-    /// removes it instead of recording a result.
-    deleted: bool,
-    /// Its last attempt's outcome is applied to `meta` but could not be
-    /// written yet; it stays out of the schedule until it is.
-    unrecorded: bool,
-    /// Leased and handed to the upstream ([`Queue::begin`]): an
-    /// administrator can no longer stop this attempt.
-    in_flight: bool,
-}
-
-#[derive(Debug, Default)]
-struct AccountSchedule {
-    due: BTreeSet<(Instant, QueueId)>,
-    notify: Arc<Notify>,
-}
-
-impl Schedule {
-    fn account(&mut self, account: &str) -> &mut AccountSchedule {
-        self.accounts.entry(account.to_string()).or_default()
-    }
-
-    /// Puts a message (new, or back from a lease) into its account's
-    /// schedule and wakes that account's waiting workers. A held message
-    /// is indexed but not scheduled.
-    fn insert(&mut self, meta: Meta, due: Instant) {
-        let id = meta.id.clone();
-        if !meta.held {
-            let account = self.account(&meta.account);
-            account.due.insert((due, id.clone()));
-            account.notify.notify_waiters();
-        }
-        self.messages.insert(
-            id,
-            Slot {
-                meta,
-                due: Some(due),
-                deleted: false,
-                unrecorded: false,
-                in_flight: false,
-            },
-        );
+impl Local {
+    fn waker(&mut self, account: &str) -> Arc<Notify> {
+        self.wakers.entry(account.to_string()).or_default().clone()
     }
 }
 
-impl Schedule {
-    /// Puts a slot back (after a lease) due at `due`; scheduled unless held.
-    fn insert_slot(&mut self, mut slot: Slot, due: Instant) {
-        let id = slot.meta.id.clone();
-        slot.due = Some(due);
-        if !slot.meta.held {
-            let account = self.account(&slot.meta.account);
-            account.due.insert((due, id.clone()));
-            account.notify.notify_waiters();
-        }
-        self.messages.insert(id, slot);
-    }
+fn lock(m: &Mutex<Local>) -> MutexGuard<'_, Local> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// The body of a message to store.
-enum Body {
-    /// Received whole, in memory.
-    Whole(Vec<u8>),
-    /// Spooled to `tmp/` while it was received.
-    Spooled(BodyWriter),
-}
-
-/// The body of a message being received, spooled to a file under `tmp/`
-/// ([`Queue::begin_body`]). The SHA-256 stored in the metadata is computed
-/// as the bytes go by. Dropping the writer deletes the file unless the
-/// message was committed.
+/// The body of a message being received, spooled to an anonymous file in
+/// the queue directory's `tmp/` ([`Queue::begin_body`]) so that a large
+/// message is not held in memory while it arrives. The file has no name: a
+/// crash or a dropped writer leaves nothing behind.
 #[derive(Debug)]
 pub struct BodyWriter {
-    id: QueueId,
     path: PathBuf,
     /// `None` once an append failed or was cancelled: the file is then
     /// incomplete and every later append fails.
-    file: Option<File>,
-    hasher: Sha256,
-    size: u64,
+    file: Option<std::fs::File>,
 }
 
 impl BodyWriter {
@@ -300,123 +301,253 @@ impl BodyWriter {
     /// cancelled append) the writer is unusable; drop it.
     pub async fn append(&mut self, data: &[u8]) -> Result<(), QueueError> {
         use std::io::Write;
-        let Some(mut file) = self.file.take() else {
-            return Err(QueueError::io(
-                "appending to a spooled message",
-                &self.path,
-                std::io::Error::other("an earlier write failed"),
-            ));
-        };
+        let mut file = self.file.take().ok_or_else(|| self.broken())?;
         let data = data.to_vec();
-        let len = data.len() as u64;
         let path = self.path.clone();
-        let dir = self.path.clone();
-        let mut hasher = self.hasher.clone();
-        let (file, hasher) = blocking(&dir, "spooling a message", move || {
+        let file = blocking(&self.path, "spooling a message", move || {
             file.write_all(&data)
-                .map_err(|e| QueueError::io("writing", &path, e))?;
-            hasher.update(&data);
-            Ok((file, hasher))
+                .map_err(|e| QueueError::io("writing a spooled message in", &path, e))?;
+            Ok(file)
         })
         .await?;
-        self.size += len;
         self.file = Some(file);
-        self.hasher = hasher;
         Ok(())
     }
 
-    /// Fsyncs the file; returns its size and hex SHA-256. Blocking.
-    fn finish(&mut self) -> Result<(u64, String), QueueError> {
-        let file = self.file.take().ok_or_else(|| {
-            QueueError::io(
-                "finishing a spooled message",
-                &self.path,
-                std::io::Error::other("an earlier write failed"),
-            )
-        })?;
-        file.sync_all()
-            .map_err(|e| QueueError::io("fsyncing", &self.path, e))?;
-        Ok((self.size, hex(&self.hasher.clone().finalize())))
+    fn broken(&self) -> QueueError {
+        QueueError::io(
+            "spooling a message in",
+            &self.path,
+            std::io::Error::other("an earlier write failed"),
+        )
+    }
+
+    /// The whole body, read back for the commit (blocking).
+    fn into_body(mut self) -> Result<Vec<u8>, QueueError> {
+        use std::io::{Read, Seek};
+        let mut file = self.file.take().ok_or_else(|| self.broken())?;
+        let mut body = Vec::new();
+        file.rewind()
+            .and_then(|()| file.read_to_end(&mut body))
+            .map_err(|e| QueueError::io("reading a spooled message in", &self.path, e))?;
+        Ok(body)
     }
 }
 
-impl Drop for BodyWriter {
-    fn drop(&mut self) {
-        // after a commit the file has been renamed away: nothing to delete
-        let _ = std::fs::remove_file(&self.path);
+/// The text a passthrough message fails with when its relay no longer holds
+/// it: the client waited on a connection that is gone and resends it.
+pub(crate) fn orphan_reply() -> Reply {
+    Reply {
+        code: 554,
+        enhanced: Some(Enhanced::new(5, 3, 0)),
+        text: "not delivered: the relay stopped while the client waited (passthrough); the client resends it".into(),
     }
 }
 
-/// Converts a wall-clock due time into a monotonic instant.
-fn instant_for(at: SystemTime) -> Instant {
-    let now = Instant::now();
-    match at.duration_since(SystemTime::now()) {
-        Ok(delay) => instant_after(now, delay),
-        Err(_) => now,
+/// This relay's id in the store: the host name, the process id and a
+/// random part, so that a restarted relay never mistakes its predecessor's
+/// leases for its own.
+fn relay_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned());
+    format!(
+        "{host}:{}:{:04x}",
+        std::process::id(),
+        rand::random::<u16>()
+    )
+}
+
+/// Creates a directory (and its parents) with mode 0700.
+pub(crate) fn create_private_dir(path: &Path) -> Result<(), QueueError> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
     }
+    builder
+        .create(path)
+        .map_err(|e| QueueError::io("creating queue directory", path, e))
 }
 
-/// `from + delay`, capped at about a century so it cannot overflow.
-fn instant_after(from: Instant, delay: Duration) -> Instant {
-    const CAP: Duration = Duration::from_secs(100 * 365 * 86_400);
-    from.checked_add(delay.min(CAP)).unwrap_or(from)
+/// Makes a queue directory writable by its owner only if others could
+/// write into it: anyone who can would be able to plant or remove mail.
+/// Fails if the mode cannot be fixed (not the owner).
+fn private_mode(dir: &Path) -> Result<(), QueueError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir)
+            .map_err(|e| QueueError::io("checking queue directory", dir, e))?
+            .permissions()
+            .mode();
+        if mode & 0o022 != 0 {
+            tracing::warn!(
+                path = %dir.display(),
+                mode = format!("{:o}", mode & 0o7777),
+                "queue directory is writable by others; setting its mode to 0700"
+            );
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| {
+                QueueError::io("making the queue directory private (mode 0700)", dir, e)
+            })?;
+        }
+    }
+    Ok(())
 }
 
-fn lock(m: &Mutex<Schedule>) -> MutexGuard<'_, Schedule> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
+/// Creates the directory and its spool (mode 0700), making them private
+/// if others could write into them (blocking).
+fn prepare_dir(dir: &Path) -> Result<(), QueueError> {
+    create_private_dir(dir)?;
+    private_mode(dir)?;
+    create_private_dir(&dir.join(SPOOL_DIR))?;
+    private_mode(&dir.join(SPOOL_DIR))
+}
+
+/// Takes `DIR/lock` (creating the directory first), held until the file is
+/// dropped.
+async fn lock_dir(dir: &Path) -> Result<std::fs::File, QueueError> {
+    let dir = dir.to_path_buf();
+    blocking(&dir.clone(), "locking the queue", move || {
+        prepare_dir(&dir)?;
+        let path = dir.join(LOCK_FILE);
+        let mut options = std::fs::OpenOptions::new();
+        options.read(true).write(true).create(true).truncate(false);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            options.mode(0o600);
+        }
+        let file = options
+            .open(&path)
+            .map_err(|e| QueueError::io("opening lock file", &path, e))?;
+        match file.try_lock() {
+            Ok(()) => Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) => Err(QueueError::Locked { path }),
+            Err(std::fs::TryLockError::Error(e)) => Err(QueueError::io("locking", &path, e)),
+        }
+    })
+    .await
+}
+
+/// Whether the queue in `dir` can take large messages: creates and removes
+/// a file where bodies are spooled. For a health probe, from any process.
+pub fn check_writable(dir: &Path) -> Result<(), QueueError> {
+    let probe = dir.join(SPOOL_DIR).join(".writable-probe");
+    std::fs::write(&probe, b"")
+        .and_then(|()| std::fs::remove_file(&probe))
+        .map_err(|e| QueueError::io("writing into the queue", &probe, e))
+}
+
+/// Runs blocking file I/O off the async runtime.
+pub(crate) async fn blocking<T, F>(path: &Path, action: &'static str, f: F) -> Result<T, QueueError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, QueueError> + Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|source| QueueError::Task {
+            action,
+            path: path.to_path_buf(),
+            source,
+        })?
 }
 
 impl Queue {
-    /// Opens (creating if needed) the queue in `settings.dir`.
+    /// Opens the queue for a relay: creates the directory (mode 0700) if
+    /// needed, opens the store (SQLite in the directory, or the PostgreSQL
+    /// database of `settings.database`) and migrates its schema, imports a
+    /// queue left by an older release in the directory, and starts looking
+    /// at the store every second for due mail.
     ///
-    /// Takes the directory's lock file (fails with [`QueueError::Locked`] if
-    /// another relay holds it), deletes unfinished writes and orphan bodies,
-    /// sets corrupt entries aside in `corrupt/`, and schedules every message
-    /// that is not failed at its recorded next-attempt time.
+    /// With the embedded store the relay takes the directory's lock file
+    /// (one relay per directory; [`QueueError::Locked`] if another holds
+    /// it) and, being the store's only relay, ends the leases an earlier
+    /// run left behind (it died, or stopped in the middle of attempts), so
+    /// that mail is tried again at once rather than after `lease_timeout`.
+    /// Relays sharing PostgreSQL wait for the leases to expire.
     pub async fn open(settings: QueueSettings) -> Result<Queue, QueueError> {
-        let layout = Layout::new(&settings.dir);
+        let lock = match settings.database {
+            None => Some(lock_dir(&settings.dir).await?),
+            Some(_) => None,
+        };
+        let queue = Queue::open_store(settings, lock).await?;
+        if queue.inner.lock.is_some() {
+            let ended = queue.inner.store.end_others_leases().await?;
+            if ended > 0 {
+                tracing::info!(
+                    count = ended,
+                    "leases left by an earlier run ended; their messages are due again"
+                );
+            }
+        }
+        queue.inner.look().await;
+        tokio::spawn(watch_store(Arc::downgrade(&queue.inner)));
+        Ok(queue)
+    }
+
+    /// Opens the queue for an administrator's command beside the running
+    /// relays (or none): like [`Queue::open`], but without the lock and
+    /// without looking at the store in the background.
+    pub async fn open_admin(settings: QueueSettings) -> Result<Queue, QueueError> {
+        Queue::open_store(settings, None).await
+    }
+
+    async fn open_store(
+        settings: QueueSettings,
+        lock: Option<std::fs::File>,
+    ) -> Result<Queue, QueueError> {
         let dir = settings.dir.clone();
-        let (lock_file, recovered, layout) = blocking(&dir, "opening queue", move || {
-            let lock_file = store::prepare(&layout)?;
-            let recovered = store::recover(&layout)?;
-            Ok((lock_file, recovered, layout))
+        blocking(&settings.dir, "opening queue", move || prepare_dir(&dir)).await?;
+        let location = match &settings.database {
+            None => Location::Sqlite(settings.dir.join(SQLITE_FILE)),
+            Some(db) => Location::Postgres {
+                url: db.url.clone(),
+                password: db.password.clone(),
+            },
+        };
+        let store = Store::open(StoreSettings {
+            location,
+            relay: relay_id(),
+            max_connections: STORE_CONNECTIONS,
         })
         .await?;
-
-        let mut sched = Schedule::default();
-        let active = recovered.active.len();
-        let failed = recovered.failed.len();
-        sched.failed.extend(recovered.failed);
-        for meta in recovered.active {
-            let due = instant_for(meta.next_attempt.unwrap_or(meta.received_at));
-            sched.insert(meta, due);
-        }
+        crate::legacy::import(&settings.dir, &store).await?;
         tracing::info!(
             dir = %settings.dir.display(),
-            active,
-            failed,
+            relay = store.relay(),
+            shared = settings.database.is_some(),
             "queue opened"
         );
         Ok(Queue {
             inner: Arc::new(Inner {
-                ids: IdGen::new(recovered.max_micros),
                 settings,
-                layout,
-                sched: Mutex::new(sched),
-                _lock: lock_file,
+                store,
+                ids: IdGen::new(0),
+                local: Mutex::new(Local::default()),
+                lock,
             }),
         })
     }
 
-    /// Stores a message durably and schedules it for immediate delivery.
+    /// This relay's id, as leases show it (`queue list`).
+    pub fn relay(&self) -> &str {
+        self.inner.store.relay()
+    }
+
+    /// Stores a message durably and wakes a worker for it.
     ///
-    /// When this returns `Ok` the body and metadata are fsynced and
-    /// committed: the listener may answer 250. On `Err` nothing was
-    /// committed (the listener answers 4xx). The write runs to completion
-    /// even if the returned future is dropped, so a committed message is
-    /// always scheduled.
+    /// When this returns `Ok` the message is committed: the listener may
+    /// answer 250. Concurrent calls share one commit. On `Err` nothing was
+    /// committed (the listener answers 4xx). The commit runs to completion
+    /// even if the returned future is dropped.
     pub async fn enqueue(&self, msg: NewMessage, body: &[u8]) -> Result<QueueId, QueueError> {
-        self.insert(msg, Body::Whole(body.to_vec()), None).await
+        self.insert(msg, body.to_vec(), None).await
     }
 
     /// [`Queue::enqueue`] taking the body by value: the listener hands over
@@ -426,33 +557,28 @@ impl Queue {
         msg: NewMessage,
         body: Vec<u8>,
     ) -> Result<QueueId, QueueError> {
-        self.insert(msg, Body::Whole(body), None).await
+        self.insert(msg, body, None).await
     }
 
     /// Starts the body of a message too large to hold in memory while it
-    /// is received: a file under `tmp/` that [`BodyWriter::append`] fills
-    /// and [`Queue::enqueue_spooled`] commits. Dropping the writer instead
-    /// deletes the file, so a cancelled session leaves nothing behind.
+    /// is received: an anonymous file that [`BodyWriter::append`] fills and
+    /// [`Queue::enqueue_spooled`] commits.
     pub async fn begin_body(&self) -> Result<BodyWriter, QueueError> {
-        let id = self.inner.ids.next();
-        let path = self.inner.layout.tmp_body_path(&id);
-        let task_path = path.clone();
-        let file = blocking(&self.inner.settings.dir, "spooling a message", move || {
-            store::create_private(&task_path)
+        let path = self.inner.settings.dir.join(SPOOL_DIR);
+        let dir = path.clone();
+        let file = blocking(&path, "spooling a message", move || {
+            tempfile::tempfile_in(&dir)
+                .map_err(|e| QueueError::io("spooling a message in", &dir, e))
         })
         .await?;
         Ok(BodyWriter {
-            id,
             path,
             file: Some(file),
-            hasher: Sha256::new(),
-            size: 0,
         })
     }
 
     /// Stores a message like [`Queue::enqueue`] whose body so far is in
-    /// `writer` and ends with `tail`: appends the tail, fsyncs, and commits
-    /// the metadata (the body is renamed into place, not copied).
+    /// `writer` and ends with `tail`.
     pub async fn enqueue_spooled(
         &self,
         msg: NewMessage,
@@ -460,7 +586,13 @@ impl Queue {
         tail: &[u8],
     ) -> Result<QueueId, QueueError> {
         writer.append(tail).await?;
-        self.insert(msg, Body::Spooled(writer), None).await
+        let body = blocking(
+            &writer.path.clone(),
+            "reading a spooled message",
+            move || writer.into_body(),
+        )
+        .await?;
+        self.insert(msg, body, None).await
     }
 
     /// [`Queue::enqueue_passthrough`] for a spooled body (see
@@ -472,42 +604,36 @@ impl Queue {
         tail: &[u8],
     ) -> Result<(QueueId, oneshot::Receiver<Vec<RecipientResult>>), QueueError> {
         writer.append(tail).await?;
-        let (tx, rx) = oneshot::channel();
-        let id = self.insert(msg, Body::Spooled(writer), Some(tx)).await?;
-        Ok((id, rx))
+        let body = blocking(
+            &writer.path.clone(),
+            "reading a spooled message",
+            move || writer.into_body(),
+        )
+        .await?;
+        self.enqueue_passthrough(msg, body).await
     }
 
     /// Stores a message like [`Queue::enqueue`] for a client that waits for
-    /// the upstream's answer (passthrough mode): the receiver is
-    /// [`Queue::watch`]ing it from the start, so it cannot miss the first
-    /// attempt. The lease says it is passthrough; delivery decides what
-    /// that means for retries.
+    /// the upstream's answer (passthrough mode). The message is leased to
+    /// this relay from the start and handed to one of its workers (the
+    /// client's connection is here); the receiver gets the results of its
+    /// first attempt. If this relay loses it (it
+    /// dies), the message fails rather than go out behind the client's
+    /// back: the client resends it.
     pub async fn enqueue_passthrough(
         &self,
         msg: NewMessage,
         body: Vec<u8>,
     ) -> Result<(QueueId, oneshot::Receiver<Vec<RecipientResult>>), QueueError> {
         let (tx, rx) = oneshot::channel();
-        let id = self.insert(msg, Body::Whole(body), Some(tx)).await?;
+        let id = self.insert(msg, body, Some(tx)).await?;
         Ok((id, rx))
-    }
-
-    /// The results of message `id`'s next recorded attempt. The sender is
-    /// dropped (the receiver yields an error) if the message is not in the
-    /// queue or leaves it without an attempt (deleted).
-    pub fn watch(&self, id: &QueueId) -> oneshot::Receiver<Vec<RecipientResult>> {
-        let (tx, rx) = oneshot::channel();
-        let mut sched = lock(&self.inner.sched);
-        if sched.messages.contains_key(id) {
-            sched.watchers.entry(id.clone()).or_default().push(tx);
-        }
-        rx
     }
 
     async fn insert(
         &self,
         msg: NewMessage,
-        body: Body,
+        body: Vec<u8>,
         watcher: Option<oneshot::Sender<Vec<RecipientResult>>>,
     ) -> Result<QueueId, QueueError> {
         let mut recipients: Vec<String> = Vec::with_capacity(msg.recipients.len());
@@ -522,174 +648,141 @@ impl Queue {
                 reason: "the message has no recipients".into(),
             });
         }
+        let id = self.inner.ids.next();
         let now = SystemTime::now();
-        let mut meta = Meta {
-            version: META_VERSION,
-            id: match &body {
-                Body::Whole(_) => self.inner.ids.next(),
-                Body::Spooled(writer) => writer.id.clone(),
+        let lease = watcher.is_some().then(|| LeaseHolder {
+            relay: self.inner.store.relay().to_owned(),
+            expires: add_time(now, self.inner.settings.lease_timeout),
+        });
+        let message = relay_store::NewMessage {
+            envelope: Envelope {
+                id: id.to_string(),
+                account: msg.account,
+                sender: msg.sender,
+                client: msg.client.map(|c| c.to_string()),
+                received_at: now,
+                passthrough: watcher.is_some(),
             },
-            state: State::Queued,
-            sender: msg.sender,
-            account: msg.account,
-            client: msg.client,
-            received_at: now,
-            attempts: 0,
-            next_attempt: Some(now),
-            last_error: None,
-            size: 0,
-            passthrough: watcher.is_some(),
-            sha256: None,
+            progress: Progress::new(&recipients, now),
             held: false,
-            recipients: recipients
-                .into_iter()
-                .map(|address| Recipient {
-                    address,
-                    status: RecipientState::Pending,
-                    reply: None,
-                    reason: None,
-                })
-                .collect(),
+            lease,
+            body,
         };
         let inner = self.inner.clone();
-        blocking(&self.inner.settings.dir, "queueing message", move || {
-            let id = meta.id.clone();
-            // a spooled body's file must outlive the commit that renames it
-            let mut spooled = None;
-            let op = match body {
-                Body::Whole(body) => {
-                    meta.size = body.len() as u64;
-                    meta.sha256 = Some(hex(&Sha256::digest(&body)));
-                    Op::Insert {
-                        id: id.clone(),
-                        meta: inner.encode(&meta)?,
-                        body,
-                    }
-                }
-                Body::Spooled(mut writer) => {
-                    let (size, sha256) = writer.finish()?;
-                    meta.size = size;
-                    meta.sha256 = Some(sha256);
-                    spooled = Some(writer);
-                    Op::InsertSpooled {
-                        id: id.clone(),
-                        meta: inner.encode(&meta)?,
-                    }
-                }
+        // A task of its own, so that the wake-up (or the hand-off) follows
+        // the commit even if the caller stops waiting.
+        tokio::spawn(async move {
+            let stored = Message {
+                envelope: message.envelope.clone(),
+                progress: message.progress.clone(),
+                held: false,
+                size: message.body.len() as u64,
+                lease: message.lease.clone(),
             };
-            store::apply(&inner.layout, &[op])?;
-            drop(spooled);
-            tracing::debug!(queue_id = %id, account = %meta.account, size = meta.size, "message queued");
-            let mut sched = lock(&inner.sched);
-            if let Some(watcher) = watcher {
-                sched.watchers.insert(id.clone(), vec![watcher]);
-            }
-            sched.insert(meta, Instant::now());
+            inner.store.insert(message).await?;
+            tracing::debug!(queue_id = %id, account = %stored.envelope.account, size = stored.size, "message queued");
+            let account = stored.envelope.account.clone();
+            let waker = match watcher {
+                Some(watcher) => {
+                    let lease = inner.lease(stored)?;
+                    let mut local = lock(&inner.local);
+                    local.watchers.insert(id.clone(), watcher);
+                    local
+                        .handoff
+                        .entry(account.clone())
+                        .or_default()
+                        .push_back(lease);
+                    local.waker(&account)
+                }
+                None => lock(&inner.local).waker(&account),
+            };
+            waker.notify_waiters();
             Ok(id)
         })
         .await
+        .map_err(|source| QueueError::Task {
+            action: "queueing message",
+            path: self.inner.settings.dir.clone(),
+            source,
+        })?
     }
 
-    /// Waits until a message of `account` is due and not leased, leases it
-    /// and returns it. Messages are handed out in due-time order (ties by
-    /// id, i.e. by age).
+    /// Waits until a message of `account` is due and leases it: a
+    /// passthrough message accepted by this relay first, then the due
+    /// message longest waiting in the store (of any relay) that no relay
+    /// holds.
     ///
     /// With `idle = Some(d)`, returns `None` once `d` has passed with nothing
-    /// due; with `None` it waits indefinitely. An enqueue, a released lease
-    /// or a deferral for the account wakes the wait immediately; otherwise it
-    /// wakes at the earliest due time.
+    /// due; with `None` it waits indefinitely. A local enqueue or release
+    /// wakes the wait at once; mail from elsewhere (another relay, an
+    /// administrator's retry, an expired lease) within a second.
     ///
-    /// Cancel-safe: a message is leased only in the same poll that returns
-    /// it, so dropping the future (e.g. in `tokio::select!` against a
-    /// shutdown signal) never loses or strands a message.
+    /// Cancel-safe: the store's lease is taken in a task of its own whose
+    /// [`Lease`], if the caller is gone, is dropped and so released.
     pub async fn next_due(&self, account: &str, idle: Option<Duration>) -> Option<Lease> {
-        let deadline = idle.map(|d| instant_after(Instant::now(), d));
-        let notify = lock(&self.inner.sched).account(account).notify.clone();
+        let deadline = idle.map(|d| tokio::time::Instant::now() + d);
+        let waker = lock(&self.inner.local).waker(account);
         loop {
-            let notified = notify.notified();
+            let notified = waker.notified();
             tokio::pin!(notified);
             // Register before looking, so a wake-up between the look and the
             // wait is not lost.
             notified.as_mut().enable();
-            let next = match self.try_lease(account) {
-                Ok(lease) => return Some(lease),
-                Err(next) => next,
-            };
-            let wake = match (next, deadline) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
-            match wake {
-                Some(at) => {
-                    tokio::select! {
-                        _ = &mut notified => {}
-                        _ = tokio::time::sleep_until(at) => {}
-                    }
-                }
-                None => notified.await,
+            if let Some(lease) = self.handed_off(account) {
+                return Some(lease);
             }
-            if deadline.is_some_and(|d| Instant::now() >= d) {
-                return self.try_lease(account).ok();
+            let inner = self.inner.clone();
+            let task_account = account.to_owned();
+            let taken = tokio::spawn(async move { inner.lease_next(&task_account).await });
+            if let Ok(Some(lease)) = taken.await {
+                return Some(lease);
+            }
+            let wake = deadline.unwrap_or_else(|| tokio::time::Instant::now() + POLL * 60);
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep_until(wake) => {}
+            }
+            if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+                return self.handed_off(account);
             }
         }
     }
 
-    /// Leases the account's first message if it is due; otherwise returns
-    /// when the first one will be due (if any).
-    fn try_lease(&self, account: &str) -> Result<Lease, Option<Instant>> {
-        let mut sched = lock(&self.inner.sched);
-        let sched = &mut *sched;
-        let queue = sched.account(account);
-        let (due, id) = match queue.due.first() {
-            Some(first) => first.clone(),
-            None => return Err(None),
-        };
-        if due > Instant::now() {
-            return Err(Some(due));
-        }
-        queue.due.pop_first();
-        let Some(slot) = sched.messages.get_mut(&id) else {
-            // Cannot happen: the two maps change together.
-            tracing::error!(queue_id = %id, "scheduled message missing from the queue's index");
-            return Err(None);
-        };
-        slot.due = None;
-        slot.in_flight = false;
-        let meta = &slot.meta;
-        Ok(Lease {
-            id,
-            sender: meta.sender.clone(),
-            account: meta.account.clone(),
-            attempts: meta.attempts,
-            recipients: meta.open_recipients(),
-            received_at: meta.received_at,
-            size: meta.size,
-            client: meta.client,
-            passthrough: meta.passthrough,
-            queue: Some(Arc::downgrade(&self.inner)),
-        })
+    fn handed_off(&self, account: &str) -> Option<Lease> {
+        lock(&self.inner.local)
+            .handoff
+            .get_mut(account)?
+            .pop_front()
     }
 
-    /// Marks the leased message as being handed to the upstream now. False
-    /// when an administrator deleted or held it while the lease waited (for
-    /// its pacing slot, say): it must not be sent now; drop the lease (a
-    /// held message then waits for its release). After `true`, a deletion
-    /// waits for this attempt to end, and a hold applies after it.
-    pub fn begin(&self, lease: &Lease) -> bool {
-        if !self.owns(lease) {
+    /// Says whether the leased message may be handed to the upstream now,
+    /// asking the store (and renewing the lease): `false` when an
+    /// administrator deleted or held it while the lease waited (for its
+    /// pacing slot, say), when the lease was lost, or when the store cannot
+    /// be asked. Then it must not be sent; drop the lease. After `true`, a
+    /// deletion or hold no longer stops this attempt.
+    pub async fn begin(&self, lease: &Lease) -> bool {
+        if !self.owns(lease) || lease.lost.load(Ordering::Relaxed) {
             return false;
         }
-        let mut sched = lock(&self.inner.sched);
-        match sched.messages.get_mut(&lease.id) {
-            Some(slot) if slot.due.is_none() && !slot.deleted && !slot.meta.held => {
-                slot.in_flight = true;
-                true
+        let now = SystemTime::now();
+        match self
+            .inner
+            .store
+            .begin(lease.id.as_str(), now, self.inner.settings.lease_timeout)
+            .await
+        {
+            Ok(go) => go,
+            Err(e) => {
+                tracing::warn!(queue_id = %lease.id, error = %e, "cannot confirm the lease; not sending now");
+                false
             }
-            _ => false,
         }
     }
 
-    /// Reads the leased message's body, byte for byte as it was enqueued.
+    /// Reads the leased message's body, byte for byte as it was enqueued
+    /// (checked against its SHA-256). A body that does not match is never
+    /// sent: the message is held, for an administrator to look at.
     pub async fn read_body(&self, lease: &Lease) -> Result<Vec<u8>, QueueError> {
         if !self.owns(lease) {
             return Err(QueueError::NotLeased {
@@ -697,56 +790,20 @@ impl Queue {
                 id: lease.id.clone(),
             });
         }
-        let path = self.inner.layout.body_path(&lease.id);
-        let body = tokio::fs::read(&path)
-            .await
-            .map_err(|e| QueueError::io("reading message body", &path, e))?;
-        let expected = lock(&self.inner.sched)
-            .messages
-            .get(&lease.id)
-            .and_then(|slot| slot.meta.sha256.clone());
-        let problem = if body.len() as u64 != lease.size {
-            Some(format!(
-                "has {} bytes, metadata says {}",
-                body.len(),
-                lease.size
-            ))
-        } else {
-            let actual = hex(&Sha256::digest(&body));
-            expected
-                .filter(|expected| *expected != actual)
-                .map(|expected| format!("its SHA-256 is {actual}, metadata says {expected}"))
-        };
-        match problem {
-            None => Ok(body),
-            Some(problem) => {
-                let error = QueueError::corrupt(&path, problem);
-                self.set_aside(&lease.id, &error).await;
-                Err(error)
+        match self.inner.store.body(lease.id.as_str()).await {
+            Ok(Some(body)) => Ok(body),
+            Ok(None) => Err(QueueError::NoSuchMessage {
+                id: lease.id.clone(),
+            }),
+            Err(e @ relay_store::StoreError::Checksum { .. }) => {
+                tracing::error!(queue_id = %lease.id, error = %e, "message body changed in the store; holding the message, it will not be delivered");
+                if let Err(e) = self.inner.store.set_held(lease.id.as_str(), true).await {
+                    tracing::error!(queue_id = %lease.id, error = %e, "cannot hold the message");
+                }
+                Err(e.into())
             }
+            Err(e) => Err(e.into()),
         }
-    }
-
-    /// Takes a message whose body is corrupt out of the queue (to
-    /// `corrupt/`, where `queue list` shows it): it is never delivered.
-    async fn set_aside(&self, id: &QueueId, error: &QueueError) {
-        tracing::error!(queue_id = %id, %error, "message body changed on disk; setting the message aside, it will not be delivered");
-        let inner = self.inner.clone();
-        let id = id.clone();
-        let reason = error.to_string();
-        let _ = blocking(
-            &self.inner.settings.dir,
-            "setting a message aside",
-            move || {
-                let mut sched = lock(&inner.sched);
-                sched.messages.remove(&id);
-                sched.watchers.remove(&id);
-                drop(sched);
-                store::set_aside(&inner.layout, &id, &reason);
-                Ok(())
-            },
-        )
-        .await;
     }
 
     fn owns(&self, lease: &Lease) -> bool {
@@ -768,18 +825,19 @@ impl Queue {
     ///   `gave up after {max_age}: {last reply}` ([`Reason::Expired`]);
     /// - none left, all delivered → the message is deleted
     ///   ([`Disposition::Removed`]);
-    /// - none left, some failed → it stays on disk as failed
+    /// - none left, some failed → it stays as failed
     ///   ([`Disposition::Failed`]) and is never handed out again.
     ///
     /// `last_error` becomes the last non-success reply of this attempt.
-    /// Those [`Queue::watch`]ing the message get the results at once.
+    /// A passthrough client waiting for the message gets the results at once.
     ///
-    /// The change is durable when this returns `Ok`. On `Err` (the disk is
-    /// full, say) the outcome is kept in memory and written again in the
-    /// background, waiting 1 s doubling up to a minute between tries; until
-    /// it is written the message is not handed out again, so recipients
-    /// the upstream accepted are not sent it twice while the relay runs.
-    /// Like `enqueue`, the update completes even if the future is dropped.
+    /// The change is durable when this returns `Ok`. If the lease was lost
+    /// meanwhile, nothing is written ([`QueueError::LeaseLost`]). On another
+    /// `Err` (the store unreachable, say) the outcome is written again in
+    /// the background, waiting 1 s doubling up to a minute between tries,
+    /// with the lease still renewed; until it is written this relay does
+    /// not hand the message out again. Like `enqueue`, the update completes
+    /// even if the future is dropped.
     pub async fn record(
         &self,
         lease: Lease,
@@ -802,279 +860,398 @@ impl Queue {
 
     async fn record_attempt(
         &self,
-        lease: Lease,
+        mut lease: Lease,
         results: Vec<RecipientResult>,
         last: Option<&'static str>,
     ) -> Result<Recorded, QueueError> {
-        let dir = &self.inner.settings.dir;
         if !self.owns(&lease) {
             return Err(QueueError::NotLeased {
-                path: dir.clone(),
+                path: self.inner.settings.dir.clone(),
                 id: lease.id.clone(),
             });
         }
-        let meta = {
-            let sched = lock(&self.inner.sched);
-            match sched.messages.get(&lease.id) {
-                Some(slot) if slot.due.is_none() && !slot.unrecorded => slot.meta.clone(),
-                _ => {
-                    return Err(QueueError::NotLeased {
-                        path: dir.clone(),
-                        id: lease.id.clone(),
-                    });
+        let renewal = lease.disarm();
+        let id = lease.id.clone();
+        let mut progress =
+            std::mem::replace(&mut lease.progress, Progress::new(&[], lease.received_at));
+        let jitter = rand::random_range(0.8..=1.2);
+        let (mut plan, results) = apply_attempt(
+            &id,
+            &mut progress,
+            lease.received_at,
+            results,
+            SystemTime::now(),
+            &self.inner.settings,
+            jitter,
+        );
+        if let (Some(note), Plan::Defer { .. }) = (last, plan) {
+            plan = fail_open(&mut progress, note);
+        }
+        let failed = failed_of(&progress);
+        if let Some(watcher) = lock(&self.inner.local).watchers.remove(&id) {
+            let _ = watcher.send(results.clone()); // the client may have gone
+        }
+        let inner = self.inner.clone();
+        let attempts = progress.attempts;
+        let next_attempt = progress.next_attempt;
+        let last_error = progress.last_error.clone();
+        let account = lease.account.clone();
+        let written = tokio::spawn(async move {
+            let written = inner.write(&id, plan, &progress).await;
+            match &written {
+                Ok(true) => {
+                    if let Some(renewal) = renewal {
+                        renewal.abort();
+                    }
+                }
+                Ok(false) => {
+                    if let Some(renewal) = renewal {
+                        renewal.abort();
+                    }
+                    tracing::warn!(queue_id = %id, "the lease on this message is gone (taken over or deleted); its outcome is not recorded");
+                }
+                Err(e) => {
+                    tracing::error!(queue_id = %id, error = %e, "cannot record a delivery outcome; trying again with the lease kept");
+                    lock(&inner.local).unrecorded.insert(id.clone());
+                    tokio::spawn(inner.clone().record_later(id.clone(), plan, progress, renewal));
+                }
+            }
+            written
+        })
+        .await
+        .map_err(|source| QueueError::Task {
+            action: "recording delivery attempt",
+            path: self.inner.settings.dir.clone(),
+            source,
+        })?;
+        if !written? {
+            return Err(QueueError::LeaseLost {
+                id: lease.id.clone(),
+            });
+        }
+        let disposition = match plan {
+            Plan::Remove => {
+                tracing::info!(queue_id = %lease.id, attempts, "message delivered to every recipient; removed");
+                Disposition::Removed
+            }
+            Plan::Fail => {
+                tracing::warn!(queue_id = %lease.id, attempts, last_error = last_error.as_deref().unwrap_or(""), "message failed; kept in the queue as failed");
+                Disposition::Failed
+            }
+            Plan::Defer { delay } => {
+                tracing::info!(
+                    queue_id = %lease.id,
+                    attempts,
+                    retry_in = %humantime::format_duration(Duration::from_millis(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX))),
+                    last_error = last_error.as_deref().unwrap_or(""),
+                    "message deferred"
+                );
+                self.inner.wake_at(&account, delay);
+                Disposition::Deferred {
+                    next_attempt: next_attempt.unwrap_or_else(SystemTime::now),
                 }
             }
         };
-        let inner = self.inner.clone();
-        let runtime = tokio::runtime::Handle::current();
-        blocking(dir, "recording delivery attempt", move || {
-            // Own the whole lease here, so that it is consumed whatever
-            // happens to the calling future.
-            let mut lease = lease;
-            lease.disarm();
-            let mut meta = meta;
-            let jitter = rand::random_range(0.8..=1.2);
-            let (mut plan, results) =
-                apply_attempt(&mut meta, results, SystemTime::now(), &inner.settings, jitter);
-            if let (Some(note), Plan::Defer { .. }) = (last, plan) {
-                plan = fail_open(&mut meta, note);
-            }
-            let id = meta.id.clone();
-            let failed = failed_of(&meta);
-            {
-                let mut sched = lock(&inner.sched);
-                for watcher in sched.watchers.remove(&id).unwrap_or_default() {
-                    let _ = watcher.send(results.clone()); // the watcher may have gone
-                }
-                if let Some(slot) = sched.messages.get_mut(&id) {
-                    // held meanwhile by an administrator: stays held
-                    meta.held = slot.meta.held;
-                    slot.meta = meta;
-                }
-            }
-            match inner.commit(&id, plan) {
-                Ok(Some(disposition)) => Ok(Recorded {
-                    failed: match disposition {
-                        Disposition::Failed => failed,
-                        _ => Vec::new(),
-                    },
-                    disposition,
-                    results,
-                }),
-                Ok(None) => Ok(Recorded {
-                    disposition: Disposition::Removed,
-                    results,
-                    failed: Vec::new(),
-                }),
-                Err(e) => {
-                    tracing::error!(queue_id = %id, error = %e, "cannot record a delivery outcome; keeping it in memory and trying again");
-                    if let Some(slot) = lock(&inner.sched).messages.get_mut(&id) {
-                        slot.unrecorded = true;
-                    }
-                    runtime.spawn(inner.clone().record_later(id, plan));
-                    Err(e)
-                }
-            }
+        Ok(Recorded {
+            failed: match disposition {
+                Disposition::Failed => failed,
+                _ => Vec::new(),
+            },
+            disposition,
+            results,
         })
-        .await
     }
 
     /// The accounts that have messages still to be tried (waiting or
-    /// leased), sorted. Failed messages do not count.
-    pub fn accounts_with_mail(&self) -> Vec<String> {
-        let sched = lock(&self.inner.sched);
-        let mut accounts: Vec<String> = sched
-            .messages
-            .values()
-            .map(|s| s.meta.account.clone())
-            .collect();
-        accounts.sort();
-        accounts.dedup();
-        accounts
+    /// leased, not held), sorted. Failed messages do not count.
+    pub async fn accounts_with_mail(&self) -> Result<Vec<String>, QueueError> {
+        Ok(self
+            .inner
+            .store
+            .due()
+            .await?
+            .into_iter()
+            .map(|(account, _)| account)
+            .collect())
     }
 
     /// The number of messages still to be tried (waiting or leased). Failed
-    /// messages kept on disk are not counted.
-    pub fn depth(&self) -> usize {
-        lock(&self.inner.sched).messages.len()
+    /// messages are not counted.
+    pub async fn depth(&self) -> Result<usize, QueueError> {
+        let census = self.census().await?;
+        Ok(census.queued.count + census.deferred.count)
     }
 
     /// How many messages are in each state and when the oldest of each was
-    /// accepted, from memory (cheap enough for every metrics scrape).
-    pub fn census(&self) -> Census {
-        let sched = lock(&self.inner.sched);
-        let mut census = Census::default();
-        for slot in sched.messages.values() {
-            let tally = match slot.meta.state {
-                State::Queued => &mut census.queued,
-                State::Deferred => &mut census.deferred,
-                State::Failed => &mut census.failed,
-            };
-            tally.add(slot.meta.received_at);
+    /// accepted, asked of the store now. [`Queue::health`] has the answer
+    /// of the last look, without waiting.
+    pub async fn census(&self) -> Result<Census, QueueError> {
+        census_of(&self.inner.store).await
+    }
+
+    /// What the last look at the store (at most about a second ago, or as
+    /// long as the store takes to fail) found: cheap enough for every
+    /// metrics scrape and readiness probe.
+    pub fn health(&self) -> Health {
+        lock(&self.inner.local).health.clone()
+    }
+
+    /// Which store the queue is in, for people: `SQLite PATH`, or
+    /// `PostgreSQL host:port/database` (no user, password or options).
+    pub fn store_name(&self) -> String {
+        match &self.inner.settings.database {
+            None => format!(
+                "SQLite {}",
+                self.inner.settings.dir.join(SQLITE_FILE).display()
+            ),
+            Some(db) => {
+                let rest = db.url.split_once("://").map_or(db.url.as_str(), |(_, r)| r);
+                let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
+                let rest = rest.split_once('?').map_or(rest, |(r, _)| r);
+                format!("PostgreSQL {rest}")
+            }
         }
-        for &received_at in sched.failed.values() {
-            census.failed.add(received_at);
-        }
-        census
     }
 
     /// The queue's settings.
     pub fn settings(&self) -> &QueueSettings {
         &self.inner.settings
     }
+
+    pub(crate) fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// Wakes the account's waiting workers (after an administrator's retry).
+    pub(crate) fn wake(&self, account: &str) {
+        lock(&self.inner.local).waker(account).notify_waiters();
+    }
 }
 
 impl Inner {
-    /// Writes the outcome already applied to message `id`'s metadata in
-    /// memory (or removes the message), then moves it on in the schedule
-    /// as `plan` says. `Ok(None)` when the message is no longer in memory.
-    fn commit(&self, id: &QueueId, plan: Plan) -> Result<Option<Disposition>, QueueError> {
-        let (meta, deleted) = {
-            let sched = lock(&self.sched);
-            match sched.messages.get(id) {
-                Some(slot) => (slot.meta.clone(), slot.deleted),
-                None => return Ok(None),
-            }
-        };
-        let plan = if deleted { Plan::Deleted } else { plan };
-        let op = match plan {
-            Plan::Remove | Plan::Deleted => Op::Remove { id: id.clone() },
-            Plan::Fail | Plan::Defer { .. } => Op::Update {
-                id: id.clone(),
-                meta: self.encode(&meta)?,
-            },
-        };
-        store::apply(&self.layout, &[op])?;
-        let mut sched = lock(&self.sched);
-        let deleted_meanwhile = sched.messages.get(id).is_some_and(|s| s.deleted);
-        let Some(mut slot) = sched.messages.remove(id) else {
-            return Ok(None);
-        };
-        // a deletion waiting for this attempt learns that it ended
-        sched.watchers.remove(id);
-        match plan {
-            Plan::Remove => {
-                tracing::info!(queue_id = %id, attempts = meta.attempts, "message delivered to every recipient; removed");
-                Ok(Some(Disposition::Removed))
-            }
-            Plan::Deleted => {
-                tracing::info!(queue_id = %id, "message deleted by an administrator during its delivery attempt");
-                Ok(Some(Disposition::Removed))
-            }
-            Plan::Fail => {
-                if deleted_meanwhile {
-                    self.remove_in_background(id.clone());
-                    return Ok(Some(Disposition::Removed));
-                }
-                sched.failed.insert(id.clone(), meta.received_at);
-                tracing::warn!(
-                    queue_id = %id,
-                    attempts = meta.attempts,
-                    last_error = meta.last_error.as_deref().unwrap_or(""),
-                    "message failed; kept in the queue as failed"
-                );
-                Ok(Some(Disposition::Failed))
-            }
-            Plan::Defer { delay } => {
-                if deleted_meanwhile {
-                    self.remove_in_background(id.clone());
-                    return Ok(Some(Disposition::Removed));
-                }
-                let next_attempt = meta.next_attempt.unwrap_or_else(SystemTime::now);
-                tracing::info!(
-                    queue_id = %id,
-                    attempts = meta.attempts,
-                    retry_in = %humantime::format_duration(Duration::from_millis(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX))),
-                    last_error = meta.last_error.as_deref().unwrap_or(""),
-                    "message deferred"
-                );
-                slot.unrecorded = false;
-                slot.in_flight = false;
-                sched.insert_slot(slot, instant_after(Instant::now(), delay));
-                Ok(Some(Disposition::Deferred { next_attempt }))
-            }
-        }
-    }
-
-    /// Writes an outcome that [`Queue::record`] could not write, trying
-    /// again with capped back-off until it is written (or the message is
-    /// gone); the message stays out of the schedule meanwhile.
-    async fn record_later(self: Arc<Self>, id: QueueId, plan: Plan) {
-        let mut wait = UNRECORDED_RETRY;
-        loop {
-            tokio::time::sleep(wait).await;
-            let inner = self.clone();
-            let task_id = id.clone();
-            match tokio::task::spawn_blocking(move || inner.commit(&task_id, plan)).await {
-                Ok(Ok(_)) => {
-                    tracing::info!(queue_id = %id, "delivery outcome recorded after all");
-                    return;
-                }
-                Ok(Err(e)) => {
-                    tracing::warn!(queue_id = %id, error = %e, retry_in = ?wait, "still cannot record a delivery outcome")
-                }
-                Err(e) => tracing::error!(queue_id = %id, error = %e, "recording task failed"),
-            }
-            wait = (wait * 2).min(UNRECORDED_RETRY_MAX);
-        }
-    }
-
-    fn encode(&self, meta: &Meta) -> Result<Vec<u8>, QueueError> {
-        serde_json::to_vec_pretty(meta).map_err(|source| QueueError::Encode {
-            path: self.layout.meta_path(&meta.id),
-            source,
+    /// A lease on a message the store just leased to this relay, renewed
+    /// every third of `lease_timeout` until it ends.
+    fn lease(self: &Arc<Self>, m: Message) -> Result<Lease, QueueError> {
+        let id: QueueId = m.envelope.id.parse().map_err(|_| {
+            QueueError::corrupt(
+                &self.settings.dir,
+                format!("stored message id {:?} is not a queue id", m.envelope.id),
+            )
+        })?;
+        let lost = Arc::new(AtomicBool::new(false));
+        let renewal = tokio::spawn(renew(Arc::downgrade(self), id.clone(), lost.clone()));
+        Ok(Lease {
+            recipients: m
+                .progress
+                .recipients
+                .iter()
+                .filter(|r| r.state.is_open())
+                .map(|r| r.address.clone())
+                .collect(),
+            sender: m.envelope.sender,
+            account: m.envelope.account,
+            attempts: m.progress.attempts,
+            received_at: m.envelope.received_at,
+            size: m.size,
+            client: m.envelope.client.and_then(|c| c.parse().ok()),
+            passthrough: m.envelope.passthrough,
+            progress: m.progress,
+            lost,
+            renewal: Some(renewal),
+            queue: Some(Arc::downgrade(self)),
+            id,
         })
     }
 
-    /// Makes a leased message schedulable again after `delay`.
-    fn release(&self, id: &QueueId, delay: Duration) {
-        let mut sched = lock(&self.sched);
-        let Some(slot) = sched.messages.get_mut(id) else {
-            return;
-        };
-        if slot.due.is_some() {
-            return;
-        }
-        if slot.deleted {
-            sched.messages.remove(id);
-            self.remove_in_background(id.clone());
-            return;
-        }
-        let Some(slot) = sched.messages.remove(id) else {
-            return;
-        };
-        sched.insert_slot(slot, instant_after(Instant::now(), delay));
-    }
-}
-
-impl Inner {
-    /// Deletes a message's files from a context that cannot wait (a
-    /// dropped lease); an error only leaves it to reappear at the next start.
-    fn remove_in_background(&self, id: QueueId) {
-        let layout = self.layout.clone();
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn_blocking(move || {
-                if let Err(e) = store::apply(&layout, &[Op::Remove { id: id.clone() }]) {
-                    tracing::error!(queue_id = %id, error = %e, "cannot delete a message");
+    /// Leases the account's next due message from the store, if any.
+    async fn lease_next(self: Arc<Self>, account: &str) -> Option<Lease> {
+        loop {
+            let leased = self
+                .store
+                .lease_next(account, SystemTime::now(), self.settings.lease_timeout)
+                .await;
+            let m = match leased {
+                Ok(Some(m)) => m,
+                Ok(None) => return None,
+                Err(e) => {
+                    tracing::warn!(account, error = %e, "cannot take due mail from the store");
+                    return None;
                 }
-            });
+            };
+            let unrecorded = m
+                .envelope
+                .id
+                .parse::<QueueId>()
+                .is_ok_and(|id| lock(&self.local).unrecorded.contains(&id));
+            if unrecorded {
+                // its outcome is still being written by this relay, under
+                // this very lease: leave it to that
+                continue;
+            }
+            match self.lease(m) {
+                Ok(lease) => return Some(lease),
+                Err(e) => tracing::error!(error = %e, "skipping a stored message"),
+            }
+        }
+    }
+
+    /// Writes an attempt's outcome under this relay's lease. `Ok(false)`:
+    /// the lease is gone and nothing was written.
+    async fn write(
+        &self,
+        id: &QueueId,
+        plan: Plan,
+        progress: &Progress,
+    ) -> Result<bool, QueueError> {
+        Ok(match plan {
+            Plan::Remove => self.store.remove(id.as_str()).await?,
+            Plan::Fail | Plan::Defer { .. } => self.store.record(id.as_str(), progress).await?,
+        })
+    }
+
+    /// Writes an outcome that [`Queue::record`] could not write, trying
+    /// again with capped back-off until it is written or the lease is gone;
+    /// the lease is renewed meanwhile.
+    async fn record_later(
+        self: Arc<Self>,
+        id: QueueId,
+        plan: Plan,
+        progress: Progress,
+        renewal: Option<JoinHandle<()>>,
+    ) {
+        let mut wait = UNRECORDED_RETRY;
+        loop {
+            tokio::time::sleep(wait).await;
+            match self.write(&id, plan, &progress).await {
+                Ok(written) => {
+                    if written {
+                        tracing::info!(queue_id = %id, "delivery outcome recorded after all");
+                    } else {
+                        tracing::warn!(queue_id = %id, "the lease on this message is gone; its outcome is not recorded");
+                    }
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(queue_id = %id, error = %e, retry_in = ?wait, "still cannot record a delivery outcome")
+                }
+            }
+            wait = (wait * 2).min(UNRECORDED_RETRY_MAX);
+        }
+        lock(&self.local).unrecorded.remove(&id);
+        if let Some(renewal) = renewal {
+            renewal.abort();
+        }
+    }
+
+    /// Wakes the account's workers after `delay` (a deferral, a release),
+    /// sooner than the next look at the store would.
+    fn wake_at(&self, account: &str, delay: Duration) {
+        let waker = lock(&self.local).waker(account);
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            waker.notify_waiters();
+        });
+    }
+
+    /// Looks at the store once: counts the messages, fails orphaned
+    /// passthrough messages, and wakes the workers of accounts with due
+    /// mail. Remembers what went wrong, for [`Queue::health`].
+    async fn look(&self) {
+        let now = SystemTime::now();
+        let looked = async {
+            let census = census_of(&self.store).await?;
+            let due = self.store.due().await?;
+            Ok::<_, QueueError>((census, due))
+        }
+        .await;
+        // a write: it may fail (a full disk) where the reads above did not
+        let orphans = self
+            .store
+            .fail_orphans(now, &stored_reply(&orphan_reply()), Reason::Local.as_str())
+            .await;
+        match orphans {
+            Ok(0) => {}
+            Ok(count) => tracing::warn!(count, "{}", orphan_reply().text),
+            Err(e) => tracing::debug!(error = %e, "cannot fail orphaned passthrough messages now"),
+        }
+        let mut local = lock(&self.local);
+        match looked {
+            Ok((census, due)) => {
+                if local.health.error.take().is_some() {
+                    tracing::info!("the queue's store is reachable again");
+                }
+                local.health.census = census;
+                for (account, at) in due {
+                    if at <= now {
+                        local.waker(&account).notify_waiters();
+                    }
+                }
+            }
+            Err(e) => {
+                if local.health.error.is_none() {
+                    tracing::error!(error = %e, "the queue's store cannot be reached; mail is refused with 451 until it can");
+                }
+                local.health.error = Some(e.to_string());
+            }
         }
     }
 }
 
-/// Runs blocking file I/O off the async runtime.
-async fn blocking<T, F>(dir: &std::path::Path, action: &'static str, f: F) -> Result<T, QueueError>
-where
-    T: Send + 'static,
-    F: FnOnce() -> Result<T, QueueError> + Send + 'static,
-{
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|source| QueueError::Task {
-            action,
-            path: dir.to_path_buf(),
-            source,
-        })?
+async fn census_of(store: &Store) -> Result<Census, QueueError> {
+    let mut census = Census::default();
+    for (state, count, oldest) in store.census().await? {
+        let tally = match state {
+            MessageState::Queued => &mut census.queued,
+            MessageState::Deferred => &mut census.deferred,
+            MessageState::Failed => &mut census.failed,
+        };
+        *tally = Tally {
+            count: usize::try_from(count).unwrap_or(usize::MAX),
+            oldest: Some(oldest),
+        };
+    }
+    Ok(census)
+}
+
+/// Looks at the store every [`POLL`] until the queue is dropped.
+async fn watch_store(inner: Weak<Inner>) {
+    loop {
+        tokio::time::sleep(POLL).await;
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        inner.look().await;
+    }
+}
+
+/// Renews a lease every third of `lease_timeout` until aborted; marks it
+/// lost when the store says it is no longer this relay's.
+async fn renew(inner: Weak<Inner>, id: QueueId, lost: Arc<AtomicBool>) {
+    loop {
+        let Some(every) = inner.upgrade().map(|i| i.settings.lease_timeout / 3) else {
+            return;
+        };
+        tokio::time::sleep(every).await;
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let timeout = inner.settings.lease_timeout;
+        match inner
+            .store
+            .renew(id.as_str(), SystemTime::now(), timeout)
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(queue_id = %id, "the lease on this message is gone (deleted, or taken over after it expired)");
+                lost.store(true, Ordering::Relaxed);
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(queue_id = %id, error = %e, "cannot renew a lease; trying again")
+            }
+        }
+    }
 }
 
 /// What to do with a message after applying an attempt's results.
@@ -1082,8 +1259,6 @@ where
 enum Plan {
     /// All delivered: delete it.
     Remove,
-    /// Deleted by an administrator while being tried: delete it.
-    Deleted,
     /// Nothing left to try, some failed: keep as failed.
     Fail,
     /// Retry after `delay`.
@@ -1100,21 +1275,27 @@ fn backoff(settings: &QueueSettings, attempts: u32) -> Duration {
         .min(settings.retry_max)
 }
 
-/// Fails the recipients of `meta` still open, adding `note` to their reply.
-fn fail_open(meta: &mut Meta, note: &str) -> Plan {
-    for r in meta.recipients.iter_mut().filter(|r| r.status.is_open()) {
-        r.status = RecipientState::Failed;
-        r.reply = Some(match r.reply.take() {
+/// Fails the recipients still open, adding `note` to their reply.
+fn fail_open(progress: &mut Progress, note: &str) -> Plan {
+    for r in progress.recipients.iter_mut().filter(|r| r.state.is_open()) {
+        let reply = match reply_of(r) {
             Some(reply) => reply.with_text(format!("{} ({note})", reply.text)),
             None => Reply {
                 code: 554,
                 enhanced: Some(Enhanced::new(5, 0, 0)),
                 text: format!("not attempted ({note})"),
             },
-        });
+        };
+        let reason = outcome_of(r).map(|o| o.reason);
+        *r = stored_recipient(
+            std::mem::take(&mut r.address),
+            RecipientState::Failed,
+            Some(&reply),
+            reason,
+        );
     }
-    meta.state = State::Failed;
-    meta.next_attempt = None;
+    progress.state = MessageState::Failed;
+    progress.next_attempt = None;
     Plan::Fail
 }
 
@@ -1123,25 +1304,28 @@ fn scale(d: Duration, factor: f64) -> Duration {
     Duration::try_from_secs_f64(d.as_secs_f64() * factor).unwrap_or(d)
 }
 
-/// The failed recipients of `meta` with their last outcomes.
-fn failed_of(meta: &Meta) -> Vec<RecipientResult> {
-    meta.recipients
+/// The failed recipients with their last outcomes.
+fn failed_of(progress: &Progress) -> Vec<RecipientResult> {
+    progress
+        .recipients
         .iter()
-        .filter(|r| r.status == RecipientState::Failed)
+        .filter(|r| r.state == RecipientState::Failed)
         .filter_map(|r| {
             Some(RecipientResult {
                 recipient: r.address.clone(),
-                outcome: r.outcome()?,
+                outcome: outcome_of(r)?,
             })
         })
         .collect()
 }
 
-/// Applies one attempt's results to `meta` (pure; `now` and `jitter` are
-/// parameters so it can be tested exactly). Returns the plan and the
-/// attempt's outcomes as recorded, expiries included.
+/// Applies one attempt's results to a message's progress (pure; `now` and
+/// `jitter` are parameters so it can be tested exactly). Returns the plan
+/// and the attempt's outcomes as recorded, expiries included.
 fn apply_attempt(
-    meta: &mut Meta,
+    id: &QueueId,
+    progress: &mut Progress,
+    received_at: SystemTime,
     results: Vec<RecipientResult>,
     now: SystemTime,
     settings: &QueueSettings,
@@ -1150,42 +1334,46 @@ fn apply_attempt(
     let mut last_error: Option<String> = None;
     let mut recorded = Vec::with_capacity(results.len());
     for result in results {
-        let Some(r) = meta
+        let Some(r) = progress
             .recipients
             .iter_mut()
-            .find(|r| r.address == result.recipient && r.status.is_open())
+            .find(|r| r.address == result.recipient && r.state.is_open())
         else {
-            tracing::warn!(queue_id = %meta.id, recipient = %result.recipient, "ignoring result for a recipient that was not being tried");
+            tracing::warn!(queue_id = %id, recipient = %result.recipient, "ignoring result for a recipient that was not being tried");
             continue;
         };
-        r.status = match result.outcome.verdict() {
+        let state = match result.outcome.verdict() {
             Verdict::Delivered => RecipientState::Delivered,
             Verdict::Temporary => RecipientState::Deferred,
             Verdict::Permanent => RecipientState::Failed,
         };
-        if r.status != RecipientState::Delivered {
+        if state != RecipientState::Delivered {
             last_error = Some(result.outcome.reply.text.clone());
         }
-        r.reply = Some(result.outcome.reply.clone());
-        r.reason = Some(result.outcome.reason);
+        *r = stored_recipient(
+            std::mem::take(&mut r.address),
+            state,
+            Some(&result.outcome.reply),
+            Some(result.outcome.reason),
+        );
         recorded.push(result);
     }
-    meta.attempts = meta.attempts.saturating_add(1);
+    progress.attempts = progress.attempts.saturating_add(1);
     if last_error.is_some() {
-        meta.last_error = last_error;
+        progress.last_error = last_error;
     }
 
-    if meta.recipients.iter().any(|r| r.status.is_open()) {
-        let age = now.duration_since(meta.received_at).unwrap_or_default();
+    if progress.recipients.iter().any(|r| r.state.is_open()) {
+        let age = now.duration_since(received_at).unwrap_or_default();
         if age <= settings.max_age {
-            let delay = scale(backoff(settings, meta.attempts), jitter);
-            meta.state = State::Deferred;
-            meta.next_attempt = Some(add_time(now, delay));
+            let delay = scale(backoff(settings, progress.attempts), jitter);
+            progress.state = MessageState::Deferred;
+            progress.next_attempt = Some(add_time(now, delay));
             return (Plan::Defer { delay }, recorded);
         }
         let limit = humantime::format_duration(settings.max_age);
-        for r in meta.recipients.iter_mut().filter(|r| r.status.is_open()) {
-            let reply = match &r.reply {
+        for r in progress.recipients.iter_mut().filter(|r| r.state.is_open()) {
+            let reply = match reply_of(r) {
                 Some(reply) => reply.with_text(format!("gave up after {limit}: {}", reply.text)),
                 None => Reply {
                     code: 554,
@@ -1193,10 +1381,13 @@ fn apply_attempt(
                     text: format!("gave up after {limit}: never attempted"),
                 },
             };
-            r.status = RecipientState::Failed;
-            r.reason = Some(Reason::Expired);
-            meta.last_error = Some(reply.text.clone());
-            r.reply = Some(reply.clone());
+            *r = stored_recipient(
+                std::mem::take(&mut r.address),
+                RecipientState::Failed,
+                Some(&reply),
+                Some(Reason::Expired),
+            );
+            progress.last_error = Some(reply.text.clone());
             let outcome = Outcome::new(Reason::Expired, reply);
             match recorded.iter_mut().find(|done| done.recipient == r.address) {
                 Some(done) => done.outcome = outcome,
@@ -1208,31 +1399,31 @@ fn apply_attempt(
         }
     }
 
-    if meta
+    if progress
         .recipients
         .iter()
-        .all(|r| r.status == RecipientState::Delivered)
+        .all(|r| r.state == RecipientState::Delivered)
     {
         (Plan::Remove, recorded)
     } else {
-        meta.state = State::Failed;
-        meta.next_attempt = None;
+        progress.state = MessageState::Failed;
+        progress.next_attempt = None;
         // a failed message shows why it failed, not an earlier deferral
-        if let Some(reply) = meta
+        if let Some(reply) = progress
             .recipients
             .iter()
             .rev()
-            .filter(|r| r.status == RecipientState::Failed)
+            .filter(|r| r.state == RecipientState::Failed)
             .find_map(|r| r.reply.as_ref())
         {
-            meta.last_error = Some(reply.text.clone());
+            progress.last_error = Some(reply.text.clone());
         }
         (Plan::Fail, recorded)
     }
 }
 
 mod admin;
-pub use admin::{Deletion, Selection};
+pub use admin::{Applied, Deletion, Request, Selection};
 
 #[cfg(test)]
 mod tests {
@@ -1241,38 +1432,41 @@ mod tests {
     fn settings() -> QueueSettings {
         QueueSettings {
             dir: PathBuf::from("/nonexistent"),
+            database: None,
+            lease_timeout: Duration::from_secs(60),
             retry_initial: Duration::from_secs(60),
             retry_max: Duration::from_secs(3600),
             max_age: Duration::from_secs(86_400),
         }
     }
 
-    fn meta(recipients: &[&str]) -> Meta {
-        Meta {
-            version: META_VERSION,
-            id: QueueId::from_parts(1, 1),
-            state: State::Queued,
-            sender: "a@example.com".into(),
-            account: "acct".into(),
-            client: None,
-            received_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000),
-            attempts: 0,
-            next_attempt: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000)),
-            last_error: None,
-            size: 0,
-            passthrough: false,
-            sha256: None,
-            held: false,
-            recipients: recipients
-                .iter()
-                .map(|a| Recipient {
-                    address: a.to_string(),
-                    status: RecipientState::Pending,
-                    reply: None,
-                    reason: None,
-                })
-                .collect(),
-        }
+    const RECEIVED: Duration = Duration::from_secs(1_000_000);
+
+    fn received() -> SystemTime {
+        SystemTime::UNIX_EPOCH + RECEIVED
+    }
+
+    fn progress(recipients: &[&str]) -> Progress {
+        let recipients: Vec<String> = recipients.iter().map(|a| a.to_string()).collect();
+        Progress::new(&recipients, received())
+    }
+
+    fn apply(
+        p: &mut Progress,
+        results: Vec<RecipientResult>,
+        now: SystemTime,
+        s: &QueueSettings,
+        jitter: f64,
+    ) -> (Plan, Vec<RecipientResult>) {
+        apply_attempt(
+            &QueueId::from_parts(1, 1),
+            p,
+            received(),
+            results,
+            now,
+            s,
+            jitter,
+        )
     }
 
     fn res(rcpt: &str, outcome: Outcome) -> RecipientResult {
@@ -1292,6 +1486,10 @@ mod tests {
 
     fn delivered(text: &str) -> Outcome {
         Outcome::delivered(reply(text))
+    }
+
+    fn reply_text(r: &relay_store::Recipient) -> Option<&str> {
+        r.reply.as_ref().map(|r| r.text.as_str())
     }
 
     #[test]
@@ -1317,10 +1515,10 @@ mod tests {
     #[test]
     fn deferral_uses_backoff_and_jitter() {
         let s = settings();
-        let mut m = meta(&["x@y"]);
-        let now = m.received_at + Duration::from_secs(10);
-        m.attempts = 2;
-        let (plan, _) = apply_attempt(&mut m, vec![res("x@y", temp("451 busy"))], now, &s, 1.2);
+        let mut p = progress(&["x@y"]);
+        let now = received() + Duration::from_secs(10);
+        p.attempts = 2;
+        let (plan, _) = apply(&mut p, vec![res("x@y", temp("451 busy"))], now, &s, 1.2);
         // Third attempt: 4 × 60 s × 1.2.
         assert_eq!(
             plan,
@@ -1328,20 +1526,21 @@ mod tests {
                 delay: Duration::from_secs(288)
             }
         );
-        assert_eq!(m.attempts, 3);
-        assert_eq!(m.state, State::Deferred);
-        assert_eq!(m.next_attempt, Some(now + Duration::from_secs(288)));
-        assert_eq!(m.last_error.as_deref(), Some("451 busy"));
-        assert_eq!(m.recipients[0].status, RecipientState::Deferred);
+        assert_eq!(p.attempts, 3);
+        assert_eq!(p.state, MessageState::Deferred);
+        assert_eq!(p.next_attempt, Some(now + Duration::from_secs(288)));
+        assert_eq!(p.last_error.as_deref(), Some("451 busy"));
+        assert_eq!(p.recipients[0].state, RecipientState::Deferred);
+        assert_eq!(p.recipients[0].reason.as_deref(), Some("deferred"));
     }
 
     #[test]
     fn expiry_fails_open_recipients() {
         let s = settings();
-        let mut m = meta(&["a@x", "b@x", "c@x"]);
-        let now = m.received_at + s.max_age + Duration::from_secs(1);
-        let (plan, _) = apply_attempt(
-            &mut m,
+        let mut p = progress(&["a@x", "b@x", "c@x"]);
+        let now = received() + s.max_age + Duration::from_secs(1);
+        let (plan, _) = apply(
+            &mut p,
             vec![
                 res("a@x", delivered("250 ok")),
                 res("b@x", temp("421 later")),
@@ -1351,20 +1550,20 @@ mod tests {
             1.0,
         );
         assert_eq!(plan, Plan::Fail);
-        assert_eq!(m.state, State::Failed);
-        assert_eq!(m.next_attempt, None);
-        assert_eq!(m.recipients[0].status, RecipientState::Delivered);
-        assert_eq!(m.recipients[1].status, RecipientState::Failed);
+        assert_eq!(p.state, MessageState::Failed);
+        assert_eq!(p.next_attempt, None);
+        assert_eq!(p.recipients[0].state, RecipientState::Delivered);
+        assert_eq!(p.recipients[1].state, RecipientState::Failed);
         assert_eq!(
-            m.recipients[1].reply.as_ref().map(|r| r.text.as_str()),
+            reply_text(&p.recipients[1]),
             Some("gave up after 1day: 421 later")
         );
         assert_eq!(
-            m.recipients[2].reply.as_ref().map(|r| r.text.as_str()),
+            reply_text(&p.recipients[2]),
             Some("gave up after 1day: never attempted")
         );
         assert_eq!(
-            m.last_error.as_deref(),
+            p.last_error.as_deref(),
             Some("gave up after 1day: never attempted")
         );
     }
@@ -1372,35 +1571,38 @@ mod tests {
     #[test]
     fn all_delivered_removes_and_unknown_results_are_ignored() {
         let s = settings();
-        let mut m = meta(&["a@x"]);
-        let now = m.received_at;
-        let (plan, _) = apply_attempt(
-            &mut m,
+        let mut p = progress(&["a@x"]);
+        let (plan, _) = apply(
+            &mut p,
             vec![
                 res("zz@x", Outcome::new(Reason::Refused, reply("550 who"))),
                 res("a@x", delivered("250 ok")),
             ],
-            now,
+            received(),
             &s,
             1.0,
         );
         assert_eq!(plan, Plan::Remove);
-        assert_eq!(m.last_error, None);
+        assert_eq!(p.last_error, None);
     }
 
     #[test]
     fn recipients_without_result_keep_the_message_deferred() {
         let s = settings();
-        let mut m = meta(&["a@x", "b@x"]);
-        let now = m.received_at;
-        let (plan, _) = apply_attempt(&mut m, vec![res("a@x", delivered("250"))], now, &s, 1.0);
+        let mut p = progress(&["a@x", "b@x"]);
+        let (plan, _) = apply(
+            &mut p,
+            vec![res("a@x", delivered("250"))],
+            received(),
+            &s,
+            1.0,
+        );
         assert_eq!(
             plan,
             Plan::Defer {
                 delay: Duration::from_secs(60)
             }
         );
-        assert_eq!(m.recipients[1].status, RecipientState::Pending);
-        assert_eq!(m.open_recipients(), vec!["b@x".to_string()]);
+        assert_eq!(p.recipients[1].state, RecipientState::Pending);
     }
 }

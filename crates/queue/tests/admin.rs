@@ -1,22 +1,23 @@
-//! Administrator actions: retry and delete, on a live queue and through the
-//! control directory as another process would.
+//! Administrator actions: retry and delete, on a live queue and from another
+//! handle on its store, as the `queue` commands in another process do.
 
 use std::path::Path;
 use std::time::Duration;
 
 use relay_outcome::{Enhanced, Reason, Reply};
 use relay_queue::{
-    list, show, submit, NewMessage, Outcome, Queue, QueueSettings, RecipientResult, Request,
-    Selection, State,
+    NewMessage, Outcome, Queue, QueueError, QueueSettings, RecipientResult, Request, Selection,
+    State,
 };
 use tempfile::TempDir;
-use tokio_util::sync::CancellationToken;
 
 const LIMIT: Duration = Duration::from_secs(10);
 
 fn settings(dir: &Path) -> QueueSettings {
     QueueSettings {
         dir: dir.to_path_buf(),
+        database: None,
+        lease_timeout: Duration::from_secs(60),
         retry_initial: Duration::from_secs(3600), // nothing becomes due by itself
         retry_max: Duration::from_secs(3600),
         max_age: Duration::from_secs(86400),
@@ -89,7 +90,7 @@ async fn retry_revives_failed_messages() {
     let q = Queue::open(settings(dir.path())).await.expect("open");
     let id = q.enqueue(msg(), b"x\r\n").await.expect("enqueue");
     attempt(&q, permanent).await;
-    assert_eq!(list(dir.path()).expect("list")[0].state, State::Failed);
+    assert_eq!(q.list().await.expect("list")[0].state, State::Failed);
     assert_eq!(
         q.retry(Selection::Failed).await.expect("retry"),
         vec![id.clone()]
@@ -99,10 +100,7 @@ async fn retry_revives_failed_messages() {
         .expect("in time")
         .expect("due again");
     assert_eq!(lease.recipients, ["a@example.com", "b@example.com"]);
-    assert_eq!(
-        show(dir.path(), &id).expect("show").0.state,
-        State::Deferred
-    );
+    assert_eq!(q.show(&id).await.expect("show").0.state, State::Deferred);
 }
 
 // Deleting removes waiting and failed messages from disk, and a leased one
@@ -119,11 +117,20 @@ async fn delete_waiting_failed_and_leased() {
     q.enqueue(msg(), b"waiting\r\n").await.expect("enqueue");
     let deletion = q.delete(Selection::All).await.expect("delete");
     assert_eq!(deletion.deleted.len(), 3);
-    assert!(deletion.in_flight.is_empty());
-    assert!(list(dir.path()).expect("list").is_empty());
-    assert!(!q.begin(&lease), "a deleted message may not be sent");
+    assert_eq!(deletion.in_flight.len(), 1);
+    assert_eq!(deletion.in_flight[0].0, leased_id);
+    assert!(
+        deletion.in_flight[0].1.contains(q.relay()),
+        "{:?}",
+        deletion.in_flight
+    );
+    assert!(q.list().await.expect("list").is_empty());
+    assert!(!q.begin(&lease).await, "a deleted message may not be sent");
     drop(lease);
-    assert!(show(dir.path(), &leased_id).is_err());
+    assert!(matches!(
+        q.show(&leased_id).await,
+        Err(QueueError::NoSuchMessage { .. })
+    ));
     assert!(q
         .next_due("main", Some(Duration::from_millis(200)))
         .await
@@ -131,19 +138,19 @@ async fn delete_waiting_failed_and_leased() {
 }
 
 // A message already handed to the upstream cannot be stopped: the deletion
-// waits for the attempt, says how it ended, and removes what is left.
+// removes it at once and says a relay held it; the attempt's outcome finds
+// the lease gone and is not recorded (nothing comes back).
 #[tokio::test]
 async fn delete_during_an_attempt_in_flight_reports_it() {
     let dir = TempDir::new().expect("tempdir");
     let q = Queue::open(settings(dir.path())).await.expect("open");
     let id = q.enqueue(msg(), b"in flight\r\n").await.expect("enqueue");
     let lease = q.next_due("main", None).await.expect("due");
-    assert!(q.begin(&lease));
-    let deleting = tokio::spawn({
-        let q = q.clone();
-        async move { q.delete(Selection::All).await }
-    });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(q.begin(&lease).await);
+    let deletion = q.delete(Selection::All).await.expect("delete");
+    assert_eq!(deletion.deleted, vec![id.clone()]);
+    assert_eq!(deletion.in_flight.len(), 1);
+    assert_eq!(deletion.in_flight[0].0, id);
     let results = vec![
         RecipientResult {
             recipient: "a@example.com".into(),
@@ -154,88 +161,83 @@ async fn delete_during_an_attempt_in_flight_reports_it() {
             outcome: temporary("b".into()),
         },
     ];
-    q.record(lease, results).await.expect("record");
-    let deletion = tokio::time::timeout(LIMIT, deleting)
-        .await
-        .expect("in time")
-        .expect("task")
-        .expect("delete");
-    assert!(deletion.deleted.is_empty());
-    assert_eq!(
-        deletion.in_flight,
-        vec![(
-            id,
-            "delivered to 1 of 2 recipient(s) by the attempt in flight; the rest removed".into()
-        )]
-    );
-    assert!(list(dir.path()).expect("list").is_empty());
+    let err = q.record(lease, results).await.expect_err("lease gone");
+    assert!(matches!(err, QueueError::LeaseLost { .. }), "{err}");
+    assert!(q.list().await.expect("list").is_empty());
 }
 
-// Another process (the CLI) reaches the running queue through control/.
+// Another process (the CLI) opens the same store while the relay runs; the
+// relay sees the result: a held message is not handed out, a released one
+// is, a deleted one is gone.
 #[tokio::test]
-async fn requests_reach_a_running_queue() {
+async fn another_handle_acts_on_the_running_queue() {
     let dir = TempDir::new().expect("tempdir");
     let q = Queue::open(settings(dir.path())).await.expect("open");
-    let shutdown = CancellationToken::new();
-    tokio::spawn(q.clone().serve_control(shutdown.clone()));
     let id = q.enqueue(msg(), b"x\r\n").await.expect("enqueue");
-    attempt(&q, permanent).await;
-    let ids = tokio::time::timeout(
-        LIMIT,
-        submit(settings(dir.path()), Request::Delete(Selection::Failed)),
-    )
-    .await
-    .expect("answer in time")
-    .expect("deleted")
-    .ids;
-    assert_eq!(ids, vec![id]);
-    assert!(list(dir.path()).expect("list").is_empty());
-    shutdown.cancel();
+    let cli = Queue::open_admin(settings(dir.path()))
+        .await
+        .expect("open beside the relay");
+    // a second relay on the same embedded store is refused
+    let err = Queue::open(settings(dir.path())).await.expect_err("locked");
+    assert!(matches!(err, QueueError::Locked { .. }), "{err}");
+    let applied = tokio::time::timeout(LIMIT, cli.apply(Request::Hold(Selection::Id(id.clone()))))
+        .await
+        .expect("in time")
+        .expect("held");
+    assert_eq!(applied.ids, vec![id.clone()]);
+    assert!(q
+        .next_due("main", Some(Duration::from_millis(300)))
+        .await
+        .is_none());
+    cli.apply(Request::Release(Selection::All))
+        .await
+        .expect("released");
+    // found by the running queue's look at the store, within about a second
+    let lease = tokio::time::timeout(LIMIT, q.next_due("main", None))
+        .await
+        .expect("in time")
+        .expect("due");
+    assert_eq!(lease.id, id);
+    drop(lease);
+    let applied = cli
+        .apply(Request::Delete(Selection::Id(id.clone())))
+        .await
+        .expect("deleted");
+    assert_eq!(applied.ids, vec![id]);
+    assert!(q.list().await.expect("list").is_empty());
 }
 
-// Without a running relay, the command opens the queue itself.
+/// The census (what `/metrics` and systemd's STATUS show) follows every
+/// change and agrees with the list, across a reopen too.
 #[tokio::test]
-async fn requests_apply_directly_when_no_relay_runs() {
+async fn census_follows_every_change_and_agrees_with_the_list() {
     let dir = TempDir::new().expect("tempdir");
-    let id = {
-        let q = Queue::open(settings(dir.path())).await.expect("open");
-        q.enqueue(msg(), b"x\r\n").await.expect("enqueue")
-    };
-    let ids = submit(
-        settings(dir.path()),
-        Request::Delete(Selection::Id(id.clone())),
-    )
-    .await
-    .expect("deleted")
-    .ids;
-    assert_eq!(ids, vec![id]);
-    assert!(list(dir.path()).expect("list").is_empty());
-}
-
-/// The census (what `/metrics` and systemd's STATUS show) comes from memory;
-/// it must agree with the disk through every change, across a reopen too.
-#[tokio::test]
-async fn census_follows_every_change_and_agrees_with_the_disk() {
-    let dir = TempDir::new().expect("tempdir");
-    let counts = |q: &Queue| {
-        let c = q.census();
+    async fn counts(q: &Queue) -> (usize, usize, usize) {
+        let c = q.census().await.expect("census");
         (c.queued.count, c.deferred.count, c.failed.count)
-    };
-    let on_disk = |state: State| {
-        list(dir.path())
+    }
+    async fn on_disk(q: &Queue, state: State) -> usize {
+        q.list()
+            .await
             .expect("list")
             .iter()
             .filter(|e| e.state == state)
             .count()
-    };
+    }
     let q = Queue::open(settings(dir.path())).await.expect("open");
-    assert_eq!(counts(&q), (0, 0, 0));
-    assert_eq!(q.census().queued.oldest, None);
+    assert_eq!(counts(&q).await, (0, 0, 0));
+    assert_eq!(q.census().await.expect("census").queued.oldest, None);
     let first = q.enqueue(msg(), b"x\r\n").await.expect("enqueue");
     q.enqueue(msg(), b"y\r\n").await.expect("enqueue");
-    assert_eq!(counts(&q), (2, 0, 0));
-    let oldest = q.census().queued.oldest.expect("oldest");
-    let first_entry = list(dir.path()).expect("list").remove(0);
+    assert_eq!(counts(&q).await, (2, 0, 0));
+    let oldest = q
+        .census()
+        .await
+        .expect("census")
+        .queued
+        .oldest
+        .expect("oldest");
+    let first_entry = q.list().await.expect("list").remove(0);
     assert_eq!(first_entry.id, first.as_str());
     assert_eq!(
         humantime::format_rfc3339_seconds(oldest).to_string(),
@@ -243,25 +245,25 @@ async fn census_follows_every_change_and_agrees_with_the_disk() {
     );
 
     attempt(&q, temporary).await; // the first: deferred
-    assert_eq!(counts(&q), (1, 1, 0));
+    assert_eq!(counts(&q).await, (1, 1, 0));
     attempt(&q, permanent).await; // the second: failed
-    assert_eq!(counts(&q), (0, 1, 1));
-    assert_eq!(on_disk(State::Deferred), 1);
-    assert_eq!(on_disk(State::Failed), 1);
+    assert_eq!(counts(&q).await, (0, 1, 1));
+    assert_eq!(on_disk(&q, State::Deferred).await, 1);
+    assert_eq!(on_disk(&q, State::Failed).await, 1);
     drop(q);
 
     let q = Queue::open(settings(dir.path())).await.expect("reopen");
-    assert_eq!(counts(&q), (0, 1, 1));
-    assert!(q.census().failed.oldest.is_some());
+    assert_eq!(counts(&q).await, (0, 1, 1));
+    assert!(q.census().await.expect("census").failed.oldest.is_some());
     q.retry(Selection::All).await.expect("retry");
-    assert_eq!(counts(&q), (0, 2, 0));
+    assert_eq!(counts(&q).await, (0, 2, 0));
     attempt(&q, permanent).await;
     attempt(&q, permanent).await;
-    assert_eq!(counts(&q), (0, 0, 2));
+    assert_eq!(counts(&q).await, (0, 0, 2));
     q.delete(Selection::Id(first)).await.expect("delete");
-    assert_eq!(counts(&q), (0, 0, 1));
-    assert_eq!(on_disk(State::Failed), 1);
+    assert_eq!(counts(&q).await, (0, 0, 1));
+    assert_eq!(on_disk(&q, State::Failed).await, 1);
     q.delete(Selection::All).await.expect("delete");
-    assert_eq!(counts(&q), (0, 0, 0));
-    assert!(list(dir.path()).expect("list").is_empty());
+    assert_eq!(counts(&q).await, (0, 0, 0));
+    assert!(q.list().await.expect("list").is_empty());
 }

@@ -82,6 +82,7 @@ async fn run(store: &Store, writers: u64, length: Duration) -> (f64, f64) {
                             },
                             progress: Progress::new(&recipients, now),
                             held: false,
+                            lease: None,
                             body: body.clone(),
                         })
                         .await

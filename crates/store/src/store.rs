@@ -52,6 +52,10 @@ pub struct StoreSettings {
 const POSTGRES_COMMITTERS: usize = 4;
 /// Inserts taken into one transaction at most.
 const MAX_BATCH: usize = 512;
+/// How long an operation waits for a connection (an unreachable PostgreSQL
+/// server, every connection busy) before it fails: an SMTP client waiting
+/// for its answer gets `451` within this time rather than hanging.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long an SQLite writer waits for another (another handle, `queue`
 /// commands) before failing.
 const SQLITE_BUSY: Duration = Duration::from_secs(10);
@@ -188,6 +192,7 @@ impl Store {
                     .busy_timeout(SQLITE_BUSY);
                 let pool = SqlitePoolOptions::new()
                     .max_connections(max)
+                    .acquire_timeout(ACQUIRE_TIMEOUT)
                     .connect_with(options)
                     .await
                     .map_err(StoreError::Connect)?;
@@ -203,6 +208,7 @@ impl Store {
                 }
                 let pool = PgPoolOptions::new()
                     .max_connections(max)
+                    .acquire_timeout(ACQUIRE_TIMEOUT)
                     .connect_with(options)
                     .await
                     .map_err(StoreError::Connect)?;
@@ -325,6 +331,18 @@ impl Store {
         lease_timeout: Duration,
     ) -> Result<bool, StoreError> {
         let sql = "UPDATE messages SET lease_expires = $1 WHERE id = $2 AND lease_relay = $3";
+        self.extend_lease(sql, id, now, lease_timeout).await
+    }
+
+    /// Runs `sql`, an update of this relay's lease on `id` to `now +
+    /// lease_timeout` (parameters: expiry, id, relay); whether it applied.
+    async fn extend_lease(
+        &self,
+        sql: &'static str,
+        id: &str,
+        now: SystemTime,
+        lease_timeout: Duration,
+    ) -> Result<bool, StoreError> {
         let expires = ms(now).saturating_add(ms_of(lease_timeout));
         let done = on_pool!(&self.pool, |p, _begin| sqlx::query(sql)
             .bind(expires)
@@ -395,6 +413,20 @@ impl Store {
         Ok(done == 1)
     }
 
+    /// Ends every lease held by another relay, for a relay that knows it is
+    /// the only one on this store (the embedded store, whose directory it
+    /// has locked): those relays are gone, so their messages need not wait
+    /// for the leases to expire. Returns how many leases ended.
+    pub async fn end_others_leases(&self) -> Result<u64, StoreError> {
+        let sql = "UPDATE messages SET lease_relay = NULL, lease_expires = NULL
+                   WHERE lease_relay IS NOT NULL AND lease_relay <> $1";
+        Ok(on_pool!(&self.pool, |p, _begin| sqlx::query(sql)
+            .bind(&*self.relay)
+            .execute(p)
+            .await?
+            .rows_affected()))
+    }
+
     /// Holds or releases a message (administrator). `false`: no such message.
     pub async fn set_held(&self, id: &str, held: bool) -> Result<bool, StoreError> {
         let sql = "UPDATE messages SET held = $1 WHERE id = $2";
@@ -407,26 +439,162 @@ impl Store {
         Ok(done == 1)
     }
 
-    /// Deletes a message, leased or not (delivered to all, or deleted by an
-    /// administrator; a relay delivering it finds its lease gone).
-    /// `false`: no such message.
+    /// Deletes a message, leased or not (an administrator's deletion; a
+    /// relay delivering it finds its lease gone). `false`: no such message.
     pub async fn delete(&self, id: &str) -> Result<bool, StoreError> {
+        self.delete_where(id, None).await
+    }
+
+    /// Deletes a message this relay holds the lease on (delivered to every
+    /// recipient). `false`: the lease was not ours any more and nothing was
+    /// deleted.
+    pub async fn remove(&self, id: &str) -> Result<bool, StoreError> {
+        self.delete_where(id, Some(&self.relay)).await
+    }
+
+    async fn delete_where(&self, id: &str, holder: Option<&str>) -> Result<bool, StoreError> {
         on_pool!(&self.pool, |p, begin| {
             let mut tx = p.begin_with(begin).await?;
-            for sql in [
-                "DELETE FROM bodies WHERE message_id = $1",
-                "DELETE FROM recipients WHERE message_id = $1",
-            ] {
-                sqlx::query(sql).bind(id).execute(&mut *tx).await?;
+            let done = sqlx::query(
+                "DELETE FROM messages WHERE id = $1 AND ($2 IS NULL OR lease_relay = $2)",
+            )
+            .bind(id)
+            .bind(holder)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if done == 1 {
+                for sql in [
+                    "DELETE FROM bodies WHERE message_id = $1",
+                    "DELETE FROM recipients WHERE message_id = $1",
+                ] {
+                    sqlx::query(sql).bind(id).execute(&mut *tx).await?;
+                }
             }
-            let done = sqlx::query("DELETE FROM messages WHERE id = $1")
-                .bind(id)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
             tx.commit().await?;
             Ok(done == 1)
         })
+    }
+
+    /// Marks this relay's leased message as handed to the upstream now:
+    /// renews the lease like [`Store::renew`], but only if the message is
+    /// still there, still ours and not held. `false`: do not send it.
+    pub async fn begin(
+        &self,
+        id: &str,
+        now: SystemTime,
+        lease_timeout: Duration,
+    ) -> Result<bool, StoreError> {
+        let sql = "UPDATE messages SET lease_expires = $1
+                   WHERE id = $2 AND lease_relay = $3 AND NOT held";
+        self.extend_lease(sql, id, now, lease_timeout).await
+    }
+
+    /// Makes a message due at `now` (an administrator's retry). A failed
+    /// message comes back as deferred, its failed recipients to be tried
+    /// again. A leased message keeps its lease (its attempt goes on).
+    /// `false`: no such message.
+    pub async fn retry(&self, id: &str, now: SystemTime) -> Result<bool, StoreError> {
+        on_pool!(&self.pool, |p, begin| {
+            let mut tx = p.begin_with(begin).await?;
+            let state: Option<String> =
+                sqlx::query_scalar("SELECT state FROM messages WHERE id = $1")
+                    .bind(id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            let Some(state) = state else {
+                return Ok(false);
+            };
+            if MessageState::parse(id, &state)? == MessageState::Failed {
+                sqlx::query(
+                    "UPDATE recipients SET state = 'deferred'
+                     WHERE message_id = $1 AND state = 'failed'",
+                )
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            }
+            sqlx::query(
+                "UPDATE messages SET next_attempt = $1,
+                     state = (CASE WHEN state = 'failed' THEN 'deferred' ELSE state END)
+                 WHERE id = $2",
+            )
+            .bind(ms(now))
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(true)
+        })
+    }
+
+    /// Fails every passthrough message whose relay no longer holds it (it
+    /// died, or gave the lease up): its client waited for the answer on a
+    /// connection that is gone and resends the message, so delivering this
+    /// copy would duplicate it. Passthrough messages are leased at insert
+    /// and never by [`Store::lease_next`]. Each open recipient gets `reply`
+    /// and `reason`. Returns how many messages failed.
+    pub async fn fail_orphans(
+        &self,
+        now: SystemTime,
+        reply: &Reply,
+        reason: &str,
+    ) -> Result<u64, StoreError> {
+        macro_rules! orphans {
+            () => {
+                "SELECT id FROM messages WHERE passthrough AND state <> 'failed'
+                     AND (lease_relay IS NULL OR lease_expires <= $1)"
+            };
+        }
+        on_pool!(&self.pool, |p, begin| {
+            let mut tx = p.begin_with(begin).await?;
+            sqlx::query(concat!(
+                "UPDATE recipients SET state = 'failed', reply_code = $2, reply_enhanced = $3,
+                     reply_text = $4, reason = $5
+                 WHERE state IN ('pending', 'deferred') AND message_id IN (",
+                orphans!(),
+                ")"
+            ))
+            .bind(ms(now))
+            .bind(i64::from(reply.code))
+            .bind(reply.enhanced.as_deref())
+            .bind(reply.text.as_str())
+            .bind(reason)
+            .execute(&mut *tx)
+            .await?;
+            let failed = sqlx::query(concat!(
+                "UPDATE messages SET state = 'failed', next_attempt = NULL, last_error = $2,
+                     lease_relay = NULL, lease_expires = NULL
+                 WHERE id IN (",
+                orphans!(),
+                ")"
+            ))
+            .bind(ms(now))
+            .bind(reply.text.as_str())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            tx.commit().await?;
+            Ok(failed)
+        })
+    }
+
+    /// How many messages are in each state, and when the oldest of each was
+    /// accepted. States without messages are left out.
+    pub async fn census(&self) -> Result<Vec<(MessageState, u64, SystemTime)>, StoreError> {
+        let sql = "SELECT state, COUNT(*), MIN(received_at) FROM messages GROUP BY state";
+        let rows: Vec<(String, i64, i64)> = on_pool!(&self.pool, |p, _begin| {
+            sqlx::query_as(sql).fetch_all(p).await?
+        });
+        rows.into_iter()
+            .map(|(state, count, oldest)| {
+                Ok((
+                    MessageState::parse("(census)", &state)?,
+                    u64::try_from(count).unwrap_or(0),
+                    time(oldest),
+                ))
+            })
+            .collect()
     }
 
     /// The body, checked against the checksum taken at insert.
@@ -784,19 +952,21 @@ impl Store {
 
 const LEASE_NEXT_SQLITE: &str = "UPDATE messages SET lease_relay = $1, lease_expires = $2
     WHERE id = (SELECT id FROM messages
-        WHERE account = $3 AND state <> 'failed' AND NOT held AND next_attempt <= $4
+        WHERE account = $3 AND state <> 'failed' AND NOT held AND NOT passthrough
+          AND next_attempt <= $4
           AND (lease_relay IS NULL OR lease_expires <= $4)
         ORDER BY next_attempt, id LIMIT 1)
     RETURNING id";
 
 const LEASE_NEXT_POSTGRES: &str = "UPDATE messages SET lease_relay = $1, lease_expires = $2
     WHERE id = (SELECT id FROM messages
-        WHERE account = $3 AND state <> 'failed' AND NOT held AND next_attempt <= $4
+        WHERE account = $3 AND state <> 'failed' AND NOT held AND NOT passthrough
+          AND next_attempt <= $4
           AND (lease_relay IS NULL OR lease_expires <= $4)
         ORDER BY next_attempt, id LIMIT 1 FOR UPDATE SKIP LOCKED)
     RETURNING id";
 
-/// Rows per multi-row `INSERT` (at most 13 parameters each, well under
+/// Rows per multi-row `INSERT` (at most 15 parameters each, well under
 /// both engines' limits on parameters per statement).
 const ROWS_PER_STATEMENT: usize = 1000;
 
@@ -813,7 +983,8 @@ macro_rules! insert_many {
         for chunk in messages.chunks(ROWS_PER_STATEMENT) {
             let mut q = sqlx::QueryBuilder::<$Db>::new(
                 "INSERT INTO messages (id, account, sender, client, received_at, state, attempts,
-                     next_attempt, last_error, passthrough, held, size, checksum) ",
+                     next_attempt, last_error, passthrough, held, size, checksum, lease_relay,
+                     lease_expires) ",
             );
             q.push_values(chunk, |mut row, m| {
                 let e = &m.envelope;
@@ -829,7 +1000,9 @@ macro_rules! insert_many {
                     .push_bind(e.passthrough)
                     .push_bind(m.held)
                     .push_bind(i64::try_from(m.body.len()).unwrap_or(i64::MAX))
-                    .push_bind(Sha256::digest(&m.body).to_vec());
+                    .push_bind(Sha256::digest(&m.body).to_vec())
+                    .push_bind(m.lease.as_ref().map(|l| l.relay.as_str()))
+                    .push_bind(m.lease.as_ref().map(|l| ms(l.expires)));
             });
             if $skip_existing {
                 q.push(" ON CONFLICT (id) DO NOTHING");
@@ -895,7 +1068,8 @@ use insert_many;
 /// commit is in flight new inserts queue up in the channel and form the
 /// next batch, so the batch size follows the load with no timer. A batch
 /// that fails is retried one insert per transaction, so that one bad
-/// message (a duplicate id) fails alone. The tasks end when every
+/// message (a duplicate id) fails alone; any other error (the database
+/// unreachable) fails the whole batch. The tasks end when every
 /// [`Store`] clone is dropped.
 async fn commit_task(
     pool: Pool,
@@ -912,7 +1086,9 @@ async fn commit_task(
                     let _ = insert.done.send(Ok(()));
                 }
             }
-            Err(_) if batch.len() > 1 => {
+            // A constraint (one bad message) fails alone; an unreachable
+            // database fails the batch at once rather than once per insert.
+            Err(sqlx::Error::Database(_)) if batch.len() > 1 => {
                 for insert in batch.drain(..) {
                     let result = insert_batch(&pool, &[&insert.message]).await;
                     if result.is_ok() {

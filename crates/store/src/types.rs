@@ -2,30 +2,42 @@
 
 use std::time::SystemTime;
 
+use serde::{Deserialize, Serialize};
+
 use crate::StoreError;
 
-/// The state of a queued message.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The state of a queued message (as `queue list --json` spells it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum MessageState {
     /// Accepted, never tried yet.
     Queued,
     /// Tried at least once; some recipients wait for a retry.
     Deferred,
-    /// Final: nothing left to try and at least one recipient failed.
+    /// Final: nothing left to try and at least one recipient failed. Kept
+    /// (and listed) until an administrator deletes or retries it.
     Failed,
 }
 
 /// The delivery state of one recipient.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum RecipientState {
     /// Not tried yet.
     Pending,
-    /// Accepted by the upstream.
+    /// Accepted by the upstream; never tried again.
     Delivered,
     /// Temporarily refused; tried again.
     Deferred,
-    /// Refused for good, or given up on.
+    /// Refused for good, or given up on after `max_age`.
     Failed,
+}
+
+impl RecipientState {
+    /// Whether a recipient in this state is still to be tried.
+    pub fn is_open(self) -> bool {
+        matches!(self, RecipientState::Pending | RecipientState::Deferred)
+    }
 }
 
 macro_rules! spelled {
@@ -153,6 +165,9 @@ pub struct NewMessage {
     pub progress: Progress,
     /// Set aside by an administrator: not delivered until released.
     pub held: bool,
+    /// Leased from the start (a passthrough message, delivered by the relay
+    /// holding its client's connection); `None` for any relay to take.
+    pub lease: Option<LeaseHolder>,
     /// The message as received.
     pub body: Vec<u8>,
 }

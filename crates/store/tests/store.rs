@@ -75,6 +75,7 @@ fn message(id: &str, account: &str, body: &[u8]) -> NewMessage {
         },
         progress: Progress::new(&recipients, at(0)),
         held: false,
+        lease: None,
         body: body.to_vec(),
     }
 }

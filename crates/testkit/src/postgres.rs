@@ -78,34 +78,78 @@ impl Postgres {
         );
         // A free port may be taken between looking and binding: try a few.
         for _ in 0..5 {
-            let port = free_port();
-            let options = format!(
-                "-c listen_addresses=127.0.0.1 -p {port} -k {}",
-                path_str(server.dir.path())
-            );
-            let log = server.dir.path().join("server.log");
-            let started = server.pg_try(
-                "pg_ctl",
-                &[
-                    "start",
-                    "-w",
-                    "-t",
-                    PG_CTL_WAIT,
-                    "-D",
-                    path_str(&data),
-                    "-l",
-                    path_str(&log),
-                    "-o",
-                    &options,
-                ],
-            );
-            if started.status.success() {
-                server.port = port;
+            if server.pg_start(free_port()).status.success() {
                 return Some(server);
             }
         }
         let log = std::fs::read_to_string(server.dir.path().join("server.log")).unwrap_or_default();
         panic!("PostgreSQL did not start:\n{log}");
+    }
+
+    /// Starts the server on `port` (remembered when it starts).
+    fn pg_start(&mut self, port: u16) -> Output {
+        let options = format!(
+            "-c listen_addresses=127.0.0.1 -p {port} -k {}",
+            path_str(self.dir.path())
+        );
+        let data = self.data();
+        let log = self.dir.path().join("server.log");
+        let started = self.pg_try(
+            "pg_ctl",
+            &[
+                "start",
+                "-w",
+                "-t",
+                PG_CTL_WAIT,
+                "-D",
+                path_str(&data),
+                "-l",
+                path_str(&log),
+                "-o",
+                &options,
+            ],
+        );
+        if started.status.success() {
+            self.port = port;
+        }
+        started
+    }
+
+    /// Stops the server at once (clients are cut off), as an outage would.
+    pub fn stop(&self) {
+        let out = self.pg_stop();
+        assert!(
+            out.status.success(),
+            "PostgreSQL did not stop: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn pg_stop(&self) -> Output {
+        let data = self.data();
+        self.pg_try(
+            "pg_ctl",
+            &[
+                "stop",
+                "-m",
+                "immediate",
+                "-w",
+                "-t",
+                PG_CTL_WAIT,
+                "-D",
+                path_str(&data),
+            ],
+        )
+    }
+
+    /// Starts the stopped server again on its port.
+    pub fn restart(&mut self) {
+        let out = self.pg_start(self.port);
+        assert!(
+            out.status.success(),
+            "PostgreSQL did not start again: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// `postgres://relay@127.0.0.1:PORT/postgres` (no password in it).
@@ -155,20 +199,7 @@ impl Postgres {
 impl Drop for Postgres {
     fn drop(&mut self) {
         if self.port != 0 {
-            let data = self.data();
-            self.pg_try(
-                "pg_ctl",
-                &[
-                    "stop",
-                    "-m",
-                    "immediate",
-                    "-w",
-                    "-t",
-                    PG_CTL_WAIT,
-                    "-D",
-                    path_str(&data),
-                ],
-            );
+            self.pg_stop();
         }
     }
 }

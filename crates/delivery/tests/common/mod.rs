@@ -134,6 +134,8 @@ impl Relay {
 
         let queue = Queue::open(QueueSettings {
             dir: config.queue.dir.clone(),
+            database: None,
+            lease_timeout: config.queue.lease_timeout,
             retry_initial: config.queue.retry_initial,
             retry_max: config.queue.retry_max,
             max_age: config.queue.max_age,
@@ -187,8 +189,11 @@ impl Relay {
     }
 
     /// What `smtp-oauth-relay queue list` would show.
-    pub fn entries(&self) -> Vec<Entry> {
-        relay_queue::list(&self.queue_dir).expect("queue list")
+    pub async fn entries(&self) -> Vec<Entry> {
+        tokio::time::timeout(LIMIT, self.queue.list())
+            .await
+            .expect("queue list timed out")
+            .expect("queue list")
     }
 
     /// The entry of `id`, once `condition` holds for it (bounded).
@@ -199,14 +204,17 @@ impl Relay {
         condition: impl Fn(&Entry) -> bool,
     ) -> Entry {
         let id = id.to_string();
-        let mut last = None;
-        let found = eventually(LIMIT, || {
-            last = self.entries().into_iter().find(|e| e.id == id);
-            last.as_ref().is_some_and(&condition)
-        })
-        .await;
-        assert!(found, "queue entry {id} never became {what}: {last:#?}");
-        last.expect("entry")
+        let deadline = tokio::time::Instant::now() + LIMIT;
+        loop {
+            let last = self.entries().await.into_iter().find(|e| e.id == id);
+            match last {
+                Some(entry) if condition(&entry) => return entry,
+                last if tokio::time::Instant::now() >= deadline => {
+                    panic!("queue entry {id} never became {what}: {last:#?}")
+                }
+                _ => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
     }
 
     /// The entry of `id` once it is deferred after a number of attempts in
@@ -222,19 +230,24 @@ impl Relay {
     /// exactly that many.
     pub async fn delivered(&self, n: usize) -> Vec<ReceivedMessage> {
         let got = self.server.wait_for_messages(n, LIMIT).await;
-        assert_eq!(got.len(), n, "queue: {:#?}", self.entries());
+        assert_eq!(got.len(), n, "queue: {:#?}", self.entries().await);
         got
     }
 
     /// Waits until every message is delivered and removed from the queue.
     pub async fn wait_until_empty(&self) {
-        let mut last = Vec::new();
-        let empty = eventually(LIMIT, || {
-            last = self.entries();
-            last.is_empty() && self.queue.depth() == 0
-        })
-        .await;
-        assert!(empty, "queue not empty: {last:#?}");
+        let deadline = tokio::time::Instant::now() + LIMIT;
+        loop {
+            let last = self.entries().await;
+            if last.is_empty() {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "queue not empty: {last:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// Stops the workers; they must end promptly.

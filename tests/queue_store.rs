@@ -1,0 +1,275 @@
+//! The queue's database against the real binary: SIGKILLs under load lose
+//! nothing accepted (embedded SQLite); a relay on PostgreSQL answers `451`,
+//! fails `/readyz` naming the database while it is down, and resumes by
+//! itself when it is back, without losing anything it answered `250` for.
+
+mod common;
+
+use common::*;
+use relay_testkit::Postgres;
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Clients sending at once during the loads.
+const CLIENTS: usize = 4;
+
+/// What the clients of a load were told.
+#[derive(Default)]
+struct Told {
+    /// Subjects answered `250`.
+    accepted: BTreeSet<String>,
+    /// Other final replies to the message (`451`), or errors.
+    refused: Vec<String>,
+}
+
+/// Starts [`CLIENTS`] clients sending numbered messages (subject
+/// `PREFIX-CLIENT-N`) to the relay on `port` in a loop until `stop` is set;
+/// each message in its own session, so a refused one does not end the
+/// client. A broken connection (the relay killed) counts as refused.
+fn load(
+    port: u16,
+    prefix: &str,
+    told: Arc<Mutex<Told>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..CLIENTS)
+        .map(|client| {
+            let told = told.clone();
+            let stop = stop.clone();
+            let prefix = prefix.to_owned();
+            tokio::spawn(async move {
+                let mut n = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    n += 1;
+                    let subject = format!("{prefix}-{client}-{n}");
+                    let sent =
+                        tokio::time::timeout(Duration::from_secs(15), try_send(port, &subject))
+                            .await;
+                    let answered = matches!(sent, Ok(Some(_)));
+                    {
+                        let mut told = told.lock().expect("lock");
+                        match sent {
+                            Ok(Some(reply)) if reply.starts_with("250") => {
+                                told.accepted.insert(subject);
+                            }
+                            Ok(Some(reply)) => told.refused.push(reply),
+                            Ok(None) => told.refused.push("connection broken".into()),
+                            Err(_) => told.refused.push("timed out".into()),
+                        }
+                    }
+                    if !answered {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+/// One message in its own session; the reply to its end of data, or
+/// `None` if the connection broke first.
+async fn try_send(port: u16, subject: &str) -> Option<String> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    let (read, mut write) = stream.into_split();
+    let mut read = BufReader::new(read);
+    async fn reply(read: &mut BufReader<tokio::net::tcp::OwnedReadHalf>) -> Option<String> {
+        loop {
+            let mut line = String::new();
+            if read.read_line(&mut line).await.ok()? == 0 {
+                return None;
+            }
+            if line.as_bytes().get(3) != Some(&b'-') {
+                return Some(line.trim_end().to_owned());
+            }
+        }
+    }
+    reply(&mut read).await?;
+    let message = String::from_utf8(message(subject)).ok()?;
+    for command in [
+        "EHLO app.test\r\n".to_owned(),
+        format!("MAIL FROM:<{MAILBOX}>\r\n"),
+        "RCPT TO:<alice@example.com>\r\n".to_owned(),
+        "DATA\r\n".to_owned(),
+    ] {
+        write.write_all(command.as_bytes()).await.ok()?;
+        let answer = reply(&mut read).await?;
+        if !(answer.starts_with('2') || answer.starts_with('3')) {
+            return Some(answer);
+        }
+    }
+    write
+        .write_all(format!("{message}.\r\n").as_bytes())
+        .await
+        .ok()?;
+    let answer = reply(&mut read).await;
+    let _ = write.write_all(b"QUIT\r\n").await;
+    answer
+}
+
+/// `config` without the pace of Microsoft 365 (30 a minute), so that what
+/// the load accepted is delivered within the test's time.
+fn unpaced(config: String) -> String {
+    config.replace(
+        "[upstream]\n",
+        "[upstream]\nmessages_per_minute = 1000000\nrecipients_per_day = 4000000000\n",
+    )
+}
+
+/// The subjects the stand-in received, each as often as it came.
+fn received(world: &World) -> Vec<String> {
+    world
+        .upstream
+        .messages()
+        .iter()
+        .filter_map(|m| {
+            String::from_utf8_lossy(&m.data)
+                .lines()
+                .find_map(|l| l.strip_prefix("Subject: ").map(str::to_owned))
+        })
+        .collect()
+}
+
+/// Waits (bounded) until every subject in `accepted` was received.
+async fn all_delivered(world: &World, relay: &Relay, accepted: &BTreeSet<String>) {
+    for _ in 0..600 {
+        let got: BTreeSet<String> = received(world).into_iter().collect();
+        if accepted.is_subset(&got) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let got: BTreeSet<String> = received(world).into_iter().collect();
+    let lost: Vec<&String> = accepted.difference(&got).collect();
+    panic!(
+        "accepted but never delivered: {lost:?}\nqueue: {:?}\nlog:\n{}",
+        relay.queue_json(),
+        relay.log()
+    );
+}
+
+#[tokio::test]
+async fn twenty_sigkills_under_load_lose_nothing_accepted() {
+    let world = World::start().await;
+    let port = free_port();
+    let config = world.write_config(&unpaced(world.config(port)));
+    let told = Arc::new(Mutex::new(Told::default()));
+    for round in 0..20 {
+        let mut relay = Relay::start(&config, port).await;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let clients = load(port, &format!("kill{round}"), told.clone(), stop.clone());
+        // let some mail in, and some out, then kill it mid-flight
+        tokio::time::sleep(Duration::from_millis(300 + 37 * round)).await;
+        relay.kill9();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for client in clients {
+            client.await.expect("client");
+        }
+    }
+    let relay = Relay::start(&config, port).await;
+    let accepted = told.lock().expect("lock").accepted.clone();
+    assert!(accepted.len() > 20, "too little load: {}", accepted.len());
+    all_delivered(&world, &relay, &accepted).await;
+    eventually(20, "an empty queue", || relay.queue_json().is_empty()).await;
+}
+
+#[tokio::test]
+async fn a_postgresql_outage_is_451_and_readyz_then_resumes_by_itself() {
+    let Some(mut pg) = Postgres::start() else {
+        return;
+    };
+    let world = World::start().await;
+    let port = free_port();
+    let admin = free_port();
+    let config = unpaced(world.config_with_admin(port, admin))
+        .replace(
+            "[queue]\n",
+            &format!(
+                "[queue]\ndatabase_url = \"{}\"\ndatabase_password_file = \"{}\"\nlease_timeout = \"6s\"\n",
+                pg.url(),
+                pg.password_file().display()
+            ),
+        );
+    assert!(config.contains("database_url"), "{config}");
+    let config = world.write_config(&config);
+    let out = cli(&["check"], &config);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let relay = Relay::start(&config, port).await;
+    let readyz = format!("http://127.0.0.1:{admin}/readyz");
+    assert_eq!(http_status(&readyz).await, Some(200));
+
+    let told = Arc::new(Mutex::new(Told::default()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients = load(port, "pg", told.clone(), stop.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    pg.stop();
+    let before = told.lock().expect("lock").refused.len();
+    // not ready, naming the database, within a few seconds
+    let mut named = String::new();
+    for _ in 0..100 {
+        let response = reqwest::get(&readyz).await.expect("readyz");
+        let status = response.status().as_u16();
+        named = response.text().await.unwrap_or_default();
+        if status == 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        named.contains("FAIL queue database: PostgreSQL 127.0.0.1:"),
+        "{named}"
+    );
+    // clients are told 451 meanwhile
+    for _ in 0..200 {
+        if told.lock().expect("lock").refused.len() > before {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    pg.restart();
+    // ready again by itself, and mail flows again
+    for _ in 0..200 {
+        if http_status(&readyz).await == Some(200) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(http_status(&readyz).await, Some(200), "{}", relay.log());
+    let accepted_before = told.lock().expect("lock").accepted.len();
+    for _ in 0..200 {
+        if told.lock().expect("lock").accepted.len() > accepted_before + CLIENTS {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for client in clients {
+        client.await.expect("client");
+    }
+    let told = std::mem::take(&mut *told.lock().expect("lock"));
+    assert!(
+        told.refused.iter().any(|r| r.starts_with("451 4.3.0")),
+        "no 451 during the outage: {:?}",
+        told.refused
+    );
+    assert!(
+        told.refused
+            .iter()
+            .all(|r| r.starts_with("451") || r.starts_with("421")),
+        "{:?}",
+        told.refused
+    );
+    assert!(
+        told.accepted.len() > accepted_before,
+        "no mail after the outage"
+    );
+    all_delivered(&world, &relay, &told.accepted).await;
+    eventually(20, "an empty queue", || relay.queue_json().is_empty()).await;
+}
