@@ -29,9 +29,11 @@ pub enum Secrets {
     /// `doctor`, `authorize`).
     Read,
     /// Leave credential paths as written and never open them: for verbs
-    /// that only read the queue or ask the running relay, so an admin
+    /// that only work on the queue or ask the running relay, so an admin
     /// without access to the secret (or outside systemd, with no
-    /// `CREDENTIALS_DIRECTORY`) can run them.
+    /// `CREDENTIALS_DIRECTORY`) can run them. The one exception is
+    /// `queue.database_password_file`, whose path is expanded (not
+    /// checked): a shared queue cannot be reached without it.
     Skip,
 }
 
@@ -127,9 +129,7 @@ fn load(
     };
     default_graph_scopes(&mut config);
     let mut problems = Vec::new();
-    if secrets == Secrets::Read {
-        expand_credential_paths(&mut config, &mut problems);
-    }
+    expand_credential_paths(&mut config, secrets, &mut problems);
     problems.extend(crate::validate::problems(&config, secrets));
     if problems.is_empty() {
         Ok(config)
@@ -202,14 +202,20 @@ fn describe(section: &str, e: serde_path_to_error::Error<config::ConfigError>) -
 }
 
 /// Expands `${NAME}` in every credential file's path (kept as written by
-/// the schema until the secrets are read).
-fn expand_credential_paths(config: &mut Config, problems: &mut Vec<String>) {
+/// the schema until the secrets are read). With [`Secrets::Skip`] only in
+/// the database password's: the queue verbs need it to reach a shared
+/// queue, and nothing else.
+fn expand_credential_paths(config: &mut Config, secrets: Secrets, problems: &mut Vec<String>) {
+    let mut paths = vec![(
+        "queue.database_password_file".to_owned(),
+        &mut config.queue.database_password_file,
+    )];
+    if secrets == Secrets::Skip {
+        expand_paths(paths, problems);
+        return;
+    }
     let listener = &mut config.listener;
-    let mut paths = vec![
-        (
-            "queue.database_password_file".to_owned(),
-            &mut config.queue.database_password_file,
-        ),
+    paths.extend([
         (
             "listener.tls_certificate".to_owned(),
             &mut listener.tls_certificate,
@@ -218,7 +224,7 @@ fn expand_credential_paths(config: &mut Config, problems: &mut Vec<String>) {
             "listener.tls_private_key".to_owned(),
             &mut listener.tls_private_key,
         ),
-    ];
+    ]);
     for (i, account) in config.accounts.iter_mut().enumerate() {
         let o = &mut account.oauth;
         let at = format!("accounts[{i}].oauth");
@@ -245,6 +251,10 @@ fn expand_credential_paths(config: &mut Config, problems: &mut Vec<String>) {
             ),
         ]);
     }
+    expand_paths(paths, problems);
+}
+
+fn expand_paths(paths: Vec<(String, &mut Option<PathBuf>)>, problems: &mut Vec<String>) {
     for (key, path) in paths {
         let Some(written) = path.as_ref() else {
             continue;
