@@ -1,7 +1,9 @@
 //! The queue's database against the real binary: SIGKILLs under load lose
 //! nothing accepted (embedded SQLite); a relay on PostgreSQL answers `451`,
 //! fails `/readyz` naming the database while it is down, and resumes by
-//! itself when it is back, without losing anything it answered `250` for.
+//! itself when it is back, without losing anything it answered `250` for;
+//! mail accepted by a relay that dies is delivered by another on the same
+//! database.
 
 mod common;
 
@@ -272,4 +274,72 @@ async fn a_postgresql_outage_is_451_and_readyz_then_resumes_by_itself() {
     );
     all_delivered(&world, &relay, &told.accepted).await;
     eventually(20, "an empty queue", || relay.queue_json().is_empty()).await;
+}
+
+/// `config` on the shared database of `pg`, with leases of `lease_timeout`.
+fn shared(config: String, pg: &Postgres, lease_timeout: &str) -> String {
+    config.replace(
+        "[queue]\n",
+        &format!(
+            "[queue]\ndatabase_url = \"{}\"\ndatabase_password_file = \"{}\"\nlease_timeout = \"{lease_timeout}\"\n",
+            pg.url(),
+            pg.password_file().display()
+        ),
+    )
+}
+
+#[tokio::test]
+async fn mail_accepted_by_a_relay_that_dies_is_delivered_by_another() {
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let world = World::start().await;
+    let (port_a, port_b) = (free_port(), free_port());
+    let config_a = world.write_config(&shared(unpaced(world.config(port_a)), &pg, "3s"));
+    // the second relay: its own directory (spool, log), the same database
+    let b = world.dir.path().join("b");
+    std::fs::create_dir(&b).expect("mkdir");
+    let text_b = shared(unpaced(world.config(port_b)), &pg, "3s").replace(
+        &format!("{}", world.dir.path().join("queue").display()),
+        &format!("{}", b.join("queue").display()),
+    );
+    let config_b = b.join("relay.toml");
+    std::fs::write(&config_b, text_b).expect("config b");
+
+    // A accepts while the upstream is down, then dies
+    world.upstream.stop().await;
+    let mut relay_a = Relay::start(&config_a, port_a).await;
+    let relay_b = Relay::start(&config_b, port_b).await;
+    let mut accepted = BTreeSet::new();
+    for n in 0..10 {
+        let subject = format!("via-a-{n}");
+        assert_eq!(
+            try_send(port_a, &subject).await.as_deref().map(|r| &r[..3]),
+            Some("250")
+        );
+        accepted.insert(subject);
+    }
+    for n in 0..5 {
+        let subject = format!("via-b-{n}");
+        assert_eq!(
+            try_send(port_b, &subject).await.as_deref().map(|r| &r[..3]),
+            Some("250")
+        );
+        accepted.insert(subject);
+    }
+    // both see one queue, from either relay's host
+    assert_eq!(relay_a.queue_json().len(), 15);
+    assert_eq!(relay_b.queue_json().len(), 15);
+    relay_a.kill9();
+
+    // B delivers everything, A's mail included, each message once
+    world.upstream.restart().await.expect("upstream back");
+    all_delivered(&world, &relay_b, &accepted).await;
+    eventually(20, "an empty queue", || relay_b.queue_json().is_empty()).await;
+    let got = received(&world);
+    assert_eq!(
+        got.len(),
+        accepted.len(),
+        "a message went out twice: {got:?}"
+    );
 }

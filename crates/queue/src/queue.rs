@@ -899,16 +899,13 @@ impl Queue {
         let written = tokio::spawn(async move {
             let written = inner.write(&id, plan, &progress).await;
             match &written {
-                Ok(true) => {
+                Ok(applied) => {
                     if let Some(renewal) = renewal {
                         renewal.abort();
                     }
-                }
-                Ok(false) => {
-                    if let Some(renewal) = renewal {
-                        renewal.abort();
+                    if !applied {
+                        tracing::warn!(queue_id = %id, "the lease on this message is gone (taken over or deleted); its outcome is not recorded");
                     }
-                    tracing::warn!(queue_id = %id, "the lease on this message is gone (taken over or deleted); its outcome is not recorded");
                 }
                 Err(e) => {
                     tracing::error!(queue_id = %id, error = %e, "cannot record a delivery outcome; trying again with the lease kept");
