@@ -3,7 +3,8 @@
 //! fails `/readyz` naming the database while it is down, and resumes by
 //! itself when it is back, without losing anything it answered `250` for;
 //! mail accepted by a relay that dies is delivered by another on the same
-//! database.
+//! database; two relays sending at once keep to the mailbox's three
+//! upstream connections together.
 
 mod common;
 
@@ -288,23 +289,70 @@ fn shared(config: String, pg: &Postgres, lease_timeout: &str) -> String {
     )
 }
 
+/// Configurations for two relays on `pg`'s database, each with its own
+/// directory (spool, log) and SMTP port, the same upstream and mailbox.
+fn two_relays(
+    world: &World,
+    pg: &Postgres,
+    edit: impl Fn(String) -> String,
+) -> ((std::path::PathBuf, u16), (std::path::PathBuf, u16)) {
+    let (port_a, port_b) = (free_port(), free_port());
+    let config_a = world.write_config(&edit(shared(unpaced(world.config(port_a)), pg, "3s")));
+    let b = world.dir.path().join("b");
+    std::fs::create_dir(&b).expect("mkdir");
+    let text_b = edit(shared(unpaced(world.config(port_b)), pg, "3s")).replace(
+        &format!("{}", world.dir.path().join("queue").display()),
+        &format!("{}", b.join("queue").display()),
+    );
+    let config_b = b.join("relay.toml");
+    std::fs::write(&config_b, text_b).expect("config b");
+    ((config_a, port_a), (config_b, port_b))
+}
+
+#[tokio::test]
+async fn two_relays_keep_to_three_upstream_connections_together() {
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let world = World::start().await;
+    // idle sessions give their slot back soon, so both relays get turns
+    let ((config_a, port_a), (config_b, port_b)) = two_relays(&world, &pg, |c| {
+        c.replace("[upstream]\n", "[upstream]\nidle_timeout = \"1s\"\n")
+    });
+    let relay_a = Relay::start(&config_a, port_a).await;
+    let relay_b = Relay::start(&config_b, port_b).await;
+    let told = Arc::new(Mutex::new(Told::default()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut clients = load(port_a, "a", told.clone(), stop.clone());
+    clients.extend(load(port_b, "b", told.clone(), stop.clone()));
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for client in clients {
+        client.await.expect("client");
+    }
+    let told = std::mem::take(&mut *told.lock().expect("lock"));
+    assert!(told.refused.is_empty(), "refused: {:?}", told.refused);
+    assert!(told.accepted.len() >= 8, "accepted {:?}", told.accepted);
+    all_delivered(&world, &relay_b, &told.accepted).await;
+    eventually(20, "an empty queue", || relay_a.queue_json().is_empty()).await;
+    let got = received(&world);
+    assert_eq!(got.len(), told.accepted.len(), "a message went out twice");
+    assert!(
+        world.upstream.max_concurrent() <= 3,
+        "{} upstream connections at once\nA:\n{}\nB:\n{}",
+        world.upstream.max_concurrent(),
+        relay_a.log(),
+        relay_b.log()
+    );
+}
+
 #[tokio::test]
 async fn mail_accepted_by_a_relay_that_dies_is_delivered_by_another() {
     let Some(pg) = Postgres::start() else {
         return;
     };
     let world = World::start().await;
-    let (port_a, port_b) = (free_port(), free_port());
-    let config_a = world.write_config(&shared(unpaced(world.config(port_a)), &pg, "3s"));
-    // the second relay: its own directory (spool, log), the same database
-    let b = world.dir.path().join("b");
-    std::fs::create_dir(&b).expect("mkdir");
-    let text_b = shared(unpaced(world.config(port_b)), &pg, "3s").replace(
-        &format!("{}", world.dir.path().join("queue").display()),
-        &format!("{}", b.join("queue").display()),
-    );
-    let config_b = b.join("relay.toml");
-    std::fs::write(&config_b, text_b).expect("config b");
+    let ((config_a, port_a), (config_b, port_b)) = two_relays(&world, &pg, |c| c);
 
     // A accepts while the upstream is down, then dies
     world.upstream.stop().await;

@@ -5,7 +5,7 @@
 
 use relay_config::{AccountConfig, Config, Transport};
 use relay_delivery::{Step, Upstream};
-use relay_tokens::{describe_token, AccessToken, TokenManager, TokenReport, TokenSource};
+use relay_tokens::{describe_token, AccessToken, TokenReport, TokenSource};
 use std::{path::Path, time::Instant};
 
 #[derive(clap::Args)]
@@ -177,7 +177,7 @@ async fn fetch_token(
         source.flow().name(),
         source.token_url()
     );
-    let tokens = TokenManager::new(&account.name, source)?;
+    let tokens = crate::relay::token_manager(config, account, source).await?;
     match tokens.token().await {
         Ok(token) => {
             report.check(

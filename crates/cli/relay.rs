@@ -25,6 +25,7 @@ use relay_delivery::{transport::graph::Graph, Account, Upstream};
 use relay_graph::GraphClient;
 use relay_listener::{Context, Router};
 use relay_queue::{Queue, QueueSettings};
+use relay_store::Store;
 use relay_tokens::{TokenManager, TokenSource};
 use std::{path::Path, sync::Arc, time::Duration};
 use tokio::task::JoinSet;
@@ -128,7 +129,7 @@ impl Running {
             .await
             .with_context(|| format!("queue directory {}", config.queue.dir.display()))?;
         let shutdown = CancellationToken::new();
-        let tokens = account_tokens(&config, &[])?;
+        let tokens = account_tokens(&config, &[], queue.shared_store())?;
         let mut tasks = Tasks::default();
         for entry in &tokens {
             entry.start_refresher(&mut tasks);
@@ -230,7 +231,7 @@ impl Running {
         new.queue = old.queue.clone();
         new.admin = old.admin.clone();
         new.log = old.log.clone();
-        let tokens = account_tokens(&new, &self.tokens)?;
+        let tokens = account_tokens(&new, &self.tokens, self.queue.shared_store())?;
         let delivery_changed = new.upstream != old.upstream
             || new.graph != old.graph
             || new.accounts != old.accounts
@@ -369,11 +370,13 @@ impl AccountTokens {
     }
 }
 
-/// Token managers for `config`'s accounts; an account whose settings did
-/// not change keeps its manager (and its token) from `current`.
+/// Token managers for `config`'s accounts, sharing refresh tokens through
+/// `shared` (if any); an account whose settings did not change keeps its
+/// manager (and its token) from `current`.
 fn account_tokens(
     config: &Config,
     current: &[AccountTokens],
+    shared: Option<&Store>,
 ) -> anyhow::Result<Vec<AccountTokens>> {
     let mut out = Vec::with_capacity(config.accounts.len());
     for (i, account) in config.accounts.iter().enumerate() {
@@ -394,7 +397,7 @@ fn account_tokens(
             .with_context(|| format!("accounts[{i}]"))?;
         out.push(AccountTokens {
             account: account.clone(),
-            manager: TokenManager::new(&account.name, source)?,
+            manager: TokenManager::shared(&account.name, source, shared.cloned())?,
             stop: CancellationToken::new(),
         });
     }
@@ -428,6 +431,22 @@ fn ways_out(config: &Config, previous: Option<&GraphClient>) -> anyhow::Result<W
     Ok(WaysOut { smtp, graph })
 }
 
+/// A token manager for `account` outside the running relay (`doctor`,
+/// `token`): with a shared queue it redeems the refresh token under the
+/// other relays' lock, so it never spends a token they rely on.
+pub async fn token_manager(
+    config: &Config,
+    account: &AccountConfig,
+    source: TokenSource,
+) -> anyhow::Result<TokenManager> {
+    let queue = match config.queue.database_url {
+        Some(_) => Some(Queue::open_admin(queue_settings(&config.queue)?).await?),
+        None => None,
+    };
+    let shared = queue.as_ref().and_then(|q| q.shared_store()).cloned();
+    Ok(TokenManager::shared(&account.name, source, shared)?)
+}
+
 /// The Graph client `[graph]` describes.
 pub fn graph_client(graph: &relay_config::GraphConfig) -> anyhow::Result<GraphClient> {
     GraphClient::new(graph_settings(graph)?).context("building the Graph HTTP client")
@@ -451,7 +470,10 @@ fn start_delivery(
 ) -> Delivery {
     let (mut smtp, mut graph) = (Vec::new(), Vec::new());
     for t in tokens {
-        let account = Account::from_config(&t.account, config, t.manager.clone());
+        let account = Account {
+            shared: queue.shared_store().cloned(),
+            ..Account::from_config(&t.account, config, t.manager.clone())
+        };
         match t.account.transport {
             Transport::Smtp => smtp.push(account),
             Transport::Graph => graph.push(account),

@@ -4,7 +4,7 @@
 //! only with `--print`, alone on stdout, for piping into other tools.
 
 use anyhow::Context;
-use relay_tokens::{describe_token, TokenManager, TokenSource};
+use relay_tokens::{describe_token, TokenSource};
 use std::{io::Write, path::Path, time::Duration};
 
 #[derive(clap::Args)]
@@ -23,7 +23,7 @@ pub async fn token(path: &Path, args: TokenArgs) -> anyhow::Result<()> {
     let source = TokenSource::for_account(account, &config.queue.dir)
         .with_context(|| format!("account {:?}", account.name))?;
     let flow = source.flow();
-    let tokens = TokenManager::new(&account.name, source.clone())?;
+    let tokens = crate::relay::token_manager(&config, account, source.clone()).await?;
     let token = tokens
         .token()
         .await

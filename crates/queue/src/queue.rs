@@ -1019,6 +1019,18 @@ impl Queue {
         &self.inner.store
     }
 
+    /// The store other relays share, when the queue is on PostgreSQL:
+    /// delivery and the token managers take the mailbox's pace, connection
+    /// slots and refresh token from it. `None` on the embedded store, which
+    /// one relay has to itself.
+    pub fn shared_store(&self) -> Option<&Store> {
+        self.inner
+            .settings
+            .database
+            .as_ref()
+            .map(|_| &self.inner.store)
+    }
+
     /// Wakes the account's waiting workers (after an administrator's retry).
     pub(crate) fn wake(&self, account: &str) {
         lock(&self.inner.local).waker(account).notify_waiters();
