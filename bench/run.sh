@@ -6,8 +6,9 @@
 #
 # Builds the relay and the bench tool (release), starts Postfix on
 # 127.0.0.1:2526 (bench/postfix.sh), installs email-oauth2-proxy in a venv
-# (bench/emailproxy.sh), runs `bench` against the relay and the peers, then
-# (full run only) the criterion micro-benchmarks, and stops Postfix.
+# (bench/emailproxy.sh), installs PostgreSQL if missing, runs `bench`
+# against the relay and the peers, then (full run only) the criterion
+# micro-benchmarks, and stops Postfix.
 # Everything listens on 127.0.0.1. Needs root (apt-get, Postfix).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +18,8 @@ cargo build --release --locked --bin smtp-oauth-relay --bin bench
 bash bench/postfix.sh start
 trap 'bash bench/postfix.sh stop >/dev/null 2>&1 || true' EXIT
 EMAILPROXY=$(bash bench/emailproxy.sh install)
+# The postgres phase starts servers of its own from the distribution's binaries.
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q postgresql; }
 
 echo "uptime before: $(uptime)" >&2
 target/release/bench "$@" \

@@ -9,7 +9,8 @@
 //! `bench/postfix.sh`) for the accept workload, email-oauth2-proxy
 //! (`--emailproxy PATH`, installed by `bench/emailproxy.sh`) for the
 //! end-to-end workload, `smtp-source` (`--smtp-source PATH`) as a second
-//! load generator. Everything listens on 127.0.0.1; every loop is bounded by
+//! load generator. The postgres phase starts PostgreSQL servers of its own
+//! (the test kit's) for the relay's shared queue. Everything listens on 127.0.0.1; every loop is bounded by
 //! a count and a time. Figures are printed (Markdown), never asserted.
 //!
 //! `bench --quick` is CI-sized (seconds); `bench` is the full run recorded
@@ -33,6 +34,11 @@ const RECIPIENT: &str = "someone@example.com";
 /// Raised pace for the end-to-end and memory runs (the default, 30 a
 /// minute, is Microsoft 365's limit and would measure the pacer).
 const RAW_PACE: u32 = 1_000_000_000;
+/// `upstream.max_connections` when relays share a queue on PostgreSQL: it
+/// holds for the mailbox across all of them, so the one-relay and
+/// two-relay runs both get twice Microsoft 365's 3, to let a second relay
+/// add connections of its own.
+const SHARED_UPSTREAM_CONNECTIONS: usize = 6;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -50,10 +56,10 @@ struct Args {
     /// use) [default: the system's temporary directory].
     #[arg(long)]
     dir: Option<PathBuf>,
-    /// Phases to run, comma-separated: fsync,accept,e2e,memory,tokens.
+    /// Phases to run, comma-separated: fsync,accept,e2e,memory,tokens,postgres.
     #[arg(
         long,
-        default_value = "fsync,accept,e2e,memory,tokens",
+        default_value = "fsync,accept,e2e,memory,tokens,postgres",
         value_delimiter = ','
     )]
     only: Vec<String>,
@@ -79,9 +85,13 @@ struct Args {
     /// Seconds per accept run [default: 10, quick 0.5].
     #[arg(long)]
     seconds: Option<f64>,
-    /// Clients for the end-to-end runs.
+    /// Clients for the end-to-end runs (and the postgres phase's delivery
+    /// runs).
     #[arg(long, default_value_t = 32)]
     e2e_clients: usize,
+    /// Clients for the postgres phase's 4 KB accept run.
+    #[arg(long, default_value_t = 32)]
+    postgres_clients: usize,
     /// Messages in each end-to-end run [default: 10016, quick 160].
     #[arg(long)]
     e2e_messages: Option<usize>,
@@ -126,6 +136,11 @@ struct Summary {
     memory: Option<(u64, u64, u64, usize)>,
     /// Clients, RSS with each mid-way through a 10 MB message, peak.
     concurrent_large: Option<(usize, u64, u64)>,
+    /// The queue on PostgreSQL, 4 KB accept: the relay, and Postfix run
+    /// beside it.
+    postgres_accept: Option<(LoadResult, Option<LoadResult>)>,
+    /// The queue on PostgreSQL, end to end: one relay's msg/s, two relays'.
+    shared_delivery: Option<(f64, f64)>,
 }
 
 impl Summary {
@@ -199,6 +214,9 @@ async fn main() -> anyhow::Result<()> {
     if let Some(t) = tokens.filter(|_| has("tokens")) {
         bench.tokens_report(&t);
     }
+    if has("postgres") {
+        bench.postgres_phase().await?;
+    }
     bench.targets();
     println!("\nload average at the end: {}", procs::loadavg());
     bench.idp.stop().await;
@@ -225,6 +243,20 @@ fn progress(text: &str) {
 impl Bench {
     fn quick(&self) -> bool {
         self.args.quick
+    }
+
+    /// Seconds per accept run.
+    fn accept_seconds(&self) -> f64 {
+        self.args
+            .seconds
+            .unwrap_or(if self.quick() { 0.5 } else { 10.0 })
+    }
+
+    /// Messages per end-to-end run.
+    fn e2e_messages(&self) -> usize {
+        self.args
+            .e2e_messages
+            .unwrap_or(if self.quick() { 160 } else { 10_016 })
     }
 
     fn header(&self) {
@@ -338,16 +370,28 @@ impl Bench {
         messages_per_minute: Option<u32>,
         graph: Option<SocketAddr>,
     ) -> anyhow::Result<Relay> {
-        Relay::start(
-            &self.bin,
-            self.work.path(),
-            &self.idp,
+        self.start_relay_options(
             upstream,
             RelayOptions {
                 messages_per_minute,
                 max_connections: 3,
                 graph,
+                database: None,
             },
+        )
+    }
+
+    fn start_relay_options(
+        &self,
+        upstream: &SubmissionServer,
+        options: RelayOptions<'_>,
+    ) -> anyhow::Result<Relay> {
+        Relay::start(
+            &self.bin,
+            self.work.path(),
+            &self.idp,
+            upstream,
+            options,
             &self.args.log_level,
         )
     }
@@ -402,10 +446,7 @@ impl Bench {
     }
 
     async fn accept_phase(&mut self) -> anyhow::Result<()> {
-        let seconds = self
-            .args
-            .seconds
-            .unwrap_or(if self.quick() { 0.5 } else { 10.0 });
+        let seconds = self.accept_seconds();
         let duration = Duration::from_secs_f64(seconds);
         let upstream = self.upstream().await?;
         println!("\n## 1. Accept throughput and latency (queue mode, fsync on)\n");
@@ -528,10 +569,7 @@ impl Bench {
     }
 
     async fn e2e_phase(&mut self, print: bool) -> anyhow::Result<TokenFigures> {
-        let total = self
-            .args
-            .e2e_messages
-            .unwrap_or(if self.quick() { 160 } else { 10_016 });
+        let total = self.e2e_messages();
         let clients = self.args.e2e_clients;
         let per_client = total.div_ceil(clients);
         let load = Load {
@@ -1117,6 +1155,163 @@ impl Bench {
         Ok((clients, mid_way, peak.max(mid_way), accepted))
     }
 
+    /// The queue on PostgreSQL (a server of its own on this machine, a new
+    /// one per run): the 4 KB accept workload beside Postfix, then end to
+    /// end through one relay and through two relays sharing the database.
+    async fn postgres_phase(&mut self) -> anyhow::Result<()> {
+        let seconds = self.accept_seconds();
+        let clients = self.args.postgres_clients;
+        let load = Load {
+            clients,
+            per_client: 1_000_000,
+            duration: Duration::from_secs_f64(seconds),
+            connect_at_once: None,
+        };
+        let wire = Arc::new(smtp::message(4096, MAILBOX, RECIPIENT));
+        progress(&format!("postgres: accept, relay 4 KB × {clients} clients"));
+        let database = procs::start_postgres().await?;
+        let upstream = self.upstream().await?;
+        settle().await;
+        let before = procs::loadavg();
+        let relay = self.start_relay_options(
+            &upstream,
+            RelayOptions {
+                messages_per_minute: None,
+                max_connections: 3,
+                graph: None,
+                database: Some(&database),
+            },
+        )?;
+        let relay_result = accept_run(relay.addr, load, &wire).await;
+        relay.stop();
+        upstream.stop().await;
+        drop(database);
+        println!(
+            "\n## 6. The queue on PostgreSQL (`[queue] database_url`, a server on this machine)\n"
+        );
+        println!(
+            "A PostgreSQL server of its own for each run, started the way the tests start theirs (the distribution's `initdb` and `pg_ctl` in a temporary directory, on 127.0.0.1 and a free port; fsync and `synchronous_commit` on, the defaults), so each run starts on an empty database. First the accept workload of section 1: 4 KB, {clients} clients, {seconds} s, default pace; Postfix gets the same right after.\n"
+        );
+        println!("| size | clients | peer | msg/s | p50 ms | p99 ms | messages | errors | load |");
+        println!("|---|---:|---|---:|---:|---:|---:|---:|---|");
+        accept_row("4 KB", clients, "relay, PostgreSQL", &relay_result, &before);
+        let mut postfix_result = None;
+        if let Some(addr) = self.args.postfix {
+            progress(&format!(
+                "postgres: accept, postfix 4 KB × {clients} clients"
+            ));
+            settle().await;
+            let before = procs::loadavg();
+            let r = accept_run(addr, load, &wire).await;
+            self.clean_postfix();
+            accept_row("4 KB", clients, "postfix", &r, &before);
+            postfix_result = Some(r);
+        }
+        self.summary.postgres_accept = Some((relay_result, postfix_result));
+
+        let clients = self.args.e2e_clients;
+        let per_client = self.e2e_messages().div_ceil(clients);
+        let one = self.shared_run(1, clients, per_client, &wire).await?;
+        let two = self.shared_run(2, clients, per_client, &wire).await?;
+        println!(
+            "\nThen end to end as in section 2 (first byte → the stand-in's `250` for the last message; {clients} clients × {per_client} messages of 4 KB, not warmed up), through one relay, then through two relays on one database with the clients split between them. Pace raised as in section 2; `upstream.max_connections = {SHARED_UPSTREAM_CONNECTIONS}` in both runs (a limit for the mailbox across all relays on the database; the stand-in itself limits nothing), so that the connections do not cap the second relay.\n"
+        );
+        println!("| relays | upstream connections (max seen) | delivered | seconds | msg/s | errors | load |");
+        println!("|---:|---:|---:|---:|---:|---:|---|");
+        for (relays, run) in [(1, &one), (2, &two)] {
+            println!(
+                "| {relays} | {} | {} | {:.2} | {:.0} | {} | {} |",
+                run.max_connections,
+                run.delivered,
+                run.elapsed.as_secs_f64(),
+                run.rate(),
+                run.failed,
+                run.before
+            );
+        }
+        println!(
+            "\ntwo relays / one relay = **{:.2}×**",
+            two.rate() / one.rate().max(1e-9)
+        );
+        for (relays, run) in [(1, &one), (2, &two)] {
+            if let Some(e) = &run.first_error {
+                println!("\nfirst error ({relays} relays): {e}");
+            }
+        }
+        self.summary.shared_delivery = Some((one.rate(), two.rate()));
+        Ok(())
+    }
+
+    /// `relays` relays on one new PostgreSQL database, `clients` clients
+    /// split between them, each sending `per_client` messages: first byte
+    /// to the stand-in's `250` for the last one.
+    async fn shared_run(
+        &self,
+        relays: usize,
+        clients: usize,
+        per_client: usize,
+        wire: &Arc<Vec<u8>>,
+    ) -> anyhow::Result<SharedRun> {
+        progress(&format!(
+            "postgres: end to end, {relays} relay(s) on one database, {clients} clients × {per_client}"
+        ));
+        let database = procs::start_postgres().await?;
+        let upstream = self.upstream().await?;
+        let options = RelayOptions {
+            messages_per_minute: Some(RAW_PACE),
+            max_connections: SHARED_UPSTREAM_CONNECTIONS,
+            graph: None,
+            database: Some(&database),
+        };
+        let started = (0..relays)
+            .map(|_| self.start_relay_options(&upstream, options))
+            .collect::<anyhow::Result<Vec<Relay>>>()?;
+        settle().await;
+        let before = procs::loadavg();
+        let duration = Duration::from_secs(if self.quick() { 60 } else { 600 });
+        let start = Instant::now();
+        let mut sending = tokio::task::JoinSet::new();
+        for (i, relay) in started.iter().enumerate() {
+            let load = Load {
+                clients: clients / relays + usize::from(i < clients % relays),
+                per_client,
+                duration,
+                connect_at_once: None,
+            };
+            let (addr, wire) = (relay.addr, wire.clone());
+            sending.spawn(async move {
+                let login = Login::Plain;
+                smtp::run(addr, &login, load, wire, MAILBOX, RECIPIENT, true).await
+            });
+        }
+        let (mut sent, mut failed, mut first_error) = (0, 0, None);
+        while let Some(done) = sending.join_next().await {
+            let r = done?;
+            sent += r.messages;
+            failed += r.failed;
+            first_error = first_error.or(r.first_error);
+        }
+        let delivered = upstream
+            .wait_for_messages(sent, duration + Duration::from_secs(60))
+            .await
+            .len();
+        let elapsed = start.elapsed();
+        let max_connections = upstream.max_concurrent();
+        for relay in started {
+            relay.stop();
+        }
+        upstream.stop().await;
+        drop(database);
+        Ok(SharedRun {
+            delivered,
+            failed,
+            elapsed,
+            max_connections,
+            before,
+            first_error,
+        })
+    }
+
     /// The targets against what this run measured.
     fn targets(&self) {
         let s = &self.summary;
@@ -1203,7 +1398,7 @@ impl Bench {
             );
         }
         // The queue in a SQL store: the embedded one (the accept and e2e
-        // phases).
+        // phases), and PostgreSQL.
         if let (Some(r), Some(p)) = (find(4096, 32, "relay"), find(4096, 32, "postfix")) {
             println!(
                 "| SQL store: embedded, accept 4 KB, 32 clients ≥ 10,000 msg/s and ≥ 4× Postfix | {:.0} msg/s, {:.2}× Postfix ({:.0} msg/s) | {} |",
@@ -1233,6 +1428,23 @@ impl Bench {
                 "| SQL store: ≥ 3× email-oauth2-proxy end-to-end at {} clients | {ratio:.2}× | {} |",
                 self.args.e2e_clients,
                 verdict(ratio >= 3.0)
+            );
+        }
+        if let Some((r, Some(p))) = &s.postgres_accept {
+            println!(
+                "| SQL store: PostgreSQL, accept 4 KB, {} clients: ahead of Postfix | relay {:.0} vs Postfix {:.0} msg/s ({:.2}×) | {} |",
+                self.args.postgres_clients,
+                r.rate(),
+                p.rate(),
+                r.rate() / p.rate().max(1e-9),
+                verdict(r.rate() > p.rate())
+            );
+        }
+        if let Some((one, two)) = s.shared_delivery {
+            let ratio = two / one.max(1e-9);
+            println!(
+                "| SQL store: two relays on one PostgreSQL deliver ≥ 1.6× one | {two:.0} vs {one:.0} msg/s ({ratio:.2}×) | {} |",
+                verdict(ratio >= 1.6)
             );
         }
     }
@@ -1328,6 +1540,22 @@ async fn settle() {
     });
     let _ = sync.await;
     tokio::time::sleep(Duration::from_millis(500)).await;
+}
+
+/// An end-to-end run through relays sharing one PostgreSQL database.
+struct SharedRun {
+    delivered: usize,
+    failed: usize,
+    elapsed: Duration,
+    max_connections: usize,
+    before: String,
+    first_error: Option<String>,
+}
+
+impl SharedRun {
+    fn rate(&self) -> f64 {
+        self.delivered as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
 }
 
 /// The relay's end-to-end run through the stand-in Graph.

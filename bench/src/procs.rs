@@ -3,6 +3,7 @@
 
 use anyhow::{bail, Context as _};
 use relay_standin::{IdentityPlatform, RelayConfig, Section, SubmissionServer};
+use relay_testkit::Postgres;
 use std::{
     fs::{self, File},
     io::Write as _,
@@ -70,14 +71,18 @@ pub fn reset_peak(pid: u32) {
 }
 
 /// How the relay under test is configured.
-#[derive(Debug, Clone, Copy)]
-pub struct RelayOptions {
+#[derive(Clone, Copy)]
+pub struct RelayOptions<'a> {
     /// `upstream.messages_per_minute`; `None` keeps the default (30).
     pub messages_per_minute: Option<u32>,
     pub max_connections: usize,
     /// Deliver through Microsoft Graph at this (stand-in) address instead
     /// of SMTP: `transport = "graph"`.
     pub graph: Option<SocketAddr>,
+    /// Keep the queue in this PostgreSQL server (`queue.database_url` and
+    /// `database_password_file`) instead of the embedded store in
+    /// `queue.dir`.
+    pub database: Option<&'a Postgres>,
 }
 
 /// A relay started as a child process: `smtp-oauth-relay run --config …`.
@@ -94,7 +99,7 @@ impl Relay {
         work: &Path,
         idp: &IdentityPlatform,
         upstream: &SubmissionServer,
-        options: RelayOptions,
+        options: RelayOptions<'_>,
         log_level: &str,
     ) -> anyhow::Result<Relay> {
         let dir = tempfile::Builder::new()
@@ -121,7 +126,7 @@ impl Relay {
         dir: &Path,
         idp: &IdentityPlatform,
         upstream: &SubmissionServer,
-        options: RelayOptions,
+        options: RelayOptions<'_>,
         log_level: &str,
         listener_extras: &str,
     ) -> anyhow::Result<Relay> {
@@ -142,6 +147,7 @@ impl Relay {
                 &format!("max_connections = {}\n{pacing}", options.max_connections),
             )
             .extra(Section::Queue, "retry_initial = \"5s\"\n")
+            .extra(Section::Queue, &shared_queue(options.database))
             .extra(Section::End, &format!("\n[log]\nlevel = \"{log_level}\"\n"));
         if let Some(graph) = options.graph {
             config = config
@@ -202,6 +208,30 @@ impl Relay {
     pub fn stop(self) {
         self.process.stop();
     }
+}
+
+/// The `[queue]` keys that put the queue in `database`; none for the
+/// embedded store.
+fn shared_queue(database: Option<&Postgres>) -> String {
+    database.map_or_else(String::new, |db| {
+        format!(
+            "database_url = \"{}\"\ndatabase_password_file = \"{}\"\n",
+            db.url(),
+            db.password_file().display()
+        )
+    })
+}
+
+/// A PostgreSQL server of its own, started the way the tests start theirs
+/// (`initdb` and `pg_ctl` in a temporary directory, as the `postgres` user
+/// when run as root, on a free port on 127.0.0.1; stopped and removed when
+/// dropped): an empty database for each run, as each embedded-store run
+/// gets a fresh queue directory.
+pub async fn start_postgres() -> anyhow::Result<Postgres> {
+    tokio::task::spawn_blocking(Postgres::start)
+        .await
+        .context("starting PostgreSQL")?
+        .context("PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb): install Debian's `postgresql` package, or leave out the postgres phase")
 }
 
 /// A child process and the scratch directory it runs in: stopped (SIGTERM,
