@@ -363,6 +363,84 @@ async fn slot_cap_holds_across_relays_and_expired_slots_return() {
     }
 }
 
+// Microsoft throttling a mailbox through one relay holds back the others:
+// a 432 seen by a takes a slot from b for the window, a pause set by a
+// stops b's pace until it ends.
+#[tokio::test]
+async fn throttling_seen_by_one_relay_holds_back_the_others() {
+    let ttl = Duration::from_secs(30);
+    let limits = PaceLimits {
+        messages_per_minute: Some(60),
+        recipients_per_day: None,
+    };
+    for engine in Engine::all() {
+        let name = engine.name();
+        let a = engine.open("relay-a").await;
+        let b = engine.open("relay-b").await;
+        a.fewer_slots("box", at(0), at(600)).await.expect("fewer");
+        let mut held = Vec::new();
+        while let Some(slot) = b.acquire_slot("box", 3, at(1), ttl).await.expect("slot") {
+            held.push(slot);
+            assert!(held.len() <= 3, "{name}: cap exceeded");
+        }
+        assert_eq!(held.len(), 2, "{name}: one fewer");
+        for slot in held.drain(..) {
+            b.release_slot(slot).await.expect("release");
+        }
+        // Every 432 takes one more, down to one slot.
+        for _ in 0..3 {
+            a.fewer_slots("box", at(2), at(602)).await.expect("fewer");
+        }
+        assert!(b
+            .acquire_slot("box", 3, at(3), Duration::from_secs(3600))
+            .await
+            .expect("slot")
+            .is_some());
+        assert!(
+            b.acquire_slot("box", 3, at(3), ttl)
+                .await
+                .expect("slot")
+                .is_none(),
+            "{name}"
+        );
+        // After the window, all three again (one of them still held).
+        let later = at(603);
+        let mut more = 0;
+        while b
+            .acquire_slot("box", 3, later, ttl)
+            .await
+            .expect("slot")
+            .is_some()
+        {
+            more += 1;
+            assert!(more <= 3, "{name}: cap exceeded");
+        }
+        assert_eq!(more, 2, "{name}: the window ended");
+
+        assert_eq!(
+            b.pace("box", at(10), limits, 1).await.expect("pace"),
+            Pace::Go
+        );
+        a.pause_mailbox("box", at(3600)).await.expect("pause");
+        a.pause_mailbox("box", at(1800)).await.expect("pause");
+        assert_eq!(
+            b.pace("box", at(11), limits, 1).await.expect("pace"),
+            Pace::WaitUntil(at(3600)),
+            "{name}: the later pause holds"
+        );
+        assert_eq!(
+            b.pace("box", at(3600), limits, 1).await.expect("pace"),
+            Pace::Go,
+            "{name}"
+        );
+        assert_eq!(
+            b.pace("other", at(11), limits, 1).await.expect("pace"),
+            Pace::Go,
+            "{name}: other mailboxes go on"
+        );
+    }
+}
+
 #[tokio::test]
 async fn one_relay_redeems_the_refresh_token_and_the_others_read_it() {
     let ttl = Duration::from_secs(30);
