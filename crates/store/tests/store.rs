@@ -311,6 +311,21 @@ async fn pacing_holds_across_relays() {
     }
 }
 
+/// Takes every slot of `box` (cap 3) the store grants at `now`; how many.
+async fn take_all(store: &Store, now: SystemTime, ttl: Duration) -> usize {
+    let mut taken = 0;
+    while store
+        .acquire_slot("box", 3, now, ttl)
+        .await
+        .expect("slot")
+        .is_some()
+    {
+        taken += 1;
+        assert!(taken <= 3, "cap exceeded");
+    }
+    taken
+}
+
 #[tokio::test]
 async fn slot_cap_holds_across_relays_and_expired_slots_return() {
     let ttl = Duration::from_secs(30);
@@ -344,17 +359,7 @@ async fn slot_cap_holds_across_relays_and_expired_slots_return() {
         let (store, slot) = &held[0];
         assert!(store.renew_slot(slot, at(20), ttl).await.expect("renew"));
         let later = at(35);
-        let mut more = 0;
-        while a
-            .acquire_slot("box", 3, later, ttl)
-            .await
-            .expect("slot")
-            .is_some()
-        {
-            more += 1;
-            assert!(more <= 3, "{name}: cap exceeded");
-        }
-        assert_eq!(more, 2, "{name}");
+        assert_eq!(take_all(&a, later, ttl).await, 2, "{name}");
         assert!(!held[1]
             .0
             .renew_slot(&held[1].1, later, ttl)
@@ -404,18 +409,11 @@ async fn throttling_seen_by_one_relay_holds_back_the_others() {
             "{name}"
         );
         // After the window, all three again (one of them still held).
-        let later = at(603);
-        let mut more = 0;
-        while b
-            .acquire_slot("box", 3, later, ttl)
-            .await
-            .expect("slot")
-            .is_some()
-        {
-            more += 1;
-            assert!(more <= 3, "{name}: cap exceeded");
-        }
-        assert_eq!(more, 2, "{name}: the window ended");
+        assert_eq!(
+            take_all(&b, at(603), ttl).await,
+            2,
+            "{name}: the window ended"
+        );
 
         assert_eq!(
             b.pace("box", at(10), limits, 1).await.expect("pace"),
