@@ -10,7 +10,9 @@
 //! sees more sessions than Microsoft allows. A [`Pacer`] per account keeps
 //! the mailbox within its message and recipient rates. Relays sharing a
 //! database ([`Account::shared`]) share each mailbox's pace and its cap on
-//! sessions through it. Each reply becomes
+//! sessions through it, and obey together what Microsoft's throttling told
+//! any one of them (a pause, fewer sessions after a `432 4.3.2`). Each
+//! reply becomes
 //! an [`Outcome`] where it is received ([`classify`]); the queue retries
 //! the temporary ones.
 

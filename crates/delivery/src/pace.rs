@@ -17,7 +17,11 @@
 //! Relays sharing a database share the pace too: each admission is also
 //! asked of the store, which counts every relay's sends of the mailbox in
 //! one sliding window (messages a minute, recipients a day). Each relay
-//! still spaces its own messages evenly and keeps its own pauses.
+//! still spaces its own messages evenly. The reactions to throttling are
+//! shared through the store as well: a pause stops every relay's
+//! admissions, and a `432 4.3.2` takes one of the mailbox's connection
+//! slots away from all of them for the ten minutes. If the store does not
+//! take them, the relay that was throttled still reacts alone.
 
 use crate::shared::{Retry, Shared};
 use relay_store::{Pace, StoreError};
@@ -169,22 +173,32 @@ impl Pacer {
         }
     }
 
-    /// The upstream said `432 4.3.2`: use one connection fewer for a while.
-    pub fn too_many_connections(&self) {
+    /// The upstream said `432 4.3.2`: use one connection fewer for a while,
+    /// and have the other relays sharing the mailbox take one fewer too.
+    pub async fn too_many_connections(&self) {
         let current = self.connections();
         let fewer = current.saturating_sub(1).max(1);
         tracing::warn!(connections = fewer, "too many concurrent connections for the mailbox (432 4.3.2): using fewer for 10 minutes");
-        self.lock().fewer_connections = Some((fewer, SystemTime::now() + FEWER_CONNECTIONS_FOR));
+        let now = SystemTime::now();
+        let until = now + FEWER_CONNECTIONS_FOR;
+        self.lock().fewer_connections = Some((fewer, until));
+        if let Some(shared) = &self.shared {
+            shared.fewer_slots(now, until).await;
+        }
     }
 
     /// The upstream asked the mailbox to send nothing for `pause` (an hour
-    /// when it named no time, as after a `5.2.2` quota refusal).
-    pub fn pause(&self, pause: Option<Duration>) {
+    /// when it named no time, as after a `5.2.2` quota refusal): nor does
+    /// any relay sharing it.
+    pub async fn pause(&self, pause: Option<Duration>) {
         let pause = pause.unwrap_or(QUOTA_PAUSE).min(DAY);
         let until = SystemTime::now() + pause;
         tracing::warn!(pause = %format_args!("{}s", pause.as_secs()), "the upstream asks the mailbox to slow down: pausing it");
         self.lock().paused_until = Some(until);
         self.save(true);
+        if let Some(shared) = &self.shared {
+            shared.pause(until).await;
+        }
     }
 
     /// None when admitted (and counted); otherwise how long to wait.
@@ -373,14 +387,14 @@ mod tests {
         assert_eq!(wait, DAY - Duration::from_secs(3600));
     }
 
-    #[test]
-    fn fewer_connections_after_432() {
+    #[tokio::test]
+    async fn fewer_connections_after_432() {
         let p = pacer(30, 10_000);
         assert_eq!(p.connections(), 3);
-        p.too_many_connections();
+        p.too_many_connections().await;
         assert_eq!(p.connections(), 2);
-        p.too_many_connections();
-        p.too_many_connections();
+        p.too_many_connections().await;
+        p.too_many_connections().await;
         assert_eq!(p.connections(), 1);
     }
 
@@ -433,8 +447,59 @@ mod tests {
         }
     }
 
+    /// Throttling one relay is told of holds back the other: after a's
+    /// `432 4.3.2`, b gets one slot fewer of three; after a's pause, b's
+    /// admissions wait until it ends.
+    #[tokio::test]
+    async fn throttling_holds_back_the_other_relay() {
+        for database in SharedDatabase::all() {
+            let name = database.name();
+            let shared_a = Shared::new(database.relay("a").await, "main");
+            let shared_b = Shared::new(database.relay("b").await, "main");
+            let a = Pacer::new(SHARED_60, None).sharing(Some(shared_a));
+            let b = Pacer::new(SHARED_60, None).sharing(Some(shared_b.clone()));
+            a.too_many_connections().await;
+            assert_eq!(b.connections(), 3, "{name}: b parks none of its own");
+            let shutdown = CancellationToken::new();
+            let mut held = Vec::new();
+            for _ in 0..2 {
+                let slot =
+                    tokio::time::timeout(Duration::from_secs(10), shared_b.acquire(3, &shutdown));
+                held.push(slot.await.expect("a free slot").expect("not shut down"));
+            }
+            let third =
+                tokio::time::timeout(Duration::from_secs(2), shared_b.acquire(3, &shutdown));
+            assert!(
+                third.await.is_err(),
+                "{name}: a third slot during the window"
+            );
+            for slot in held {
+                slot.release().await;
+            }
+
+            let now = SystemTime::now();
+            assert_eq!(
+                b.try_admit_shared(&shared_b, 1, now)
+                    .await
+                    .expect("the store answers"),
+                None,
+                "{name}"
+            );
+            a.pause(Some(Duration::from_secs(600))).await;
+            let wait = b
+                .try_admit_shared(&shared_b, 1, now + Duration::from_secs(5))
+                .await
+                .expect("the store answers")
+                .expect("paused");
+            assert!(
+                wait > Duration::from_secs(500) && wait <= Duration::from_secs(600),
+                "{name}: waits {wait:?}"
+            );
+        }
+    }
+
     /// The database gone: nothing is admitted (it waits and retries), and
-    /// shutdown still ends the wait.
+    /// shutdown still ends the wait; a throttle still applies to this relay.
     #[tokio::test]
     async fn no_admission_without_the_store() {
         let Some(pg) = relay_testkit::Postgres::start() else {
@@ -458,6 +523,11 @@ mod tests {
             .expect("no panic");
         assert!(!admitted);
         assert!(pacer.lock().sends.is_empty(), "nothing counted");
+        // Throttled meanwhile: this relay still reacts alone.
+        pacer.too_many_connections().await;
+        assert_eq!(pacer.connections(), 2);
+        pacer.pause(None).await;
+        assert!(pacer.lock().paused_until.is_some(), "paused here");
     }
 
     #[test]

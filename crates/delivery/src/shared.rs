@@ -1,6 +1,8 @@
 //! Limits shared with the other relays on one database: a mailbox's pace
 //! and its connection slots live in the [`Store`], which decides for every
-//! relay at once under a database lock.
+//! relay at once under a database lock; so do the pauses and the lower
+//! connection count Microsoft's throttling asks for, whichever relay it
+//! told.
 //!
 //! A store that does not answer never lets mail out unpaced or past the
 //! cap: admissions and slots wait, retrying with a bounded back-off, until
@@ -57,8 +59,26 @@ impl Shared {
             .await
     }
 
-    /// Waits for one of the mailbox's `cap` slots across all relays; `None`
-    /// if `shutdown` came first.
+    /// Pauses the mailbox for every relay until `until`. If the store does
+    /// not take it, only this relay pauses.
+    pub(crate) async fn pause(&self, until: SystemTime) {
+        if let Err(e) = self.store.pause_mailbox(&self.account, until).await {
+            tracing::warn!(error = %e, "cannot record the mailbox's pause in the shared database: the other relays go on sending");
+        }
+    }
+
+    /// Takes one of the mailbox's slots away from every relay from `now`
+    /// until `until`. If the store does not take it, only this relay uses
+    /// fewer connections.
+    pub(crate) async fn fewer_slots(&self, now: SystemTime, until: SystemTime) {
+        if let Err(e) = self.store.fewer_slots(&self.account, now, until).await {
+            tracing::warn!(error = %e, "cannot record the lower connection count in the shared database: the other relays keep theirs");
+        }
+    }
+
+    /// Waits for one of the mailbox's `cap` slots across all relays (fewer
+    /// while a `432 4.3.2` reduction lasts); `None` if `shutdown` came
+    /// first.
     pub(crate) async fn acquire(&self, cap: usize, shutdown: &CancellationToken) -> Option<Slot> {
         let cap = u32::try_from(cap).unwrap_or(u32::MAX);
         let mut retry = Retry::default();

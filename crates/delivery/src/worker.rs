@@ -8,6 +8,9 @@
 //! taken before the message's pacing (so a send is counted only once it
 //! can go) and given back when the session closes; an idle session keeps
 //! its slot until the transport's idle timeout, as it keeps the upstream's.
+//! It asks for a slot under the configured cap: after a `432 4.3.2` the
+//! store grants every relay one fewer for the window, besides this relay
+//! parking a worker of its own.
 
 use crate::shared::{Shared, Slot};
 use crate::transport::{Broken, Message, SlowDown, Transport, Unopened};
@@ -44,7 +47,8 @@ pub struct Account {
     pub bounce: bool,
     /// The database shared with other relays, if any: the account's pace
     /// and its `limits.max_connections` then hold for all of them together
-    /// (a worker opens a session only holding one of the mailbox's slots).
+    /// (a worker opens a session only holding one of the mailbox's slots),
+    /// and a throttle one relay is told of holds back all of them.
     /// `None`: this relay alone.
     pub shared: Option<relay_store::Store>,
 }
@@ -214,7 +218,9 @@ impl<T: Transport> Worker<T> {
             if let (None, Some(shared)) = (&slot, &self.shared) {
                 // No session without a slot: wait for one, holding the
                 // message (the queue keeps the rest).
-                let Some(held) = shared.acquire(self.pacer.connections(), &shutdown).await else {
+                // The store lowers the cap after a 432 for every relay.
+                let cap = self.account.limits.max_connections;
+                let Some(held) = shared.acquire(cap, &shutdown).await else {
                     break; // shutting down: the dropped lease leaves the message queued
                 };
                 slot = Some(held);
@@ -350,13 +356,13 @@ impl<T: Transport> Worker<T> {
     async fn slow_down(&self, asked: Option<SlowDown>, slot: &mut Option<T::Session>) {
         match asked {
             Some(SlowDown::FewerSessions) => {
-                self.pacer.too_many_connections();
+                self.pacer.too_many_connections().await;
                 // the upstream will not serve this session
                 if let Some(refused) = slot.take() {
                     self.transport.close(refused).await;
                 }
             }
-            Some(SlowDown::Pause(pause)) => self.pacer.pause(pause),
+            Some(SlowDown::Pause(pause)) => self.pacer.pause(pause).await,
             None => {}
         }
     }

@@ -1,12 +1,12 @@
 //! Two relays sharing one database deliver through one stand-in Microsoft
 //! 365 submission server: together they never hold more than the mailbox's
-//! `max_connections` sessions, on PostgreSQL (when installed) and on an
-//! SQLite file.
+//! `max_connections` sessions, and a throttle one is given holds back the
+//! other, on PostgreSQL (when installed) and on an SQLite file.
 
 mod common;
 
-use common::{Relay, Setup, LIMIT, MAILBOX};
-use relay_store::Store;
+use common::{eventually, Relay, Setup, LIMIT, MAILBOX};
+use relay_store::{Pace, PaceLimits, Store};
 use relay_testkit::SharedDatabase;
 use std::time::{Duration, SystemTime};
 
@@ -70,5 +70,90 @@ async fn two_relays_never_exceed_max_connections_together() {
                 .expect("the store answers");
             assert!(slot.is_some(), "slot {n} still held after shutdown");
         }
+    }
+}
+
+/// Free slots of the mailbox's 3 as the store grants them now (taken and
+/// given back at once).
+async fn free_slots(store: &Store) -> usize {
+    let mut taken = Vec::new();
+    while let Some(slot) = store
+        .acquire_slot("main", 3, SystemTime::now(), Duration::from_secs(60))
+        .await
+        .expect("the store answers")
+    {
+        taken.push(slot);
+        assert!(taken.len() <= 3, "past the cap");
+    }
+    let free = taken.len();
+    for slot in taken {
+        store.release_slot(slot).await.expect("the store answers");
+    }
+    free
+}
+
+// Protects a throttled mailbox from the relays that were not told: after
+// relay a gets `432 4.3.2`, every relay has one slot fewer; after a gets
+// `554 5.2.2` (submission quota), relay b sends nothing either.
+#[tokio::test]
+async fn a_throttle_told_to_one_relay_holds_back_the_other() {
+    for database in SharedDatabase::all() {
+        let name = database.name();
+        let check = database.relay("check").await;
+        let a = Relay::start(setup(database.relay("a").await)).await;
+        a.server
+            .push_data_fault("432 4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded");
+        a.enqueue(MAILBOX, &["a@example.com"], b"Subject: 1\r\n\r\none\r\n")
+            .await;
+        assert!(eventually(LIMIT, || a.server.rejected().len() == 1).await);
+        // a's sessions close once idle and give their slots back: then two
+        // are free, never three.
+        let mut free = 0;
+        for _ in 0..100 {
+            free = free_slots(&check).await;
+            assert!(free <= 2, "{name}: {free} slots free after a 432");
+            if free == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(free, 2, "{name}: a's slots never came back");
+        let sent = |subject: &str| {
+            let subject = format!("Subject: {subject}\r\n");
+            a.server
+                .messages()
+                .iter()
+                .any(|m| m.data.starts_with(subject.as_bytes()))
+        };
+        assert!(eventually(LIMIT, || sent("1")).await, "{name}: retried");
+
+        a.server
+            .push_data_fault("554 5.2.2 Submission quota exceeded");
+        a.enqueue(MAILBOX, &["a@example.com"], b"Subject: 2\r\n\r\ntwo\r\n")
+            .await;
+        assert!(eventually(LIMIT, || a.server.rejected().len() == 2).await);
+        let b = Relay::start(Setup {
+            kit: Some((a.idp.clone(), a.server.clone())),
+            ..setup(database.relay("b").await)
+        })
+        .await;
+        b.enqueue(MAILBOX, &["a@example.com"], b"Subject: 3\r\n\r\nthree\r\n")
+            .await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(!sent("3"), "{name}: b sent while paused");
+        let limits = PaceLimits {
+            messages_per_minute: None,
+            recipients_per_day: None,
+        };
+        let now = SystemTime::now();
+        match check.pace("main", now, limits, 1).await.expect("pace") {
+            Pace::WaitUntil(until) => assert!(
+                until > now + Duration::from_secs(50 * 60),
+                "{name}: paused only until {until:?}"
+            ),
+            Pace::Go => panic!("{name}: the mailbox is not paused"),
+        }
+        a.shutdown().await;
+        b.shutdown().await;
     }
 }

@@ -24,8 +24,12 @@
 //!   ([`Store::begin_redeem`]) each decide under a lock held in the
 //!   database for one transaction (a row lock on PostgreSQL, the write lock
 //!   on SQLite), so relays sharing a database see one pace, one set of
-//!   slots and one redeemer. Times are passed in by the caller; relays
-//!   sharing a database must keep their clocks in step.
+//!   slots and one redeemer. So are Microsoft's throttles: a pause one
+//!   relay records ([`Store::pause_mailbox`]) stops every relay's pace until
+//!   it ends, and a slot one takes away ([`Store::fewer_slots`], after a
+//!   `432 4.3.2`) is missing from every relay's cap for the window. Times
+//!   are passed in by the caller; relays sharing a database must keep
+//!   their clocks in step.
 //! * **Import all or nothing.** [`Store::import`] stores an older queue's
 //!   messages in one transaction; the caller removes the old files only
 //!   after it returned.
@@ -44,6 +48,7 @@
 #![warn(missing_docs)]
 
 mod error;
+mod holds;
 mod pace;
 mod schema;
 mod store;

@@ -75,8 +75,22 @@ CREATE TABLE refresh_tokens (
 );
 ";
 
+/// Version 2: what throttling by Microsoft leaves on a mailbox, for every
+/// relay ([`crate::holds::Holds`]).
+const V2: &str = "
+CREATE TABLE mailbox_holds (
+    mailbox      TEXT PRIMARY KEY,
+    paused_until BIGINT,
+    fewer        BIGINT NOT NULL DEFAULT 0,
+    fewer_until  BIGINT
+);
+";
+
 /// Every migration, oldest first.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(1, "queue, pacing, slots, tokens", V1)];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "queue, pacing, slots, tokens", V1),
+    (2, "mailbox holds", V2),
+];
 
 /// The newest schema version this build knows.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;

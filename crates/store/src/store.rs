@@ -12,6 +12,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{PgPool, Row, SqlitePool};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::holds::Holds;
 use crate::pace::{self, Pace, PaceLimits, Sent};
 use crate::schema::{self, Dialect, SCHEMA_VERSION};
 use crate::types::{
@@ -61,7 +62,7 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 const SQLITE_BUSY: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Debug)]
-enum Pool {
+pub(crate) enum Pool {
     Sqlite(SqlitePool),
     Postgres(PgPool),
 }
@@ -106,6 +107,23 @@ macro_rules! take_lock {
         .execute(&mut *$tx)
         .await?
     };
+}
+
+/// The mailbox `$mailbox`'s [`Holds`], read inside the transaction `$tx`.
+macro_rules! read_holds {
+    ($tx:expr, $mailbox:expr) => {{
+        let row: Option<(Option<i64>, i64, Option<i64>)> = sqlx::query_as(
+            "SELECT paused_until, fewer, fewer_until FROM mailbox_holds WHERE mailbox = $1",
+        )
+        .bind($mailbox)
+        .fetch_optional(&mut *$tx)
+        .await?;
+        row.map_or_else(Holds::default, |(paused_until, fewer, fewer_until)| Holds {
+            paused_until: paused_until.map(time),
+            fewer: u32::try_from(fewer).unwrap_or(0),
+            fewer_until: fewer_until.map(time),
+        })
+    }};
 }
 
 struct Insert {
@@ -180,43 +198,8 @@ impl Store {
     /// Opens (creating if needed) the store and brings its schema up to
     /// date. Refuses a schema newer than this build's.
     pub async fn open(settings: StoreSettings) -> Result<Store, StoreError> {
-        let max = settings.max_connections.max(2);
-        let (pool, dialect) = match &settings.location {
-            Location::Sqlite(path) => {
-                let options = SqliteConnectOptions::new()
-                    .filename(path)
-                    .create_if_missing(true)
-                    .journal_mode(SqliteJournalMode::Wal)
-                    .synchronous(SqliteSynchronous::Full)
-                    .foreign_keys(true)
-                    .busy_timeout(SQLITE_BUSY);
-                let pool = SqlitePoolOptions::new()
-                    .max_connections(max)
-                    .acquire_timeout(ACQUIRE_TIMEOUT)
-                    .connect_with(options)
-                    .await
-                    .map_err(StoreError::Connect)?;
-                (Pool::Sqlite(pool), Dialect::Sqlite)
-            }
-            Location::Postgres { url, password } => {
-                let mut options = PgConnectOptions::from_str(url)
-                    .map_err(StoreError::Connect)?
-                    .application_name(&format!("smtp-oauth-relay {}", settings.relay))
-                    .options([("synchronous_commit", "on")]);
-                if let Some(password) = password {
-                    options = options.password(password.expose());
-                }
-                let pool = PgPoolOptions::new()
-                    .max_connections(max)
-                    .acquire_timeout(ACQUIRE_TIMEOUT)
-                    .connect_with(options)
-                    .await
-                    .map_err(StoreError::Connect)?;
-                (Pool::Postgres(pool), Dialect::Postgres)
-            }
-        };
-        let migrator = schema::migrator(dialect);
-        let migrated = on_pool!(&pool, |p, _begin| migrator.run(p).await);
+        let (pool, dialect) = connect(&settings).await?;
+        let migrated = on_pool!(&pool, |p, _begin| schema::migrator(dialect).run(p).await);
         migrated.map_err(|e| match e {
             sqlx::migrate::MigrateError::VersionMissing(found) => StoreError::SchemaTooNew {
                 found,
@@ -740,7 +723,9 @@ impl Store {
 
     /// Asks, for every relay sharing the store at once, whether `mailbox` may
     /// send a message to `recipients` recipients at `now`; a `Go` is counted
-    /// before this returns. Relays' clocks are assumed in step (NTP).
+    /// before this returns. While the mailbox is paused
+    /// ([`Store::pause_mailbox`]) the answer is to wait until the pause
+    /// ends. Relays' clocks are assumed in step (NTP).
     pub async fn pace(
         &self,
         mailbox: &str,
@@ -753,6 +738,9 @@ impl Store {
         on_pool!(&self.pool, |p, begin| {
             let mut tx = p.begin_with(begin).await?;
             take_lock!(tx, format!("pace {mailbox}"));
+            if let Some(until) = read_holds!(tx, mailbox).paused(now) {
+                return Ok(Pace::WaitUntil(until));
+            }
             sqlx::query("DELETE FROM pace_events WHERE mailbox = $1 AND at <= $2")
                 .bind(mailbox)
                 .bind(day_ago)
@@ -789,7 +777,9 @@ impl Store {
 
     /// Takes one of `mailbox`'s `cap` slots (connections, Graph requests)
     /// across every relay, until `now + ttl` unless renewed; slots of a relay
-    /// that died come back when they expire. `None`: all taken.
+    /// that died come back when they expire. While a reduction lasts
+    /// ([`Store::fewer_slots`]) the mailbox has that many fewer (at least
+    /// one). `None`: all taken.
     pub async fn acquire_slot(
         &self,
         mailbox: &str,
@@ -803,6 +793,7 @@ impl Store {
         on_pool!(&self.pool, |p, begin| {
             let mut tx = p.begin_with(begin).await?;
             take_lock!(tx, format!("slots {mailbox}"));
+            let cap = read_holds!(tx, mailbox).cap(cap, now);
             sqlx::query("DELETE FROM slots WHERE mailbox = $1 AND expires <= $2")
                 .bind(mailbox)
                 .bind(now_ms)
@@ -823,6 +814,54 @@ impl Store {
                 .await?;
             tx.commit().await?;
             Ok(Some(SlotId(holder)))
+        })
+    }
+
+    /// Pauses `mailbox` for every relay until `until` (or later, if it
+    /// already was): [`Store::pace`] lets nothing out before then.
+    pub async fn pause_mailbox(&self, mailbox: &str, until: SystemTime) -> Result<(), StoreError> {
+        self.change_holds(mailbox, |holds| holds.pause(until)).await
+    }
+
+    /// Takes one of `mailbox`'s slots away from every relay until `until`
+    /// (a reduction still lasting at `now` grows by one and lasts at least
+    /// as long; an expired one starts again): [`Store::acquire_slot`]
+    /// grants that many fewer, never fewer than one.
+    pub async fn fewer_slots(
+        &self,
+        mailbox: &str,
+        now: SystemTime,
+        until: SystemTime,
+    ) -> Result<(), StoreError> {
+        self.change_holds(mailbox, |holds| holds.fewer(now, until))
+            .await
+    }
+
+    /// Stores `change` of the mailbox's holds, under its own lock so that
+    /// two relays' changes both count.
+    async fn change_holds(
+        &self,
+        mailbox: &str,
+        change: impl FnOnce(Holds) -> Holds,
+    ) -> Result<(), StoreError> {
+        on_pool!(&self.pool, |p, begin| {
+            let mut tx = p.begin_with(begin).await?;
+            take_lock!(tx, format!("holds {mailbox}"));
+            let holds = change(read_holds!(tx, mailbox));
+            sqlx::query(
+                "INSERT INTO mailbox_holds (mailbox, paused_until, fewer, fewer_until)
+                 VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (mailbox) DO UPDATE SET paused_until = excluded.paused_until,
+                     fewer = excluded.fewer, fewer_until = excluded.fewer_until",
+            )
+            .bind(mailbox)
+            .bind(holds.paused_until.map(ms))
+            .bind(i64::from(holds.fewer))
+            .bind(holds.fewer_until.map(ms))
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(())
         })
     }
 
@@ -948,6 +987,45 @@ impl Store {
             .rows_affected());
         Ok(done == 1)
     }
+}
+
+/// Connects to the store's database, as it is (no migration).
+pub(crate) async fn connect(settings: &StoreSettings) -> Result<(Pool, Dialect), StoreError> {
+    let max = settings.max_connections.max(2);
+    Ok(match &settings.location {
+        Location::Sqlite(path) => {
+            let options = SqliteConnectOptions::new()
+                .filename(path)
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Full)
+                .foreign_keys(true)
+                .busy_timeout(SQLITE_BUSY);
+            let pool = SqlitePoolOptions::new()
+                .max_connections(max)
+                .acquire_timeout(ACQUIRE_TIMEOUT)
+                .connect_with(options)
+                .await
+                .map_err(StoreError::Connect)?;
+            (Pool::Sqlite(pool), Dialect::Sqlite)
+        }
+        Location::Postgres { url, password } => {
+            let mut options = PgConnectOptions::from_str(url)
+                .map_err(StoreError::Connect)?
+                .application_name(&format!("smtp-oauth-relay {}", settings.relay))
+                .options([("synchronous_commit", "on")]);
+            if let Some(password) = password {
+                options = options.password(password.expose());
+            }
+            let pool = PgPoolOptions::new()
+                .max_connections(max)
+                .acquire_timeout(ACQUIRE_TIMEOUT)
+                .connect_with(options)
+                .await
+                .map_err(StoreError::Connect)?;
+            (Pool::Postgres(pool), Dialect::Postgres)
+        }
+    })
 }
 
 const LEASE_NEXT_SQLITE: &str = "UPDATE messages SET lease_relay = $1, lease_expires = $2
@@ -1109,10 +1187,79 @@ async fn commit_task(
     }
 }
 
-async fn insert_batch(pool: &Pool, messages: &[&NewMessage]) -> Result<(), sqlx::Error> {
+pub(crate) async fn insert_batch(pool: &Pool, messages: &[&NewMessage]) -> Result<(), sqlx::Error> {
     on_pool!(pool, |p, begin, Db| {
         let mut tx = p.begin_with(begin).await?;
         insert_many!(tx, Db, messages, false);
         tx.commit().await
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::Envelope;
+
+    // A database a relay knowing only schema version 1 wrote (its queue,
+    // built here by applying version 1 alone) opens, migrates to the
+    // newest version and keeps its messages.
+    #[tokio::test]
+    async fn a_version_1_database_migrates_with_its_messages() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pg = relay_testkit::Postgres::start();
+        let mut locations = vec![Location::Sqlite(dir.path().join("queue.sqlite"))];
+        locations.extend(pg.iter().map(|pg| Location::Postgres {
+            url: pg.url(),
+            password: Some(Secret::new(relay_testkit::POSTGRES_PASSWORD)),
+        }));
+        let at = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let recipients = ["a@example.com".to_string()];
+        let message = NewMessage {
+            envelope: Envelope {
+                id: "0000000000000001".to_string(),
+                account: "box".to_string(),
+                sender: "app@contoso.com".to_string(),
+                client: None,
+                received_at: at,
+                passthrough: false,
+            },
+            progress: Progress::new(&recipients, at),
+            held: false,
+            lease: None,
+            body: b"Subject: kept\r\n\r\nbody\r\n".to_vec(),
+        };
+        for location in locations {
+            let settings = StoreSettings {
+                location,
+                relay: "relay-a".to_string(),
+                max_connections: 2,
+            };
+            let (pool, dialect) = connect(&settings).await.expect("connect");
+            let migrated = on_pool!(&pool, |p, _begin| schema::migrator(dialect)
+                .run_to(1, p)
+                .await);
+            migrated.expect("version 1");
+            insert_batch(&pool, &[&message]).await.expect("insert");
+            on_pool!(&pool, |p, _begin| p.close().await);
+
+            let store = Store::open(settings).await.expect("migrates");
+            let version: i64 = on_pool!(&store.pool, |p, _begin| sqlx::query_scalar(
+                "SELECT MAX(version) FROM _sqlx_migrations"
+            )
+            .fetch_one(p)
+            .await
+            .expect("version"));
+            assert_eq!(version, SCHEMA_VERSION, "{dialect:?}");
+            let listed = store.list().await.expect("list");
+            assert_eq!(listed.len(), 1, "{dialect:?}");
+            assert_eq!(listed[0].envelope, message.envelope, "{dialect:?}");
+            assert_eq!(listed[0].progress, message.progress, "{dialect:?}");
+            let body = store.body("0000000000000001").await.expect("body");
+            assert_eq!(body, Some(message.body.clone()), "{dialect:?}");
+            store
+                .pause_mailbox("box", at)
+                .await
+                .expect("the new table is there");
+        }
+    }
 }

@@ -311,6 +311,21 @@ async fn pacing_holds_across_relays() {
     }
 }
 
+/// Takes every slot of `box` (cap 3) the store grants at `now`; how many.
+async fn take_all(store: &Store, now: SystemTime, ttl: Duration) -> usize {
+    let mut taken = 0;
+    while store
+        .acquire_slot("box", 3, now, ttl)
+        .await
+        .expect("slot")
+        .is_some()
+    {
+        taken += 1;
+        assert!(taken <= 3, "cap exceeded");
+    }
+    taken
+}
+
 #[tokio::test]
 async fn slot_cap_holds_across_relays_and_expired_slots_return() {
     let ttl = Duration::from_secs(30);
@@ -344,22 +359,83 @@ async fn slot_cap_holds_across_relays_and_expired_slots_return() {
         let (store, slot) = &held[0];
         assert!(store.renew_slot(slot, at(20), ttl).await.expect("renew"));
         let later = at(35);
-        let mut more = 0;
-        while a
-            .acquire_slot("box", 3, later, ttl)
-            .await
-            .expect("slot")
-            .is_some()
-        {
-            more += 1;
-            assert!(more <= 3, "{name}: cap exceeded");
-        }
-        assert_eq!(more, 2, "{name}");
+        assert_eq!(take_all(&a, later, ttl).await, 2, "{name}");
         assert!(!held[1]
             .0
             .renew_slot(&held[1].1, later, ttl)
             .await
             .expect("renew"));
+    }
+}
+
+// Microsoft throttling a mailbox through one relay holds back the others:
+// a 432 seen by a takes a slot from b for the window, a pause set by a
+// stops b's pace until it ends.
+#[tokio::test]
+async fn throttling_seen_by_one_relay_holds_back_the_others() {
+    let ttl = Duration::from_secs(30);
+    let limits = PaceLimits {
+        messages_per_minute: Some(60),
+        recipients_per_day: None,
+    };
+    for engine in Engine::all() {
+        let name = engine.name();
+        let a = engine.open("relay-a").await;
+        let b = engine.open("relay-b").await;
+        a.fewer_slots("box", at(0), at(600)).await.expect("fewer");
+        let mut held = Vec::new();
+        while let Some(slot) = b.acquire_slot("box", 3, at(1), ttl).await.expect("slot") {
+            held.push(slot);
+            assert!(held.len() <= 3, "{name}: cap exceeded");
+        }
+        assert_eq!(held.len(), 2, "{name}: one fewer");
+        for slot in held.drain(..) {
+            b.release_slot(slot).await.expect("release");
+        }
+        // Every 432 takes one more, down to one slot.
+        for _ in 0..3 {
+            a.fewer_slots("box", at(2), at(602)).await.expect("fewer");
+        }
+        assert!(b
+            .acquire_slot("box", 3, at(3), Duration::from_secs(3600))
+            .await
+            .expect("slot")
+            .is_some());
+        assert!(
+            b.acquire_slot("box", 3, at(3), ttl)
+                .await
+                .expect("slot")
+                .is_none(),
+            "{name}"
+        );
+        // After the window, all three again (one of them still held).
+        assert_eq!(
+            take_all(&b, at(603), ttl).await,
+            2,
+            "{name}: the window ended"
+        );
+
+        assert_eq!(
+            b.pace("box", at(10), limits, 1).await.expect("pace"),
+            Pace::Go
+        );
+        a.pause_mailbox("box", at(3600)).await.expect("pause");
+        a.pause_mailbox("box", at(1800)).await.expect("pause");
+        assert_eq!(
+            b.pace("box", at(11), limits, 1).await.expect("pace"),
+            Pace::WaitUntil(at(3600)),
+            "{name}: the later pause holds"
+        );
+        assert_eq!(
+            b.pace("box", at(3600), limits, 1).await.expect("pace"),
+            Pace::Go,
+            "{name}"
+        );
+        assert_eq!(
+            b.pace("other", at(11), limits, 1).await.expect("pace"),
+            Pace::Go,
+            "{name}: other mailboxes go on"
+        );
     }
 }
 
