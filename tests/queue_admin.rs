@@ -102,8 +102,12 @@ async fn hold_and_release() {
     world.upstream.restart().await.expect("upstream back");
     let got = relay.delivered(&world, 1).await;
     assert!(String::from_utf8_lossy(&got[0].data).contains("Subject: sent"));
+    // the upstream has it a moment before the relay records it
+    eventually(10, "the sent message recorded", || {
+        relay.queue_json().len() == 1
+    })
+    .await;
     let queue = relay.queue_json();
-    assert_eq!(queue.len(), 1);
     assert_eq!(queue[0]["held"], true);
     assert_eq!(queue[0]["state"], "deferred", "existing fields unchanged");
     let (table, _) = text(&cli(&["queue", "list"], &config));

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use sha2::{Digest, Sha256};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{PgPool, Row, SqlitePool};
+use sqlx::{Connection as _, PgPool, Row, SqlitePool};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::holds::Holds;
@@ -1004,6 +1004,12 @@ pub(crate) async fn connect(settings: &StoreSettings) -> Result<(Pool, Dialect),
             let pool = SqlitePoolOptions::new()
                 .max_connections(max)
                 .acquire_timeout(ACQUIRE_TIMEOUT)
+                // A COMMIT that fails (disk full) can end SQLite's transaction
+                // by itself; the ROLLBACK sqlx then sends fails too and leaves
+                // the connection counting a transaction that is gone, so every
+                // later BEGIN on it would fail. Such a connection is closed
+                // instead of being handed out again.
+                .before_acquire(|conn, _| Box::pin(async move { Ok(!conn.is_in_transaction()) }))
                 .connect_with(options)
                 .await
                 .map_err(StoreError::Connect)?;
