@@ -412,7 +412,7 @@ mod tests {
     async fn two_relays_share_one_pace() {
         for database in SharedDatabase::all() {
             let relays = [database.relay("a").await, database.relay("b").await].map(|store| {
-                let shared = Shared::new(store, "main");
+                let shared = Shared::new(store, "main", MINUTE);
                 (
                     Pacer::new(SHARED_60, None).sharing(Some(shared.clone())),
                     shared,
@@ -454,8 +454,8 @@ mod tests {
     async fn throttling_holds_back_the_other_relay() {
         for database in SharedDatabase::all() {
             let name = database.name();
-            let shared_a = Shared::new(database.relay("a").await, "main");
-            let shared_b = Shared::new(database.relay("b").await, "main");
+            let shared_a = Shared::new(database.relay("a").await, "main", MINUTE);
+            let shared_b = Shared::new(database.relay("b").await, "main", MINUTE);
             let a = Pacer::new(SHARED_60, None).sharing(Some(shared_a));
             let b = Pacer::new(SHARED_60, None).sharing(Some(shared_b.clone()));
             a.too_many_connections().await;
@@ -507,7 +507,8 @@ mod tests {
         };
         let database = SharedDatabase::Postgres(pg);
         let store = database.relay("a").await;
-        let pacer = Arc::new(Pacer::new(SHARED_60, None).sharing(Some(Shared::new(store, "main"))));
+        let pacer =
+            Arc::new(Pacer::new(SHARED_60, None).sharing(Some(Shared::new(store, "main", MINUTE))));
         drop(database); // stops the server
         let shutdown = CancellationToken::new();
         let admitting = tokio::spawn({

@@ -7,7 +7,8 @@
 //! A store that does not answer never lets mail out unpaced or past the
 //! cap: admissions and slots wait, retrying with a bounded back-off, until
 //! it answers again. A slot is renewed in the background while held; a
-//! relay that dies leaves its slots to expire after [`SLOT_TTL`].
+//! relay that dies leaves its slots to expire after the queue's
+//! `lease_timeout`, as its messages' leases do.
 
 use crate::pace::Limits;
 use rand::Rng;
@@ -18,10 +19,6 @@ use tokio_util::{sync::CancellationToken, task::AbortOnDropHandle};
 /// The first pause after a store error; it doubles up to [`RETRY_MAX`].
 const RETRY_FIRST: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(30);
-/// A slot lasts this long unless renewed, so a dead relay's slots return.
-const SLOT_TTL: Duration = Duration::from_secs(60);
-/// Renewed this often: two more chances before it would expire.
-const SLOT_RENEW: Duration = Duration::from_secs(20);
 /// A worker without a slot looks again after this (less up to a half, so
 /// the relays' workers do not ask in step).
 const SLOT_POLL: Duration = Duration::from_secs(1);
@@ -32,13 +29,17 @@ const SLOT_POLL: Duration = Duration::from_secs(1);
 pub(crate) struct Shared {
     store: Store,
     account: String,
+    /// How long a slot lasts unless renewed (renewed every third of it).
+    slot_ttl: Duration,
 }
 
 impl Shared {
-    pub(crate) fn new(store: Store, account: &str) -> Shared {
+    /// Slots last `slot_ttl` unless renewed, so a dead relay's return.
+    pub(crate) fn new(store: Store, account: &str, slot_ttl: Duration) -> Shared {
         Shared {
             store,
             account: account.to_owned(),
+            slot_ttl,
         }
     }
 
@@ -86,10 +87,10 @@ impl Shared {
         loop {
             let asked = tokio::select! {
                 _ = shutdown.cancelled() => return None,
-                asked = self.store.acquire_slot(&self.account, cap, SystemTime::now(), SLOT_TTL) => asked,
+                asked = self.store.acquire_slot(&self.account, cap, SystemTime::now(), self.slot_ttl) => asked,
             };
             let pause = match asked {
-                Ok(Some(id)) => return Some(Slot::hold(self.store.clone(), id)),
+                Ok(Some(id)) => return Some(Slot::hold(self.store.clone(), id, self.slot_ttl)),
                 Ok(None) => {
                     if !told {
                         tracing::debug!(cap, "every connection slot of the mailbox is taken (by this or another relay): waiting");
@@ -145,9 +146,9 @@ pub(crate) struct Slot {
 }
 
 impl Slot {
-    fn hold(store: Store, id: SlotId) -> Slot {
+    fn hold(store: Store, id: SlotId, ttl: Duration) -> Slot {
         let lost = CancellationToken::new();
-        let renewer = tokio::spawn(renew(store.clone(), id.clone(), lost.clone(), SLOT_RENEW));
+        let renewer = tokio::spawn(renew(store.clone(), id.clone(), lost.clone(), ttl));
         Slot {
             id,
             store,
@@ -179,16 +180,17 @@ impl Slot {
     }
 }
 
-/// Renews `id` `every` so often (well within [`SLOT_TTL`]) until aborted;
-/// cancels `lost` once it is not ours any more: refused, or not renewed
-/// before its expiry.
-async fn renew(store: Store, id: SlotId, lost: CancellationToken, every: Duration) {
-    let mut expires = SystemTime::now() + SLOT_TTL;
+/// Renews `id` every third of `ttl` (two more chances before it would
+/// expire) until aborted; cancels `lost` once it is not ours any more:
+/// refused, or not renewed before its expiry.
+async fn renew(store: Store, id: SlotId, lost: CancellationToken, ttl: Duration) {
+    let every = ttl / 3;
+    let mut expires = SystemTime::now() + ttl;
     loop {
         tokio::time::sleep(every).await;
         let now = SystemTime::now();
-        match store.renew_slot(&id, now, SLOT_TTL).await {
-            Ok(true) => expires = now + SLOT_TTL,
+        match store.renew_slot(&id, now, ttl).await {
+            Ok(true) => expires = now + ttl,
             Ok(false) => {
                 tracing::warn!("the connection slot expired and may be another relay's now: closing the session after this message");
                 lost.cancel();
@@ -208,6 +210,8 @@ async fn renew(store: Store, id: SlotId, lost: CancellationToken, every: Duratio
 mod tests {
     use super::*;
     use relay_testkit::SharedDatabase;
+    /// How long the tests' slots last unless renewed.
+    const MINUTE: Duration = Duration::from_secs(60);
 
     const LIMIT: Duration = Duration::from_secs(10);
 
@@ -216,8 +220,8 @@ mod tests {
     #[tokio::test]
     async fn without_a_free_slot_a_worker_waits() {
         for database in SharedDatabase::all() {
-            let a = Shared::new(database.relay("a").await, "main");
-            let b = Shared::new(database.relay("b").await, "main");
+            let a = Shared::new(database.relay("a").await, "main", MINUTE);
+            let b = Shared::new(database.relay("b").await, "main", MINUTE);
             let shutdown = CancellationToken::new();
             let held = a.acquire(1, &shutdown).await.expect("a free slot");
             let waiting = tokio::spawn({
@@ -250,7 +254,7 @@ mod tests {
         for database in SharedDatabase::all() {
             let store = database.relay("a").await;
             let id = store
-                .acquire_slot("main", 1, SystemTime::now(), SLOT_TTL)
+                .acquire_slot("main", 1, SystemTime::now(), MINUTE)
                 .await
                 .expect("the store answers")
                 .expect("a free slot");

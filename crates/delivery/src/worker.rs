@@ -139,7 +139,7 @@ pub fn spawn_into<T: Transport>(
         let shared = account
             .shared
             .clone()
-            .map(|store| Shared::new(store, &account.name));
+            .map(|store| Shared::new(store, &account.name, queue.settings().lease_timeout));
         let pacer = Arc::new(Pacer::new(account.limits, file).sharing(shared.clone()));
         for n in 0..account.limits.max_connections {
             let worker = Worker {
