@@ -4,7 +4,8 @@
 //! itself when it is back, without losing anything it answered `250` for;
 //! mail accepted by a relay that dies is delivered by another on the same
 //! database; two relays sending at once keep to the mailbox's three
-//! upstream connections together.
+//! upstream connections together, and when one is killed mid-load the
+//! other delivers all it accepted, repeating at most what was in flight.
 
 mod common;
 
@@ -389,5 +390,49 @@ async fn mail_accepted_by_a_relay_that_dies_is_delivered_by_another() {
         got.len(),
         accepted.len(),
         "a message went out twice: {got:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_relay_killed_mid_load_loses_nothing_and_repeats_only_its_in_flight() {
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let world = World::start().await;
+    let ((config_a, port_a), (config_b, port_b)) = two_relays(&world, &pg, |c| {
+        c.replace("[upstream]\n", "[upstream]\nidle_timeout = \"1s\"\n")
+    });
+    let mut relay_a = Relay::start(&config_a, port_a).await;
+    let relay_b = Relay::start(&config_b, port_b).await;
+    let told = Arc::new(Mutex::new(Told::default()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut clients = load(port_a, "a", told.clone(), stop.clone());
+    clients.extend(load(port_b, "b", told.clone(), stop.clone()));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    relay_a.kill9();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for client in clients {
+        client.await.expect("client");
+    }
+    let told = std::mem::take(&mut *told.lock().expect("lock"));
+    assert!(
+        told.accepted.iter().any(|s| s.starts_with("a-")),
+        "A accepted nothing before it was killed"
+    );
+    all_delivered(&world, &relay_b, &told.accepted).await;
+    eventually(20, "an empty queue", || relay_b.queue_json().is_empty()).await;
+    let got = received(&world);
+    // A's workers had at most one message each (3) in hand when it died
+    assert!(
+        got.len() <= told.accepted.len() + 3,
+        "{} deliveries of {} accepted messages",
+        got.len(),
+        told.accepted.len()
+    );
+    assert!(
+        world.upstream.max_concurrent() <= 3,
+        "{} upstream connections at once",
+        world.upstream.max_concurrent()
     );
 }
