@@ -4,8 +4,9 @@
 //! itself when it is back, without losing anything it answered `250` for;
 //! mail accepted by a relay that dies is delivered by another on the same
 //! database; two relays sending at once keep to the mailbox's three
-//! upstream connections together, and when one is killed mid-load the
-//! other delivers all it accepted, repeating at most what was in flight.
+//! upstream connections together and to the mailbox's pace, and when one is
+//! killed mid-load the other delivers all it accepted, repeating at most
+//! what was in flight.
 
 mod common;
 
@@ -434,5 +435,40 @@ async fn a_relay_killed_mid_load_loses_nothing_and_repeats_only_its_in_flight() 
         world.upstream.max_concurrent() <= 3,
         "{} upstream connections at once",
         world.upstream.max_concurrent()
+    );
+}
+
+#[tokio::test]
+async fn two_relays_keep_to_one_pace_together() {
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let world = World::start().await;
+    // 6 a minute: each relay alone spaces its messages 10 s apart, so two
+    // that did not share the pace would send 12 a minute between them
+    let ((config_a, port_a), (config_b, port_b)) = two_relays(&world, &pg, |c| {
+        c.replace("messages_per_minute = 1000000", "messages_per_minute = 6")
+    });
+    let relay_a = Relay::start(&config_a, port_a).await;
+    let relay_b = Relay::start(&config_b, port_b).await;
+    for n in 0..6 {
+        for (port, relay) in [(port_a, "a"), (port_b, "b")] {
+            let subject = format!("{relay}-{n}");
+            let reply = try_send(port, &subject).await;
+            assert_eq!(reply.as_deref().map(|r| &r[..3]), Some("250"), "{subject}");
+        }
+    }
+    world
+        .upstream
+        .wait_for_messages(1, Duration::from_secs(20))
+        .await;
+    // the first minute from the first delivery, less a margin for the poll
+    tokio::time::sleep(Duration::from_secs(55)).await;
+    let sent = world.upstream.messages().len();
+    assert!(
+        (3..=6).contains(&sent),
+        "{sent} messages in under a minute at 6 a minute\nA:\n{}\nB:\n{}",
+        relay_a.log(),
+        relay_b.log()
     );
 }
