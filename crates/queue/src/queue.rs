@@ -582,16 +582,10 @@ impl Queue {
     pub async fn enqueue_spooled(
         &self,
         msg: NewMessage,
-        mut writer: BodyWriter,
+        writer: BodyWriter,
         tail: &[u8],
     ) -> Result<QueueId, QueueError> {
-        writer.append(tail).await?;
-        let body = blocking(
-            &writer.path.clone(),
-            "reading a spooled message",
-            move || writer.into_body(),
-        )
-        .await?;
+        let body = spooled_body(writer, tail).await?;
         self.insert(msg, body, None).await
     }
 
@@ -600,16 +594,10 @@ impl Queue {
     pub async fn enqueue_passthrough_spooled(
         &self,
         msg: NewMessage,
-        mut writer: BodyWriter,
+        writer: BodyWriter,
         tail: &[u8],
     ) -> Result<(QueueId, oneshot::Receiver<Vec<RecipientResult>>), QueueError> {
-        writer.append(tail).await?;
-        let body = blocking(
-            &writer.path.clone(),
-            "reading a spooled message",
-            move || writer.into_body(),
-        )
-        .await?;
+        let body = spooled_body(writer, tail).await?;
         self.enqueue_passthrough(msg, body).await
     }
 
@@ -1433,6 +1421,17 @@ fn apply_attempt(
 
 mod admin;
 pub use admin::{Applied, Deletion, Request, Selection};
+
+/// The whole body of a message spooled in `writer`, ending with `tail`.
+async fn spooled_body(mut writer: BodyWriter, tail: &[u8]) -> Result<Vec<u8>, QueueError> {
+    writer.append(tail).await?;
+    blocking(
+        &writer.path.clone(),
+        "reading a spooled message",
+        move || writer.into_body(),
+    )
+    .await
+}
 
 #[cfg(test)]
 mod tests {
