@@ -21,10 +21,15 @@ fn huge_lifetime() -> Option<TokenFault> {
 }
 
 /// Starts a relay with its admin endpoint on a known port; returns it and
-/// its `/readyz` URL.
+/// its `/readyz` URL. Upstream sessions close as soon as they are idle, so
+/// each message logs in afresh: an AUTH fault meets the next message,
+/// whichever worker takes it.
 async fn start(world: &World) -> (Relay, String) {
     let (port, admin) = (free_port(), free_port());
-    let config = world.write_config(&world.config_with_admin(port, admin));
+    let text = world
+        .config_with_admin(port, admin)
+        .replace("[upstream]\n", "[upstream]\nidle_timeout = \"1ms\"\n");
+    let config = world.write_config(&text);
     let relay = Relay::start(&config, port).await;
     (relay, format!("http://127.0.0.1:{admin}/readyz"))
 }
