@@ -1,7 +1,7 @@
 //! The configuration schema. Each field's doc comment is its reference
 //! documentation; defaults are what an admin gets when the key is absent.
 
-use crate::Secret;
+use crate::{Secret, ValueError};
 use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, Serialize};
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
@@ -141,15 +141,17 @@ pub enum ListenerAuth {
 }
 
 impl TryFrom<String> for ListenerAuth {
-    type Error = String;
-    fn try_from(value: String) -> Result<Self, String> {
+    type Error = ValueError;
+    fn try_from(value: String) -> Result<Self, ValueError> {
         match value.as_str() {
             "off" => Ok(ListenerAuth::Off),
             "optional" => Ok(ListenerAuth::Optional),
             "required" => Ok(ListenerAuth::Required),
-            _ => Err(format!(
-                "{value:?} is not an auth setting: use \"off\", \"optional\" or \"required\""
-            )),
+            _ => Err(ValueError::Unknown {
+                value,
+                what: "an auth setting",
+                choices: r#""off", "optional" or "required""#,
+            }),
         }
     }
 }
@@ -180,14 +182,16 @@ pub enum Mode {
 }
 
 impl TryFrom<String> for Mode {
-    type Error = String;
-    fn try_from(value: String) -> Result<Self, String> {
+    type Error = ValueError;
+    fn try_from(value: String) -> Result<Self, ValueError> {
         match value.as_str() {
             "queue" => Ok(Mode::Queue),
             "passthrough" => Ok(Mode::Passthrough),
-            _ => Err(format!(
-                "{value:?} is not a mode: use \"queue\" or \"passthrough\""
-            )),
+            _ => Err(ValueError::Unknown {
+                value,
+                what: "a mode",
+                choices: r#""queue" or "passthrough""#,
+            }),
         }
     }
 }
@@ -252,14 +256,16 @@ pub enum Security {
 }
 
 impl TryFrom<String> for Security {
-    type Error = String;
-    fn try_from(value: String) -> Result<Self, String> {
+    type Error = ValueError;
+    fn try_from(value: String) -> Result<Self, ValueError> {
         match value.as_str() {
             "starttls" => Ok(Security::Starttls),
             "tls" => Ok(Security::Tls),
-            _ => Err(format!(
-                "{value:?} is not a security mode: use \"starttls\" or \"tls\" (there is no plaintext mode)"
-            )),
+            _ => Err(ValueError::Unknown {
+                value,
+                what: "a security mode",
+                choices: r#""starttls" or "tls" (there is no plaintext mode)"#,
+            }),
         }
     }
 }
@@ -375,14 +381,16 @@ pub enum LogFormat {
 }
 
 impl TryFrom<String> for LogFormat {
-    type Error = String;
-    fn try_from(value: String) -> Result<Self, String> {
+    type Error = ValueError;
+    fn try_from(value: String) -> Result<Self, ValueError> {
         match value.as_str() {
             "text" => Ok(LogFormat::Text),
             "json" => Ok(LogFormat::Json),
-            _ => Err(format!(
-                "{value:?} is not a log format: use \"text\" or \"json\""
-            )),
+            _ => Err(ValueError::Unknown {
+                value,
+                what: "a log format",
+                choices: r#""text" or "json""#,
+            }),
         }
     }
 }
@@ -481,15 +489,17 @@ impl Flow {
 }
 
 impl TryFrom<String> for Flow {
-    type Error = String;
-    fn try_from(value: String) -> Result<Self, String> {
+    type Error = ValueError;
+    fn try_from(value: String) -> Result<Self, ValueError> {
         match value.as_str() {
             "client_credentials" => Ok(Flow::ClientCredentials),
             "refresh_token" => Ok(Flow::RefreshToken),
             "service_account" => Ok(Flow::ServiceAccount),
-            _ => Err(format!(
-                "{value:?} is not a flow: use \"client_credentials\", \"refresh_token\" or \"service_account\""
-            )),
+            _ => Err(ValueError::Unknown {
+                value,
+                what: "a flow",
+                choices: r#""client_credentials", "refresh_token" or "service_account""#,
+            }),
         }
     }
 }
@@ -517,14 +527,16 @@ impl Provider {
 }
 
 impl TryFrom<String> for Provider {
-    type Error = String;
-    fn try_from(value: String) -> Result<Self, String> {
+    type Error = ValueError;
+    fn try_from(value: String) -> Result<Self, ValueError> {
         match value.as_str() {
             "microsoft" => Ok(Provider::Microsoft),
             "google" => Ok(Provider::Google),
-            _ => Err(format!(
-                "{value:?} is not a provider: use \"microsoft\" or \"google\""
-            )),
+            _ => Err(ValueError::Unknown {
+                value,
+                what: "a provider",
+                choices: r#""microsoft" or "google""#,
+            }),
         }
     }
 }
@@ -543,14 +555,16 @@ pub enum AssertionAlgorithm {
 }
 
 impl TryFrom<String> for AssertionAlgorithm {
-    type Error = String;
-    fn try_from(value: String) -> Result<Self, String> {
+    type Error = ValueError;
+    fn try_from(value: String) -> Result<Self, ValueError> {
         match value.as_str() {
             "PS256" => Ok(AssertionAlgorithm::PS256),
             "RS256" => Ok(AssertionAlgorithm::RS256),
-            _ => Err(format!(
-                "{value:?} is not an assertion algorithm: use \"PS256\" or \"RS256\""
-            )),
+            _ => Err(ValueError::Unknown {
+                value,
+                what: "an assertion algorithm",
+                choices: r#""PS256" or "RS256""#,
+            }),
         }
     }
 }
@@ -871,7 +885,7 @@ fn credential_path<'de, D: Deserializer<'de>>(
     String::deserialize(deserializer).map(|text| Some(PathBuf::from(text)))
 }
 
-pub(crate) fn expand_env(text: &str) -> Result<String, String> {
+pub(crate) fn expand_env(text: &str) -> Result<String, ValueError> {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(start) = rest.find("${") {
@@ -879,10 +893,14 @@ pub(crate) fn expand_env(text: &str) -> Result<String, String> {
         let after = &rest[start + 2..];
         let end = after
             .find('}')
-            .ok_or_else(|| format!("{text:?}: unclosed ${{"))?;
+            .ok_or_else(|| ValueError::UnclosedVariable {
+                text: text.to_owned(),
+            })?;
         let name = &after[..end];
-        let value = std::env::var(name)
-            .map_err(|_| format!("{text:?}: environment variable {name} is not set"))?;
+        let value = std::env::var(name).map_err(|_| ValueError::UnsetVariable {
+            text: text.to_owned(),
+            name: name.to_owned(),
+        })?;
         out.push_str(&value);
         rest = &after[end + 1..];
     }
@@ -924,52 +942,46 @@ fn socket_addr<'de, D: Deserializer<'de>>(deserializer: D) -> Result<SocketAddr,
 
 /// A list item, parsed with an error that says what to write instead.
 trait Item: Sized {
-    fn parse(text: &str) -> Result<Self, String>;
+    fn parse(text: &str) -> Result<Self, ValueError>;
 }
 
 impl Item for String {
-    fn parse(text: &str) -> Result<Self, String> {
+    fn parse(text: &str) -> Result<Self, ValueError> {
         Ok(text.to_owned())
     }
 }
 
 impl Item for SocketAddr {
-    fn parse(text: &str) -> Result<Self, String> {
+    fn parse(text: &str) -> Result<Self, ValueError> {
         if let Ok(addr) = text.parse() {
             return Ok(addr);
         }
         let bare = text.trim_start_matches('[').trim_end_matches(']');
-        Err(match bare.parse::<std::net::IpAddr>() {
-            Ok(std::net::IpAddr::V4(ip)) => format!("add a port, e.g. {ip}:2525"),
-            Ok(std::net::IpAddr::V6(ip)) => format!("add a port, e.g. [{ip}]:2525"),
-            Err(_) => "not an address with a port, e.g. 127.0.0.1:2525 or [::1]:2525".into(),
+        Err(match bare.parse() {
+            Ok(ip) => ValueError::NoPort(ip),
+            Err(_) => ValueError::NotSocketAddr,
         })
     }
 }
 
 impl Item for IpNet {
-    fn parse(text: &str) -> Result<Self, String> {
+    fn parse(text: &str) -> Result<Self, ValueError> {
         if let Ok(net) = text.parse() {
             return Ok(net);
         }
         let Some((addr, prefix)) = text.split_once('/') else {
-            return Err(match text.parse::<std::net::IpAddr>() {
-                Ok(ip) => format!(
-                    "an address, not a network: write {ip}/{} for this host alone",
-                    if ip.is_ipv4() { 32 } else { 128 }
-                ),
-                Err(_) => "not a network (CIDR), e.g. 192.168.10.0/24".into(),
+            return Err(match text.parse() {
+                Ok(ip) => ValueError::HostNotNetwork(ip),
+                Err(_) => ValueError::NotNetwork,
             });
         };
-        match addr.parse::<std::net::IpAddr>() {
-            Ok(ip) => {
-                let max = if ip.is_ipv4() { 32 } else { 128 };
-                Err(format!(
-                    "the prefix length {prefix:?} is not a number from 0 to {max}"
-                ))
-            }
-            Err(_) => Err(format!("{addr:?} is not an IP address")),
-        }
+        Err(match addr.parse::<std::net::IpAddr>() {
+            Ok(ip) => ValueError::PrefixLength {
+                prefix: prefix.to_owned(),
+                max: if ip.is_ipv4() { 32 } else { 128 },
+            },
+            Err(_) => ValueError::NotIpAddress(addr.to_owned()),
+        })
     }
 }
 

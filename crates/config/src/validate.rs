@@ -3,7 +3,7 @@
 
 use crate::{
     AccountConfig, Config, Flow, ListenerAuth, ListenerConfig, OAuthConfig, Provider, Secrets,
-    Transport,
+    Transport, ValueError,
 };
 use std::{collections::HashSet, path::Path};
 
@@ -437,42 +437,40 @@ pub(crate) fn is_address(text: &str) -> bool {
 }
 
 /// Tokens travel to the authority: https, except to a loopback test server.
-fn check_authority(authority: &str) -> Result<(), String> {
+fn check_authority(authority: &str) -> Result<(), ValueError> {
     let url = match url::Url::parse(authority) {
         Ok(url) => url,
         Err(url::ParseError::RelativeUrlWithoutBase) => {
-            return Err(format!("has no scheme: write https://{authority}"))
+            return Err(ValueError::NoScheme(authority.to_owned()))
         }
-        Err(e) => return Err(e.to_string()),
+        Err(e) => return Err(e.into()),
     };
     let loopback = match url.host() {
         Some(url::Host::Domain(d)) => d == "localhost",
         Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
         Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
-        None => return Err("has no host".into()),
+        None => return Err(ValueError::NoHost),
     };
     match url.scheme() {
         "https" => Ok(()),
         "http" if loopback => Ok(()),
-        _ => Err("must be an https:// URL".into()),
+        _ => Err(ValueError::NotHttps),
     }
 }
 
 /// `error`, `warn`, `info`, `debug`, `trace` or `off`, or a filter of
 /// comma-separated `[target=]level` directives.
-fn check_log_level(filter: &str) -> Result<(), String> {
+fn check_log_level(filter: &str) -> Result<(), ValueError> {
     const LEVELS: [&str; 6] = ["error", "warn", "info", "debug", "trace", "off"];
-    let usage =
-        "use error, warn, info, debug or trace, or a filter like \"info,relay_delivery=debug\"";
     if filter.trim().is_empty() {
-        return Err(format!("is empty: {usage}"));
+        return Err(ValueError::EmptyLogLevel);
     }
     for directive in filter.split(',').map(str::trim) {
         let level = directive
             .rsplit_once('=')
             .map_or(directive, |(_, level)| level);
         if !LEVELS.contains(&level.trim().to_ascii_lowercase().as_str()) {
-            return Err(format!("{level:?} is not a level: {usage}"));
+            return Err(ValueError::NotLogLevel(level.to_owned()));
         }
     }
     Ok(())
