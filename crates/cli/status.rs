@@ -2,7 +2,7 @@
 //! relay.
 
 use arc_swap::ArcSwap;
-use relay_admin::Check;
+use relay_admin::{Check, Readiness};
 use relay_queue::Queue;
 use relay_tokens::TokenManager;
 use std::{
@@ -47,26 +47,28 @@ impl relay_admin::Status for RelayStatus {
         let mut checks = vec![
             Check {
                 name: "listening".into(),
-                result: Ok(addrs.join(", ")),
+                readiness: Readiness::Ready(addrs.join(", ")),
             },
             Check {
                 name: "queue directory writable".into(),
-                result: probe_writable(&self.queue_dir),
+                readiness: probe_writable(&self.queue_dir),
             },
             Check {
                 name: "queue database".into(),
-                result: match self.queue.health().error {
-                    None => Ok(self.queue.store_name()),
-                    Some(error) => Err(format!("{}: {error}", self.queue.store_name())),
+                readiness: match self.queue.health().error {
+                    None => Readiness::Ready(self.queue.store_name()),
+                    Some(error) => {
+                        Readiness::NotReady(format!("{}: {error}", self.queue.store_name()))
+                    }
                 },
             },
         ];
         for tokens in self.tokens.load().iter() {
             checks.push(Check {
                 name: format!("token for account {}", tokens.account()),
-                result: match tokens.valid_for() {
-                    Some(left) => Ok(format!("valid for {} s", left.as_secs())),
-                    None => Err("no valid access token (the log says why)".into()),
+                readiness: match tokens.valid_for() {
+                    Some(left) => Readiness::Ready(format!("valid for {} s", left.as_secs())),
+                    None => Readiness::NotReady("no valid access token (the log says why)".into()),
                 },
             });
         }
@@ -98,8 +100,9 @@ impl relay_admin::Status for RelayStatus {
 }
 
 /// Creates and removes a file where the queue writes its temporary files.
-fn probe_writable(queue_dir: &std::path::Path) -> Result<String, String> {
-    relay_queue::check_writable(queue_dir)
-        .map(|()| queue_dir.display().to_string())
-        .map_err(|e| e.to_string())
+fn probe_writable(queue_dir: &std::path::Path) -> Readiness {
+    match relay_queue::check_writable(queue_dir) {
+        Ok(()) => Readiness::Ready(queue_dir.display().to_string()),
+        Err(e) => Readiness::NotReady(e.to_string()),
+    }
 }

@@ -35,8 +35,17 @@ pub enum AdminError {
 pub struct Check {
     /// What was checked, e.g. `queue directory writable`.
     pub name: String,
-    /// `Ok(detail)` when it passes, `Err(why)` when it fails.
-    pub result: Result<String, String>,
+    /// Whether it passes, and what it found or why not.
+    pub readiness: Readiness,
+}
+
+/// A readiness check's outcome, with the text `/readyz` shows for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Readiness {
+    /// The check passes: what was found, e.g. the queue directory.
+    Ready(String),
+    /// The check fails: why.
+    NotReady(String),
 }
 
 /// What the endpoint asks the running relay.
@@ -112,12 +121,14 @@ impl Endpoint {
 
 async fn readyz(State(app): State<Arc<App>>) -> (StatusCode, String) {
     let checks = app.status.readiness();
-    let ready = checks.iter().all(|c| c.result.is_ok());
+    let ready = checks
+        .iter()
+        .all(|c| matches!(c.readiness, Readiness::Ready(_)));
     let mut body = String::from(if ready { "ready\n" } else { "not ready\n" });
     for check in checks {
-        match check.result {
-            Ok(detail) => body.push_str(&format!("ok   {}: {detail}\n", check.name)),
-            Err(why) => body.push_str(&format!("FAIL {}: {why}\n", check.name)),
+        match check.readiness {
+            Readiness::Ready(detail) => body.push_str(&format!("ok   {}: {detail}\n", check.name)),
+            Readiness::NotReady(why) => body.push_str(&format!("FAIL {}: {why}\n", check.name)),
         }
     }
     let code = if ready {

@@ -1,6 +1,6 @@
 //! The endpoint over a real socket.
 
-use relay_admin::{install_recorder, Check, Endpoint, Status};
+use relay_admin::{install_recorder, Check, Endpoint, Readiness, Status};
 use std::sync::{
     atomic::{AtomicBool, Ordering},
     Arc,
@@ -16,14 +16,14 @@ impl Status for Fake {
         vec![
             Check {
                 name: "listening".into(),
-                result: Ok("127.0.0.1:2525".into()),
+                readiness: Readiness::Ready("127.0.0.1:2525".into()),
             },
             Check {
                 name: "queue directory writable".into(),
-                result: if self.queue_ok.load(Ordering::SeqCst) {
-                    Ok("/q".into())
+                readiness: if self.queue_ok.load(Ordering::SeqCst) {
+                    Readiness::Ready("/q".into())
                 } else {
-                    Err("/q: permission denied".into())
+                    Readiness::NotReady("/q: permission denied".into())
                 },
             },
         ]
