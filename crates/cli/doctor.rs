@@ -4,7 +4,7 @@
 //! is checked against Microsoft Graph instead of the submission server.
 
 use relay_config::{AccountConfig, Config, Transport};
-use relay_delivery::{Step, Upstream};
+use relay_delivery::{Finding, Step, Upstream};
 use relay_tokens::{describe_token, AccessToken, TokenReport, TokenSource};
 use std::{path::Path, time::Instant};
 
@@ -26,35 +26,33 @@ struct Report {
 impl Report {
     fn step(&mut self, step: Step) {
         let ms = step.took.as_millis();
-        match &step.result {
-            Ok(detail) => println!("✓ {} — {detail} ({ms} ms)", step.what),
-            Err(problem) => {
+        match &step.finding {
+            Finding::Pass(detail) => println!("✓ {} — {detail} ({ms} ms)", step.what),
+            Finding::Fail { problem, fix } => {
                 self.failed = true;
                 println!("✗ {} — {problem} ({ms} ms)", step.what);
-                if let Some(fix) = &step.fix {
+                if let Some(fix) = fix {
                     println!("  fix: {fix}");
                 }
             }
         }
     }
 
-    fn check(
-        &mut self,
-        what: &str,
-        started: Instant,
-        result: Result<String, (String, Option<String>)>,
-    ) -> bool {
-        let (result, fix) = match result {
-            Ok(detail) => (Ok(detail), None),
-            Err((problem, fix)) => (Err(problem), fix),
-        };
+    fn check(&mut self, what: &str, started: Instant, finding: Finding) -> bool {
         self.step(Step {
             what: what.to_owned(),
-            result,
-            fix,
+            finding,
             took: started.elapsed(),
         });
         !self.failed
+    }
+}
+
+/// A step broken by `e`, with no fix to offer.
+fn failed(e: &impl std::fmt::Display) -> Finding {
+    Finding::Fail {
+        problem: e.to_string(),
+        fix: None,
     }
 }
 
@@ -67,7 +65,7 @@ pub async fn doctor(path: &Path, args: DoctorArgs) -> anyhow::Result<()> {
             report.check(
                 "config",
                 started,
-                Ok(format!("{} is valid", path.display())),
+                Finding::Pass(format!("{} is valid", path.display())),
             );
             config
         }
@@ -75,13 +73,13 @@ pub async fn doctor(path: &Path, args: DoctorArgs) -> anyhow::Result<()> {
             report.check(
                 "config",
                 started,
-                Err((
-                    format!("{e:#}"),
-                    Some(
+                Finding::Fail {
+                    problem: format!("{e:#}"),
+                    fix: Some(
                         "correct the keys named above; `smtp-oauth-relay check` repeats this check"
                             .into(),
                     ),
-                )),
+                },
             );
             anyhow::bail!("the setup is broken at the first step");
         }
@@ -94,7 +92,7 @@ pub async fn doctor(path: &Path, args: DoctorArgs) -> anyhow::Result<()> {
     let upstream = match Upstream::new(&config.upstream, &config.listener.hostname) {
         Ok(upstream) => upstream,
         Err(e) => {
-            report.check("trust roots", started, Err((e.to_string(), None)));
+            report.check("trust roots", started, failed(&e));
             anyhow::bail!("the setup is broken");
         }
     };
@@ -109,16 +107,16 @@ pub async fn doctor(path: &Path, args: DoctorArgs) -> anyhow::Result<()> {
         "token claims",
         started,
         if claims.warnings.is_empty() {
-            Ok(if summary.is_empty() {
+            Finding::Pass(if summary.is_empty() {
                 "opaque token".into()
             } else {
                 summary
             })
         } else {
-            Err((
-                claims.warnings.join("; "),
-                Some("see `smtp-oauth-relay token` and the README's setup steps".into()),
-            ))
+            Finding::Fail {
+                problem: claims.warnings.join("; "),
+                fix: Some("see `smtp-oauth-relay token` and the README's setup steps".into()),
+            }
         },
     );
     if !claims_ok {
@@ -183,7 +181,7 @@ async fn fetch_token(
             report.check(
                 &what,
                 started,
-                Ok(format!(
+                Finding::Pass(format!(
                     "obtained, expires in {} min",
                     token.expires_in().as_secs() / 60
                 )),
@@ -191,7 +189,7 @@ async fn fetch_token(
             Ok(token)
         }
         Err(e) => {
-            report.check(&what, started, Err((e.to_string(), None)));
+            report.check(&what, started, failed(&e));
             anyhow::bail!("the setup is broken (see the ✗ step above)");
         }
     }
@@ -250,8 +248,11 @@ async fn doctor_graph(
         "token claims for Microsoft Graph",
         started,
         match graph_claims_problem(&claims.claims) {
-            None => Ok(summary),
-            Some(problem) => Err((problem, Some(GRAPH_SETUP.to_owned()))),
+            None => Finding::Pass(summary),
+            Some(problem) => Finding::Fail {
+                problem,
+                fix: Some(GRAPH_SETUP.to_owned()),
+            },
         },
     );
     if !ok {
@@ -277,11 +278,14 @@ async fn doctor_graph(
             &format!("test message to {to} through {}", config.graph.endpoint),
             started,
             match sent {
-                Ok(accepted) => Ok(format!(
+                Ok(accepted) => Finding::Pass(format!(
                     "202 accepted (request-id {})",
                     accepted.request_id.as_deref().unwrap_or("none")
                 )),
-                Err(e) => Err((e.to_string(), e.failure.hint())),
+                Err(e) => Finding::Fail {
+                    problem: e.to_string(),
+                    fix: e.failure.hint(),
+                },
             },
         );
         if !ok {

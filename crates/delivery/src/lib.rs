@@ -32,7 +32,7 @@ mod worker;
 pub use classify::{classify, classify_auth, hint, SMTP_AUTH_OFF_FIX};
 pub use error::DeliveryError;
 pub use pace::{Limits, Pacer};
-pub use probe::{Secured, Step};
+pub use probe::{Finding, Secured, Step};
 pub use relay_outcome::{Enhanced, Outcome, Reason, Reply, Verdict};
 pub use rewrite::rewrite_from;
 pub use session::Upstream;

@@ -28,11 +28,27 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(20);
 pub struct Step {
     /// What was checked.
     pub what: String,
-    /// What was found: `Ok(detail)`, or `Err(problem)`.
-    pub result: Result<String, String>,
-    /// How to fix a failing step.
-    pub fix: Option<String>,
+    /// What was found, or what is wrong and how to fix it.
+    pub finding: Finding,
     pub took: Duration,
+}
+
+/// What a step found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Finding {
+    /// The step works: what was found.
+    Pass(String),
+    /// The step is broken: the problem, and how to fix it where known.
+    Fail {
+        problem: String,
+        fix: Option<String>,
+    },
+}
+
+impl Finding {
+    pub fn passed(&self) -> bool {
+        matches!(self, Finding::Pass(_))
+    }
 }
 
 impl Step {
@@ -41,27 +57,16 @@ impl Step {
         started: Instant,
         result: Result<(T, String), (String, Option<String>)>,
     ) -> (Option<T>, Step) {
-        let took = started.elapsed();
-        match result {
-            Ok((value, detail)) => (
-                Some(value),
-                Step {
-                    what: what.to_owned(),
-                    result: Ok(detail),
-                    fix: None,
-                    took,
-                },
-            ),
-            Err((problem, fix)) => (
-                None,
-                Step {
-                    what: what.to_owned(),
-                    result: Err(problem),
-                    fix,
-                    took,
-                },
-            ),
-        }
+        let (value, finding) = match result {
+            Ok((value, detail)) => (Some(value), Finding::Pass(detail)),
+            Err((problem, fix)) => (None, Finding::Fail { problem, fix }),
+        };
+        let step = Step {
+            what: what.to_owned(),
+            finding,
+            took: started.elapsed(),
+        };
+        (value, step)
     }
 }
 
@@ -225,7 +230,7 @@ impl Upstream {
                 Err(_) => Err(("no greeting".into(), None)),
             },
         );
-        let ok = step.result.is_ok();
+        let ok = step.finding.passed();
         report(step);
         ok.then(Instant::now)
     }
@@ -269,7 +274,7 @@ impl Secured {
                 }
             },
         );
-        let ok = step.result.is_ok();
+        let ok = step.finding.passed();
         report(step);
         ok
     }
@@ -304,7 +309,7 @@ impl Secured {
                 Err(broken) => Err((broken.outcome.reply.text, None)),
             },
         );
-        let ok = step.result.is_ok();
+        let ok = step.finding.passed();
         report(step);
         session.quit().await;
         ok
