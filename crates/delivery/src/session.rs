@@ -74,6 +74,24 @@ fn lost(text: &str) -> Outcome {
     )
 }
 
+/// Why an exchange of commands and replies broke off; the text becomes
+/// the outcome of the recipients it leaves undelivered.
+#[derive(Debug, thiserror::Error)]
+enum WireError {
+    #[error("timed out writing to the upstream")]
+    WriteTimeout,
+    #[error("no reply from the upstream within {}s", .0.as_secs())]
+    ReplyTimeout(Duration),
+    /// The connection failed, or the server's reply was not SMTP.
+    #[error("connection lost: {0}")]
+    Io(std::io::Error),
+    /// Fewer replies than commands.
+    #[error("no reply")]
+    NoReply,
+    #[error("no reply to DATA")]
+    NoReplyToData,
+}
+
 /// The connection broke mid-transaction. `before_data` tells whether the
 /// message could have been delivered (if not, a retry cannot duplicate it).
 #[derive(Debug)]
@@ -179,8 +197,8 @@ impl Session {
         body: &[u8],
     ) -> Result<Vec<Outcome>, Broken> {
         let broken = |before_data: bool| {
-            move |reason: String| Broken {
-                outcome: lost(&reason),
+            move |reason: WireError| Broken {
+                outcome: lost(&reason.to_string()),
                 before_data,
             }
         };
@@ -192,7 +210,7 @@ impl Session {
         let replies = self.exchange(&commands).await.map_err(broken(true))?;
         let (mail, rcpts) = replies
             .split_first()
-            .ok_or_else(|| broken(true)("no reply".into()))?;
+            .ok_or_else(|| broken(true)(WireError::NoReply))?;
         if !mail.is_positive() {
             self.reset().await;
             let failure = outcome(mail.clone());
@@ -218,7 +236,7 @@ impl Session {
                 self.reset().await;
                 reply.clone()
             }
-            None => return Err(broken(true)("no reply to DATA".into())),
+            None => return Err(broken(true)(WireError::NoReplyToData)),
         };
         let accepted = outcome(final_reply);
         self.transactions += 1;
@@ -251,7 +269,7 @@ impl Session {
     }
 
     /// Sends commands (pipelined when the server allows) and reads one reply each.
-    async fn exchange(&mut self, commands: &[String]) -> Result<Vec<Reply>, String> {
+    async fn exchange(&mut self, commands: &[String]) -> Result<Vec<Reply>, WireError> {
         let pipelining = self.capabilities.capabilities & EXT_PIPELINING != 0;
         let mut replies = Vec::with_capacity(commands.len());
         let batches: Vec<&[String]> = if pipelining {
@@ -276,7 +294,7 @@ impl Session {
     /// Sends the message a piece at a time, so a large message is never
     /// copied whole for dot-stuffing. The end-of-data line goes out with the
     /// last piece: one write for a small message.
-    async fn send_body(&mut self, body: &[u8]) -> Result<Reply, String> {
+    async fn send_body(&mut self, body: &[u8]) -> Result<Reply, WireError> {
         let mut line_start = true;
         let mut wire = Vec::with_capacity(STUFF_PIECE + STUFF_PIECE / 64 + 8);
         let mut pieces = body.chunks(STUFF_PIECE).peekable();
@@ -301,22 +319,22 @@ impl Session {
         }
     }
 
-    async fn write(&mut self, bytes: &[u8]) -> Result<(), String> {
+    async fn write(&mut self, bytes: &[u8]) -> Result<(), WireError> {
         let stream = &mut self.client.stream;
         tokio::time::timeout(COMMAND_TIMEOUT, write_all(stream, bytes))
             .await
-            .map_err(|_| "timed out writing to the upstream".to_owned())?
-            .map_err(|e| format!("connection lost: {e}"))
+            .map_err(|_| WireError::WriteTimeout)?
+            .map_err(WireError::Io)
     }
 
-    async fn read(&mut self, limit: Duration) -> Result<Reply, String> {
+    async fn read(&mut self, limit: Duration) -> Result<Reply, WireError> {
         tokio::time::timeout(
             limit,
             read_reply(&mut self.client.stream, &mut self.pending),
         )
         .await
-        .map_err(|_| format!("no reply from the upstream within {}s", limit.as_secs()))?
-        .map_err(|e| format!("connection lost: {e}"))
+        .map_err(|_| WireError::ReplyTimeout(limit))?
+        .map_err(WireError::Io)
     }
 }
 
