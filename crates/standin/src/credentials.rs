@@ -149,14 +149,23 @@ impl Jws {
     }
 
     /// Verifies the RS256 or PS256 signature with an RSA public key (PKCS#1 DER).
-    pub fn verify(&self, public_key: &[u8]) -> Result<(), String> {
+    pub fn verify(&self, public_key: &[u8]) -> Result<(), BadSignature> {
         let algorithm: &'static signature::RsaParameters = match self.alg() {
             "RS256" => &signature::RSA_PKCS1_2048_8192_SHA256,
             "PS256" => &signature::RSA_PSS_2048_8192_SHA256,
-            other => return Err(format!("unsupported alg {other:?}")),
+            other => return Err(BadSignature::Algorithm(other.to_owned())),
         };
         UnparsedPublicKey::new(algorithm, public_key)
             .verify(self.signing_input.as_bytes(), &self.signature)
-            .map_err(|_| "signature does not verify".to_string())
+            .map_err(|_| BadSignature::Mismatch)
     }
+}
+
+/// Why a signed JWT's signature is refused.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum BadSignature {
+    #[error("unsupported alg {0:?}")]
+    Algorithm(String),
+    #[error("signature does not verify")]
+    Mismatch,
 }

@@ -51,12 +51,17 @@ pub(crate) fn rsa_key(
     .map_err(|e| bad(format!("not a usable RSA key: {e}")))
 }
 
+/// aws-lc-rs could not sign (it says no more than that).
+#[derive(Debug, thiserror::Error)]
+#[error("signing failed")]
+struct SigningFailed;
+
 fn sign(
     key: &signature::RsaKeyPair,
     algorithm: AssertionAlgorithm,
     header: serde_json::Value,
     claims: serde_json::Value,
-) -> Result<String, String> {
+) -> Result<String, SigningFailed> {
     let signing_input = format!(
         "{}.{}",
         URL_SAFE_NO_PAD.encode(header.to_string()),
@@ -73,7 +78,7 @@ fn sign(
         signing_input.as_bytes(),
         &mut sig,
     )
-    .map_err(|_| "signing failed".to_owned())?;
+    .map_err(|_| SigningFailed)?;
     Ok(format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(sig)))
 }
 
@@ -134,10 +139,10 @@ impl Certificate {
             "iat": now,
             "exp": now + ASSERTION_LIFETIME,
         });
-        sign(&key, self.algorithm, header, claims).map_err(|reason| TokenError::Credential {
+        sign(&key, self.algorithm, header, claims).map_err(|e| TokenError::Credential {
             what: "client_private_key",
             path: self.key.clone(),
-            reason,
+            reason: e.to_string(),
         })
     }
 }
@@ -188,7 +193,7 @@ pub(crate) fn service_account_assertion(
         "iat": now,
         "exp": now + 3600,
     });
-    sign(&key, AssertionAlgorithm::RS256, header, claims).map_err(bad)
+    sign(&key, AssertionAlgorithm::RS256, header, claims).map_err(|e| bad(e.to_string()))
 }
 
 /// 128 random bits, URL-safe, for `jti`, `state` and the like.
