@@ -863,37 +863,17 @@ fn client_credentials(
     headers: &HeaderMap,
     token_url: &str,
 ) -> Result<Issued, AadError> {
+    check_client_id(idp, form, headers)?;
     if form.get("client_assertion").is_some() || form.get("client_assertion_type").is_some() {
-        check_client_id(idp, form, headers)?;
         verify_assertion(idp, form, token_url)?;
         return app_token(idp, form);
     }
     // The secret may come in the body or as HTTP Basic auth; Entra ID
     // accepts both (RFC 6749 §2.3.1).
-    let basic = basic_credentials(headers);
-    let client_id = form
-        .get("client_id")
-        .map(str::to_string)
-        .or_else(|| basic.as_ref().map(|(id, _)| id.clone()))
-        .ok_or_else(|| AadError::missing("client_id"))?;
-    if !client_id.eq_ignore_ascii_case(&idp.client_id) {
-        return Err(AadError::new(
-            StatusCode::BAD_REQUEST,
-            "unauthorized_client",
-            700016,
-            format!(
-                "Application with identifier '{client_id}' was not found in the directory '{}'. \
-                 This can happen if the application has not been installed by the administrator \
-                 of the tenant or consented to by any user in the tenant. You may have sent your \
-                 authentication request to the wrong tenant.",
-                idp.tenant
-            ),
-        ));
-    }
     let secret = form
         .get("client_secret")
         .map(str::to_string)
-        .or_else(|| basic.map(|(_, secret)| secret))
+        .or_else(|| basic_credentials(headers).map(|(_, secret)| secret))
         .ok_or_else(|| {
             AadError::new(
                 StatusCode::UNAUTHORIZED,
@@ -984,7 +964,10 @@ fn check_client_id(idp: &Inner, form: &Form, headers: &HeaderMap) -> Result<(), 
             "unauthorized_client",
             700016,
             format!(
-                "Application with identifier '{client_id}' was not found in the directory '{}'.",
+                "Application with identifier '{client_id}' was not found in the directory '{}'. \
+                 This can happen if the application has not been installed by the administrator \
+                 of the tenant or consented to by any user in the tenant. You may have sent your \
+                 authentication request to the wrong tenant.",
                 idp.tenant
             ),
         ));
@@ -1063,7 +1046,7 @@ fn verify_assertion(idp: &Inner, form: &Form, token_url: &str) -> Result<(), Aad
             )
         })?;
     jws.verify(&key.public_key)
-        .map_err(|why| refused(700027, &why))?;
+        .map_err(|why| refused(700027, &why.to_string()))?;
     if jws.claim_str("aud") != Some(token_url) {
         return Err(refused(700027, &format!("aud must be {token_url}")));
     }
