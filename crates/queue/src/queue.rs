@@ -36,6 +36,9 @@ const SQLITE_FILE: &str = "queue.sqlite";
 const SPOOL_DIR: &str = "tmp";
 /// Locked by the relay running on an embedded store.
 const LOCK_FILE: &str = "lock";
+/// Due messages leased from the store at once: one transaction serves the
+/// worker that asked and the next ones to ask, instead of one each.
+const LEASE_BATCH: usize = 8;
 
 /// A PostgreSQL database shared with other relays (`[queue] database_url`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -265,6 +268,9 @@ struct Local {
     /// Per account, passthrough messages leased at insert, for a worker of
     /// this relay (which holds the client's connection).
     handoff: HashMap<String, VecDeque<Lease>>,
+    /// Per account, messages leased in a batch beyond the one a worker
+    /// asked for, for the next workers to ask (after any passthrough).
+    prefetched: HashMap<String, VecDeque<Lease>>,
     /// Passthrough clients waiting for their message's attempt.
     watchers: HashMap<QueueId, oneshot::Sender<Vec<RecipientResult>>>,
     /// Messages whose outcome could not be written yet: not handed out
@@ -737,10 +743,11 @@ impl Queue {
     }
 
     fn handed_off(&self, account: &str) -> Option<Lease> {
-        lock(&self.inner.local)
-            .handoff
-            .get_mut(account)?
-            .pop_front()
+        let mut local = lock(&self.inner.local);
+        if let Some(lease) = local.handoff.get_mut(account).and_then(VecDeque::pop_front) {
+            return Some(lease);
+        }
+        local.prefetched.get_mut(account)?.pop_front()
     }
 
     /// Says whether the leased message may be handed to the upstream now,
@@ -1060,21 +1067,27 @@ impl Inner {
         })
     }
 
-    /// Leases the account's next due message from the store, if any.
+    /// Leases the account's next due message from the store, if any, and
+    /// up to [`LEASE_BATCH`] - 1 more for the next workers to ask.
     async fn lease_next(self: Arc<Self>, account: &str) -> Option<Lease> {
-        loop {
-            let leased = self
-                .store
-                .lease_next(account, SystemTime::now(), self.settings.lease_timeout)
-                .await;
-            let m = match leased {
-                Ok(Some(m)) => m,
-                Ok(None) => return None,
-                Err(e) => {
-                    tracing::warn!(account, error = %e, "cannot take due mail from the store");
-                    return None;
-                }
-            };
+        let leased = self
+            .store
+            .lease_due(
+                account,
+                SystemTime::now(),
+                self.settings.lease_timeout,
+                LEASE_BATCH,
+            )
+            .await;
+        let messages = match leased {
+            Ok(messages) => messages,
+            Err(e) => {
+                tracing::warn!(account, error = %e, "cannot take due mail from the store");
+                return None;
+            }
+        };
+        let mut leases = Vec::with_capacity(messages.len());
+        for m in messages {
             let unrecorded = m
                 .envelope
                 .id
@@ -1086,10 +1099,23 @@ impl Inner {
                 continue;
             }
             match self.lease(m) {
-                Ok(lease) => return Some(lease),
+                Ok(lease) => leases.push(lease),
                 Err(e) => tracing::error!(error = %e, "skipping a stored message"),
             }
         }
+        let mut leases = leases.into_iter();
+        let first = leases.next();
+        let more: VecDeque<Lease> = leases.collect();
+        if !more.is_empty() {
+            let mut local = lock(&self.local);
+            local
+                .prefetched
+                .entry(account.to_owned())
+                .or_default()
+                .extend(more);
+            local.waker(account).notify_waiters();
+        }
+        first
     }
 
     /// Writes an attempt's outcome under this relay's lease. `Ok(false)`:

@@ -126,9 +126,19 @@ macro_rules! read_holds {
     }};
 }
 
-struct Insert {
-    message: NewMessage,
-    done: oneshot::Sender<Result<(), StoreError>>,
+/// A write the commit task batches with others into one transaction.
+enum Write {
+    /// A new message (boxed: the channel's slots stay small).
+    Insert(Box<NewMessage>),
+    /// Delete a message this relay holds the lease on (delivered).
+    Remove(String),
+}
+
+struct Pending {
+    write: Write,
+    /// Whether it applied (an insert always does; a removal only while the
+    /// lease is this relay's).
+    done: oneshot::Sender<Result<bool, StoreError>>,
 }
 
 /// The queue's durable store. Cheap to clone; every clone is the same
@@ -140,7 +150,7 @@ pub struct Store {
     relay: Arc<str>,
     commits: Arc<AtomicU64>,
     slot_serial: Arc<AtomicU64>,
-    inserts: mpsc::Sender<Insert>,
+    writes: mpsc::Sender<Pending>,
 }
 
 impl std::fmt::Debug for Store {
@@ -214,16 +224,22 @@ impl Store {
             Dialect::Sqlite => 1,
             Dialect::Postgres => POSTGRES_COMMITTERS,
         };
+        let relay: Arc<str> = settings.relay.into();
         for _ in 0..committers {
-            tokio::spawn(commit_task(pool.clone(), rx.clone(), commits.clone()));
+            tokio::spawn(commit_task(
+                pool.clone(),
+                relay.clone(),
+                rx.clone(),
+                commits.clone(),
+            ));
         }
         Ok(Store {
             pool,
             dialect,
-            relay: settings.relay.into(),
+            relay,
             commits,
             slot_serial: Arc::new(AtomicU64::new(0)),
-            inserts: tx,
+            writes: tx,
         })
     }
 
@@ -247,9 +263,16 @@ impl Store {
     /// commit, so the message may be stored although the caller never saw
     /// `Ok` (as when a client's connection breaks before it reads `250`).
     pub async fn insert(&self, message: NewMessage) -> Result<(), StoreError> {
+        self.write(Write::Insert(Box::new(message)))
+            .await
+            .map(|_| ())
+    }
+
+    /// Hands `write` to the commit task and waits for its commit.
+    async fn write(&self, write: Write) -> Result<bool, StoreError> {
         let (done, result) = oneshot::channel();
-        self.inserts
-            .send(Insert { message, done })
+        self.writes
+            .send(Pending { write, done })
             .await
             .map_err(|_| StoreError::Closed)?;
         result.await.map_err(|_| StoreError::Closed)?
@@ -278,30 +301,45 @@ impl Store {
         now: SystemTime,
         lease_timeout: Duration,
     ) -> Result<Option<Message>, StoreError> {
+        Ok(self.lease_due(account, now, lease_timeout, 1).await?.pop())
+    }
+
+    /// [`Store::lease_next`] for up to `limit` messages at once, longest
+    /// due first: one transaction for all of them.
+    pub async fn lease_due(
+        &self,
+        account: &str,
+        now: SystemTime,
+        lease_timeout: Duration,
+        limit: usize,
+    ) -> Result<Vec<Message>, StoreError> {
         // PostgreSQL: skip rows another relay is leasing right now rather
         // than wait for it; a row it leased meanwhile fails the re-checked
         // condition. SQLite's write transaction excludes both.
         let sql = match self.dialect {
-            Dialect::Sqlite => LEASE_NEXT_SQLITE,
-            Dialect::Postgres => LEASE_NEXT_POSTGRES,
+            Dialect::Sqlite => LEASE_DUE_SQLITE,
+            Dialect::Postgres => LEASE_DUE_POSTGRES,
         };
         let now_ms = ms(now);
-        let id = on_pool!(&self.pool, |p, begin| {
+        let ids: Vec<String> = on_pool!(&self.pool, |p, begin| {
             let mut tx = p.begin_with(begin).await?;
-            let id: Option<String> = sqlx::query_scalar(sql)
+            let ids = sqlx::query_scalar(sql)
                 .bind(&*self.relay)
                 .bind(now_ms.saturating_add(ms_of(lease_timeout)))
                 .bind(account)
                 .bind(now_ms)
-                .fetch_optional(&mut *tx)
+                .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+                .fetch_all(&mut *tx)
                 .await?;
             tx.commit().await?;
-            id
+            ids
         });
-        match id {
-            Some(id) => self.get(&id).await,
-            None => Ok(None),
+        if ids.is_empty() {
+            return Ok(Vec::new());
         }
+        let mut messages = self.select(Some(&ids)).await?;
+        messages.sort_by_key(|m| (m.progress.next_attempt, m.envelope.id.clone()));
+        Ok(messages)
     }
 
     /// Extends this relay's lease on `id` to `now + lease_timeout`. `false`:
@@ -314,18 +352,6 @@ impl Store {
         lease_timeout: Duration,
     ) -> Result<bool, StoreError> {
         let sql = "UPDATE messages SET lease_expires = $1 WHERE id = $2 AND lease_relay = $3";
-        self.extend_lease(sql, id, now, lease_timeout).await
-    }
-
-    /// Runs `sql`, an update of this relay's lease on `id` to `now +
-    /// lease_timeout` (parameters: expiry, id, relay); whether it applied.
-    async fn extend_lease(
-        &self,
-        sql: &'static str,
-        id: &str,
-        now: SystemTime,
-        lease_timeout: Duration,
-    ) -> Result<bool, StoreError> {
         let expires = ms(now).saturating_add(ms_of(lease_timeout));
         let done = on_pool!(&self.pool, |p, _begin| sqlx::query(sql)
             .bind(expires)
@@ -425,52 +451,44 @@ impl Store {
     /// Deletes a message, leased or not (an administrator's deletion; a
     /// relay delivering it finds its lease gone). `false`: no such message.
     pub async fn delete(&self, id: &str) -> Result<bool, StoreError> {
-        self.delete_where(id, None).await
+        on_pool!(&self.pool, |p, begin, Db| {
+            let mut tx = p.begin_with(begin).await?;
+            let deleted = delete_many!(tx, Db, &[id], None);
+            tx.commit().await?;
+            Ok(deleted.len() == 1)
+        })
     }
 
     /// Deletes a message this relay holds the lease on (delivered to every
     /// recipient). `false`: the lease was not ours any more and nothing was
-    /// deleted.
+    /// deleted. Removals share the commit task's transactions with inserts
+    /// (group commit); like [`Store::insert`], a removal handed over
+    /// completes even if the future is dropped.
     pub async fn remove(&self, id: &str) -> Result<bool, StoreError> {
-        self.delete_where(id, Some(&self.relay)).await
+        self.write(Write::Remove(id.to_owned())).await
     }
 
-    async fn delete_where(&self, id: &str, holder: Option<&str>) -> Result<bool, StoreError> {
-        on_pool!(&self.pool, |p, begin| {
-            let mut tx = p.begin_with(begin).await?;
-            let done = sqlx::query(
-                "DELETE FROM messages WHERE id = $1 AND ($2 IS NULL OR lease_relay = $2)",
-            )
-            .bind(id)
-            .bind(holder)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if done == 1 {
-                for sql in [
-                    "DELETE FROM bodies WHERE message_id = $1",
-                    "DELETE FROM recipients WHERE message_id = $1",
-                ] {
-                    sqlx::query(sql).bind(id).execute(&mut *tx).await?;
-                }
-            }
-            tx.commit().await?;
-            Ok(done == 1)
-        })
-    }
-
-    /// Marks this relay's leased message as handed to the upstream now:
-    /// renews the lease like [`Store::renew`], but only if the message is
-    /// still there, still ours and not held. `false`: do not send it.
+    /// Whether this relay may hand its leased message to the upstream now:
+    /// still there, still ours, not held, and the lease good for at least a
+    /// third of `lease_timeout` more (the renewal every third keeps it so; a
+    /// lease whose renewals failed is not used). A read, so it costs no
+    /// commit and no disk sync per message. `false`: do not send it.
     pub async fn begin(
         &self,
         id: &str,
         now: SystemTime,
         lease_timeout: Duration,
     ) -> Result<bool, StoreError> {
-        let sql = "UPDATE messages SET lease_expires = $1
-                   WHERE id = $2 AND lease_relay = $3 AND NOT held";
-        self.extend_lease(sql, id, now, lease_timeout).await
+        let sql = "SELECT COUNT(*) FROM messages
+                   WHERE id = $1 AND lease_relay = $2 AND NOT held AND lease_expires >= $3";
+        let good_until = ms(now).saturating_add(ms_of(lease_timeout / 3));
+        let found: i64 = on_pool!(&self.pool, |p, _begin| sqlx::query_scalar(sql)
+            .bind(id)
+            .bind(&*self.relay)
+            .bind(good_until)
+            .fetch_one(p)
+            .await?);
+        Ok(found == 1)
     }
 
     /// Makes a message due at `now` (an administrator's retry). A failed
@@ -598,7 +616,7 @@ impl Store {
 
     /// One message, without its body.
     pub async fn get(&self, id: &str) -> Result<Option<Message>, StoreError> {
-        Ok(self.select(Some(id)).await?.pop())
+        Ok(self.select(Some(&[id.to_owned()])).await?.pop())
     }
 
     /// Every message, oldest first, without bodies (for `queue list`).
@@ -617,19 +635,41 @@ impl Store {
         Ok(rows.into_iter().map(|(a, t)| (a, time(t))).collect())
     }
 
-    async fn select(&self, id: Option<&str>) -> Result<Vec<Message>, StoreError> {
-        let messages_sql = "SELECT id, account, sender, client, received_at, state, attempts,
-                next_attempt, last_error, passthrough, held, size, lease_relay, lease_expires
-            FROM messages WHERE ($1 IS NULL OR id = $1) ORDER BY id";
-        let recipients_sql = "SELECT message_id, address, state, reply_code, reply_enhanced,
-                reply_text, reason
-            FROM recipients WHERE ($1 IS NULL OR message_id = $1) ORDER BY message_id, position";
-        let id = id.map(str::to_string);
-        let (messages, recipients) = on_pool!(&self.pool, |p, _begin| {
+    /// The messages `ids` (all with `None`), ordered by id, without bodies.
+    async fn select(&self, ids: Option<&[String]>) -> Result<Vec<Message>, StoreError> {
+        let (messages, recipients) = on_pool!(&self.pool, |p, _begin, Db| {
+            // `id IN (…)` rather than `$1 IS NULL OR id = $1`, which neither
+            // engine answers from the primary key.
+            let filtered = |select: &str, key: &str, order: &str| {
+                let mut q = sqlx::QueryBuilder::<Db>::new(select);
+                if let Some(ids) = ids {
+                    q.push(format!(" WHERE {key} IN ("));
+                    let mut list = q.separated(", ");
+                    for id in ids {
+                        list.push_bind(id.as_str());
+                    }
+                    q.push(")");
+                }
+                q.push(order);
+                q
+            };
+            let mut messages_query = filtered(
+                "SELECT id, account, sender, client, received_at, state, attempts, next_attempt,
+                     last_error, passthrough, held, size, lease_relay, lease_expires
+                 FROM messages",
+                "id",
+                " ORDER BY id",
+            );
+            let mut recipients_query = filtered(
+                "SELECT message_id, address, state, reply_code, reply_enhanced, reply_text, reason
+                 FROM recipients",
+                "message_id",
+                " ORDER BY message_id, position",
+            );
             // One snapshot for both queries.
             let mut tx = p.begin().await?;
-            let messages = sqlx::query(messages_sql)
-                .bind(&id)
+            let messages = messages_query
+                .build()
                 .fetch_all(&mut *tx)
                 .await?
                 .iter()
@@ -669,8 +709,8 @@ impl Store {
                     })
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            let recipients = sqlx::query(recipients_sql)
-                .bind(&id)
+            let recipients = recipients_query
+                .build()
                 .fetch_all(&mut *tx)
                 .await?
                 .iter()
@@ -1034,20 +1074,20 @@ pub(crate) async fn connect(settings: &StoreSettings) -> Result<(Pool, Dialect),
     })
 }
 
-const LEASE_NEXT_SQLITE: &str = "UPDATE messages SET lease_relay = $1, lease_expires = $2
-    WHERE id = (SELECT id FROM messages
+const LEASE_DUE_SQLITE: &str = "UPDATE messages SET lease_relay = $1, lease_expires = $2
+    WHERE id IN (SELECT id FROM messages
         WHERE account = $3 AND state <> 'failed' AND NOT held AND NOT passthrough
           AND next_attempt <= $4
           AND (lease_relay IS NULL OR lease_expires <= $4)
-        ORDER BY next_attempt, id LIMIT 1)
+        ORDER BY next_attempt, id LIMIT $5)
     RETURNING id";
 
-const LEASE_NEXT_POSTGRES: &str = "UPDATE messages SET lease_relay = $1, lease_expires = $2
-    WHERE id = (SELECT id FROM messages
+const LEASE_DUE_POSTGRES: &str = "UPDATE messages SET lease_relay = $1, lease_expires = $2
+    WHERE id IN (SELECT id FROM messages
         WHERE account = $3 AND state <> 'failed' AND NOT held AND NOT passthrough
           AND next_attempt <= $4
           AND (lease_relay IS NULL OR lease_expires <= $4)
-        ORDER BY next_attempt, id LIMIT 1 FOR UPDATE SKIP LOCKED)
+        ORDER BY next_attempt, id LIMIT $5 FOR UPDATE SKIP LOCKED)
     RETURNING id";
 
 /// Rows per multi-row `INSERT` (at most 15 parameters each, well under
@@ -1146,53 +1186,129 @@ macro_rules! insert_many {
 }
 use insert_many;
 
+/// Deletes the messages `$ids` (`&[&str]`) inside a transaction, with
+/// `$holder` (`Option<&str>`) only those whose lease that relay holds.
+/// Evaluates to the ids deleted. A macro so that one text serves both
+/// engines (`$Db`).
+macro_rules! delete_many {
+    ($conn:expr, $Db:ty, $ids:expr, $holder:expr) => {{
+        let ids: &[&str] = $ids;
+        let holder: Option<&str> = $holder;
+        let mut deleted: Vec<String> = Vec::new();
+        for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+            let mut q = sqlx::QueryBuilder::<$Db>::new("DELETE FROM messages WHERE id IN (");
+            let mut list = q.separated(", ");
+            for id in chunk {
+                list.push_bind(*id);
+            }
+            q.push(")");
+            if let Some(holder) = holder {
+                q.push(" AND lease_relay = ").push_bind(holder);
+            }
+            q.push(" RETURNING id");
+            let gone: Vec<String> = q.build_query_scalar().fetch_all(&mut *$conn).await?;
+            if gone.is_empty() {
+                continue;
+            }
+            for table in ["bodies", "recipients"] {
+                let mut q = sqlx::QueryBuilder::<$Db>::new(format!(
+                    "DELETE FROM {table} WHERE message_id IN ("
+                ));
+                let mut list = q.separated(", ");
+                for id in &gone {
+                    list.push_bind(id.as_str());
+                }
+                q.push(")");
+                q.build().execute(&mut *$conn).await?;
+            }
+            deleted.extend(gone);
+        }
+        deleted
+    }};
+}
+use delete_many;
+
 /// A group-commit task (one on SQLite, [`POSTGRES_COMMITTERS`] taking
-/// turns at the channel on PostgreSQL): takes whatever inserts are waiting (up to
-/// [`MAX_BATCH`]) into one transaction, commits once, answers each. While a
-/// commit is in flight new inserts queue up in the channel and form the
-/// next batch, so the batch size follows the load with no timer. A batch
-/// that fails is retried one insert per transaction, so that one bad
-/// message (a duplicate id) fails alone; any other error (the database
-/// unreachable) fails the whole batch. The tasks end when every
-/// [`Store`] clone is dropped.
+/// turns at the channel on PostgreSQL): takes whatever writes are waiting
+/// (up to [`MAX_BATCH`]: inserts, and removals of delivered messages) into
+/// one transaction, commits once, answers each. While a commit is in
+/// flight new writes queue up in the channel and form the next batch, so
+/// the batch size follows the load with no timer. A batch that fails is
+/// retried one write per transaction, so that one bad message (a duplicate
+/// id) fails alone; any other error (the database unreachable) fails the
+/// whole batch. The tasks end when every [`Store`] clone is dropped.
 async fn commit_task(
     pool: Pool,
-    rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Insert>>>,
+    relay: Arc<str>,
+    rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Pending>>>,
     commits: Arc<AtomicU64>,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while rx.lock().await.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let messages: Vec<&NewMessage> = batch.iter().map(|i| &i.message).collect();
-        match insert_batch(&pool, &messages).await {
-            Ok(()) => {
+        let writes: Vec<&Write> = batch.iter().map(|p| &p.write).collect();
+        match write_batch(&pool, &relay, &writes).await {
+            Ok(applied) => {
                 commits.fetch_add(1, Ordering::Relaxed);
-                for insert in batch.drain(..) {
-                    let _ = insert.done.send(Ok(()));
+                for (pending, applied) in batch.drain(..).zip(applied) {
+                    let _ = pending.done.send(Ok(applied));
                 }
             }
             // A constraint (one bad message) fails alone; an unreachable
-            // database fails the batch at once rather than once per insert.
+            // database fails the batch at once rather than once per write.
             Err(sqlx::Error::Database(_)) if batch.len() > 1 => {
-                for insert in batch.drain(..) {
-                    let result = insert_batch(&pool, &[&insert.message]).await;
+                for pending in batch.drain(..) {
+                    let result = write_batch(&pool, &relay, &[&pending.write]).await;
                     if result.is_ok() {
                         commits.fetch_add(1, Ordering::Relaxed);
                     }
-                    let _ = insert
-                        .done
-                        .send(result.map_err(|e| StoreError::Batch(Arc::new(e))));
+                    let _ = pending.done.send(
+                        result
+                            .map(|applied| applied.first().copied().unwrap_or(false))
+                            .map_err(|e| StoreError::Batch(Arc::new(e))),
+                    );
                 }
             }
             Err(e) => {
                 let e = Arc::new(e);
-                for insert in batch.drain(..) {
-                    let _ = insert.done.send(Err(StoreError::Batch(e.clone())));
+                for pending in batch.drain(..) {
+                    let _ = pending.done.send(Err(StoreError::Batch(e.clone())));
                 }
             }
         }
     }
 }
 
+/// Applies `writes` in one transaction; whether each applied, in order.
+async fn write_batch(
+    pool: &Pool,
+    relay: &str,
+    writes: &[&Write],
+) -> Result<Vec<bool>, sqlx::Error> {
+    let mut inserts: Vec<&NewMessage> = Vec::new();
+    let mut removals: Vec<&str> = Vec::new();
+    for write in writes {
+        match write {
+            Write::Insert(message) => inserts.push(message),
+            Write::Remove(id) => removals.push(id),
+        }
+    }
+    let removed = on_pool!(pool, |p, begin, Db| {
+        let mut tx = p.begin_with(begin).await?;
+        insert_many!(tx, Db, &inserts, false);
+        let removed = delete_many!(tx, Db, &removals, Some(relay));
+        tx.commit().await?;
+        removed
+    });
+    Ok(writes
+        .iter()
+        .map(|write| match write {
+            Write::Insert(_) => true,
+            Write::Remove(id) => removed.contains(id),
+        })
+        .collect())
+}
+
+#[cfg(test)]
 pub(crate) async fn insert_batch(pool: &Pool, messages: &[&NewMessage]) -> Result<(), sqlx::Error> {
     on_pool!(pool, |p, begin, Db| {
         let mut tx = p.begin_with(begin).await?;

@@ -623,3 +623,60 @@ async fn a_body_changed_on_disk_is_refused() {
         }
     }
 }
+
+// Leasing in batches: up to the limit, longest due first, none twice, each
+// with its recipients; removals committed together apply only to the
+// leases this relay holds.
+#[tokio::test]
+async fn batches_lease_and_remove_only_what_they_may() {
+    for engine in Engine::all() {
+        let name = engine.name();
+        let (a, b) = (engine.open("relay-a").await, engine.open("relay-b").await);
+        for i in 1..=5u64 {
+            let mut m = message(&format!("{i:016X}"), "box", b"Subject: x\r\n\r\nx\r\n");
+            // due in reverse order of id
+            m.progress.next_attempt = Some(at(10 - i));
+            a.insert(m).await.expect("insert");
+        }
+        let first = a.lease_due("box", at(20), LEASE, 3).await.expect("lease");
+        let ids: Vec<&str> = first.iter().map(|m| m.envelope.id.as_str()).collect();
+        assert_eq!(
+            ids,
+            ["0000000000000005", "0000000000000004", "0000000000000003"],
+            "{name}"
+        );
+        assert!(
+            first.iter().all(|m| m.progress.recipients.len() == 2),
+            "{name}"
+        );
+        let rest = b.lease_due("box", at(20), LEASE, 3).await.expect("lease");
+        let ids: Vec<&str> = rest.iter().map(|m| m.envelope.id.as_str()).collect();
+        assert_eq!(ids, ["0000000000000002", "0000000000000001"], "{name}");
+
+        // Removed at once (one group commit): a's own go, b's stays.
+        let (x, y, z) = tokio::join!(
+            a.remove("0000000000000005"),
+            a.remove("0000000000000004"),
+            a.remove("0000000000000001"),
+        );
+        let removed = [x, y, z].map(|r| r.expect("remove"));
+        assert_eq!(removed, [true, true, false], "{name}");
+        let left: Vec<String> = a
+            .list()
+            .await
+            .expect("list")
+            .into_iter()
+            .map(|m| m.envelope.id)
+            .collect();
+        assert_eq!(
+            left,
+            ["0000000000000001", "0000000000000002", "0000000000000003"],
+            "{name}"
+        );
+        assert_eq!(
+            a.body("0000000000000005").await.expect("body"),
+            None,
+            "{name}"
+        );
+    }
+}
