@@ -126,6 +126,125 @@ macro_rules! read_holds {
     }};
 }
 
+/// The columns of `messages` that `message_of!` reads, for `SELECT` and
+/// `RETURNING`.
+macro_rules! message_columns {
+    () => {
+        "id, account, sender, client, received_at, state, attempts, next_attempt, last_error,
+         passthrough, held, size, lease_relay, lease_expires"
+    };
+}
+
+/// The [`Message`] (without recipients) in a row of `message_columns!`.
+macro_rules! message_of {
+    ($row:expr) => {{
+        let row = $row;
+        (|| -> Result<Message, StoreError> {
+            let id: String = row.try_get("id")?;
+            let lease = match (
+                row.try_get::<Option<String>, _>("lease_relay")?,
+                row.try_get::<Option<i64>, _>("lease_expires")?,
+            ) {
+                (Some(relay), Some(expires)) => Some(LeaseHolder {
+                    relay,
+                    expires: time(expires),
+                }),
+                _ => None,
+            };
+            let state = MessageState::parse(&id, &row.try_get::<String, _>("state")?)?;
+            Ok(Message {
+                progress: Progress {
+                    state,
+                    attempts: u32::try_from(row.try_get::<i64, _>("attempts")?).unwrap_or(u32::MAX),
+                    next_attempt: row.try_get::<Option<i64>, _>("next_attempt")?.map(time),
+                    last_error: row.try_get("last_error")?,
+                    recipients: Vec::new(),
+                },
+                envelope: Envelope {
+                    account: row.try_get("account")?,
+                    sender: row.try_get("sender")?,
+                    client: row.try_get("client")?,
+                    received_at: time(row.try_get("received_at")?),
+                    passthrough: row.try_get("passthrough")?,
+                    id,
+                },
+                held: row.try_get("held")?,
+                size: u64::try_from(row.try_get::<i64, _>("size")?).unwrap_or(0),
+                lease,
+            })
+        })()
+    }};
+}
+
+/// The recipients, in order, of the messages `$ids` (`Option<&[String]>`:
+/// all with `None`), each with its message's id, ordered by that id.
+macro_rules! recipients_of {
+    ($conn:expr, $Db:ty, $ids:expr) => {{
+        let ids: Option<&[String]> = $ids;
+        let mut q = sqlx::QueryBuilder::<$Db>::new(
+            "SELECT message_id, address, state, reply_code, reply_enhanced, reply_text, reason
+             FROM recipients",
+        );
+        if let Some(ids) = ids {
+            q.push(" WHERE message_id IN (");
+            let mut list = q.separated(", ");
+            for id in ids {
+                list.push_bind(id.as_str());
+            }
+            q.push(")");
+        }
+        q.push(" ORDER BY message_id, position");
+        q.build()
+            .fetch_all($conn)
+            .await?
+            .iter()
+            .map(|row| -> Result<(String, Recipient), StoreError> {
+                let id: String = row.try_get("message_id")?;
+                let state = RecipientState::parse(&id, &row.try_get::<String, _>("state")?)?;
+                let reply = match row.try_get::<Option<String>, _>("reply_text")? {
+                    Some(text) => Some(Reply {
+                        code: u16::try_from(
+                            row.try_get::<Option<i64>, _>("reply_code")?.unwrap_or(0),
+                        )
+                        .unwrap_or(0),
+                        enhanced: row.try_get("reply_enhanced")?,
+                        text,
+                    }),
+                    None => None,
+                };
+                let recipient = Recipient {
+                    address: row.try_get("address")?,
+                    state,
+                    reply,
+                    reason: row.try_get("reason")?,
+                };
+                Ok((id, recipient))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?
+    }};
+}
+
+/// Gives each message (ordered by id) its recipients (ordered by message
+/// id, then position).
+fn attach(messages: &mut [Message], recipients: Vec<(String, Recipient)>) {
+    let mut recipients = recipients.into_iter().peekable();
+    for m in messages {
+        while let Some((id, _)) = recipients.peek() {
+            match id.as_str().cmp(m.envelope.id.as_str()) {
+                std::cmp::Ordering::Less => {
+                    recipients.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    if let Some((_, r)) = recipients.next() {
+                        m.progress.recipients.push(r);
+                    }
+                }
+                std::cmp::Ordering::Greater => break,
+            }
+        }
+    }
+}
+
 /// A write the commit task batches with others into one transaction.
 enum Write {
     /// A new message (boxed: the channel's slots stay small).
@@ -321,24 +440,33 @@ impl Store {
             Dialect::Postgres => LEASE_DUE_POSTGRES,
         };
         let now_ms = ms(now);
-        let ids: Vec<String> = on_pool!(&self.pool, |p, begin| {
-            let mut tx = p.begin_with(begin).await?;
-            let ids = sqlx::query_scalar(sql)
+        let (mut messages, recipients) = on_pool!(&self.pool, |p, _begin, Db| {
+            // One statement, so atomic without a transaction; the
+            // recipients of leased messages change only under the lease.
+            let mut messages = sqlx::query(sql)
                 .bind(&*self.relay)
                 .bind(now_ms.saturating_add(ms_of(lease_timeout)))
                 .bind(account)
                 .bind(now_ms)
                 .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-                .fetch_all(&mut *tx)
-                .await?;
-            tx.commit().await?;
-            ids
+                .fetch_all(p)
+                .await?
+                .iter()
+                .map(|row| message_of!(row))
+                .collect::<Result<Vec<_>, StoreError>>()?;
+            if messages.is_empty() {
+                return Ok(messages);
+            }
+            messages.sort_by(|a, b| a.envelope.id.cmp(&b.envelope.id));
+            let ids: Vec<String> = messages.iter().map(|m| m.envelope.id.clone()).collect();
+            let recipients = recipients_of!(p, Db, Some(&ids));
+            (messages, recipients)
         });
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut messages = self.select(Some(&ids)).await?;
-        messages.sort_by_key(|m| (m.progress.next_attempt, m.envelope.id.clone()));
+        attach(&mut messages, recipients);
+        messages.sort_by(|a, b| {
+            (a.progress.next_attempt, &a.envelope.id)
+                .cmp(&(b.progress.next_attempt, &b.envelope.id))
+        });
         Ok(messages)
     }
 
@@ -637,35 +765,21 @@ impl Store {
 
     /// The messages `ids` (all with `None`), ordered by id, without bodies.
     async fn select(&self, ids: Option<&[String]>) -> Result<Vec<Message>, StoreError> {
-        let (messages, recipients) = on_pool!(&self.pool, |p, _begin, Db| {
-            // `id IN (…)` rather than `$1 IS NULL OR id = $1`, which neither
-            // engine answers from the primary key.
-            let filtered = |select: &str, key: &str, order: &str| {
-                let mut q = sqlx::QueryBuilder::<Db>::new(select);
-                if let Some(ids) = ids {
-                    q.push(format!(" WHERE {key} IN ("));
-                    let mut list = q.separated(", ");
-                    for id in ids {
-                        list.push_bind(id.as_str());
-                    }
-                    q.push(")");
+        let (mut messages, recipients) = on_pool!(&self.pool, |p, _begin, Db| {
+            let mut messages_query = sqlx::QueryBuilder::<Db>::new(concat!(
+                "SELECT ",
+                message_columns!(),
+                " FROM messages"
+            ));
+            if let Some(ids) = ids {
+                messages_query.push(" WHERE id IN (");
+                let mut list = messages_query.separated(", ");
+                for id in ids {
+                    list.push_bind(id.as_str());
                 }
-                q.push(order);
-                q
-            };
-            let mut messages_query = filtered(
-                "SELECT id, account, sender, client, received_at, state, attempts, next_attempt,
-                     last_error, passthrough, held, size, lease_relay, lease_expires
-                 FROM messages",
-                "id",
-                " ORDER BY id",
-            );
-            let mut recipients_query = filtered(
-                "SELECT message_id, address, state, reply_code, reply_enhanced, reply_text, reason
-                 FROM recipients",
-                "message_id",
-                " ORDER BY message_id, position",
-            );
+                messages_query.push(")");
+            }
+            messages_query.push(" ORDER BY id");
             // One snapshot for both queries.
             let mut tx = p.begin().await?;
             let messages = messages_query
@@ -673,91 +787,13 @@ impl Store {
                 .fetch_all(&mut *tx)
                 .await?
                 .iter()
-                .map(|row| -> Result<Message, StoreError> {
-                    let id: String = row.try_get("id")?;
-                    let lease = match (
-                        row.try_get::<Option<String>, _>("lease_relay")?,
-                        row.try_get::<Option<i64>, _>("lease_expires")?,
-                    ) {
-                        (Some(relay), Some(expires)) => Some(LeaseHolder {
-                            relay,
-                            expires: time(expires),
-                        }),
-                        _ => None,
-                    };
-                    let state = MessageState::parse(&id, &row.try_get::<String, _>("state")?)?;
-                    Ok(Message {
-                        progress: Progress {
-                            state,
-                            attempts: u32::try_from(row.try_get::<i64, _>("attempts")?)
-                                .unwrap_or(u32::MAX),
-                            next_attempt: row.try_get::<Option<i64>, _>("next_attempt")?.map(time),
-                            last_error: row.try_get("last_error")?,
-                            recipients: Vec::new(),
-                        },
-                        envelope: Envelope {
-                            account: row.try_get("account")?,
-                            sender: row.try_get("sender")?,
-                            client: row.try_get("client")?,
-                            received_at: time(row.try_get("received_at")?),
-                            passthrough: row.try_get("passthrough")?,
-                            id,
-                        },
-                        held: row.try_get("held")?,
-                        size: u64::try_from(row.try_get::<i64, _>("size")?).unwrap_or(0),
-                        lease,
-                    })
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            let recipients = recipients_query
-                .build()
-                .fetch_all(&mut *tx)
-                .await?
-                .iter()
-                .map(|row| -> Result<(String, Recipient), StoreError> {
-                    let id: String = row.try_get("message_id")?;
-                    let state = RecipientState::parse(&id, &row.try_get::<String, _>("state")?)?;
-                    let reply = match row.try_get::<Option<String>, _>("reply_text")? {
-                        Some(text) => Some(Reply {
-                            code: u16::try_from(
-                                row.try_get::<Option<i64>, _>("reply_code")?.unwrap_or(0),
-                            )
-                            .unwrap_or(0),
-                            enhanced: row.try_get("reply_enhanced")?,
-                            text,
-                        }),
-                        None => None,
-                    };
-                    let recipient = Recipient {
-                        address: row.try_get("address")?,
-                        state,
-                        reply,
-                        reason: row.try_get("reason")?,
-                    };
-                    Ok((id, recipient))
-                })
-                .collect::<Result<Vec<_>, _>>()?;
+                .map(|row| message_of!(row))
+                .collect::<Result<Vec<_>, StoreError>>()?;
+            let recipients = recipients_of!(&mut *tx, Db, ids);
             tx.commit().await?;
             (messages, recipients)
         });
-        let mut messages = messages;
-        // Both are ordered by id: walk them together.
-        let mut recipients = recipients.into_iter().peekable();
-        for m in &mut messages {
-            while let Some((id, _)) = recipients.peek() {
-                match id.as_str().cmp(m.envelope.id.as_str()) {
-                    std::cmp::Ordering::Less => {
-                        recipients.next();
-                    }
-                    std::cmp::Ordering::Equal => {
-                        if let Some((_, r)) = recipients.next() {
-                            m.progress.recipients.push(r);
-                        }
-                    }
-                    std::cmp::Ordering::Greater => break,
-                }
-            }
-        }
+        attach(&mut messages, recipients);
         Ok(messages)
     }
 
@@ -1074,21 +1110,27 @@ pub(crate) async fn connect(settings: &StoreSettings) -> Result<(Pool, Dialect),
     })
 }
 
-const LEASE_DUE_SQLITE: &str = "UPDATE messages SET lease_relay = $1, lease_expires = $2
+const LEASE_DUE_SQLITE: &str = concat!(
+    "UPDATE messages SET lease_relay = $1, lease_expires = $2
     WHERE id IN (SELECT id FROM messages
         WHERE account = $3 AND state <> 'failed' AND NOT held AND NOT passthrough
           AND next_attempt <= $4
           AND (lease_relay IS NULL OR lease_expires <= $4)
         ORDER BY next_attempt, id LIMIT $5)
-    RETURNING id";
+    RETURNING ",
+    message_columns!()
+);
 
-const LEASE_DUE_POSTGRES: &str = "UPDATE messages SET lease_relay = $1, lease_expires = $2
+const LEASE_DUE_POSTGRES: &str = concat!(
+    "UPDATE messages SET lease_relay = $1, lease_expires = $2
     WHERE id IN (SELECT id FROM messages
         WHERE account = $3 AND state <> 'failed' AND NOT held AND NOT passthrough
           AND next_attempt <= $4
           AND (lease_relay IS NULL OR lease_expires <= $4)
         ORDER BY next_attempt, id LIMIT $5 FOR UPDATE SKIP LOCKED)
-    RETURNING id";
+    RETURNING ",
+    message_columns!()
+);
 
 /// Rows per multi-row `INSERT` (at most 15 parameters each, well under
 /// both engines' limits on parameters per statement).
@@ -1187,7 +1229,9 @@ macro_rules! insert_many {
 use insert_many;
 
 /// Deletes the messages `$ids` (`&[&str]`) inside a transaction, with
-/// `$holder` (`Option<&str>`) only those whose lease that relay holds.
+/// `$holder` (`Option<&str>`) only those whose lease that relay holds;
+/// their bodies and recipients go with them (`ON DELETE CASCADE`, one
+/// statement).
 /// Evaluates to the ids deleted. A macro so that one text serves both
 /// engines (`$Db`).
 macro_rules! delete_many {
@@ -1207,20 +1251,6 @@ macro_rules! delete_many {
             }
             q.push(" RETURNING id");
             let gone: Vec<String> = q.build_query_scalar().fetch_all(&mut *$conn).await?;
-            if gone.is_empty() {
-                continue;
-            }
-            for table in ["bodies", "recipients"] {
-                let mut q = sqlx::QueryBuilder::<$Db>::new(format!(
-                    "DELETE FROM {table} WHERE message_id IN ("
-                ));
-                let mut list = q.separated(", ");
-                for id in &gone {
-                    list.push_bind(id.as_str());
-                }
-                q.push(")");
-                q.build().execute(&mut *$conn).await?;
-            }
             deleted.extend(gone);
         }
         deleted
