@@ -472,3 +472,76 @@ async fn two_relays_keep_to_one_pace_together() {
         relay_b.log()
     );
 }
+
+// A relay stopped with SIGTERM gives its leases up as it goes: mail it had
+// leased and not yet sent (here, leased ahead while its workers wait for
+// the pace) is delivered by another relay at once, not when the leases
+// would have expired.
+#[tokio::test]
+async fn a_relay_stopped_hands_its_leases_over_at_once() {
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let world = World::start().await;
+    let (port_a, port_b) = (free_port(), free_port());
+    // A keeps Microsoft's pace (30 a minute): it leases mail ahead and waits
+    let config_a = world.write_config(&shared(world.config(port_a), &pg, "60s"));
+    let mut relay_a = Relay::start(&config_a, port_a).await;
+    let mut accepted = BTreeSet::new();
+    for n in 0..10 {
+        let subject = format!("via-a-{n}");
+        assert_eq!(
+            try_send(port_a, &subject).await.as_deref().map(|r| &r[..3]),
+            Some("250")
+        );
+        accepted.insert(subject);
+    }
+    // more leases than its 3 workers hold: some are leased ahead
+    eventually(20, "A holding more than 3 leases", || {
+        relay_a
+            .queue_json()
+            .iter()
+            .filter(|m| !m["lease"].is_null())
+            .count()
+            > 3
+    })
+    .await;
+    assert_eq!(
+        relay_a.terminate().await,
+        Some(0),
+        "log:\n{}",
+        relay_a.log()
+    );
+
+    let b = world.dir.path().join("b");
+    std::fs::create_dir(&b).expect("mkdir");
+    let text_b = shared(unpaced(world.config(port_b)), &pg, "60s").replace(
+        &format!("{}", world.dir.path().join("queue").display()),
+        &format!("{}", b.join("queue").display()),
+    );
+    let config_b = b.join("relay.toml");
+    std::fs::write(&config_b, text_b).expect("config b");
+    let relay_b = Relay::start(&config_b, port_b).await;
+    // well within the 60 s the leases would have lasted
+    for _ in 0..150 {
+        let got: BTreeSet<String> = received(&world).into_iter().collect();
+        if accepted.is_subset(&got) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let got = received(&world);
+    assert_eq!(
+        got.iter().cloned().collect::<BTreeSet<_>>(),
+        accepted,
+        "not delivered within 15 s of A's stop\nqueue: {:?}\nA:\n{}\nB:\n{}",
+        relay_b.queue_json(),
+        relay_a.log(),
+        relay_b.log()
+    );
+    assert_eq!(
+        got.len(),
+        accepted.len(),
+        "a message went out twice: {got:?}"
+    );
+}

@@ -346,6 +346,7 @@ impl Running {
         }
         self.tasks.stop_listener(grace).await;
         self.delivery.stop(grace).await;
+        self.queue.release_all().await;
         self.tasks.stop().await;
     }
 }

@@ -742,6 +742,33 @@ impl Queue {
         }
     }
 
+    /// Gives up every lease this relay holds, for a relay that stops after
+    /// its workers did: messages leased ahead and not begun, and any lease
+    /// a worker left, are due to the other relays sharing the store at once
+    /// instead of when their leases expire. An outcome still being written
+    /// keeps its lease. Best effort: a lease not ended here expires.
+    pub async fn release_all(&self) {
+        let (prefetched, keep) = {
+            let mut local = lock(&self.inner.local);
+            let prefetched: Vec<Lease> = local.prefetched.drain().flat_map(|(_, l)| l).collect();
+            let keep: Vec<QueueId> = local.unrecorded.iter().cloned().collect();
+            (prefetched, keep)
+        };
+        for mut lease in prefetched {
+            if let Some(renewal) = lease.disarm() {
+                renewal.abort();
+            }
+        }
+        let keep: Vec<&str> = keep.iter().map(QueueId::as_str).collect();
+        match self.inner.store.release_all(&keep).await {
+            Ok(0) => {}
+            Ok(count) => tracing::info!(count, "leases given up for the other relays"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot give up this relay's leases; they expire by themselves")
+            }
+        }
+    }
+
     fn handed_off(&self, account: &str) -> Option<Lease> {
         let mut local = lock(&self.inner.local);
         if let Some(lease) = local.handoff.get_mut(account).and_then(VecDeque::pop_front) {

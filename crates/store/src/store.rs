@@ -550,6 +550,28 @@ impl Store {
         Ok(done == 1)
     }
 
+    /// Ends every lease this relay holds but those on `keep` (outcomes still
+    /// being written), for a relay that stops: its messages are due to the
+    /// other relays at once rather than when the leases expire. Returns
+    /// how many leases ended.
+    pub async fn release_all(&self, keep: &[&str]) -> Result<u64, StoreError> {
+        on_pool!(&self.pool, |p, _begin, Db| {
+            let mut q = sqlx::QueryBuilder::<Db>::new(
+                "UPDATE messages SET lease_relay = NULL, lease_expires = NULL WHERE lease_relay = ",
+            );
+            q.push_bind(&*self.relay);
+            if !keep.is_empty() {
+                q.push(" AND id NOT IN (");
+                let mut list = q.separated(", ");
+                for id in keep {
+                    list.push_bind(*id);
+                }
+                q.push(")");
+            }
+            Ok(q.build().execute(p).await?.rows_affected())
+        })
+    }
+
     /// Ends every lease held by another relay, for a relay that knows it is
     /// the only one on this store (the embedded store, whose directory it
     /// has locked): those relays are gone, so their messages need not wait
