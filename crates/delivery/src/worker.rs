@@ -17,7 +17,9 @@ use crate::transport::{Broken, Message, SlowDown, Transport, Unopened};
 use crate::{classify::hint, dsn, pace::Limits, pace::Pacer, rewrite::rewrite_from};
 use relay_config::StateDir;
 use relay_outcome::{Enhanced, Outcome, Reason, Reply, Verdict};
-use relay_queue::{Disposition, Lease, NewMessage, Queue, RecipientResult, Recorded};
+use relay_queue::{
+    Begin, Disposition, Lease, NewMessage, Queue, QueueError, RecipientResult, Recorded,
+};
 use relay_tokens::TokenManager;
 use std::{sync::Arc, time::Duration};
 use tokio::{task::JoinSet, time::Instant};
@@ -230,14 +232,18 @@ impl<T: Transport> Worker<T> {
             }
             // The wait for the pacing slot may have been long enough for an
             // administrator to delete the message.
-            if !self.queue.begin(&lease).await {
-                tracing::info!(queue_id = %lease.id, "deleted or held while waiting for its turn; not sent");
-                continue;
-            }
+            let body = match self.queue.begin(&lease).await {
+                Begin::Go(body) => Ok(body),
+                Begin::Unreadable(e) => Err(e),
+                Begin::Stop => {
+                    tracing::info!(queue_id = %lease.id, "deleted or held while waiting for its turn; not sent");
+                    continue;
+                }
+            };
             let span = tracing::info_span!("delivery", queue_id = %lease.id);
             let started = Instant::now();
             let attempt = self
-                .attempt(&mut session, lease, started)
+                .attempt(&mut session, lease, body, started)
                 .instrument(span)
                 .await;
             // Committing the outcome costs a disk sync; the session carries
@@ -263,14 +269,16 @@ impl<T: Transport> Worker<T> {
         }
     }
 
-    /// Reads the message, delivers it and says per recipient what happened.
+    /// Delivers the message (its body as [`Queue::begin`] read it) and says
+    /// per recipient what happened.
     async fn attempt(
         &self,
         slot: &mut Option<T::Session>,
         lease: Lease,
+        body: Result<Vec<u8>, QueueError>,
         started: Instant,
     ) -> Attempt {
-        let body = match self.queue.read_body(&lease).await {
+        let body = match body {
             Ok(body) => body,
             Err(e) => {
                 let failure = Outcome::new(

@@ -591,9 +591,9 @@ async fn full_transaction_is_queued_exactly() {
     assert_eq!(lease.sender, "app@contoso.com");
     assert_eq!(lease.recipients, ["alice@example.com", "bob@example.org"]);
     assert_eq!(lease.client, Some("127.0.0.1".parse().expect("ip")));
-    let stored = within("read_body", relay.queue.read_body(&lease))
-        .await
-        .expect("body");
+    let relay_queue::Begin::Go(stored) = within("begin", relay.queue.begin(&lease)).await else {
+        panic!("the message may not be sent");
+    };
     assert_eq!(stored, wire);
     drop(lease);
     relay.stop().await;

@@ -54,8 +54,8 @@ pub enum QueueError {
         reason: String,
     },
 
-    /// [`crate::Queue::record`] or [`crate::Queue::read_body`] was given a
-    /// lease that does not belong to this queue.
+    /// [`crate::Queue::record`] was given a lease that does not belong to
+    /// this queue.
     #[error("message {id} in {} is not leased from this queue", path.display())]
     NotLeased {
         /// The queue directory.

@@ -111,8 +111,8 @@ mod view;
 pub use error::QueueError;
 pub use id::{ParseQueueIdError, QueueId};
 pub use queue::{
-    check_writable, Applied, BodyWriter, Census, Database, Deletion, Disposition, Health, Lease,
-    NewMessage, Queue, QueueSettings, RecipientResult, Recorded, Request, Selection, Tally,
+    check_writable, Applied, Begin, BodyWriter, Census, Database, Deletion, Disposition, Health,
+    Lease, NewMessage, Queue, QueueSettings, RecipientResult, Recorded, Request, Selection, Tally,
 };
 pub use relay_outcome::Outcome;
 pub use relay_store::{MessageState as State, RecipientState, Secret};

@@ -36,6 +36,12 @@ const SQLITE_FILE: &str = "queue.sqlite";
 const SPOOL_DIR: &str = "tmp";
 /// Locked by the relay running on an embedded store.
 const LOCK_FILE: &str = "lock";
+/// How often (in looks at the store) the relay's clock is compared with a
+/// shared database's.
+const CLOCK_CHECK_EVERY: u64 = 60;
+/// Clock drift between a relay and its shared database that is reported:
+/// well under any lease (at least 3 s) and the pace's windows.
+const MAX_CLOCK_SKEW: Duration = Duration::from_secs(1);
 /// Due messages leased from the store at once: one transaction serves the
 /// worker that asked and the next ones to ask, instead of one each.
 const LEASE_BATCH: usize = 8;
@@ -121,6 +127,18 @@ pub struct Health {
     /// Why the last look failed (the store is unreachable, say); `None`
     /// when it succeeded.
     pub error: Option<String>,
+}
+
+/// What [`Queue::begin`] found.
+#[derive(Debug)]
+pub enum Begin {
+    /// Send the message: its body.
+    Go(Vec<u8>),
+    /// Do not send it now; drop the lease.
+    Stop,
+    /// Its body is not what was enqueued: it is held now. Record the
+    /// attempt as a temporary failure.
+    Unreadable(QueueError),
 }
 
 /// What [`Queue::record`] did with the message.
@@ -778,53 +796,38 @@ impl Queue {
     }
 
     /// Says whether the leased message may be handed to the upstream now,
-    /// asking the store (and renewing the lease): `false` when an
-    /// administrator deleted or held it while the lease waited (for its
-    /// pacing slot, say), when the lease was lost, or when the store cannot
-    /// be asked. Then it must not be sent; drop the lease. After `true`, a
-    /// deletion or hold no longer stops this attempt.
-    pub async fn begin(&self, lease: &Lease) -> bool {
+    /// asking the store, and if so reads its body, byte for byte as it was
+    /// enqueued (checked against its SHA-256), in the same query. Not to be
+    /// sent ([`Begin::Stop`]): an administrator deleted or held it while the
+    /// lease waited (for its pacing slot, say), the lease was lost, or the
+    /// store cannot be asked; drop the lease. A body that does not match is
+    /// never sent: the message is held, for an administrator to look at
+    /// ([`Begin::Unreadable`]). After [`Begin::Go`], a deletion or hold no
+    /// longer stops this attempt.
+    pub async fn begin(&self, lease: &Lease) -> Begin {
         if !self.owns(lease) || lease.lost.load(Ordering::Relaxed) {
-            return false;
+            return Begin::Stop;
         }
         let now = SystemTime::now();
-        match self
+        let begun = self
             .inner
             .store
             .begin(lease.id.as_str(), now, self.inner.settings.lease_timeout)
-            .await
-        {
-            Ok(go) => go,
-            Err(e) => {
-                tracing::warn!(queue_id = %lease.id, error = %e, "cannot confirm the lease; not sending now");
-                false
-            }
-        }
-    }
-
-    /// Reads the leased message's body, byte for byte as it was enqueued
-    /// (checked against its SHA-256). A body that does not match is never
-    /// sent: the message is held, for an administrator to look at.
-    pub async fn read_body(&self, lease: &Lease) -> Result<Vec<u8>, QueueError> {
-        if !self.owns(lease) {
-            return Err(QueueError::NotLeased {
-                path: self.inner.settings.dir.clone(),
-                id: lease.id.clone(),
-            });
-        }
-        match self.inner.store.body(lease.id.as_str()).await {
-            Ok(Some(body)) => Ok(body),
-            Ok(None) => Err(QueueError::NoSuchMessage {
-                id: lease.id.clone(),
-            }),
+            .await;
+        match begun {
+            Ok(Some(body)) => Begin::Go(body),
+            Ok(None) => Begin::Stop,
             Err(e @ relay_store::StoreError::Checksum { .. }) => {
                 tracing::error!(queue_id = %lease.id, error = %e, "message body changed in the store; holding the message, it will not be delivered");
                 if let Err(e) = self.inner.store.set_held(lease.id.as_str(), true).await {
                     tracing::error!(queue_id = %lease.id, error = %e, "cannot hold the message");
                 }
-                Err(e.into())
+                Begin::Unreadable(e.into())
             }
-            Err(e) => Err(e.into()),
+            Err(e) => {
+                tracing::warn!(queue_id = %lease.id, error = %e, "cannot confirm the lease; not sending now");
+                Begin::Stop
+            }
         }
     }
 
@@ -1265,13 +1268,47 @@ async fn census_of(store: &Store) -> Result<Census, QueueError> {
 
 /// Looks at the store every [`POLL`] until the queue is dropped.
 async fn watch_store(inner: Weak<Inner>) {
-    loop {
+    let mut skewed = false;
+    for looks in 0u64.. {
         tokio::time::sleep(POLL).await;
         let Some(inner) = inner.upgrade() else {
             return;
         };
         inner.look().await;
+        if looks % CLOCK_CHECK_EVERY == 0 {
+            skewed = check_clock(&inner.store, skewed).await;
+        }
     }
+}
+
+/// Compares this relay's clock with a shared database's and says so in
+/// the log when they drift apart by more than [`MAX_CLOCK_SKEW`] (and when
+/// they agree again). Returns whether they are apart now.
+async fn check_clock(store: &Store, skewed: bool) -> bool {
+    let skew_ms = match store.clock_skew().await {
+        Ok(Some(skew_ms)) => skew_ms,
+        Ok(None) | Err(_) => return skewed,
+    };
+    let apart = skew_ms.unsigned_abs() > MAX_CLOCK_SKEW.as_millis() as u64;
+    if apart && !skewed {
+        let (how, by) = if skew_ms > 0 {
+            ("behind", skew_ms)
+        } else {
+            ("ahead of", -skew_ms)
+        };
+        tracing::warn!(
+            skew_ms,
+            "this relay's clock is {}.{:03} s {how} the database server's: relays sharing a database time leases and the pace by their own clocks, so a relay ahead takes over leases early and the pace is off; keep every relay's clock and the database server's in step (NTP, e.g. systemd-timesyncd or chrony)",
+            by / 1000,
+            by % 1000
+        );
+    } else if !apart && skewed {
+        tracing::info!(
+            skew_ms,
+            "this relay's clock agrees with the database server's again"
+        );
+    }
+    apart
 }
 
 /// Renews a lease every third of `lease_timeout` until aborted; marks it

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use relay_outcome::{Enhanced, Reason, Reply};
 use relay_queue::{
-    NewMessage, Outcome, Queue, QueueError, QueueSettings, RecipientResult, Request, Selection,
-    State,
+    Begin, NewMessage, Outcome, Queue, QueueError, QueueSettings, RecipientResult, Request,
+    Selection, State,
 };
 use tempfile::TempDir;
 
@@ -125,7 +125,10 @@ async fn delete_waiting_failed_and_leased() {
         deletion.in_flight
     );
     assert!(q.list().await.expect("list").is_empty());
-    assert!(!q.begin(&lease).await, "a deleted message may not be sent");
+    assert!(
+        matches!(q.begin(&lease).await, Begin::Stop),
+        "a deleted message may not be sent"
+    );
     drop(lease);
     assert!(matches!(
         q.show(&leased_id).await,
@@ -146,7 +149,7 @@ async fn delete_during_an_attempt_in_flight_reports_it() {
     let q = Queue::open(settings(dir.path())).await.expect("open");
     let id = q.enqueue(msg(), b"in flight\r\n").await.expect("enqueue");
     let lease = q.next_due("main", None).await.expect("due");
-    assert!(q.begin(&lease).await);
+    assert!(matches!(q.begin(&lease).await, Begin::Go(_)));
     let deletion = q.delete(Selection::All).await.expect("delete");
     assert_eq!(deletion.deleted, vec![id.clone()]);
     assert_eq!(deletion.in_flight.len(), 1);

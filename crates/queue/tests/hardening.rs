@@ -5,7 +5,7 @@ use std::future::Future;
 use std::path::Path;
 use std::time::Duration;
 
-use relay_queue::{NewMessage, Outcome, Queue, QueueSettings, RecipientResult, Selection};
+use relay_queue::{Begin, NewMessage, Outcome, Queue, QueueSettings, RecipientResult, Selection};
 use tempfile::TempDir;
 
 async fn within<F: Future>(f: F) -> F::Output {
@@ -66,7 +66,9 @@ async fn a_body_changed_in_the_store_is_held_not_delivered() {
         .expect("overwrite");
     db.close().await;
     let lease = within(q.next_due("acct", None)).await.expect("lease");
-    let err = within(q.read_body(&lease)).await.expect_err("corrupt body");
+    let Begin::Unreadable(err) = within(q.begin(&lease)).await else {
+        panic!("a corrupt body was not refused");
+    };
     assert!(err.to_string().contains("checksum"), "{err}");
     drop(lease);
     let got = within(q.next_due("acct", Some(Duration::from_millis(300)))).await;
@@ -109,7 +111,7 @@ async fn an_old_entry_without_a_checksum_is_imported_and_delivered() {
     let lease = within(q.next_due("main", None)).await.expect("lease");
     assert_eq!(lease.id.as_str(), id);
     assert_eq!(
-        within(q.read_body(&lease)).await.expect("body"),
+        go(within(q.begin(&lease)).await),
         b"Subject: one\r\n\r\nqueued\r\n"
     );
 }
@@ -173,7 +175,10 @@ async fn held_messages_wait_for_release_across_restarts() {
         .await
         .expect("due after release");
     within(q.hold(Selection::All)).await.expect("hold");
-    assert!(!q.begin(&lease).await, "a held message may not be sent");
+    assert!(
+        matches!(q.begin(&lease).await, Begin::Stop),
+        "a held message may not be sent"
+    );
     drop(lease);
     let got = within(q.next_due("acct", Some(Duration::from_millis(400)))).await;
     assert!(got.is_none(), "held, yet handed out again");
@@ -199,7 +204,7 @@ async fn spooled_bodies_are_committed_whole_or_leave_nothing() {
     let lease = within(q.next_due("acct", None)).await.expect("lease");
     assert_eq!(lease.id, id);
     assert_eq!(lease.size, body.len() as u64);
-    assert_eq!(within(q.read_body(&lease)).await.expect("body"), body);
+    assert_eq!(go(within(q.begin(&lease)).await), body);
 
     // a cancelled session drops its writer: nothing is stored
     let mut writer = within(q.begin_body()).await.expect("begin");
@@ -221,4 +226,12 @@ async fn a_world_writable_queue_directory_is_made_private() {
     let mode = std::fs::metadata(&dir).expect("stat").permissions().mode();
     assert_eq!(mode & 0o777, 0o700);
     drop(q);
+}
+
+/// The body [`Queue::begin`] handed out; panics if it said not to send.
+fn go(begun: Begin) -> Vec<u8> {
+    match begun {
+        Begin::Go(body) => body,
+        other => panic!("not to be sent: {other:?}"),
+    }
 }

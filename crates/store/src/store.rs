@@ -310,6 +310,15 @@ pub enum Redeem {
     },
 }
 
+/// `body` if its SHA-256 is `checksum`.
+fn checked(id: &str, body: Vec<u8>, checksum: &[u8]) -> Result<Vec<u8>, StoreError> {
+    if Sha256::digest(&body).as_slice() == checksum {
+        Ok(body)
+    } else {
+        Err(StoreError::Checksum { id: id.to_string() })
+    }
+}
+
 pub(crate) fn ms(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
@@ -550,6 +559,25 @@ impl Store {
         Ok(done == 1)
     }
 
+    /// How far the database's clock is ahead of this relay's (negative:
+    /// behind), measured against `now` taken around the query; `None` on
+    /// the embedded store, which only this relay's clock ever writes.
+    /// Relays sharing a database time leases and the pace by their own
+    /// clocks, so theirs must agree with each other.
+    pub async fn clock_skew(&self) -> Result<Option<i64>, StoreError> {
+        let Pool::Postgres(p) = &self.pool else {
+            return Ok(None);
+        };
+        let before = SystemTime::now();
+        let database: i64 =
+            sqlx::query_scalar("SELECT (EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT")
+                .fetch_one(p)
+                .await?;
+        let after = SystemTime::now();
+        let local = ms(before) / 2 + ms(after) / 2;
+        Ok(Some(database.saturating_sub(local)))
+    }
+
     /// Ends every lease this relay holds but those on `keep` (outcomes still
     /// being written), for a relay that stops: its messages are due to the
     /// other relays at once rather than when the leases expire. Returns
@@ -618,27 +646,31 @@ impl Store {
         self.write(Write::Remove(id.to_owned())).await
     }
 
-    /// Whether this relay may hand its leased message to the upstream now:
-    /// still there, still ours, not held, and the lease good for at least a
-    /// third of `lease_timeout` more (the renewal every third keeps it so; a
-    /// lease whose renewals failed is not used). A read, so it costs no
-    /// commit and no disk sync per message. `false`: do not send it.
+    /// The body of this relay's leased message if it may be handed to the
+    /// upstream now: still there, still ours, not held, and the lease good
+    /// for at least a third of `lease_timeout` more (the renewal every third
+    /// keeps it so; a lease whose renewals failed is not used). `None`: do
+    /// not send it. The body is checked against the checksum taken at
+    /// insert ([`StoreError::Checksum`]). One read: no commit, no disk sync.
     pub async fn begin(
         &self,
         id: &str,
         now: SystemTime,
         lease_timeout: Duration,
-    ) -> Result<bool, StoreError> {
-        let sql = "SELECT COUNT(*) FROM messages
-                   WHERE id = $1 AND lease_relay = $2 AND NOT held AND lease_expires >= $3";
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let sql = "SELECT b.body, m.checksum FROM messages m JOIN bodies b ON b.message_id = m.id
+                   WHERE m.id = $1 AND m.lease_relay = $2 AND NOT m.held AND m.lease_expires >= $3";
         let good_until = ms(now).saturating_add(ms_of(lease_timeout / 3));
-        let found: i64 = on_pool!(&self.pool, |p, _begin| sqlx::query_scalar(sql)
-            .bind(id)
-            .bind(&*self.relay)
-            .bind(good_until)
-            .fetch_one(p)
-            .await?);
-        Ok(found == 1)
+        let row: Option<(Vec<u8>, Vec<u8>)> = on_pool!(&self.pool, |p, _begin| {
+            sqlx::query_as(sql)
+                .bind(id)
+                .bind(&*self.relay)
+                .bind(good_until)
+                .fetch_optional(p)
+                .await?
+        });
+        row.map(|(body, checksum)| checked(id, body, &checksum))
+            .transpose()
     }
 
     /// Makes a message due at `now` (an administrator's retry). A failed
@@ -755,13 +787,8 @@ impl Store {
         let row: Option<(Vec<u8>, Vec<u8>)> = on_pool!(&self.pool, |p, _begin| {
             sqlx::query_as(sql).bind(id).fetch_optional(p).await?
         });
-        match row {
-            None => Ok(None),
-            Some((body, checksum)) if Sha256::digest(&body).as_slice() == checksum => {
-                Ok(Some(body))
-            }
-            Some(_) => Err(StoreError::Checksum { id: id.to_string() }),
-        }
+        row.map(|(body, checksum)| checked(id, body, &checksum))
+            .transpose()
     }
 
     /// One message, without its body.

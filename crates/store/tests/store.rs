@@ -680,3 +680,21 @@ async fn batches_lease_and_remove_only_what_they_may() {
         );
     }
 }
+
+// The skew between the relay's clock and a shared database's: measured on
+// PostgreSQL (here the same machine's clock, so within a second), not on
+// the embedded store.
+#[tokio::test]
+async fn clock_skew_is_measured_on_a_shared_database() {
+    for engine in Engine::all() {
+        let store = engine.open("relay-a").await;
+        let skew = store.clock_skew().await.expect("skew");
+        match engine {
+            Engine::Sqlite(_) => assert_eq!(skew, None),
+            Engine::Postgres(_) => {
+                let skew = skew.expect("measured");
+                assert!(skew.abs() < 1000, "{skew} ms on one machine");
+            }
+        }
+    }
+}
