@@ -59,8 +59,10 @@ pub struct Pacer {
     state: Mutex<State>,
     /// The pace of every relay on the database, when shared.
     shared: Option<Shared>,
-    /// One shared admission at a time, so this relay's own spacing holds
-    /// across the store's answer.
+    /// The line of workers waiting to be admitted: one is admitted at a
+    /// time, in the order they asked (tokio's mutex is FIFO), so a message
+    /// retried often cannot starve one that waits, and this relay's own
+    /// spacing holds across the store's answer.
     admitting: tokio::sync::Mutex<()>,
 }
 
@@ -127,9 +129,14 @@ impl Pacer {
     }
 
     /// Waits until a message to `recipients` recipients may go, and counts it
-    /// as sent. Returns false if `shutdown` came first.
+    /// as sent; first come, first admitted. Returns false if `shutdown` came
+    /// first.
     pub async fn admit(&self, recipients: usize, shutdown: &CancellationToken) -> bool {
         let recipients = u32::try_from(recipients).unwrap_or(u32::MAX);
+        let _turn = tokio::select! {
+            _ = shutdown.cancelled() => return false,
+            turn = self.admitting.lock() => turn,
+        };
         let mut retry = Retry::default();
         loop {
             let wait = match &self.shared {
@@ -223,7 +230,6 @@ impl Pacer {
         recipients: u32,
         now: SystemTime,
     ) -> Result<Option<Duration>, StoreError> {
-        let _turn = self.admitting.lock().await;
         let local = self.wait(&mut self.lock(), recipients, now, false);
         if local.is_some() {
             return Ok(local);
@@ -385,6 +391,34 @@ mod tests {
             .try_admit(1, t0 + Duration::from_secs(3600))
             .expect("paced");
         assert_eq!(wait, DAY - Duration::from_secs(3600));
+    }
+
+    /// Workers waiting for the pace are admitted in the order they came:
+    /// one that keeps coming back (a message retried often) cannot pass
+    /// one that waits.
+    #[tokio::test]
+    async fn first_come_first_admitted() {
+        let p = Arc::new(pacer(600, 10_000)); // one every 100 ms
+        let shutdown = CancellationToken::new();
+        assert!(p.admit(1, &shutdown).await);
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut waiting = Vec::new();
+        for n in 0..4 {
+            let (p, shutdown, order) = (p.clone(), shutdown.clone(), order.clone());
+            waiting.push(tokio::spawn(async move {
+                assert!(p.admit(1, &shutdown).await);
+                order.lock().expect("lock").push(n);
+            }));
+            // each asks while the ones before still wait
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for w in waiting {
+            tokio::time::timeout(Duration::from_secs(10), w)
+                .await
+                .expect("admitted")
+                .expect("no panic");
+        }
+        assert_eq!(*order.lock().expect("lock"), [0, 1, 2, 3]);
     }
 
     #[tokio::test]
