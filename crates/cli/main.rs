@@ -82,6 +82,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    large_buffers_back_to_the_system();
     // One crypto provider for every rustls user in the process (reqwest,
     // mail-send, the test kit), installed before any of them builds a config.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
@@ -209,6 +210,24 @@ fn init_logging(level: &str, format: LogFormat) {
 fn colour(terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
     terminal && no_color.is_none_or(|v| v.is_empty())
 }
+
+/// Large messages pass through buffers of megabytes (a body read back for
+/// its commit or its delivery). glibc serves such sizes from its per-thread
+/// heaps once a first one was freed (it raises its mmap threshold up to
+/// 32 MiB) and keeps what they free, so a burst of large messages left the
+/// relay holding hundreds of MiB. A fixed threshold of 1 MiB maps each
+/// large buffer on its own and gives it back when it is freed.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn large_buffers_back_to_the_system() {
+    // SAFETY: mallopt only sets an allocator parameter; it is called
+    // before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn large_buffers_back_to_the_system() {}
 
 #[cfg(test)]
 mod tests {

@@ -13,7 +13,7 @@ use relay_store::{
     Envelope, LeaseHolder, Location, Message, MessageState, Progress, RecipientState, Secret,
     Store, StoreSettings,
 };
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::{oneshot, Notify, Semaphore, SemaphorePermit};
 use tokio::task::JoinHandle;
 
 use crate::id::IdGen;
@@ -42,6 +42,13 @@ const CLOCK_CHECK_EVERY: u64 = 60;
 /// Clock drift between a relay and its shared database that is reported:
 /// well under any lease (at least 3 s) and the pace's windows.
 const MAX_CLOCK_SKEW: Duration = Duration::from_secs(1);
+/// Bytes of spooled bodies held in memory for their commit at once, across
+/// all sessions (each is held, and copied into the store's statement, until
+/// it is committed): past it, large messages commit one after another, so
+/// that many clients sending large messages at once cannot exhaust memory.
+const SPOOLED_IN_MEMORY: usize = 32 << 20;
+/// The unit of [`SPOOLED_IN_MEMORY`] a permit stands for.
+const SPOOLED_UNIT: usize = 64 << 10;
 /// Due messages leased from the store at once: one transaction serves the
 /// worker that asked and the next ones to ask, instead of one each.
 const LEASE_BATCH: usize = 8;
@@ -275,6 +282,8 @@ struct Inner {
     /// The directory's lock, held for the queue's lifetime by the relay on
     /// an embedded store.
     lock: Option<std::fs::File>,
+    /// [`SPOOLED_IN_MEMORY`], in [`SPOOLED_UNIT`]s.
+    spooled_in_memory: Semaphore,
 }
 
 /// What this relay keeps in memory: wake-ups, passthrough messages waiting
@@ -315,6 +324,8 @@ fn lock(m: &Mutex<Local>) -> MutexGuard<'_, Local> {
 #[derive(Debug)]
 pub struct BodyWriter {
     path: PathBuf,
+    /// Bytes appended so far.
+    written: usize,
     /// `None` once an append failed or was cancelled: the file is then
     /// incomplete and every later append fails.
     file: Option<std::fs::File>,
@@ -326,6 +337,7 @@ impl BodyWriter {
     pub async fn append(&mut self, data: &[u8]) -> Result<(), QueueError> {
         use std::io::Write;
         let mut file = self.file.take().ok_or_else(|| self.broken())?;
+        let data_len = data.len();
         let data = data.to_vec();
         let path = self.path.clone();
         let file = blocking(&self.path, "spooling a message", move || {
@@ -335,6 +347,7 @@ impl BodyWriter {
         })
         .await?;
         self.file = Some(file);
+        self.written += data_len;
         Ok(())
     }
 
@@ -350,7 +363,8 @@ impl BodyWriter {
     fn into_body(mut self) -> Result<Vec<u8>, QueueError> {
         use std::io::{Read, Seek};
         let mut file = self.file.take().ok_or_else(|| self.broken())?;
-        let mut body = Vec::new();
+        // its exact size: growing by doubling would hold up to twice that
+        let mut body = Vec::with_capacity(self.written);
         file.rewind()
             .and_then(|()| file.read_to_end(&mut body))
             .map_err(|e| QueueError::io("reading a spooled message in", &self.path, e))?;
@@ -555,6 +569,7 @@ impl Queue {
                 ids: IdGen::new(0),
                 local: Mutex::new(Local::default()),
                 lock,
+                spooled_in_memory: Semaphore::new(SPOOLED_IN_MEMORY / SPOOLED_UNIT),
             }),
         })
     }
@@ -597,6 +612,7 @@ impl Queue {
         .await?;
         Ok(BodyWriter {
             path,
+            written: 0,
             file: Some(file),
         })
     }
@@ -609,6 +625,7 @@ impl Queue {
         writer: BodyWriter,
         tail: &[u8],
     ) -> Result<QueueId, QueueError> {
+        let _budget = self.spooled_budget(&writer, tail).await?;
         let body = spooled_body(writer, tail).await?;
         self.insert(msg, body, None).await
     }
@@ -621,8 +638,28 @@ impl Queue {
         writer: BodyWriter,
         tail: &[u8],
     ) -> Result<(QueueId, oneshot::Receiver<Vec<RecipientResult>>), QueueError> {
+        let _budget = self.spooled_budget(&writer, tail).await?;
         let body = spooled_body(writer, tail).await?;
         self.enqueue_passthrough(msg, body).await
+    }
+
+    /// Waits until the body in `writer` plus `tail` may be held in memory
+    /// for its commit (see [`SPOOLED_IN_MEMORY`]); holding the permit
+    /// holds that share. A body larger than the whole budget takes all of
+    /// it.
+    async fn spooled_budget(
+        &self,
+        writer: &BodyWriter,
+        tail: &[u8],
+    ) -> Result<SemaphorePermit<'_>, QueueError> {
+        let units = (writer.written + tail.len()).div_ceil(SPOOLED_UNIT);
+        let units = units.clamp(1, SPOOLED_IN_MEMORY / SPOOLED_UNIT);
+        self.inner
+            .spooled_in_memory
+            .acquire_many(u32::try_from(units).unwrap_or(u32::MAX))
+            .await
+            // never closed; as the store's own channel would say
+            .map_err(|_| relay_store::StoreError::Closed.into())
     }
 
     /// Stores a message like [`Queue::enqueue`] for a client that waits for
