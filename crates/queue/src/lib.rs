@@ -38,16 +38,21 @@
 //!   only after that commit. A body larger than the listener keeps in
 //!   memory (256 KiB) is spooled to an anonymous file while it arrives
 //!   ([`BodyWriter`]) and read back whole for the commit: memory per client
-//!   stays bounded while receiving; the commit holds the body once.
-//! * *Lease*: [`Queue::next_due`] marks one due message with this relay's
-//!   id and an expiry (`lease_timeout`) in one statement; a lease is renewed
-//!   every third of `lease_timeout` while the message is being delivered.
-//!   After the expiry any relay may take it (a relay that died). A relay
-//!   that finds its lease gone does not send (if it had not begun) and does
-//!   not record.
+//!   stays bounded while receiving, and bodies read back for their commit
+//!   share a budget of 32 MiB across all clients (past it they commit one
+//!   after another).
+//! * *Lease*: [`Queue::next_due`] marks up to 8 due messages with this
+//!   relay's id and an expiry (`lease_timeout`) in one statement; the one
+//!   asked for goes to the worker, the others wait in memory for the
+//!   account's next workers. Every lease is renewed every third of
+//!   `lease_timeout` until it ends. After the expiry any relay may take it
+//!   (a relay that died); a relay that stops ([`Queue::release_all`]) gives
+//!   its leases up at once. A relay that finds its lease gone does not send
+//!   (if it had not begun) and does not record. [`Queue::begin`] checks the
+//!   lease and reads the body in one query.
 //! * *Record*: the outcome replaces the message's state, or removes it when
 //!   every recipient is delivered, in one transaction — only under this
-//!   relay's lease.
+//!   relay's lease. Removals share the group commit of inserts.
 //! * *Passthrough* messages are leased at insert by the relay holding the
 //!   client's connection, and never leased by another: if that relay loses
 //!   them (dies), they fail, since the client, left without an answer,
@@ -85,8 +90,10 @@
 //!
 //! Only wake-ups and hand-offs: per account a [`tokio::sync::Notify`] that
 //! wakes the account's waiting workers on a local enqueue, release or
-//! retry (and, after a deferral, when it is due); passthrough messages
-//! waiting for a local worker, and their clients waiting for the outcome.
+//! retry (and, after a deferral, when it is due); passthrough messages and
+//! messages leased ahead waiting for a local worker, and passthrough
+//! clients waiting for the outcome. A message leased ahead by a relay that
+//! dies waits for its lease to expire, like one it was delivering.
 //! Mail that becomes due otherwise (from another relay, an expired lease)
 //! is found by a look at the store every second, which also keeps
 //! [`Queue::health`] (counts per state, and the store's last error) for

@@ -9,10 +9,11 @@
 //!   `synchronous = FULL` (every commit is fsynced); PostgreSQL sessions set
 //!   `synchronous_commit = on`. [`Store::insert`] returns only after its
 //!   transaction committed.
-//! * **Group commit.** Inserts go through one task that takes every insert
-//!   waiting into one transaction ([`Store::insert_commits`] counts them);
-//!   none is answered before the commit that holds it.
-//! * **One lease at a time.** [`Store::lease_next`] marks a due message
+//! * **Group commit.** Inserts, and removals of delivered messages, go
+//!   through one task that takes every write waiting into one transaction
+//!   ([`Store::insert_commits`] counts them); none is answered before the
+//!   commit that holds it.
+//! * **One lease at a time.** [`Store::lease_due`] marks due messages
 //!   with this relay's id and an expiry in one atomic statement; only the
 //!   holder can [`Store::renew`], [`Store::record`] or [`Store::release`]
 //!   it. After the expiry any relay may take it over, so a dead relay's
@@ -36,9 +37,10 @@
 //!
 //! # Cancel safety
 //!
-//! Every operation but [`Store::insert`] is one transaction: dropping its
-//! future before the commit rolls it back, after the commit it stands.
-//! [`Store::insert`] hands the message to the commit task; see there.
+//! Every operation but [`Store::insert`] and [`Store::remove`] is one
+//! transaction: dropping its future before the commit rolls it back, after
+//! the commit it stands. Those two hand their write to the commit task;
+//! see [`Store::insert`].
 //!
 //! Refresh tokens are stored as given (the database is as sensitive as the
 //! token cache file it replaces); in memory they, and the database
