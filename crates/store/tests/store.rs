@@ -698,3 +698,43 @@ async fn clock_skew_is_measured_on_a_shared_database() {
         }
     }
 }
+
+// The day's recipients across relays: what one relay sent counts for the
+// other, a message that does not fit waits until the oldest sends leave
+// the day, and one that fits after them goes out.
+#[tokio::test]
+async fn recipients_per_day_hold_across_relays() {
+    let limits = PaceLimits {
+        messages_per_minute: None,
+        recipients_per_day: Some(10),
+    };
+    let day = Duration::from_secs(24 * 3600);
+    for engine in Engine::all() {
+        let name = engine.name();
+        let (a, b) = (engine.open("relay-a").await, engine.open("relay-b").await);
+        assert_eq!(
+            a.pace("box", at(0), limits, 4).await.expect("pace"),
+            Pace::Go
+        );
+        assert_eq!(
+            b.pace("box", at(100), limits, 4).await.expect("pace"),
+            Pace::Go
+        );
+        assert_eq!(
+            a.pace("box", at(200), limits, 2).await.expect("pace"),
+            Pace::Go,
+            "{name}"
+        );
+        // 10 counted: 1 more waits for the first send to leave the day
+        assert_eq!(
+            b.pace("box", at(300), limits, 1).await.expect("pace"),
+            Pace::WaitUntil(at(0) + day),
+            "{name}"
+        );
+        assert_eq!(
+            b.pace("box", at(0) + day, limits, 4).await.expect("pace"),
+            Pace::Go,
+            "{name}"
+        );
+    }
+}
