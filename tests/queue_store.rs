@@ -279,6 +279,35 @@ async fn a_postgresql_outage_is_451_and_readyz_then_resumes_by_itself() {
     eventually(20, "an empty queue", || relay.queue_json().is_empty()).await;
 }
 
+/// Sends `n` messages (subjects `PREFIX-0` …) to the relay on `port`, each
+/// in its own session, asserting each gets `250`; their subjects.
+async fn send_accepted_n(port: u16, prefix: &str, n: usize) -> BTreeSet<String> {
+    let mut accepted = BTreeSet::new();
+    for i in 0..n {
+        let subject = format!("{prefix}-{i}");
+        assert_eq!(
+            try_send(port, &subject).await.as_deref().map(|r| &r[..3]),
+            Some("250")
+        );
+        accepted.insert(subject);
+    }
+    accepted
+}
+
+/// Writes `text` as the configuration of a second relay, with its own
+/// directory (queue spool, log) beside the world's; its path.
+fn second_relay_config(world: &World, text: &str) -> std::path::PathBuf {
+    let b = world.dir.path().join("b");
+    std::fs::create_dir(&b).expect("mkdir");
+    let text = text.replace(
+        &format!("{}", world.dir.path().join("queue").display()),
+        &format!("{}", b.join("queue").display()),
+    );
+    let config = b.join("relay.toml");
+    std::fs::write(&config, text).expect("config b");
+    config
+}
+
 /// `config` on the shared database of `pg`, with leases of `lease_timeout`.
 fn shared(config: String, pg: &Postgres, lease_timeout: &str) -> String {
     config.replace(
@@ -300,14 +329,10 @@ fn two_relays(
 ) -> ((std::path::PathBuf, u16), (std::path::PathBuf, u16)) {
     let (port_a, port_b) = (free_port(), free_port());
     let config_a = world.write_config(&edit(shared(unpaced(world.config(port_a)), pg, "3s")));
-    let b = world.dir.path().join("b");
-    std::fs::create_dir(&b).expect("mkdir");
-    let text_b = edit(shared(unpaced(world.config(port_b)), pg, "3s")).replace(
-        &format!("{}", world.dir.path().join("queue").display()),
-        &format!("{}", b.join("queue").display()),
+    let config_b = second_relay_config(
+        world,
+        &edit(shared(unpaced(world.config(port_b)), pg, "3s")),
     );
-    let config_b = b.join("relay.toml");
-    std::fs::write(&config_b, text_b).expect("config b");
     ((config_a, port_a), (config_b, port_b))
 }
 
@@ -360,23 +385,8 @@ async fn mail_accepted_by_a_relay_that_dies_is_delivered_by_another() {
     world.upstream.stop().await;
     let mut relay_a = Relay::start(&config_a, port_a).await;
     let relay_b = Relay::start(&config_b, port_b).await;
-    let mut accepted = BTreeSet::new();
-    for n in 0..10 {
-        let subject = format!("via-a-{n}");
-        assert_eq!(
-            try_send(port_a, &subject).await.as_deref().map(|r| &r[..3]),
-            Some("250")
-        );
-        accepted.insert(subject);
-    }
-    for n in 0..5 {
-        let subject = format!("via-b-{n}");
-        assert_eq!(
-            try_send(port_b, &subject).await.as_deref().map(|r| &r[..3]),
-            Some("250")
-        );
-        accepted.insert(subject);
-    }
+    let mut accepted = send_accepted_n(port_a, "via-a", 10).await;
+    accepted.extend(send_accepted_n(port_b, "via-b", 5).await);
     // both see one queue, from either relay's host
     assert_eq!(relay_a.queue_json().len(), 15);
     assert_eq!(relay_b.queue_json().len(), 15);
@@ -487,15 +497,7 @@ async fn a_relay_stopped_hands_its_leases_over_at_once() {
     // A keeps Microsoft's pace (30 a minute): it leases mail ahead and waits
     let config_a = world.write_config(&shared(world.config(port_a), &pg, "60s"));
     let mut relay_a = Relay::start(&config_a, port_a).await;
-    let mut accepted = BTreeSet::new();
-    for n in 0..10 {
-        let subject = format!("via-a-{n}");
-        assert_eq!(
-            try_send(port_a, &subject).await.as_deref().map(|r| &r[..3]),
-            Some("250")
-        );
-        accepted.insert(subject);
-    }
+    let accepted = send_accepted_n(port_a, "via-a", 10).await;
     // more leases than its 3 workers hold: some are leased ahead
     eventually(20, "A holding more than 3 leases", || {
         relay_a
@@ -513,14 +515,7 @@ async fn a_relay_stopped_hands_its_leases_over_at_once() {
         relay_a.log()
     );
 
-    let b = world.dir.path().join("b");
-    std::fs::create_dir(&b).expect("mkdir");
-    let text_b = shared(unpaced(world.config(port_b)), &pg, "60s").replace(
-        &format!("{}", world.dir.path().join("queue").display()),
-        &format!("{}", b.join("queue").display()),
-    );
-    let config_b = b.join("relay.toml");
-    std::fs::write(&config_b, text_b).expect("config b");
+    let config_b = second_relay_config(&world, &shared(unpaced(world.config(port_b)), &pg, "60s"));
     let relay_b = Relay::start(&config_b, port_b).await;
     // well within the 60 s the leases would have lasted
     for _ in 0..150 {

@@ -126,6 +126,19 @@ macro_rules! read_holds {
     }};
 }
 
+/// Appends ` IN ($1, $2, …)` to the query builder `$q`, binding each of
+/// `$ids` (an iterator of `&str`).
+macro_rules! push_in {
+    ($q:expr, $ids:expr) => {{
+        $q.push(" IN (");
+        let mut list = $q.separated(", ");
+        for id in $ids {
+            list.push_bind(id);
+        }
+        $q.push(")");
+    }};
+}
+
 /// The columns of `messages` that `message_of!` reads, for `SELECT` and
 /// `RETURNING`.
 macro_rules! message_columns {
@@ -186,12 +199,8 @@ macro_rules! recipients_of {
              FROM recipients",
         );
         if let Some(ids) = ids {
-            q.push(" WHERE message_id IN (");
-            let mut list = q.separated(", ");
-            for id in ids {
-                list.push_bind(id.as_str());
-            }
-            q.push(")");
+            q.push(" WHERE message_id");
+            push_in!(q, ids.iter().map(String::as_str));
         }
         q.push(" ORDER BY message_id, position");
         q.build()
@@ -589,12 +598,8 @@ impl Store {
             );
             q.push_bind(&*self.relay);
             if !keep.is_empty() {
-                q.push(" AND id NOT IN (");
-                let mut list = q.separated(", ");
-                for id in keep {
-                    list.push_bind(*id);
-                }
-                q.push(")");
+                q.push(" AND id NOT");
+                push_in!(q, keep.iter().copied());
             }
             Ok(q.build().execute(p).await?.rows_affected())
         })
@@ -821,12 +826,8 @@ impl Store {
                 " FROM messages"
             ));
             if let Some(ids) = ids {
-                messages_query.push(" WHERE id IN (");
-                let mut list = messages_query.separated(", ");
-                for id in ids {
-                    list.push_bind(id.as_str());
-                }
-                messages_query.push(")");
+                messages_query.push(" WHERE id");
+                push_in!(messages_query, ids.iter().map(String::as_str));
             }
             messages_query.push(" ORDER BY id");
             // One snapshot for both queries.
@@ -1317,12 +1318,8 @@ macro_rules! delete_many {
         let holder: Option<&str> = $holder;
         let mut deleted: Vec<String> = Vec::new();
         for chunk in ids.chunks(ROWS_PER_STATEMENT) {
-            let mut q = sqlx::QueryBuilder::<$Db>::new("DELETE FROM messages WHERE id IN (");
-            let mut list = q.separated(", ");
-            for id in chunk {
-                list.push_bind(*id);
-            }
-            q.push(")");
+            let mut q = sqlx::QueryBuilder::<$Db>::new("DELETE FROM messages WHERE id");
+            push_in!(q, chunk.iter().copied());
             if let Some(holder) = holder {
                 q.push(" AND lease_relay = ").push_bind(holder);
             }
