@@ -33,6 +33,10 @@ const MAX_RECORDING: usize = 64;
 /// A worker kept from opening a session (after a `432 4.3.2`) looks again
 /// this often.
 const PARKED_RECHECK: Duration = Duration::from_secs(5);
+/// On a shared database, how long an idle session keeps its connection
+/// slot at most (the transport's idle timeout if shorter): the slot is the
+/// mailbox's, and another relay may have mail waiting for it.
+const SHARED_IDLE: Duration = Duration::from_secs(1);
 
 /// A mailbox the relay delivers as.
 pub struct Account {
@@ -205,7 +209,10 @@ impl<T: Transport> Worker<T> {
                     _ = tokio::time::sleep(PARKED_RECHECK) => continue,
                 }
             }
-            let idle = session.as_ref().map(|_| self.transport.idle_timeout());
+            let idle = session.as_ref().map(|_| match self.shared {
+                Some(_) => self.transport.idle_timeout().min(SHARED_IDLE),
+                None => self.transport.idle_timeout(),
+            });
             let lease = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = lost(&slot) => None,

@@ -49,8 +49,11 @@ const MAX_CLOCK_SKEW: Duration = Duration::from_secs(1);
 const SPOOLED_IN_MEMORY: usize = 32 << 20;
 /// The unit of [`SPOOLED_IN_MEMORY`] a permit stands for.
 const SPOOLED_UNIT: usize = 64 << 10;
-/// Due messages leased from the store at once: one transaction serves the
-/// worker that asked and the next ones to ask, instead of one each.
+/// Due messages leased from the embedded store at once: one transaction
+/// serves the worker that asked and the next ones to ask, instead of one
+/// each. On a shared database a relay leases one at a time: messages
+/// leased ahead would wait for this relay's workers (and its connection
+/// slots) while another relay could send them.
 const LEASE_BATCH: usize = 8;
 
 /// A PostgreSQL database shared with other relays (`[queue] database_url`).
@@ -1135,15 +1138,20 @@ impl Inner {
     }
 
     /// Leases the account's next due message from the store, if any, and
-    /// up to [`LEASE_BATCH`] - 1 more for the next workers to ask.
+    /// on the embedded store up to [`LEASE_BATCH`] - 1 more for the next
+    /// workers to ask.
     async fn lease_next(self: Arc<Self>, account: &str) -> Option<Lease> {
+        let batch = match self.settings.database {
+            None => LEASE_BATCH,
+            Some(_) => 1,
+        };
         let leased = self
             .store
             .lease_due(
                 account,
                 SystemTime::now(),
                 self.settings.lease_timeout,
-                LEASE_BATCH,
+                batch,
             )
             .await;
         let messages = match leased {
