@@ -484,9 +484,9 @@ async fn two_relays_keep_to_one_pace_together() {
 }
 
 // A relay stopped with SIGTERM gives its leases up as it goes: mail it had
-// leased and not yet sent (here, leased ahead while its workers wait for
-// the pace) is delivered by another relay at once, not when the leases
-// would have expired.
+// leased and not yet sent (here, while its workers wait for the pace) is
+// delivered by another relay at once, not when the leases would have
+// expired.
 #[tokio::test]
 async fn a_relay_stopped_hands_its_leases_over_at_once() {
     let Some(pg) = Postgres::start() else {
@@ -498,14 +498,9 @@ async fn a_relay_stopped_hands_its_leases_over_at_once() {
     let config_a = world.write_config(&shared(world.config(port_a), &pg, "60s"));
     let mut relay_a = Relay::start(&config_a, port_a).await;
     let accepted = send_accepted_n(port_a, "via-a", 10).await;
-    // more leases than its 3 workers hold: some are leased ahead
-    eventually(20, "A holding more than 3 leases", || {
-        relay_a
-            .queue_json()
-            .iter()
-            .filter(|m| !m["lease"].is_null())
-            .count()
-            > 3
+    // its workers hold leases while they wait for the pace
+    eventually(20, "A holding leases", || {
+        relay_a.queue_json().iter().any(|m| !m["lease"].is_null())
     })
     .await;
     assert_eq!(

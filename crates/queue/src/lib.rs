@@ -41,10 +41,11 @@
 //!   stays bounded while receiving, and bodies read back for their commit
 //!   share a budget of 32 MiB across all clients (past it they commit one
 //!   after another).
-//! * *Lease*: [`Queue::next_due`] marks up to 8 due messages with this
-//!   relay's id and an expiry (`lease_timeout`) in one statement; the one
-//!   asked for goes to the worker, the others wait in memory for the
-//!   account's next workers. Every lease is renewed every third of
+//! * *Lease*: [`Queue::next_due`] marks due messages with this relay's id
+//!   and an expiry (`lease_timeout`) in one statement: on the embedded
+//!   store up to 8, the one asked for going to the worker and the others
+//!   waiting in memory for the account's next workers; on a shared
+//!   database one, so that no relay holds mail another could send. Every lease is renewed every third of
 //!   `lease_timeout` until it ends. After the expiry any relay may take it
 //!   (a relay that died); a relay that stops ([`Queue::release_all`]) gives
 //!   its leases up at once. A relay that finds its lease gone does not send
