@@ -385,8 +385,8 @@ impl Store {
         &self.relay
     }
 
-    /// Transactions committed by the insert task so far (group commit
-    /// shares one among concurrent inserts).
+    /// Transactions committed by the commit task so far (group commit
+    /// shares one among the inserts and removals waiting at the time).
     pub fn insert_commits(&self) -> u64 {
         self.commits.load(Ordering::Relaxed)
     }
@@ -1402,6 +1402,8 @@ async fn write_batch(
         let removed = delete_many!(tx, Db, &removals, Some(relay));
         tx.commit().await?;
         removed
+            .into_iter()
+            .collect::<std::collections::HashSet<String>>()
     });
     Ok(writes
         .iter()
