@@ -168,7 +168,7 @@ impl Meta {
             },
             held: self.held,
             lease: None,
-            body,
+            body: relay_store::Body::Bytes(body),
         })
     }
 }
@@ -357,10 +357,10 @@ pub(crate) async fn import(dir: &Path, store: &Store) -> Result<u64, QueueError>
     let scan_dir = dir.to_path_buf();
     let found =
         crate::queue::blocking(dir, "reading the old queue", move || scan(&scan_dir)).await?;
-    let Some(found) = found else {
+    let Some(mut found) = found else {
         return Ok(0);
     };
-    let imported = store.import(&found.messages).await?;
+    let imported = store.import(std::mem::take(&mut found.messages)).await?;
     tracing::info!(
         dir = %dir.display(),
         imported,

@@ -15,17 +15,20 @@
 //! # Where the state lives
 //!
 //! Every message — envelope, per-recipient state, held flag, lease, body and
-//! its SHA-256 — is in the store ([`relay_store`]): by default an SQLite file
-//! in the queue directory (WAL, `synchronous = FULL`); with `[queue]
-//! database_url`, a PostgreSQL database that several relays share. Every
-//! change to stored state is one `relay_store` call, one transaction.
+//! its SHA-256 — is in the store ([`relay_store`]): by default embedded in
+//! the queue directory (an SQLite file, WAL, `synchronous = FULL`, and large
+//! bodies as files beside it); with `[queue] database_url`, a PostgreSQL
+//! database that several relays share. Every change to stored state is one
+//! `relay_store` call, one transaction.
 //!
 //! ```text
 //! DIR/                mode 0700
 //!   queue.sqlite      the embedded store (and its -wal, -shm files)
+//!   bodies/ID         the embedded store's large bodies
 //!   tmp/              large bodies spooled while received (anonymous
 //!                     files: nothing is left behind by a crash)
 //!   corrupt/          entries of an older queue that could not be imported
+//!   lock              held by the relay running on the embedded store
 //! ```
 //!
 //! `ID` is a [`QueueId`]: 16 uppercase hex digits, 13 of microseconds since
@@ -37,10 +40,11 @@
 //!   every insert waiting at the time (group commit); `enqueue` returns
 //!   only after that commit. A body larger than the listener keeps in
 //!   memory (256 KiB) is spooled to an anonymous file while it arrives
-//!   ([`BodyWriter`]) and read back whole for the commit: memory per client
-//!   stays bounded while receiving, and bodies read back for their commit
-//!   share a budget of 32 MiB across all clients (past it they commit one
-//!   after another).
+//!   ([`BodyWriter`]), hashed as it is written: memory per client stays
+//!   bounded. On the embedded store that file, made durable under a name
+//!   in `bodies/`, is the stored body (written once, never read whole for
+//!   its commit); on PostgreSQL it is read back into the database (see
+//!   [`relay_store::Spool`]).
 //! * *Lease*: [`Queue::next_due`] marks due messages with this relay's id
 //!   and an expiry (`lease_timeout`) in one statement: on the embedded
 //!   store up to 8, the one asked for going to the worker and the others

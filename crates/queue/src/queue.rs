@@ -10,10 +10,10 @@ use std::time::{Duration, SystemTime};
 
 use relay_outcome::{Enhanced, Outcome, Reason, Reply, Verdict};
 use relay_store::{
-    Envelope, LeaseHolder, Location, Message, MessageState, Progress, RecipientState, Secret,
-    Store, StoreSettings,
+    Body, Envelope, LeaseHolder, Location, Message, MessageState, Progress, RecipientState, Secret,
+    Spool, Store, StoreSettings,
 };
-use tokio::sync::{oneshot, Notify, Semaphore, SemaphorePermit};
+use tokio::sync::{oneshot, Notify};
 use tokio::task::JoinHandle;
 
 use crate::id::IdGen;
@@ -30,8 +30,6 @@ const UNRECORDED_RETRY_MAX: Duration = Duration::from_secs(60);
 /// Connections to the store: the commit task, delivery workers and
 /// administrators' reads share them.
 const STORE_CONNECTIONS: u32 = 8;
-/// The SQLite file in the queue directory.
-const SQLITE_FILE: &str = "queue.sqlite";
 /// Where large bodies are spooled while they are received.
 const SPOOL_DIR: &str = "tmp";
 /// Locked by the relay running on an embedded store.
@@ -42,13 +40,6 @@ const CLOCK_CHECK_EVERY: u64 = 60;
 /// Clock drift between a relay and its shared database that is reported:
 /// well under any lease (at least 3 s) and the pace's windows.
 const MAX_CLOCK_SKEW: Duration = Duration::from_secs(1);
-/// Bytes of spooled bodies held in memory for their commit at once, across
-/// all sessions (each is held, and copied into the store's statement, until
-/// it is committed): past it, large messages commit one after another, so
-/// that many clients sending large messages at once cannot exhaust memory.
-const SPOOLED_IN_MEMORY: usize = 32 << 20;
-/// The unit of [`SPOOLED_IN_MEMORY`] a permit stands for.
-const SPOOLED_UNIT: usize = 64 << 10;
 /// Due messages leased from the embedded store at once: one transaction
 /// serves the worker that asked and the next ones to ask, instead of one
 /// each. On a shared database a relay leases one at a time: messages
@@ -285,8 +276,6 @@ struct Inner {
     /// The directory's lock, held for the queue's lifetime by the relay on
     /// an embedded store.
     lock: Option<std::fs::File>,
-    /// [`SPOOLED_IN_MEMORY`], in [`SPOOLED_UNIT`]s.
-    spooled_in_memory: Semaphore,
 }
 
 /// What this relay keeps in memory: wake-ups, passthrough messages waiting
@@ -323,34 +312,31 @@ fn lock(m: &Mutex<Local>) -> MutexGuard<'_, Local> {
 /// The body of a message being received, spooled to an anonymous file in
 /// the queue directory's `tmp/` ([`Queue::begin_body`]) so that a large
 /// message is not held in memory while it arrives. The file has no name: a
-/// crash or a dropped writer leaves nothing behind.
+/// crash or a dropped writer leaves nothing behind. On the embedded store
+/// the file itself becomes the stored body (see [`relay_store::Spool`]).
 #[derive(Debug)]
 pub struct BodyWriter {
     path: PathBuf,
-    /// Bytes appended so far.
-    written: usize,
     /// `None` once an append failed or was cancelled: the file is then
     /// incomplete and every later append fails.
-    file: Option<std::fs::File>,
+    spool: Option<Spool>,
 }
 
 impl BodyWriter {
     /// Appends `data`, on a blocking thread. After an error (or a
     /// cancelled append) the writer is unusable; drop it.
     pub async fn append(&mut self, data: &[u8]) -> Result<(), QueueError> {
-        use std::io::Write;
-        let mut file = self.file.take().ok_or_else(|| self.broken())?;
-        let data_len = data.len();
+        let mut spool = self.spool.take().ok_or_else(|| self.broken())?;
         let data = data.to_vec();
         let path = self.path.clone();
-        let file = blocking(&self.path, "spooling a message", move || {
-            file.write_all(&data)
+        let spool = blocking(&self.path, "spooling a message", move || {
+            spool
+                .append(&data)
                 .map_err(|e| QueueError::io("writing a spooled message in", &path, e))?;
-            Ok(file)
+            Ok(spool)
         })
         .await?;
-        self.file = Some(file);
-        self.written += data_len;
+        self.spool = Some(spool);
         Ok(())
     }
 
@@ -362,16 +348,11 @@ impl BodyWriter {
         )
     }
 
-    /// The whole body, read back for the commit (blocking).
-    fn into_body(mut self) -> Result<Vec<u8>, QueueError> {
-        use std::io::{Read, Seek};
-        let mut file = self.file.take().ok_or_else(|| self.broken())?;
-        // its exact size: growing by doubling would hold up to twice that
-        let mut body = Vec::with_capacity(self.written);
-        file.rewind()
-            .and_then(|()| file.read_to_end(&mut body))
-            .map_err(|e| QueueError::io("reading a spooled message in", &self.path, e))?;
-        Ok(body)
+    /// The whole body, ending with `tail`.
+    async fn finish(mut self, tail: &[u8]) -> Result<Body, QueueError> {
+        self.append(tail).await?;
+        let spool = self.spool.take().ok_or_else(|| self.broken())?;
+        Ok(Body::Spooled(spool.finish()))
     }
 }
 
@@ -382,6 +363,17 @@ pub(crate) fn orphan_reply() -> Reply {
         code: 554,
         enhanced: Some(Enhanced::new(5, 3, 0)),
         text: "not delivered: the relay stopped while the client waited (passthrough); the client resends it".into(),
+    }
+}
+
+/// Where the queue's store is.
+fn location(settings: &QueueSettings) -> Location {
+    match &settings.database {
+        None => Location::Sqlite(settings.dir.clone()),
+        Some(db) => Location::Postgres {
+            url: db.url.clone(),
+            password: db.password.clone(),
+        },
     }
 }
 
@@ -519,6 +511,7 @@ impl Queue {
         };
         let queue = Queue::open_store(settings, lock).await?;
         if queue.inner.lock.is_some() {
+            queue.inner.store.sweep_bodies().await?;
             let ended = queue.inner.store.end_others_leases().await?;
             if ended > 0 {
                 tracing::info!(
@@ -545,15 +538,8 @@ impl Queue {
     ) -> Result<Queue, QueueError> {
         let dir = settings.dir.clone();
         blocking(&settings.dir, "opening queue", move || prepare_dir(&dir)).await?;
-        let location = match &settings.database {
-            None => Location::Sqlite(settings.dir.join(SQLITE_FILE)),
-            Some(db) => Location::Postgres {
-                url: db.url.clone(),
-                password: db.password.clone(),
-            },
-        };
         let store = Store::open(StoreSettings {
-            location,
+            location: location(&settings),
             relay: relay_id(),
             max_connections: STORE_CONNECTIONS,
         })
@@ -572,7 +558,6 @@ impl Queue {
                 ids: IdGen::new(0),
                 local: Mutex::new(Local::default()),
                 lock,
-                spooled_in_memory: Semaphore::new(SPOOLED_IN_MEMORY / SPOOLED_UNIT),
             }),
         })
     }
@@ -589,7 +574,7 @@ impl Queue {
     /// committed (the listener answers 4xx). The commit runs to completion
     /// even if the returned future is dropped.
     pub async fn enqueue(&self, msg: NewMessage, body: &[u8]) -> Result<QueueId, QueueError> {
-        self.insert(msg, body.to_vec(), None).await
+        self.insert(msg, Body::Bytes(body.to_vec()), None).await
     }
 
     /// [`Queue::enqueue`] taking the body by value: the listener hands over
@@ -599,7 +584,7 @@ impl Queue {
         msg: NewMessage,
         body: Vec<u8>,
     ) -> Result<QueueId, QueueError> {
-        self.insert(msg, body, None).await
+        self.insert(msg, Body::Bytes(body), None).await
     }
 
     /// Starts the body of a message too large to hold in memory while it
@@ -615,8 +600,7 @@ impl Queue {
         .await?;
         Ok(BodyWriter {
             path,
-            written: 0,
-            file: Some(file),
+            spool: Some(Spool::new(file)),
         })
     }
 
@@ -628,8 +612,7 @@ impl Queue {
         writer: BodyWriter,
         tail: &[u8],
     ) -> Result<QueueId, QueueError> {
-        let _budget = self.spooled_budget(&writer, tail).await?;
-        let body = spooled_body(writer, tail).await?;
+        let body = writer.finish(tail).await?;
         self.insert(msg, body, None).await
     }
 
@@ -641,28 +624,8 @@ impl Queue {
         writer: BodyWriter,
         tail: &[u8],
     ) -> Result<(QueueId, oneshot::Receiver<Vec<RecipientResult>>), QueueError> {
-        let _budget = self.spooled_budget(&writer, tail).await?;
-        let body = spooled_body(writer, tail).await?;
-        self.enqueue_passthrough(msg, body).await
-    }
-
-    /// Waits until the body in `writer` plus `tail` may be held in memory
-    /// for its commit (see [`SPOOLED_IN_MEMORY`]); holding the permit
-    /// holds that share. A body larger than the whole budget takes all of
-    /// it.
-    async fn spooled_budget(
-        &self,
-        writer: &BodyWriter,
-        tail: &[u8],
-    ) -> Result<SemaphorePermit<'_>, QueueError> {
-        let units = (writer.written + tail.len()).div_ceil(SPOOLED_UNIT);
-        let units = units.clamp(1, SPOOLED_IN_MEMORY / SPOOLED_UNIT);
-        self.inner
-            .spooled_in_memory
-            .acquire_many(u32::try_from(units).unwrap_or(u32::MAX))
-            .await
-            // never closed; as the store's own channel would say
-            .map_err(|_| relay_store::StoreError::Closed.into())
+        let body = writer.finish(tail).await?;
+        self.passthrough(msg, body).await
     }
 
     /// Stores a message like [`Queue::enqueue`] for a client that waits for
@@ -677,6 +640,14 @@ impl Queue {
         msg: NewMessage,
         body: Vec<u8>,
     ) -> Result<(QueueId, oneshot::Receiver<Vec<RecipientResult>>), QueueError> {
+        self.passthrough(msg, Body::Bytes(body)).await
+    }
+
+    async fn passthrough(
+        &self,
+        msg: NewMessage,
+        body: Body,
+    ) -> Result<(QueueId, oneshot::Receiver<Vec<RecipientResult>>), QueueError> {
         let (tx, rx) = oneshot::channel();
         let id = self.insert(msg, body, Some(tx)).await?;
         Ok((id, rx))
@@ -685,7 +656,7 @@ impl Queue {
     async fn insert(
         &self,
         msg: NewMessage,
-        body: Vec<u8>,
+        body: Body,
         watcher: Option<oneshot::Sender<Vec<RecipientResult>>>,
     ) -> Result<QueueId, QueueError> {
         let mut recipients: Vec<String> = Vec::with_capacity(msg.recipients.len());
@@ -728,7 +699,7 @@ impl Queue {
                 envelope: message.envelope.clone(),
                 progress: message.progress.clone(),
                 held: false,
-                size: message.body.len() as u64,
+                size: message.body.len(),
                 lease: message.lease.clone(),
             };
             inner.store.insert(message).await?;
@@ -1061,18 +1032,7 @@ impl Queue {
     /// Which store the queue is in, for people: `SQLite PATH`, or
     /// `PostgreSQL host:port/database` (no user, password or options).
     pub fn store_name(&self) -> String {
-        match &self.inner.settings.database {
-            None => format!(
-                "SQLite {}",
-                self.inner.settings.dir.join(SQLITE_FILE).display()
-            ),
-            Some(db) => {
-                let rest = db.url.split_once("://").map_or(db.url.as_str(), |(_, r)| r);
-                let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
-                let rest = rest.split_once('?').map_or(rest, |(r, _)| r);
-                format!("PostgreSQL {rest}")
-            }
-        }
+        location(&self.inner.settings).to_string()
     }
 
     /// The queue's settings.
@@ -1556,17 +1516,6 @@ fn apply_attempt(
 
 mod admin;
 pub use admin::{Applied, Deletion, Request, Selection};
-
-/// The whole body of a message spooled in `writer`, ending with `tail`.
-async fn spooled_body(mut writer: BodyWriter, tail: &[u8]) -> Result<Vec<u8>, QueueError> {
-    writer.append(tail).await?;
-    blocking(
-        &writer.path.clone(),
-        "reading a spooled message",
-        move || writer.into_body(),
-    )
-    .await
-}
 
 #[cfg(test)]
 mod tests {

@@ -201,6 +201,8 @@ async fn spooled_bodies_are_committed_whole_or_leave_nothing() {
         .await
         .expect("enqueue");
     assert!(names(&tmp.path().join("tmp")).is_empty());
+    // stored as the file it was spooled to, under its id
+    assert_eq!(names(&tmp.path().join("bodies")), [id.to_string()]);
     let lease = within(q.next_due("acct", None)).await.expect("lease");
     assert_eq!(lease.id, id);
     assert_eq!(lease.size, body.len() as u64);
@@ -212,6 +214,29 @@ async fn spooled_bodies_are_committed_whole_or_leave_nothing() {
     drop(writer);
     assert!(names(&tmp.path().join("tmp")).is_empty());
     assert_eq!(within(q.list()).await.expect("list").len(), 1);
+}
+
+#[tokio::test]
+async fn a_body_file_no_message_names_is_removed_at_open() {
+    let tmp = TempDir::new().expect("tempdir");
+    let q = within(Queue::open(settings(tmp.path())))
+        .await
+        .expect("open");
+    let body = vec![b'x'; 300_000];
+    let mut writer = within(q.begin_body()).await.expect("begin");
+    within(writer.append(&body)).await.expect("append");
+    let id = within(q.enqueue_spooled(msg(), writer, b"\r\n"))
+        .await
+        .expect("enqueue");
+    drop(q);
+    // as a crash between the body file and the commit leaves it
+    std::fs::write(tmp.path().join("bodies/00000000000000FF"), b"half").expect("write");
+    let q = within(Queue::open(settings(tmp.path())))
+        .await
+        .expect("reopen");
+    assert_eq!(names(&tmp.path().join("bodies")), [id.to_string()]);
+    let lease = within(q.next_due("acct", None)).await.expect("lease");
+    assert_eq!(go(within(q.begin(&lease)).await).len(), 300_002);
 }
 
 #[cfg(unix)]

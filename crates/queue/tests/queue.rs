@@ -152,10 +152,12 @@ async fn enqueue_is_listed_with_exact_fields() {
         .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b)));
     assert_eq!(id.to_string().parse::<QueueId>().expect("parse"), id);
 
-    // Files: the relay's lock and the store, nothing left in tmp.
+    // Files: the relay's lock and the store, nothing left in tmp (a
+    // small body is in the database).
     assert_eq!(
         names(&dir),
         [
+            "bodies",
             "lock",
             "queue.sqlite",
             "queue.sqlite-shm",
@@ -582,6 +584,7 @@ async fn an_old_queue_directory_is_imported_whole_and_removed() {
     assert_eq!(
         names(&dir),
         [
+            "bodies",
             "corrupt",
             "lock",
             "queue.sqlite",

@@ -24,7 +24,7 @@ async fn main() {
     let postgres = Postgres::start();
     let mut engines = vec![(
         "SQLite (WAL, synchronous=FULL)",
-        Location::Sqlite(dir.path().join("queue.sqlite")),
+        Location::Sqlite(dir.path().to_path_buf()),
     )];
     if let Some(pg) = &postgres {
         engines.push((
@@ -83,7 +83,7 @@ async fn run(store: &Store, writers: u64, length: Duration) -> (f64, f64) {
                             progress: Progress::new(&recipients, now),
                             held: false,
                             lease: None,
-                            body: body.clone(),
+                            body: relay_store::Body::Bytes(body.clone()),
                         })
                         .await
                         .expect("insert");

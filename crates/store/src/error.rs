@@ -29,6 +29,17 @@ pub enum StoreError {
     /// batch gets the same error).
     #[error("database: {0}")]
     Batch(#[source] Arc<sqlx::Error>),
+    /// A body file could not be written, read or removed.
+    #[error("cannot {action} {path}: {source}")]
+    BodyFile {
+        /// What was being done, e.g. "keeping the body in".
+        action: &'static str,
+        /// The file or directory.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// A stored body no longer matches the checksum taken at insert.
     #[error("message {id}: the stored body does not match its checksum")]
     Checksum {

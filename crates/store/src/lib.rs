@@ -49,6 +49,7 @@
 
 #![warn(missing_docs)]
 
+mod body;
 mod error;
 mod holds;
 mod pace;
@@ -56,6 +57,7 @@ mod schema;
 mod store;
 mod types;
 
+pub use body::{Body, Spool, Spooled};
 pub use error::StoreError;
 pub use pace::{decide as decide_pace, Pace, PaceLimits, Sent};
 pub use relay_config::Secret;

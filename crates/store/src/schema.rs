@@ -86,10 +86,17 @@ CREATE TABLE mailbox_holds (
 );
 ";
 
+/// Version 3: on the embedded store a large body is kept as a file beside
+/// the database (written once, as received) rather than in `bodies`.
+const V3: &str = "
+ALTER TABLE messages ADD COLUMN body_file BOOLEAN NOT NULL DEFAULT FALSE;
+";
+
 /// Every migration, oldest first.
 const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "queue, pacing, slots, tokens", V1),
     (2, "mailbox holds", V2),
+    (3, "bodies kept as files", V3),
 ];
 
 /// The newest schema version this build knows.

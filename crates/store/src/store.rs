@@ -1,6 +1,7 @@
 //! The store: connection, group commit, and every operation in SQL that
 //! both engines run unchanged (parameters are `$N`, which SQLite reads too).
 
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -10,8 +11,9 @@ use sha2::{Digest, Sha256};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Connection as _, PgPool, Row, SqlitePool};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
+use crate::body::{Body, Spooled};
 use crate::holds::Holds;
 use crate::pace::{self, Pace, PaceLimits, Sent};
 use crate::schema::{self, Dialect, SCHEMA_VERSION};
@@ -24,8 +26,10 @@ use crate::{Secret, StoreError};
 /// Where the store lives.
 #[derive(Clone, Debug)]
 pub enum Location {
-    /// An embedded SQLite file (created if missing).
-    Sqlite(std::path::PathBuf),
+    /// The embedded store in this directory (created if missing): the
+    /// SQLite file `queue.sqlite` (with its `-wal` and `-shm`) and the
+    /// large bodies' files in `bodies/`.
+    Sqlite(PathBuf),
     /// A PostgreSQL database shared with other relays; the password, if
     /// any, read from `database_password_file` rather than put in the URL.
     Postgres {
@@ -34,6 +38,22 @@ pub enum Location {
         /// The password.
         password: Option<Secret>,
     },
+}
+
+impl std::fmt::Display for Location {
+    /// Which store, for people: `SQLite PATH`, or `PostgreSQL
+    /// host:port/database` (no user, password or options).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Location::Sqlite(dir) => write!(f, "SQLite {}", dir.join(SQLITE_FILE).display()),
+            Location::Postgres { url, .. } => {
+                let rest = url.split_once("://").map_or(url.as_str(), |(_, r)| r);
+                let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
+                let rest = rest.split_once('?').map_or(rest, |(r, _)| r);
+                write!(f, "PostgreSQL {rest}")
+            }
+        }
+    }
 }
 
 /// How the store is opened.
@@ -57,6 +77,18 @@ const MAX_BATCH: usize = 512;
 /// server, every connection busy) before it fails: an SMTP client waiting
 /// for its answer gets `451` within this time rather than hanging.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The embedded store's database file, in its directory.
+const SQLITE_FILE: &str = "queue.sqlite";
+/// The embedded store's body files, in its directory.
+const BODIES_DIR: &str = "bodies";
+/// Bytes of spooled bodies read into memory for their commit at once on
+/// PostgreSQL, across all sessions (each is held, and copied into the
+/// statement, until it is committed): past it, large messages commit one
+/// after another, so that many clients sending large messages at once
+/// cannot exhaust memory.
+const SPOOLED_IN_MEMORY: usize = 32 << 20;
+/// The unit of [`SPOOLED_IN_MEMORY`] a permit stands for.
+const SPOOLED_UNIT: usize = 64 << 10;
 /// How long an SQLite writer waits for another (another handle, `queue`
 /// commands) before failing.
 const SQLITE_BUSY: Duration = Duration::from_secs(10);
@@ -254,10 +286,22 @@ fn attach(messages: &mut [Message], recipients: Vec<(String, Recipient)>) {
     }
 }
 
+/// A message ready for its transaction: its body placed and summed.
+struct Placed {
+    envelope: Envelope,
+    progress: Progress,
+    held: bool,
+    lease: Option<LeaseHolder>,
+    size: u64,
+    checksum: [u8; 32],
+    /// The body to store in the database; `None`: it is a body file.
+    inline: Option<Vec<u8>>,
+}
+
 /// A write the commit task batches with others into one transaction.
 enum Write {
     /// A new message (boxed: the channel's slots stay small).
-    Insert(Box<NewMessage>),
+    Insert(Box<Placed>),
     /// Delete a message this relay holds the lease on (delivered).
     Remove(String),
 }
@@ -279,6 +323,10 @@ pub struct Store {
     commits: Arc<AtomicU64>,
     slot_serial: Arc<AtomicU64>,
     writes: mpsc::Sender<Pending>,
+    /// The embedded store's body files; `None` on PostgreSQL.
+    bodies: Option<Arc<Path>>,
+    /// [`SPOOLED_IN_MEMORY`], in [`SPOOLED_UNIT`]s.
+    spooled_in_memory: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for Store {
@@ -319,6 +367,81 @@ pub enum Redeem {
     },
 }
 
+/// A message's body as stored: in the row, its checksum, whether it is a
+/// body file instead.
+type BodyRow = (Option<Vec<u8>>, Vec<u8>, bool);
+
+/// Runs `work` on `path` on a blocking thread; an error names `action` and
+/// the path.
+async fn blocking<T: Send + 'static>(
+    path: &Path,
+    action: &'static str,
+    work: impl FnOnce(&Path) -> std::io::Result<T> + Send + 'static,
+) -> Result<T, StoreError> {
+    let owned = path.to_path_buf();
+    let result = tokio::task::spawn_blocking(move || work(&owned))
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+    result.map_err(|source| StoreError::BodyFile {
+        action,
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// A spooled body read into memory.
+async fn read_spooled(spooled: Spooled) -> Result<Vec<u8>, StoreError> {
+    let path = PathBuf::from("(spooled body)");
+    blocking(&path, "reading", move |_| spooled.read_all()).await
+}
+
+/// Creates a directory (and its parents) with mode 0700.
+fn create_private_dir(path: &Path) -> Result<(), StoreError> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder.create(path).map_err(|source| StoreError::BodyFile {
+        action: "creating",
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Removes the body files of deleted messages (`(id, body_file)`, as
+/// [`delete_many`] returns them), after their commit. No directory sync:
+/// a removal undone by a crash leaves a file that the next sweep removes.
+async fn remove_bodies_of(dir: Option<&Arc<Path>>, deleted: Vec<(String, bool)>) {
+    let Some(dir) = dir else { return };
+    let files: Vec<String> = deleted
+        .into_iter()
+        .filter_map(|(id, in_file)| in_file.then_some(id))
+        .collect();
+    if !files.is_empty() {
+        remove_body_files(dir.clone(), files).await;
+    }
+}
+
+async fn remove_body_files(dir: Arc<Path>, names: Vec<String>) {
+    let removed = tokio::task::spawn_blocking(move || {
+        for name in names {
+            let path = dir.join(&name);
+            if let Err(e) = std::fs::remove_file(&path) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot remove a body file");
+                }
+            }
+        }
+    })
+    .await;
+    if let Err(e) = removed {
+        tracing::warn!(error = %e, "removing body files stopped");
+    }
+}
+
 /// `body` if its SHA-256 is `checksum`.
 fn checked(id: &str, body: Vec<u8>, checksum: &[u8]) -> Result<Vec<u8>, StoreError> {
     if Sha256::digest(&body).as_slice() == checksum {
@@ -345,6 +468,14 @@ impl Store {
     /// Opens (creating if needed) the store and brings its schema up to
     /// date. Refuses a schema newer than this build's.
     pub async fn open(settings: StoreSettings) -> Result<Store, StoreError> {
+        let bodies: Option<Arc<Path>> = match &settings.location {
+            Location::Sqlite(dir) => {
+                let bodies = dir.join(BODIES_DIR);
+                create_private_dir(&bodies)?;
+                Some(bodies.into())
+            }
+            Location::Postgres { .. } => None,
+        };
         let (pool, dialect) = connect(&settings).await?;
         let migrated = on_pool!(&pool, |p, _begin| schema::migrator(dialect).run(p).await);
         migrated.map_err(|e| match e {
@@ -366,6 +497,7 @@ impl Store {
             tokio::spawn(commit_task(
                 pool.clone(),
                 relay.clone(),
+                bodies.clone(),
                 rx.clone(),
                 commits.clone(),
             ));
@@ -377,6 +509,8 @@ impl Store {
             commits,
             slot_serial: Arc::new(AtomicU64::new(0)),
             writes: tx,
+            bodies,
+            spooled_in_memory: Arc::new(Semaphore::new(SPOOLED_IN_MEMORY / SPOOLED_UNIT)),
         })
     }
 
@@ -393,16 +527,140 @@ impl Store {
 
     /// Stores a message durably: when this returns `Ok`, it survives a crash
     /// of the relay, the machine or (with PostgreSQL) the database server.
-    /// Concurrent calls share one transaction and one commit.
+    /// Concurrent calls share one transaction and one commit. A spooled
+    /// body is made durable as a body file first on the embedded store
+    /// (see [`crate::Spool`]).
     ///
     /// Cancel safety: dropping the future before the message reached the
-    /// commit task stores nothing; dropping it later does not stop the
-    /// commit, so the message may be stored although the caller never saw
-    /// `Ok` (as when a client's connection breaks before it reads `250`).
+    /// commit task stores nothing (a body file already kept is removed at
+    /// the next [`Store::sweep_bodies`]); dropping it later does not stop
+    /// the commit, so the message may be stored although the caller never
+    /// saw `Ok` (as when a client's connection breaks before it reads
+    /// `250`).
     pub async fn insert(&self, message: NewMessage) -> Result<(), StoreError> {
-        self.write(Write::Insert(Box::new(message)))
+        let (placed, _budget) = self.place(message).await?;
+        let id = placed.envelope.id.clone();
+        let in_file = placed.inline.is_none();
+        let result = self.write(Write::Insert(Box::new(placed))).await;
+        if result.is_err() && in_file {
+            self.drop_unstored_body(&id).await;
+        }
+        result.map(|_| ())
+    }
+
+    /// Sums the message's body and puts it where it is stored: a spooled
+    /// body becomes a durable body file on the embedded store, or is read
+    /// into memory on PostgreSQL (holding a share of
+    /// [`SPOOLED_IN_MEMORY`], returned, until its commit).
+    async fn place(
+        &self,
+        message: NewMessage,
+    ) -> Result<(Placed, Option<OwnedSemaphorePermit>), StoreError> {
+        let NewMessage {
+            envelope,
+            progress,
+            held,
+            lease,
+            body,
+        } = message;
+        let size = body.len();
+        let (checksum, inline, budget) = match body {
+            Body::Bytes(bytes) => (Sha256::digest(&bytes).into(), Some(bytes), None),
+            Body::Spooled(spooled) => {
+                let checksum = spooled.checksum();
+                match &self.bodies {
+                    Some(dir) => {
+                        let to = dir.join(&envelope.id);
+                        blocking(&to, "keeping the body in", move |to| spooled.keep_as(to)).await?;
+                        (checksum, None, None)
+                    }
+                    None => {
+                        let budget = self.spooled_budget(&spooled).await?;
+                        let bytes = read_spooled(spooled).await?;
+                        (checksum, Some(bytes), Some(budget))
+                    }
+                }
+            }
+        };
+        let placed = Placed {
+            envelope,
+            progress,
+            held,
+            lease,
+            size,
+            checksum,
+            inline,
+        };
+        Ok((placed, budget))
+    }
+
+    /// Waits until `spooled` may be held in memory for its commit (see
+    /// [`SPOOLED_IN_MEMORY`]); a body larger than the whole budget takes
+    /// all of it.
+    async fn spooled_budget(&self, spooled: &Spooled) -> Result<OwnedSemaphorePermit, StoreError> {
+        let units = usize::try_from(spooled.len())
+            .unwrap_or(usize::MAX)
+            .div_ceil(SPOOLED_UNIT)
+            .clamp(1, SPOOLED_IN_MEMORY / SPOOLED_UNIT);
+        self.spooled_in_memory
+            .clone()
+            .acquire_many_owned(u32::try_from(units).unwrap_or(u32::MAX))
             .await
-            .map(|_| ())
+            // never closed
+            .map_err(|_| StoreError::Closed)
+    }
+
+    /// Removes the body file of a message whose insert failed, unless the
+    /// message was stored after all (a commit whose answer was lost): only
+    /// what is surely not stored goes. Left in doubt, the next
+    /// [`Store::sweep_bodies`] decides.
+    async fn drop_unstored_body(&self, id: &str) {
+        let Some(dir) = &self.bodies else { return };
+        let sql = "SELECT COUNT(*) FROM messages WHERE id = $1";
+        let stored: Result<i64, sqlx::Error> = on_pool!(&self.pool, |p, _begin| {
+            sqlx::query_scalar(sql).bind(id).fetch_one(p).await
+        });
+        if let Ok(0) = stored {
+            remove_body_files(dir.clone(), vec![id.to_owned()]).await;
+        }
+    }
+
+    /// Removes body files that no stored message names: those of inserts a
+    /// crash interrupted. Only for the one relay that owns the embedded
+    /// store (the queue directory's lock), before it accepts mail: another
+    /// process's insert in flight would lose its body. Returns how many
+    /// were removed.
+    pub async fn sweep_bodies(&self) -> Result<u64, StoreError> {
+        let Some(dir) = &self.bodies else {
+            return Ok(0);
+        };
+        let sql = "SELECT id FROM messages WHERE body_file";
+        let kept: std::collections::HashSet<String> = on_pool!(&self.pool, |p, _begin| {
+            sqlx::query_scalar(sql).fetch_all(p).await?
+        })
+        .into_iter()
+        .collect();
+        let orphans = blocking(dir, "listing the bodies in", move |dir| {
+            let mut orphans = Vec::new();
+            for entry in std::fs::read_dir(dir)? {
+                let name = entry?.file_name().to_string_lossy().into_owned();
+                if !kept.contains(&name) {
+                    orphans.push(name);
+                }
+            }
+            Ok(orphans)
+        })
+        .await?;
+        let removed = orphans.len() as u64;
+        if removed > 0 {
+            tracing::info!(
+                count = removed,
+                dir = %dir.display(),
+                "removed body files of messages never stored (an interrupted insert)"
+            );
+            remove_body_files(dir.clone(), orphans).await;
+        }
+        Ok(removed)
     }
 
     /// Hands `write` to the commit task and waits for its commit.
@@ -419,8 +677,15 @@ impl Store {
     /// A message already stored (an import repeated after a crash that came
     /// before the old files were removed) is kept as it is. Returns how many
     /// were new. Remove the old files only after this returned `Ok`.
-    pub async fn import(&self, messages: &[NewMessage]) -> Result<u64, StoreError> {
-        let messages: Vec<&NewMessage> = messages.iter().collect();
+    pub async fn import(&self, messages: Vec<NewMessage>) -> Result<u64, StoreError> {
+        let mut placed = Vec::with_capacity(messages.len());
+        let mut budget = Vec::new();
+        for message in messages {
+            let (message, permit) = self.place(message).await?;
+            placed.push(message);
+            budget.extend(permit);
+        }
+        let messages: Vec<&Placed> = placed.iter().collect();
         on_pool!(&self.pool, |p, begin, Db| {
             let mut tx = p.begin_with(begin).await?;
             let new = insert_many!(tx, Db, &messages, true);
@@ -638,7 +903,9 @@ impl Store {
             let mut tx = p.begin_with(begin).await?;
             let deleted = delete_many!(tx, Db, &[id], None);
             tx.commit().await?;
-            Ok(deleted.len() == 1)
+            let found = deleted.len() == 1;
+            remove_bodies_of(self.bodies.as_ref(), deleted).await;
+            Ok(found)
         })
     }
 
@@ -663,10 +930,11 @@ impl Store {
         now: SystemTime,
         lease_timeout: Duration,
     ) -> Result<Option<Vec<u8>>, StoreError> {
-        let sql = "SELECT b.body, m.checksum FROM messages m JOIN bodies b ON b.message_id = m.id
+        let sql = "SELECT b.body, m.checksum, m.body_file
+                   FROM messages m LEFT JOIN bodies b ON b.message_id = m.id
                    WHERE m.id = $1 AND m.lease_relay = $2 AND NOT m.held AND m.lease_expires >= $3";
         let good_until = ms(now).saturating_add(ms_of(lease_timeout / 3));
-        let row: Option<(Vec<u8>, Vec<u8>)> = on_pool!(&self.pool, |p, _begin| {
+        let row: Option<BodyRow> = on_pool!(&self.pool, |p, _begin| {
             sqlx::query_as(sql)
                 .bind(id)
                 .bind(&*self.relay)
@@ -674,8 +942,7 @@ impl Store {
                 .fetch_optional(p)
                 .await?
         });
-        row.map(|(body, checksum)| checked(id, body, &checksum))
-            .transpose()
+        self.body_of(id, row).await
     }
 
     /// Makes a message due at `now` (an administrator's retry). A failed
@@ -787,13 +1054,46 @@ impl Store {
 
     /// The body, checked against the checksum taken at insert.
     pub async fn body(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let sql = "SELECT b.body, m.checksum FROM bodies b JOIN messages m ON m.id = b.message_id
-                   WHERE b.message_id = $1";
-        let row: Option<(Vec<u8>, Vec<u8>)> = on_pool!(&self.pool, |p, _begin| {
+        let sql = "SELECT b.body, m.checksum, m.body_file
+                   FROM messages m LEFT JOIN bodies b ON b.message_id = m.id WHERE m.id = $1";
+        let row: Option<BodyRow> = on_pool!(&self.pool, |p, _begin| {
             sqlx::query_as(sql).bind(id).fetch_optional(p).await?
         });
-        row.map(|(body, checksum)| checked(id, body, &checksum))
-            .transpose()
+        self.body_of(id, row).await
+    }
+
+    /// The body a [`BodyRow`] stands for, checked against its checksum: in
+    /// the row, or read from its body file. A file gone with its message
+    /// (deleted meanwhile) is `None`.
+    async fn body_of(&self, id: &str, row: Option<BodyRow>) -> Result<Option<Vec<u8>>, StoreError> {
+        let Some((inline, checksum, in_file)) = row else {
+            return Ok(None);
+        };
+        let body = match (inline, in_file, &self.bodies) {
+            (Some(body), false, _) => body,
+            (_, true, Some(dir)) => {
+                let path = dir.join(id);
+                let read = blocking(&path, "reading the body in", |path| std::fs::read(path)).await;
+                match read {
+                    Ok(body) => body,
+                    Err(StoreError::BodyFile { source, .. })
+                        if source.kind() == std::io::ErrorKind::NotFound
+                            && self.get(id).await?.is_none() =>
+                    {
+                        return Ok(None);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            _ => {
+                return Err(StoreError::Invalid {
+                    id: id.to_owned(),
+                    column: "body_file",
+                    value: in_file.to_string(),
+                })
+            }
+        };
+        checked(id, body, &checksum).map(Some)
     }
 
     /// One message, without its body.
@@ -1147,9 +1447,9 @@ impl Store {
 pub(crate) async fn connect(settings: &StoreSettings) -> Result<(Pool, Dialect), StoreError> {
     let max = settings.max_connections.max(2);
     Ok(match &settings.location {
-        Location::Sqlite(path) => {
+        Location::Sqlite(dir) => {
             let options = SqliteConnectOptions::new()
-                .filename(path)
+                .filename(dir.join(SQLITE_FILE))
                 .create_if_missing(true)
                 .journal_mode(SqliteJournalMode::Wal)
                 .synchronous(SqliteSynchronous::Full)
@@ -1222,13 +1522,13 @@ const ROWS_PER_STATEMENT: usize = 1000;
 /// serves both engines (`$Db`).
 macro_rules! insert_many {
     ($conn:expr, $Db:ty, $messages:expr, $skip_existing:expr) => {{
-        let messages: &[&NewMessage] = $messages;
+        let messages: &[&Placed] = $messages;
         let mut added = 0u64;
         for chunk in messages.chunks(ROWS_PER_STATEMENT) {
             let mut q = sqlx::QueryBuilder::<$Db>::new(
                 "INSERT INTO messages (id, account, sender, client, received_at, state, attempts,
                      next_attempt, last_error, passthrough, held, size, checksum, lease_relay,
-                     lease_expires) ",
+                     lease_expires, body_file) ",
             );
             q.push_values(chunk, |mut row, m| {
                 let e = &m.envelope;
@@ -1243,10 +1543,11 @@ macro_rules! insert_many {
                     .push_bind(m.progress.last_error.as_deref())
                     .push_bind(e.passthrough)
                     .push_bind(m.held)
-                    .push_bind(i64::try_from(m.body.len()).unwrap_or(i64::MAX))
-                    .push_bind(Sha256::digest(&m.body).to_vec())
+                    .push_bind(i64::try_from(m.size).unwrap_or(i64::MAX))
+                    .push_bind(m.checksum.to_vec())
                     .push_bind(m.lease.as_ref().map(|l| l.relay.as_str()))
-                    .push_bind(m.lease.as_ref().map(|l| ms(l.expires)));
+                    .push_bind(m.lease.as_ref().map(|l| ms(l.expires)))
+                    .push_bind(m.inline.is_none());
             });
             if $skip_existing {
                 q.push(" ON CONFLICT (id) DO NOTHING");
@@ -1258,7 +1559,7 @@ macro_rules! insert_many {
                 .await?
                 .into_iter()
                 .collect();
-            let new: Vec<&NewMessage> = chunk
+            let new: Vec<&Placed> = chunk
                 .iter()
                 .copied()
                 .filter(|m| ids.contains(&m.envelope.id))
@@ -1267,12 +1568,18 @@ macro_rules! insert_many {
                 continue;
             }
             added += new.len() as u64;
-            let mut q = sqlx::QueryBuilder::<$Db>::new("INSERT INTO bodies (message_id, body) ");
-            q.push_values(&new, |mut row, m| {
-                row.push_bind(m.envelope.id.as_str())
-                    .push_bind(m.body.as_slice());
-            });
-            q.build().execute(&mut *$conn).await?;
+            let inline: Vec<(&str, &[u8])> = new
+                .iter()
+                .filter_map(|m| Some((m.envelope.id.as_str(), m.inline.as_deref()?)))
+                .collect();
+            if !inline.is_empty() {
+                let mut q =
+                    sqlx::QueryBuilder::<$Db>::new("INSERT INTO bodies (message_id, body) ");
+                q.push_values(&inline, |mut row, (id, body)| {
+                    row.push_bind(*id).push_bind(*body);
+                });
+                q.build().execute(&mut *$conn).await?;
+            }
             let recipients: Vec<(&str, i64, &Recipient)> = new
                 .iter()
                 .flat_map(|m| {
@@ -1310,21 +1617,22 @@ use insert_many;
 /// `$holder` (`Option<&str>`) only those whose lease that relay holds;
 /// their bodies and recipients go with them (`ON DELETE CASCADE`, one
 /// statement).
-/// Evaluates to the ids deleted. A macro so that one text serves both
+/// Evaluates to the ids deleted, each with whether its body is a body file
+/// (to be removed after the commit). A macro so that one text serves both
 /// engines (`$Db`).
 macro_rules! delete_many {
     ($conn:expr, $Db:ty, $ids:expr, $holder:expr) => {{
         let ids: &[&str] = $ids;
         let holder: Option<&str> = $holder;
-        let mut deleted: Vec<String> = Vec::new();
+        let mut deleted: Vec<(String, bool)> = Vec::new();
         for chunk in ids.chunks(ROWS_PER_STATEMENT) {
             let mut q = sqlx::QueryBuilder::<$Db>::new("DELETE FROM messages WHERE id");
             push_in!(q, chunk.iter().copied());
             if let Some(holder) = holder {
                 q.push(" AND lease_relay = ").push_bind(holder);
             }
-            q.push(" RETURNING id");
-            let gone: Vec<String> = q.build_query_scalar().fetch_all(&mut *$conn).await?;
+            q.push(" RETURNING id, body_file");
+            let gone: Vec<(String, bool)> = q.build_query_as().fetch_all(&mut *$conn).await?;
             deleted.extend(gone);
         }
         deleted
@@ -1344,13 +1652,14 @@ use delete_many;
 async fn commit_task(
     pool: Pool,
     relay: Arc<str>,
+    bodies: Option<Arc<Path>>,
     rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Pending>>>,
     commits: Arc<AtomicU64>,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while rx.lock().await.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let writes: Vec<&Write> = batch.iter().map(|p| &p.write).collect();
-        match write_batch(&pool, &relay, &writes).await {
+        match write_batch(&pool, &relay, bodies.as_ref(), &writes).await {
             Ok(applied) => {
                 commits.fetch_add(1, Ordering::Relaxed);
                 for (pending, applied) in batch.drain(..).zip(applied) {
@@ -1361,7 +1670,8 @@ async fn commit_task(
             // database fails the batch at once rather than once per write.
             Err(sqlx::Error::Database(_)) if batch.len() > 1 => {
                 for pending in batch.drain(..) {
-                    let result = write_batch(&pool, &relay, &[&pending.write]).await;
+                    let result =
+                        write_batch(&pool, &relay, bodies.as_ref(), &[&pending.write]).await;
                     if result.is_ok() {
                         commits.fetch_add(1, Ordering::Relaxed);
                     }
@@ -1386,9 +1696,10 @@ async fn commit_task(
 async fn write_batch(
     pool: &Pool,
     relay: &str,
+    bodies: Option<&Arc<Path>>,
     writes: &[&Write],
 ) -> Result<Vec<bool>, sqlx::Error> {
-    let mut inserts: Vec<&NewMessage> = Vec::new();
+    let mut inserts: Vec<&Placed> = Vec::new();
     let mut removals: Vec<&str> = Vec::new();
     for write in writes {
         match write {
@@ -1402,25 +1713,16 @@ async fn write_batch(
         let removed = delete_many!(tx, Db, &removals, Some(relay));
         tx.commit().await?;
         removed
-            .into_iter()
-            .collect::<std::collections::HashSet<String>>()
     });
+    let ids: std::collections::HashSet<String> = removed.iter().map(|(id, _)| id.clone()).collect();
+    remove_bodies_of(bodies, removed).await;
     Ok(writes
         .iter()
         .map(|write| match write {
             Write::Insert(_) => true,
-            Write::Remove(id) => removed.contains(id),
+            Write::Remove(id) => ids.contains(id),
         })
         .collect())
-}
-
-#[cfg(test)]
-pub(crate) async fn insert_batch(pool: &Pool, messages: &[&NewMessage]) -> Result<(), sqlx::Error> {
-    on_pool!(pool, |p, begin, Db| {
-        let mut tx = p.begin_with(begin).await?;
-        insert_many!(tx, Db, messages, false);
-        tx.commit().await
-    })
 }
 
 #[cfg(test)]
@@ -1435,13 +1737,14 @@ mod tests {
     async fn a_version_1_database_migrates_with_its_messages() {
         let dir = tempfile::tempdir().expect("tempdir");
         let pg = relay_testkit::Postgres::start();
-        let mut locations = vec![Location::Sqlite(dir.path().join("queue.sqlite"))];
+        let mut locations = vec![Location::Sqlite(dir.path().to_path_buf())];
         locations.extend(pg.iter().map(|pg| Location::Postgres {
             url: pg.url(),
             password: Some(Secret::new(relay_testkit::POSTGRES_PASSWORD)),
         }));
         let at = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
         let recipients = ["a@example.com".to_string()];
+        let body = b"Subject: kept\r\n\r\nbody\r\n".to_vec();
         let message = NewMessage {
             envelope: Envelope {
                 id: "0000000000000001".to_string(),
@@ -1454,7 +1757,7 @@ mod tests {
             progress: Progress::new(&recipients, at),
             held: false,
             lease: None,
-            body: b"Subject: kept\r\n\r\nbody\r\n".to_vec(),
+            body: Body::Bytes(body.clone()),
         };
         for location in locations {
             let settings = StoreSettings {
@@ -1467,7 +1770,37 @@ mod tests {
                 .run_to(1, p)
                 .await);
             migrated.expect("version 1");
-            insert_batch(&pool, &[&message]).await.expect("insert");
+            // as a relay of version 1 wrote it
+            let inserted: Result<(), sqlx::Error> = on_pool!(&pool, |p, _begin| async {
+                sqlx::query(
+                    "INSERT INTO messages (id, account, sender, client, received_at, state,
+                         attempts, next_attempt, last_error, passthrough, held, size, checksum,
+                         lease_relay, lease_expires)
+                     VALUES ($1, 'box', 'app@contoso.com', NULL, $2, 'queued', 0, $2, NULL,
+                         FALSE, FALSE, $3, $4, NULL, NULL)",
+                )
+                .bind(&message.envelope.id)
+                .bind(ms(at))
+                .bind(body.len() as i64)
+                .bind(Sha256::digest(&body).to_vec())
+                .execute(p)
+                .await?;
+                sqlx::query(
+                    "INSERT INTO recipients (message_id, position, address, state)
+                     VALUES ($1, 0, 'a@example.com', 'pending')",
+                )
+                .bind(&message.envelope.id)
+                .execute(p)
+                .await?;
+                sqlx::query("INSERT INTO bodies (message_id, body) VALUES ($1, $2)")
+                    .bind(&message.envelope.id)
+                    .bind(&body)
+                    .execute(p)
+                    .await?;
+                Ok(())
+            }
+            .await);
+            inserted.expect("insert");
             on_pool!(&pool, |p, _begin| p.close().await);
 
             let store = Store::open(settings).await.expect("migrates");
@@ -1482,8 +1815,11 @@ mod tests {
             assert_eq!(listed.len(), 1, "{dialect:?}");
             assert_eq!(listed[0].envelope, message.envelope, "{dialect:?}");
             assert_eq!(listed[0].progress, message.progress, "{dialect:?}");
-            let body = store.body("0000000000000001").await.expect("body");
-            assert_eq!(body, Some(message.body.clone()), "{dialect:?}");
+            assert_eq!(
+                store.body("0000000000000001").await.expect("body"),
+                Some(body.clone()),
+                "{dialect:?}"
+            );
             store
                 .pause_mailbox("box", at)
                 .await

@@ -4,7 +4,7 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-use crate::StoreError;
+use crate::{Body, StoreError};
 
 /// The state of a queued message (as `queue list --json` spells it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -157,7 +157,7 @@ impl Progress {
 
 /// A message to store: envelope, state and body. New messages come with
 /// [`Progress::new`]; imported ones with what the old queue recorded.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct NewMessage {
     /// What never changes.
     pub envelope: Envelope,
@@ -169,7 +169,7 @@ pub struct NewMessage {
     /// holding its client's connection); `None` for any relay to take.
     pub lease: Option<LeaseHolder>,
     /// The message as received.
-    pub body: Vec<u8>,
+    pub body: Body,
 }
 
 /// Who holds a message's lease, and until when.

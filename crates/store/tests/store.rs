@@ -4,7 +4,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use relay_store::{
-    Envelope, Location, MessageState, NewMessage, Pace, PaceLimits, Progress, Recipient,
+    Body, Envelope, Location, MessageState, NewMessage, Pace, PaceLimits, Progress, Recipient,
     RecipientState, Redeem, Reply, Secret, Store, StoreError, StoreSettings, SCHEMA_VERSION,
 };
 use relay_testkit::Postgres;
@@ -32,7 +32,7 @@ impl Engine {
 
     fn location(&self) -> Location {
         match self {
-            Engine::Sqlite(dir) => Location::Sqlite(dir.path().join("queue.sqlite")),
+            Engine::Sqlite(dir) => Location::Sqlite(dir.path().to_path_buf()),
             Engine::Postgres(pg) => Location::Postgres {
                 url: pg.url(),
                 password: Some(Secret::new(
@@ -76,7 +76,21 @@ fn message(id: &str, account: &str, body: &[u8]) -> NewMessage {
         progress: Progress::new(&recipients, at(0)),
         held: false,
         lease: None,
-        body: body.to_vec(),
+        body: Body::Bytes(body.to_vec()),
+    }
+}
+
+/// The same message again (a body in memory).
+fn again(m: &NewMessage) -> NewMessage {
+    let Body::Bytes(body) = &m.body else {
+        panic!("a spooled body cannot be copied")
+    };
+    NewMessage {
+        envelope: m.envelope.clone(),
+        progress: m.progress.clone(),
+        held: m.held,
+        lease: m.lease.clone(),
+        body: Body::Bytes(body.clone()),
     }
 }
 
@@ -90,7 +104,7 @@ async fn insert_lease_record_delete() {
             "box@contoso.com",
             b"Subject: hi\r\n\r\nbody\r\n",
         );
-        store.insert(new.clone()).await.expect("insert");
+        store.insert(again(&new)).await.expect("insert");
         assert_eq!(
             store.due().await.expect("due"),
             vec![("box@contoso.com".to_string(), at(0))],
@@ -115,14 +129,14 @@ async fn insert_lease_record_delete() {
             .expect("a due message");
         assert_eq!(leased.envelope, new.envelope, "{name}");
         assert_eq!(leased.progress, new.progress, "{name}");
-        assert_eq!(leased.size, new.body.len() as u64, "{name}");
+        assert_eq!(leased.size, new.body.len(), "{name}");
         assert_eq!(
             leased.lease.as_ref().map(|l| l.relay.as_str()),
             Some("relay-a")
         );
         assert_eq!(
             store.body(&new.envelope.id).await.expect("body"),
-            Some(new.body.clone())
+            Some(b"Subject: hi\r\n\r\nbody\r\n".to_vec())
         );
         assert!(store
             .lease_next("box@contoso.com", at(1), LEASE)
@@ -534,8 +548,8 @@ async fn reopening_is_idempotent_and_a_newer_schema_is_refused() {
 async fn raw(engine: &Engine, sql: String) {
     use sqlx::Connection;
     match engine.location() {
-        Location::Sqlite(path) => {
-            let url = format!("sqlite://{}", path.display());
+        Location::Sqlite(dir) => {
+            let url = format!("sqlite://{}", dir.join("queue.sqlite").display());
             let mut c = sqlx::SqliteConnection::connect(&url)
                 .await
                 .expect("connect");
@@ -574,18 +588,19 @@ async fn import_is_all_or_nothing_and_repeatable() {
             .collect();
         // One record the schema refuses (due never, yet not failed) fails
         // them all.
-        let mut broken = old.clone();
+        let mut broken: Vec<NewMessage> = old.iter().map(again).collect();
         broken[7].progress.next_attempt = None;
-        assert!(store.import(&broken).await.is_err(), "{name}");
+        assert!(store.import(broken).await.is_err(), "{name}");
         assert!(
             store.list().await.expect("list").is_empty(),
             "{name}: nothing kept"
         );
 
-        assert_eq!(store.import(&old).await.expect("import"), 10, "{name}");
+        let first: Vec<NewMessage> = old.iter().map(again).collect();
+        assert_eq!(store.import(first).await.expect("import"), 10, "{name}");
         // Repeated after a crash before the old files were removed.
         old.push(message("00000000000000AA", "box", b"new"));
-        assert_eq!(store.import(&old).await.expect("import"), 1, "{name}");
+        assert_eq!(store.import(old).await.expect("import"), 1, "{name}");
         let listed = store.list().await.expect("list");
         assert_eq!(listed.len(), 11, "{name}");
         assert!(listed
@@ -736,5 +751,116 @@ async fn recipients_per_day_hold_across_relays() {
             Pace::Go,
             "{name}"
         );
+    }
+}
+
+/// A message whose body was spooled while received.
+fn spooled_message(id: &str, spool_dir: &std::path::Path, body: &[u8]) -> NewMessage {
+    let mut spool = relay_store::Spool::new(tempfile::tempfile_in(spool_dir).expect("spool"));
+    spool.append(body).expect("append");
+    let mut m = message(id, "box", b"");
+    m.body = Body::Spooled(spool.finish());
+    m
+}
+
+/// The embedded store keeps a spooled body as a file (written once, never
+/// read whole for the commit); PostgreSQL keeps it in the database. Either
+/// way it reads back checked, and goes with its message.
+#[tokio::test]
+async fn a_spooled_body_is_stored_and_goes_with_its_message() {
+    let body: Vec<u8> = (0..600_000u32)
+        .map(|i| b"abcdefghij\r\n"[i as usize % 12])
+        .collect();
+    for engine in Engine::all() {
+        let name = engine.name();
+        let spool_dir = tempfile::tempdir().expect("spool dir");
+        let spool_dir = match &engine {
+            Engine::Sqlite(dir) => dir.path().to_path_buf(),
+            Engine::Postgres(_) => spool_dir.path().to_path_buf(),
+        };
+        let file = |id: &str| match &engine {
+            Engine::Sqlite(dir) => Some(dir.path().join("bodies").join(id)),
+            Engine::Postgres(_) => None,
+        };
+        let store = engine.open("relay-a").await;
+        for id in ["0000000000000001", "0000000000000002"] {
+            let m = spooled_message(id, &spool_dir, &body);
+            assert_eq!(m.body.len(), body.len() as u64);
+            store.insert(m).await.expect("insert");
+            assert_eq!(
+                store.body(id).await.expect("body"),
+                Some(body.clone()),
+                "{name}"
+            );
+            if let Some(file) = file(id) {
+                assert_eq!(std::fs::read(file).expect("a body file"), body, "{name}");
+            }
+        }
+
+        // Delivered: removed with its file.
+        let leased = store
+            .lease_next("box", at(1), LEASE)
+            .await
+            .expect("lease")
+            .expect("due");
+        let id = leased.envelope.id.clone();
+        assert_eq!(leased.size, body.len() as u64, "{name}");
+        assert_eq!(
+            store.begin(&id, at(1), LEASE).await.expect("begin"),
+            Some(body.clone()),
+            "{name}"
+        );
+        assert!(store.remove(&id).await.expect("remove"), "{name}");
+        assert_eq!(store.body(&id).await.expect("body"), None, "{name}");
+        if let Some(file) = file(&id) {
+            assert!(
+                !file.exists(),
+                "{name}: the body file goes with its message"
+            );
+        }
+        // Deleted by an administrator: the same.
+        let other = if id == "0000000000000001" {
+            "0000000000000002"
+        } else {
+            "0000000000000001"
+        };
+        assert!(store.delete(other).await.expect("delete"), "{name}");
+        if let Some(file) = file(other) {
+            assert!(
+                !file.exists(),
+                "{name}: the body file goes with its message"
+            );
+        }
+
+        // A body file no message names (an insert a crash interrupted) is
+        // swept; a stored one stays.
+        store
+            .insert(spooled_message("0000000000000003", &spool_dir, &body))
+            .await
+            .expect("insert");
+        if let (Some(stray), Some(kept)) = (file("00000000000000FF"), file("0000000000000003")) {
+            std::fs::write(&stray, b"half").expect("stray");
+            assert_eq!(store.sweep_bodies().await.expect("sweep"), 1, "{name}");
+            assert!(!stray.exists() && kept.exists(), "{name}");
+        } else {
+            assert_eq!(store.sweep_bodies().await.expect("sweep"), 0, "{name}");
+        }
+        assert_eq!(
+            store.body("0000000000000003").await.expect("body"),
+            Some(body.clone()),
+            "{name}"
+        );
+
+        // A body file changed on disk fails its checksum.
+        if let Some(kept) = file("0000000000000003") {
+            std::fs::write(&kept, b"tampered").expect("write");
+            assert!(
+                matches!(
+                    store.body("0000000000000003").await,
+                    Err(StoreError::Checksum { .. })
+                ),
+                "{name}"
+            );
+        }
     }
 }

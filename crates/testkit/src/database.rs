@@ -34,7 +34,7 @@ impl SharedDatabase {
     /// A handle on the database for the relay with id `relay`.
     pub async fn relay(&self, relay: &str) -> Store {
         let location = match self {
-            SharedDatabase::Sqlite(dir) => Location::Sqlite(dir.path().join("queue.sqlite")),
+            SharedDatabase::Sqlite(dir) => Location::Sqlite(dir.path().to_path_buf()),
             SharedDatabase::Postgres(pg) => Location::Postgres {
                 url: pg.url(),
                 password: Some(Secret::new(POSTGRES_PASSWORD)),
