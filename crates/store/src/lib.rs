@@ -8,7 +8,11 @@
 //! * **Durable before `Ok`.** SQLite runs in WAL mode with
 //!   `synchronous = FULL` (every commit is fsynced); PostgreSQL sessions set
 //!   `synchronous_commit = on`. [`Store::insert`] returns only after its
-//!   transaction committed.
+//!   transaction committed. On the embedded store a spooled body is a file
+//!   of its own ([`Spool`]), fsynced with its directory before the row
+//!   naming it is committed; a file left without a row by a crash is
+//!   removed at the next start ([`Store::sweep_bodies`]), a row without
+//!   its file never exists.
 //! * **Group commit.** Inserts, and removals of delivered messages, go
 //!   through one task that takes every write waiting into one transaction
 //!   ([`Store::insert_commits`] counts them); none is answered before the
