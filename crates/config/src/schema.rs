@@ -630,7 +630,9 @@ pub struct OAuthConfig {
     #[serde(default, deserialize_with = "opt_env_path")]
     pub token_cache: Option<PathBuf>,
     /// A file with a 32-byte key (base64 or hex) that encrypts the token
-    /// cache at rest (ChaCha20-Poly1305). Default: not encrypted.
+    /// cache at rest (ChaCha20-Poly1305), and the refresh token relays
+    /// share through `queue.database_url` (give every relay the same key).
+    /// Default: not encrypted.
     #[serde(default, deserialize_with = "credential_path")]
     pub token_cache_key_file: Option<PathBuf>,
     /// Renew a token this long before it expires (capped at a third of its

@@ -46,8 +46,8 @@
 //! the commit it stands. Those two hand their write to the commit task;
 //! see [`Store::insert`].
 //!
-//! Refresh tokens are stored as given (the database is as sensitive as the
-//! token cache file it replaces); in memory they, and the database
+//! Refresh tokens are stored as given: the token manager seals them first
+//! when the account has a cache key. In memory they, and the database
 //! password, are `relay_config`'s [`Secret`]s (the configuration reads
 //! `database_password_file` like its other credential files).
 

@@ -5,7 +5,10 @@
 //! rename over the old file, fsync the directory — so a crash at any moment
 //! leaves either the old or the new cache, never a torn one. Optionally
 //! sealed with ChaCha20-Poly1305 (aws-lc-rs) under a 32-byte key from
-//! `token_cache_key_file`.
+//! `token_cache_key_file`. Relays sharing a database keep the rotating
+//! refresh token there too; with a key it is sealed the same way
+//! ([`TokenCache::seal_shared`]), so the database alone does not give the
+//! token away.
 
 use crate::{assertion::unix_now, TokenError};
 use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305, NONCE_LEN};
@@ -21,6 +24,11 @@ use std::{
 /// Bound into every sealed cache, so a ciphertext of something else does not open.
 const AAD: &[u8] = b"smtp-oauth-relay token cache v1";
 const ENCRYPTION: &str = "chacha20-poly1305";
+/// Bound, with the account's name, into a refresh token sealed for the
+/// shared database: it opens for that account only.
+const SHARED_AAD: &str = "smtp-oauth-relay shared refresh token v1 ";
+/// How a sealed shared token starts: then base64 of nonce and ciphertext.
+const SHARED_SEALED: &str = "sealed:chacha20-poly1305:";
 
 /// What the cache holds.
 #[derive(Clone, Serialize, Deserialize)]
@@ -154,15 +162,12 @@ impl TokenCache {
                 .ok()
                 .and_then(|n| n.try_into().ok())
                 .ok_or_else(|| self.error("bad nonce"))?;
-            let mut data = STANDARD
+            let data = STANDARD
                 .decode(&sealed.ciphertext)
                 .map_err(|_| self.error("bad ciphertext"))?;
-            let opened = aead_key(key)
-                .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(AAD), &mut data)
-                .map_err(|_| {
-                    self.error("cannot decrypt: token_cache_key_file is not the key it was written with, or the file was altered")
-                })?;
-            opened.to_vec()
+            open(key, nonce, AAD, data).ok_or_else(|| {
+                self.error("cannot decrypt: token_cache_key_file is not the key it was written with, or the file was altered")
+            })?
         } else {
             if self.key.is_some() {
                 tracing::warn!(path = %self.path.display(), "token cache is not encrypted; it will be from the next write");
@@ -187,15 +192,8 @@ impl TokenCache {
         let bytes = match &self.key {
             None => plain,
             Some(key) => {
-                let nonce: [u8; NONCE_LEN] = rand::random();
-                let mut data = plain;
-                aead_key(key)
-                    .seal_in_place_append_tag(
-                        Nonce::assume_unique_for_key(nonce),
-                        Aad::from(AAD),
-                        &mut data,
-                    )
-                    .map_err(|_| self.error("encryption failed"))?;
+                let (nonce, data) =
+                    seal(key, AAD, plain).ok_or_else(|| self.error("encryption failed"))?;
                 serde_json::to_vec_pretty(&Sealed {
                     version: 1,
                     encryption: ENCRYPTION.into(),
@@ -233,8 +231,93 @@ impl TokenCache {
     }
 }
 
+impl TokenCache {
+    /// The refresh token as the shared database keeps it: sealed under this
+    /// cache's key and bound to `account` when there is a key, else as it
+    /// is.
+    pub(crate) fn seal_shared(&self, account: &str, token: &Secret) -> Result<Secret, TokenError> {
+        let Some(key) = &self.key else {
+            return Ok(token.clone());
+        };
+        let aad = format!("{SHARED_AAD}{account}");
+        let (nonce, data) = seal(key, aad.as_bytes(), token.expose().as_bytes().to_vec())
+            .ok_or_else(|| shared_error(account, "cannot be encrypted"))?;
+        let mut sealed = nonce.to_vec();
+        sealed.extend_from_slice(&data);
+        Ok(Secret::new(format!(
+            "{SHARED_SEALED}{}",
+            STANDARD.encode(sealed)
+        )))
+    }
+
+    /// The refresh token in `stored` (as [`TokenCache::seal_shared`] wrote
+    /// it, or a plain one stored before a key was set).
+    pub(crate) fn open_shared(&self, account: &str, stored: &Secret) -> Result<Secret, TokenError> {
+        let Some(text) = stored.expose().strip_prefix(SHARED_SEALED) else {
+            return Ok(stored.clone());
+        };
+        let Some(key) = &self.key else {
+            return Err(shared_error(
+                account,
+                "is encrypted: set oauth.token_cache_key_file to the key the other relays use",
+            ));
+        };
+        let aad = format!("{SHARED_AAD}{account}");
+        let plain = STANDARD
+            .decode(text)
+            .ok()
+            .filter(|sealed| sealed.len() > NONCE_LEN)
+            .and_then(|mut sealed| {
+                let data = sealed.split_off(NONCE_LEN);
+                let nonce: [u8; NONCE_LEN] = sealed.try_into().ok()?;
+                open(key, nonce, aad.as_bytes(), data)
+            })
+            .and_then(|plain| String::from_utf8(plain).ok())
+            .ok_or_else(|| {
+                shared_error(
+                    account,
+                    "cannot be decrypted: oauth.token_cache_key_file differs from the other relays' key, or the stored token was altered",
+                )
+            })?;
+        Ok(Secret::new(plain))
+    }
+}
+
+fn shared_error(account: &str, reason: &str) -> TokenError {
+    TokenError::SharedToken {
+        account: account.to_owned(),
+        reason: reason.to_owned(),
+    }
+}
+
 fn aead_key(key: &[u8; 32]) -> LessSafeKey {
     LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, key).expect("a 32-byte ChaCha20 key"))
+}
+
+/// `plain` sealed under `key` with a fresh random nonce, bound to `aad`.
+fn seal(key: &[u8; 32], aad: &[u8], mut plain: Vec<u8>) -> Option<([u8; NONCE_LEN], Vec<u8>)> {
+    let nonce: [u8; NONCE_LEN] = rand::random();
+    aead_key(key)
+        .seal_in_place_append_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(aad),
+            &mut plain,
+        )
+        .ok()?;
+    Some((nonce, plain))
+}
+
+/// What [`seal`] sealed, if `key`, `nonce` and `aad` are the ones it used
+/// and nothing was altered.
+fn open(key: &[u8; 32], nonce: [u8; NONCE_LEN], aad: &[u8], mut data: Vec<u8>) -> Option<Vec<u8>> {
+    let opened = aead_key(key)
+        .open_in_place(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(aad),
+            &mut data,
+        )
+        .ok()?;
+    Some(opened.to_vec())
 }
 
 /// temp file (0600, same directory) → fsync → rename → fsync directory.
@@ -343,6 +426,35 @@ mod tests {
             .contains("token_cache_key_file"));
         // no temp files left behind
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 3);
+    }
+
+    #[test]
+    fn a_shared_token_is_sealed_for_its_account_under_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join("key");
+        std::fs::write(&key_file, STANDARD.encode([7u8; 32])).unwrap();
+        let keyed = TokenCache::new(dir.path().join("c.json"), Some(&key_file)).unwrap();
+        let token = Secret::new("rt-secret");
+        let stored = keyed.seal_shared("main", &token).unwrap();
+        assert!(stored.expose().starts_with("sealed:chacha20-poly1305:"));
+        assert!(!stored.expose().contains("rt-secret"));
+        assert_ne!(
+            keyed.seal_shared("main", &token).unwrap(),
+            stored,
+            "a fresh nonce each time"
+        );
+        assert_eq!(keyed.open_shared("main", &stored).unwrap(), token);
+        // a plain token stored before the key was set still opens
+        assert_eq!(keyed.open_shared("main", &token).unwrap(), token);
+        // not for another account, not without the key, not with another
+        let error = |r: Result<Secret, TokenError>| r.unwrap_err().to_string();
+        assert!(error(keyed.open_shared("other", &stored)).contains("cannot be decrypted"));
+        let keyless = TokenCache::new(dir.path().join("c.json"), None).unwrap();
+        assert_eq!(keyless.seal_shared("main", &token).unwrap(), token);
+        assert!(error(keyless.open_shared("main", &stored)).contains("token_cache_key_file"));
+        std::fs::write(&key_file, "00".repeat(32)).unwrap();
+        let wrong = TokenCache::new(dir.path().join("c.json"), Some(&key_file)).unwrap();
+        assert!(error(wrong.open_shared("main", &stored)).contains("cannot be decrypted"));
     }
 
     #[test]

@@ -29,6 +29,9 @@ pub enum TokenError {
         path: PathBuf,
         reason: String,
     },
+    /// The refresh token shared through the database cannot be used.
+    #[error("account {account:?}: the refresh token in the shared database {reason}")]
+    SharedToken { account: String, reason: String },
     /// The token cache could not be read or written.
     #[error("token cache {path}: {reason}")]
     Cache { path: PathBuf, reason: String },

@@ -17,6 +17,10 @@
 //!   (an `authorize` on this host while the relay runs): a new sign-in
 //!   replaces the shared token.
 //!
+//! With `oauth.token_cache_key_file` the token is stored sealed under that
+//! key, bound to the account ([`TokenCache::seal_shared`]): every relay
+//! sharing the account needs the same key.
+//!
 //! Cancel safety: dropped while redeeming, the lock expires after
 //! [`REDEEM_TTL`], and the store keeps the token it had (a token the
 //! platform rotated meanwhile is in this relay's file only).
@@ -69,13 +73,32 @@ impl SharedRefresh {
         };
         let account = source.account();
         let shared = self.begin(account).await?;
-        let result = match self.sync(source, cache, &shared) {
+        let token = match shared
+            .token
+            .map(|t| cache.open_shared(account, &t))
+            .transpose()
+        {
+            Ok(token) => token,
+            Err(e) => {
+                self.finish(account, None).await;
+                return Err(e);
+            }
+        };
+        let result = match self.sync(source, cache, token.as_ref()) {
             Ok(()) => source.fetch(client, allow_cached).await,
             Err(e) => Err(e),
         };
         let newest = self.read_back(cache);
         let rotated = match (&result, newest) {
-            (Ok(_), Some(newest)) if Some(&newest) != shared.token.as_ref() => Some(newest),
+            (Ok(_), Some(newest)) if Some(&newest) != token.as_ref() => {
+                match cache.seal_shared(account, &newest) {
+                    Ok(sealed) => Some(sealed),
+                    Err(e) => {
+                        tracing::warn!(%account, error = %e, "other relays keep the previous refresh token");
+                        None
+                    }
+                }
+            }
             _ => None,
         };
         self.finish(account, rotated.as_ref()).await;
@@ -110,12 +133,12 @@ impl SharedRefresh {
         &self,
         source: &TokenSource,
         cache: &TokenCache,
-        shared: &SharedToken,
+        shared: Option<&Secret>,
     ) -> Result<(), TokenError> {
         let raw = cache.read_raw()?;
         let mut synced = self.lock();
         let signed_in = synced.is_some() && *synced != raw;
-        let Some(token) = shared.token.as_ref().filter(|_| !signed_in) else {
+        let Some(token) = shared.filter(|_| !signed_in) else {
             if signed_in {
                 tracing::info!(account = %source.account(), "the token cache changed (a new sign-in): sharing its refresh token");
             }

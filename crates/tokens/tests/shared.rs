@@ -10,10 +10,11 @@ use relay_config::AccountConfig;
 use relay_store::{Secret, Store};
 use relay_testkit::{IdentityPlatform, SharedDatabase};
 use relay_tokens::{TokenManager, TokenSource};
+use std::path::Path;
 use std::time::Duration;
 
-fn delegated(idp: &IdentityPlatform) -> AccountConfig {
-    let toml = format!(
+fn delegated(idp: &IdentityPlatform, key_file: Option<&Path>) -> AccountConfig {
+    let mut toml = format!(
         "[[accounts]]\nname = \"main\"\nmailbox = \"relay@contoso.com\"\n\n\
          [accounts.oauth]\nflow = \"refresh_token\"\nauthority = \"{}\"\n\
          tenant_id = \"{}\"\nclient_id = \"{}\"\n",
@@ -21,6 +22,12 @@ fn delegated(idp: &IdentityPlatform) -> AccountConfig {
         idp.tenant(),
         idp.client_id()
     );
+    if let Some(key_file) = key_file {
+        toml.push_str(&format!(
+            "token_cache_key_file = {:?}\n",
+            key_file.display().to_string()
+        ));
+    }
     let mut config = relay_config::load_str(&toml).expect("valid configuration");
     config.accounts.remove(0)
 }
@@ -34,13 +41,18 @@ struct Relay {
 }
 
 /// Relays `a` and `b` sharing the refresh token of one sign-in on a's host,
-/// and a's handle on the store.
-async fn two_relays(idp: &IdentityPlatform, database: &SharedDatabase) -> (Relay, Relay, Store) {
+/// and a's handle on the store; both with the token cache key in `key_file`
+/// if given.
+async fn two_relays(
+    idp: &IdentityPlatform,
+    database: &SharedDatabase,
+    key_file: Option<&Path>,
+) -> (Relay, Relay, Store) {
     let store = database.relay("a").await;
     let relay = |store: Store| {
         let dir = tempfile::tempdir().expect("tempdir");
-        let source =
-            TokenSource::for_account(&delegated(idp), &dir.path().join("queue")).expect("source");
+        let source = TokenSource::for_account(&delegated(idp, key_file), &dir.path().join("queue"))
+            .expect("source");
         let tokens = TokenManager::shared("main", source.clone(), Some(store)).expect("manager");
         Relay {
             tokens,
@@ -80,7 +92,7 @@ async fn relays_take_turns_with_one_rotating_refresh_token() {
     init();
     for database in SharedDatabase::all() {
         let idp = IdentityPlatform::start().await.expect("identity platform");
-        let (a, b, store) = two_relays(&idp, &database).await;
+        let (a, b, store) = two_relays(&idp, &database, None).await;
 
         let token_a = bounded(a.tokens.token()).await.expect("relay a's token");
         let token_b = bounded(b.tokens.token())
@@ -117,7 +129,7 @@ async fn concurrent_relays_redeem_one_at_a_time() {
     init();
     for database in SharedDatabase::all() {
         let idp = IdentityPlatform::start().await.expect("identity platform");
-        let (a, b, store) = two_relays(&idp, &database).await;
+        let (a, b, store) = two_relays(&idp, &database, None).await;
         // seed the store, then let both relays' tokens be due together
         let token_a = bounded(a.tokens.token()).await.expect("a");
         let token_b = bounded(b.tokens.token()).await.expect("b");
@@ -141,5 +153,38 @@ async fn concurrent_relays_redeem_one_at_a_time() {
             let entry = source.cache().unwrap().load().unwrap().unwrap();
             assert!(idp.issued_refresh_tokens().contains(&entry.refresh_token));
         }
+    }
+}
+
+// With a token cache key, the database holds the shared token sealed under
+// it (the database alone does not give it away), and both relays use it.
+#[tokio::test]
+async fn with_a_cache_key_the_shared_token_is_stored_sealed() {
+    init();
+    let keys = tempfile::tempdir().expect("tempdir");
+    let key_file = keys.path().join("cache-key");
+    std::fs::write(&key_file, "07".repeat(32)).expect("key");
+    for database in SharedDatabase::all() {
+        let idp = IdentityPlatform::start().await.expect("identity platform");
+        let (a, b, store) = two_relays(&idp, &database, Some(&key_file)).await;
+        for relay in [&a, &b] {
+            let token = bounded(relay.tokens.token()).await.expect("a token");
+            idp.check_access_token(token.secret().expose())
+                .expect("a working access token");
+        }
+        assert_eq!(idp.grants("refresh_token"), 2, "{}", database.name());
+        let stored = store.token("main").await.expect("store").expect("a token");
+        let stored = stored.token.expect("a token");
+        assert!(
+            stored.expose().starts_with("sealed:chacha20-poly1305:"),
+            "{}",
+            database.name()
+        );
+        assert!(
+            idp.issued_refresh_tokens()
+                .iter()
+                .all(|t| !stored.expose().contains(t.as_str())),
+            "a refresh token in the clear in the database"
+        );
     }
 }
