@@ -57,7 +57,7 @@ mod store;
 mod types;
 
 pub use error::StoreError;
-pub use pace::{decide as decide_pace, Pace, PaceLimits, Sent};
+pub use pace::{decide as decide_pace, Admitted, Pace, PaceLimits, Sent};
 pub use relay_config::Secret;
 pub use schema::SCHEMA_VERSION;
 pub use store::{Location, Redeem, SharedToken, SlotId, Store, StoreSettings};
