@@ -17,19 +17,25 @@
 //! Relays sharing a database share the pace too: each admission is also
 //! asked of the store, which counts every relay's sends of the mailbox in
 //! one sliding window (messages a minute, recipients a day). Each relay
-//! still spaces its own messages evenly. The reactions to throttling are
+//! still spaces its own messages evenly. The worker whose turn it is asks
+//! for every worker waiting behind it too, so the store's lock is taken
+//! once for all of them (in order; the line stops at the first that must
+//! wait), unless the spacing keeps them apart. The reactions to throttling are
 //! shared through the store as well: a pause stops every relay's
 //! admissions, and a `432 4.3.2` takes one of the mailbox's connection
 //! slots away from all of them for the ten minutes. If the store does not
 //! take them, the relay that was throttled still reacts alone.
 
 use crate::shared::{Retry, Shared};
-use relay_store::{Pace, StoreError};
+use relay_store::StoreError;
 use serde::{Deserialize, Serialize};
 use std::{
     collections::VecDeque,
     path::PathBuf,
-    sync::Mutex,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 use tokio_util::sync::CancellationToken;
@@ -42,6 +48,9 @@ const FEWER_CONNECTIONS_FOR: Duration = Duration::from_secs(600);
 /// naming no time) pauses the mailbox.
 const QUOTA_PAUSE: Duration = Duration::from_secs(3600);
 const SAVE_EVERY: Duration = Duration::from_secs(2);
+/// Messages spaced closer than this are admitted together: no wait is that
+/// short (see [`until`]), so they were never spaced apart anyway.
+const TOGETHER: Duration = Duration::from_millis(1);
 
 /// A mailbox's limits.
 #[derive(Debug, Clone, Copy)]
@@ -59,11 +68,54 @@ pub struct Pacer {
     state: Mutex<State>,
     /// The pace of every relay on the database, when shared.
     shared: Option<Shared>,
-    /// The line of workers waiting to be admitted: one is admitted at a
-    /// time, in the order they asked (tokio's mutex is FIFO), so a message
-    /// retried often cannot starve one that waits, and this relay's own
-    /// spacing holds across the store's answer.
+    /// The turn to admit: one worker at a time, in the order they asked
+    /// (tokio's mutex is FIFO), so a message retried often cannot starve
+    /// one that waits, and this relay's own spacing holds across the
+    /// store's answer. On the shared pace the worker with the turn admits
+    /// from the front of [`Pacer::line`], itself included.
     admitting: tokio::sync::Mutex<()>,
+    /// The same line, visible to the worker whose turn it is, so it can ask
+    /// the shared pace for those behind it at once.
+    line: Mutex<VecDeque<Arc<Ticket>>>,
+}
+
+/// A worker's place in the line.
+#[derive(Debug)]
+struct Ticket {
+    recipients: u32,
+    /// Admitted (and counted) by the worker whose turn it was.
+    admitted: AtomicBool,
+    /// Told when admitted, so that it need not wait for its turn.
+    went: tokio::sync::Notify,
+}
+
+/// A [`Ticket`] in the line, left when dropped (admitted, or the worker
+/// gave up).
+struct Place<'a> {
+    line: &'a Mutex<VecDeque<Arc<Ticket>>>,
+    ticket: Arc<Ticket>,
+}
+
+impl<'a> Place<'a> {
+    fn join(line: &'a Mutex<VecDeque<Arc<Ticket>>>, recipients: u32) -> Self {
+        let ticket = Arc::new(Ticket {
+            recipients,
+            admitted: AtomicBool::new(false),
+            went: tokio::sync::Notify::new(),
+        });
+        lock(line).push_back(ticket.clone());
+        Place { line, ticket }
+    }
+
+    fn admitted(&self) -> bool {
+        self.ticket.admitted.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        lock(self.line).retain(|t| !Arc::ptr_eq(t, &self.ticket));
+    }
 }
 
 #[derive(Debug, Default)]
@@ -120,6 +172,7 @@ impl Pacer {
             state: Mutex::new(state),
             shared: None,
             admitting: tokio::sync::Mutex::new(()),
+            line: Mutex::new(VecDeque::new()),
         }
     }
 
@@ -133,31 +186,42 @@ impl Pacer {
     /// first.
     pub async fn admit(&self, recipients: usize, shutdown: &CancellationToken) -> bool {
         let recipients = u32::try_from(recipients).unwrap_or(u32::MAX);
+        // In the line before waiting for the turn, so that whoever has it
+        // can admit this one too.
+        let place = Place::join(&self.line, recipients);
         let _turn = tokio::select! {
             _ = shutdown.cancelled() => return false,
+            _ = place.ticket.went.notified() => return true,
             turn = self.admitting.lock() => turn,
         };
         let mut retry = Retry::default();
         loop {
+            if place.admitted() {
+                return true;
+            }
             let wait = match &self.shared {
-                None => self.try_admit(recipients, SystemTime::now()),
+                None => match self.try_admit(recipients, SystemTime::now()) {
+                    None => return true,
+                    Some(wait) => wait,
+                },
                 Some(shared) => {
                     let asked = tokio::select! {
                         _ = shutdown.cancelled() => return false,
-                        asked = self.try_admit_shared(shared, recipients, SystemTime::now()) => asked,
+                        asked = self.try_admit_shared(shared, SystemTime::now()) => asked,
                     };
                     match asked {
-                        Ok(wait) => {
+                        Ok(None) => {
+                            retry = Retry::default();
+                            continue;
+                        }
+                        Ok(Some(wait)) => {
                             retry = Retry::default();
                             wait
                         }
                         // Never unpaced: wait for the store to answer.
-                        Err(e) => Some(retry.failed("pacing", &e)),
+                        Err(e) => retry.failed("pacing", &e),
                     }
                 }
-            };
-            let Some(wait) = wait else {
-                return true;
             };
             tracing::debug!(?wait, "pacing: waiting before the next message");
             tokio::select! {
@@ -220,26 +284,52 @@ impl Pacer {
         None
     }
 
-    /// [`Self::try_admit`] by this relay's pauses and spacing, and by the
-    /// pace all relays share (which alone counts recipients a day, since it
-    /// sees every relay's). Cancel safety: dropped after the store counted
-    /// a send, that send is counted once too often, never too few.
+    /// [`Self::try_admit`] for the line's head, and those behind it that
+    /// may go with it, by this relay's pauses and spacing and by the pace
+    /// all relays share (which alone counts recipients a day, since it sees
+    /// every relay's). `None`: some went (their tickets say which);
+    /// otherwise how long the head waits. Cancel safety: dropped after the
+    /// store counted sends, they are counted once too often, never too few.
     async fn try_admit_shared(
         &self,
         shared: &Shared,
-        recipients: u32,
         now: SystemTime,
     ) -> Result<Option<Duration>, StoreError> {
-        let local = self.wait(&mut self.lock(), recipients, now, false);
+        let local = self.wait(&mut self.lock(), 0, now, false);
         if local.is_some() {
             return Ok(local);
         }
-        if let Pace::WaitUntil(at) = shared.pace(now, &self.limits, recipients).await? {
+        let together = if self.spacing() < TOGETHER {
+            usize::MAX
+        } else {
+            1
+        };
+        let line: Vec<Arc<Ticket>> = lock(&self.line).iter().take(together).cloned().collect();
+        let recipients: Vec<u32> = line.iter().map(|t| t.recipients).collect();
+        let admitted = shared.pace(now, &self.limits, &recipients).await?;
+        if admitted.go == 0 {
+            let at = admitted.next.unwrap_or(now);
             return Ok(Some(until(at, now)));
         }
-        self.lock().sends.push_back((now, recipients));
+        let went = &line[..admitted.go];
+        {
+            let mut state = self.lock();
+            for ticket in went {
+                state.sends.push_back((now, ticket.recipients));
+            }
+        }
+        lock(&self.line).retain(|t| !went.iter().any(|w| Arc::ptr_eq(t, w)));
+        for ticket in went {
+            ticket.admitted.store(true, Ordering::Release);
+            ticket.went.notify_one();
+        }
         self.save(false);
         Ok(None)
+    }
+
+    /// The even spacing of this relay's messages.
+    fn spacing(&self) -> Duration {
+        MINUTE / self.limits.messages_per_minute.max(1)
     }
 
     /// How long before a message to `recipients` may go at `now` by this
@@ -265,7 +355,7 @@ impl Pacer {
                 _ => state.paused_until = None,
             }
         }
-        let spacing = MINUTE / self.limits.messages_per_minute.max(1);
+        let spacing = self.spacing();
         if let Some((last, _)) = state.sends.back() {
             if *last + spacing > now {
                 return Some(until(*last + spacing, now));
@@ -289,7 +379,7 @@ impl Pacer {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.state)
     }
 
     /// Saves the record of sends (at most every two seconds unless `now`).
@@ -335,6 +425,10 @@ impl Pacer {
             tracing::debug!(file = %file.display(), error = %e, "cannot save the pacing record");
         }
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn until(at: SystemTime, now: SystemTime) -> Duration {
@@ -438,6 +532,58 @@ mod tests {
         max_connections: 3,
     };
 
+    /// One message asks the shared pace at `now`: `None` if admitted,
+    /// otherwise how long it waits.
+    async fn try_one(
+        pacer: &Pacer,
+        shared: &Shared,
+        recipients: u32,
+        now: SystemTime,
+    ) -> Option<Duration> {
+        let place = Place::join(&pacer.line, recipients);
+        let wait = pacer
+            .try_admit_shared(shared, now)
+            .await
+            .expect("the store answers");
+        assert_eq!(wait.is_none(), place.admitted());
+        wait
+    }
+
+    /// The worker whose turn it is admits those waiting behind it in one
+    /// question to the store, in order, up to the first that must wait
+    /// (here for the day's recipients); at 30 a minute, spaced two seconds
+    /// apart, only itself.
+    #[tokio::test]
+    async fn the_line_is_admitted_at_once_in_order() {
+        for database in SharedDatabase::all() {
+            let name = database.name();
+            let limits = Limits {
+                messages_per_minute: 600_000,
+                recipients_per_day: 5,
+                max_connections: 3,
+            };
+            let shared = Shared::new(database.relay("a").await, "main", MINUTE);
+            let pacer = Pacer::new(limits, None).sharing(Some(shared.clone()));
+            let line = [2, 2, 2, 1].map(|n| Place::join(&pacer.line, n));
+            let now = SystemTime::now();
+            let wait = pacer.try_admit_shared(&shared, now).await;
+            assert_eq!(wait.expect("the store answers"), None, "{name}");
+            let admitted = line.each_ref().map(Place::admitted);
+            assert_eq!(admitted, [true, true, false, false], "{name}");
+            assert_eq!(pacer.lock().sends.len(), 2, "{name}: both counted here");
+            drop(line);
+            assert!(lock(&pacer.line).is_empty(), "{name}: every place left");
+
+            let other = Shared::new(database.relay("b").await, "other", MINUTE);
+            let slow = Pacer::new(SHARED_60, None).sharing(Some(other.clone()));
+            let line = [1, 1].map(|n| Place::join(&slow.line, n));
+            let wait = slow.try_admit_shared(&other, now).await;
+            assert_eq!(wait.expect("the store answers"), None, "{name}");
+            let admitted = line.each_ref().map(Place::admitted);
+            assert_eq!(admitted, [true, false], "{name}: spaced apart");
+        }
+    }
+
     /// Two relays (two handles with their own ids on one database), each
     /// trying every 250 ms of a clock passed in for three minutes at 60 a
     /// minute: never more than 60 go out in any minute window, both send,
@@ -457,10 +603,7 @@ mod tests {
             for step in 0..(3 * 60 * 4) {
                 let t = Duration::from_millis(250 * step);
                 for (n, (pacer, shared)) in relays.iter().enumerate() {
-                    let wait = pacer
-                        .try_admit_shared(shared, 1, t0 + t)
-                        .await
-                        .expect("the store answers");
+                    let wait = try_one(pacer, shared, 1, t0 + t).await;
                     if wait.is_none() {
                         sent.push((t, n));
                     }
@@ -512,18 +655,10 @@ mod tests {
             }
 
             let now = SystemTime::now();
-            assert_eq!(
-                b.try_admit_shared(&shared_b, 1, now)
-                    .await
-                    .expect("the store answers"),
-                None,
-                "{name}"
-            );
+            assert_eq!(try_one(&b, &shared_b, 1, now).await, None, "{name}");
             a.pause(Some(Duration::from_secs(600))).await;
-            let wait = b
-                .try_admit_shared(&shared_b, 1, now + Duration::from_secs(5))
+            let wait = try_one(&b, &shared_b, 1, now + Duration::from_secs(5))
                 .await
-                .expect("the store answers")
                 .expect("paused");
             assert!(
                 wait > Duration::from_secs(500) && wait <= Duration::from_secs(600),

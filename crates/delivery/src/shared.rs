@@ -12,7 +12,7 @@
 
 use crate::pace::Limits;
 use rand::Rng;
-use relay_store::{Pace, PaceLimits, SlotId, Store, StoreError};
+use relay_store::{Admitted, PaceLimits, SlotId, Store, StoreError};
 use std::time::{Duration, SystemTime};
 use tokio_util::{sync::CancellationToken, task::AbortOnDropHandle};
 
@@ -43,21 +43,20 @@ impl Shared {
         }
     }
 
-    /// Whether a message to `recipients` may go at `now` by the pace of
-    /// every relay together; a `Go` is counted.
+    /// How many of a line of messages (their recipients, in order) may go
+    /// at `now` by the pace of every relay together, in one question to
+    /// the store; those that go are counted.
     pub(crate) async fn pace(
         &self,
         now: SystemTime,
         limits: &Limits,
-        recipients: u32,
-    ) -> Result<Pace, StoreError> {
+        line: &[u32],
+    ) -> Result<Admitted, StoreError> {
         let limits = PaceLimits {
             messages_per_minute: Some(limits.messages_per_minute),
             recipients_per_day: Some(limits.recipients_per_day),
         };
-        self.store
-            .pace(&self.account, now, limits, recipients)
-            .await
+        self.store.pace_line(&self.account, now, limits, line).await
     }
 
     /// Pauses the mailbox for every relay until `until`. If the store does

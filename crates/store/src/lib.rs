@@ -63,7 +63,7 @@ mod types;
 
 pub use body::{Body, Spool, Spooled};
 pub use error::StoreError;
-pub use pace::{decide as decide_pace, Pace, PaceLimits, Sent};
+pub use pace::{decide as decide_pace, Admitted, Pace, PaceLimits, Sent};
 pub use relay_config::Secret;
 pub use schema::SCHEMA_VERSION;
 pub use store::{Location, Redeem, SharedToken, SlotId, Store, StoreSettings};

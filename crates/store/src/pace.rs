@@ -33,6 +33,9 @@ pub struct Sent {
 
 pub(crate) const MINUTE: Duration = Duration::from_secs(60);
 pub(crate) const DAY: Duration = Duration::from_secs(24 * 3600);
+/// How long past the day the store keeps sends before deleting them
+/// (ignored meanwhile): one delete an hour rather than one per admission.
+pub(crate) const PURGE_EVERY: Duration = Duration::from_secs(3600);
 
 /// Whether a message to `recipients` recipients may go out at `now`, given
 /// the sends of the last day (`sent`, oldest first; older ones are ignored).
@@ -73,6 +76,45 @@ pub fn decide(sent: &[Sent], now: SystemTime, limits: PaceLimits, recipients: u3
     }
 }
 
+/// What a line of messages waiting in order may do: the first `go` of them
+/// go out now (each counted as sent when the next is decided); `next`, if
+/// not all went, is when the first of the rest may.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Admitted {
+    /// How many of the line, from its head, go now.
+    pub go: usize,
+    /// Not before this time for the rest (`None`: all went).
+    pub next: Option<SystemTime>,
+}
+
+/// [`decide`] for each of `line` (messages' recipients, in order) at `now`,
+/// each one let out counted in `sent` (appended) before the next is
+/// decided; the line stops at the first that must wait, so a later message
+/// never goes ahead of an earlier one.
+pub fn decide_line(
+    sent: &mut Vec<Sent>,
+    now: SystemTime,
+    limits: PaceLimits,
+    line: &[u32],
+) -> Admitted {
+    for (go, &recipients) in line.iter().enumerate() {
+        if let Pace::WaitUntil(until) = decide(sent, now, limits, recipients) {
+            return Admitted {
+                go,
+                next: Some(until),
+            };
+        }
+        sent.push(Sent {
+            at: now,
+            recipients,
+        });
+    }
+    Admitted {
+        go: line.len(),
+        next: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,6 +150,35 @@ mod tests {
             decide(&sent(&[0, 10], 1), at(60), PER_MINUTE_2, 1),
             Pace::Go
         );
+    }
+
+    #[test]
+    fn a_line_goes_in_order_until_one_must_wait() {
+        let mut sends = sent(&[0], 1);
+        let admitted = decide_line(&mut sends, at(1), PER_MINUTE_2, &[1, 1, 1]);
+        assert_eq!(
+            admitted,
+            Admitted {
+                go: 1,
+                next: Some(at(60))
+            }
+        );
+        assert_eq!(sends.len(), 2, "the one let out is counted");
+        let limits = PaceLimits {
+            messages_per_minute: None,
+            recipients_per_day: Some(10),
+        };
+        // The second does not fit; the third would, but waits its turn.
+        let admitted = decide_line(&mut Vec::new(), at(0), limits, &[6, 5, 1]);
+        assert_eq!(
+            admitted,
+            Admitted {
+                go: 1,
+                next: Some(at(0) + DAY)
+            }
+        );
+        let admitted = decide_line(&mut Vec::new(), at(0), limits, &[2, 3]);
+        assert_eq!(admitted, Admitted { go: 2, next: None });
     }
 
     #[test]

@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::body::{Body, Spooled};
 use crate::holds::Holds;
-use crate::pace::{self, Pace, PaceLimits, Sent};
+use crate::pace::{self, Admitted, Pace, PaceLimits, Sent};
 use crate::schema::{self, Dialect, SCHEMA_VERSION};
 use crate::types::{
     Envelope, LeaseHolder, Message, MessageState, NewMessage, Progress, Recipient, RecipientState,
@@ -1159,73 +1159,135 @@ impl Store {
         limits: PaceLimits,
         recipients: u32,
     ) -> Result<Pace, StoreError> {
+        let admitted = self.pace_line(mailbox, now, limits, &[recipients]).await?;
+        Ok(admitted.next.map_or(Pace::Go, Pace::WaitUntil))
+    }
+
+    /// [`Store::pace`] for a line of messages waiting in order (their
+    /// recipients), decided in one transaction: the first
+    /// [`Admitted::go`] of them go and are counted at `now`; the line stops
+    /// at the first that must wait, so none goes ahead of an earlier one.
+    pub async fn pace_line(
+        &self,
+        mailbox: &str,
+        now: SystemTime,
+        limits: PaceLimits,
+        line: &[u32],
+    ) -> Result<Admitted, StoreError> {
         let now_ms = ms(now);
         let day_ago = now_ms.saturating_sub(ms_of(pace::DAY));
-        on_pool!(&self.pool, |p, begin| {
+        let minute_ago = now_ms.saturating_sub(ms_of(pace::MINUTE));
+        // Every round trip below the lock is one every relay's admissions
+        // wait for, so they are few: the holds, the day's recipients and
+        // the minute's count in one read; the sends themselves only when a
+        // limit is in reach; then the count of those let out.
+        let read = "SELECT
+             (SELECT paused_until FROM mailbox_holds WHERE mailbox = $1),
+             (SELECT CAST(COALESCE(SUM(recipients), 0) AS BIGINT) FROM pace_events
+              WHERE mailbox = $1 AND at > $2 AND at <= $4),
+             (SELECT COUNT(*) FROM pace_events WHERE mailbox = $1 AND at > $3 AND at <= $4),
+             (SELECT MIN(at) FROM pace_events WHERE mailbox = $1)";
+        on_pool!(&self.pool, |p, begin, Db| {
+            // On PostgreSQL, in the same round trip as BEGIN: a crash of the
+            // server may forget the last fraction of a second of counted
+            // sends (a few more may go out that minute), not worth a disk
+            // flush per admission.
+            let begin = match self.dialect {
+                Dialect::Postgres => "BEGIN; SET LOCAL synchronous_commit = off",
+                Dialect::Sqlite => begin,
+            };
             let mut tx = p.begin_with(begin).await?;
-            if self.dialect == Dialect::Postgres {
-                // A crash of the server may forget the last fraction of a
-                // second of counted sends (a few more may go out that
-                // minute): not worth a disk flush per message.
-                sqlx::query("SET LOCAL synchronous_commit = off")
+            take_lock!(tx, format!("pace {mailbox}"));
+            // A statement of its own after the lock: its snapshot sees every
+            // send counted before the lock was ours.
+            let (paused_until, day_total, minute_count, oldest): (
+                Option<i64>,
+                i64,
+                i64,
+                Option<i64>,
+            ) = sqlx::query_as(read)
+                .bind(mailbox)
+                .bind(day_ago)
+                .bind(minute_ago)
+                .bind(now_ms)
+                .fetch_one(&mut *tx)
+                .await?;
+            let holds = Holds {
+                paused_until: paused_until.map(time),
+                ..Holds::default()
+            };
+            if let Some(until) = holds.paused(now) {
+                return Ok(Admitted {
+                    go: 0,
+                    next: Some(until),
+                });
+            }
+            // Sends older than a day are ignored by the reads; deleted an
+            // hour's worth at a time, not one statement per admission.
+            if oldest
+                .is_some_and(|oldest| oldest <= day_ago.saturating_sub(ms_of(pace::PURGE_EVERY)))
+            {
+                sqlx::query("DELETE FROM pace_events WHERE mailbox = $1 AND at <= $2")
+                    .bind(mailbox)
+                    .bind(day_ago)
                     .execute(&mut *tx)
                     .await?;
             }
-            take_lock!(tx, format!("pace {mailbox}"));
-            if let Some(until) = read_holds!(tx, mailbox).paused(now) {
-                return Ok(Pace::WaitUntil(until));
-            }
-            sqlx::query("DELETE FROM pace_events WHERE mailbox = $1 AND at <= $2")
-                .bind(mailbox)
-                .bind(day_ago)
-                .execute(&mut *tx)
-                .await?;
-            // The day's recipients in one sum; the sends themselves only of
-            // the last minute, unless the day's limit is in reach (then its
-            // oldest sends say when it is free again).
-            let day_total: i64 = sqlx::query_scalar(
-                "SELECT CAST(COALESCE(SUM(recipients), 0) AS BIGINT) FROM pace_events
-                 WHERE mailbox = $1",
-            )
-            .bind(mailbox)
-            .fetch_one(&mut *tx)
-            .await?;
+            // What `decide` needs of the sends: all the day's if the line
+            // could reach its limit; else the minute's newest `max` if the
+            // line could reach that (the oldest of them is when the minute
+            // frees); else none.
             let day_in_reach = limits.recipients_per_day.is_some_and(|max| {
-                day_total.saturating_add(i64::from(recipients.min(max))) > i64::from(max)
+                let wanted: i64 = line.iter().map(|&n| i64::from(n.min(max))).sum();
+                day_total.saturating_add(wanted) > i64::from(max)
             });
-            let since = if day_in_reach {
-                day_ago
+            let minute_in_reach = limits.messages_per_minute.is_some_and(|max| {
+                let line = i64::try_from(line.len()).unwrap_or(i64::MAX);
+                minute_count.saturating_add(line) > i64::from(max.max(1))
+            });
+            let (since, newest) = if day_in_reach {
+                (Some(day_ago), i64::MAX)
+            } else if minute_in_reach {
+                let max = limits.messages_per_minute.unwrap_or(1).max(1);
+                (Some(minute_ago), i64::from(max))
             } else {
-                now_ms.saturating_sub(ms_of(pace::MINUTE))
+                (None, 0)
             };
-            let sent: Vec<(i64, i64)> = sqlx::query_as(
-                "SELECT at, recipients FROM pace_events WHERE mailbox = $1 AND at > $2
-                 ORDER BY at",
-            )
-            .bind(mailbox)
-            .bind(since)
-            .fetch_all(&mut *tx)
-            .await?;
-            let sent: Vec<Sent> = sent
-                .into_iter()
-                .map(|(at, n)| Sent {
-                    at: time(at),
-                    recipients: u32::try_from(n).unwrap_or(u32::MAX),
-                })
-                .collect();
-            let pace = pace::decide(&sent, now, limits, recipients);
-            if pace == Pace::Go {
-                sqlx::query(
-                    "INSERT INTO pace_events (mailbox, at, recipients) VALUES ($1, $2, $3)",
+            let mut sent: Vec<Sent> = Vec::new();
+            if let Some(since) = since {
+                let rows: Vec<(i64, i64)> = sqlx::query_as(
+                    "SELECT at, recipients FROM pace_events
+                     WHERE mailbox = $1 AND at > $2 AND at <= $3 ORDER BY at DESC LIMIT $4",
                 )
                 .bind(mailbox)
+                .bind(since)
                 .bind(now_ms)
-                .bind(i64::from(recipients))
-                .execute(&mut *tx)
+                .bind(newest)
+                .fetch_all(&mut *tx)
                 .await?;
+                sent = rows
+                    .into_iter()
+                    .rev()
+                    .map(|(at, n)| Sent {
+                        at: time(at),
+                        recipients: u32::try_from(n).unwrap_or(u32::MAX),
+                    })
+                    .collect();
+            }
+            let admitted = pace::decide_line(&mut sent, now, limits, line);
+            if admitted.go > 0 {
+                let mut insert = sqlx::QueryBuilder::<Db>::new(
+                    "INSERT INTO pace_events (mailbox, at, recipients) ",
+                );
+                insert.push_values(&line[..admitted.go], |mut row, &n| {
+                    row.push_bind(mailbox)
+                        .push_bind(now_ms)
+                        .push_bind(i64::from(n));
+                });
+                insert.build().execute(&mut *tx).await?;
             }
             tx.commit().await?;
-            Ok(pace)
+            Ok(admitted)
         })
     }
 

@@ -4,8 +4,9 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use relay_store::{
-    Body, Envelope, Location, MessageState, NewMessage, Pace, PaceLimits, Progress, Recipient,
-    RecipientState, Redeem, Reply, Secret, Store, StoreError, StoreSettings, SCHEMA_VERSION,
+    Admitted, Body, Envelope, Location, MessageState, NewMessage, Pace, PaceLimits, Progress,
+    Recipient, RecipientState, Redeem, Reply, Secret, Store, StoreError, StoreSettings,
+    SCHEMA_VERSION,
 };
 use relay_testkit::Postgres;
 
@@ -711,6 +712,72 @@ async fn clock_skew_is_measured_on_a_shared_database() {
                 assert!(skew.abs() < 1000, "{skew} ms on one machine");
             }
         }
+    }
+}
+
+// A line of messages is decided in one go: in order, up to the first that
+// must wait (a later one that would fit waits its turn), those let out
+// counted for every relay; lines asked by two relays at once never let out
+// more than the minute allows.
+#[tokio::test]
+async fn a_line_goes_in_order_and_counts_for_every_relay() {
+    let limits = PaceLimits {
+        messages_per_minute: Some(3),
+        recipients_per_day: Some(10),
+    };
+    let day = Duration::from_secs(24 * 3600);
+    for engine in Engine::all() {
+        let name = engine.name();
+        let (a, b) = (engine.open("relay-a").await, engine.open("relay-b").await);
+        assert_eq!(
+            a.pace_line("box", at(0), limits, &[1, 1, 1, 1])
+                .await
+                .expect("pace"),
+            Admitted {
+                go: 3,
+                next: Some(at(60))
+            },
+            "{name}"
+        );
+        assert_eq!(
+            b.pace("box", at(1), limits, 1).await.expect("pace"),
+            Pace::WaitUntil(at(60)),
+            "{name}"
+        );
+        assert_eq!(
+            b.pace_line("box", at(60), limits, &[4, 4, 1])
+                .await
+                .expect("pace"),
+            Admitted {
+                go: 1,
+                next: Some(at(0) + day)
+            },
+            "{name}: 7 of the day's 10 counted"
+        );
+
+        let limits = PaceLimits {
+            messages_per_minute: Some(5),
+            recipients_per_day: None,
+        };
+        let mut sent: Vec<SystemTime> = Vec::new();
+        for step in 0..60 {
+            let now = at(step * 3);
+            let (la, lb) = tokio::join!(
+                a.pace_line("busy", now, limits, &[1, 1, 1]),
+                b.pace_line("busy", now, limits, &[1, 1])
+            );
+            for admitted in [la.expect("pace"), lb.expect("pace")] {
+                sent.extend(std::iter::repeat_n(now, admitted.go));
+            }
+        }
+        for (i, t) in sent.iter().enumerate() {
+            let in_minute = sent[i..]
+                .iter()
+                .filter(|s| s.duration_since(*t).expect("ordered") < Duration::from_secs(60))
+                .count();
+            assert!(in_minute <= 5, "{name}: {in_minute} in a minute");
+        }
+        assert!(sent.len() >= 15, "{name}: only {} sent", sent.len());
     }
 }
 
