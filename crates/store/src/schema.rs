@@ -108,12 +108,21 @@ INSERT INTO pace_counts (mailbox, second, messages, recipients)
     GROUP BY mailbox, at / 1000;
 ";
 
+/// Version 5: the due index in the order leases take messages (due time,
+/// then id), so that a lease reads the first free due message and stops,
+/// instead of sorting a group of them by id.
+const V5: &str = "
+CREATE INDEX messages_due_order ON messages (account, next_attempt, id);
+DROP INDEX messages_due;
+";
+
 /// Every migration, oldest first.
 const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "queue, pacing, slots, tokens", V1),
     (2, "mailbox holds", V2),
     (3, "bodies kept as files", V3),
     (4, "pace counts per second", V4),
+    (5, "due index in lease order", V5),
 ];
 
 /// The newest schema version this build knows.
