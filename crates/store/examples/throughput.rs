@@ -58,7 +58,7 @@ async fn main() {
 /// and inserts per commit.
 async fn run(store: &Store, writers: u64, length: Duration) -> (f64, f64) {
     let next = Arc::new(AtomicU64::new(0));
-    let commits_before = store.insert_commits();
+    let commits_before = store.group_commits();
     let start = Instant::now();
     let tasks: Vec<_> = (0..writers)
         .map(|w| {
@@ -96,6 +96,6 @@ async fn run(store: &Store, writers: u64, length: Duration) -> (f64, f64) {
     }
     let elapsed = start.elapsed().as_secs_f64();
     let inserts = next.load(Ordering::Relaxed) as f64;
-    let commits = (store.insert_commits() - commits_before).max(1) as f64;
+    let commits = (store.group_commits() - commits_before).max(1) as f64;
     (inserts / elapsed, inserts / commits)
 }

@@ -15,7 +15,7 @@
 //!   its file never exists.
 //! * **Group commit.** Inserts, and removals of delivered messages, go
 //!   through one task that takes every write waiting into one transaction
-//!   ([`Store::insert_commits`] counts them); none is answered before the
+//!   ([`Store::group_commits`] counts them); none is answered before the
 //!   commit that holds it.
 //! * **One lease at a time.** [`Store::lease_due`] marks due messages
 //!   with this relay's id and an expiry in one atomic statement; only the

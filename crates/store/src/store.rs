@@ -521,7 +521,7 @@ impl Store {
 
     /// Transactions committed by the commit task so far (group commit
     /// shares one among the inserts and removals waiting at the time).
-    pub fn insert_commits(&self) -> u64 {
+    pub fn group_commits(&self) -> u64 {
         self.commits.load(Ordering::Relaxed)
     }
 

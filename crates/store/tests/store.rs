@@ -225,7 +225,7 @@ async fn concurrent_inserts_share_commits() {
             "{}",
             engine.name()
         );
-        let commits = store.insert_commits();
+        let commits = store.group_commits();
         assert!(
             commits < 64,
             "{}: 64 concurrent inserts took {commits} commits",
