@@ -16,9 +16,8 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use relay_outcome::{Reason, Reply};
-use relay_store::{Envelope, MessageState, Progress, RecipientState, Store};
+use relay_store::{Envelope, MessageState, Progress, RecipientState, Spooled, Store};
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
 
 use crate::view::stored_recipient;
 use crate::{QueueError, QueueId};
@@ -124,7 +123,7 @@ impl Meta {
     /// client waited on a connection that is gone and resends it); one
     /// with no recipient left to try is failed, or `None` when every
     /// recipient was delivered (a removal the crash interrupted).
-    fn into_message(mut self, body: Vec<u8>) -> Option<relay_store::NewMessage> {
+    fn into_message(mut self, body: Spooled) -> Option<relay_store::NewMessage> {
         if self.passthrough && self.state != MessageState::Failed {
             let reply = crate::queue::orphan_reply();
             for r in self.recipients.iter_mut().filter(|r| r.status.is_open()) {
@@ -168,7 +167,7 @@ impl Meta {
             },
             held: self.held,
             lease: None,
-            body: relay_store::Body::Bytes(body),
+            body: relay_store::Body::Spooled(body),
         })
     }
 }
@@ -180,16 +179,17 @@ fn file_id(name: &std::ffi::OsStr, suffix: &str) -> Option<QueueId> {
     (id.as_str() == stem).then_some(id)
 }
 
-/// Reads one entry: its metadata and body, checked.
+/// Reads one entry: its metadata, and its body summed (not held in memory:
+/// the file itself is handed to the store), checked.
 fn read_entry(
     meta_path: &Path,
     body_path: &Path,
     id: &QueueId,
-) -> Result<(Meta, Vec<u8>), QueueError> {
+) -> Result<(Meta, Spooled), QueueError> {
     let data =
         fs::read(meta_path).map_err(|e| QueueError::io("reading queue metadata", meta_path, e))?;
     let meta = Meta::parse(meta_path, id, &data)?;
-    let body = match fs::read(body_path) {
+    let body = match fs::File::open(body_path).and_then(Spooled::from_file) {
         Ok(body) => body,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             return Err(QueueError::corrupt(
@@ -199,7 +199,7 @@ fn read_entry(
         }
         Err(e) => return Err(QueueError::io("reading message body", body_path, e)),
     };
-    if body.len() as u64 != meta.size {
+    if body.len() != meta.size {
         return Err(QueueError::corrupt(
             meta_path,
             format!(
@@ -211,7 +211,7 @@ fn read_entry(
         ));
     }
     if let Some(expected) = &meta.sha256 {
-        let actual = hex(&Sha256::digest(&body));
+        let actual = hex(&body.checksum());
         if *expected != actual {
             return Err(QueueError::corrupt(
                 meta_path,

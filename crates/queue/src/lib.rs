@@ -67,7 +67,9 @@
 //!
 //! A queue directory in the layout of older releases (`meta/ID.json`,
 //! `body/ID`) is imported into the store at open, all of it in one
-//! transaction; the old files are removed only after that commit. Entries
+//! transaction; the old files are removed only after that commit. Bodies
+//! are summed a piece at a time and, on the embedded store, linked into
+//! `bodies/` rather than read into memory. Entries
 //! that cannot be used are moved to `corrupt/` with a note of why, as the
 //! old queue did. A store written by this release cannot be read by an
 //! older one.

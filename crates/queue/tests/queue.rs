@@ -643,6 +643,8 @@ async fn an_old_queue_directory_is_imported_whole_and_removed() {
             "661A16C7E8B92CAF"
         ]
     );
+    // The old bodies were linked into the store, not read into it.
+    assert_eq!(names(&dir.join("bodies")), ids);
     // The queued one, exactly as the old queue listed it.
     assert_eq!(
         serde_json::to_value(&e[0]).expect("json"),

@@ -78,6 +78,25 @@ pub struct Spooled {
 }
 
 impl Spooled {
+    /// A body already complete in `file` (an older queue's body file),
+    /// summed here a piece at a time (blocking). On the embedded store the
+    /// file is linked, not copied, so it must be on the store's file
+    /// system.
+    pub fn from_file(file: File) -> io::Result<Spooled> {
+        let mut spool = Spool::new(file);
+        spool.file.rewind()?;
+        let mut piece = vec![0; 64 << 10];
+        loop {
+            let n = spool.file.read(&mut piece)?;
+            if n == 0 {
+                break;
+            }
+            spool.hasher.update(&piece[..n]);
+            spool.len += n as u64;
+        }
+        Ok(spool.finish())
+    }
+
     /// Its size in bytes.
     pub fn len(&self) -> u64 {
         self.len
@@ -88,7 +107,8 @@ impl Spooled {
         self.len == 0
     }
 
-    pub(crate) fn checksum(&self) -> [u8; 32] {
+    /// Its SHA-256.
+    pub fn checksum(&self) -> [u8; 32] {
         self.checksum
     }
 
@@ -102,19 +122,44 @@ impl Spooled {
     }
 
     /// Names the body `to` and makes it durable, name included (blocking):
-    /// a hard link of the anonymous file where the system allows it (no
-    /// copy), else a copy.
-    pub(crate) fn keep_as(mut self, to: &Path) -> io::Result<()> {
-        let linked = link_anonymous(&self.file, to).is_ok();
+    /// a hard link of the file where the system allows it (no copy), else a
+    /// copy. Fails if `to` exists.
+    pub(crate) fn keep_as(self, to: &Path) -> io::Result<()> {
+        self.keep(to, to)
+    }
+
+    /// [`Spooled::keep_as`], replacing `to` if it exists (an import
+    /// repeated after a crash): kept as `temp` first, then renamed.
+    pub(crate) fn keep_replacing(self, to: &Path, temp: &Path) -> io::Result<()> {
+        match std::fs::remove_file(temp) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        self.keep(temp, to)
+    }
+
+    /// Names the body `at` and gives it the name `to` (a rename unless the
+    /// same), durably.
+    fn keep(mut self, at: &Path, to: &Path) -> io::Result<()> {
+        let linked = link_anonymous(&self.file, at).is_ok();
         if linked {
             self.file.sync_all()?;
         } else {
-            let mut copy = create_private(to)?;
+            let mut copy = create_private(at)?;
             self.file.rewind()?;
             let copied = io::copy(&mut self.file, &mut copy).and_then(|_| copy.sync_all());
             if let Err(e) = copied {
-                let _ = std::fs::remove_file(to);
+                let _ = std::fs::remove_file(at);
                 return Err(e);
+            }
+        }
+        if at != to {
+            std::fs::rename(at, to)?;
+            // A rename between two links of one file does nothing: `to`
+            // already is this body (an import repeated); `at` goes.
+            match std::fs::remove_file(at) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
             }
         }
         match to.parent() {
@@ -165,9 +210,10 @@ fn create_private(path: &Path) -> io::Result<File> {
     options.open(path)
 }
 
-/// Gives the anonymous file `file` the name `to` (Linux: `linkat` through
-/// `/proc/self/fd`, which needs `/proc` and an `O_TMPFILE` file opened
-/// without `O_EXCL`).
+/// Gives `file` (anonymous, or named elsewhere on the same file system)
+/// the name `to` (Linux: `linkat` through `/proc/self/fd`, which needs
+/// `/proc`, and for an anonymous file one opened with `O_TMPFILE` without
+/// `O_EXCL`).
 #[cfg(target_os = "linux")]
 fn link_anonymous(file: &File, to: &Path) -> io::Result<()> {
     use std::ffi::CString;
@@ -240,6 +286,29 @@ mod tests {
         assert_eq!(
             std::fs::metadata(&to).expect("named").ino(),
             file.metadata().expect("anonymous").ino()
+        );
+    }
+
+    #[test]
+    fn a_complete_file_is_summed_and_can_replace_a_name() {
+        let dir = tempfile::tempdir().expect("dir");
+        let old = dir.path().join("old");
+        std::fs::write(&old, b"an old queue's body").expect("write");
+        let body = Spooled::from_file(File::open(&old).expect("open")).expect("sum");
+        assert_eq!(body.len(), 19);
+        assert_eq!(
+            body.checksum(),
+            <[u8; 32]>::from(Sha256::digest(b"an old queue's body"))
+        );
+        let to = dir.path().join("kept");
+        std::fs::write(&to, b"left by a crash").expect("write");
+        body.keep_replacing(&to, &dir.path().join(".kept.import"))
+            .expect("keep");
+        assert_eq!(std::fs::read(&to).expect("read"), b"an old queue's body");
+        assert!(!dir.path().join(".kept.import").exists());
+        assert_eq!(
+            std::fs::read(&old).expect("still there"),
+            b"an old queue's body"
         );
     }
 

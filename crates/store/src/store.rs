@@ -538,7 +538,7 @@ impl Store {
     /// saw `Ok` (as when a client's connection breaks before it reads
     /// `250`).
     pub async fn insert(&self, message: NewMessage) -> Result<(), StoreError> {
-        let (placed, _budget) = self.place(message).await?;
+        let (placed, _budget) = self.place(message, false).await?;
         let id = placed.envelope.id.clone();
         let in_file = placed.inline.is_none();
         let result = self.write(Write::Insert(Box::new(placed))).await;
@@ -549,12 +549,14 @@ impl Store {
     }
 
     /// Sums the message's body and puts it where it is stored: a spooled
-    /// body becomes a durable body file on the embedded store, or is read
-    /// into memory on PostgreSQL (holding a share of
-    /// [`SPOOLED_IN_MEMORY`], returned, until its commit).
+    /// body becomes a durable body file on the embedded store (`replace`:
+    /// even if one of its name exists), or is read into memory on
+    /// PostgreSQL (holding a share of [`SPOOLED_IN_MEMORY`], returned, until
+    /// its commit).
     async fn place(
         &self,
         message: NewMessage,
+        replace: bool,
     ) -> Result<(Placed, Option<OwnedSemaphorePermit>), StoreError> {
         let NewMessage {
             envelope,
@@ -571,7 +573,12 @@ impl Store {
                 match &self.bodies {
                     Some(dir) => {
                         let to = dir.join(&envelope.id);
-                        blocking(&to, "keeping the body in", move |to| spooled.keep_as(to)).await?;
+                        let temp = dir.join(format!(".{}.import", envelope.id));
+                        blocking(&to, "keeping the body in", move |to| match replace {
+                            true => spooled.keep_replacing(to, &temp),
+                            false => spooled.keep_as(to),
+                        })
+                        .await?;
                         (checksum, None, None)
                     }
                     None => {
@@ -677,12 +684,15 @@ impl Store {
     /// A message already stored (an import repeated after a crash that came
     /// before the old files were removed) is kept as it is. Returns how many
     /// were new. Remove the old files only after this returned `Ok`.
+    ///
+    /// Bodies given as files ([`crate::Spooled::from_file`]) are linked into
+    /// the embedded store, not read; on PostgreSQL they are read, and the
+    /// whole import is in memory at once (it takes no share of the budget,
+    /// which it could exhaust waiting for itself).
     pub async fn import(&self, messages: Vec<NewMessage>) -> Result<u64, StoreError> {
         let mut placed = Vec::with_capacity(messages.len());
         for message in messages {
-            // An import is held in memory whole anyway: it takes no share
-            // of the budget (which it could exhaust waiting for itself).
-            let (message, _budget) = self.place(message).await?;
+            let (message, _budget) = self.place(message, true).await?;
             placed.push(message);
         }
         let messages: Vec<&Placed> = placed.iter().collect();
