@@ -1553,6 +1553,10 @@ pub(crate) async fn connect(settings: &StoreSettings) -> Result<(Pool, Dialect),
             let pool = SqlitePoolOptions::new()
                 .max_connections(max)
                 .acquire_timeout(ACQUIRE_TIMEOUT)
+                // A local file has no far end to lose: the ping sqlx sends
+                // before handing out a connection would only be one more
+                // hand-off to the connection's thread per statement.
+                .test_before_acquire(false)
                 // A COMMIT that fails (disk full) can end SQLite's transaction
                 // by itself; the ROLLBACK sqlx then sends fails too and leaves
                 // the connection counting a transaction that is gone, so every
