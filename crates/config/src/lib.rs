@@ -17,6 +17,6 @@ mod value;
 pub use load::{load_file, load_file_with, load_str, ConfigError, Secrets, ENV_PREFIX};
 pub use schema::*;
 pub use secret::Secret;
-pub use state::{file_name, StateDir};
+pub use state::{create_private_dir, file_name, StateDir};
 pub use validate::{decode_cache_key, warnings};
 pub use value::ValueError;

@@ -15,6 +15,19 @@
 use crate::{AccountConfig, QueueConfig};
 use std::path::{Path, PathBuf};
 
+/// Creates `path` and its parents, readable by the owner only (mode 0700):
+/// the state directory holds mail and credentials.
+pub fn create_private_dir(path: &Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder.create(path)
+}
+
 /// The state directory of a configuration, from `queue.dir`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StateDir {

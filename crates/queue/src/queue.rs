@@ -395,15 +395,7 @@ fn relay_id() -> String {
 
 /// Creates a directory (and its parents) with mode 0700.
 pub(crate) fn create_private_dir(path: &Path) -> Result<(), QueueError> {
-    let mut builder = std::fs::DirBuilder::new();
-    builder.recursive(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        builder.mode(0o700);
-    }
-    builder
-        .create(path)
+    relay_config::create_private_dir(path)
         .map_err(|e| QueueError::io("creating queue directory", path, e))
 }
 

@@ -32,7 +32,7 @@ pub enum StoreError {
     /// A body file could not be written, read or removed.
     #[error("cannot {action} {path}: {source}")]
     BodyFile {
-        /// What was being done, e.g. "keeping the body in".
+        /// What could not be done, e.g. "keep the body as".
         action: &'static str,
         /// The file or directory.
         path: std::path::PathBuf,

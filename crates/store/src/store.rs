@@ -391,21 +391,14 @@ async fn blocking<T: Send + 'static>(
 
 /// A spooled body read into memory.
 async fn read_spooled(spooled: Spooled) -> Result<Vec<u8>, StoreError> {
-    let path = PathBuf::from("(spooled body)");
-    blocking(&path, "reading", move |_| spooled.read_all()).await
+    let path = PathBuf::from("a spooled body");
+    blocking(&path, "read back", move |_| spooled.read_all()).await
 }
 
 /// Creates a directory (and its parents) with mode 0700.
 fn create_private_dir(path: &Path) -> Result<(), StoreError> {
-    let mut builder = std::fs::DirBuilder::new();
-    builder.recursive(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        builder.mode(0o700);
-    }
-    builder.create(path).map_err(|source| StoreError::BodyFile {
-        action: "creating",
+    relay_config::create_private_dir(path).map_err(|source| StoreError::BodyFile {
+        action: "create",
         path: path.to_path_buf(),
         source,
     })
@@ -574,9 +567,12 @@ impl Store {
                     Some(dir) => {
                         let to = dir.join(&envelope.id);
                         let temp = dir.join(format!(".{}.import", envelope.id));
-                        blocking(&to, "keeping the body in", move |to| match replace {
-                            true => spooled.keep_replacing(to, &temp),
-                            false => spooled.keep_as(to),
+                        blocking(&to, "keep the body as", move |to| {
+                            if replace {
+                                spooled.keep_replacing(to, &temp)
+                            } else {
+                                spooled.keep_as(to)
+                            }
                         })
                         .await?;
                         (checksum, None, None)
@@ -647,7 +643,7 @@ impl Store {
         })
         .into_iter()
         .collect();
-        let orphans = blocking(dir, "listing the bodies in", move |dir| {
+        let orphans = blocking(dir, "list the bodies in", move |dir| {
             let mut orphans = Vec::new();
             for entry in std::fs::read_dir(dir)? {
                 let name = entry?.file_name().to_string_lossy().into_owned();
@@ -1083,7 +1079,7 @@ impl Store {
             (Some(body), false, _) => body,
             (_, true, Some(dir)) => {
                 let path = dir.join(id);
-                let read = blocking(&path, "reading the body in", |path| std::fs::read(path)).await;
+                let read = blocking(&path, "read the body", |path| std::fs::read(path)).await;
                 match read {
                     Ok(body) => body,
                     Err(StoreError::BodyFile { source, .. })
