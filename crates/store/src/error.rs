@@ -25,10 +25,10 @@ pub enum StoreError {
     /// A query failed.
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
-    /// The shared commit of a batch of inserts failed (every insert of the
+    /// The shared commit of a batch of writes failed (every write of the
     /// batch gets the same error).
-    #[error("database: {0}")]
-    Batch(#[source] Arc<sqlx::Error>),
+    #[error("{0}")]
+    Batch(#[source] Arc<StoreError>),
     /// A body file could not be written, read or removed.
     #[error("cannot {action} {path}: {source}")]
     BodyFile {

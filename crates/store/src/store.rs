@@ -95,8 +95,28 @@ const SQLITE_BUSY: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Debug)]
 pub(crate) enum Pool {
-    Sqlite(SqlitePool),
+    /// One connection writes: writers take turns at it, woken in order,
+    /// rather than in SQLite's busy handler, which sleeps 1, 2, 5, 10 … ms
+    /// between tries at the file's lock. Reads run beside it on their own
+    /// connections (WAL), never behind a commit's disk sync.
+    Sqlite {
+        write: SqlitePool,
+        read: SqlitePool,
+    },
     Postgres(PgPool),
+}
+
+#[cfg(test)]
+impl Pool {
+    pub(crate) async fn close(&self) {
+        match self {
+            Pool::Sqlite { write, read } => {
+                read.close().await;
+                write.close().await;
+            }
+            Pool::Postgres(pool) => pool.close().await,
+        }
+    }
 }
 
 /// Runs `$body` with `$p` bound to the engine's pool, `$Db` (optional) to
@@ -104,13 +124,34 @@ pub(crate) enum Pool {
 /// statement opening a write transaction: SQLite's `BEGIN IMMEDIATE` takes
 /// the write lock up front, so a transaction never has to upgrade a read
 /// lock (which SQLite refuses with `SQLITE_BUSY` rather than waiting).
+/// With `read` first, `$body` only reads: on SQLite it runs on a reader,
+/// not waiting for the writer's turn.
 macro_rules! on_pool {
+    (read $pool:expr, |$p:ident, $begin:ident| $body:expr) => {
+        on_pool!(read $pool, |$p, $begin, _Db| $body)
+    };
+    (read $pool:expr, |$p:ident, $begin:ident, $Db:ident| $body:expr) => {
+        match $pool {
+            Pool::Sqlite { read: $p, .. } => {
+                #[allow(dead_code)]
+                type $Db = sqlx::Sqlite;
+                let $begin = "BEGIN";
+                $body
+            }
+            Pool::Postgres($p) => {
+                #[allow(dead_code)]
+                type $Db = sqlx::Postgres;
+                let $begin = "BEGIN";
+                $body
+            }
+        }
+    };
     ($pool:expr, |$p:ident, $begin:ident| $body:expr) => {
         on_pool!($pool, |$p, $begin, _Db| $body)
     };
     ($pool:expr, |$p:ident, $begin:ident, $Db:ident| $body:expr) => {
         match $pool {
-            Pool::Sqlite($p) => {
+            Pool::Sqlite { write: $p, .. } => {
                 #[allow(dead_code)]
                 type $Db = sqlx::Sqlite;
                 let $begin = "BEGIN IMMEDIATE";
@@ -298,19 +339,65 @@ struct Placed {
     inline: Option<Vec<u8>>,
 }
 
-/// A write the commit task batches with others into one transaction.
-enum Write {
-    /// A new message (boxed: the channel's slots stay small).
-    Insert(Box<Placed>),
-    /// Delete a message this relay holds the lease on (delivered).
-    Remove(String),
+/// Where the commit task answers a write.
+type Answer<T> = oneshot::Sender<Result<T, StoreError>>;
+
+fn reply<T>(answer: Answer<T>, result: Result<T, StoreError>) {
+    // The caller may have gone; nothing is owed to it then.
+    let _ = answer.send(result);
 }
 
-struct Pending {
-    write: Write,
-    /// Whether it applied (an insert always does; a removal only while the
-    /// lease is this relay's).
-    done: oneshot::Sender<Result<bool, StoreError>>,
+/// A write the commit task batches with others into one transaction, and
+/// where its answer goes.
+enum Write {
+    /// A new message (boxed: the channel's slots stay small).
+    Insert(Box<Placed>, Answer<()>),
+    /// Delete a message this relay holds the lease on (delivered): whether
+    /// it was still this relay's to delete.
+    Remove(String, Answer<bool>),
+    /// Lease an account's due messages to this relay: those leased.
+    Lease(Due, Answer<Vec<Message>>),
+}
+
+impl Write {
+    fn fail(self, e: StoreError) {
+        match self {
+            Write::Insert(_, answer) => reply(answer, Err(e)),
+            Write::Remove(_, answer) => reply(answer, Err(e)),
+            Write::Lease(_, answer) => reply(answer, Err(e)),
+        }
+    }
+}
+
+/// Which messages [`Write::Lease`] takes: up to `limit` of `account`'s
+/// due at `now` (ms), leased until `expires` (ms).
+struct Due {
+    account: String,
+    now: i64,
+    expires: i64,
+    limit: i64,
+}
+
+/// What a committed batch did, for the answers.
+struct Committed {
+    /// The removals that applied.
+    removed: std::collections::HashSet<String>,
+    /// Each lease's messages, in the batch's order.
+    leased: std::collections::VecDeque<Vec<Message>>,
+}
+
+impl Committed {
+    fn answer(mut self, batch: impl IntoIterator<Item = Write>) {
+        for write in batch {
+            match write {
+                Write::Insert(_, answer) => reply(answer, Ok(())),
+                Write::Remove(id, answer) => reply(answer, Ok(self.removed.contains(&id))),
+                Write::Lease(_, answer) => {
+                    reply(answer, Ok(self.leased.pop_front().unwrap_or_default()))
+                }
+            }
+        }
+    }
 }
 
 /// The queue's durable store. Cheap to clone; every clone is the same
@@ -322,7 +409,7 @@ pub struct Store {
     relay: Arc<str>,
     commits: Arc<AtomicU64>,
     slot_serial: Arc<AtomicU64>,
-    writes: mpsc::Sender<Pending>,
+    writes: mpsc::Sender<Write>,
     /// The embedded store's body files; `None` on PostgreSQL.
     bodies: Option<Arc<Path>>,
     /// [`SPOOLED_IN_MEMORY`], in [`SPOOLED_UNIT`]s.
@@ -489,6 +576,7 @@ impl Store {
         for _ in 0..committers {
             tokio::spawn(commit_task(
                 pool.clone(),
+                dialect,
                 relay.clone(),
                 bodies.clone(),
                 rx.clone(),
@@ -534,11 +622,13 @@ impl Store {
         let (placed, _budget) = self.place(message, false).await?;
         let id = placed.envelope.id.clone();
         let in_file = placed.inline.is_none();
-        let result = self.write(Write::Insert(Box::new(placed))).await;
+        let result = self
+            .write(|answer| Write::Insert(Box::new(placed), answer))
+            .await;
         if result.is_err() && in_file {
             self.drop_unstored_body(&id).await;
         }
-        result.map(|_| ())
+        result
     }
 
     /// Sums the message's body and puts it where it is stored: a spooled
@@ -666,11 +756,11 @@ impl Store {
         Ok(removed)
     }
 
-    /// Hands `write` to the commit task and waits for its commit.
-    async fn write(&self, write: Write) -> Result<bool, StoreError> {
-        let (done, result) = oneshot::channel();
+    /// Hands a write to the commit task and waits for its commit.
+    async fn write<T>(&self, write: impl FnOnce(Answer<T>) -> Write) -> Result<T, StoreError> {
+        let (answer, result) = oneshot::channel();
         self.writes
-            .send(Pending { write, done })
+            .send(write(answer))
             .await
             .map_err(|_| StoreError::Closed)?;
         result.await.map_err(|_| StoreError::Closed)?
@@ -713,7 +803,13 @@ impl Store {
     }
 
     /// [`Store::lease_next`] for up to `limit` messages at once, longest
-    /// due first: one transaction for all of them.
+    /// due first. Leases share the commit task's transactions with inserts
+    /// and removals (group commit), after them: a message stored in the
+    /// same transaction may be leased, one removed may not.
+    ///
+    /// Cancel safety: dropping the future after the lease reached the
+    /// commit task leaves what it leased to be taken again when the lease
+    /// expires.
     pub async fn lease_due(
         &self,
         account: &str,
@@ -721,42 +817,14 @@ impl Store {
         lease_timeout: Duration,
         limit: usize,
     ) -> Result<Vec<Message>, StoreError> {
-        // PostgreSQL: skip rows another relay is leasing right now rather
-        // than wait for it; a row it leased meanwhile fails the re-checked
-        // condition. SQLite's write transaction excludes both.
-        let sql = match self.dialect {
-            Dialect::Sqlite => LEASE_DUE_SQLITE,
-            Dialect::Postgres => LEASE_DUE_POSTGRES,
+        let now = ms(now);
+        let due = Due {
+            account: account.to_owned(),
+            now,
+            expires: now.saturating_add(ms_of(lease_timeout)),
+            limit: i64::try_from(limit).unwrap_or(i64::MAX),
         };
-        let now_ms = ms(now);
-        let (mut messages, recipients) = on_pool!(&self.pool, |p, _begin, Db| {
-            // One statement, so atomic without a transaction; the
-            // recipients of leased messages change only under the lease.
-            let mut messages = sqlx::query(sql)
-                .bind(&*self.relay)
-                .bind(now_ms.saturating_add(ms_of(lease_timeout)))
-                .bind(account)
-                .bind(now_ms)
-                .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-                .fetch_all(p)
-                .await?
-                .iter()
-                .map(|row| message_of!(row))
-                .collect::<Result<Vec<_>, StoreError>>()?;
-            if messages.is_empty() {
-                return Ok(messages);
-            }
-            messages.sort_by(|a, b| a.envelope.id.cmp(&b.envelope.id));
-            let ids: Vec<String> = messages.iter().map(|m| m.envelope.id.clone()).collect();
-            let recipients = recipients_of!(p, Db, Some(&ids));
-            (messages, recipients)
-        });
-        attach(&mut messages, recipients);
-        messages.sort_by(|a, b| {
-            (a.progress.next_attempt, &a.envelope.id)
-                .cmp(&(b.progress.next_attempt, &b.envelope.id))
-        });
-        Ok(messages)
+        self.write(|answer| Write::Lease(due, answer)).await
     }
 
     /// Extends this relay's lease on `id` to `now + lease_timeout`. `false`:
@@ -921,7 +989,8 @@ impl Store {
     /// (group commit); like [`Store::insert`], a removal handed over
     /// completes even if the future is dropped.
     pub async fn remove(&self, id: &str) -> Result<bool, StoreError> {
-        self.write(Write::Remove(id.to_owned())).await
+        self.write(|answer| Write::Remove(id.to_owned(), answer))
+            .await
     }
 
     /// The body of this relay's leased message if it may be handed to the
@@ -940,7 +1009,7 @@ impl Store {
                    FROM messages m LEFT JOIN bodies b ON b.message_id = m.id
                    WHERE m.id = $1 AND m.lease_relay = $2 AND NOT m.held AND m.lease_expires >= $3";
         let good_until = ms(now).saturating_add(ms_of(lease_timeout / 3));
-        let row: Option<BodyRow> = on_pool!(&self.pool, |p, _begin| {
+        let row: Option<BodyRow> = on_pool!(read & self.pool, |p, _begin| {
             sqlx::query_as(sql)
                 .bind(id)
                 .bind(&*self.relay)
@@ -1044,7 +1113,7 @@ impl Store {
     /// accepted. States without messages are left out.
     pub async fn census(&self) -> Result<Vec<(MessageState, u64, SystemTime)>, StoreError> {
         let sql = "SELECT state, COUNT(*), MIN(received_at) FROM messages GROUP BY state";
-        let rows: Vec<(String, i64, i64)> = on_pool!(&self.pool, |p, _begin| {
+        let rows: Vec<(String, i64, i64)> = on_pool!(read & self.pool, |p, _begin| {
             sqlx::query_as(sql).fetch_all(p).await?
         });
         rows.into_iter()
@@ -1062,7 +1131,7 @@ impl Store {
     pub async fn body(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let sql = "SELECT b.body, m.checksum, m.body_file
                    FROM messages m LEFT JOIN bodies b ON b.message_id = m.id WHERE m.id = $1";
-        let row: Option<BodyRow> = on_pool!(&self.pool, |p, _begin| {
+        let row: Option<BodyRow> = on_pool!(read & self.pool, |p, _begin| {
             sqlx::query_as(sql).bind(id).fetch_optional(p).await?
         });
         self.body_of(id, row).await
@@ -1117,7 +1186,7 @@ impl Store {
     pub async fn due(&self) -> Result<Vec<(String, SystemTime)>, StoreError> {
         let sql = "SELECT account, MIN(COALESCE(lease_expires, next_attempt)) FROM messages
                    WHERE state <> 'failed' AND NOT held GROUP BY account ORDER BY account";
-        let rows: Vec<(String, i64)> = on_pool!(&self.pool, |p, _begin| {
+        let rows: Vec<(String, i64)> = on_pool!(read & self.pool, |p, _begin| {
             sqlx::query_as(sql).fetch_all(p).await?
         });
         Ok(rows.into_iter().map(|(a, t)| (a, time(t))).collect())
@@ -1125,7 +1194,7 @@ impl Store {
 
     /// The messages `ids` (all with `None`), ordered by id, without bodies.
     async fn select(&self, ids: Option<&[String]>) -> Result<Vec<Message>, StoreError> {
-        let (mut messages, recipients) = on_pool!(&self.pool, |p, _begin, Db| {
+        let (mut messages, recipients) = on_pool!(read & self.pool, |p, _begin, Db| {
             let mut messages_query = sqlx::QueryBuilder::<Db>::new(concat!(
                 "SELECT ",
                 message_columns!(),
@@ -1443,7 +1512,7 @@ impl Store {
     /// The account's shared refresh token.
     pub async fn token(&self, account: &str) -> Result<Option<SharedToken>, StoreError> {
         let sql = "SELECT token, version FROM refresh_tokens WHERE account = $1";
-        let row: Option<(Option<String>, i64)> = on_pool!(&self.pool, |p, _begin| {
+        let row: Option<(Option<String>, i64)> = on_pool!(read & self.pool, |p, _begin| {
             sqlx::query_as(sql).bind(account).fetch_optional(p).await?
         });
         Ok(row.map(|(token, version)| SharedToken {
@@ -1546,23 +1615,35 @@ pub(crate) async fn connect(settings: &StoreSettings) -> Result<(Pool, Dialect),
                 .synchronous(SqliteSynchronous::Full)
                 .foreign_keys(true)
                 .busy_timeout(SQLITE_BUSY);
-            let pool = SqlitePoolOptions::new()
-                .max_connections(max)
-                .acquire_timeout(ACQUIRE_TIMEOUT)
-                // A local file has no far end to lose: the ping sqlx sends
-                // before handing out a connection would only be one more
-                // hand-off to the connection's thread per statement.
-                .test_before_acquire(false)
-                // A COMMIT that fails (disk full) can end SQLite's transaction
-                // by itself; the ROLLBACK sqlx then sends fails too and leaves
-                // the connection counting a transaction that is gone, so every
-                // later BEGIN on it would fail. Such a connection is closed
-                // instead of being handed out again.
-                .before_acquire(|conn, _| Box::pin(async move { Ok(!conn.is_in_transaction()) }))
+            let pool = |max: u32, wait: Duration| {
+                SqlitePoolOptions::new()
+                    .max_connections(max)
+                    .acquire_timeout(wait)
+                    // A local file has no far end to lose: the ping sqlx
+                    // sends before handing out a connection would only be
+                    // one more hand-off to the connection's thread.
+                    .test_before_acquire(false)
+                    // A COMMIT that fails (disk full) can end SQLite's
+                    // transaction by itself; the ROLLBACK sqlx then sends
+                    // fails too and leaves the connection counting a
+                    // transaction that is gone, so every later BEGIN on it
+                    // would fail. Such a connection is closed instead of
+                    // being handed out again.
+                    .before_acquire(|conn, _| {
+                        Box::pin(async move { Ok(!conn.is_in_transaction()) })
+                    })
+            };
+            // The writer's turn is waited for as long as SQLite would wait
+            // for the file's lock.
+            let write = pool(1, SQLITE_BUSY)
+                .connect_with(options.clone())
+                .await
+                .map_err(StoreError::Connect)?;
+            let read = pool(max, ACQUIRE_TIMEOUT)
                 .connect_with(options)
                 .await
                 .map_err(StoreError::Connect)?;
-            (Pool::Sqlite(pool), Dialect::Sqlite)
+            (Pool::Sqlite { write, read }, Dialect::Sqlite)
         }
         Location::Postgres { url, password } => {
             let mut options = PgConnectOptions::from_str(url)
@@ -1737,87 +1818,130 @@ use delete_many;
 
 /// A group-commit task (one on SQLite, [`POSTGRES_COMMITTERS`] taking
 /// turns at the channel on PostgreSQL): takes whatever writes are waiting
-/// (up to [`MAX_BATCH`]: inserts, and removals of delivered messages) into
-/// one transaction, commits once, answers each. While a commit is in
+/// (up to [`MAX_BATCH`]: inserts, removals of delivered messages, leases)
+/// into one transaction, commits once, answers each. While a commit is in
 /// flight new writes queue up in the channel and form the next batch, so
-/// the batch size follows the load with no timer. A batch that fails is
-/// retried one write per transaction, so that one bad message (a duplicate
-/// id) fails alone; any other error (the database unreachable) fails the
+/// the batch size follows the load with no timer. A batch that fails
+/// because of what one write holds (a duplicate id, a stored value this
+/// build cannot read) is retried one write per transaction, so that the
+/// write fails alone; any other error (the database unreachable) fails the
 /// whole batch. The tasks end when every [`Store`] clone is dropped.
 async fn commit_task(
     pool: Pool,
+    dialect: Dialect,
     relay: Arc<str>,
     bodies: Option<Arc<Path>>,
-    rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Pending>>>,
+    rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Write>>>,
     commits: Arc<AtomicU64>,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while rx.lock().await.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let writes: Vec<&Write> = batch.iter().map(|p| &p.write).collect();
-        match write_batch(&pool, &relay, bodies.as_ref(), &writes).await {
-            Ok(applied) => {
-                commits.fetch_add(1, Ordering::Relaxed);
-                for (pending, applied) in batch.drain(..).zip(applied) {
-                    let _ = pending.done.send(Ok(applied));
+        let commit = |batch: Vec<Write>| async {
+            match write_batch(&pool, dialect, &relay, bodies.as_ref(), &batch).await {
+                Ok(committed) => {
+                    commits.fetch_add(1, Ordering::Relaxed);
+                    committed.answer(batch);
+                    Ok(())
                 }
+                Err(e) => Err((batch, e)),
             }
-            // A constraint (one bad message) fails alone; an unreachable
-            // database fails the batch at once rather than once per write.
-            Err(sqlx::Error::Database(_)) if batch.len() > 1 => {
-                for pending in batch.drain(..) {
-                    let result =
-                        write_batch(&pool, &relay, bodies.as_ref(), &[&pending.write]).await;
-                    if result.is_ok() {
-                        commits.fetch_add(1, Ordering::Relaxed);
+        };
+        let Err((batch, e)) = commit(std::mem::take(&mut batch)).await else {
+            continue;
+        };
+        if batch.len() > 1 && one_write_failed(&e) {
+            for write in batch {
+                if let Err((mut one, e)) = commit(vec![write]).await {
+                    if let Some(write) = one.pop() {
+                        write.fail(StoreError::Batch(Arc::new(e)));
                     }
-                    let _ = pending.done.send(
-                        result
-                            .map(|applied| applied.first().copied().unwrap_or(false))
-                            .map_err(|e| StoreError::Batch(Arc::new(e))),
-                    );
                 }
             }
-            Err(e) => {
-                let e = Arc::new(e);
-                for pending in batch.drain(..) {
-                    let _ = pending.done.send(Err(StoreError::Batch(e.clone())));
-                }
+        } else {
+            let e = Arc::new(e);
+            for write in batch {
+                write.fail(StoreError::Batch(e.clone()));
             }
         }
     }
 }
 
-/// Applies `writes` in one transaction; whether each applied, in order.
+/// Whether a batch may have failed because of what one of its writes holds
+/// (a constraint, a stored value this build cannot read) rather than
+/// because of the database (unreachable, full).
+fn one_write_failed(e: &StoreError) -> bool {
+    matches!(
+        e,
+        StoreError::Database(
+            sqlx::Error::Database(_) | sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_)
+        ) | StoreError::Invalid { .. }
+    )
+}
+
+/// Applies `writes` in one transaction: inserts, then removals, then
+/// leases.
 async fn write_batch(
     pool: &Pool,
+    dialect: Dialect,
     relay: &str,
     bodies: Option<&Arc<Path>>,
-    writes: &[&Write],
-) -> Result<Vec<bool>, sqlx::Error> {
+    writes: &[Write],
+) -> Result<Committed, StoreError> {
     let mut inserts: Vec<&Placed> = Vec::new();
     let mut removals: Vec<&str> = Vec::new();
+    let mut dues: Vec<&Due> = Vec::new();
     for write in writes {
         match write {
-            Write::Insert(message) => inserts.push(message),
-            Write::Remove(id) => removals.push(id),
+            Write::Insert(message, _) => inserts.push(message),
+            Write::Remove(id, _) => removals.push(id),
+            Write::Lease(due, _) => dues.push(due),
         }
     }
-    let removed = on_pool!(pool, |p, begin, Db| {
+    // PostgreSQL: skip rows another relay is leasing right now rather than
+    // wait for it; a row it leased meanwhile fails the re-checked
+    // condition. SQLite's write transaction excludes both.
+    let lease_sql = match dialect {
+        Dialect::Sqlite => LEASE_DUE_SQLITE,
+        Dialect::Postgres => LEASE_DUE_POSTGRES,
+    };
+    let (removed, leased) = on_pool!(pool, |p, begin, Db| {
         let mut tx = p.begin_with(begin).await?;
         insert_many!(tx, Db, &inserts, false);
         let removed = delete_many!(tx, Db, &removals, Some(relay));
+        let mut leased = std::collections::VecDeque::with_capacity(dues.len());
+        for due in dues {
+            let mut messages = sqlx::query(lease_sql)
+                .bind(relay)
+                .bind(due.expires)
+                .bind(&due.account)
+                .bind(due.now)
+                .bind(due.limit)
+                .fetch_all(&mut *tx)
+                .await?
+                .iter()
+                .map(|row| message_of!(row))
+                .collect::<Result<Vec<_>, StoreError>>()?;
+            if !messages.is_empty() {
+                messages.sort_by(|a, b| a.envelope.id.cmp(&b.envelope.id));
+                let ids: Vec<String> = messages.iter().map(|m| m.envelope.id.clone()).collect();
+                let recipients = recipients_of!(&mut *tx, Db, Some(&ids));
+                attach(&mut messages, recipients);
+                messages.sort_by(|a, b| {
+                    (a.progress.next_attempt, &a.envelope.id)
+                        .cmp(&(b.progress.next_attempt, &b.envelope.id))
+                });
+            }
+            leased.push_back(messages);
+        }
         tx.commit().await?;
-        removed
+        (removed, leased)
     });
-    let ids: std::collections::HashSet<String> = removed.iter().map(|(id, _)| id.clone()).collect();
+    let ids = removed.iter().map(|(id, _)| id.clone()).collect();
     remove_bodies_of(bodies, removed).await;
-    Ok(writes
-        .iter()
-        .map(|write| match write {
-            Write::Insert(_) => true,
-            Write::Remove(id) => ids.contains(id),
-        })
-        .collect())
+    Ok(Committed {
+        removed: ids,
+        leased,
+    })
 }
 
 #[cfg(test)]
@@ -1902,7 +2026,7 @@ mod tests {
             }
             .await);
             inserted.expect("insert");
-            on_pool!(&pool, |p, _begin| p.close().await);
+            pool.close().await;
 
             let store = Store::open(settings).await.expect("migrates");
             let version: i64 = on_pool!(&store.pool, |p, _begin| sqlx::query_scalar(
