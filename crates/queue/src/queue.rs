@@ -42,10 +42,12 @@ const CLOCK_CHECK_EVERY: u64 = 60;
 const MAX_CLOCK_SKEW: Duration = Duration::from_secs(1);
 /// Due messages leased from the embedded store at once: one transaction
 /// serves the worker that asked and the next ones to ask, instead of one
-/// each. On a shared database a relay leases one at a time: messages
+/// each. When fewer than half are left, the next batch is leased in the
+/// background, so that a worker finds one waiting rather than waiting for
+/// a commit. On a shared database a relay leases one at a time: messages
 /// leased ahead would wait for this relay's workers (and its connection
 /// slots) while another relay could send them.
-const LEASE_BATCH: usize = 8;
+const LEASE_BATCH: usize = 16;
 
 /// A PostgreSQL database shared with other relays (`[queue] database_url`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -290,6 +292,8 @@ struct Local {
     /// Per account, messages leased in a batch beyond the one a worker
     /// asked for, for the next workers to ask (after any passthrough).
     prefetched: HashMap<String, VecDeque<Lease>>,
+    /// The accounts whose next batch is being leased ahead.
+    leasing_ahead: HashSet<String>,
     /// Passthrough clients waiting for their message's attempt.
     watchers: HashMap<QueueId, oneshot::Sender<Vec<RecipientResult>>>,
     /// Messages whose outcome could not be written yet: not handed out
@@ -744,6 +748,7 @@ impl Queue {
             // wait is not lost.
             notified.as_mut().enable();
             if let Some(lease) = self.handed_off(account) {
+                self.lease_ahead(account);
                 return Some(lease);
             }
             let inner = self.inner.clone();
@@ -788,6 +793,36 @@ impl Queue {
                 tracing::warn!(error = %e, "cannot give up this relay's leases; they expire by themselves")
             }
         }
+    }
+
+    /// On the embedded store, leases the account's next batch in the
+    /// background when fewer than half a batch is left leased ahead (see
+    /// [`LEASE_BATCH`]).
+    fn lease_ahead(&self, account: &str) {
+        if self.inner.settings.database.is_some() {
+            return;
+        }
+        {
+            let mut local = lock(&self.inner.local);
+            let left = local.prefetched.get(account).map_or(0, VecDeque::len);
+            if left >= LEASE_BATCH / 2 || !local.leasing_ahead.insert(account.to_owned()) {
+                return;
+            }
+        }
+        // Only the store is held meanwhile: a queue dropped (closed) goes at
+        // once, and what this leased is due again when it is next opened.
+        let store = self.inner.store.clone();
+        let settings = self.inner.settings.clone();
+        let queue = Arc::downgrade(&self.inner);
+        let account = account.to_owned();
+        tokio::spawn(async move {
+            let messages = take_due(&store, &settings, &account).await;
+            if let Some(inner) = queue.upgrade() {
+                let leases = inner.leases_of(messages);
+                inner.lease_later(&account, leases.into_iter());
+                lock(&inner.local).leasing_ahead.remove(&account);
+            }
+        });
     }
 
     fn handed_off(&self, account: &str) -> Option<Lease> {
@@ -1093,26 +1128,35 @@ impl Inner {
     /// on the embedded store up to [`LEASE_BATCH`] - 1 more for the next
     /// workers to ask.
     async fn lease_next(self: Arc<Self>, account: &str) -> Option<Lease> {
-        let batch = match self.settings.database {
-            None => LEASE_BATCH,
-            Some(_) => 1,
-        };
-        let leased = self
-            .store
-            .lease_due(
-                account,
-                SystemTime::now(),
-                self.settings.lease_timeout,
-                batch,
-            )
-            .await;
-        let messages = match leased {
-            Ok(messages) => messages,
-            Err(e) => {
-                tracing::warn!(account, error = %e, "cannot take due mail from the store");
-                return None;
-            }
-        };
+        let mut leases = self.clone().lease_batch(account).await.into_iter();
+        let first = leases.next();
+        self.lease_later(account, leases);
+        first
+    }
+
+    /// Queues leases for the account's next workers to ask, and wakes them.
+    fn lease_later(&self, account: &str, leases: impl ExactSizeIterator<Item = Lease>) {
+        if leases.len() == 0 {
+            return;
+        }
+        let mut local = lock(&self.local);
+        local
+            .prefetched
+            .entry(account.to_owned())
+            .or_default()
+            .extend(leases);
+        local.waker(account).notify_waiters();
+    }
+
+    /// Leases the account's due messages from the store ([`take_due`]).
+    async fn lease_batch(self: Arc<Self>, account: &str) -> Vec<Lease> {
+        let messages = take_due(&self.store, &self.settings, account).await;
+        self.leases_of(messages)
+    }
+
+    /// Leases for messages just leased from the store, less those whose
+    /// outcome this relay is still writing.
+    fn leases_of(self: &Arc<Self>, messages: Vec<Message>) -> Vec<Lease> {
         let mut leases = Vec::with_capacity(messages.len());
         for m in messages {
             let unrecorded = m
@@ -1130,19 +1174,7 @@ impl Inner {
                 Err(e) => tracing::error!(error = %e, "skipping a stored message"),
             }
         }
-        let mut leases = leases.into_iter();
-        let first = leases.next();
-        let more: VecDeque<Lease> = leases.collect();
-        if !more.is_empty() {
-            let mut local = lock(&self.local);
-            local
-                .prefetched
-                .entry(account.to_owned())
-                .or_default()
-                .extend(more);
-            local.waker(account).notify_waiters();
-        }
-        first
+        leases
     }
 
     /// Writes an attempt's outcome under this relay's lease. `Ok(false)`:
@@ -1245,6 +1277,22 @@ impl Inner {
             }
         }
     }
+}
+
+/// Leases the account's due messages from the store: on the embedded store
+/// up to [`LEASE_BATCH`], on a shared database one.
+async fn take_due(store: &Store, settings: &QueueSettings, account: &str) -> Vec<Message> {
+    let batch = match settings.database {
+        None => LEASE_BATCH,
+        Some(_) => 1,
+    };
+    let leased = store
+        .lease_due(account, SystemTime::now(), settings.lease_timeout, batch)
+        .await;
+    leased.unwrap_or_else(|e| {
+        tracing::warn!(account, error = %e, "cannot take due mail from the store");
+        Vec::new()
+    })
 }
 
 async fn census_of(store: &Store) -> Result<Census, QueueError> {
