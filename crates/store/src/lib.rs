@@ -13,10 +13,12 @@
 //!   naming it is committed; a file left without a row by a crash is
 //!   removed at the next start ([`Store::sweep_bodies`]), a row without
 //!   its file never exists.
-//! * **Group commit.** Inserts, and removals of delivered messages, go
-//!   through one task that takes every write waiting into one transaction
-//!   ([`Store::group_commits`] counts them); none is answered before the
-//!   commit that holds it.
+//! * **Group commit.** Inserts, removals of delivered messages and leases
+//!   go through one task that takes every write waiting into one
+//!   transaction ([`Store::group_commits`] counts them); none is answered
+//!   before the commit that holds it. On SQLite one connection writes
+//!   (writers wait their turn for it in order, not in SQLite's sleeping
+//!   busy handler) and reads run on others beside it.
 //! * **One lease at a time.** [`Store::lease_due`] marks due messages
 //!   with this relay's id and an expiry in one atomic statement; only the
 //!   holder can [`Store::renew`], [`Store::record`] or [`Store::release`]
@@ -41,10 +43,11 @@
 //!
 //! # Cancel safety
 //!
-//! Every operation but [`Store::insert`] and [`Store::remove`] is one
-//! transaction: dropping its future before the commit rolls it back, after
-//! the commit it stands. Those two hand their write to the commit task;
-//! see [`Store::insert`].
+//! Every operation but [`Store::insert`], [`Store::remove`] and
+//! [`Store::lease_due`] is one transaction: dropping its future before the
+//! commit rolls it back, after the commit it stands. Those three hand their
+//! write to the commit task, which completes it even if the future is
+//! dropped; see [`Store::insert`] and [`Store::lease_due`].
 //!
 //! Refresh tokens are stored as given: the token manager seals them first
 //! when the account has a cache key. In memory they, and the database
