@@ -131,30 +131,20 @@ macro_rules! on_pool {
         on_pool!(read $pool, |$p, $begin, _Db| $body)
     };
     (read $pool:expr, |$p:ident, $begin:ident, $Db:ident| $body:expr) => {
-        match $pool {
-            Pool::Sqlite { read: $p, .. } => {
-                #[allow(dead_code)]
-                type $Db = sqlx::Sqlite;
-                let $begin = "BEGIN";
-                $body
-            }
-            Pool::Postgres($p) => {
-                #[allow(dead_code)]
-                type $Db = sqlx::Postgres;
-                let $begin = "BEGIN";
-                $body
-            }
-        }
+        on_pool!(@ $pool, read, "BEGIN", |$p, $begin, $Db| $body)
     };
     ($pool:expr, |$p:ident, $begin:ident| $body:expr) => {
         on_pool!($pool, |$p, $begin, _Db| $body)
     };
     ($pool:expr, |$p:ident, $begin:ident, $Db:ident| $body:expr) => {
+        on_pool!(@ $pool, write, "BEGIN IMMEDIATE", |$p, $begin, $Db| $body)
+    };
+    (@ $pool:expr, $side:ident, $sqlite_begin:literal, |$p:ident, $begin:ident, $Db:ident| $body:expr) => {
         match $pool {
-            Pool::Sqlite { write: $p, .. } => {
+            Pool::Sqlite { $side: $p, .. } => {
                 #[allow(dead_code)]
                 type $Db = sqlx::Sqlite;
-                let $begin = "BEGIN IMMEDIATE";
+                let $begin = $sqlite_begin;
                 $body
             }
             Pool::Postgres($p) => {
