@@ -1128,7 +1128,7 @@ impl Inner {
     /// on the embedded store up to [`LEASE_BATCH`] - 1 more for the next
     /// workers to ask.
     async fn lease_next(self: Arc<Self>, account: &str) -> Option<Lease> {
-        let mut leases = self.clone().lease_batch(account).await.into_iter();
+        let mut leases = self.lease_batch(account).await.into_iter();
         let first = leases.next();
         self.lease_later(account, leases);
         first
@@ -1149,7 +1149,7 @@ impl Inner {
     }
 
     /// Leases the account's due messages from the store ([`take_due`]).
-    async fn lease_batch(self: Arc<Self>, account: &str) -> Vec<Lease> {
+    async fn lease_batch(self: &Arc<Self>, account: &str) -> Vec<Lease> {
         let messages = take_due(&self.store, &self.settings, account).await;
         self.leases_of(messages)
     }

@@ -124,13 +124,13 @@ impl Pool {
 /// statement opening a write transaction: SQLite's `BEGIN IMMEDIATE` takes
 /// the write lock up front, so a transaction never has to upgrade a read
 /// lock (which SQLite refuses with `SQLITE_BUSY` rather than waiting).
-/// With `read` first, `$body` only reads: on SQLite it runs on a reader,
+/// With `read,` first, `$body` only reads: on SQLite it runs on a reader,
 /// not waiting for the writer's turn.
 macro_rules! on_pool {
-    (read $pool:expr, |$p:ident, $begin:ident| $body:expr) => {
-        on_pool!(read $pool, |$p, $begin, _Db| $body)
+    (read, $pool:expr, |$p:ident, $begin:ident| $body:expr) => {
+        on_pool!(read, $pool, |$p, $begin, _Db| $body)
     };
-    (read $pool:expr, |$p:ident, $begin:ident, $Db:ident| $body:expr) => {
+    (read, $pool:expr, |$p:ident, $begin:ident, $Db:ident| $body:expr) => {
         on_pool!(@ $pool, read, "BEGIN", |$p, $begin, $Db| $body)
     };
     ($pool:expr, |$p:ident, $begin:ident| $body:expr) => {
@@ -999,7 +999,7 @@ impl Store {
                    FROM messages m LEFT JOIN bodies b ON b.message_id = m.id
                    WHERE m.id = $1 AND m.lease_relay = $2 AND NOT m.held AND m.lease_expires >= $3";
         let good_until = ms(now).saturating_add(ms_of(lease_timeout / 3));
-        let row: Option<BodyRow> = on_pool!(read & self.pool, |p, _begin| {
+        let row: Option<BodyRow> = on_pool!(read, &self.pool, |p, _begin| {
             sqlx::query_as(sql)
                 .bind(id)
                 .bind(&*self.relay)
@@ -1103,7 +1103,7 @@ impl Store {
     /// accepted. States without messages are left out.
     pub async fn census(&self) -> Result<Vec<(MessageState, u64, SystemTime)>, StoreError> {
         let sql = "SELECT state, COUNT(*), MIN(received_at) FROM messages GROUP BY state";
-        let rows: Vec<(String, i64, i64)> = on_pool!(read & self.pool, |p, _begin| {
+        let rows: Vec<(String, i64, i64)> = on_pool!(read, &self.pool, |p, _begin| {
             sqlx::query_as(sql).fetch_all(p).await?
         });
         rows.into_iter()
@@ -1121,7 +1121,7 @@ impl Store {
     pub async fn body(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let sql = "SELECT b.body, m.checksum, m.body_file
                    FROM messages m LEFT JOIN bodies b ON b.message_id = m.id WHERE m.id = $1";
-        let row: Option<BodyRow> = on_pool!(read & self.pool, |p, _begin| {
+        let row: Option<BodyRow> = on_pool!(read, &self.pool, |p, _begin| {
             sqlx::query_as(sql).bind(id).fetch_optional(p).await?
         });
         self.body_of(id, row).await
@@ -1176,7 +1176,7 @@ impl Store {
     pub async fn due(&self) -> Result<Vec<(String, SystemTime)>, StoreError> {
         let sql = "SELECT account, MIN(COALESCE(lease_expires, next_attempt)) FROM messages
                    WHERE state <> 'failed' AND NOT held GROUP BY account ORDER BY account";
-        let rows: Vec<(String, i64)> = on_pool!(read & self.pool, |p, _begin| {
+        let rows: Vec<(String, i64)> = on_pool!(read, &self.pool, |p, _begin| {
             sqlx::query_as(sql).fetch_all(p).await?
         });
         Ok(rows.into_iter().map(|(a, t)| (a, time(t))).collect())
@@ -1184,7 +1184,7 @@ impl Store {
 
     /// The messages `ids` (all with `None`), ordered by id, without bodies.
     async fn select(&self, ids: Option<&[String]>) -> Result<Vec<Message>, StoreError> {
-        let (mut messages, recipients) = on_pool!(read & self.pool, |p, _begin, Db| {
+        let (mut messages, recipients) = on_pool!(read, &self.pool, |p, _begin, Db| {
             let mut messages_query = sqlx::QueryBuilder::<Db>::new(concat!(
                 "SELECT ",
                 message_columns!(),
@@ -1502,7 +1502,7 @@ impl Store {
     /// The account's shared refresh token.
     pub async fn token(&self, account: &str) -> Result<Option<SharedToken>, StoreError> {
         let sql = "SELECT token, version FROM refresh_tokens WHERE account = $1";
-        let row: Option<(Option<String>, i64)> = on_pool!(read & self.pool, |p, _begin| {
+        let row: Option<(Option<String>, i64)> = on_pool!(read, &self.pool, |p, _begin| {
             sqlx::query_as(sql).bind(account).fetch_optional(p).await?
         });
         Ok(row.map(|(token, version)| SharedToken {
