@@ -202,7 +202,7 @@ macro_rules! push_in {
     }};
 }
 
-/// The columns of `messages` that `message_of!` reads, for `SELECT` and
+/// The columns of `messages` that [`message_of`] reads, for `SELECT` and
 /// `RETURNING`.
 macro_rules! message_columns {
     () => {
@@ -211,45 +211,48 @@ macro_rules! message_columns {
     };
 }
 
-/// The [`Message`] (without recipients) in a row of `message_columns!`.
-macro_rules! message_of {
-    ($row:expr) => {{
-        let row = $row;
-        (|| -> Result<Message, StoreError> {
-            let id: String = row.try_get("id")?;
-            let lease = match (
-                row.try_get::<Option<String>, _>("lease_relay")?,
-                row.try_get::<Option<i64>, _>("lease_expires")?,
-            ) {
-                (Some(relay), Some(expires)) => Some(LeaseHolder {
-                    relay,
-                    expires: time(expires),
-                }),
-                _ => None,
-            };
-            let state = MessageState::parse(&id, &row.try_get::<String, _>("state")?)?;
-            Ok(Message {
-                progress: Progress {
-                    state,
-                    attempts: u32::try_from(row.try_get::<i64, _>("attempts")?).unwrap_or(u32::MAX),
-                    next_attempt: row.try_get::<Option<i64>, _>("next_attempt")?.map(time),
-                    last_error: row.try_get("last_error")?,
-                    recipients: Vec::new(),
-                },
-                envelope: Envelope {
-                    account: row.try_get("account")?,
-                    sender: row.try_get("sender")?,
-                    client: row.try_get("client")?,
-                    received_at: time(row.try_get("received_at")?),
-                    passthrough: row.try_get("passthrough")?,
-                    id,
-                },
-                held: row.try_get("held")?,
-                size: u64::try_from(row.try_get::<i64, _>("size")?).unwrap_or(0),
-                lease,
-            })
-        })()
-    }};
+/// The [`Message`] (without recipients) in a row of `message_columns!`,
+/// on either engine.
+fn message_of<'r, R>(row: &'r R) -> Result<Message, StoreError>
+where
+    R: Row,
+    &'r str: sqlx::ColumnIndex<R>,
+    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    bool: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let id: String = row.try_get("id")?;
+    let lease = match (
+        row.try_get::<Option<String>, _>("lease_relay")?,
+        row.try_get::<Option<i64>, _>("lease_expires")?,
+    ) {
+        (Some(relay), Some(expires)) => Some(LeaseHolder {
+            relay,
+            expires: time(expires),
+        }),
+        _ => None,
+    };
+    let state = MessageState::parse(&id, &row.try_get::<String, _>("state")?)?;
+    Ok(Message {
+        progress: Progress {
+            state,
+            attempts: u32::try_from(row.try_get::<i64, _>("attempts")?).unwrap_or(u32::MAX),
+            next_attempt: row.try_get::<Option<i64>, _>("next_attempt")?.map(time),
+            last_error: row.try_get("last_error")?,
+            recipients: Vec::new(),
+        },
+        envelope: Envelope {
+            account: row.try_get("account")?,
+            sender: row.try_get("sender")?,
+            client: row.try_get("client")?,
+            received_at: time(row.try_get("received_at")?),
+            passthrough: row.try_get("passthrough")?,
+            id,
+        },
+        held: row.try_get("held")?,
+        size: u64::try_from(row.try_get::<i64, _>("size")?).unwrap_or(0),
+        lease,
+    })
 }
 
 /// The recipients, in order, of the messages `$ids` (`Option<&[String]>`:
@@ -1202,7 +1205,7 @@ impl Store {
                 .fetch_all(&mut *tx)
                 .await?
                 .iter()
-                .map(|row| message_of!(row))
+                .map(message_of)
                 .collect::<Result<Vec<_>, StoreError>>()?;
             let recipients = recipients_of!(&mut *tx, Db, ids);
             tx.commit().await?;
@@ -1909,7 +1912,7 @@ async fn write_batch(
                 .fetch_all(&mut *tx)
                 .await?
                 .iter()
-                .map(|row| message_of!(row))
+                .map(message_of)
                 .collect::<Result<Vec<_>, StoreError>>()?;
             if !messages.is_empty() {
                 messages.sort_by(|a, b| a.envelope.id.cmp(&b.envelope.id));
