@@ -27,8 +27,8 @@ const POLL: Duration = Duration::from_secs(1);
 /// again; it doubles up to [`UNRECORDED_RETRY_MAX`].
 const UNRECORDED_RETRY: Duration = Duration::from_secs(1);
 const UNRECORDED_RETRY_MAX: Duration = Duration::from_secs(60);
-/// Connections to the store: the commit task, delivery workers and
-/// administrators' reads share them.
+/// Connections to the store that its operations share (on the embedded
+/// store, the readers: its writes take turns at one more).
 const STORE_CONNECTIONS: u32 = 8;
 /// Where large bodies are spooled while they are received.
 const SPOOL_DIR: &str = "tmp";
@@ -812,11 +812,11 @@ impl Queue {
         // Only the store is held meanwhile: a queue dropped (closed) goes at
         // once, and what this leased is due again when it is next opened.
         let store = self.inner.store.clone();
-        let settings = self.inner.settings.clone();
+        let lease_timeout = self.inner.settings.lease_timeout;
         let queue = Arc::downgrade(&self.inner);
         let account = account.to_owned();
         tokio::spawn(async move {
-            let messages = take_due(&store, &settings, &account).await;
+            let messages = take_due(&store, &account, lease_timeout, LEASE_BATCH).await;
             if let Some(inner) = queue.upgrade() {
                 let leases = inner.leases_of(messages);
                 inner.lease_later(&account, leases.into_iter());
@@ -1128,7 +1128,12 @@ impl Inner {
     /// on the embedded store up to [`LEASE_BATCH`] - 1 more for the next
     /// workers to ask.
     async fn lease_next(self: Arc<Self>, account: &str) -> Option<Lease> {
-        let mut leases = self.lease_batch(account).await.into_iter();
+        let batch = match self.settings.database {
+            None => LEASE_BATCH,
+            Some(_) => 1,
+        };
+        let messages = take_due(&self.store, account, self.settings.lease_timeout, batch).await;
+        let mut leases = self.leases_of(messages).into_iter();
         let first = leases.next();
         self.lease_later(account, leases);
         first
@@ -1146,12 +1151,6 @@ impl Inner {
             .or_default()
             .extend(leases);
         local.waker(account).notify_waiters();
-    }
-
-    /// Leases the account's due messages from the store ([`take_due`]).
-    async fn lease_batch(self: &Arc<Self>, account: &str) -> Vec<Lease> {
-        let messages = take_due(&self.store, &self.settings, account).await;
-        self.leases_of(messages)
     }
 
     /// Leases for messages just leased from the store, less those whose
@@ -1279,15 +1278,16 @@ impl Inner {
     }
 }
 
-/// Leases the account's due messages from the store: on the embedded store
-/// up to [`LEASE_BATCH`], on a shared database one.
-async fn take_due(store: &Store, settings: &QueueSettings, account: &str) -> Vec<Message> {
-    let batch = match settings.database {
-        None => LEASE_BATCH,
-        Some(_) => 1,
-    };
+/// Leases up to `batch` of the account's due messages from the store; none
+/// if the store cannot be asked (said in the log).
+async fn take_due(
+    store: &Store,
+    account: &str,
+    lease_timeout: Duration,
+    batch: usize,
+) -> Vec<Message> {
     let leased = store
-        .lease_due(account, SystemTime::now(), settings.lease_timeout, batch)
+        .lease_due(account, SystemTime::now(), lease_timeout, batch)
         .await;
     leased.unwrap_or_else(|e| {
         tracing::warn!(account, error = %e, "cannot take due mail from the store");

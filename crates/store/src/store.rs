@@ -64,7 +64,8 @@ pub struct StoreSettings {
     /// This relay's id: written into leases, slots and token locks, shown
     /// by `queue list`. Unique among the relays sharing a database.
     pub relay: String,
-    /// Connections in the pool.
+    /// Connections in the pool (on SQLite: the readers', besides the one
+    /// writer).
     pub max_connections: u32,
 }
 
@@ -1828,22 +1829,29 @@ async fn commit_task(
     commits: Arc<AtomicU64>,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    while rx.lock().await.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let commit = |batch: Vec<Write>| async {
-            match write_batch(&pool, dialect, &relay, bodies.as_ref(), &batch).await {
-                Ok(committed) => {
-                    commits.fetch_add(1, Ordering::Relaxed);
-                    committed.answer(batch);
-                    Ok(())
-                }
-                Err(e) => Err((batch, e)),
+    // Answers the writes it commits and hands the vector back emptied, to
+    // be filled again; writes that fail come back with the error.
+    let commit = |mut writes: Vec<Write>| async {
+        match write_batch(&pool, dialect, &relay, bodies.as_ref(), &writes).await {
+            Ok(committed) => {
+                commits.fetch_add(1, Ordering::Relaxed);
+                committed.answer(writes.drain(..));
+                Ok(writes)
             }
+            Err(e) => Err((writes, e)),
+        }
+    };
+    while rx.lock().await.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let (failed, e) = match commit(batch).await {
+            Ok(emptied) => {
+                batch = emptied;
+                continue;
+            }
+            Err(failed) => failed,
         };
-        let Err((batch, e)) = commit(std::mem::take(&mut batch)).await else {
-            continue;
-        };
-        if batch.len() > 1 && one_write_failed(&e) {
-            for write in batch {
+        batch = Vec::with_capacity(MAX_BATCH);
+        if failed.len() > 1 && one_write_failed(&e) {
+            for write in failed {
                 if let Err((mut one, e)) = commit(vec![write]).await {
                     if let Some(write) = one.pop() {
                         write.fail(StoreError::Batch(Arc::new(e)));
@@ -1852,7 +1860,7 @@ async fn commit_task(
             }
         } else {
             let e = Arc::new(e);
-            for write in batch {
+            for write in failed {
                 write.fail(StoreError::Batch(e.clone()));
             }
         }
