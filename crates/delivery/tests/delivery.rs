@@ -332,6 +332,37 @@ async fn partial_rcpt_failure_retries_only_the_deferred_recipient() {
     relay.shutdown().await;
 }
 
+// DATA is pipelined with MAIL and RCPT; when every recipient is refused the
+// server refuses that DATA too, and the connection carries the next message.
+#[tokio::test]
+async fn every_recipient_refused_fails_and_the_connection_carries_on() {
+    let relay = Relay::start(Setup {
+        max_connections: 1,
+        ..Setup::default()
+    })
+    .await;
+    let unknown = "nobody@example.com";
+    relay
+        .server
+        .push_rcpt_fault(unknown, "550 5.1.1 User unknown");
+    let refused = relay
+        .enqueue(MAILBOX, &[unknown], b"Subject: refused\r\n\r\nx\r\n")
+        .await;
+    let entry = relay
+        .entry_when(&refused, "failed", |e| e.state == State::Failed)
+        .await;
+    assert_last_error(&entry, "550 5.1.1 User unknown");
+    relay
+        .enqueue(MAILBOX, &["a@example.com"], b"Subject: next\r\n\r\ny\r\n")
+        .await;
+    relay.delivered(1).await;
+    let got = relay.server.messages();
+    assert_eq!(got.len(), 1, "{got:#?}");
+    assert_eq!(got[0].rcpt_to, ["a@example.com"]);
+    assert_eq!(relay.server.sessions(), 1, "one connection for both");
+    relay.shutdown().await;
+}
+
 // Protects outage handling: mail waits while the upstream is down and goes
 // out exactly once when it is back.
 #[tokio::test]
