@@ -2061,6 +2061,16 @@ mod tests {
                 .pause_mailbox("box", at)
                 .await
                 .expect("the new table is there");
+            if let Pool::Postgres(p) = &store.pool {
+                let storage: String = sqlx::query_scalar(
+                    "SELECT attstorage::text FROM pg_attribute
+                     WHERE attrelid = 'bodies'::regclass AND attname = 'body'",
+                )
+                .fetch_one(p)
+                .await
+                .expect("storage");
+                assert_eq!(storage, "e", "bodies are stored uncompressed");
+            }
         }
     }
 }
