@@ -40,15 +40,13 @@ const CLOCK_CHECK_EVERY: u64 = 60;
 /// Clock drift between a relay and its shared database that is reported:
 /// well under any lease (at least 3 s) and the pace's windows.
 const MAX_CLOCK_SKEW: Duration = Duration::from_secs(1);
-/// Due messages leased at once: one transaction (and one sync) serves the
-/// worker that asked and the next ones to ask, instead of one each. When
-/// fewer than half are left, the next batch is leased in the background,
-/// so that a worker finds one waiting rather than waiting for a commit. On
-/// a shared database this is a quarter more mail a second through one
-/// relay and through two (BENCHMARKS.md); the price is that messages
-/// leased ahead by a relay without a free connection slot wait for one
-/// while another relay could send them, until its sessions idle out and
-/// free their slots (a second or two).
+/// Due messages leased from the embedded store at once: one transaction
+/// serves the worker that asked and the next ones to ask, instead of one
+/// each. When fewer than half are left, the next batch is leased in the
+/// background, so that a worker finds one waiting rather than waiting for
+/// a commit. On a shared database a relay leases one at a time: messages
+/// leased ahead would wait for this relay's workers (and its connection
+/// slots) while another relay could send them.
 const LEASE_BATCH: usize = 16;
 
 /// A PostgreSQL database shared with other relays (`[queue] database_url`).
@@ -797,9 +795,13 @@ impl Queue {
         }
     }
 
-    /// Leases the account's next batch in the background when fewer than
-    /// half a batch is left leased ahead (see [`LEASE_BATCH`]).
+    /// On the embedded store, leases the account's next batch in the
+    /// background when fewer than half a batch is left leased ahead (see
+    /// [`LEASE_BATCH`]).
     fn lease_ahead(&self, account: &str) {
+        if self.inner.settings.database.is_some() {
+            return;
+        }
         {
             let mut local = lock(&self.inner.local);
             let left = local.prefetched.get(account).map_or(0, VecDeque::len);
@@ -1123,10 +1125,14 @@ impl Inner {
     }
 
     /// Leases the account's next due message from the store, if any, and
-    /// up to [`LEASE_BATCH`] - 1 more for the next workers to ask.
+    /// on the embedded store up to [`LEASE_BATCH`] - 1 more for the next
+    /// workers to ask.
     async fn lease_next(self: Arc<Self>, account: &str) -> Option<Lease> {
-        let lease_timeout = self.settings.lease_timeout;
-        let messages = take_due(&self.store, account, lease_timeout, LEASE_BATCH).await;
+        let batch = match self.settings.database {
+            None => LEASE_BATCH,
+            Some(_) => 1,
+        };
+        let messages = take_due(&self.store, account, self.settings.lease_timeout, batch).await;
         let mut leases = self.leases_of(messages).into_iter();
         let first = leases.next();
         self.lease_later(account, leases);
