@@ -46,7 +46,9 @@ const MAX_CLOCK_SKEW: Duration = Duration::from_secs(1);
 /// background, so that a worker finds one waiting rather than waiting for
 /// a commit. On a shared database a relay leases one at a time: messages
 /// leased ahead would wait for this relay's workers (and its connection
-/// slots) while another relay could send them.
+/// slots) while another relay could send them, for minutes under
+/// Microsoft 365's pace; the gain, measured, comes only at rates that pace
+/// never allows (BENCHMARKS.md).
 const LEASE_BATCH: usize = 16;
 
 /// A PostgreSQL database shared with other relays (`[queue] database_url`).
