@@ -76,20 +76,29 @@ impl Shared {
         }
     }
 
+    /// One ask for one of the mailbox's `cap` slots across all relays:
+    /// `None` when every one is taken, or when the store does not answer
+    /// ([`Shared::acquire`] then waits, retrying).
+    pub(crate) async fn try_acquire(&self, cap: usize) -> Option<Slot> {
+        self.ask(cap).await.unwrap_or_else(|e| {
+            tracing::debug!(error = %e, "cannot ask the shared database for a connection slot");
+            None
+        })
+    }
+
     /// Waits for one of the mailbox's `cap` slots across all relays (fewer
     /// while a `432 4.3.2` reduction lasts); `None` if `shutdown` came
     /// first.
     pub(crate) async fn acquire(&self, cap: usize, shutdown: &CancellationToken) -> Option<Slot> {
-        let cap = u32::try_from(cap).unwrap_or(u32::MAX);
         let mut retry = Retry::default();
         let mut told = false;
         loop {
             let asked = tokio::select! {
                 _ = shutdown.cancelled() => return None,
-                asked = self.store.acquire_slot(&self.account, cap, SystemTime::now(), self.slot_ttl) => asked,
+                asked = self.ask(cap) => asked,
             };
             let pause = match asked {
-                Ok(Some(id)) => return Some(Slot::hold(self.store.clone(), id, self.slot_ttl)),
+                Ok(Some(slot)) => return Some(slot),
                 Ok(None) => {
                     if !told {
                         tracing::debug!(cap, "every connection slot of the mailbox is taken (by this or another relay): waiting");
@@ -105,6 +114,15 @@ impl Shared {
                 _ = tokio::time::sleep(pause) => {}
             }
         }
+    }
+
+    async fn ask(&self, cap: usize) -> Result<Option<Slot>, StoreError> {
+        let cap = u32::try_from(cap).unwrap_or(u32::MAX);
+        let id = self
+            .store
+            .acquire_slot(&self.account, cap, SystemTime::now(), self.slot_ttl)
+            .await?;
+        Ok(id.map(|id| Slot::hold(self.store.clone(), id, self.slot_ttl)))
     }
 }
 

@@ -8,7 +8,11 @@
 //! taken before the message's pacing (so a send is counted only once it
 //! can go) and given back when the session closes; an idle session keeps
 //! its slot until the transport's idle timeout, as it keeps the upstream's.
-//! It asks for a slot under the configured cap: after a `432 4.3.2` the
+//! A worker that finds every slot taken gives its message back to the
+//! shared queue, due at once, and waits for a slot before it takes another:
+//! a relay without a slot holds no mail from the relays that have one
+//! (but a passthrough message, which only this relay can send, waits with
+//! its worker). It asks for a slot under the configured cap: after a `432 4.3.2` the
 //! store grants every relay one fewer for the window, besides this relay
 //! parking a worker of its own.
 
@@ -190,6 +194,8 @@ impl<T: Transport> Worker<T> {
         let mut session: Option<T::Session> = None;
         // With a shared database: the slot the open session holds.
         let mut slot: Option<Slot> = None;
+        // A slot taken before its message (see below), kept for the next lease.
+        let mut slot_first = false;
         let mut recording = JoinSet::new();
         loop {
             let parked = self.n >= self.pacer.connections();
@@ -198,7 +204,7 @@ impl<T: Transport> Worker<T> {
                     self.transport.close(open).await;
                 }
             }
-            if session.is_none() {
+            if session.is_none() && !std::mem::take(&mut slot_first) {
                 if let Some(free) = slot.take() {
                     free.release().await;
                 }
@@ -209,7 +215,7 @@ impl<T: Transport> Worker<T> {
                     _ = tokio::time::sleep(PARKED_RECHECK) => continue,
                 }
             }
-            let idle = session.as_ref().map(|_| match self.shared {
+            let idle = (session.is_some() || slot.is_some()).then(|| match self.shared {
                 Some(_) => self.transport.idle_timeout().min(SHARED_IDLE),
                 None => self.transport.idle_timeout(),
             });
@@ -225,14 +231,31 @@ impl<T: Transport> Worker<T> {
                 continue;
             };
             if let (None, Some(shared)) = (&slot, &self.shared) {
-                // No session without a slot: wait for one, holding the
-                // message (the queue keeps the rest).
-                // The store lowers the cap after a 432 for every relay.
+                // No session without a slot. The store lowers the cap after
+                // a 432 for every relay.
                 let cap = self.account.limits.max_connections;
-                let Some(held) = shared.acquire(cap, &shutdown).await else {
-                    break; // shutting down: the dropped lease leaves the message queued
-                };
-                slot = Some(held);
+                if let Some(held) = shared.try_acquire(cap).await {
+                    slot = Some(held);
+                } else if lease.passthrough {
+                    // Its client waits on this relay: no other can send it.
+                    let Some(held) = shared.acquire(cap, &shutdown).await else {
+                        break; // shutting down: the dropped lease leaves the message queued
+                    };
+                    slot = Some(held);
+                } else {
+                    // Every slot is taken, by this relay's sessions or
+                    // another's: the message goes back to whichever relay
+                    // has one first, and this worker takes a slot before it
+                    // takes another message. Held, the message would wait
+                    // as long as the others keep their sessions busy.
+                    self.queue.give_back(lease).await;
+                    let Some(held) = shared.acquire(cap, &shutdown).await else {
+                        break;
+                    };
+                    slot = Some(held);
+                    slot_first = true;
+                    continue;
+                }
             }
             if !self.pacer.admit(lease.recipients.len(), &shutdown).await {
                 break; // shutting down: the dropped lease leaves the message queued

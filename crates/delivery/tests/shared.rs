@@ -73,6 +73,60 @@ async fn two_relays_never_exceed_max_connections_together() {
     }
 }
 
+// Protects the mail of relays that can send from one that cannot: while
+// another relay holds every slot, this relay's workers give the message
+// they leased back (unleased, due) instead of keeping it; once a slot is
+// free, it goes out.
+#[tokio::test]
+async fn a_relay_without_a_slot_gives_its_mail_back() {
+    for database in SharedDatabase::all() {
+        let relay = Relay::start(setup(database.relay("b").await)).await;
+        let other = database.relay("other").await;
+        let mut held = Vec::new();
+        while let Some(slot) = other
+            .acquire_slot("main", 3, SystemTime::now(), Duration::from_secs(60))
+            .await
+            .expect("the store answers")
+        {
+            held.push(slot);
+            assert!(held.len() <= 3, "past the cap");
+        }
+        let id = relay
+            .enqueue(MAILBOX, &["a@example.com"], b"Subject: waits\r\n\r\nx\r\n")
+            .await
+            .to_string();
+        let lease = |entries: Vec<relay_queue::Entry>| {
+            entries
+                .into_iter()
+                .find(|e| e.id == id)
+                .map(|e| e.lease)
+                .expect("still queued")
+        };
+        // Each worker leases it once, finds no slot and gives it back;
+        // then every worker waits for a slot and no one holds the message.
+        let deadline = tokio::time::Instant::now() + LIMIT;
+        while lease(relay.entries().await).is_some() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "still leased on {}",
+                database.name()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert_eq!(lease(relay.entries().await), None, "{}", database.name());
+        }
+        assert!(relay.server.messages().is_empty());
+        for slot in held {
+            other.release_slot(slot).await.expect("the store answers");
+        }
+        relay.delivered(1).await;
+        relay.wait_until_empty().await;
+        relay.shutdown().await;
+    }
+}
+
 /// Free slots of the mailbox's 3 as the store grants them now (taken and
 /// given back at once).
 async fn free_slots(store: &Store) -> usize {

@@ -770,6 +770,30 @@ impl Queue {
         }
     }
 
+    /// Hands a leased message back unsent, due at once, for whichever
+    /// relay sharing the store can send it first (this one included): for
+    /// a worker that cannot send it now, so that its lease does not keep
+    /// the message from the others. Best effort: a lease not ended here
+    /// expires.
+    pub async fn give_back(&self, mut lease: Lease) {
+        if let Some(renewal) = lease.disarm() {
+            renewal.abort();
+        }
+        let released = self
+            .inner
+            .store
+            .release(lease.id.as_str(), SystemTime::now())
+            .await;
+        match released {
+            Ok(_) => lock(&self.inner.local)
+                .waker(&lease.account)
+                .notify_waiters(),
+            Err(e) => {
+                tracing::warn!(queue_id = %lease.id, error = %e, "cannot give a lease back; the message is due again when it expires")
+            }
+        }
+    }
+
     /// Gives up every lease this relay holds, for a relay that stops after
     /// its workers did: messages leased ahead and not begun, and any lease
     /// a worker left, are due to the other relays sharing the store at once
