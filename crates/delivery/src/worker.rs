@@ -250,7 +250,7 @@ impl<T: Transport> Worker<T> {
                     // as long as the others keep their sessions busy.
                     self.queue.give_back(lease).await;
                     let Some(held) = shared.acquire(cap, &shutdown).await else {
-                        break;
+                        break; // shutting down
                     };
                     slot = Some(held);
                     slot_first = true;
