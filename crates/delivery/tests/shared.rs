@@ -6,7 +6,7 @@
 mod common;
 
 use common::{eventually, Relay, Setup, LIMIT, MAILBOX};
-use relay_store::{Pace, PaceLimits, Store};
+use relay_store::{Pace, PaceLimits, SlotId, Store};
 use relay_testkit::SharedDatabase;
 use std::time::{Duration, SystemTime};
 
@@ -82,15 +82,7 @@ async fn a_relay_without_a_slot_gives_its_mail_back() {
     for database in SharedDatabase::all() {
         let relay = Relay::start(setup(database.relay("b").await)).await;
         let other = database.relay("other").await;
-        let mut held = Vec::new();
-        while let Some(slot) = other
-            .acquire_slot("main", 3, SystemTime::now(), Duration::from_secs(60))
-            .await
-            .expect("the store answers")
-        {
-            held.push(slot);
-            assert!(held.len() <= 3, "past the cap");
-        }
+        let held = take_free_slots(&other).await;
         let id = relay
             .enqueue(MAILBOX, &["a@example.com"], b"Subject: waits\r\n\r\nx\r\n")
             .await
@@ -127,9 +119,8 @@ async fn a_relay_without_a_slot_gives_its_mail_back() {
     }
 }
 
-/// Free slots of the mailbox's 3 as the store grants them now (taken and
-/// given back at once).
-async fn free_slots(store: &Store) -> usize {
+/// Takes every slot of the mailbox's 3 the store grants now.
+async fn take_free_slots(store: &Store) -> Vec<SlotId> {
     let mut taken = Vec::new();
     while let Some(slot) = store
         .acquire_slot("main", 3, SystemTime::now(), Duration::from_secs(60))
@@ -139,6 +130,13 @@ async fn free_slots(store: &Store) -> usize {
         taken.push(slot);
         assert!(taken.len() <= 3, "past the cap");
     }
+    taken
+}
+
+/// Free slots of the mailbox's 3 as the store grants them now (taken and
+/// given back at once).
+async fn free_slots(store: &Store) -> usize {
+    let taken = take_free_slots(store).await;
     let free = taken.len();
     for slot in taken {
         store.release_slot(slot).await.expect("the store answers");
