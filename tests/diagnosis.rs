@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use relay_testkit::{SubmissionOptions, SubmissionServer};
+use relay_testkit::{Postgres, SubmissionOptions, SubmissionServer};
 
 fn doctor(world: &World, config: &str, extra: &[&str]) -> (bool, String) {
     let path = world.write_config(config);
@@ -169,5 +169,85 @@ async fn send_test_goes_through_the_whole_path() {
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("failed: 554 5.2.252"),
         "{out:?}"
+    );
+}
+
+// With a shared queue, the database is the first thing after the config:
+// reachable, new enough, the role allowed to create and use the tables.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_checks_the_shared_database_first() {
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let world = World::start().await;
+    let shared = |user: &str, password_file: &std::path::Path| {
+        world.config(free_port()).replace(
+            "[queue]\n",
+            &format!(
+                "[queue]\ndatabase_url = \"{}\"\ndatabase_password_file = \"{}\"\n",
+                pg.url().replace("relay@", &format!("{user}@")),
+                password_file.display()
+            ),
+        )
+    };
+    // a role that may log in but not create tables (PostgreSQL 15's
+    // default), before any relay created them
+    pg.sql("CREATE ROLE sender LOGIN PASSWORD 'sender-password'");
+    let sender_password = world.dir.path().join("sender-password");
+    std::fs::write(&sender_password, "sender-password").expect("password file");
+    let sender = shared("sender", &sender_password);
+    let (ok, text) = doctor(&world, &sender, &[]);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("✗ queue database")
+            && text.contains("role sender may not create tables in schema public"),
+        "{text}"
+    );
+    assert!(
+        text.contains("fix: GRANT CREATE ON SCHEMA public TO sender"),
+        "{text}"
+    );
+    assert!(!text.contains("TCP: connect"), "it stops there: {text}");
+
+    // the owner: the tables are made when a relay (or this check's token
+    // step, which shares the refresh token through them) first opens it
+    let config = shared("relay", &pg.password_file());
+    let (ok, text) = doctor(&world, &config, &[]);
+    assert!(ok, "{text}");
+    let step = format!(
+        "✓ queue database PostgreSQL {} — PostgreSQL ",
+        pg.url().trim_start_matches("postgres://relay@")
+    );
+    assert!(text.contains(&step), "missing {step:?} in:\n{text}");
+    assert!(text.contains("role relay, no tables yet"), "{text}");
+    assert!(text.contains("All checks passed"), "{text}");
+    let (ok, text) = doctor(&world, &config, &[]);
+    assert!(ok && text.contains("(this relay's)"), "{text}");
+
+    // the other role, now that the tables are the owner's
+    let (ok, text) = doctor(&world, &sender, &[]);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("role sender may not read and write the tables _sqlx_migrations, bodies"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "fix: GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO sender"
+        ),
+        "{text}"
+    );
+
+    // a wrong password
+    std::fs::write(&sender_password, "wrong").expect("password file");
+    let (ok, text) = doctor(&world, &shared("sender", &sender_password), &[]);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("✗ queue database") && text.contains("password authentication failed"),
+        "{text}"
+    );
+    assert!(
+        text.contains("queue.database_password_file") && text.contains("pg_hba.conf"),
+        "{text}"
     );
 }

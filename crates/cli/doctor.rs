@@ -2,9 +2,12 @@
 //! guide gives it, one line per step (✓ or ✗, what was checked, how long it
 //! took), and stops at the first broken step with its fix. A graph account
 //! is checked against Microsoft Graph instead of the submission server.
+//! With `queue.database_url` the shared database is checked first, without
+//! changing it.
 
 use relay_config::{AccountConfig, Config, Transport};
 use relay_delivery::{Finding, Step, Upstream};
+use relay_store::{Inspection, Location, StoreError, SCHEMA_VERSION};
 use relay_tokens::{describe_token, AccessToken, TokenReport, TokenSource};
 use std::{path::Path, time::Instant};
 
@@ -84,6 +87,37 @@ pub async fn doctor(path: &Path, args: DoctorArgs) -> anyhow::Result<()> {
             anyhow::bail!("the setup is broken at the first step");
         }
     };
+    if let Some(url) = &config.queue.database_url {
+        let started = Instant::now();
+        let finding = match config.queue.database_password() {
+            Ok(password) => database_finding(
+                relay_store::inspect(url, password.as_ref(), "doctor").await,
+                SCHEMA_VERSION,
+            ),
+            Err(e) => Finding::Fail {
+                problem: format!(
+                    "cannot read queue.database_password_file {}: {e}",
+                    config
+                        .queue
+                        .database_password_file
+                        .as_deref()
+                        .unwrap_or(Path::new(""))
+                        .display()
+                ),
+                fix: Some("run doctor as the user the relay runs as, or correct the path".into()),
+            },
+        };
+        let what = format!(
+            "queue database {}",
+            Location::Postgres {
+                url: url.clone(),
+                password: None
+            }
+        );
+        if !report.check(&what, started, finding) {
+            anyhow::bail!("the setup is broken (see the ✗ step above)");
+        }
+    }
     let account = crate::authorize::pick_account(&config, args.account.as_deref(), None)?;
     if account.transport == Transport::Graph {
         return doctor_graph(&config, account, args, &mut report).await;
@@ -142,6 +176,100 @@ pub async fn doctor(path: &Path, args: DoctorArgs) -> anyhow::Result<()> {
         account.name, account.mailbox
     );
     Ok(())
+}
+
+/// Whether relays of this build (schema version `known`) can work on the
+/// database `inspect` looked at, and how to mend it when not.
+fn database_finding(inspected: Result<Inspection, StoreError>, known: i64) -> Finding {
+    let found = match inspected {
+        Ok(found) => found,
+        Err(e @ StoreError::ServerTooOld { .. }) => {
+            return Finding::Fail {
+                problem: e.to_string(),
+                fix: Some("upgrade the server to PostgreSQL 13 or newer".into()),
+            }
+        }
+        Err(e @ StoreError::Connect(_)) => {
+            return Finding::Fail {
+                problem: e.to_string(),
+                fix: Some(
+                    "check queue.database_url (host, port, database, user, sslmode) and \
+                     queue.database_password_file, and that the server lets this host in \
+                     (listen_addresses, pg_hba.conf)"
+                        .into(),
+                ),
+            }
+        }
+        Err(e) => return failed(&e),
+    };
+    let Inspection {
+        server_version,
+        schema_version,
+        role,
+        schema,
+        may_create,
+        out_of_reach,
+    } = found;
+    let Some(schema) = schema else {
+        return Finding::Fail {
+            problem: format!("no schema of role {role}'s search_path exists"),
+            fix: Some(format!(
+                "CREATE SCHEMA relay AUTHORIZATION {role}, or set the role's search_path to an existing schema"
+            )),
+        };
+    };
+    if schema_version > known {
+        return Finding::Fail {
+            problem: format!(
+                "the schema is at version {schema_version}, newer than this relay knows (up to {known})"
+            ),
+            fix: Some("upgrade this relay to the release the others on this database run".into()),
+        };
+    }
+    if !out_of_reach.is_empty() {
+        return Finding::Fail {
+            problem: format!(
+                "role {role} may not read and write the tables {}",
+                out_of_reach.join(", ")
+            ),
+            fix: Some(format!(
+                "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {schema} TO {role}, \
+                 or run every relay as the role that created them"
+            )),
+        };
+    }
+    let server = server_version
+        .split_whitespace()
+        .next()
+        .unwrap_or(&server_version);
+    if schema_version == known {
+        return Finding::Pass(format!(
+            "PostgreSQL {server}, role {role}, schema version {known} (this relay's)"
+        ));
+    }
+    if !may_create {
+        return Finding::Fail {
+            problem: format!(
+                "role {role} may not create tables in schema {schema}, and the relay needs to \
+                 (the schema is at version {schema_version}, this relay's is {known})"
+            ),
+            fix: Some(format!(
+                "GRANT CREATE ON SCHEMA {schema} TO {role} (PostgreSQL 15 and newer no longer \
+                 grant it to every role), or make {role} the database's owner"
+            )),
+        };
+    }
+    Finding::Pass(if schema_version == 0 {
+        format!(
+            "PostgreSQL {server}, role {role}, no tables yet: they are made (schema \
+             version {known}) when a relay first opens it"
+        )
+    } else {
+        format!(
+            "PostgreSQL {server}, role {role}, schema version {schema_version}: this \
+             relay migrates it to {known} when it opens it (upgrade every relay on it together)"
+        )
+    })
 }
 
 /// The token's claims, and the ones that decide whether it can send as
@@ -297,4 +425,77 @@ async fn doctor_graph(
         account.name, account.mailbox
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn found(schema_version: i64) -> Inspection {
+        Inspection {
+            server_version: "15.8 (Debian 15.8-0+deb12u1)".into(),
+            schema_version,
+            role: "relay".into(),
+            schema: Some("public".into()),
+            may_create: true,
+            out_of_reach: Vec::new(),
+        }
+    }
+
+    fn text(finding: Finding) -> String {
+        match finding {
+            Finding::Pass(detail) => format!("pass: {detail}"),
+            Finding::Fail { problem, fix } => format!("fail: {problem}; fix: {fix:?}"),
+        }
+    }
+
+    #[test]
+    fn the_database_is_judged_by_its_schema_and_the_roles_rights() {
+        assert_eq!(
+            text(database_finding(Ok(found(6)), 6)),
+            "pass: PostgreSQL 15.8, role relay, schema version 6 (this relay's)"
+        );
+        assert_eq!(
+            text(database_finding(Ok(found(4)), 6)),
+            "pass: PostgreSQL 15.8, role relay, schema version 4: this relay migrates it to 6 \
+             when it opens it (upgrade every relay on it together)"
+        );
+        assert!(text(database_finding(Ok(found(7)), 6)).starts_with(
+            "fail: the schema is at version 7, newer than this relay knows (up to 6)"
+        ));
+        let no_create = Inspection {
+            may_create: false,
+            ..found(4)
+        };
+        assert!(text(database_finding(Ok(no_create.clone()), 6))
+            .contains("GRANT CREATE ON SCHEMA public TO relay"));
+        // all migrated: creating is not needed
+        assert!(text(database_finding(
+            Ok(Inspection {
+                schema_version: 6,
+                ..no_create
+            }),
+            6
+        ))
+        .starts_with("pass"));
+        let unreachable_tables = Inspection {
+            out_of_reach: vec!["messages".into(), "slots".into()],
+            ..found(6)
+        };
+        assert_eq!(
+            text(database_finding(Ok(unreachable_tables), 6)),
+            "fail: role relay may not read and write the tables messages, slots; fix: \
+             Some(\"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO relay, \
+             or run every relay as the role that created them\")"
+        );
+        let no_schema = Inspection {
+            schema: None,
+            ..found(0)
+        };
+        assert!(text(database_finding(Ok(no_schema), 6)).contains("CREATE SCHEMA"));
+        let old = StoreError::ServerTooOld {
+            version: "12.22".into(),
+        };
+        assert!(text(database_finding(Err(old), 6)).contains("upgrade the server"));
+    }
 }

@@ -19,6 +19,12 @@ pub enum StoreError {
         /// The newest version this build knows.
         known: i64,
     },
+    /// The PostgreSQL server is older than the relay supports.
+    #[error("the PostgreSQL server is version {version}; the relay needs PostgreSQL 13 or newer")]
+    ServerTooOld {
+        /// The server's version as it names it.
+        version: String,
+    },
     /// Applying the schema migrations failed.
     #[error("cannot migrate the database schema: {0}")]
     Migrate(#[source] sqlx::migrate::MigrateError),

@@ -37,6 +37,9 @@
 //!   `432 4.3.2`) is missing from every relay's cap for the window. Times
 //!   are passed in by the caller; relays sharing a database must keep
 //!   their clocks in step.
+//! * **PostgreSQL 13 or newer.** An older server is refused when the
+//!   store opens ([`StoreError::ServerTooOld`]); [`inspect`] reports the
+//!   same without changing anything.
 //! * **Import all or nothing.** [`Store::import`] stores an older queue's
 //!   messages in one transaction; the caller removes the old files only
 //!   after it returned.
@@ -59,6 +62,7 @@
 mod body;
 mod error;
 mod holds;
+mod inspect;
 mod pace;
 mod schema;
 mod store;
@@ -66,6 +70,7 @@ mod types;
 
 pub use body::{Body, Spool, Spooled};
 pub use error::StoreError;
+pub use inspect::{inspect, Inspection};
 pub use pace::{decide as decide_pace, Admitted, Pace, PaceLimits, Sent};
 pub use relay_config::Secret;
 pub use schema::SCHEMA_VERSION;

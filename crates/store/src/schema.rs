@@ -144,6 +144,21 @@ const MIGRATIONS: &[(i64, &str, Engines, &str)] = &[
     (6, "bodies stored uncompressed", Engines::Postgres, V6),
 ];
 
+/// The tables the migrations create, and sqlx's record of them: a relay's
+/// role needs to read and write every one.
+pub(crate) const TABLES: &[&str] = &[
+    "_sqlx_migrations",
+    "bodies",
+    "locks",
+    "mailbox_holds",
+    "messages",
+    "pace_counts",
+    "pace_events",
+    "recipients",
+    "refresh_tokens",
+    "slots",
+];
+
 /// The newest schema version this build knows.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;
 
@@ -170,4 +185,27 @@ pub(crate) fn migrator(dialect: Dialect) -> Migrator {
             })
             .collect(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sqlx::Connection as _;
+
+    #[tokio::test]
+    async fn tables_names_every_table_the_migrations_create() {
+        let mut conn = sqlx::SqliteConnection::connect("sqlite::memory:")
+            .await
+            .expect("in-memory SQLite");
+        migrator(Dialect::Sqlite)
+            .run(&mut conn)
+            .await
+            .expect("migrate");
+        let created: Vec<String> =
+            sqlx::query_scalar("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+                .fetch_all(&mut conn)
+                .await
+                .expect("tables");
+        assert_eq!(created, TABLES);
+    }
 }

@@ -77,7 +77,7 @@ const MAX_BATCH: usize = 512;
 /// How long an operation waits for a connection (an unreachable PostgreSQL
 /// server, every connection busy) before it fails: an SMTP client waiting
 /// for its answer gets `451` within this time rather than hanging.
-const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The embedded store's database file, in its directory.
 const SQLITE_FILE: &str = "queue.sqlite";
 /// The embedded store's body files, in its directory.
@@ -1640,22 +1640,53 @@ pub(crate) async fn connect(settings: &StoreSettings) -> Result<(Pool, Dialect),
             (Pool::Sqlite { write, read }, Dialect::Sqlite)
         }
         Location::Postgres { url, password } => {
-            let mut options = PgConnectOptions::from_str(url)
-                .map_err(StoreError::Connect)?
-                .application_name(&format!("smtp-oauth-relay {}", settings.relay))
-                .options([("synchronous_commit", "on")]);
-            if let Some(password) = password {
-                options = options.password(password.expose());
-            }
+            let options = postgres_options(url, password.as_ref(), &settings.relay)?;
             let pool = PgPoolOptions::new()
                 .max_connections(max)
                 .acquire_timeout(ACQUIRE_TIMEOUT)
                 .connect_with(options)
                 .await
                 .map_err(StoreError::Connect)?;
+            let (number, version): (i32, String) = sqlx::query_as(SERVER_VERSION)
+                .fetch_one(&pool)
+                .await
+                .map_err(StoreError::Connect)?;
+            supported_server(number, &version)?;
             (Pool::Postgres(pool), Dialect::Postgres)
         }
     })
+}
+
+/// The server's version as a number (`150008`) and as it names it.
+pub(crate) const SERVER_VERSION: &str =
+    "SELECT current_setting('server_version_num')::int, current_setting('server_version')";
+
+/// PostgreSQL older than 13 (`server_version_num` below 130000) is past
+/// its end of life and not tested: refused with its version named.
+pub(crate) fn supported_server(number: i32, version: &str) -> Result<(), StoreError> {
+    if number < 130_000 {
+        return Err(StoreError::ServerTooOld {
+            version: version.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// A session as the relay opens it: named for `pg_stat_activity`, every
+/// commit flushed to disk.
+pub(crate) fn postgres_options(
+    url: &str,
+    password: Option<&Secret>,
+    relay: &str,
+) -> Result<PgConnectOptions, StoreError> {
+    let mut options = PgConnectOptions::from_str(url)
+        .map_err(StoreError::Connect)?
+        .application_name(&format!("smtp-oauth-relay {relay}"))
+        .options([("synchronous_commit", "on")]);
+    if let Some(password) = password {
+        options = options.password(password.expose());
+    }
+    Ok(options)
 }
 
 const LEASE_DUE_SQLITE: &str = concat!(

@@ -165,6 +165,28 @@ impl Postgres {
         self.dir.path().join("password")
     }
 
+    /// Runs `sql` as the superuser with `psql` (over the server's socket).
+    pub fn sql(&self, sql: &str) {
+        let port = self.port.to_string();
+        self.pg(
+            "psql",
+            &[
+                "-h",
+                path_str(self.dir.path()),
+                "-p",
+                &port,
+                "-U",
+                POSTGRES_USER,
+                "-d",
+                "postgres",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-c",
+                sql,
+            ],
+        );
+    }
+
     fn data(&self) -> PathBuf {
         self.dir.path().join("data")
     }
