@@ -208,6 +208,16 @@ async fn doctor_checks_the_shared_database_first() {
         "{text}"
     );
     assert!(!text.contains("TCP: connect"), "it stops there: {text}");
+    // the relay itself refuses to start, naming the database and doctor
+    let out = cli(&["run"], &world.write_config(&sender));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("queue database PostgreSQL 127.0.0.1:")
+            && stderr.contains("`smtp-oauth-relay doctor` checks it")
+            && stderr.contains("permission denied for schema public"),
+        "{stderr}"
+    );
 
     // the owner: the tables are made when a relay (or this check's token
     // step, which shares the refresh token through them) first opens it

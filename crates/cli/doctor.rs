@@ -7,7 +7,7 @@
 
 use relay_config::{AccountConfig, Config, Transport};
 use relay_delivery::{Finding, Step, Upstream};
-use relay_store::{Inspection, Location, StoreError, SCHEMA_VERSION};
+use relay_store::{Inspection, StoreError, SCHEMA_VERSION};
 use relay_tokens::{describe_token, AccessToken, TokenReport, TokenSource};
 use std::{path::Path, time::Instant};
 
@@ -107,13 +107,7 @@ pub async fn doctor(path: &Path, args: DoctorArgs) -> anyhow::Result<()> {
                 fix: Some("run doctor as the user the relay runs as, or correct the path".into()),
             },
         };
-        let what = format!(
-            "queue database {}",
-            Location::Postgres {
-                url: url.clone(),
-                password: None
-            }
-        );
+        let what = format!("queue database {}", crate::relay::database_name(url));
         if !report.check(&what, started, finding) {
             anyhow::bail!("the setup is broken (see the ✗ step above)");
         }

@@ -25,7 +25,7 @@ use relay_delivery::{transport::graph::Graph, Account, Upstream};
 use relay_graph::GraphClient;
 use relay_listener::{Context, Router};
 use relay_queue::{Queue, QueueSettings};
-use relay_store::Store;
+use relay_store::{Location, Store};
 use relay_tokens::{TokenManager, TokenSource};
 use std::{path::Path, sync::Arc, time::Duration};
 use tokio::task::JoinSet;
@@ -127,7 +127,13 @@ impl Running {
         let metrics = relay_admin::install_recorder()?;
         let queue = Queue::open(queue_settings(&config.queue)?)
             .await
-            .with_context(|| format!("queue directory {}", config.queue.dir.display()))?;
+            .with_context(|| match &config.queue.database_url {
+                Some(url) => format!(
+                    "queue database {} (`smtp-oauth-relay doctor` checks it)",
+                    database_name(url)
+                ),
+                None => format!("queue directory {}", config.queue.dir.display()),
+            })?;
         let shutdown = CancellationToken::new();
         let tokens = account_tokens(&config, &[], queue.shared_store())?;
         let mut tasks = Tasks::default();
@@ -543,6 +549,16 @@ async fn warn_about_orphans(queue: &Queue, config: &Config) {
             "queued mail belongs to an account that is no longer configured; it waits until the account is back"
         );
     }
+}
+
+/// `PostgreSQL host:port/database`: the shared database named for people,
+/// without the user, password or options in `url`.
+pub fn database_name(url: &str) -> String {
+    Location::Postgres {
+        url: url.to_owned(),
+        password: None,
+    }
+    .to_string()
 }
 
 /// The queue's settings from `[queue]`, with the database password read.
