@@ -187,7 +187,8 @@ fn database_finding(inspected: Result<Inspection, StoreError>, known: i64) -> Fi
             return Finding::Fail {
                 problem: e.to_string(),
                 fix: Some(
-                    "check queue.database_url (host, port, database, user, sslmode) and \
+                    "check queue.database_url (host, port, database, user, sslmode; for a \
+                     certificate from a private CA, sslrootcert=/path/to/ca.pem) and \
                      queue.database_password_file, and that the server lets this host in \
                      (listen_addresses, pg_hba.conf)"
                         .into(),

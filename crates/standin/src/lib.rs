@@ -62,3 +62,4 @@ pub use identity::{AssertionRecord, Consent, IdentityPlatform, TokenFault, Token
 pub use jwt::{TokenClaims, TokenRejection};
 pub use relay_config::{RelayConfig, Section};
 pub use submission::{ReceivedMessage, SubmissionOptions, SubmissionServer};
+pub use tls::LocalhostCertificate;

@@ -106,7 +106,7 @@ mod tests {
     use super::*;
     use crate::schema::SCHEMA_VERSION;
     use crate::{Location, Store, StoreSettings};
-    use relay_testkit::{Postgres, POSTGRES_PASSWORD};
+    use relay_testkit::{LocalhostCertificate, Postgres, POSTGRES_PASSWORD};
 
     #[test]
     fn servers_before_13_are_refused_by_name() {
@@ -185,6 +185,61 @@ mod tests {
             .expect_err("a wrong password");
         assert!(
             matches!(refused, StoreError::Connect(_)) && refused.to_string().contains("password"),
+            "{refused}"
+        );
+    }
+
+    // `sslmode=verify-full`, as the README's example: with the CA that
+    // signed the server's certificate the session is encrypted and the
+    // store opens; with only the system's roots the certificate is refused,
+    // and the error says so.
+    #[tokio::test]
+    async fn verify_full_checks_the_servers_certificate() {
+        let certificate = LocalhostCertificate::generate().expect("certificate");
+        let Some(pg) = Postgres::start_with_tls(&certificate) else {
+            return;
+        };
+        let password = Secret::new(POSTGRES_PASSWORD);
+        let url = format!(
+            "{}?sslmode=verify-full&sslrootcert={}",
+            pg.url(),
+            pg.ca_file().display()
+        );
+        let options = postgres_options(&url, Some(&password), "test").expect("options");
+        let mut conn = PgConnection::connect_with(&options)
+            .await
+            .expect("connect over TLS");
+        let encrypted: bool =
+            sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+                .fetch_one(&mut conn)
+                .await
+                .expect("pg_stat_ssl");
+        assert!(encrypted);
+        Store::open(StoreSettings {
+            location: Location::Postgres {
+                url: url.clone(),
+                password: Some(password.clone()),
+            },
+            relay: "relay-1".into(),
+            max_connections: 2,
+        })
+        .await
+        .expect("open over TLS");
+        assert_eq!(
+            inspect(&url, Some(&password), "doctor")
+                .await
+                .expect("inspect over TLS")
+                .schema_version,
+            SCHEMA_VERSION
+        );
+
+        let unknown_ca = format!("{}?sslmode=verify-full", pg.url());
+        let refused = inspect(&unknown_ca, Some(&password), "doctor")
+            .await
+            .expect_err("a CA the system does not trust");
+        assert!(
+            matches!(refused, StoreError::Connect(_))
+                && refused.to_string().contains("certificate"),
             "{refused}"
         );
     }

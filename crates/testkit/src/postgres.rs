@@ -11,6 +11,8 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use relay_standin::LocalhostCertificate;
+
 /// The database superuser the tests connect as.
 pub const POSTGRES_USER: &str = "relay";
 /// Its password (also in [`Postgres::password_file`]).
@@ -25,6 +27,7 @@ pub struct Postgres {
     bin: PathBuf,
     as_postgres: bool,
     port: u16,
+    tls: bool,
 }
 
 impl Postgres {
@@ -33,6 +36,17 @@ impl Postgres {
     /// `POSTGRES_REQUIRED` set, a missing installation panics instead: CI
     /// installs it, so its absence is a failure, not a reason to skip. Panics when the server does not start.
     pub fn start() -> Option<Postgres> {
+        Postgres::start_with(None)
+    }
+
+    /// [`Postgres::start`] with TLS on (`ssl = on`), presenting `certificate`
+    /// (for `localhost` and `127.0.0.1`, signed by its CA, which
+    /// [`Postgres::ca_file`] holds). Clients may still connect without TLS.
+    pub fn start_with_tls(certificate: &LocalhostCertificate) -> Option<Postgres> {
+        Postgres::start_with(Some(certificate))
+    }
+
+    fn start_with(tls: Option<&LocalhostCertificate>) -> Option<Postgres> {
         let Some(bin) = find_bin() else {
             assert!(
                 std::env::var_os("CI").is_none() && std::env::var_os("POSTGRES_REQUIRED").is_none(),
@@ -45,22 +59,19 @@ impl Postgres {
         let as_postgres = run(Command::new("id").arg("-u")).trim() == "0";
         let dir = tempfile::tempdir().expect("temporary directory");
         if as_postgres {
-            let uid = run(Command::new("id").args(["-u", "postgres"]));
-            let gid = run(Command::new("id").args(["-g", "postgres"]));
-            std::os::unix::fs::chown(
-                dir.path(),
-                Some(uid.trim().parse().expect("uid")),
-                Some(gid.trim().parse().expect("gid")),
-            )
-            .expect("chown the directory to postgres");
+            to_postgres(dir.path());
         }
         let mut server = Postgres {
             dir,
             bin,
             as_postgres,
             port: 0,
+            tls: tls.is_some(),
         };
         std::fs::write(server.password_file(), POSTGRES_PASSWORD).expect("password file");
+        if let Some(certificate) = tls {
+            server.write_tls(certificate);
+        }
         let data = server.data();
         server.pg(
             "initdb",
@@ -86,12 +97,39 @@ impl Postgres {
         panic!("PostgreSQL did not start:\n{log}");
     }
 
+    /// The certificate and key the server presents, and the CA for
+    /// clients; the key readable by the server's user alone, as it demands.
+    fn write_tls(&self, certificate: &LocalhostCertificate) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(self.ca_file(), &certificate.ca_pem).expect("CA file");
+        let cert = self.dir.path().join("server.crt");
+        let key = self.dir.path().join("server.key");
+        std::fs::write(&cert, &certificate.cert_pem).expect("certificate file");
+        std::fs::write(&key, &certificate.key_pem).expect("key file");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("key mode");
+        if self.as_postgres {
+            to_postgres(&cert);
+            to_postgres(&key);
+        }
+    }
+
+    /// The CA that signed the server's certificate (with TLS on).
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
     /// Starts the server on `port` (remembered when it starts).
     fn pg_start(&mut self, port: u16) -> Output {
-        let options = format!(
+        let mut options = format!(
             "-c listen_addresses=127.0.0.1 -p {port} -k {}",
             path_str(self.dir.path())
         );
+        if self.tls {
+            let dir = path_str(self.dir.path());
+            options.push_str(&format!(
+                " -c ssl=on -c ssl_cert_file={dir}/server.crt -c ssl_key_file={dir}/server.key"
+            ));
+        }
         let data = self.data();
         let log = self.dir.path().join("server.log");
         let started = self.pg_try(
@@ -224,6 +262,18 @@ impl Drop for Postgres {
             self.pg_stop();
         }
     }
+}
+
+/// Gives `path` to the `postgres` user (the server runs as it under root).
+fn to_postgres(path: &Path) {
+    let id = |flag: &str| -> u32 {
+        run(Command::new("id").args([flag, "postgres"]))
+            .trim()
+            .parse()
+            .expect("the postgres user's id")
+    };
+    std::os::unix::fs::chown(path, Some(id("-u")), Some(id("-g")))
+        .unwrap_or_else(|e| panic!("chown {} to postgres: {e}", path.display()));
 }
 
 /// The newest installed `/usr/lib/postgresql/VERSION/bin` with `initdb`.
