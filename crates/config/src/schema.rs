@@ -216,9 +216,10 @@ pub struct QueueConfig {
     pub max_age: Duration,
     /// Share the queue with other relays: the PostgreSQL database (13 or
     /// later) they all use, as `postgres://user@host:5432/db?sslmode=verify-full`
-    /// (`postgresql://` also works), without the password. Not set (the
-    /// default): the queue is an embedded database in `dir`.
-    #[serde(default)]
+    /// (`postgresql://` also works), without the password (one in it works,
+    /// but `check` and the start warn, and `config show` masks it). Not set
+    /// (the default): the queue is an embedded database in `dir`.
+    #[serde(default, serialize_with = "url_redacted")]
     pub database_url: Option<String>,
     /// File holding the database user's password (`${NAME}` is expanded,
     /// e.g. `${CREDENTIALS_DIRECTORY}/db-password`); surrounding whitespace
@@ -990,4 +991,15 @@ impl Item for IpNet {
 /// Shown as `[redacted]` when the configuration is printed.
 fn redacted<S: serde::Serializer>(_: &str, serializer: S) -> Result<S::Ok, S::Error> {
     serializer.serialize_str("[redacted]")
+}
+
+/// A URL with any password in it masked.
+fn url_redacted<S: serde::Serializer>(
+    url: &Option<String>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match url {
+        Some(url) => serializer.serialize_str(&crate::validate::without_password(url).0),
+        None => serializer.serialize_none(),
+    }
 }

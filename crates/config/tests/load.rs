@@ -361,6 +361,26 @@ fn a_shared_queue_is_checked() {
     assert!(p[2].starts_with("queue.database_password_file "), "{p:?}");
     assert!(p[2].contains("missing"), "{p:?}");
 
+    // a password in the URL works, with a warning, and is never shown
+    let inline =
+        load_str(&shared.replace("postgres://relay@", "postgres://relay:hunter2@")).expect("valid");
+    let w = relay_config::warnings(&inline);
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(
+        w[0].starts_with("queue.database_url \"postgres://relay:[redacted]@db.example.com/relay\" holds a password"),
+        "{w:?}"
+    );
+    assert!(
+        w[0].contains("queue.database_password_file") && !w[0].contains("hunter2"),
+        "{w:?}"
+    );
+    let shown = serde_json::to_string(&inline.queue).expect("serialize");
+    assert!(
+        shown.contains("postgres://relay:[redacted]@db.example.com/relay")
+            && !shown.contains("hunter2"),
+        "{shown}"
+    );
+
     let p = problems(&VALID.replace(
         "retry_initial = \"1s\"\n",
         "retry_initial = \"1s\"\ndatabase_password_file = \"/nonexistent\"\n",
