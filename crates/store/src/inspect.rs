@@ -243,4 +243,31 @@ mod tests {
             "{refused}"
         );
     }
+
+    // A server on the same host through its Unix socket, with no
+    // password (`host=` a directory, as libpq takes it).
+    #[tokio::test]
+    async fn a_local_socket_needs_no_password() {
+        let Some(pg) = Postgres::start() else {
+            return;
+        };
+        let url = format!(
+            "postgres:///postgres?user=relay&host={}&port={}",
+            pg.socket_dir().display(),
+            pg.port()
+        );
+        let store = Store::open(StoreSettings {
+            location: Location::Postgres {
+                url: url.clone(),
+                password: None,
+            },
+            relay: "relay-1".into(),
+            max_connections: 2,
+        })
+        .await
+        .expect("open through the socket");
+        assert_eq!(store.relay(), "relay-1");
+        let found = inspect(&url, None, "doctor").await.expect("inspect");
+        assert_eq!(found.schema_version, SCHEMA_VERSION);
+    }
 }

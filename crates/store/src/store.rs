@@ -48,9 +48,17 @@ impl std::fmt::Display for Location {
             Location::Sqlite(dir) => write!(f, "SQLite {}", dir.join(SQLITE_FILE).display()),
             Location::Postgres { url, .. } => {
                 let rest = url.split_once("://").map_or(url.as_str(), |(_, r)| r);
+                let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
                 let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
-                let rest = rest.split_once('?').map_or(rest, |(r, _)| r);
-                write!(f, "PostgreSQL {rest}")
+                // A local socket: its directory is the `host` parameter.
+                let socket = query
+                    .split('&')
+                    .find_map(|pair| pair.strip_prefix("host="))
+                    .filter(|_| rest.starts_with('/'));
+                match socket {
+                    Some(dir) => write!(f, "PostgreSQL {dir} (socket){rest}"),
+                    None => write!(f, "PostgreSQL {rest}"),
+                }
             }
         }
     }
@@ -1980,6 +1988,29 @@ async fn write_batch(
 mod tests {
     use super::*;
     use crate::types::Envelope;
+
+    #[test]
+    fn a_location_is_named_without_user_password_or_options() {
+        let named = |url: &str| {
+            Location::Postgres {
+                url: url.into(),
+                password: None,
+            }
+            .to_string()
+        };
+        assert_eq!(
+            named("postgres://relay:pw@db.example.com:5432/relay?sslmode=verify-full"),
+            "PostgreSQL db.example.com:5432/relay"
+        );
+        assert_eq!(
+            named("postgres:///relay?user=relay&host=/run/postgresql"),
+            "PostgreSQL /run/postgresql (socket)/relay"
+        );
+        assert_eq!(
+            Location::Sqlite("/var/lib/q".into()).to_string(),
+            "SQLite /var/lib/q/queue.sqlite"
+        );
+    }
 
     // A database a relay knowing only schema version 1 wrote (its queue,
     // built here by applying version 1 alone) opens, migrates to the

@@ -198,6 +198,17 @@ impl Postgres {
         )
     }
 
+    /// The directory of the server's Unix socket (`.s.PGSQL.PORT`), where
+    /// it trusts every local login.
+    pub fn socket_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The port it listens on (TCP, and the socket's name).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     /// A file holding the password, as `database_password_file` would.
     pub fn password_file(&self) -> PathBuf {
         self.dir.path().join("password")
