@@ -89,21 +89,13 @@ pub async fn doctor(path: &Path, args: DoctorArgs) -> anyhow::Result<()> {
     };
     if let Some(url) = &config.queue.database_url {
         let started = Instant::now();
-        let finding = match config.queue.database_password() {
+        let finding = match crate::relay::database_password(&config.queue) {
             Ok(password) => database_finding(
                 relay_store::inspect(url, password.as_ref(), "doctor").await,
                 SCHEMA_VERSION,
             ),
             Err(e) => Finding::Fail {
-                problem: format!(
-                    "cannot read queue.database_password_file {}: {e}",
-                    config
-                        .queue
-                        .database_password_file
-                        .as_deref()
-                        .unwrap_or(Path::new(""))
-                        .display()
-                ),
+                problem: format!("cannot read {e:#}"),
                 fix: Some("run doctor as the user the relay runs as, or correct the path".into()),
             },
         };

@@ -561,22 +561,29 @@ pub fn database_name(url: &str) -> String {
     .to_string()
 }
 
+/// The password in `queue.database_password_file`, if one is named.
+pub fn database_password(
+    queue: &relay_config::QueueConfig,
+) -> anyhow::Result<Option<relay_config::Secret>> {
+    queue.database_password().with_context(|| {
+        format!(
+            "queue.database_password_file {}",
+            queue
+                .database_password_file
+                .as_deref()
+                .unwrap_or(std::path::Path::new(""))
+                .display()
+        )
+    })
+}
+
 /// The queue's settings from `[queue]`, with the database password read.
 pub fn queue_settings(queue: &relay_config::QueueConfig) -> anyhow::Result<QueueSettings> {
     let database = match &queue.database_url {
         None => None,
         Some(url) => Some(relay_queue::Database {
             url: url.clone(),
-            password: queue.database_password().with_context(|| {
-                format!(
-                    "queue.database_password_file {}",
-                    queue
-                        .database_password_file
-                        .as_deref()
-                        .unwrap_or(std::path::Path::new(""))
-                        .display()
-                )
-            })?,
+            password: database_password(queue)?,
         }),
     };
     Ok(QueueSettings {
