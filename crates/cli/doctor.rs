@@ -189,15 +189,8 @@ fn database_finding(inspected: Result<Inspection, StoreError>, known: i64) -> Fi
         }
         Err(e) => return failed(&e),
     };
-    let Inspection {
-        server_version,
-        schema_version,
-        role,
-        schema,
-        may_create,
-        out_of_reach,
-    } = found;
-    let Some(schema) = schema else {
+    let (role, schema_version) = (&found.role, found.schema_version);
+    let Some(schema) = &found.schema else {
         return Finding::Fail {
             problem: format!("no schema of role {role}'s search_path exists"),
             fix: Some(format!(
@@ -213,11 +206,11 @@ fn database_finding(inspected: Result<Inspection, StoreError>, known: i64) -> Fi
             fix: Some("upgrade this relay to the release the others on this database run".into()),
         };
     }
-    if !out_of_reach.is_empty() {
+    if !found.out_of_reach.is_empty() {
         return Finding::Fail {
             problem: format!(
                 "role {role} may not read and write the tables {}",
-                out_of_reach.join(", ")
+                found.out_of_reach.join(", ")
             ),
             fix: Some(format!(
                 "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {schema} TO {role}, \
@@ -225,16 +218,17 @@ fn database_finding(inspected: Result<Inspection, StoreError>, known: i64) -> Fi
             )),
         };
     }
-    let server = server_version
+    let server = found
+        .server_version
         .split_whitespace()
         .next()
-        .unwrap_or(&server_version);
+        .unwrap_or(&found.server_version);
     if schema_version == known {
         return Finding::Pass(format!(
             "PostgreSQL {server}, role {role}, schema version {known} (this relay's)"
         ));
     }
-    if !may_create {
+    if !found.may_create {
         return Finding::Fail {
             problem: format!(
                 "role {role} may not create tables in schema {schema}, and the relay needs to \
