@@ -233,6 +233,20 @@ async fn a_postgresql_outage_is_451_and_readyz_then_resumes_by_itself() {
         named.contains("FAIL queue database: PostgreSQL 127.0.0.1:"),
         "{named}"
     );
+    // the admin's verbs say which database they could not reach
+    let listed = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || cli(&["queue", "list"], &config))
+            .await
+            .expect("queue list")
+    };
+    let said = String::from_utf8_lossy(&listed.stderr);
+    assert!(!listed.status.success(), "{said}");
+    assert!(
+        said.contains("queue database PostgreSQL 127.0.0.1:")
+            && said.contains("`smtp-oauth-relay doctor` checks it"),
+        "{said}"
+    );
     // clients are told 451 meanwhile
     for _ in 0..200 {
         if told.lock().expect("lock").refused.len() > before {

@@ -92,7 +92,7 @@ pub async fn queue(config: &Path, command: QueueCommand) -> anyhow::Result<()> {
         // before the first run there is no queue: an empty one, left uncreated
         return never_created(command);
     }
-    let queue = Queue::open_admin(crate::relay::queue_settings(q)?).await?;
+    let queue = crate::relay::open_admin(q).await?;
     match command {
         QueueCommand::List { json } => {
             let survey = queue.survey().await?;

@@ -127,13 +127,7 @@ impl Running {
         let metrics = relay_admin::install_recorder()?;
         let queue = Queue::open(queue_settings(&config.queue)?)
             .await
-            .with_context(|| match &config.queue.database_url {
-                Some(url) => format!(
-                    "queue database {} (`smtp-oauth-relay doctor` checks it)",
-                    database_name(url)
-                ),
-                None => format!("queue directory {}", config.queue.dir.display()),
-            })?;
+            .with_context(|| queue_named(&config.queue))?;
         let shutdown = CancellationToken::new();
         let tokens = account_tokens(&config, &[], queue.shared_store())?;
         let mut tasks = Tasks::default();
@@ -447,7 +441,7 @@ pub async fn token_manager(
     source: TokenSource,
 ) -> anyhow::Result<TokenManager> {
     let queue = match config.queue.database_url {
-        Some(_) => Some(Queue::open_admin(queue_settings(&config.queue)?).await?),
+        Some(_) => Some(open_admin(&config.queue).await?),
         None => None,
     };
     let shared = queue.as_ref().and_then(|q| q.shared_store()).cloned();
@@ -548,6 +542,26 @@ async fn warn_about_orphans(queue: &Queue, config: &Config) {
             account = %orphan,
             "queued mail belongs to an account that is no longer configured; it waits until the account is back"
         );
+    }
+}
+
+/// The queue as its owner's other verbs (`queue`, `token`, `doctor`,
+/// `send-test`) open it beside a running relay.
+pub async fn open_admin(queue: &relay_config::QueueConfig) -> anyhow::Result<Queue> {
+    Queue::open_admin(queue_settings(queue)?)
+        .await
+        .with_context(|| queue_named(queue))
+}
+
+/// Where the queue is, for an error opening it: the database (with the
+/// verb that checks it) or the directory.
+fn queue_named(queue: &relay_config::QueueConfig) -> String {
+    match &queue.database_url {
+        Some(url) => format!(
+            "queue database {} (`smtp-oauth-relay doctor` checks it)",
+            database_name(url)
+        ),
+        None => format!("queue directory {}", queue.dir.display()),
     }
 }
 

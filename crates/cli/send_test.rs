@@ -42,8 +42,7 @@ pub async fn send_test(path: &Path, args: SendTestArgs) -> anyhow::Result<()> {
         .next()
         .and_then(|id| id.parse().ok())
         .with_context(|| format!("no queue id in {reply:?}"))?;
-    let queue =
-        relay_queue::Queue::open_admin(crate::relay::queue_settings(&config.queue)?).await?;
+    let queue = crate::relay::open_admin(&config.queue).await?;
     let deadline = tokio::time::Instant::now() + WAIT;
     let mut reported = None;
     while tokio::time::Instant::now() < deadline {
