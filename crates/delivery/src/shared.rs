@@ -276,14 +276,16 @@ mod tests {
                 .expect("the store answers")
                 .expect("a free slot");
             let lost = CancellationToken::new();
-            let every = Duration::from_millis(50);
+            // Renewed every third of it: only a stall of two thirds (over a
+            // second, on a machine busy with other tests) would lose it.
+            let ttl = Duration::from_secs(2);
             let _renewer = AbortOnDropHandle::new(tokio::spawn(renew(
                 store.clone(),
                 id.clone(),
                 lost.clone(),
-                every,
+                ttl,
             )));
-            tokio::time::sleep(every * 4).await;
+            tokio::time::sleep(ttl * 2).await;
             assert!(
                 !lost.is_cancelled(),
                 "{}: renewed while ours",
