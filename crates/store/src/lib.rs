@@ -63,6 +63,7 @@ mod body;
 mod error;
 mod holds;
 mod inspect;
+mod lanes;
 mod pace;
 mod schema;
 mod store;

@@ -9,12 +9,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Connection as _, PgPool, Row, SqlitePool};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
+use sqlx::{Connection as _, PgPool, Row};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::body::{Body, Spooled};
 use crate::holds::Holds;
+use crate::lanes::Lanes;
 use crate::pace::{self, Admitted, Pace, PaceLimits, Sent};
 use crate::schema::{self, Dialect, SCHEMA_VERSION};
 use crate::types::{
@@ -104,13 +105,12 @@ const SQLITE_BUSY: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Debug)]
 pub(crate) enum Pool {
-    /// One connection writes: writers take turns at it, woken in order,
-    /// rather than in SQLite's busy handler, which sleeps 1, 2, 5, 10 … ms
-    /// between tries at the file's lock. Reads run beside it on their own
-    /// connections (WAL), never behind a commit's disk sync.
+    /// One connection writes: writers take turns at it, woken in order
+    /// ([`Lanes`]). Reads run beside it on their own connections (WAL),
+    /// never behind a commit's disk sync.
     Sqlite {
-        write: SqlitePool,
-        read: SqlitePool,
+        write: Arc<Lanes>,
+        read: Arc<Lanes>,
     },
     Postgres(PgPool),
 }
@@ -128,8 +128,10 @@ impl Pool {
     }
 }
 
-/// Runs `$body` with `$p` bound to the engine's pool, `$Db` (optional) to
-/// its database type and `$begin` to the
+/// Runs `$body` with `$p` bound to the engine's pool (on SQLite, a
+/// connection taken for it: failing to take one returns the error from the
+/// enclosing function), `$Db` (optional) to its database type and `$begin`
+/// to the
 /// statement opening a write transaction: SQLite's `BEGIN IMMEDIATE` takes
 /// the write lock up front, so a transaction never has to upgrade a read
 /// lock (which SQLite refuses with `SQLITE_BUSY` rather than waiting).
@@ -150,10 +152,12 @@ macro_rules! on_pool {
     };
     (@ $pool:expr, $side:ident, $sqlite_begin:literal, |$p:ident, $begin:ident, $Db:ident| $body:expr) => {
         match $pool {
-            Pool::Sqlite { $side: $p, .. } => {
+            Pool::Sqlite { $side: lanes, .. } => {
                 #[allow(dead_code)]
                 type $Db = sqlx::Sqlite;
                 let $begin = $sqlite_begin;
+                let mut taken = lanes.take().await?;
+                let $p = &mut *taken;
                 $body
             }
             Pool::Postgres($p) => {
@@ -559,7 +563,17 @@ impl Store {
             Location::Postgres { .. } => None,
         };
         let (pool, dialect) = connect(&settings).await?;
-        let migrated = on_pool!(&pool, |p, _begin| schema::migrator(dialect).run(p).await);
+        let migrator = schema::migrator(dialect);
+        let migrated = match &pool {
+            // `run` over a connection makes this future not `Send` (sqlx's
+            // `Acquire` is not general enough); `run_direct` is sqlx's way
+            // around that.
+            Pool::Sqlite { write, .. } => {
+                let mut conn = write.take().await.map_err(StoreError::Connect)?;
+                migrator.run_direct(None, &mut *conn, false).await
+            }
+            Pool::Postgres(p) => migrator.run(p).await,
+        };
         migrated.map_err(|e| match e {
             sqlx::migrate::MigrateError::VersionMissing(found) => StoreError::SchemaTooNew {
                 found,
@@ -711,13 +725,18 @@ impl Store {
     /// [`Store::sweep_bodies`] decides.
     async fn drop_unstored_body(&self, id: &str) {
         let Some(dir) = &self.bodies else { return };
-        let sql = "SELECT COUNT(*) FROM messages WHERE id = $1";
-        let stored: Result<i64, sqlx::Error> = on_pool!(&self.pool, |p, _begin| {
-            sqlx::query_scalar(sql).bind(id).fetch_one(p).await
-        });
-        if let Ok(0) = stored {
+        if let Ok(false) = self.stored(id).await {
             remove_body_files(dir.clone(), vec![id.to_owned()]).await;
         }
+    }
+
+    /// Whether a message `id` is stored.
+    async fn stored(&self, id: &str) -> Result<bool, StoreError> {
+        let sql = "SELECT COUNT(*) FROM messages WHERE id = $1";
+        let count: i64 = on_pool!(&self.pool, |p, _begin| {
+            sqlx::query_scalar(sql).bind(id).fetch_one(p).await?
+        });
+        Ok(count > 0)
     }
 
     /// Removes body files that no stored message names: those of inserts a
@@ -1617,34 +1636,12 @@ pub(crate) async fn connect(settings: &StoreSettings) -> Result<(Pool, Dialect),
                 .synchronous(SqliteSynchronous::Full)
                 .foreign_keys(true)
                 .busy_timeout(SQLITE_BUSY);
-            let pool = |max: u32, wait: Duration| {
-                SqlitePoolOptions::new()
-                    .max_connections(max)
-                    .acquire_timeout(wait)
-                    // A local file has no far end to lose: the ping sqlx
-                    // sends before handing out a connection would only be
-                    // one more hand-off to the connection's thread.
-                    .test_before_acquire(false)
-                    // A COMMIT that fails (disk full) can end SQLite's
-                    // transaction by itself; the ROLLBACK sqlx then sends
-                    // fails too and leaves the connection counting a
-                    // transaction that is gone, so every later BEGIN on it
-                    // would fail. Such a connection is closed instead of
-                    // being handed out again.
-                    .before_acquire(|conn, _| {
-                        Box::pin(async move { Ok(!conn.is_in_transaction()) })
-                    })
-            };
             // The writer's turn is waited for as long as SQLite would wait
             // for the file's lock.
-            let write = pool(1, SQLITE_BUSY)
-                .connect_with(options.clone())
-                .await
-                .map_err(StoreError::Connect)?;
-            let read = pool(max, ACQUIRE_TIMEOUT)
-                .connect_with(options)
-                .await
-                .map_err(StoreError::Connect)?;
+            let write = Arc::new(Lanes::new(options.clone(), 1, SQLITE_BUSY));
+            let read = Arc::new(Lanes::new(options, max as usize, ACQUIRE_TIMEOUT));
+            // Opened now, so that a file that cannot be opened is said at once.
+            drop(write.take().await.map_err(StoreError::Connect)?);
             (Pool::Sqlite { write, read }, Dialect::Sqlite)
         }
         Location::Postgres { url, password } => {
@@ -2016,7 +2013,7 @@ mod tests {
     // built here by applying version 1 alone) opens, migrates to the
     // newest version and keeps its messages.
     #[tokio::test]
-    async fn a_version_1_database_migrates_with_its_messages() {
+    async fn a_version_1_database_migrates_with_its_messages() -> Result<(), StoreError> {
         let dir = tempfile::tempdir().expect("tempdir");
         let pg = relay_testkit::Postgres::start();
         let mut locations = vec![Location::Sqlite(dir.path().to_path_buf())];
@@ -2054,6 +2051,7 @@ mod tests {
             migrated.expect("version 1");
             // as a relay of version 1 wrote it
             let inserted: Result<(), sqlx::Error> = on_pool!(&pool, |p, _begin| async {
+                let mut tx = p.begin().await?;
                 sqlx::query(
                     "INSERT INTO messages (id, account, sender, client, received_at, state,
                          attempts, next_attempt, last_error, passthrough, held, size, checksum,
@@ -2065,27 +2063,27 @@ mod tests {
                 .bind(ms(at))
                 .bind(body.len() as i64)
                 .bind(Sha256::digest(&body).to_vec())
-                .execute(p)
+                .execute(&mut *tx)
                 .await?;
                 sqlx::query(
                     "INSERT INTO recipients (message_id, position, address, state)
                      VALUES ($1, 0, 'a@example.com', 'pending')",
                 )
                 .bind(&message.envelope.id)
-                .execute(p)
+                .execute(&mut *tx)
                 .await?;
                 sqlx::query("INSERT INTO bodies (message_id, body) VALUES ($1, $2)")
                     .bind(&message.envelope.id)
                     .bind(&body)
-                    .execute(p)
+                    .execute(&mut *tx)
                     .await?;
                 sqlx::query(
                     "INSERT INTO pace_events (mailbox, at, recipients) VALUES ('box', $1, 3)",
                 )
                 .bind(ms(at))
-                .execute(p)
+                .execute(&mut *tx)
                 .await?;
-                Ok(())
+                tx.commit().await
             }
             .await);
             inserted.expect("insert");
@@ -2134,5 +2132,6 @@ mod tests {
                 assert_eq!(storage, "e", "bodies are stored uncompressed");
             }
         }
+        Ok(())
     }
 }
