@@ -12,7 +12,8 @@
 //! a COMMIT that failed (disk full) can end SQLite's transaction by
 //! itself, the ROLLBACK sqlx then sends fails too, and the connection
 //! counts a transaction that is gone, so every later BEGIN on it would
-//! fail.
+//! fail. One unused for a minute is closed, with its thread and page
+//! cache, so a burst's extra readers do not stay.
 //!
 //! Cancel safety: a future dropped while it holds a connection gives it
 //! back as it is. sqlx has queued the rollback of a transaction left open
@@ -21,16 +22,22 @@
 
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
 use sqlx::Connection as _;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+/// How long a connection may stay unused before it is closed (with it its
+/// thread and its page cache, kept after a burst otherwise).
+const IDLE: Duration = Duration::from_secs(60);
+
 /// Connections to one SQLite file, at most `max` in use at once.
 pub(crate) struct Lanes {
     options: SqliteConnectOptions,
-    free: Mutex<Vec<SqliteConnection>>,
+    /// Given back, with when: the last given back is taken first, so the
+    /// ones a quieter load no longer needs age and are closed.
+    free: Mutex<Vec<(SqliteConnection, Instant)>>,
     turns: Arc<Semaphore>,
     /// How long a taker waits for a turn before it fails.
     wait: Duration,
@@ -64,9 +71,13 @@ impl Lanes {
             .await
             .map_err(|_| sqlx::Error::PoolTimedOut)?
             .map_err(|_| sqlx::Error::PoolClosed)?;
-        let kept = self.lock().pop();
+        let kept = {
+            let mut free = self.lock();
+            close_idle(&mut free, Instant::now());
+            free.pop()
+        };
         let conn = match kept {
-            Some(conn) if !conn.is_in_transaction() => conn,
+            Some((conn, _)) if !conn.is_in_transaction() => conn,
             _ => SqliteConnection::connect_with(&self.options).await?,
         };
         Ok(Taken {
@@ -81,16 +92,33 @@ impl Lanes {
     pub(crate) async fn close(&self) {
         self.turns.close();
         let free = std::mem::take(&mut *self.lock());
-        for conn in free {
+        for (conn, _) in free {
             let _ = conn.close().await;
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<SqliteConnection>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(SqliteConnection, Instant)>> {
         self.free
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+
+    /// Takes back a connection at `now`.
+    fn give_back(&self, conn: SqliteConnection, now: Instant) {
+        let mut free = self.lock();
+        free.push((conn, now));
+        close_idle(&mut free, now);
+    }
+}
+
+/// Drops (closes) the connections unused for [`IDLE`] at `now`: the
+/// oldest given back, at the bottom.
+fn close_idle(free: &mut Vec<(SqliteConnection, Instant)>, now: Instant) {
+    let stale = free
+        .iter()
+        .take_while(|(_, at)| now.saturating_duration_since(*at) >= IDLE)
+        .count();
+    free.drain(..stale);
 }
 
 /// A connection taken from [`Lanes`]; given back when dropped.
@@ -117,7 +145,7 @@ impl DerefMut for Taken {
 impl Drop for Taken {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
-            self.lanes.lock().push(conn);
+            self.lanes.give_back(conn, Instant::now());
         }
     }
 }
@@ -149,6 +177,31 @@ mod tests {
         assert!(!taken.is_in_transaction());
         let tx = taken.begin().await.expect("a transaction begins");
         tx.commit().await.expect("commit");
+    }
+
+    // After a burst, the connections a quieter load does not use are closed
+    // once idle; the one in use stays.
+    #[tokio::test]
+    async fn idle_connections_are_closed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let lanes = lanes(dir.path(), 3, Duration::from_secs(5));
+        let burst = [
+            lanes.take().await.expect("one"),
+            lanes.take().await.expect("two"),
+            lanes.take().await.expect("three"),
+        ];
+        drop(burst);
+        assert_eq!(lanes.lock().len(), 3);
+        let taken = lanes.take().await.expect("the last given back");
+        lanes.give_back(
+            SqliteConnection::connect_with(&lanes.options)
+                .await
+                .expect("a connection"),
+            Instant::now() + IDLE,
+        );
+        assert_eq!(lanes.lock().len(), 1, "the two left unused are closed");
+        drop(taken);
+        assert_eq!(lanes.lock().len(), 2);
     }
 
     // One at a time on a lane of one; a taker that waits too long is told.
