@@ -6,7 +6,7 @@
 use sqlx::{Connection as _, PgConnection};
 
 use crate::schema::TABLES;
-use crate::store::{postgres_options, supported_server, ACQUIRE_TIMEOUT, SERVER_VERSION};
+use crate::store::{postgres_options, supported_server, ACQUIRE_TIMEOUT};
 use crate::{Secret, StoreError};
 
 /// sqlx's record of the migrations applied.
@@ -53,11 +53,7 @@ pub async fn inspect(
             )))
         })?
         .map_err(StoreError::Connect)?;
-    let (number, server_version): (i32, String) = sqlx::query_as(SERVER_VERSION)
-        .fetch_one(&mut conn)
-        .await
-        .map_err(StoreError::Connect)?;
-    supported_server(number, &server_version)?;
+    let server_version = supported_server(&mut conn).await?;
     let (role, schema, may_create): (String, Option<String>, bool) = sqlx::query_as(
         "SELECT current_user::text, current_schema()::text,
              COALESCE(has_schema_privilege(current_schema(), 'CREATE'), false)",
@@ -105,18 +101,36 @@ pub async fn inspect(
 mod tests {
     use super::*;
     use crate::schema::SCHEMA_VERSION;
+    use crate::store::supported;
     use crate::{Location, Store, StoreSettings};
     use relay_testkit::{LocalhostCertificate, Postgres, POSTGRES_PASSWORD};
 
     #[test]
     fn servers_before_13_are_refused_by_name() {
-        let refused = supported_server(120_022, "12.22").expect_err("12 is too old");
+        assert!(!supported(120_022), "12 is too old");
+        let refused = StoreError::ServerTooOld {
+            version: "12.22".into(),
+        };
         assert_eq!(
             refused.to_string(),
             "the PostgreSQL server is version 12.22; the relay needs PostgreSQL 13 or newer"
         );
-        supported_server(130_000, "13.0").expect("13 is supported");
-        supported_server(170_002, "17.2").expect("17 is supported");
+        assert!(supported(130_000), "13 is supported");
+        assert!(supported(170_002), "17 is supported");
+    }
+
+    /// A relay's store on the database at `url`, migrated.
+    async fn open(url: &str, password: Option<&Secret>) -> Store {
+        Store::open(StoreSettings {
+            location: Location::Postgres {
+                url: url.to_owned(),
+                password: password.cloned(),
+            },
+            relay: "relay-1".into(),
+            max_connections: 2,
+        })
+        .await
+        .expect("open")
     }
 
     // An empty database, the same after a relay migrated it, and a role
@@ -145,16 +159,7 @@ mod tests {
             "inspecting created nothing"
         );
 
-        let store = Store::open(StoreSettings {
-            location: Location::Postgres {
-                url: pg.url(),
-                password: Some(password.clone()),
-            },
-            relay: "relay-1".into(),
-            max_connections: 2,
-        })
-        .await
-        .expect("open");
+        let store = open(&pg.url(), Some(&password)).await;
         let migrated = inspect(&pg.url(), Some(&password), "doctor")
             .await
             .expect("inspect");
@@ -162,15 +167,7 @@ mod tests {
         assert!(migrated.out_of_reach.is_empty(), "{migrated:?}");
         drop(store);
 
-        let mut admin = PgConnection::connect_with(
-            &postgres_options(&pg.url(), Some(&password), "test").expect("options"),
-        )
-        .await
-        .expect("connect");
-        sqlx::query("CREATE ROLE sender LOGIN PASSWORD 'sender-password'")
-            .execute(&mut admin)
-            .await
-            .expect("create role");
+        pg.sql("CREATE ROLE sender LOGIN PASSWORD 'sender-password'");
         let url = pg.url().replace("relay@", "sender@");
         let sender = inspect(&url, Some(&Secret::new("sender-password")), "doctor")
             .await
@@ -215,16 +212,7 @@ mod tests {
                 .await
                 .expect("pg_stat_ssl");
         assert!(encrypted);
-        Store::open(StoreSettings {
-            location: Location::Postgres {
-                url: url.clone(),
-                password: Some(password.clone()),
-            },
-            relay: "relay-1".into(),
-            max_connections: 2,
-        })
-        .await
-        .expect("open over TLS");
+        open(&url, Some(&password)).await;
         assert_eq!(
             inspect(&url, Some(&password), "doctor")
                 .await
@@ -256,16 +244,7 @@ mod tests {
             pg.socket_dir().display(),
             pg.port()
         );
-        let store = Store::open(StoreSettings {
-            location: Location::Postgres {
-                url: url.clone(),
-                password: None,
-            },
-            relay: "relay-1".into(),
-            max_connections: 2,
-        })
-        .await
-        .expect("open through the socket");
+        let store = open(&url, None).await;
         assert_eq!(store.relay(), "relay-1");
         let found = inspect(&url, None, "doctor").await.expect("inspect");
         assert_eq!(found.schema_version, SCHEMA_VERSION);

@@ -46,7 +46,7 @@ pub(crate) struct Lanes {
 impl std::fmt::Debug for Lanes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Lanes")
-            .field("free", &self.turns.available_permits())
+            .field("turns_free", &self.turns.available_permits())
             .field("wait", &self.wait)
             .finish_non_exhaustive()
     }

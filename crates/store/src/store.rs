@@ -1640,8 +1640,6 @@ pub(crate) async fn connect(settings: &StoreSettings) -> Result<(Pool, Dialect),
             // for the file's lock.
             let write = Arc::new(Lanes::new(options.clone(), 1, SQLITE_BUSY));
             let read = Arc::new(Lanes::new(options, max as usize, ACQUIRE_TIMEOUT));
-            // Opened now, so that a file that cannot be opened is said at once.
-            drop(write.take().await.map_err(StoreError::Connect)?);
             (Pool::Sqlite { write, read }, Dialect::Sqlite)
         }
         Location::Postgres { url, password } => {
@@ -1652,29 +1650,34 @@ pub(crate) async fn connect(settings: &StoreSettings) -> Result<(Pool, Dialect),
                 .connect_with(options)
                 .await
                 .map_err(StoreError::Connect)?;
-            let (number, version): (i32, String) = sqlx::query_as(SERVER_VERSION)
-                .fetch_one(&pool)
-                .await
-                .map_err(StoreError::Connect)?;
-            supported_server(number, &version)?;
+            supported_server(&pool).await?;
             (Pool::Postgres(pool), Dialect::Postgres)
         }
     })
 }
 
-/// The server's version as a number (`150008`) and as it names it.
-pub(crate) const SERVER_VERSION: &str =
-    "SELECT current_setting('server_version_num')::int, current_setting('server_version')";
-
-/// PostgreSQL older than 13 (`server_version_num` below 130000) is past
-/// its end of life and not tested: refused with its version named.
-pub(crate) fn supported_server(number: i32, version: &str) -> Result<(), StoreError> {
-    if number < 130_000 {
-        return Err(StoreError::ServerTooOld {
-            version: version.to_owned(),
-        });
+/// The server's version as it names it, if it is PostgreSQL 13 or newer
+/// (`server_version_num` at least 130000; older ones are past their end of
+/// life and not tested); otherwise [`StoreError::ServerTooOld`].
+pub(crate) async fn supported_server<'e, E>(conn: E) -> Result<String, StoreError>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Postgres>,
+{
+    let (number, version): (i32, String) = sqlx::query_as(
+        "SELECT current_setting('server_version_num')::int, current_setting('server_version')",
+    )
+    .fetch_one(conn)
+    .await
+    .map_err(StoreError::Connect)?;
+    if !supported(number) {
+        return Err(StoreError::ServerTooOld { version });
     }
-    Ok(())
+    Ok(version)
+}
+
+/// Whether a server of `server_version_num` is supported.
+pub(crate) fn supported(number: i32) -> bool {
+    number >= 130_000
 }
 
 /// A session as the relay opens it: named for `pg_stat_activity`, every
