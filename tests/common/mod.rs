@@ -5,7 +5,6 @@
 
 use relay_testkit::{IdentityPlatform, ReceivedMessage, RelayConfig, Section, SubmissionServer};
 use std::{
-    net::TcpListener,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     time::Duration,
@@ -66,11 +65,10 @@ impl World {
     }
 }
 
+/// A port for a relay, which stays free until it binds it, and across its
+/// restarts.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    relay_testkit::reserved_port().expect("free port")
 }
 
 /// A running `smtp-oauth-relay run`; killed when dropped.

@@ -47,6 +47,7 @@ mod graph;
 mod http;
 mod identity;
 mod jwt;
+mod port;
 mod relay_config;
 mod session;
 mod submission;
@@ -60,6 +61,7 @@ pub use graph::{
 };
 pub use identity::{AssertionRecord, Consent, IdentityPlatform, TokenFault, TokenRequest};
 pub use jwt::{TokenClaims, TokenRejection};
+pub use port::reserved_port;
 pub use relay_config::{RelayConfig, Section};
 pub use submission::{ReceivedMessage, SubmissionOptions, SubmissionServer};
 pub use tls::LocalhostCertificate;

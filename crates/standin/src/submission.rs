@@ -25,7 +25,7 @@ pub struct SubmissionOptions {
     pub offer_starttls: bool,
     /// The only mailbox AUTH accepts. Default `relay@contoso.com`.
     pub mailbox: String,
-    /// Port to listen on; `None` (the default) picks an ephemeral one.
+    /// Port to listen on; `None` (the default) picks a [`reserved_port`](crate::reserved_port).
     pub port: Option<u16>,
     /// Refuse a bad token the way Gmail does: `334 <base64 JSON>`, wait for
     /// the client's empty line, then `535 5.7.8`. Default `false`
@@ -173,8 +173,12 @@ impl SubmissionServer {
         options: SubmissionOptions,
     ) -> io::Result<SubmissionServer> {
         let tls = crate::tls::generate()?;
-        let listener = bind(options.port.unwrap_or(0))?;
-        let port = listener.local_addr()?.port();
+        // A reserved port, so that a restart finds it still free.
+        let port = match options.port {
+            Some(port) => port,
+            None => crate::reserved_port()?,
+        };
+        let listener = bind(port)?;
         let shared = Arc::new(Shared {
             idp,
             mailbox: options.mailbox,

@@ -7,7 +7,6 @@
 //! and keeps its socket in that directory. Dropping it stops the server
 //! (immediate shutdown) and removes the directory. Every wait is bounded.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -87,9 +86,10 @@ impl Postgres {
                 "--no-sync",
             ],
         );
-        // A free port may be taken between looking and binding: try a few.
+        // A port may still be taken between looking and binding: try a few.
         for _ in 0..5 {
-            if server.pg_start(free_port()).status.success() {
+            let port = relay_standin::reserved_port().expect("a free port");
+            if server.pg_start(port).status.success() {
                 return Some(server);
             }
         }
@@ -300,13 +300,6 @@ fn find_bin() -> Option<PathBuf> {
         .collect();
     versions.sort();
     versions.pop().map(|(_, bin)| bin)
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
 }
 
 fn run(command: &mut Command) -> String {
