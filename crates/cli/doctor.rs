@@ -99,7 +99,7 @@ pub async fn doctor(path: &Path, args: DoctorArgs) -> anyhow::Result<()> {
                 fix: Some("run doctor as the user the relay runs as, or correct the path".into()),
             },
         };
-        let what = format!("queue database {}", crate::relay::database_name(url));
+        let what = format!("queue database PostgreSQL {}", url.place());
         if !report.check(&what, started, finding) {
             anyhow::bail!("the setup is broken (see the ✗ step above)");
         }

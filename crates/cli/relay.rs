@@ -25,7 +25,7 @@ use relay_delivery::{transport::graph::Graph, Account, Upstream};
 use relay_graph::GraphClient;
 use relay_listener::{Context, Router};
 use relay_queue::{Queue, QueueSettings};
-use relay_store::{Location, Store};
+use relay_store::Store;
 use relay_tokens::{TokenManager, TokenSource};
 use std::{path::Path, sync::Arc, time::Duration};
 use tokio::task::JoinSet;
@@ -558,21 +558,11 @@ pub async fn open_admin(queue: &relay_config::QueueConfig) -> anyhow::Result<Que
 fn queue_named(queue: &relay_config::QueueConfig) -> String {
     match &queue.database_url {
         Some(url) => format!(
-            "queue database {} (`smtp-oauth-relay doctor` checks it)",
-            database_name(url)
+            "queue database PostgreSQL {} (`smtp-oauth-relay doctor` checks it)",
+            url.place()
         ),
         None => format!("queue directory {}", queue.dir.display()),
     }
-}
-
-/// `PostgreSQL host:port/database`: the shared database named for people,
-/// without the user, password or options in `url`.
-pub fn database_name(url: &str) -> String {
-    Location::Postgres {
-        url: url.to_owned(),
-        password: None,
-    }
-    .to_string()
 }
 
 /// The password in `queue.database_password_file`, if one is named.

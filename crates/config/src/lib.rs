@@ -7,6 +7,7 @@
 //! are errors, and every error names the key path it is about, e.g.
 //! `accounts[0].oauth.tenant_id is missing`.
 
+mod database_url;
 mod load;
 mod schema;
 mod secret;
@@ -14,6 +15,7 @@ mod state;
 mod validate;
 mod value;
 
+pub use database_url::DatabaseUrl;
 pub use load::{load_file, load_file_with, load_str, ConfigError, Secrets, ENV_PREFIX};
 pub use schema::*;
 pub use secret::Secret;

@@ -219,8 +219,8 @@ pub struct QueueConfig {
     /// (`postgresql://` also works), without the password (one in it works,
     /// but `check` and the start warn, and `config show` masks it). Not set
     /// (the default): the queue is an embedded database in `dir`.
-    #[serde(default, serialize_with = "url_redacted")]
-    pub database_url: Option<String>,
+    #[serde(default)]
+    pub database_url: Option<crate::DatabaseUrl>,
     /// File holding the database user's password (`${NAME}` is expanded,
     /// e.g. `${CREDENTIALS_DIRECTORY}/db-password`); surrounding whitespace
     /// is ignored. Not needed when the server trusts the relay otherwise
@@ -991,15 +991,4 @@ impl Item for IpNet {
 /// Shown as `[redacted]` when the configuration is printed.
 fn redacted<S: serde::Serializer>(_: &str, serializer: S) -> Result<S::Ok, S::Error> {
     serializer.serialize_str("[redacted]")
-}
-
-/// A URL with any password in it masked.
-fn url_redacted<S: serde::Serializer>(
-    url: &Option<String>,
-    serializer: S,
-) -> Result<S::Ok, S::Error> {
-    match url {
-        Some(url) => serializer.serialize_str(&crate::validate::without_password(url).0),
-        None => serializer.serialize_none(),
-    }
 }

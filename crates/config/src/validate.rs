@@ -50,10 +50,9 @@ pub(crate) fn problems(config: &Config, secrets: Secrets) -> Vec<String> {
         );
     }
     if let Some(url) = &q.database_url {
-        let (shown, _) = without_password(url);
-        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        if !url.is_postgres() {
             out.push(format!(
-                "queue.database_url {shown:?} is not a PostgreSQL URL: write postgres://user@host:5432/database (or remove it to keep the queue in queue.dir)"
+                "queue.database_url {url:?} is not a PostgreSQL URL: write postgres://user@host:5432/database (or remove it to keep the queue in queue.dir)"
             ));
         }
     }
@@ -524,9 +523,9 @@ pub fn warnings(config: &Config) -> Vec<String> {
         }
     }
     if let Some(url) = &config.queue.database_url {
-        if let (shown, true) = without_password(url) {
+        if url.has_password() {
             out.push(format!(
-                "queue.database_url {shown:?} holds a password: put it in a file only the relay reads (chmod 600), name that file in queue.database_password_file, and take it out of the URL"
+                "queue.database_url {url:?} holds a password: put it in a file only the relay reads (chmod 600), name that file in queue.database_password_file, and take it out of the URL"
             ));
         }
     }
@@ -555,73 +554,4 @@ fn readable_by_others(path: &Path) -> bool {
 #[cfg(not(unix))]
 fn readable_by_others(_: &Path) -> bool {
     false
-}
-
-/// `url` with a password in it (`user:password@`, or a `password=`
-/// parameter) replaced by `[redacted]`, and whether it had one.
-pub(crate) fn without_password(url: &str) -> (String, bool) {
-    let (scheme, rest) = url
-        .find("://")
-        .map_or(("", url), |at| (&url[..at + 3], &url[at + 3..]));
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(authority_end);
-    let mut found = false;
-    let authority = match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => {
-                found = true;
-                format!("{user}:[redacted]@{host}")
-            }
-            None => authority.to_owned(),
-        },
-        None => authority.to_owned(),
-    };
-    let path = match path.split_once('?') {
-        Some((before, query)) => {
-            let query: Vec<String> = query
-                .split('&')
-                .map(|pair| match pair.split_once('=') {
-                    Some((key, _)) if key.eq_ignore_ascii_case("password") => {
-                        found = true;
-                        format!("{key}=[redacted]")
-                    }
-                    _ => pair.to_owned(),
-                })
-                .collect();
-            format!("{before}?{}", query.join("&"))
-        }
-        None => path.to_owned(),
-    };
-    (format!("{scheme}{authority}{path}"), found)
-}
-
-#[cfg(test)]
-mod url_tests {
-    use super::without_password;
-
-    #[test]
-    fn passwords_in_database_urls_are_found_and_hidden() {
-        assert_eq!(
-            without_password("postgres://relay@db.example.com:5432/relay?sslmode=verify-full"),
-            (
-                "postgres://relay@db.example.com:5432/relay?sslmode=verify-full".into(),
-                false
-            )
-        );
-        assert_eq!(
-            without_password("postgres://relay:hunter2@db:5432/relay"),
-            ("postgres://relay:[redacted]@db:5432/relay".into(), true)
-        );
-        assert_eq!(
-            without_password("postgresql://db/relay?user=relay&password=hunter2&sslmode=require"),
-            (
-                "postgresql://db/relay?user=relay&password=[redacted]&sslmode=require".into(),
-                true
-            )
-        );
-        assert_eq!(
-            without_password("postgres://relay:p@ss@db?x=1"),
-            ("postgres://relay:[redacted]@db?x=1".into(), true)
-        );
-    }
 }

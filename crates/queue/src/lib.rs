@@ -129,5 +129,5 @@ pub use queue::{
     Lease, NewMessage, Queue, QueueSettings, RecipientResult, Recorded, Request, Selection, Tally,
 };
 pub use relay_outcome::Outcome;
-pub use relay_store::{MessageState as State, RecipientState, Secret};
+pub use relay_store::{DatabaseUrl, MessageState as State, RecipientState, Secret};
 pub use view::{Entry, RecipientStatus, Survey, Unusable};

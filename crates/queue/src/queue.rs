@@ -10,8 +10,8 @@ use std::time::{Duration, SystemTime};
 
 use relay_outcome::{Enhanced, Outcome, Reason, Reply, Verdict};
 use relay_store::{
-    Body, Envelope, LeaseHolder, Location, Message, MessageState, Progress, RecipientState, Secret,
-    Spool, Store, StoreSettings,
+    Body, DatabaseUrl, Envelope, LeaseHolder, Location, Message, MessageState, Progress,
+    RecipientState, Secret, Spool, Store, StoreSettings,
 };
 use tokio::sync::{oneshot, Notify};
 use tokio::task::JoinHandle;
@@ -55,7 +55,7 @@ const LEASE_BATCH: usize = 16;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Database {
     /// `postgres://user@host:port/db?sslmode=…`
-    pub url: String,
+    pub url: DatabaseUrl,
     /// The password, from `database_password_file`.
     pub password: Option<Secret>,
 }

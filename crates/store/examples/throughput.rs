@@ -30,7 +30,7 @@ async fn main() {
         engines.push((
             "PostgreSQL (synchronous_commit=on)",
             Location::Postgres {
-                url: pg.url(),
+                url: pg.url().into(),
                 password: Some(Secret::new(
                     std::fs::read_to_string(pg.password_file()).expect("password"),
                 )),

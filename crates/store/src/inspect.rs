@@ -7,7 +7,7 @@ use sqlx::{Connection as _, PgConnection};
 
 use crate::schema::TABLES;
 use crate::store::{postgres_options, supported_server, ACQUIRE_TIMEOUT};
-use crate::{Secret, StoreError};
+use crate::{DatabaseUrl, Secret, StoreError};
 
 /// sqlx's record of the migrations applied.
 const MIGRATIONS_TABLE: &str = "_sqlx_migrations";
@@ -39,7 +39,7 @@ pub struct Inspection {
 /// [`StoreError::Connect`] when it cannot be reached or refuses the login,
 /// [`StoreError::ServerTooOld`].
 pub async fn inspect(
-    url: &str,
+    url: &DatabaseUrl,
     password: Option<&Secret>,
     relay: &str,
 ) -> Result<Inspection, StoreError> {
@@ -120,10 +120,10 @@ mod tests {
     }
 
     /// A relay's store on the database at `url`, migrated.
-    async fn open(url: &str, password: Option<&Secret>) -> Store {
+    async fn open(url: &DatabaseUrl, password: Option<&Secret>) -> Store {
         Store::open(StoreSettings {
             location: Location::Postgres {
-                url: url.to_owned(),
+                url: url.clone(),
                 password: password.cloned(),
             },
             relay: "relay-1".into(),
@@ -142,7 +142,7 @@ mod tests {
             return;
         };
         let password = Secret::new(POSTGRES_PASSWORD);
-        let empty = inspect(&pg.url(), Some(&password), "doctor")
+        let empty = inspect(&pg.url().into(), Some(&password), "doctor")
             .await
             .expect("inspect");
         assert_eq!(empty.schema_version, 0);
@@ -151,7 +151,7 @@ mod tests {
         assert!(empty.may_create, "the superuser may create");
         assert!(empty.out_of_reach.is_empty());
         assert_eq!(
-            inspect(&pg.url(), Some(&password), "doctor")
+            inspect(&pg.url().into(), Some(&password), "doctor")
                 .await
                 .expect("inspect again")
                 .schema_version,
@@ -159,8 +159,8 @@ mod tests {
             "inspecting created nothing"
         );
 
-        let store = open(&pg.url(), Some(&password)).await;
-        let migrated = inspect(&pg.url(), Some(&password), "doctor")
+        let store = open(&pg.url().into(), Some(&password)).await;
+        let migrated = inspect(&pg.url().into(), Some(&password), "doctor")
             .await
             .expect("inspect");
         assert_eq!(migrated.schema_version, SCHEMA_VERSION);
@@ -168,7 +168,7 @@ mod tests {
         drop(store);
 
         pg.sql("CREATE ROLE sender LOGIN PASSWORD 'sender-password'");
-        let url = pg.url().replace("relay@", "sender@");
+        let url = DatabaseUrl::from(pg.url().replace("relay@", "sender@"));
         let sender = inspect(&url, Some(&Secret::new("sender-password")), "doctor")
             .await
             .expect("inspect as sender");
@@ -197,11 +197,11 @@ mod tests {
             return;
         };
         let password = Secret::new(POSTGRES_PASSWORD);
-        let url = format!(
+        let url = DatabaseUrl::from(format!(
             "{}?sslmode=verify-full&sslrootcert={}",
             pg.url(),
             pg.ca_file().display()
-        );
+        ));
         let options = postgres_options(&url, Some(&password), "test").expect("options");
         let mut conn = PgConnection::connect_with(&options)
             .await
@@ -221,7 +221,7 @@ mod tests {
             SCHEMA_VERSION
         );
 
-        let unknown_ca = format!("{}?sslmode=verify-full", pg.url());
+        let unknown_ca = DatabaseUrl::from(format!("{}?sslmode=verify-full", pg.url()));
         let refused = inspect(&unknown_ca, Some(&password), "doctor")
             .await
             .expect_err("a CA the system does not trust");
@@ -239,11 +239,11 @@ mod tests {
         let Some(pg) = Postgres::start() else {
             return;
         };
-        let url = format!(
+        let url = DatabaseUrl::from(format!(
             "postgres:///postgres?user=relay&host={}&port={}",
             pg.socket_dir().display(),
             pg.port()
-        );
+        ));
         let store = open(&url, None).await;
         assert_eq!(store.relay(), "relay-1");
         let found = inspect(&url, None, "doctor").await.expect("inspect");

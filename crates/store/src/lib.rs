@@ -73,7 +73,7 @@ pub use body::{Body, Spool, Spooled};
 pub use error::StoreError;
 pub use inspect::{inspect, Inspection};
 pub use pace::{decide as decide_pace, Admitted, Pace, PaceLimits, Sent};
-pub use relay_config::Secret;
+pub use relay_config::{DatabaseUrl, Secret};
 pub use schema::SCHEMA_VERSION;
 pub use store::{Location, Redeem, SharedToken, SlotId, Store, StoreSettings};
 pub use types::{

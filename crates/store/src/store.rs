@@ -22,7 +22,7 @@ use crate::types::{
     Envelope, LeaseHolder, Message, MessageState, NewMessage, Progress, Recipient, RecipientState,
     Reply,
 };
-use crate::{Secret, StoreError};
+use crate::{DatabaseUrl, Secret, StoreError};
 
 /// Where the store lives.
 #[derive(Clone, Debug)]
@@ -35,7 +35,7 @@ pub enum Location {
     /// any, read from `database_password_file` rather than put in the URL.
     Postgres {
         /// `postgres://user@host:port/db?sslmode=…`
-        url: String,
+        url: DatabaseUrl,
         /// The password.
         password: Option<Secret>,
     },
@@ -47,20 +47,7 @@ impl std::fmt::Display for Location {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Location::Sqlite(dir) => write!(f, "SQLite {}", dir.join(SQLITE_FILE).display()),
-            Location::Postgres { url, .. } => {
-                let rest = url.split_once("://").map_or(url.as_str(), |(_, r)| r);
-                let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
-                let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
-                // A local socket: its directory is the `host` parameter.
-                let socket = query
-                    .split('&')
-                    .find_map(|pair| pair.strip_prefix("host="))
-                    .filter(|_| rest.starts_with('/'));
-                match socket {
-                    Some(dir) => write!(f, "PostgreSQL {dir} (socket){rest}"),
-                    None => write!(f, "PostgreSQL {rest}"),
-                }
-            }
+            Location::Postgres { url, .. } => write!(f, "PostgreSQL {}", url.place()),
         }
     }
 }
@@ -1683,11 +1670,11 @@ pub(crate) fn supported(number: i32) -> bool {
 /// A session as the relay opens it: named for `pg_stat_activity`, every
 /// commit flushed to disk.
 pub(crate) fn postgres_options(
-    url: &str,
+    url: &DatabaseUrl,
     password: Option<&Secret>,
     relay: &str,
 ) -> Result<PgConnectOptions, StoreError> {
-    let mut options = PgConnectOptions::from_str(url)
+    let mut options = PgConnectOptions::from_str(url.expose())
         .map_err(StoreError::Connect)?
         .application_name(&format!("smtp-oauth-relay {relay}"))
         .options([("synchronous_commit", "on")]);
@@ -2021,7 +2008,7 @@ mod tests {
         let pg = relay_testkit::Postgres::start();
         let mut locations = vec![Location::Sqlite(dir.path().to_path_buf())];
         locations.extend(pg.iter().map(|pg| Location::Postgres {
-            url: pg.url(),
+            url: pg.url().into(),
             password: Some(Secret::new(relay_testkit::POSTGRES_PASSWORD)),
         }));
         let at = UNIX_EPOCH + Duration::from_secs(1_800_000_000);

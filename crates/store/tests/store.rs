@@ -35,7 +35,7 @@ impl Engine {
         match self {
             Engine::Sqlite(dir) => Location::Sqlite(dir.path().to_path_buf()),
             Engine::Postgres(pg) => Location::Postgres {
-                url: pg.url(),
+                url: pg.url().into(),
                 password: Some(Secret::new(
                     std::fs::read_to_string(pg.password_file()).expect("password"),
                 )),
@@ -560,7 +560,7 @@ async fn raw(engine: &Engine, sql: String) {
                 .expect("statement");
         }
         Location::Postgres { url, password } => {
-            let options: sqlx::postgres::PgConnectOptions = url.parse().expect("url");
+            let options: sqlx::postgres::PgConnectOptions = url.expose().parse().expect("url");
             let options = options.password(password.as_ref().map_or("", Secret::expose));
             let mut c = sqlx::PgConnection::connect_with(&options)
                 .await
@@ -617,7 +617,7 @@ async fn import_is_all_or_nothing_and_repeatable() {
 #[test]
 fn the_password_is_never_printed() {
     let location = Location::Postgres {
-        url: "postgres://relay@127.0.0.1:1/relay".to_string(),
+        url: "postgres://relay@127.0.0.1:1/relay".into(),
         password: Some(Secret::new("hunter2")),
     };
     assert!(!format!("{location:?}").contains("hunter2"));

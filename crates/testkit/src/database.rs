@@ -36,7 +36,7 @@ impl SharedDatabase {
         let location = match self {
             SharedDatabase::Sqlite(dir) => Location::Sqlite(dir.path().to_path_buf()),
             SharedDatabase::Postgres(pg) => Location::Postgres {
-                url: pg.url(),
+                url: pg.url().into(),
                 password: Some(Secret::new(POSTGRES_PASSWORD)),
             },
         };
