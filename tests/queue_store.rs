@@ -1,7 +1,8 @@
 //! The queue's database against the real binary: SIGKILLs under load lose
 //! nothing accepted (embedded SQLite); a relay on PostgreSQL answers `451`,
 //! fails `/readyz` naming the database while it is down, and resumes by
-//! itself when it is back, without losing anything it answered `250` for;
+//! itself when it is back, without losing anything it answered `250` for
+//! (stopped, or hung without closing its connections);
 //! mail accepted by a relay that dies is delivered by another on the same
 //! database; two relays sending at once keep to the mailbox's three
 //! upstream connections together and to the mailbox's pace, and when one is
@@ -284,6 +285,93 @@ async fn a_postgresql_outage_is_451_and_readyz_then_resumes_by_itself() {
     assert!(
         told.accepted.len() > accepted_before,
         "no mail after the outage"
+    );
+    all_delivered(&world, &relay, &told.accepted).await;
+    eventually(20, "an empty queue", || relay.queue_json().is_empty()).await;
+}
+
+// A server that stops answering (hung, or its host gone silent) is not
+// refused like a stopped one: connections stay open and nothing comes back.
+// New messages are still told 451 within seconds (no connection comes free
+// for them), /readyz fails naming the database, and when it answers again
+// all resumes. Only the messages whose commit was on the wire when it hung
+// wait for it, and get their true answer then.
+#[tokio::test]
+async fn a_postgresql_that_stops_answering_is_451_and_readyz_then_resumes() {
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let world = World::start().await;
+    let (port, admin) = (free_port(), free_port());
+    let config = world.write_config(&shared(
+        unpaced(world.config_with_admin(port, admin)),
+        &pg,
+        "6s",
+    ));
+    let relay = Relay::start(&config, port).await;
+    let readyz = format!("http://127.0.0.1:{admin}/readyz");
+    assert_eq!(ready(&readyz).await, Some(200), "{}", relay.log());
+
+    let told = Arc::new(Mutex::new(Told::default()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients = load(port, "hung", told.clone(), stop.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    pg.freeze();
+    let mut named = String::new();
+    for _ in 0..300 {
+        let response = tokio::time::timeout(Duration::from_secs(2), reqwest::get(&readyz)).await;
+        if let Ok(Ok(response)) = response {
+            let status = response.status().as_u16();
+            named = response.text().await.unwrap_or_default();
+            if status == 503 {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        named.contains("FAIL queue database: PostgreSQL 127.0.0.1:"),
+        "{named}"
+    );
+    let before = told.lock().expect("lock").refused.len();
+    for _ in 0..300 {
+        if told.lock().expect("lock").refused.len() > before + CLIENTS {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    pg.thaw();
+    assert_eq!(ready(&readyz).await, Some(200), "{}", relay.log());
+    let accepted_before = told.lock().expect("lock").accepted.len();
+    for _ in 0..200 {
+        if told.lock().expect("lock").accepted.len() > accepted_before + CLIENTS {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for client in clients {
+        client.await.expect("client");
+    }
+    let told = std::mem::take(&mut *told.lock().expect("lock"));
+    assert!(
+        told.refused.iter().any(|r| r.starts_with("451 4.3.0")),
+        "no 451 while the database did not answer: {:?}",
+        told.refused
+    );
+    let waited = told.refused.iter().filter(|r| *r == "timed out").count();
+    assert!(
+        waited <= CLIENTS
+            && told
+                .refused
+                .iter()
+                .all(|r| r.starts_with("451") || r == "timed out"),
+        "{:?}",
+        told.refused
+    );
+    assert!(
+        told.accepted.len() > accepted_before,
+        "no mail after the database answered again"
     );
     all_delivered(&world, &relay, &told.accepted).await;
     eventually(20, "an empty queue", || relay.queue_json().is_empty()).await;

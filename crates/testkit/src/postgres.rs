@@ -9,6 +9,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::atomic::Ordering;
 
 use relay_standin::LocalhostCertificate;
 
@@ -27,6 +28,8 @@ pub struct Postgres {
     as_postgres: bool,
     port: u16,
     tls: bool,
+    /// Between [`Postgres::freeze`] and [`Postgres::thaw`].
+    frozen: std::sync::atomic::AtomicBool,
 }
 
 impl Postgres {
@@ -66,6 +69,7 @@ impl Postgres {
             as_postgres,
             port: 0,
             tls: tls.is_some(),
+            frozen: Default::default(),
         };
         std::fs::write(server.password_file(), POSTGRES_PASSWORD).expect("password file");
         if let Some(certificate) = tls {
@@ -198,6 +202,55 @@ impl Postgres {
         )
     }
 
+    /// Stops the server's processes (SIGSTOP) without closing anything, as
+    /// a hung server or a host gone silent looks to its clients: connections
+    /// open and stay open, and nothing is answered until [`Postgres::thaw`].
+    pub fn freeze(&self) {
+        self.frozen.store(true, Ordering::Relaxed);
+        self.signal_all("STOP");
+    }
+
+    /// Lets a [`Postgres::freeze`]d server run again (SIGCONT).
+    pub fn thaw(&self) {
+        self.signal_all("CONT");
+        self.frozen.store(false, Ordering::Relaxed);
+    }
+
+    /// Sends `signal` to the postmaster and every process it started.
+    fn signal_all(&self, signal: &str) {
+        let pid_file = std::fs::read_to_string(self.data().join("postmaster.pid"))
+            .expect("postmaster.pid: the server is running");
+        let postmaster = pid_file
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
+        let mut pids = vec![postmaster.clone()];
+        for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            // pid (comm) state ppid …: the command may hold spaces, not ')'
+            let parent = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1));
+            if parent == Some(postmaster.as_str()) {
+                pids.push(entry.file_name().to_string_lossy().into_owned());
+            }
+        }
+        let out = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .args(&pids)
+            .output()
+            .expect("run kill");
+        assert!(
+            out.status.success(),
+            "kill -{signal} {pids:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// The directory of the server's Unix socket (`.s.PGSQL.PORT`), where
     /// it trusts every local login.
     pub fn socket_dir(&self) -> &Path {
@@ -269,6 +322,9 @@ impl Postgres {
 
 impl Drop for Postgres {
     fn drop(&mut self) {
+        if self.frozen.load(Ordering::Relaxed) {
+            self.thaw();
+        }
         if self.port != 0 {
             self.pg_stop();
         }
