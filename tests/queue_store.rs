@@ -14,6 +14,7 @@ mod common;
 use common::*;
 use relay_testkit::Postgres;
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,24 +30,35 @@ struct Told {
     refused: Vec<String>,
 }
 
-/// Starts [`CLIENTS`] clients sending numbered messages (subject
-/// `PREFIX-CLIENT-N`) to the relay on `port` in a loop until `stop` is set;
-/// each message in its own session, so a refused one does not end the
-/// client. A broken connection (the relay killed) counts as refused.
-fn load(
-    port: u16,
-    prefix: &str,
+/// Clients sending numbered messages in a loop, each message in its own
+/// session (so a refused one does not end the client), and what they were
+/// told.
+struct Load {
     told: Arc<Mutex<Told>>,
-    stop: Arc<std::sync::atomic::AtomicBool>,
-) -> Vec<tokio::task::JoinHandle<()>> {
-    (0..CLIENTS)
-        .map(|client| {
-            let told = told.clone();
-            let stop = stop.clone();
+    stop: Arc<AtomicBool>,
+    clients: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn new() -> Load {
+        Load {
+            told: Arc::default(),
+            stop: Arc::default(),
+            clients: Vec::new(),
+        }
+    }
+
+    /// Starts [`CLIENTS`] more clients sending to the relay on `port`
+    /// (subjects `PREFIX-CLIENT-N`) until [`Load::finish`]. A broken
+    /// connection (the relay killed) counts as refused.
+    fn start(mut self, port: u16, prefix: &str) -> Load {
+        for client in 0..CLIENTS {
+            let told = self.told.clone();
+            let stop = self.stop.clone();
             let prefix = prefix.to_owned();
-            tokio::spawn(async move {
+            self.clients.push(tokio::spawn(async move {
                 let mut n = 0;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                while !stop.load(Ordering::Relaxed) {
                     n += 1;
                     let subject = format!("{prefix}-{client}-{n}");
                     let sent =
@@ -68,9 +80,34 @@ fn load(
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                 }
-            })
-        })
-        .collect()
+            }));
+        }
+        self
+    }
+
+    /// What the clients were told so far, looked at through `look`.
+    fn told<T>(&self, look: impl FnOnce(&Told) -> T) -> T {
+        look(&self.told.lock().expect("lock"))
+    }
+
+    /// Waits (20 s at most) until `done` holds of what they were told.
+    async fn until(&self, done: impl Fn(&Told) -> bool) {
+        for _ in 0..200 {
+            if self.told(&done) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Stops the clients; what they were told.
+    async fn finish(self) -> Told {
+        self.stop.store(true, Ordering::Relaxed);
+        for client in self.clients {
+            client.await.expect("client");
+        }
+        std::mem::take(&mut *self.told.lock().expect("lock"))
+    }
 }
 
 /// One message in its own session; the reply to its end of data, or
@@ -162,21 +199,16 @@ async fn twenty_sigkills_under_load_lose_nothing_accepted() {
     let world = World::start().await;
     let port = free_port();
     let config = world.write_config(&unpaced(world.config(port)));
-    let told = Arc::new(Mutex::new(Told::default()));
+    let mut accepted = BTreeSet::new();
     for round in 0..20 {
         let mut relay = Relay::start(&config, port).await;
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let clients = load(port, &format!("kill{round}"), told.clone(), stop.clone());
+        let load = Load::new().start(port, &format!("kill{round}"));
         // let some mail in, and some out, then kill it mid-flight
         tokio::time::sleep(Duration::from_millis(300 + 37 * round)).await;
         relay.kill9();
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        for client in clients {
-            client.await.expect("client");
-        }
+        accepted.append(&mut load.finish().await.accepted);
     }
     let relay = Relay::start(&config, port).await;
-    let accepted = told.lock().expect("lock").accepted.clone();
     assert!(accepted.len() > 20, "too little load: {}", accepted.len());
     all_delivered(&world, &relay, &accepted).await;
     eventually(20, "an empty queue", || relay.queue_json().is_empty()).await;
@@ -213,27 +245,11 @@ async fn a_postgresql_outage_is_451_and_readyz_then_resumes_by_itself() {
     // after, within a bound even on a loaded machine.
     assert_eq!(ready(&readyz).await, Some(200), "{}", relay.log());
 
-    let told = Arc::new(Mutex::new(Told::default()));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let clients = load(port, "pg", told.clone(), stop.clone());
+    let load = Load::new().start(port, "pg");
     tokio::time::sleep(Duration::from_millis(500)).await;
     pg.stop();
-    let before = told.lock().expect("lock").refused.len();
-    // not ready, naming the database, within a few seconds
-    let mut named = String::new();
-    for _ in 0..100 {
-        let response = reqwest::get(&readyz).await.expect("readyz");
-        let status = response.status().as_u16();
-        named = response.text().await.unwrap_or_default();
-        if status == 503 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(
-        named.contains("FAIL queue database: PostgreSQL 127.0.0.1:"),
-        "{named}"
-    );
+    let before = load.told(|t| t.refused.len());
+    not_ready_naming_the_database(&readyz).await;
     // the admin's verbs say which database they could not reach
     let listed = {
         let config = config.clone();
@@ -249,32 +265,9 @@ async fn a_postgresql_outage_is_451_and_readyz_then_resumes_by_itself() {
         "{said}"
     );
     // clients are told 451 meanwhile
-    for _ in 0..200 {
-        if told.lock().expect("lock").refused.len() > before {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    load.until(|t| t.refused.len() > before).await;
     pg.restart();
-    // ready again by itself, and mail flows again
-    assert_eq!(ready(&readyz).await, Some(200), "{}", relay.log());
-    let accepted_before = told.lock().expect("lock").accepted.len();
-    for _ in 0..200 {
-        if told.lock().expect("lock").accepted.len() > accepted_before + CLIENTS {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for client in clients {
-        client.await.expect("client");
-    }
-    let told = std::mem::take(&mut *told.lock().expect("lock"));
-    assert!(
-        told.refused.iter().any(|r| r.starts_with("451 4.3.0")),
-        "no 451 during the outage: {:?}",
-        told.refused
-    );
+    let told = resumes(load, &readyz, &relay).await;
     assert!(
         told.refused
             .iter()
@@ -282,12 +275,50 @@ async fn a_postgresql_outage_is_451_and_readyz_then_resumes_by_itself() {
         "{:?}",
         told.refused
     );
+    all_delivered(&world, &relay, &told.accepted).await;
+    eventually(20, "an empty queue", || relay.queue_json().is_empty()).await;
+}
+
+/// Polls `/readyz` (30 s at most) until it fails, and checks that it names
+/// the database.
+async fn not_ready_naming_the_database(readyz: &str) {
+    let mut named = String::new();
+    for _ in 0..300 {
+        let response = tokio::time::timeout(Duration::from_secs(2), reqwest::get(readyz)).await;
+        if let Ok(Ok(response)) = response {
+            let status = response.status().as_u16();
+            named = response.text().await.unwrap_or_default();
+            if status == 503 {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        named.contains("FAIL queue database: PostgreSQL 127.0.0.1:"),
+        "{named}"
+    );
+}
+
+/// After the database came back: the relay is ready again by itself and
+/// mail flows again; some client was told `451 4.3.0` meanwhile. What the
+/// clients were told, all in all.
+async fn resumes(load: Load, readyz: &str, relay: &Relay) -> Told {
+    assert_eq!(ready(readyz).await, Some(200), "{}", relay.log());
+    let accepted_before = load.told(|t| t.accepted.len());
+    load.until(|t| t.accepted.len() > accepted_before + CLIENTS)
+        .await;
+    let told = load.finish().await;
+    assert!(
+        told.refused.iter().any(|r| r.starts_with("451 4.3.0")),
+        "no 451 during the outage: {:?}",
+        told.refused
+    );
     assert!(
         told.accepted.len() > accepted_before,
         "no mail after the outage"
     );
-    all_delivered(&world, &relay, &told.accepted).await;
-    eventually(20, "an empty queue", || relay.queue_json().is_empty()).await;
+    told
 }
 
 // A server that stops answering (hung, or its host gone silent) is not
@@ -312,53 +343,14 @@ async fn a_postgresql_that_stops_answering_is_451_and_readyz_then_resumes() {
     let readyz = format!("http://127.0.0.1:{admin}/readyz");
     assert_eq!(ready(&readyz).await, Some(200), "{}", relay.log());
 
-    let told = Arc::new(Mutex::new(Told::default()));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let clients = load(port, "hung", told.clone(), stop.clone());
+    let load = Load::new().start(port, "hung");
     tokio::time::sleep(Duration::from_millis(500)).await;
     pg.freeze();
-    let mut named = String::new();
-    for _ in 0..300 {
-        let response = tokio::time::timeout(Duration::from_secs(2), reqwest::get(&readyz)).await;
-        if let Ok(Ok(response)) = response {
-            let status = response.status().as_u16();
-            named = response.text().await.unwrap_or_default();
-            if status == 503 {
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(
-        named.contains("FAIL queue database: PostgreSQL 127.0.0.1:"),
-        "{named}"
-    );
-    let before = told.lock().expect("lock").refused.len();
-    for _ in 0..300 {
-        if told.lock().expect("lock").refused.len() > before + CLIENTS {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    not_ready_naming_the_database(&readyz).await;
+    let before = load.told(|t| t.refused.len());
+    load.until(|t| t.refused.len() > before + CLIENTS).await;
     pg.thaw();
-    assert_eq!(ready(&readyz).await, Some(200), "{}", relay.log());
-    let accepted_before = told.lock().expect("lock").accepted.len();
-    for _ in 0..200 {
-        if told.lock().expect("lock").accepted.len() > accepted_before + CLIENTS {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for client in clients {
-        client.await.expect("client");
-    }
-    let told = std::mem::take(&mut *told.lock().expect("lock"));
-    assert!(
-        told.refused.iter().any(|r| r.starts_with("451 4.3.0")),
-        "no 451 while the database did not answer: {:?}",
-        told.refused
-    );
+    let told = resumes(load, &readyz, &relay).await;
     let waited = told.refused.iter().filter(|r| *r == "timed out").count();
     assert!(
         waited <= CLIENTS
@@ -368,10 +360,6 @@ async fn a_postgresql_that_stops_answering_is_451_and_readyz_then_resumes() {
                 .all(|r| r.starts_with("451") || r == "timed out"),
         "{:?}",
         told.refused
-    );
-    assert!(
-        told.accepted.len() > accepted_before,
-        "no mail after the database answered again"
     );
     all_delivered(&world, &relay, &told.accepted).await;
     eventually(20, "an empty queue", || relay.queue_json().is_empty()).await;
@@ -446,16 +434,9 @@ async fn two_relays_keep_to_three_upstream_connections_together() {
     });
     let relay_a = Relay::start(&config_a, port_a).await;
     let relay_b = Relay::start(&config_b, port_b).await;
-    let told = Arc::new(Mutex::new(Told::default()));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut clients = load(port_a, "a", told.clone(), stop.clone());
-    clients.extend(load(port_b, "b", told.clone(), stop.clone()));
+    let load = Load::new().start(port_a, "a").start(port_b, "b");
     tokio::time::sleep(Duration::from_secs(4)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for client in clients {
-        client.await.expect("client");
-    }
-    let told = std::mem::take(&mut *told.lock().expect("lock"));
+    let told = load.finish().await;
     assert!(told.refused.is_empty(), "refused: {:?}", told.refused);
     assert!(told.accepted.len() >= 8, "accepted {:?}", told.accepted);
     all_delivered(&world, &relay_b, &told.accepted).await;
@@ -513,18 +494,11 @@ async fn a_relay_killed_mid_load_loses_nothing_and_repeats_only_its_in_flight() 
     });
     let mut relay_a = Relay::start(&config_a, port_a).await;
     let relay_b = Relay::start(&config_b, port_b).await;
-    let told = Arc::new(Mutex::new(Told::default()));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut clients = load(port_a, "a", told.clone(), stop.clone());
-    clients.extend(load(port_b, "b", told.clone(), stop.clone()));
+    let load = Load::new().start(port_a, "a").start(port_b, "b");
     tokio::time::sleep(Duration::from_secs(3)).await;
     relay_a.kill9();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for client in clients {
-        client.await.expect("client");
-    }
-    let told = std::mem::take(&mut *told.lock().expect("lock"));
+    let told = load.finish().await;
     assert!(
         told.accepted.iter().any(|s| s.starts_with("a-")),
         "A accepted nothing before it was killed"
