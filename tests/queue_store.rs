@@ -280,8 +280,8 @@ async fn a_postgresql_outage_is_451_and_readyz_then_resumes_by_itself() {
 }
 
 /// Polls `/readyz` (30 s at most) until it fails, and checks that it names
-/// the database.
-async fn not_ready_naming_the_database(readyz: &str) {
+/// the database; what it said.
+async fn not_ready_naming_the_database(readyz: &str) -> String {
     let mut named = String::new();
     for _ in 0..300 {
         let response = tokio::time::timeout(Duration::from_secs(2), reqwest::get(readyz)).await;
@@ -298,6 +298,7 @@ async fn not_ready_naming_the_database(readyz: &str) {
         named.contains("FAIL queue database: PostgreSQL 127.0.0.1:"),
         "{named}"
     );
+    named
 }
 
 /// After the database came back: the relay is ready again by itself and
@@ -346,7 +347,8 @@ async fn a_postgresql_that_stops_answering_is_451_and_readyz_then_resumes() {
     let load = Load::new().start(port, "hung");
     tokio::time::sleep(Duration::from_millis(500)).await;
     pg.freeze();
-    not_ready_naming_the_database(&readyz).await;
+    let named = not_ready_naming_the_database(&readyz).await;
+    assert!(named.contains("the server does not answer"), "{named}");
     let before = load.told(|t| t.refused.len());
     load.until(|t| t.refused.len() > before + CLIENTS).await;
     pg.thaw();

@@ -28,9 +28,14 @@ pub enum StoreError {
     /// Applying the schema migrations failed.
     #[error("cannot migrate the database schema: {0}")]
     Migrate(#[source] sqlx::migrate::MigrateError),
+    /// No connection came free in time for an operation: the server does
+    /// not answer (hung, or its host unreachable without a reset), or every
+    /// connection is busy.
+    #[error("no connection to the database came free in time: the server does not answer, or every connection is busy")]
+    NoConnection,
     /// A query failed.
     #[error("database: {0}")]
-    Database(#[from] sqlx::Error),
+    Database(#[source] sqlx::Error),
     /// The shared commit of a batch of writes failed (every write of the
     /// batch gets the same error).
     #[error("{0}")]
@@ -65,4 +70,13 @@ pub enum StoreError {
     /// The store's commit task has stopped (the runtime is shutting down).
     #[error("the store is closed")]
     Closed,
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        match e {
+            sqlx::Error::PoolTimedOut => StoreError::NoConnection,
+            e => StoreError::Database(e),
+        }
+    }
 }
