@@ -3,7 +3,8 @@
 //! The relay delivers mail to `smtp.office365.com:587` after obtaining an
 //! OAuth 2.0 access token from the Microsoft identity platform. Neither is
 //! reachable (or desirable) in tests, so this crate serves fakes of both on
-//! `127.0.0.1`, each on its own ephemeral port:
+//! `127.0.0.1`, each on its own port (the submission server, which can be
+//! stopped and restarted, on a [`reserved_port`]):
 //!
 //! * [`IdentityPlatform`] — an HTTP token endpoint shaped like
 //!   `https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token`. It
