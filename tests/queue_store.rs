@@ -2,17 +2,17 @@
 //! nothing accepted (embedded SQLite); a relay on PostgreSQL answers `451`,
 //! fails `/readyz` naming the database while it is down, and resumes by
 //! itself when it is back, without losing anything it answered `250` for
-//! (stopped, or hung without closing its connections);
-//! mail accepted by a relay that dies is delivered by another on the same
-//! database; two relays sending at once keep to the mailbox's three
-//! upstream connections together and to the mailbox's pace, and when one is
+//! (stopped, or hung without closing its connections); mail accepted by a
+//! relay that dies is delivered by another on the same database; two relays
+//! sending at once keep to the mailbox's three upstream connections (or
+//! four Graph requests) together and to the mailbox's pace, and when one is
 //! killed mid-load the other delivers all it accepted, repeating at most
 //! what was in flight.
 
 mod common;
 
 use common::*;
-use relay_testkit::Postgres;
+use relay_testkit::{GraphServer, Postgres};
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -452,6 +452,56 @@ async fn two_relays_keep_to_three_upstream_connections_together() {
         relay_a.log(),
         relay_b.log()
     );
+}
+
+// Graph's request cap is the mailbox's, across relays: two relays on one
+// database, both sending through a slow Graph, never have more than
+// `graph.max_requests` (4) requests in flight together, and send each
+// message once.
+#[tokio::test]
+async fn two_relays_keep_to_four_graph_requests_together() {
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let world = World::start().await;
+    let graph = GraphServer::start(world.idp.clone())
+        .await
+        .expect("stand-in graph");
+    graph.set_reply_delay(Some(Duration::from_millis(300)));
+    let endpoint = graph.endpoint();
+    let ((config_a, port_a), (config_b, port_b)) = two_relays(&world, &pg, |c| {
+        c.replacen("[[accounts]]\n", "[[accounts]]\ntransport = \"graph\"\n", 1)
+            + &format!("\n[graph]\nendpoint = \"{endpoint}\"\n")
+    });
+    let relay_a = Relay::start(&config_a, port_a).await;
+    let relay_b = Relay::start(&config_b, port_b).await;
+    let mut accepted = send_accepted_n(port_a, "a", 10).await;
+    accepted.extend(send_accepted_n(port_b, "b", 10).await);
+    let got = graph
+        .wait_for_messages(accepted.len(), Duration::from_secs(60))
+        .await;
+    eventually(20, "an empty queue", || relay_a.queue_json().is_empty()).await;
+    let mut subjects: Vec<String> = graph
+        .messages()
+        .iter()
+        .filter_map(|m| {
+            String::from_utf8_lossy(&m.mime)
+                .lines()
+                .find_map(|l| l.strip_prefix("Subject: ").map(str::to_owned))
+        })
+        .collect();
+    subjects.sort();
+    assert_eq!(
+        subjects,
+        accepted.iter().cloned().collect::<Vec<_>>(),
+        "each message once ({} seen)\nA:\n{}\nB:\n{}",
+        got.len(),
+        relay_a.log(),
+        relay_b.log()
+    );
+    let peak = graph.peak_concurrency();
+    assert!(peak <= 4, "{peak} Graph requests at once");
+    assert!(peak >= 2, "the relays did not send side by side: {peak}");
 }
 
 #[tokio::test]
