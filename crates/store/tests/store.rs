@@ -4,8 +4,8 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use relay_store::{
-    Admitted, Body, Envelope, Location, MessageState, NewMessage, Pace, PaceLimits, Progress,
-    Recipient, RecipientState, Redeem, Reply, Secret, Store, StoreError, StoreSettings,
+    Admitted, Body, Envelope, LeaseHolder, Location, MessageState, NewMessage, Pace, PaceLimits,
+    Progress, Recipient, RecipientState, Redeem, Reply, Secret, Store, StoreError, StoreSettings,
     SCHEMA_VERSION,
 };
 use relay_testkit::Postgres;
@@ -285,6 +285,57 @@ async fn two_relays_never_hold_one_lease_and_expired_leases_are_taken_over() {
                 "{name}: lease lost"
             );
         }
+    }
+}
+
+// The client of a passthrough message waits on one relay's connection for
+// the upstream's answer: only that relay sends it. Another relay never
+// leases it, even after that relay's lease lapsed; it fails it then (the
+// client, cut off, resends), and not before.
+#[tokio::test]
+async fn a_passthrough_message_is_sent_only_by_the_relay_holding_its_client() {
+    for engine in Engine::all() {
+        let name = engine.name();
+        let a = engine.open("relay-a").await;
+        let b = engine.open("relay-b").await;
+        let mut m = message("00000000000000AA", "box", b"x");
+        m.envelope.passthrough = true;
+        m.lease = Some(LeaseHolder {
+            relay: "relay-a".into(),
+            expires: at(1) + LEASE,
+        });
+        a.insert(m).await.expect("insert");
+        let reply = Reply {
+            code: 451,
+            enhanced: Some("4.3.0".into()),
+            text: "451 4.3.0 the relay stopped".into(),
+        };
+        let late = at(2) + LEASE;
+        for now in [at(1), late] {
+            assert!(
+                b.lease_next("box", now, LEASE)
+                    .await
+                    .expect("lease")
+                    .is_none(),
+                "{name}: another relay leased it"
+            );
+        }
+        assert_eq!(
+            b.fail_orphans(at(1), &reply, "local")
+                .await
+                .expect("orphans"),
+            0,
+            "{name}: failed while its relay holds it"
+        );
+        assert_eq!(
+            b.fail_orphans(late, &reply, "local")
+                .await
+                .expect("orphans"),
+            1,
+            "{name}"
+        );
+        let failed = a.get("00000000000000AA").await.expect("get").expect("kept");
+        assert_eq!(failed.progress.state, MessageState::Failed, "{name}");
     }
 }
 
