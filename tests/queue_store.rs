@@ -250,20 +250,7 @@ async fn a_postgresql_outage_is_451_and_readyz_then_resumes_by_itself() {
     pg.stop();
     let before = load.told(|t| t.refused.len());
     not_ready_naming_the_database(&readyz).await;
-    // the admin's verbs say which database they could not reach
-    let listed = {
-        let config = config.clone();
-        tokio::task::spawn_blocking(move || cli(&["queue", "list"], &config))
-            .await
-            .expect("queue list")
-    };
-    let said = String::from_utf8_lossy(&listed.stderr);
-    assert!(!listed.status.success(), "{said}");
-    assert!(
-        said.contains("queue database PostgreSQL 127.0.0.1:")
-            && said.contains("`smtp-oauth-relay doctor` checks it"),
-        "{said}"
-    );
+    admin_verbs_name_the_database(&config, "Connection refused").await;
     // clients are told 451 meanwhile
     load.until(|t| t.refused.len() > before).await;
     pg.restart();
@@ -299,6 +286,27 @@ async fn not_ready_naming_the_database(readyz: &str) -> String {
         "{named}"
     );
     named
+}
+
+/// `queue list` fails (within 30 s) saying which database it could not
+/// reach, why (`why`), and which verb checks it.
+async fn admin_verbs_name_the_database(config: &std::path::Path, why: &str) {
+    let config = config.to_owned();
+    let listed = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::task::spawn_blocking(move || cli(&["queue", "list"], &config)),
+    )
+    .await
+    .expect("queue list answers")
+    .expect("queue list");
+    let said = String::from_utf8_lossy(&listed.stderr);
+    assert!(!listed.status.success(), "{said}");
+    assert!(
+        said.contains("queue database PostgreSQL 127.0.0.1:")
+            && said.contains("`smtp-oauth-relay doctor` checks it")
+            && said.contains(why),
+        "{said}"
+    );
 }
 
 /// After the database came back: the relay is ready again by itself and
@@ -349,6 +357,7 @@ async fn a_postgresql_that_stops_answering_is_451_and_readyz_then_resumes() {
     pg.freeze();
     let named = not_ready_naming_the_database(&readyz).await;
     assert!(named.contains("the server does not answer"), "{named}");
+    admin_verbs_name_the_database(&config, "no answer within 5 s").await;
     let before = load.told(|t| t.refused.len());
     load.until(|t| t.refused.len() > before + CLIENTS).await;
     pg.thaw();

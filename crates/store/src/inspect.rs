@@ -3,10 +3,10 @@
 //! schema version the relays left there and whether this role could
 //! migrate it. Nothing is created or migrated (that is [`crate::Store::open`]'s).
 
-use sqlx::{Connection as _, PgConnection};
+use sqlx::Connection as _;
 
 use crate::schema::TABLES;
-use crate::store::{postgres_options, supported_server, ACQUIRE_TIMEOUT};
+use crate::store::{connect_postgres, postgres_options, supported_server};
 use crate::{DatabaseUrl, Secret, StoreError};
 
 /// sqlx's record of the migrations applied.
@@ -44,15 +44,7 @@ pub async fn inspect(
     relay: &str,
 ) -> Result<Inspection, StoreError> {
     let options = postgres_options(url, password, relay)?;
-    let mut conn = tokio::time::timeout(ACQUIRE_TIMEOUT, PgConnection::connect_with(&options))
-        .await
-        .map_err(|_| {
-            StoreError::Connect(sqlx::Error::Io(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("no answer within {} s", ACQUIRE_TIMEOUT.as_secs()),
-            )))
-        })?
-        .map_err(StoreError::Connect)?;
+    let mut conn = connect_postgres(&options).await?;
     let server_version = supported_server(&mut conn).await?;
     let (role, schema, may_create): (String, Option<String>, bool) = sqlx::query_as(
         "SELECT current_user::text, current_schema()::text,
@@ -203,7 +195,7 @@ mod tests {
             pg.ca_file().display()
         ));
         let options = postgres_options(&url, Some(&password), "test").expect("options");
-        let mut conn = PgConnection::connect_with(&options)
+        let mut conn = sqlx::PgConnection::connect_with(&options)
             .await
             .expect("connect over TLS");
         let encrypted: bool =

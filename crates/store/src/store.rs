@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use sha2::{Digest, Sha256};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
-use sqlx::{Connection as _, PgPool, Row};
+use sqlx::{Connection as _, PgConnection, PgPool, Row};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::body::{Body, Spooled};
@@ -1631,16 +1631,36 @@ pub(crate) async fn connect(settings: &StoreSettings) -> Result<(Pool, Dialect),
         }
         Location::Postgres { url, password } => {
             let options = postgres_options(url, password.as_ref(), &settings.relay)?;
+            // One connection of its own first: its error says why (refused,
+            // no answer, the login), where the pool's says only that no
+            // connection came in time.
+            let mut first = connect_postgres(&options).await?;
+            supported_server(&mut first).await?;
+            let _ = first.close().await;
             let pool = PgPoolOptions::new()
                 .max_connections(max)
                 .acquire_timeout(ACQUIRE_TIMEOUT)
-                .connect_with(options)
-                .await
-                .map_err(StoreError::Connect)?;
-            supported_server(&pool).await?;
+                .connect_lazy_with(options);
             (Pool::Postgres(pool), Dialect::Postgres)
         }
     })
+}
+
+/// One connection to PostgreSQL, made within [`ACQUIRE_TIMEOUT`]; a server
+/// that does not answer in that time is [`StoreError::Connect`] with a
+/// timed-out I/O error.
+pub(crate) async fn connect_postgres(
+    options: &PgConnectOptions,
+) -> Result<PgConnection, StoreError> {
+    tokio::time::timeout(ACQUIRE_TIMEOUT, PgConnection::connect_with(options))
+        .await
+        .map_err(|_| {
+            StoreError::Connect(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {} s", ACQUIRE_TIMEOUT.as_secs()),
+            )))
+        })?
+        .map_err(StoreError::Connect)
 }
 
 /// The server's version as it names it, if it is PostgreSQL 13 or newer
