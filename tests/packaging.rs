@@ -181,15 +181,58 @@ async fn credentials_directory_secret_and_a_fresh_state_directory() {
     );
 }
 
-// The container: the image's config file plus the environment of
+// The container: the image's config file plus the relay environment of
 // deploy/docker/compose.yaml is a valid configuration, listening on every
 // interface of the container but trusting only the named networks.
 #[test]
 fn the_container_config_and_the_compose_environment_are_valid() {
-    let compose = repo_file("deploy/docker/compose.yaml");
     let dir = tempfile::tempdir().unwrap();
-    let secret = dir.path().join("client-secret");
-    std::fs::write(&secret, "s3cret").unwrap();
+    let env = compose_environment("deploy/docker/compose.yaml", dir.path());
+    let stdout = check_in_container(&env);
+    assert!(stdout.contains("listening on 0.0.0.0:2525"), "{stdout}");
+
+    // Without the compose environment the image's own file trusts loopback
+    // only: never an open relay by default.
+    let image = repo_file("deploy/docker/config.toml");
+    let allowed = image
+        .lines()
+        .find(|l| l.starts_with("allowed_networks"))
+        .expect("allowed_networks in the image config");
+    assert_eq!(allowed, r#"allowed_networks = ["127.0.0.0/8", "::1/128"]"#);
+    assert!(image.contains(r#"dir = "/var/lib/smtp-oauth-relay/queue""#));
+}
+
+// deploy/docker/compose.postgres.yaml: both relays' environment is a valid
+// configuration sharing the queue through the compose file's PostgreSQL
+// service, its password read from the Docker secret.
+#[test]
+fn the_shared_queue_compose_environment_is_valid() {
+    let file = "deploy/docker/compose.postgres.yaml";
+    let dir = tempfile::tempdir().unwrap();
+    let env = compose_environment(file, dir.path());
+    let url = env
+        .iter()
+        .find(|(key, _)| key == "SMTP_OAUTH_RELAY__QUEUE__DATABASE_URL")
+        .map(|(_, url)| url.as_str());
+    assert_eq!(url, Some("postgres://relay@postgres:5432/relay"));
+    let stdout = check_in_container(&env);
+    assert!(stdout.contains("listening on 0.0.0.0:2525"), "{stdout}");
+    let compose = repo_file(file);
+    for service in ["postgres:", "relay-a:", "relay-b:", "legacy-app:"] {
+        assert!(
+            compose.contains(&format!("\n  {service}\n")),
+            "{file} lacks {service}"
+        );
+    }
+    assert!(compose.contains("POSTGRES_PASSWORD_FILE: /run/secrets/db-password"));
+}
+
+/// The `SMTP_OAUTH_RELAY__…` variables a compose file gives its relays, with
+/// `${NAME…}` filled in as from `.env` and each secret's path replaced by a
+/// file in `dir`. Checks that every required key is there and that no
+/// network is trusted wholesale.
+fn compose_environment(file: &str, dir: &Path) -> Vec<(String, String)> {
+    let compose = repo_file(file);
     let mut env = Vec::new();
     for line in compose.lines() {
         let line = line.trim();
@@ -214,14 +257,21 @@ fn the_container_config_and_the_compose_environment_are_valid() {
             };
             value.replace_range(start..=end, &example);
         }
-        if key.ends_with("__CLIENT_SECRET_FILE") {
-            assert_eq!(value, "/run/secrets/client-secret", "compose secret path");
-            value = secret.display().to_string();
+        for (suffix, secret) in [
+            ("__CLIENT_SECRET_FILE", "client-secret"),
+            ("__DATABASE_PASSWORD_FILE", "db-password"),
+        ] {
+            if key.ends_with(suffix) {
+                assert_eq!(value, format!("/run/secrets/{secret}"), "{file}: {key}");
+                let local = dir.join(secret);
+                std::fs::write(&local, "s3cret").unwrap();
+                value = local.display().to_string();
+            }
         }
         if key.ends_with("__ALLOWED_NETWORKS") {
             assert!(
                 !value.contains("0.0.0.0/0") && !value.contains("::/0"),
-                "compose.yaml makes an open relay: {value}"
+                "{file} makes an open relay: {value}"
             );
         }
         env.push((key.to_owned(), value));
@@ -234,27 +284,21 @@ fn the_container_config_and_the_compose_environment_are_valid() {
         "SMTP_OAUTH_RELAY__ACCOUNTS__0__OAUTH__CLIENT_ID",
         "SMTP_OAUTH_RELAY__ACCOUNTS__0__OAUTH__CLIENT_SECRET_FILE",
     ] {
-        assert!(keys.contains(&required), "compose.yaml lacks {required}");
+        assert!(keys.contains(&required), "{file} lacks {required}");
     }
+    env
+}
+
+/// `check` of the image's config file under `env`; its output.
+fn check_in_container(env: &[(String, String)]) -> String {
     let config = Path::new(ROOT).join("deploy/docker/config.toml");
-    let out = cli_env(&["check"], &config, &env);
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let out = cli_env(&["check"], &config, env);
     assert!(
         out.status.success(),
         "check: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("listening on 0.0.0.0:2525"), "{stdout}");
-
-    // Without the compose environment the image's own file trusts loopback
-    // only: never an open relay by default.
-    let image = repo_file("deploy/docker/config.toml");
-    let allowed = image
-        .lines()
-        .find(|l| l.starts_with("allowed_networks"))
-        .expect("allowed_networks in the image config");
-    assert_eq!(allowed, r#"allowed_networks = ["127.0.0.0/8", "::1/128"]"#);
-    assert!(image.contains(r#"dir = "/var/lib/smtp-oauth-relay/queue""#));
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 // README's "Use it", outside systemd: the example with the README's own
