@@ -288,17 +288,14 @@ async fn not_ready_naming_the_database(readyz: &str) -> String {
     named
 }
 
-/// `queue list` fails (within 30 s) saying which database it could not
-/// reach, why (`why`), and which verb checks it.
+/// `queue list` fails saying which database it could not reach, why
+/// (`why`), and which verb checks it.
 async fn admin_verbs_name_the_database(config: &std::path::Path, why: &str) {
     let config = config.to_owned();
-    let listed = tokio::time::timeout(
-        Duration::from_secs(30),
-        tokio::task::spawn_blocking(move || cli(&["queue", "list"], &config)),
-    )
-    .await
-    .expect("queue list answers")
-    .expect("queue list");
+    // beside the runtime, whose clients go on sending meanwhile
+    let listed = tokio::task::spawn_blocking(move || cli(&["queue", "list"], &config))
+        .await
+        .expect("queue list");
     let said = String::from_utf8_lossy(&listed.stderr);
     assert!(!listed.status.success(), "{said}");
     assert!(

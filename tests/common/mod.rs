@@ -177,12 +177,14 @@ impl Drop for Relay {
 }
 
 pub fn cli(args: &[&str], config: &Path) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .arg("--config")
-        .arg(config)
-        .output()
-        .expect("run the binary")
+    output_within(
+        Command::new(BIN)
+            .args(args)
+            .arg("--config")
+            .arg(config)
+            .stdin(Stdio::null()),
+        CLI_LIMIT,
+    )
 }
 
 /// [`cli`] with environment variables `env` set, and `CREDENTIALS_DIRECTORY`
@@ -192,15 +194,62 @@ pub fn cli_env<K: AsRef<std::ffi::OsStr>, V: AsRef<std::ffi::OsStr>>(
     config: &Path,
     env: &[(K, V)],
 ) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .arg("--config")
-        .arg(config)
-        .env_remove("CREDENTIALS_DIRECTORY")
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null())
-        .output()
-        .expect("run the binary")
+    output_within(
+        Command::new(BIN)
+            .args(args)
+            .arg("--config")
+            .arg(config)
+            .env_remove("CREDENTIALS_DIRECTORY")
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null()),
+        CLI_LIMIT,
+    )
+}
+
+/// How long one of the binary's verbs may run in a test (`doctor` and
+/// `send-test` wait for stand-ins; none should come near this).
+pub const CLI_LIMIT: Duration = Duration::from_secs(120);
+
+/// Runs `command` to the end and collects its output, as
+/// [`Command::output`] does, but kills it and panics after `limit`, so
+/// that a verb that hangs fails its test instead of stalling the run.
+pub fn output_within(command: &mut Command, limit: Duration) -> Output {
+    use std::io::Read;
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run the binary");
+    // Read both pipes beside the wait: a child blocked on a full pipe
+    // would never end.
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut bytes);
+            }
+            bytes
+        })
+    };
+    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as _));
+    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _));
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for the binary") {
+            break status;
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{command:?} did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    }
 }
 
 /// A minimal SMTP client that asserts nothing: it returns each reply.
