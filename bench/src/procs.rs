@@ -7,7 +7,7 @@ use relay_testkit::Postgres;
 use std::{
     fs::{self, File},
     io::Write as _,
-    net::{SocketAddr, TcpListener},
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -27,9 +27,10 @@ fn remove_dir(dir: &Path) {
 /// The mailbox the stand-in submission server accepts.
 pub const MAILBOX: &str = "relay@contoso.com";
 
-/// A free port on 127.0.0.1 (bound and released; the peer binds it next).
+/// A free port on 127.0.0.1 for a peer to bind next, outside the range
+/// the kernel hands to other sockets meanwhile.
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(relay_standin::reserved_port()?)
 }
 
 /// Resident set size and its peak (VmRSS, VmHWM) of `pid`, in KiB.

@@ -203,9 +203,9 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
 /// A loopback address with a port free right now, for the admin endpoint:
 /// the config file must name the real port for `health` to find it.
 fn free_loopback_address() -> anyhow::Result<SocketAddr> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .context("finding a free port for the admin endpoint")
+    let port =
+        relay_standin::reserved_port().context("finding a free port for the admin endpoint")?;
+    Ok(SocketAddr::from(([127, 0, 0, 1], port)))
 }
 
 fn print_message(m: &ReceivedMessage) {
