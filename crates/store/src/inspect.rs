@@ -6,7 +6,7 @@
 use sqlx::Connection as _;
 
 use crate::schema::TABLES;
-use crate::store::{connect_postgres, postgres_options, supported_server};
+use crate::store::{connect_postgres, postgres_options};
 use crate::{DatabaseUrl, Secret, StoreError};
 
 /// sqlx's record of the migrations applied.
@@ -44,8 +44,7 @@ pub async fn inspect(
     relay: &str,
 ) -> Result<Inspection, StoreError> {
     let options = postgres_options(url, password, relay)?;
-    let mut conn = connect_postgres(&options).await?;
-    let server_version = supported_server(&mut conn).await?;
+    let (mut conn, server_version) = connect_postgres(&options).await?;
     let (role, schema, may_create): (String, Option<String>, bool) = sqlx::query_as(
         "SELECT current_user::text, current_schema()::text,
              COALESCE(has_schema_privilege(current_schema(), 'CREATE'), false)",

@@ -1634,8 +1634,7 @@ pub(crate) async fn connect(settings: &StoreSettings) -> Result<(Pool, Dialect),
             // One connection of its own first: its error says why (refused,
             // no answer, the login), where the pool's says only that no
             // connection came in time.
-            let mut first = connect_postgres(&options).await?;
-            supported_server(&mut first).await?;
+            let (first, _) = connect_postgres(&options).await?;
             let _ = first.close().await;
             let pool = PgPoolOptions::new()
                 .max_connections(max)
@@ -1646,13 +1645,21 @@ pub(crate) async fn connect(settings: &StoreSettings) -> Result<(Pool, Dialect),
     })
 }
 
-/// One connection to PostgreSQL, made within [`ACQUIRE_TIMEOUT`]; a server
+/// One connection to a supported PostgreSQL server, and the server's
+/// version ([`supported_server`]), within [`ACQUIRE_TIMEOUT`]: a server
 /// that does not answer in that time is [`StoreError::Connect`] with a
 /// timed-out I/O error.
 pub(crate) async fn connect_postgres(
     options: &PgConnectOptions,
-) -> Result<PgConnection, StoreError> {
-    tokio::time::timeout(ACQUIRE_TIMEOUT, PgConnection::connect_with(options))
+) -> Result<(PgConnection, String), StoreError> {
+    let connected = async {
+        let mut conn = PgConnection::connect_with(options)
+            .await
+            .map_err(StoreError::Connect)?;
+        let version = supported_server(&mut conn).await?;
+        Ok((conn, version))
+    };
+    tokio::time::timeout(ACQUIRE_TIMEOUT, connected)
         .await
         .map_err(|_| {
             StoreError::Connect(sqlx::Error::Io(std::io::Error::new(
@@ -1660,7 +1667,6 @@ pub(crate) async fn connect_postgres(
                 format!("no answer within {} s", ACQUIRE_TIMEOUT.as_secs()),
             )))
         })?
-        .map_err(StoreError::Connect)
 }
 
 /// The server's version as it names it, if it is PostgreSQL 13 or newer
