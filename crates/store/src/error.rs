@@ -40,6 +40,15 @@ pub enum StoreError {
     /// batch gets the same error).
     #[error("{0}")]
     Batch(#[source] Arc<StoreError>),
+    /// The embedded store's open lock could not be taken.
+    #[error("cannot take {path}, which processes opening the store take in turn: {source}")]
+    OpenLock {
+        /// The lock file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// A body file could not be written, read or removed.
     #[error("cannot {action} {path}: {source}")]
     BodyFile {
@@ -70,6 +79,40 @@ pub enum StoreError {
     /// The store's commit task has stopped (the runtime is shutting down).
     #[error("the store is closed")]
     Closed,
+}
+
+impl StoreError {
+    /// Whether the database could not be reached, or was lost on the way
+    /// (refused, no answer, the connection broken, the server starting up
+    /// or shutting down, or full of connections), rather than answering
+    /// with a refusal: the same request may succeed later without a change
+    /// of configuration. A login refused, a missing database, a TLS
+    /// failure or a schema too new are not.
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            StoreError::NoConnection => true,
+            StoreError::Connect(e) | StoreError::Database(e) => unreachable(e),
+            StoreError::Migrate(
+                sqlx::migrate::MigrateError::Execute(e)
+                | sqlx::migrate::MigrateError::ExecuteMigration(e, _),
+            ) => unreachable(e),
+            StoreError::Batch(e) => e.is_unreachable(),
+            _ => false,
+        }
+    }
+}
+
+fn unreachable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut => true,
+        // SQLSTATE classes 08 (connection exception) and 57P (the server
+        // shutting down, crashed, or not yet accepting), and 53300 (too
+        // many connections).
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            code.starts_with("08") || code.starts_with("57P") || code == "53300"
+        }),
+        _ => false,
+    }
 }
 
 impl From<sqlx::Error> for StoreError {

@@ -76,6 +76,8 @@ const MAX_BATCH: usize = 512;
 pub(crate) const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The embedded store's database file, in its directory.
 const SQLITE_FILE: &str = "queue.sqlite";
+/// Beside it: held by a process while it opens the embedded store.
+const SQLITE_OPEN_LOCK: &str = "queue.sqlite-open";
 /// The embedded store's body files, in its directory.
 const BODIES_DIR: &str = "bodies";
 /// Bytes of spooled bodies read into memory for their commit at once on
@@ -475,6 +477,48 @@ async fn read_spooled(spooled: Spooled) -> Result<Vec<u8>, StoreError> {
     blocking(&path, "read back", move |_| spooled.read_all()).await
 }
 
+/// Takes the embedded store's open lock in `dir`, waiting for it as long
+/// as SQLite waits for its own ([`SQLITE_BUSY`]); released when the file
+/// is dropped. SQLite has no lock for migrations (PostgreSQL's advisory
+/// lock serves there), and making a new database WAL needs the file to
+/// itself: processes opening one store at once (a relay and an admin verb
+/// beside it) take turns, and the later ones find it made and migrated.
+async fn opening_lock(dir: &Path) -> Result<std::fs::File, StoreError> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let path = dir.join(SQLITE_OPEN_LOCK);
+    let taking = path.clone();
+    let taken = tokio::task::spawn_blocking(move || {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&taking)?;
+        let until = std::time::Instant::now() + SQLITE_BUSY;
+        loop {
+            match file.try_lock() {
+                Ok(()) => return Ok(file),
+                Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < until => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!(
+                            "another process has been opening the store for {} s",
+                            SQLITE_BUSY.as_secs()
+                        ),
+                    ))
+                }
+                Err(std::fs::TryLockError::Error(e)) => return Err(e),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+    taken.map_err(|source| StoreError::OpenLock { path, source })
+}
+
 /// Creates a directory (and its parents) with mode 0700.
 fn create_private_dir(path: &Path) -> Result<(), StoreError> {
     relay_config::create_private_dir(path).map_err(|source| StoreError::BodyFile {
@@ -541,13 +585,13 @@ impl Store {
     /// Opens (creating if needed) the store and brings its schema up to
     /// date. Refuses a schema newer than this build's.
     pub async fn open(settings: StoreSettings) -> Result<Store, StoreError> {
-        let bodies: Option<Arc<Path>> = match &settings.location {
+        let (bodies, _opening): (Option<Arc<Path>>, _) = match &settings.location {
             Location::Sqlite(dir) => {
                 let bodies = dir.join(BODIES_DIR);
                 create_private_dir(&bodies)?;
-                Some(bodies.into())
+                (Some(bodies.into()), Some(opening_lock(dir).await?))
             }
-            Location::Postgres { .. } => None,
+            Location::Postgres { .. } => (None, None),
         };
         let (pool, dialect) = connect(&settings).await?;
         let migrator = schema::migrator(dialect);

@@ -562,6 +562,26 @@ async fn one_relay_redeems_the_refresh_token_and_the_others_read_it() {
     }
 }
 
+// Relays, or a relay and an admin verb, opening a new database at the same
+// moment: one of them migrates it, the others wait and find it migrated.
+#[tokio::test]
+async fn stores_opened_at_once_migrate_a_new_database_once() {
+    for engine in Engine::all() {
+        let name = engine.name();
+        let opened = tokio::join!(
+            engine.try_open("relay-a"),
+            engine.try_open("relay-b"),
+            engine.try_open("relay-c"),
+            engine.try_open("relay-d"),
+        );
+        for store in [opened.0, opened.1, opened.2, opened.3] {
+            if let Err(e) = store {
+                panic!("{name}: {e}");
+            }
+        }
+    }
+}
+
 #[tokio::test]
 async fn reopening_is_idempotent_and_a_newer_schema_is_refused() {
     for engine in Engine::all() {
