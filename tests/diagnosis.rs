@@ -260,4 +260,15 @@ async fn doctor_checks_the_shared_database_first() {
         text.contains("queue.database_password_file") && text.contains("pg_hba.conf"),
         "{text}"
     );
+    // a refusal is not waited out as an unreachable database is: the relay
+    // exits, naming it
+    let out = cli(
+        &["run"],
+        &world.write_config(&shared("sender", &sender_password)),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("password authentication failed"),
+        "{stderr}"
+    );
 }

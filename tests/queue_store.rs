@@ -3,8 +3,9 @@
 //! fails `/readyz` naming the database while it is down, and resumes by
 //! itself when it is back, without losing anything it answered `250` for
 //! (stopped, or hung without closing its connections); mail accepted by a
-//! relay that dies is delivered by another on the same database; two relays
-//! sending at once keep to the mailbox's three upstream connections (or
+//! relay that dies is delivered by another on the same database; a relay
+//! started while its database is down waits for it, answering `451`; two
+//! relays sending at once keep to the mailbox's three upstream connections (or
 //! four Graph requests) together and to the mailbox's pace, and when one is
 //! killed mid-load the other delivers all it accepted, repeating at most
 //! what was in flight.
@@ -325,6 +326,63 @@ async fn resumes(load: Load, readyz: &str, relay: &Relay) -> Told {
         "no mail after the outage"
     );
     told
+}
+
+// A relay started while its database is down does not exit: it listens,
+// answers every transaction 451 and fails /readyz naming the database, and
+// opens its queue by itself once the database is up.
+#[tokio::test]
+async fn a_relay_started_while_postgresql_is_down_answers_451_and_opens_when_it_is_up() {
+    let Some(mut pg) = Postgres::start() else {
+        return;
+    };
+    let world = World::start().await;
+    let (port, admin) = (free_port(), free_port());
+    let config = world.write_config(&shared(
+        unpaced(world.config_with_admin(port, admin)),
+        &pg,
+        "6s",
+    ));
+    pg.stop();
+    let relay = Relay::start(&config, port).await;
+    let readyz = format!("http://127.0.0.1:{admin}/readyz");
+    let named = not_ready_naming_the_database(&readyz).await;
+    assert!(named.contains("Connection refused"), "{named}");
+
+    let load = Load::new().start(port, "late");
+    load.until(|t| t.refused.len() > CLIENTS).await;
+    assert!(load.told(|t| t.accepted.is_empty()), "250 with no database");
+    pg.restart();
+    let told = resumes(load, &readyz, &relay).await;
+    assert!(
+        told.refused.iter().all(|r| r.starts_with("451 4.3.0")),
+        "{:?}",
+        told.refused
+    );
+    all_delivered(&world, &relay, &told.accepted).await;
+    eventually(20, "an empty queue", || relay.queue_json().is_empty()).await;
+}
+
+// SIGTERM stops a relay waiting for its database at once, as any other.
+#[tokio::test]
+async fn sigterm_stops_a_relay_waiting_for_its_database() {
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let world = World::start().await;
+    let (port, admin) = (free_port(), free_port());
+    let config = world.write_config(&shared(world.config_with_admin(port, admin), &pg, "6s"));
+    pg.stop();
+    let mut relay = Relay::start(&config, port).await;
+    not_ready_naming_the_database(&format!("http://127.0.0.1:{admin}/readyz")).await;
+    assert_eq!(relay.terminate().await, Some(0), "log:\n{}", relay.log());
+    assert!(
+        relay
+            .log()
+            .contains("shutting down before the queue opened"),
+        "{}",
+        relay.log()
+    );
 }
 
 // A server that stops answering (hung, or its host gone silent) is not

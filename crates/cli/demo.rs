@@ -68,12 +68,16 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let config_path = dir.path().join("config.toml");
     std::fs::write(&config_path, &toml)?;
     let config = relay_config::load_str(&toml).context("the demo configuration")?;
-    let relay = Running::start(config).await.with_context(|| {
-        format!(
-            "starting the relay on {} (use --listen to pick another address)",
-            args.listen
-        )
-    })?;
+    let never = std::pin::pin!(std::future::pending::<()>());
+    let relay = Running::start(config, never)
+        .await
+        .with_context(|| {
+            format!(
+                "starting the relay on {} (use --listen to pick another address)",
+                args.listen
+            )
+        })?
+        .context("the demo's queue did not open")?;
     let mailbox = upstream.mailbox();
     println!("smtp-oauth-relay demo");
     println!(

@@ -16,14 +16,17 @@
 //! the process exits non-zero and systemd restarts it rather than leaving
 //! it half alive.
 
-use crate::{status::RelayStatus, supervise::Tasks};
+use crate::{
+    status::{AdminStatus, RelayStatus},
+    supervise::Tasks,
+};
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
 use relay_config::Transport;
 use relay_config::{AccountConfig, Config, StateDir};
 use relay_delivery::{transport::graph::Graph, Account, Upstream};
 use relay_graph::GraphClient;
-use relay_listener::{Context, Router};
+use relay_listener::{Context, Intake, Router};
 use relay_queue::{Queue, QueueSettings};
 use relay_store::Store;
 use relay_tokens::{TokenManager, TokenSource};
@@ -43,8 +46,11 @@ pub async fn run(config: Config, path: &Path) -> anyhow::Result<()> {
     let terminate = termination()?;
     tokio::pin!(terminate);
     let mut hangup = signal(tokio::signal::unix::SignalKind::hangup())?;
-    let mut relay = Running::start(config).await?;
-    crate::notify::spawn_watchdog(relay.shutdown.clone());
+    let Some(mut relay) = Running::start(config, terminate.as_mut()).await? else {
+        tracing::info!("shutting down before the queue opened");
+        crate::notify::stopping();
+        return Ok(());
+    };
     let outcome = tokio::select! {
         () = &mut terminate => Ok(()),
         () = relay.wait_for_first_tokens() => relay.serve(path, &mut hangup, terminate).await,
@@ -65,6 +71,8 @@ pub struct Running {
     /// values the relay started with).
     config: Config,
     queue: Queue,
+    /// The queue as the listener's sessions see it.
+    intake: Intake,
     context: Arc<ArcSwap<Context>>,
     delivery: Delivery,
     tokens: Vec<AccountTokens>,
@@ -120,17 +128,66 @@ impl Running {
     /// Binds the listener and the admin endpoint first (an address in use
     /// fails at once), then opens the queue and starts token managers,
     /// delivery, the listener and the admin endpoint.
-    pub async fn start(config: Config) -> anyhow::Result<Running> {
+    ///
+    /// A shared database that cannot be reached is waited for: the listener
+    /// and the admin endpoint start at once, every transaction is answered
+    /// `451 4.3.0`, `/readyz` names the database and why, and the queue is
+    /// opened as soon as the database answers. `None`: `stop` resolved
+    /// before that.
+    pub async fn start(
+        config: Config,
+        stop: std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+    ) -> anyhow::Result<Option<Running>> {
         let listener =
             relay_listener::bind(&config.listener.bind, &config.listener.implicit_tls_bind).await?;
         let admin = relay_admin::Endpoint::bind(config.admin.bind).await?;
         let metrics = relay_admin::install_recorder()?;
-        let queue = Queue::open(queue_settings(&config.queue)?)
-            .await
-            .with_context(|| queue_named(&config.queue))?;
         let shutdown = CancellationToken::new();
-        let tokens = account_tokens(&config, &[], queue.shared_store())?;
+        crate::notify::spawn_watchdog(shutdown.clone());
         let mut tasks = Tasks::default();
+        let admin_status = Arc::new(AdminStatus::opening(
+            queue_settings(&config.queue)?.store_name(),
+        ));
+        let intake = Intake::waiting();
+        let context = Arc::new(ArcSwap::from_pointee(listener_context(&config, &intake)?));
+        let listening = listener.local_addrs();
+        // Both serve once the queue is open, or as soon as it is found
+        // unreachable; until then connections wait in the sockets' backlog.
+        let mut unserved = Some((listener, admin));
+        let mut serve = |tasks: &mut Tasks, note: &str| {
+            if let Some((listener, admin)) = unserved.take() {
+                if let Some(addr) = admin.local_addr() {
+                    tracing::info!(%addr, "admin endpoint: /healthz /readyz /metrics");
+                }
+                tasks.spawn_background(admin.serve(
+                    admin_status.clone(),
+                    metrics.clone(),
+                    shutdown.clone(),
+                ));
+                tracing::info!(addrs = ?listening, "listening for SMTP{note}");
+                tasks.spawn_listener(relay_listener::serve(
+                    listener,
+                    context.clone(),
+                    shutdown.clone(),
+                ));
+            }
+        };
+        let waiting = |why: String| {
+            admin_status.waiting(why.clone());
+            serve(
+                &mut tasks,
+                "; transactions are answered 451 until the queue opens",
+            );
+            crate::notify::ready(&format!("waiting for the queue: {why}"));
+        };
+        let Some(queue) = open_queue(&config.queue, stop, waiting).await? else {
+            shutdown.cancel();
+            tasks.stop_listener(config.listener.shutdown_timeout).await;
+            tasks.stop().await;
+            return Ok(None);
+        };
+        intake.open(queue.clone());
+        let tokens = account_tokens(&config, &[], queue.shared_store())?;
         for entry in &tokens {
             entry.start_refresher(&mut tasks);
         }
@@ -139,33 +196,25 @@ impl Running {
         let graph = ways_out.graph.as_ref().map(|g| g.client().clone());
         let delivery = start_delivery(&config, &queue, &tokens, ways_out, &shutdown);
         let status = Arc::new(RelayStatus {
-            listening: listener.local_addrs(),
+            listening: listening.clone(),
             queue_dir: config.queue.dir.clone(),
             queue: queue.clone(),
             tokens: ArcSwap::from_pointee(managers(&tokens)),
         });
-        if let Some(addr) = admin.local_addr() {
-            tracing::info!(%addr, "admin endpoint: /healthz /readyz /metrics");
-        }
-        tasks.spawn_background(admin.serve(status.clone(), metrics, shutdown.clone()));
-        let context = Arc::new(ArcSwap::from_pointee(listener_context(&config, &queue)?));
-        tracing::info!(addrs = ?listener.local_addrs(), "listening for SMTP");
-        tasks.spawn_listener(relay_listener::serve(
-            listener,
-            context.clone(),
-            shutdown.clone(),
-        ));
-        Ok(Running {
+        admin_status.running(status.clone());
+        serve(&mut tasks, "");
+        Ok(Some(Running {
             shutdown,
             config,
             queue,
+            intake,
             context,
             delivery,
             tokens,
             graph,
             status,
             tasks,
-        })
+        }))
     }
 
     /// Tells systemd it is ready, then reloads on SIGHUP until `terminate`
@@ -241,7 +290,7 @@ impl Running {
         } else {
             None
         };
-        let context = listener_context(&new, &self.queue)?;
+        let context = listener_context(&new, &self.intake)?;
         Ok(Prepared {
             config: new,
             tokens,
@@ -512,12 +561,54 @@ fn start_delivery(
 }
 
 /// The listener's policy, TLS certificate and local users.
-fn listener_context(config: &Config, queue: &Queue) -> anyhow::Result<Context> {
+fn listener_context(config: &Config, intake: &Intake) -> anyhow::Result<Context> {
     Ok(Context::new(
         config.listener.clone(),
         Router::new(&config.accounts),
-        queue.clone(),
+        intake.clone(),
     )?)
+}
+
+/// The first wait for a shared database that cannot be reached, doubled
+/// after each attempt up to [`QUEUE_RETRY_MAX`].
+const QUEUE_RETRY_FIRST: Duration = Duration::from_secs(1);
+const QUEUE_RETRY_MAX: Duration = Duration::from_secs(10);
+
+/// Opens the relay's queue. A shared database that cannot be reached is
+/// tried again, with `unreachable` told why each time, until it opens or
+/// `stop` resolves (`None`); any other error (a login refused, a schema
+/// too new, the queue directory) is returned at once.
+async fn open_queue(
+    config: &relay_config::QueueConfig,
+    mut stop: std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+    mut unreachable: impl FnMut(String),
+) -> anyhow::Result<Option<Queue>> {
+    let mut delay = QUEUE_RETRY_FIRST;
+    loop {
+        let settings = queue_settings(config)?;
+        let name = settings.store_name();
+        let opened = tokio::select! {
+            () = stop.as_mut() => return Ok(None),
+            opened = Queue::open(settings) => opened,
+        };
+        match opened {
+            Ok(queue) => return Ok(Some(queue)),
+            Err(e) if config.database_url.is_some() && e.is_unreachable() => {
+                tracing::warn!(
+                    error = %format!("{}: {e}", queue_named(config)),
+                    retry_in = ?delay,
+                    "cannot reach the queue's database; new mail is answered 451 until it is reached"
+                );
+                unreachable(format!("{name}: {e}"));
+            }
+            Err(e) => return Err(anyhow::Error::from(e).context(queue_named(config))),
+        }
+        tokio::select! {
+            () = stop.as_mut() => return Ok(None),
+            () = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(QUEUE_RETRY_MAX);
+    }
 }
 
 /// Messages waiting for delivery, as of the queue's last look at its store.

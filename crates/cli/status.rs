@@ -8,8 +8,61 @@ use relay_tokens::TokenManager;
 use std::{
     net::SocketAddr,
     path::PathBuf,
+    sync::{Arc, Mutex, OnceLock, PoisonError},
     time::{Duration, SystemTime},
 };
+
+/// What the admin endpoint reports, from before the queue is open: until
+/// then, that it is not and why (one failing check, `queue database`);
+/// after, the running relay's checks.
+pub struct AdminStatus {
+    relay: OnceLock<Arc<RelayStatus>>,
+    not_open: Mutex<String>,
+}
+
+impl AdminStatus {
+    /// The queue in `store` (as [`relay_queue::QueueSettings::store_name`]
+    /// names it) is being opened.
+    pub fn opening(store: String) -> AdminStatus {
+        AdminStatus {
+            relay: OnceLock::new(),
+            not_open: Mutex::new(format!("{store}: opening")),
+        }
+    }
+
+    /// The queue could not be opened yet, for `why`.
+    pub fn waiting(&self, why: String) {
+        *self.not_open.lock().unwrap_or_else(PoisonError::into_inner) = why;
+    }
+
+    /// The queue is open and the relay runs.
+    pub fn running(&self, relay: Arc<RelayStatus>) {
+        let _ = self.relay.set(relay);
+    }
+}
+
+impl relay_admin::Status for AdminStatus {
+    fn readiness(&self) -> Vec<Check> {
+        match self.relay.get() {
+            Some(relay) => relay.readiness(),
+            None => vec![Check {
+                name: "queue database".into(),
+                readiness: Readiness::NotReady(
+                    self.not_open
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .clone(),
+                ),
+            }],
+        }
+    }
+
+    fn refresh(&self) {
+        if let Some(relay) = self.relay.get() {
+            relay.refresh();
+        }
+    }
+}
 
 pub struct RelayStatus {
     pub listening: Vec<SocketAddr>,
@@ -41,7 +94,7 @@ impl RelayStatus {
     }
 }
 
-impl relay_admin::Status for RelayStatus {
+impl RelayStatus {
     fn readiness(&self) -> Vec<Check> {
         let addrs: Vec<String> = self.listening.iter().map(ToString::to_string).collect();
         let mut checks = vec![

@@ -6,7 +6,8 @@
 //! `250` to `DATA` only after the queue has the message on disk.
 //!
 //! The binary needs [`bind`], [`serve`], a [`Context`] (built again on
-//! reload and swapped in for new connections), the [`Router`] inside it,
+//! reload and swapped in for new connections), the [`Router`] and
+//! [`Intake`] inside it,
 //! and [`hash_password`] for `hash-password`. Inside:
 //!
 //! - `server`: binding, accepting, the allow-list, shutdown.
@@ -16,6 +17,8 @@
 //! - `data`: the message receiver; end-of-data is only `CRLF.CRLF`, bare CR
 //!   and LF are normalised to CRLF, so no smuggled command gets through.
 //! - `route`: which account sends for which sender.
+//! - `intake`: the queue the sessions store into, or none yet (the
+//!   relay's queue database unreachable at start: `451 4.3.0`).
 //! - `syntax`: command-line and address checks smtp-proto does not make.
 //! - `tls`: STARTTLS and implicit TLS (certificates read at each reload).
 //! - `auth`: local AUTH PLAIN/LOGIN against argon2 hashes, and the limit
@@ -28,6 +31,7 @@
 mod auth;
 mod data;
 mod error;
+mod intake;
 mod route;
 mod server;
 mod session;
@@ -36,6 +40,7 @@ mod tls;
 
 pub use auth::hash_password;
 pub use error::ListenerError;
+pub use intake::Intake;
 pub use route::Router;
 pub use server::{bind, serve, Listener};
 pub use session::Context;

@@ -9,6 +9,7 @@
 use crate::{
     auth::{decode_line, decode_plain, Users},
     data::DataReceiver,
+    intake::Intake,
     server::Shared,
     syntax::{self, DeclaredSize, MAX_COMMAND_LINE},
     tls::Conn,
@@ -16,7 +17,7 @@ use crate::{
 };
 use relay_config::{ListenerAuth, ListenerConfig, Mode};
 use relay_outcome::{Enhanced, Reply};
-use relay_queue::{BodyWriter, NewMessage, Queue, QueueId, RecipientResult};
+use relay_queue::{BodyWriter, NewMessage, QueueId, RecipientResult};
 use smtp_proto::{Error as ParseError, Request, AUTH_LOGIN, AUTH_PLAIN, MAIL_SMTPUTF8};
 use std::{borrow::Cow, net::SocketAddr, sync::Arc, time::Duration};
 use tokio::{
@@ -43,6 +44,10 @@ const READ_CHUNK: usize = 16 * 1024;
 /// many small ones never touch the disk before their commit.
 const SPOOL_AFTER: u64 = 256 * 1024;
 
+/// A transaction while the queue has not been opened yet.
+const QUEUE_NOT_OPEN: &str =
+    "451 4.3.0 Error: the queue is not open yet (its database cannot be reached), try again later";
+
 /// A non-ASCII address in a transaction that did not ask for SMTPUTF8
 /// (RFC 6531 3.5; Postfix's wording).
 const UNICODE_WITHOUT_SMTPUTF8: &str = "553 5.6.7 Must declare SMTPUTF8 to send unicode address";
@@ -51,7 +56,7 @@ const UNICODE_WITHOUT_SMTPUTF8: &str = "553 5.6.7 Must declare SMTPUTF8 to send 
 pub struct Context {
     pub(crate) config: ListenerConfig,
     router: Router,
-    queue: Queue,
+    intake: Intake,
     /// Built from `tls_certificate` / `tls_private_key`; `None` without them.
     pub(crate) tls: Option<TlsAcceptor>,
     /// `[[listener.users]]`.
@@ -64,7 +69,7 @@ impl Context {
     pub fn new(
         config: ListenerConfig,
         router: Router,
-        queue: Queue,
+        intake: impl Into<Intake>,
     ) -> Result<Context, ListenerError> {
         let tls = match (&config.tls_certificate, &config.tls_private_key) {
             (Some(cert), Some(key)) => Some(crate::tls::acceptor(cert, key)?),
@@ -75,7 +80,7 @@ impl Context {
         Ok(Context {
             config,
             router,
-            queue,
+            intake: intake.into(),
             tls,
             users,
         })
@@ -684,6 +689,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             );
             return self.error(&text);
         };
+        if self.ctx.intake.queue().is_none() {
+            return self.error(QUEUE_NOT_OPEN);
+        }
         self.envelope = Some(Envelope {
             sender,
             account,
@@ -752,7 +760,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return;
         }
         if let Spool::None = spool {
-            match self.ctx.queue.begin_body().await {
+            let Some(queue) = self.ctx.intake.queue() else {
+                *spool = Spool::Failed;
+                return;
+            };
+            match queue.begin_body().await {
                 Ok(writer) => *spool = Spool::Writing(Box::new(writer)),
                 Err(e) => {
                     tracing::error!(client = %self.peer.ip(), error = %e, "cannot spool a large message");
@@ -800,7 +812,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             client: Some(self.peer.ip()),
         };
         let (sender, recipients) = (message.sender.clone(), message.recipients.len());
-        let queue = &self.ctx.queue;
+        let Some(queue) = self.ctx.intake.queue() else {
+            self.line(QUEUE_NOT_OPEN);
+            return;
+        };
         let stored = match (self.ctx.config.mode, spooled) {
             (Mode::Queue, None) => queue
                 .enqueue_owned(message, body)

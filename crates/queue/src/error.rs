@@ -101,6 +101,13 @@ pub enum QueueError {
 }
 
 impl QueueError {
+    /// Whether the queue's database could not be reached (see
+    /// [`relay_store::StoreError::is_unreachable`]): trying again later,
+    /// unchanged, may succeed.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, QueueError::Store(e) if e.is_unreachable())
+    }
+
     pub(crate) fn io(action: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
         QueueError::Io {
             action,

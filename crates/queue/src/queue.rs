@@ -373,6 +373,14 @@ pub(crate) fn orphan_reply() -> Reply {
 }
 
 /// Where the queue's store is.
+impl QueueSettings {
+    /// Which store the queue is in, for people: `SQLite PATH`, or
+    /// `PostgreSQL host:port/database` (no user, password or options).
+    pub fn store_name(&self) -> String {
+        location(self).to_string()
+    }
+}
+
 fn location(settings: &QueueSettings) -> Location {
     match &settings.database {
         None => Location::Sqlite(settings.dir.clone()),
@@ -1082,10 +1090,9 @@ impl Queue {
         lock(&self.inner.local).health.clone()
     }
 
-    /// Which store the queue is in, for people: `SQLite PATH`, or
-    /// `PostgreSQL host:port/database` (no user, password or options).
+    /// Which store the queue is in, for people: [`QueueSettings::store_name`].
     pub fn store_name(&self) -> String {
-        location(&self.inner.settings).to_string()
+        self.inner.settings.store_name()
     }
 
     /// The queue's settings.
