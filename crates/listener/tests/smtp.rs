@@ -4,7 +4,7 @@
 //! checked in the queue directory itself.
 
 use arc_swap::ArcSwap;
-use relay_listener::{Context, Router};
+use relay_listener::{Context, Intake, Router};
 use relay_queue::{Entry, Queue, QueueSettings};
 use std::{
     net::SocketAddr,
@@ -73,6 +73,8 @@ struct Setup {
     tls: bool,
     /// Also listen for implicit TLS (needs `tls`).
     implicit_tls: bool,
+    /// Serve before the queue is handed to the sessions ([`Relay::open`]).
+    waiting: bool,
 }
 
 impl Default for Setup {
@@ -83,6 +85,7 @@ impl Default for Setup {
             accounts: account("main", &["*"]),
             tls: false,
             implicit_tls: false,
+            waiting: false,
         }
     }
 }
@@ -114,6 +117,12 @@ impl Setup {
     fn implicit_tls(mut self) -> Self {
         self.tls = true;
         self.implicit_tls = true;
+        self
+    }
+
+    /// The queue is not open when the listener starts serving.
+    fn waiting(mut self) -> Self {
+        self.waiting = true;
         self
     }
 
@@ -170,10 +179,14 @@ impl Setup {
             .expect("bind");
         let addr = listener.local_addrs()[0];
         let tls_addr = listener.tls_addrs().first().copied();
+        let intake = Intake::waiting();
+        if !self.waiting {
+            intake.open(queue.clone());
+        }
         let ctx = Context::new(
             config.listener,
             Router::new(&config.accounts),
-            queue.clone(),
+            intake.clone(),
         )
         .expect("listener context");
         let shutdown = CancellationToken::new();
@@ -188,6 +201,7 @@ impl Setup {
             cert,
             dir,
             queue,
+            intake,
             shutdown,
             server,
         }
@@ -225,6 +239,8 @@ struct Relay {
     cert: Option<TestCert>,
     dir: TempDir,
     queue: Queue,
+    /// The queue as the sessions see it.
+    intake: Intake,
     shutdown: CancellationToken,
     server: JoinHandle<()>,
 }
@@ -232,6 +248,11 @@ struct Relay {
 impl Relay {
     async fn start() -> Relay {
         Setup::default().start().await
+    }
+
+    /// Hands the queue to the sessions of a [`Setup::waiting`] relay.
+    fn open(&self) {
+        self.intake.open(self.queue.clone());
     }
 
     /// A new client, greeting already checked.
@@ -596,6 +617,40 @@ async fn full_transaction_is_queued_exactly() {
     };
     assert_eq!(stored, wire);
     drop(lease);
+    relay.stop().await;
+}
+
+// Until the queue is open (its database unreachable when the relay
+// started) a transaction is told 451 at MAIL; once it opens, a session
+// already connected queues its message.
+#[tokio::test]
+async fn transactions_wait_for_the_queue_to_open() {
+    let relay = Setup::default().waiting().start().await;
+    let mut c = relay.client().await;
+    c.send("EHLO app.example\r\n").await;
+    assert!(c.reply().await.ends_with("250 ENHANCEDSTATUSCODES\r\n"));
+    c.cmd(
+        "MAIL FROM:<app@contoso.com>",
+        "451 4.3.0 Error: the queue is not open yet (its database cannot be reached), try again later",
+    )
+    .await;
+    c.cmd(
+        "RCPT TO:<alice@example.com>",
+        "503 5.5.1 Error: need MAIL command",
+    )
+    .await;
+    relay.open();
+    c.cmd("MAIL FROM:<app@contoso.com>", "250 2.1.0 Ok").await;
+    c.cmd("RCPT TO:<alice@example.com>", "250 2.1.5 Ok").await;
+    let wire = b"Subject: hi\r\n\r\nHello.\r\n";
+    let id = c.data(wire).await;
+    c.cmd("QUIT", "221 2.0.0 Bye").await;
+    c.closed().await;
+    let (entry, body) = relay.single().await;
+    assert_eq!(
+        (entry.id.as_str(), body.as_slice()),
+        (id.as_str(), &wire[..])
+    );
     relay.stop().await;
 }
 
