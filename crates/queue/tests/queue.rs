@@ -160,6 +160,7 @@ async fn enqueue_is_listed_with_exact_fields() {
             "bodies",
             "lock",
             "queue.sqlite",
+            "queue.sqlite-open",
             "queue.sqlite-shm",
             "queue.sqlite-wal",
             "tmp"
@@ -588,6 +589,7 @@ async fn an_old_queue_directory_is_imported_whole_and_removed() {
             "corrupt",
             "lock",
             "queue.sqlite",
+            "queue.sqlite-open",
             "queue.sqlite-shm",
             "queue.sqlite-wal",
             "tmp"
