@@ -307,6 +307,25 @@ async fn admin_verbs_name_the_database(config: &std::path::Path, why: &str) {
     );
 }
 
+/// A world, and the configuration of an unpaced relay on `pg` (leases of
+/// 6 s) with an admin endpoint: the world, the relay's SMTP port, its
+/// configuration file and its `/readyz` URL.
+async fn relay_on(pg: &Postgres) -> (World, u16, std::path::PathBuf, String) {
+    let world = World::start().await;
+    let (port, admin) = (free_port(), free_port());
+    let config = world.write_config(&shared(
+        unpaced(world.config_with_admin(port, admin)),
+        pg,
+        "6s",
+    ));
+    (
+        world,
+        port,
+        config,
+        format!("http://127.0.0.1:{admin}/readyz"),
+    )
+}
+
 /// After the database came back: the relay is ready again by itself and
 /// mail flows again; some client was told `451 4.3.0` meanwhile. What the
 /// clients were told, all in all.
@@ -336,16 +355,9 @@ async fn a_relay_started_while_postgresql_is_down_answers_451_and_opens_when_it_
     let Some(mut pg) = Postgres::start() else {
         return;
     };
-    let world = World::start().await;
-    let (port, admin) = (free_port(), free_port());
-    let config = world.write_config(&shared(
-        unpaced(world.config_with_admin(port, admin)),
-        &pg,
-        "6s",
-    ));
+    let (world, port, config, readyz) = relay_on(&pg).await;
     pg.stop();
     let relay = Relay::start(&config, port).await;
-    let readyz = format!("http://127.0.0.1:{admin}/readyz");
     let named = not_ready_naming_the_database(&readyz).await;
     assert!(named.contains("Connection refused"), "{named}");
 
@@ -369,12 +381,10 @@ async fn sigterm_stops_a_relay_waiting_for_its_database() {
     let Some(pg) = Postgres::start() else {
         return;
     };
-    let world = World::start().await;
-    let (port, admin) = (free_port(), free_port());
-    let config = world.write_config(&shared(world.config_with_admin(port, admin), &pg, "6s"));
+    let (_world, port, config, readyz) = relay_on(&pg).await;
     pg.stop();
     let mut relay = Relay::start(&config, port).await;
-    not_ready_naming_the_database(&format!("http://127.0.0.1:{admin}/readyz")).await;
+    not_ready_naming_the_database(&readyz).await;
     assert_eq!(relay.terminate().await, Some(0), "log:\n{}", relay.log());
     assert!(
         relay
@@ -396,15 +406,8 @@ async fn a_postgresql_that_stops_answering_is_451_and_readyz_then_resumes() {
     let Some(pg) = Postgres::start() else {
         return;
     };
-    let world = World::start().await;
-    let (port, admin) = (free_port(), free_port());
-    let config = world.write_config(&shared(
-        unpaced(world.config_with_admin(port, admin)),
-        &pg,
-        "6s",
-    ));
+    let (world, port, config, readyz) = relay_on(&pg).await;
     let relay = Relay::start(&config, port).await;
-    let readyz = format!("http://127.0.0.1:{admin}/readyz");
     assert_eq!(ready(&readyz).await, Some(200), "{}", relay.log());
 
     let load = Load::new().start(port, "hung");
