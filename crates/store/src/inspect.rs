@@ -3,10 +3,10 @@
 //! schema version the relays left there and whether this role could
 //! migrate it. Nothing is created or migrated (that is [`crate::Store::open`]'s).
 
-use sqlx::Connection as _;
+use sqlx::{Connection as _, PgConnection};
 
 use crate::schema::TABLES;
-use crate::store::{connect_postgres, postgres_options};
+use crate::store::{connect_postgres, no_answer, postgres_options, ACQUIRE_TIMEOUT};
 use crate::{DatabaseUrl, Secret, StoreError};
 
 /// sqlx's record of the migrations applied.
@@ -34,8 +34,8 @@ pub struct Inspection {
 }
 
 /// Connects to the PostgreSQL database at `url` as a relay named `relay`
-/// would (within the time a relay waits for a connection), and reads what
-/// [`Inspection`] holds. Fails as opening the store would:
+/// would, and reads what [`Inspection`] holds, each within the time a relay
+/// waits for a connection. Fails as opening the store would:
 /// [`StoreError::Connect`] when it cannot be reached or refuses the login,
 /// [`StoreError::ServerTooOld`].
 pub async fn inspect(
@@ -45,11 +45,37 @@ pub async fn inspect(
 ) -> Result<Inspection, StoreError> {
     let options = postgres_options(url, password, relay)?;
     let (mut conn, server_version) = connect_postgres(&options).await?;
+    let looked = tokio::time::timeout(ACQUIRE_TIMEOUT, look(&mut conn))
+        .await
+        .map_err(|_| no_answer())?;
+    // The session only read: nothing to keep, whatever closing says.
+    let _ = conn.close().await;
+    let (role, schema, may_create, tables, schema_version) = looked?;
+    let out_of_reach = tables
+        .into_iter()
+        .filter_map(|(table, usable)| (!usable).then_some(table))
+        .collect();
+    Ok(Inspection {
+        server_version,
+        schema_version,
+        role,
+        schema,
+        may_create,
+        out_of_reach,
+    })
+}
+
+/// What [`inspect`] reads on its connection: the role, its schema, whether
+/// it may create tables there, the relay's tables there and whether it may
+/// use each, and the schema version.
+type Look = (String, Option<String>, bool, Vec<(String, bool)>, i64);
+
+async fn look(conn: &mut PgConnection) -> Result<Look, StoreError> {
     let (role, schema, may_create): (String, Option<String>, bool) = sqlx::query_as(
         "SELECT current_user::text, current_schema()::text,
              COALESCE(has_schema_privilege(current_schema(), 'CREATE'), false)",
     )
-    .fetch_one(&mut conn)
+    .fetch_one(&mut *conn)
     .await?;
     // Each right asked on its own: with several, `has_table_privilege`
     // is true when any one is held.
@@ -63,29 +89,16 @@ pub async fn inspect(
          ORDER BY c.relname",
     )
     .bind(TABLES)
-    .fetch_all(&mut conn)
+    .fetch_all(&mut *conn)
     .await?;
     let schema_version = if tables.contains(&(MIGRATIONS_TABLE.to_owned(), true)) {
         sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM _sqlx_migrations WHERE success")
-            .fetch_one(&mut conn)
+            .fetch_one(&mut *conn)
             .await?
     } else {
         0
     };
-    let out_of_reach = tables
-        .into_iter()
-        .filter_map(|(table, usable)| (!usable).then_some(table))
-        .collect();
-    // The session only read: nothing to keep, whatever closing says.
-    let _ = conn.close().await;
-    Ok(Inspection {
-        server_version,
-        schema_version,
-        role,
-        schema,
-        may_create,
-        out_of_reach,
-    })
+    Ok((role, schema, may_create, tables, schema_version))
 }
 
 #[cfg(test)]

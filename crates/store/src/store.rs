@@ -1705,12 +1705,16 @@ pub(crate) async fn connect_postgres(
     };
     tokio::time::timeout(ACQUIRE_TIMEOUT, connected)
         .await
-        .map_err(|_| {
-            StoreError::Connect(sqlx::Error::Io(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("no answer within {} s", ACQUIRE_TIMEOUT.as_secs()),
-            )))
-        })?
+        .map_err(|_| no_answer())?
+}
+
+/// A server that did not answer within [`ACQUIRE_TIMEOUT`]: a timed-out
+/// I/O error, which [`StoreError::is_unreachable`] counts.
+pub(crate) fn no_answer() -> StoreError {
+    StoreError::Connect(sqlx::Error::Io(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("no answer within {} s", ACQUIRE_TIMEOUT.as_secs()),
+    )))
 }
 
 /// The server's version as it names it, if it is PostgreSQL 13 or newer
