@@ -12,6 +12,7 @@ pub struct DatabaseUrl {
     shown: String,
     has_password: bool,
     place: String,
+    readable: bool,
 }
 
 impl DatabaseUrl {
@@ -31,6 +32,13 @@ impl DatabaseUrl {
     /// `password=` parameter).
     pub fn has_password(&self) -> bool {
         self.has_password
+    }
+
+    /// Whether it can be taken apart as a URL. A `/` or `?` written raw in
+    /// a password ends the host part early; then where the password ends
+    /// cannot be told, and all of the URL after the scheme is masked.
+    pub fn is_readable(&self) -> bool {
+        self.readable
     }
 
     /// The server and database, without user, password or options:
@@ -82,6 +90,20 @@ impl From<String> for DatabaseUrl {
                 .collect();
             format!("?{}", pairs.join("&"))
         });
+        // The rest of a password cut short, and the `@` after it, land in
+        // the path or in the query's first name.
+        let cut_short = userinfo.is_none()
+            && (path.contains('@')
+                || query_first_name(&url).is_some_and(|name| name.contains('@')));
+        if cut_short {
+            return DatabaseUrl {
+                shown: format!("{scheme}[redacted]"),
+                has_password: true,
+                place: "[redacted]".into(),
+                readable: false,
+                url,
+            };
+        }
         let shown = format!(
             "{scheme}{}{host}{path}{}",
             userinfo.unwrap_or_default(),
@@ -95,9 +117,16 @@ impl From<String> for DatabaseUrl {
             shown,
             has_password,
             place,
+            readable: true,
             url,
         }
     }
+}
+
+/// The name of the first `name=value` pair of `url`'s query, if any.
+fn query_first_name(url: &str) -> Option<&str> {
+    let (_, query) = url.split_once('?')?;
+    query.split('&').next()?.split('=').next()
 }
 
 impl From<&str> for DatabaseUrl {
@@ -173,6 +202,26 @@ mod tests {
             "\"postgres://relay:[redacted]@db/relay\""
         );
         assert_eq!(url.expose(), "postgres://relay:hunter2@db/relay");
+    }
+
+    #[test]
+    fn a_password_cut_short_by_a_raw_slash_or_question_mark_is_masked_whole() {
+        for url in [
+            "postgres://relay:hun/ter2@db:5432/relay",
+            "postgres://relay:hun?ter2@db:5432/relay",
+            "postgres://relay:12/34@db/relay",
+        ] {
+            let parsed = DatabaseUrl::from(url);
+            assert!(!parsed.is_readable(), "{url}");
+            assert_eq!(
+                parts(url),
+                ("postgres://[redacted]".into(), true, "[redacted]".into())
+            );
+        }
+        // an `@` in a query value is not a password's
+        let url = "postgres://db/relay?user=relay@corp&sslmode=require";
+        assert!(DatabaseUrl::from(url).is_readable());
+        assert_eq!(parts(url).0, url);
     }
 
     #[test]

@@ -217,7 +217,8 @@ pub struct QueueConfig {
     /// Share the queue with other relays: the PostgreSQL database (13 or
     /// later) they all use, as `postgres://user@host:5432/db?sslmode=verify-full`
     /// (`postgresql://` also works), without the password (one in it works,
-    /// but `check` and the start warn, and `config show` masks it). Not set
+    /// percent-encoded, but `check` and the start warn, and `config show`
+    /// masks it). Not set
     /// (the default): the queue is an embedded database in `dir`.
     #[serde(default)]
     pub database_url: Option<crate::DatabaseUrl>,

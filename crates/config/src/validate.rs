@@ -50,7 +50,11 @@ pub(crate) fn problems(config: &Config, secrets: Secrets) -> Vec<String> {
         );
     }
     if let Some(url) = &q.database_url {
-        if !url.is_postgres() {
+        if !url.is_readable() {
+            out.push(format!(
+                "queue.database_url {url:?} cannot be read: a '/' or '?' in its password ends the host part early; percent-encode them (%2F, %3F), or better, take the password out of the URL and put it in queue.database_password_file"
+            ));
+        } else if !url.is_postgres() {
             out.push(format!(
                 "queue.database_url {url:?} is not a PostgreSQL URL: write postgres://user@host:5432/database (or remove it to keep the queue in queue.dir)"
             ));

@@ -380,6 +380,16 @@ fn a_shared_queue_is_checked() {
             && !shown.contains("hunter2"),
         "{shown}"
     );
+    // a raw '/' in it cuts the URL's host part short: refused, and masked
+    // whole
+    let p = problems(&shared.replace("postgres://relay@", "postgres://relay:hun/ter2@"));
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert!(
+        p[0].starts_with("queue.database_url \"postgres://[redacted]\" cannot be read: a '/' or '?' in its password")
+            && p[0].contains("percent-encode them (%2F, %3F)")
+            && !p[0].contains("ter2"),
+        "{p:?}"
+    );
 
     let p = problems(&VALID.replace(
         "retry_initial = \"1s\"\n",
