@@ -67,6 +67,15 @@ impl World {
 
 /// A port for a relay, which stays free until it binds it, and across its
 /// restarts.
+/// Whether the server on `stream` greets (any first byte) before `until`.
+async fn greeted(mut stream: TcpStream, until: tokio::time::Instant) -> bool {
+    let mut first = [0u8; 1];
+    matches!(
+        tokio::time::timeout_at(until, stream.read(&mut first)).await,
+        Ok(Ok(1))
+    )
+}
+
 pub fn free_port() -> u16 {
     relay_testkit::reserved_port().expect("free port")
 }
@@ -106,9 +115,14 @@ impl Relay {
             port,
             config: config.to_owned(),
         };
-        for _ in 0..300 {
-            if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
-                return relay;
+        // Its sockets are bound before the queue is open; a greeting comes
+        // once it serves (its queue open, or its database found unreachable).
+        let until = tokio::time::Instant::now() + Duration::from_secs(30);
+        while tokio::time::Instant::now() < until {
+            if let Ok(stream) = TcpStream::connect(("127.0.0.1", port)).await {
+                if greeted(stream, until).await {
+                    return relay;
+                }
             }
             if let Ok(Some(status)) = relay.child.try_wait() {
                 panic!("relay exited at start: {status}\n{}", relay.log());
@@ -116,7 +130,7 @@ impl Relay {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         relay.kill9();
-        panic!("relay did not listen within 15 s\n{}", relay.log());
+        panic!("relay did not greet within 30 s\n{}", relay.log());
     }
 
     pub fn kill9(&mut self) {
