@@ -360,6 +360,10 @@ async fn a_relay_started_while_postgresql_is_down_answers_451_and_opens_when_it_
     let relay = Relay::start(&config, port).await;
     let named = not_ready_naming_the_database(&readyz).await;
     assert!(named.contains("Connection refused"), "{named}");
+    let metrics = readyz.replace("/readyz", "/metrics");
+    assert!(scrape(&metrics)
+        .await
+        .contains("smtp_relay_queue_store_up 0"));
 
     let load = Load::new().start(port, "late");
     load.until(|t| t.refused.len() > CLIENTS).await;
@@ -373,6 +377,21 @@ async fn a_relay_started_while_postgresql_is_down_answers_451_and_opens_when_it_
     );
     all_delivered(&world, &relay, &told.accepted).await;
     eventually(20, "an empty queue", || relay.queue_json().is_empty()).await;
+    assert!(scrape(&metrics)
+        .await
+        .contains("smtp_relay_queue_store_up 1"));
+}
+
+/// The text of `/metrics` at `url` (bounded).
+async fn scrape(url: &str) -> String {
+    let got = tokio::time::timeout(Duration::from_secs(10), async {
+        reqwest::get(url).await?.text().await
+    })
+    .await;
+    match got {
+        Ok(Ok(text)) => text,
+        other => panic!("{url}: {other:?}"),
+    }
 }
 
 // SIGTERM stops a relay waiting for its database at once, as any other.

@@ -58,8 +58,9 @@ impl relay_admin::Status for AdminStatus {
     }
 
     fn refresh(&self) {
-        if let Some(relay) = self.relay.get() {
-            relay.refresh();
+        match self.relay.get() {
+            Some(relay) => relay.refresh(),
+            None => store_up(false),
         }
     }
 }
@@ -134,7 +135,9 @@ impl RelayStatus {
             metrics::gauge!("smtp_relay_token_expiry_seconds", "account" => tokens.account().to_owned())
                 .set(left.as_secs_f64());
         }
-        let census = self.queue.health().census;
+        let health = self.queue.health();
+        store_up(health.error.is_none());
+        let census = health.census;
         let now = SystemTime::now();
         for (tally, name) in [
             (census.queued, "queued"),
@@ -150,6 +153,12 @@ impl RelayStatus {
                 .set(oldest.as_secs_f64());
         }
     }
+}
+
+/// Whether the queue's store answered its last look (once a second): an
+/// alert on 0 catches a database that is down, or not yet reached.
+fn store_up(up: bool) {
+    metrics::gauge!("smtp_relay_queue_store_up").set(if up { 1.0 } else { 0.0 });
 }
 
 /// Creates and removes a file where the queue writes its temporary files.
