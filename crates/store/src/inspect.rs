@@ -45,32 +45,17 @@ pub async fn inspect(
 ) -> Result<Inspection, StoreError> {
     let options = postgres_options(url, password, relay)?;
     let (mut conn, server_version) = connect_postgres(&options).await?;
-    let looked = tokio::time::timeout(ACQUIRE_TIMEOUT, look(&mut conn))
+    let looked = tokio::time::timeout(ACQUIRE_TIMEOUT, look(&mut conn, server_version))
         .await
         .map_err(|_| no_answer())?;
     // The session only read: nothing to keep, whatever closing says.
     let _ = conn.close().await;
-    let (role, schema, may_create, tables, schema_version) = looked?;
-    let out_of_reach = tables
-        .into_iter()
-        .filter_map(|(table, usable)| (!usable).then_some(table))
-        .collect();
-    Ok(Inspection {
-        server_version,
-        schema_version,
-        role,
-        schema,
-        may_create,
-        out_of_reach,
-    })
+    looked
 }
 
-/// What [`inspect`] reads on its connection: the role, its schema, whether
-/// it may create tables there, the relay's tables there and whether it may
-/// use each, and the schema version.
-type Look = (String, Option<String>, bool, Vec<(String, bool)>, i64);
-
-async fn look(conn: &mut PgConnection) -> Result<Look, StoreError> {
+/// What [`inspect`] reads on its connection to a server of
+/// `server_version`.
+async fn look(conn: &mut PgConnection, server_version: String) -> Result<Inspection, StoreError> {
     let (role, schema, may_create): (String, Option<String>, bool) = sqlx::query_as(
         "SELECT current_user::text, current_schema()::text,
              COALESCE(has_schema_privilege(current_schema(), 'CREATE'), false)",
@@ -98,7 +83,18 @@ async fn look(conn: &mut PgConnection) -> Result<Look, StoreError> {
     } else {
         0
     };
-    Ok((role, schema, may_create, tables, schema_version))
+    let out_of_reach = tables
+        .into_iter()
+        .filter_map(|(table, usable)| (!usable).then_some(table))
+        .collect();
+    Ok(Inspection {
+        server_version,
+        schema_version,
+        role,
+        schema,
+        may_create,
+        out_of_reach,
+    })
 }
 
 #[cfg(test)]
@@ -207,7 +203,7 @@ mod tests {
             pg.ca_file().display()
         ));
         let options = postgres_options(&url, Some(&password), "test").expect("options");
-        let mut conn = sqlx::PgConnection::connect_with(&options)
+        let mut conn = PgConnection::connect_with(&options)
             .await
             .expect("connect over TLS");
         let encrypted: bool =
