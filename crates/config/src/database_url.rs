@@ -64,6 +64,20 @@ impl From<String> for DatabaseUrl {
             Some((userinfo, host)) => (Some(userinfo), host),
             None => (None, authority),
         };
+        // The rest of a password cut short, and the `@` after it, land in
+        // the path or in the query's first name.
+        let query_first_name = query.and_then(|q| q.split('&').next()?.split('=').next());
+        let cut_short = userinfo.is_none()
+            && (path.contains('@') || query_first_name.is_some_and(|name| name.contains('@')));
+        if cut_short {
+            return DatabaseUrl {
+                shown: format!("{scheme}[redacted]"),
+                has_password: true,
+                place: "[redacted]".into(),
+                readable: false,
+                url,
+            };
+        }
         let mut has_password = false;
         let userinfo = userinfo.map(|userinfo| match userinfo.split_once(':') {
             Some((user, _)) => {
@@ -90,20 +104,6 @@ impl From<String> for DatabaseUrl {
                 .collect();
             format!("?{}", pairs.join("&"))
         });
-        // The rest of a password cut short, and the `@` after it, land in
-        // the path or in the query's first name.
-        let cut_short = userinfo.is_none()
-            && (path.contains('@')
-                || query_first_name(&url).is_some_and(|name| name.contains('@')));
-        if cut_short {
-            return DatabaseUrl {
-                shown: format!("{scheme}[redacted]"),
-                has_password: true,
-                place: "[redacted]".into(),
-                readable: false,
-                url,
-            };
-        }
         let shown = format!(
             "{scheme}{}{host}{path}{}",
             userinfo.unwrap_or_default(),
@@ -121,12 +121,6 @@ impl From<String> for DatabaseUrl {
             url,
         }
     }
-}
-
-/// The name of the first `name=value` pair of `url`'s query, if any.
-fn query_first_name(url: &str) -> Option<&str> {
-    let (_, query) = url.split_once('?')?;
-    query.split('&').next()?.split('=').next()
 }
 
 impl From<&str> for DatabaseUrl {
