@@ -145,9 +145,8 @@ impl Running {
         let shutdown = CancellationToken::new();
         crate::notify::spawn_watchdog(shutdown.clone());
         let mut tasks = Tasks::default();
-        let admin_status = Arc::new(AdminStatus::opening(
-            queue_settings(&config.queue)?.store_name(),
-        ));
+        let settings = queue_settings(&config.queue)?;
+        let admin_status = Arc::new(AdminStatus::opening(settings.store_name()));
         let intake = Intake::waiting();
         let context = Arc::new(ArcSwap::from_pointee(listener_context(&config, &intake)?));
         let listening = listener.local_addrs();
@@ -180,7 +179,7 @@ impl Running {
             );
             crate::notify::ready(&format!("waiting for the queue: {why}"));
         };
-        let Some(queue) = open_queue(&config.queue, stop, waiting).await? else {
+        let Some(queue) = open_queue(&config.queue, settings, stop, waiting).await? else {
             shutdown.cancel();
             tasks.stop_listener(config.listener.shutdown_timeout).await;
             tasks.stop().await;
@@ -574,22 +573,23 @@ fn listener_context(config: &Config, intake: &Intake) -> anyhow::Result<Context>
 const QUEUE_RETRY_FIRST: Duration = Duration::from_secs(1);
 const QUEUE_RETRY_MAX: Duration = Duration::from_secs(10);
 
-/// Opens the relay's queue. A shared database that cannot be reached is
-/// tried again, with `unreachable` told why each time, until it opens or
-/// `stop` resolves (`None`); any other error (a login refused, a schema
-/// too new, the queue directory) is returned at once.
+/// Opens the relay's queue (`[queue]` as `config`, read into `settings`).
+/// A shared database that cannot be reached is tried again, with
+/// `unreachable` told why each time, until it opens or `stop` resolves
+/// (`None`); any other error (a login refused, a schema too new, the queue
+/// directory) is returned at once.
 async fn open_queue(
     config: &relay_config::QueueConfig,
+    settings: QueueSettings,
     mut stop: std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
     mut unreachable: impl FnMut(String),
 ) -> anyhow::Result<Option<Queue>> {
+    let name = settings.store_name();
     let mut delay = QUEUE_RETRY_FIRST;
     loop {
-        let settings = queue_settings(config)?;
-        let name = settings.store_name();
         let opened = tokio::select! {
             () = stop.as_mut() => return Ok(None),
-            opened = Queue::open(settings) => opened,
+            opened = Queue::open(settings.clone()) => opened,
         };
         match opened {
             Ok(queue) => return Ok(Some(queue)),

@@ -12,8 +12,11 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+/// The readiness check of the queue's store.
+const QUEUE_CHECK: &str = "queue database";
+
 /// What the admin endpoint reports, from before the queue is open: until
-/// then, that it is not and why (one failing check, `queue database`);
+/// then, that it is not and why (one failing check, [`QUEUE_CHECK`]);
 /// after, the running relay's checks.
 pub struct AdminStatus {
     relay: OnceLock<Arc<RelayStatus>>,
@@ -46,7 +49,7 @@ impl relay_admin::Status for AdminStatus {
         match self.relay.get() {
             Some(relay) => relay.readiness(),
             None => vec![Check {
-                name: "queue database".into(),
+                name: QUEUE_CHECK.into(),
                 readiness: Readiness::NotReady(
                     self.not_open
                         .lock()
@@ -108,7 +111,7 @@ impl RelayStatus {
                 readiness: probe_writable(&self.queue_dir),
             },
             Check {
-                name: "queue database".into(),
+                name: QUEUE_CHECK.into(),
                 readiness: match self.queue.health().error {
                     None => Readiness::Ready(self.queue.store_name()),
                     Some(error) => {
