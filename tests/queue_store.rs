@@ -169,12 +169,15 @@ fn received(world: &World) -> Vec<String> {
         .upstream
         .messages()
         .iter()
-        .filter_map(|m| {
-            String::from_utf8_lossy(&m.data)
-                .lines()
-                .find_map(|l| l.strip_prefix("Subject: ").map(str::to_owned))
-        })
+        .filter_map(|m| subject(&m.data))
         .collect()
+}
+
+/// The `Subject:` of a message as sent.
+fn subject(message: &[u8]) -> Option<String> {
+    String::from_utf8_lossy(message)
+        .lines()
+        .find_map(|l| l.strip_prefix("Subject: ").map(str::to_owned))
 }
 
 /// Waits (bounded) until every subject in `accepted` was received.
@@ -570,11 +573,7 @@ async fn two_relays_keep_to_four_graph_requests_together() {
     let mut subjects: Vec<String> = graph
         .messages()
         .iter()
-        .filter_map(|m| {
-            String::from_utf8_lossy(&m.mime)
-                .lines()
-                .find_map(|l| l.strip_prefix("Subject: ").map(str::to_owned))
-        })
+        .filter_map(|m| subject(&m.mime))
         .collect();
     subjects.sort();
     assert_eq!(

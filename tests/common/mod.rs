@@ -65,8 +65,6 @@ impl World {
     }
 }
 
-/// A port for a relay, which stays free until it binds it, and across its
-/// restarts.
 /// Whether the server on `stream` greets (any first byte) before `until`.
 async fn greeted(mut stream: TcpStream, until: tokio::time::Instant) -> bool {
     let mut first = [0u8; 1];
@@ -76,6 +74,8 @@ async fn greeted(mut stream: TcpStream, until: tokio::time::Instant) -> bool {
     )
 }
 
+/// A port for a relay, which stays free until it binds it, and across its
+/// restarts.
 pub fn free_port() -> u16 {
     relay_testkit::reserved_port().expect("free port")
 }

@@ -372,7 +372,6 @@ pub(crate) fn orphan_reply() -> Reply {
     }
 }
 
-/// Where the queue's store is.
 impl QueueSettings {
     /// Which store the queue is in, for people: `SQLite PATH`, or
     /// `PostgreSQL host:port/database` (no user, password or options).
@@ -381,6 +380,7 @@ impl QueueSettings {
     }
 }
 
+/// Where the queue's store is.
 fn location(settings: &QueueSettings) -> Location {
     match &settings.database {
         None => Location::Sqlite(settings.dir.clone()),
