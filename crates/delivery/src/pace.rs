@@ -120,12 +120,42 @@ impl Drop for Place<'_> {
 
 #[derive(Debug, Default)]
 struct State {
-    /// (when, recipients) of each admitted message in the last day.
-    sends: VecDeque<(SystemTime, u32)>,
+    sends: Sends,
     paused_until: Option<SystemTime>,
     /// A lowered connection count and when it is lifted.
     fewer_connections: Option<(usize, SystemTime)>,
     saved_at: Option<SystemTime>,
+}
+
+/// (when, recipients) of each admitted message in the last day, oldest
+/// first, and their recipients summed: an admission reads the day's total
+/// without walking the day.
+#[derive(Debug, Default)]
+struct Sends {
+    list: VecDeque<(SystemTime, u32)>,
+    recipients: u64,
+}
+
+impl Sends {
+    fn push(&mut self, at: SystemTime, recipients: u32) {
+        self.list.push_back((at, recipients));
+        self.recipients += u64::from(recipients);
+    }
+
+    /// Forgets the sends a day or more before `now`.
+    fn expire(&mut self, now: SystemTime) {
+        while let Some(&(at, recipients)) = self.list.front() {
+            if now.duration_since(at).unwrap_or_default() < DAY {
+                break;
+            }
+            self.list.pop_front();
+            self.recipients -= u64::from(recipients);
+        }
+    }
+
+    fn last(&self) -> Option<SystemTime> {
+        self.list.back().map(|(at, _)| *at)
+    }
 }
 
 /// What is saved: per-minute totals are precise enough to not burst.
@@ -152,14 +182,12 @@ impl Pacer {
                     for i in 0..messages {
                         let share = recipients / messages.max(1)
                             + u32::from(i < recipients % messages.max(1));
-                        state.sends.push_back((at, share));
+                        state.sends.push(at, share);
                     }
                 }
             }
             if let Some(ms) = saved.last_ms {
-                state
-                    .sends
-                    .push_back((UNIX_EPOCH + Duration::from_millis(ms), 0));
+                state.sends.push(UNIX_EPOCH + Duration::from_millis(ms), 0);
             }
             state.paused_until = saved
                 .paused_until
@@ -278,7 +306,7 @@ impl Pacer {
         if let Some(wait) = self.wait(&mut state, recipients, now, true) {
             return Some(wait);
         }
-        state.sends.push_back((now, recipients));
+        state.sends.push(now, recipients);
         drop(state);
         self.save(false);
         None
@@ -315,7 +343,7 @@ impl Pacer {
         {
             let mut state = self.lock();
             for ticket in went {
-                state.sends.push_back((now, ticket.recipients));
+                state.sends.push(now, ticket.recipients);
             }
         }
         lock(&self.line).retain(|t| !went.iter().any(|w| Arc::ptr_eq(t, w)));
@@ -342,13 +370,7 @@ impl Pacer {
         now: SystemTime,
         per_day: bool,
     ) -> Option<Duration> {
-        while state
-            .sends
-            .front()
-            .is_some_and(|(at, _)| now.duration_since(*at).unwrap_or_default() >= DAY)
-        {
-            state.sends.pop_front();
-        }
+        state.sends.expire(now);
         if let Some(until) = state.paused_until {
             match until.duration_since(now) {
                 Ok(wait) if !wait.is_zero() => return Some(wait),
@@ -356,22 +378,23 @@ impl Pacer {
             }
         }
         let spacing = self.spacing();
-        if let Some((last, _)) = state.sends.back() {
-            if *last + spacing > now {
-                return Some(until(*last + spacing, now));
+        if let Some(last) = state.sends.last() {
+            if last + spacing > now {
+                return Some(until(last + spacing, now));
             }
         }
         if !per_day {
             return None;
         }
-        let per_day = self.limits.recipients_per_day;
-        let mut used: u32 = state.sends.iter().map(|(_, n)| *n).sum();
+        let per_day = u64::from(self.limits.recipients_per_day);
+        let recipients = u64::from(recipients);
+        let mut used = state.sends.recipients;
         // a message bigger than the whole allowance goes once the day is clear
-        if used > 0 && used.saturating_add(recipients) > per_day {
-            for (at, n) in &state.sends {
-                used -= n;
-                if used.saturating_add(recipients) <= per_day || used == 0 {
-                    return Some(until(*at + DAY, now));
+        if used > 0 && used + recipients > per_day {
+            for &(at, n) in &state.sends.list {
+                used -= u64::from(n);
+                if used + recipients <= per_day || used == 0 {
+                    return Some(until(at + DAY, now));
                 }
             }
         }
@@ -396,7 +419,7 @@ impl Pacer {
             }
             state.saved_at = Some(now);
             let mut minutes: Vec<(u64, u32, u32)> = Vec::new();
-            for (at, n) in &state.sends {
+            for (at, n) in &state.sends.list {
                 let minute = unix(*at) / 60 * 60;
                 match minutes.last_mut() {
                     Some(last) if last.0 == minute => {
@@ -409,7 +432,7 @@ impl Pacer {
             Saved {
                 minutes,
                 paused_until: state.paused_until.map(unix),
-                last_ms: state.sends.back().and_then(|(at, _)| {
+                last_ms: state.sends.last().and_then(|at| {
                     at.duration_since(UNIX_EPOCH)
                         .ok()
                         .map(|d| d.as_millis() as u64)
@@ -570,7 +593,11 @@ mod tests {
             assert_eq!(wait.expect("the store answers"), None, "{name}");
             let admitted = line.each_ref().map(Place::admitted);
             assert_eq!(admitted, [true, true, false, false], "{name}");
-            assert_eq!(pacer.lock().sends.len(), 2, "{name}: both counted here");
+            assert_eq!(
+                pacer.lock().sends.list.len(),
+                2,
+                "{name}: both counted here"
+            );
             drop(line);
             assert!(lock(&pacer.line).is_empty(), "{name}: every place left");
 
@@ -692,7 +719,7 @@ mod tests {
             .expect("shutdown ends the wait")
             .expect("no panic");
         assert!(!admitted);
-        assert!(pacer.lock().sends.is_empty(), "nothing counted");
+        assert!(pacer.lock().sends.list.is_empty(), "nothing counted");
         // Throttled meanwhile: this relay still reacts alone.
         pacer.too_many_connections().await;
         assert_eq!(pacer.connections(), 2);

@@ -318,7 +318,8 @@ impl Session {
     /// last piece: one write for a small message.
     async fn send_body(&mut self, body: &[u8]) -> Result<Reply, WireError> {
         let mut line_start = true;
-        let mut wire = Vec::with_capacity(STUFF_PIECE + STUFF_PIECE / 64 + 8);
+        let piece = body.len().min(STUFF_PIECE);
+        let mut wire = Vec::with_capacity(piece + piece / 64 + 8);
         let mut pieces = body.chunks(STUFF_PIECE).peekable();
         loop {
             wire.clear();
@@ -477,12 +478,15 @@ const STUFF_PIECE: usize = 64 * 1024;
 /// Appends `piece` to `out` with a `.` doubled at each line start;
 /// `line_start` carries over from the previous piece.
 fn stuff_into(out: &mut Vec<u8>, piece: &[u8], line_start: &mut bool) {
-    for &byte in piece {
-        if *line_start && byte == b'.' {
+    let mut rest = piece;
+    while let Some(&first) = rest.first() {
+        if *line_start && first == b'.' {
             out.push(b'.');
         }
-        out.push(byte);
-        *line_start = byte == b'\n';
+        let line = memchr::memchr(b'\n', rest).map_or(rest.len(), |lf| lf + 1);
+        out.extend_from_slice(&rest[..line]);
+        *line_start = rest[line - 1] == b'\n';
+        rest = &rest[line..];
     }
 }
 

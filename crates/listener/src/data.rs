@@ -70,12 +70,22 @@ impl DataReceiver {
     /// When spilling it may stop early (having consumed less than all of
     /// `input`, maybe nothing) until [`DataReceiver::take_spill`] is called.
     pub fn ingest(&mut self, input: &[u8]) -> (usize, bool) {
-        for (i, &byte) in input.iter().enumerate() {
+        let mut i = 0;
+        while let Some(&byte) = input.get(i) {
             if self.spill_ready() {
                 return (i, false);
             }
-            if self.step(byte) {
+            let run = match self.state {
+                State::Text => self.plain_run(&input[i..]),
+                _ => 0,
+            };
+            if run > 0 {
+                self.emit(&input[i..i + run]);
+                i += run;
+            } else if self.step(byte) {
                 return (i + 1, true);
+            } else {
+                i += 1;
             }
         }
         (input.len(), false)
@@ -83,6 +93,19 @@ impl DataReceiver {
 
     fn spill_ready(&self) -> bool {
         self.size > self.spill_after && self.body.len() >= STAGING
+    }
+
+    /// How many bytes at the start of `rest` (inside a line) are stored as
+    /// they come: up to the next CR or LF, which the state machine decides,
+    /// and no further than a byte at a time would go before a spill.
+    fn plain_run(&self, rest: &[u8]) -> usize {
+        let line = memchr::memchr2(b'\r', b'\n', rest).unwrap_or(rest.len());
+        let until_size = self.spill_after.saturating_add(1).saturating_sub(self.size);
+        let until_staging = STAGING.saturating_sub(self.body.len());
+        let until_spill = usize::try_from(until_size)
+            .unwrap_or(usize::MAX)
+            .max(until_staging);
+        line.min(until_spill)
     }
 
     /// The bytes stored so far, once the message is past its spill
@@ -167,10 +190,9 @@ impl DataReceiver {
     }
 
     fn emit(&mut self, bytes: &[u8]) {
+        let room = usize::try_from(self.limit.saturating_sub(self.size)).unwrap_or(usize::MAX);
+        self.body.extend_from_slice(&bytes[..bytes.len().min(room)]);
         self.size += bytes.len() as u64;
-        if self.size <= self.limit {
-            self.body.extend_from_slice(bytes);
-        }
     }
 }
 
@@ -263,6 +285,53 @@ mod tests {
         assert_eq!(r.size(), expected.len() as u64);
         spilled.extend_from_slice(&r.into_body());
         assert_eq!(spilled, expected);
+    }
+
+    #[test]
+    fn runs_inside_lines_match_a_byte_at_a_time() {
+        let mut long = b"Subject: x\r\n\r\n".to_vec();
+        for i in 0..3000 {
+            long.extend_from_slice(format!("{i} plain text\r\n.dot\rbare\nlf..\r\n").as_bytes());
+        }
+        long.extend_from_slice(b".\r\nQUIT\r\n");
+        let wires: [&[u8]; 5] = [
+            b"Subject: x\r\n\r\nhello world\r\n.\r\nNOOP\r\n",
+            b"a\r\n..b\r\nc\rd\ne\r\r\n.x\r\n.\r\n",
+            b"no end here\r\n.\n.\r.\r\n",
+            b"x\r\n.\r\n",
+            &long,
+        ];
+        for wire in wires {
+            for (limit, spill_after) in [(1 << 30, u64::MAX), (1 << 30, 5_000), (40, u64::MAX)] {
+                let mut whole = DataReceiver::spilling(limit, spill_after);
+                let mut bytewise = DataReceiver::spilling(limit, spill_after);
+                let (mut at_whole, mut at_byte) = (0, 0);
+                let (mut out_whole, mut out_byte) = (Vec::new(), Vec::new());
+                let end_whole = loop {
+                    let (n, done) = whole.ingest(&wire[at_whole..]);
+                    at_whole += n;
+                    assert!(spill_after == u64::MAX || whole.body.len() <= STAGING + 3);
+                    out_whole.extend(whole.take_spill().unwrap_or_default());
+                    if done || at_whole == wire.len() {
+                        break done;
+                    }
+                };
+                let end_byte = loop {
+                    let (n, done) = bytewise.ingest(&wire[at_byte..(at_byte + 1).min(wire.len())]);
+                    at_byte += n;
+                    out_byte.extend(bytewise.take_spill().unwrap_or_default());
+                    if done || at_byte == wire.len() {
+                        break done;
+                    }
+                };
+                assert_eq!((end_whole, at_whole), (end_byte, at_byte));
+                assert_eq!(whole.size(), bytewise.size());
+                out_whole.extend(whole.into_body());
+                out_byte.extend(bytewise.into_body());
+                assert_eq!(out_whole, out_byte);
+                assert!(out_whole.len() as u64 <= limit);
+            }
+        }
     }
 
     #[test]
