@@ -17,7 +17,7 @@ use crate::{
 };
 use relay_config::{ListenerAuth, ListenerConfig, Mode};
 use relay_outcome::{Enhanced, Reply};
-use relay_queue::{BodyWriter, NewMessage, QueueId, RecipientResult};
+use relay_queue::{BodyWriter, NewMessage, Queue, QueueId, RecipientResult};
 use smtp_proto::{Error as ParseError, Request, AUTH_LOGIN, AUTH_PLAIN, MAIL_SMTPUTF8};
 use std::{borrow::Cow, net::SocketAddr, sync::Arc, time::Duration};
 use tokio::{
@@ -88,6 +88,8 @@ impl Context {
 }
 
 struct Envelope {
+    /// The queue the message goes to, open when `MAIL` was answered.
+    queue: Queue,
     sender: String,
     account: String,
     recipients: Vec<String>,
@@ -99,9 +101,11 @@ struct Envelope {
 
 enum Phase {
     Command,
-    /// After `354`: the message, with when it started and the bytes read,
-    /// and its spooled part once past [`SPOOL_AFTER`].
+    /// After `354`: the transaction's envelope and its message, with when
+    /// it started and the bytes read, and its spooled part once past
+    /// [`SPOOL_AFTER`].
     Data {
+        envelope: Envelope,
         receiver: DataReceiver,
         started: Instant,
         received: u64,
@@ -351,21 +355,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     async fn step(&mut self, phase: &mut Phase, input: &[u8]) -> (usize, Next) {
         match phase {
             Phase::Data {
-                receiver, spool, ..
+                envelope,
+                receiver,
+                spool,
+                ..
             } => {
                 let mut used = 0;
                 loop {
                     let (n, done) = receiver.ingest(&input[used..]);
                     used += n;
                     if let Some(chunk) = receiver.take_spill() {
-                        self.spill(spool, &chunk, receiver.too_big()).await;
+                        self.spill(&envelope.queue, spool, &chunk, receiver.too_big())
+                            .await;
                     }
                     if done {
                         if let Phase::Data {
-                            receiver, spool, ..
+                            envelope,
+                            receiver,
+                            spool,
+                            ..
                         } = std::mem::replace(phase, Phase::Command)
                         {
-                            self.end_of_data(receiver, spool).await;
+                            self.end_of_data(envelope, receiver, spool).await;
                         }
                         break;
                     }
@@ -432,8 +443,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let parsed = Request::parse(&mut wire.iter()).map(Request::into_owned);
         match parsed {
             Ok(Request::Data) => match self.data_allowed() {
-                None => {
+                Ok(envelope) => {
                     *phase = Phase::Data {
+                        envelope,
                         receiver: DataReceiver::spilling(
                             self.ctx.config.max_message_size,
                             SPOOL_AFTER,
@@ -445,7 +457,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     Next::Continue
                 }
                 // the refusal may be the error that closes the session
-                Some(next) => next,
+                Err(next) => next,
             },
             Ok(Request::Mail { from }) => {
                 let smtputf8 = from.flags & MAIL_SMTPUTF8 != 0;
@@ -689,10 +701,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             );
             return self.error(&text);
         };
-        if self.ctx.intake.queue().is_none() {
+        let Some(queue) = self.ctx.intake.queue().cloned() else {
             return self.error(QUEUE_NOT_OPEN);
-        }
+        };
         self.envelope = Some(Envelope {
+            queue,
             sender,
             account,
             recipients: Vec::new(),
@@ -736,17 +749,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         Next::Continue
     }
 
-    /// Answers `DATA`; `None` when the message may follow, else what to do
-    /// after the refusal (which counts as an error and may close).
-    fn data_allowed(&mut self) -> Option<Next> {
-        match &self.envelope {
-            None => Some(self.error("503 5.5.1 Error: need MAIL command")),
+    /// Answers `DATA`: the transaction's envelope when the message may
+    /// follow, else what to do after the refusal (which counts as an error
+    /// and may close).
+    fn data_allowed(&mut self) -> Result<Envelope, Next> {
+        match self.envelope.take() {
+            None => Err(self.error("503 5.5.1 Error: need MAIL command")),
             Some(e) if e.recipients.is_empty() => {
-                Some(self.error("554 5.5.1 Error: no valid recipients"))
+                self.envelope = Some(e);
+                Err(self.error("554 5.5.1 Error: no valid recipients"))
             }
-            Some(_) => {
+            Some(e) => {
                 self.line("354 End data with <CR><LF>.<CR><LF>");
-                None
+                Ok(e)
             }
         }
     }
@@ -754,16 +769,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Appends a spilled chunk to the message's spool file (started on the
     /// first). A message already too big is not stored; after a failure the
     /// rest is dropped and the end of data answers `451`.
-    async fn spill(&mut self, spool: &mut Spool, chunk: &[u8], too_big: bool) {
+    async fn spill(&mut self, queue: &Queue, spool: &mut Spool, chunk: &[u8], too_big: bool) {
         if too_big {
             *spool = Spool::None;
             return;
         }
         if let Spool::None = spool {
-            let Some(queue) = self.ctx.intake.queue() else {
-                *spool = Spool::Failed;
-                return;
-            };
             match queue.begin_body().await {
                 Ok(writer) => *spool = Spool::Writing(Box::new(writer)),
                 Err(e) => {
@@ -780,10 +791,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 
-    async fn end_of_data(&mut self, receiver: DataReceiver, spool: Spool) {
-        let Some(envelope) = self.envelope.take() else {
-            return;
-        };
+    async fn end_of_data(&mut self, envelope: Envelope, receiver: DataReceiver, spool: Spool) {
         if receiver.too_big() {
             let text = format!(
                 "552 5.3.4 Error: message too big: {} bytes, the limit is {}",
@@ -812,10 +820,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             client: Some(self.peer.ip()),
         };
         let (sender, recipients) = (message.sender.clone(), message.recipients.len());
-        let Some(queue) = self.ctx.intake.queue() else {
-            self.line(QUEUE_NOT_OPEN);
-            return;
-        };
+        let queue = &envelope.queue;
         let stored = match (self.ctx.config.mode, spooled) {
             (Mode::Queue, None) => queue
                 .enqueue_owned(message, body)
