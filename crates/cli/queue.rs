@@ -7,6 +7,7 @@
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use relay_queue::{Entry, Queue, QueueError, QueueId, Request, Selection, Unusable};
+use serde::ser::{SerializeSeq, Serializer as _};
 use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
@@ -94,20 +95,13 @@ pub async fn queue(config: &Path, command: QueueCommand) -> anyhow::Result<()> {
     }
     let queue = crate::relay::open_admin(q).await?;
     match command {
-        QueueCommand::List { json } => {
-            let survey = queue.survey().await?;
-            for bad in &survey.unusable {
-                eprintln!("warning: {}", unusable_note(bad));
-            }
-            if json {
-                println!("{}", serde_json::to_string_pretty(&survey.entries)?);
-            } else {
-                print!(
-                    "{}",
-                    table(&survey.entries, &survey.unusable, SystemTime::now())
-                );
-            }
-        }
+        QueueCommand::List { json } => match list(&queue, json).await {
+            // piped into `head`, say: the reader has seen enough
+            Err(e)
+                if e.downcast_ref::<std::io::Error>()
+                    .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) => {}
+            listed => listed?,
+        },
         QueueCommand::Show { id, body: true, .. } => {
             let body = queue.body(&id).await?;
             std::io::stdout()
@@ -149,6 +143,39 @@ pub async fn queue(config: &Path, command: QueueCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `queue list`: the table (or JSON array) written as the store's pages
+/// come, so that listing a large queue holds one page, not the queue.
+async fn list(queue: &Queue, json: bool) -> anyhow::Result<()> {
+    let unusable = queue.unusable();
+    for bad in &unusable {
+        eprintln!("warning: {}", unusable_note(bad));
+    }
+    let out = std::io::BufWriter::new(std::io::stdout());
+    let mut listing = queue.listing();
+    if json {
+        let mut json = serde_json::Serializer::pretty(out);
+        let mut array = json.serialize_seq(None).map_err(std::io::Error::from)?;
+        while let Some(page) = listing.next().await? {
+            for entry in &page {
+                array
+                    .serialize_element(entry)
+                    .map_err(std::io::Error::from)?;
+            }
+        }
+        array.end().map_err(std::io::Error::from)?;
+        let mut out = json.into_inner();
+        writeln!(out)?;
+        out.flush()?;
+    } else {
+        let mut table = Table::new(out, SystemTime::now());
+        while let Some(page) = listing.next().await? {
+            table.rows(&page)?;
+        }
+        table.finish(&unusable)?;
+    }
+    Ok(())
+}
+
 /// What each verb says of a queue that does not exist yet.
 fn never_created(command: QueueCommand) -> anyhow::Result<()> {
     let which = match command {
@@ -157,7 +184,7 @@ fn never_created(command: QueueCommand) -> anyhow::Result<()> {
             return Ok(());
         }
         QueueCommand::List { json: false } => {
-            print!("{}", table(&[], &[], SystemTime::now()));
+            Table::new(std::io::stdout(), SystemTime::now()).finish(&[])?;
             return Ok(());
         }
         QueueCommand::Show { id, .. } => Selection::Id(id),
@@ -226,56 +253,78 @@ fn sender(e: &Entry) -> &str {
 }
 
 /// The `queue list` table; `now` for each message's age.
-fn table(entries: &[Entry], unusable: &[Unusable], now: SystemTime) -> String {
-    if entries.is_empty() && unusable.is_empty() {
-        return "The queue is empty.\n".into();
+/// `queue list`'s table, written as the pages come: a header before the
+/// first row, a row (and its notes) per message, then the entries set
+/// aside and the counts.
+struct Table<W> {
+    out: W,
+    now: SystemTime,
+    rows: usize,
+}
+
+impl<W: Write> Table<W> {
+    fn new(out: W, now: SystemTime) -> Self {
+        Table { out, now, rows: 0 }
     }
-    let mut out = format!(
-        "{:<16}  {:<8}  {:>9}  {:>6}  {:>8}  {:<20}  {:<30}  {}\n",
-        "ID",
-        "STATE",
-        "SIZE",
-        "AGE",
-        "ATTEMPTS",
-        "NEXT ATTEMPT",
-        "SENDER",
-        "RECIPIENTS / LAST ERROR"
-    );
-    for e in entries {
-        let state = if e.held {
-            "held".to_owned()
-        } else {
-            state_name(e.state)
-        };
-        out.push_str(&format!(
-            "{:<16}  {:<8}  {:>9}  {:>6}  {:>8}  {:<20}  {:<30}  {}\n",
-            e.id,
-            state,
-            e.size,
-            age(&e.received_at, now),
-            e.attempts,
-            e.next_attempt.as_deref().unwrap_or("-"),
-            sender(e),
-            e.recipients.join(", ")
-        ));
-        if let Some(error) = &e.last_error {
-            out.push_str(&format!("{:<16}  {error}\n", ""));
+
+    fn header(&mut self) -> std::io::Result<()> {
+        writeln!(
+            self.out,
+            "{:<16}  {:<8}  {:>9}  {:>6}  {:>8}  {:<20}  {:<30}  RECIPIENTS / LAST ERROR",
+            "ID", "STATE", "SIZE", "AGE", "ATTEMPTS", "NEXT ATTEMPT", "SENDER"
+        )
+    }
+
+    fn rows(&mut self, entries: &[Entry]) -> std::io::Result<()> {
+        for e in entries {
+            if self.rows == 0 {
+                self.header()?;
+            }
+            self.rows += 1;
+            let state = if e.held {
+                "held".to_owned()
+            } else {
+                state_name(e.state)
+            };
+            writeln!(
+                self.out,
+                "{:<16}  {:<8}  {:>9}  {:>6}  {:>8}  {:<20}  {:<30}  {}",
+                e.id,
+                state,
+                e.size,
+                age(&e.received_at, self.now),
+                e.attempts,
+                e.next_attempt.as_deref().unwrap_or("-"),
+                sender(e),
+                e.recipients.join(", ")
+            )?;
+            if let Some(error) = &e.last_error {
+                writeln!(self.out, "{:<16}  {error}", "")?;
+            }
+            if let Some(relay) = &e.lease {
+                writeln!(self.out, "{:<16}  being delivered by relay {relay}", "")?;
+            }
         }
-        if let Some(relay) = &e.lease {
-            out.push_str(&format!("{:<16}  being delivered by relay {relay}\n", ""));
+        Ok(())
+    }
+
+    fn finish(mut self, unusable: &[Unusable]) -> std::io::Result<()> {
+        if self.rows == 0 && unusable.is_empty() {
+            writeln!(self.out, "The queue is empty.")?;
+            return self.out.flush();
         }
+        if self.rows == 0 {
+            self.header()?;
+        }
+        for bad in unusable {
+            writeln!(self.out, "{:<16}  {:<8}  {}", bad.id, "corrupt", bad.reason)?;
+        }
+        writeln!(self.out, "{} message(s)", self.rows)?;
+        if !unusable.is_empty() {
+            writeln!(self.out, "{} corrupt entry(ies)", unusable.len())?;
+        }
+        self.out.flush()
     }
-    for bad in unusable {
-        out.push_str(&format!(
-            "{:<16}  {:<8}  {}\n",
-            bad.id, "corrupt", bad.reason
-        ));
-    }
-    out.push_str(&format!("{} message(s)\n", entries.len()));
-    if !unusable.is_empty() {
-        out.push_str(&format!("{} corrupt entry(ies)\n", unusable.len()));
-    }
-    out
 }
 
 /// How long ago `received_at` (RFC 3339) was, in its largest unit: `42s`,

@@ -6,7 +6,7 @@
 //! messages with [`Queue::next_due`], ask [`Queue::begin`] before they hand
 //! one to the upstream (after waiting for their pacing slot; a message held
 //! or deleted meanwhile is not to be sent), and report per-recipient
-//! outcomes with [`Queue::record`]. Administrators ([`Queue::survey`],
+//! outcomes with [`Queue::record`]. Administrators ([`Queue::listing`],
 //! [`Queue::apply`]) work on the same store from any process. The queue
 //! knows nothing about SMTP: a recipient's [`Outcome`] (reply and reason,
 //! decided by the transport) is kept as given; only its verdict (delivered,
@@ -126,8 +126,9 @@ pub use error::QueueError;
 pub use id::{ParseQueueIdError, QueueId};
 pub use queue::{
     check_writable, Applied, Begin, BodyWriter, Census, Database, Deletion, Disposition, Health,
-    Lease, NewMessage, Queue, QueueSettings, RecipientResult, Recorded, Request, Selection, Tally,
+    Lease, Listing, NewMessage, Queue, QueueSettings, RecipientResult, Recorded, Request,
+    Selection, Tally,
 };
 pub use relay_outcome::Outcome;
 pub use relay_store::{DatabaseUrl, MessageState as State, RecipientState, Secret};
-pub use view::{Entry, RecipientStatus, Survey, Unusable};
+pub use view::{Entry, RecipientStatus, Unusable};

@@ -1588,7 +1588,7 @@ fn apply_attempt(
 }
 
 mod admin;
-pub use admin::{Applied, Deletion, Request, Selection};
+pub use admin::{Applied, Deletion, Listing, Request, Selection};
 
 #[cfg(test)]
 mod tests {

@@ -96,7 +96,7 @@ impl Entry {
 }
 
 /// An entry set aside in `corrupt/` (when an older queue was imported), as
-/// [`crate::Queue::survey`] reports it: never delivered.
+/// [`crate::Queue::unusable`] reports it: never delivered.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Unusable {
     /// The message's [`crate::QueueId`].
@@ -105,15 +105,6 @@ pub struct Unusable {
     pub path: std::path::PathBuf,
     /// What is wrong with it.
     pub reason: String,
-}
-
-/// What [`crate::Queue::survey`] found.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Survey {
-    /// The messages, sorted by id.
-    pub entries: Vec<Entry>,
-    /// The entries set aside, sorted by id.
-    pub unusable: Vec<Unusable>,
 }
 
 /// A recipient as the store keeps it: the reply's parts and the reason in

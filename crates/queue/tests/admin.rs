@@ -270,3 +270,40 @@ async fn census_follows_every_change_and_agrees_with_the_list() {
     assert_eq!(counts(&q).await, (0, 0, 0));
     assert!(q.list().await.expect("list").is_empty());
 }
+
+// A queue larger than a page is listed page by page, every message once
+// and in id order, and an action on every message reaches all of them.
+#[tokio::test]
+async fn a_queue_larger_than_a_page_is_listed_and_acted_on_whole() {
+    let dir = TempDir::new().expect("tempdir");
+    let q = Queue::open(settings(dir.path())).await.expect("open");
+    let enqueued: Vec<_> = (0..1001)
+        .map(|_| {
+            let q = q.clone();
+            tokio::spawn(async move { q.enqueue(msg(), b"x\r\n").await })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for enqueue in enqueued {
+        ids.push(enqueue.await.expect("task").expect("enqueue").to_string());
+    }
+    ids.sort();
+
+    let (mut listed, mut pages) = (Vec::new(), Vec::new());
+    let mut listing = q.listing();
+    while let Some(page) = listing.next().await.expect("page") {
+        pages.push(page.len());
+        listed.extend(page.into_iter().map(|e| e.id));
+    }
+    assert_eq!(pages, [1000, 1]);
+    assert_eq!(listed, ids);
+
+    let held = q.apply(Request::Hold(Selection::All)).await.expect("hold");
+    assert_eq!(held.ids.len(), 1001);
+    let deleted = q
+        .apply(Request::Delete(Selection::All))
+        .await
+        .expect("delete");
+    assert_eq!(deleted.ids.len(), 1001);
+    assert!(q.list().await.expect("list").is_empty());
+}

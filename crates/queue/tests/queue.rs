@@ -611,8 +611,8 @@ async fn an_old_queue_directory_is_imported_whole_and_removed() {
             "0000000000000FFF.reason",
         ]
     );
-    let survey = within(q.survey()).await.expect("survey");
-    let bad: Vec<&str> = survey.unusable.iter().map(|u| u.id.as_str()).collect();
+    let unusable = q.unusable();
+    let bad: Vec<&str> = unusable.iter().map(|u| u.id.as_str()).collect();
     assert_eq!(
         bad,
         [
@@ -623,17 +623,13 @@ async fn an_old_queue_directory_is_imported_whole_and_removed() {
         ]
     );
     assert!(
-        survey.unusable[1].reason.contains("is missing"),
+        unusable[1].reason.contains("is missing"),
         "{:?}",
-        survey.unusable[1]
+        unusable[1]
     );
-    assert!(
-        survey.unusable[3].reason.contains("SHA-256"),
-        "{:?}",
-        survey.unusable[3]
-    );
+    assert!(unusable[3].reason.contains("SHA-256"), "{:?}", unusable[3]);
 
-    let e = &survey.entries;
+    let e = &within(q.list()).await.expect("list");
     let ids: Vec<&str> = e.iter().map(|e| e.id.as_str()).collect();
     assert_eq!(
         ids,

@@ -24,6 +24,15 @@ use crate::types::{
 };
 use crate::{DatabaseUrl, Secret, StoreError};
 
+/// Which messages [`Store::select`] reads.
+#[derive(Clone, Copy, Debug)]
+enum Rows<'a> {
+    /// One message.
+    Id(&'a str),
+    /// Up to this many in id order, after this id (from the first).
+    After(Option<&'a str>, u32),
+}
+
 /// Where the store lives.
 #[derive(Clone, Debug)]
 pub enum Location {
@@ -261,15 +270,12 @@ where
 /// all with `None`), each with its message's id, ordered by that id.
 macro_rules! recipients_of {
     ($conn:expr, $Db:ty, $ids:expr) => {{
-        let ids: Option<&[String]> = $ids;
+        let ids: &[String] = $ids;
         let mut q = sqlx::QueryBuilder::<$Db>::new(
             "SELECT message_id, address, state, reply_code, reply_enhanced, reply_text, reason
-             FROM recipients",
+             FROM recipients WHERE message_id",
         );
-        if let Some(ids) = ids {
-            q.push(" WHERE message_id");
-            push_in!(q, ids.iter().map(String::as_str));
-        }
+        push_in!(q, ids.iter().map(String::as_str));
         q.push(" ORDER BY message_id, position");
         q.build()
             .fetch_all($conn)
@@ -1225,12 +1231,19 @@ impl Store {
 
     /// One message, without its body.
     pub async fn get(&self, id: &str) -> Result<Option<Message>, StoreError> {
-        Ok(self.select(Some(&[id.to_owned()])).await?.pop())
+        Ok(self.select(Rows::Id(id)).await?.pop())
     }
 
-    /// Every message, oldest first, without bodies (for `queue list`).
-    pub async fn list(&self) -> Result<Vec<Message>, StoreError> {
-        self.select(None).await
+    /// Up to `limit` messages whose ids sort after `after` (from the first
+    /// with `None`), in id order, without bodies: a page of a pass over the
+    /// whole queue (`queue list`, an action on every message), which then
+    /// holds one page at a time however large the queue.
+    pub async fn list_after(
+        &self,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<Message>, StoreError> {
+        self.select(Rows::After(after, limit)).await
     }
 
     /// The accounts that have messages not failed, and the earliest time one
@@ -1244,19 +1257,27 @@ impl Store {
         Ok(rows.into_iter().map(|(a, t)| (a, time(t))).collect())
     }
 
-    /// The messages `ids` (all with `None`), ordered by id, without bodies.
-    async fn select(&self, ids: Option<&[String]>) -> Result<Vec<Message>, StoreError> {
+    /// The messages `rows` names, ordered by id, without bodies.
+    async fn select(&self, rows: Rows<'_>) -> Result<Vec<Message>, StoreError> {
         let (mut messages, recipients) = on_pool!(read, &self.pool, |p, _begin, Db| {
             let mut messages_query = sqlx::QueryBuilder::<Db>::new(concat!(
                 "SELECT ",
                 message_columns!(),
                 " FROM messages"
             ));
-            if let Some(ids) = ids {
-                messages_query.push(" WHERE id");
-                push_in!(messages_query, ids.iter().map(String::as_str));
+            match rows {
+                Rows::Id(id) => {
+                    messages_query.push(" WHERE id = ").push_bind(id);
+                }
+                Rows::After(after, limit) => {
+                    if let Some(after) = after {
+                        messages_query.push(" WHERE id > ").push_bind(after);
+                    }
+                    messages_query
+                        .push(" ORDER BY id LIMIT ")
+                        .push_bind(i64::from(limit));
+                }
             }
-            messages_query.push(" ORDER BY id");
             // One snapshot for both queries.
             let mut tx = p.begin().await?;
             let messages = messages_query
@@ -1266,7 +1287,12 @@ impl Store {
                 .iter()
                 .map(message_of)
                 .collect::<Result<Vec<_>, StoreError>>()?;
-            let recipients = recipients_of!(&mut *tx, Db, ids);
+            let ids: Vec<String> = messages.iter().map(|m| m.envelope.id.clone()).collect();
+            let recipients = if ids.is_empty() {
+                Vec::new()
+            } else {
+                recipients_of!(&mut *tx, Db, &ids)
+            };
             tx.commit().await?;
             (messages, recipients)
         });
@@ -2025,7 +2051,7 @@ async fn write_batch(
             if !messages.is_empty() {
                 messages.sort_by(|a, b| a.envelope.id.cmp(&b.envelope.id));
                 let ids: Vec<String> = messages.iter().map(|m| m.envelope.id.clone()).collect();
-                let recipients = recipients_of!(&mut *tx, Db, Some(&ids));
+                let recipients = recipients_of!(&mut *tx, Db, &ids);
                 attach(&mut messages, recipients);
                 messages.sort_by(|a, b| {
                     (a.progress.next_attempt, &a.envelope.id)
@@ -2161,7 +2187,7 @@ mod tests {
             .await
             .expect("version"));
             assert_eq!(version, SCHEMA_VERSION, "{dialect:?}");
-            let listed = store.list().await.expect("list");
+            let listed = store.list_after(None, u32::MAX).await.expect("list");
             assert_eq!(listed.len(), 1, "{dialect:?}");
             assert_eq!(listed[0].envelope, message.envelope, "{dialect:?}");
             assert_eq!(listed[0].progress, message.progress, "{dialect:?}");

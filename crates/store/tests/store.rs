@@ -196,9 +196,46 @@ async fn insert_lease_record_delete() {
             .is_some());
 
         assert!(store.delete("0000000000000001").await.expect("delete"));
-        assert!(store.list().await.expect("list").is_empty(), "{name}");
+        assert!(
+            store
+                .list_after(None, u32::MAX)
+                .await
+                .expect("list")
+                .is_empty(),
+            "{name}"
+        );
         assert_eq!(store.body("0000000000000001").await.expect("body"), None);
         assert!(!store.delete("0000000000000001").await.expect("delete"));
+    }
+}
+
+// A pass over the queue a page at a time sees every message once, in id
+// order, each with all its recipients.
+#[tokio::test]
+async fn pages_cover_the_queue_in_id_order() {
+    for engine in Engine::all() {
+        let name = engine.name();
+        let store = engine.open("relay-a").await;
+        for i in [5, 1, 4, 2, 3] {
+            store
+                .insert(message(&format!("{i:016X}"), "box", b"x"))
+                .await
+                .expect("insert");
+        }
+        let (mut seen, mut after, mut pages) = (Vec::new(), None::<String>, 0);
+        loop {
+            let page = store.list_after(after.as_deref(), 2).await.expect("page");
+            let Some(last) = page.last() else { break };
+            after = Some(last.envelope.id.clone());
+            pages += 1;
+            for m in page {
+                assert_eq!(m.progress.recipients.len(), 2, "{name}");
+                seen.push(m.envelope.id);
+            }
+        }
+        let all: Vec<String> = (1..=5).map(|i| format!("{i:016X}")).collect();
+        assert_eq!(seen, all, "{name}");
+        assert_eq!(pages, 3, "{name}");
     }
 }
 
@@ -220,7 +257,7 @@ async fn concurrent_inserts_share_commits() {
             insert.await.expect("task").expect("insert");
         }
         assert_eq!(
-            store.list().await.expect("list").len(),
+            store.list_after(None, u32::MAX).await.expect("list").len(),
             64,
             "{}",
             engine.name()
@@ -593,7 +630,11 @@ async fn reopening_is_idempotent_and_a_newer_schema_is_refused() {
             .expect("insert");
         drop(store);
         let store = engine.open("relay-a").await;
-        assert_eq!(store.list().await.expect("list").len(), 1, "{name}");
+        assert_eq!(
+            store.list_after(None, u32::MAX).await.expect("list").len(),
+            1,
+            "{name}"
+        );
         drop(store);
 
         // A newer relay migrated the database.
@@ -664,7 +705,11 @@ async fn import_is_all_or_nothing_and_repeatable() {
         broken[7].progress.next_attempt = None;
         assert!(store.import(broken).await.is_err(), "{name}");
         assert!(
-            store.list().await.expect("list").is_empty(),
+            store
+                .list_after(None, u32::MAX)
+                .await
+                .expect("list")
+                .is_empty(),
             "{name}: nothing kept"
         );
 
@@ -673,7 +718,7 @@ async fn import_is_all_or_nothing_and_repeatable() {
         // Repeated after a crash before the old files were removed.
         old.push(message("00000000000000AA", "box", b"new"));
         assert_eq!(store.import(old).await.expect("import"), 1, "{name}");
-        let listed = store.list().await.expect("list");
+        let listed = store.list_after(None, u32::MAX).await.expect("list");
         assert_eq!(listed.len(), 11, "{name}");
         assert!(listed
             .iter()
@@ -749,7 +794,7 @@ async fn batches_lease_and_remove_only_what_they_may() {
         let removed = [x, y, z].map(|r| r.expect("remove"));
         assert_eq!(removed, [true, true, false], "{name}");
         let left: Vec<String> = a
-            .list()
+            .list_after(None, u32::MAX)
             .await
             .expect("list")
             .into_iter()

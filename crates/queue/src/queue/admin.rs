@@ -15,8 +15,13 @@ use std::time::SystemTime;
 use relay_store::{Message, MessageState};
 
 use super::Queue;
-use crate::view::{Entry, Survey, Unusable};
+use crate::view::{Entry, Unusable};
 use crate::{QueueError, QueueId};
+
+/// Messages read from the store at a time by a pass over the queue: a
+/// listing or an action on every message holds one page, however large the
+/// queue grew while Microsoft 365 was unreachable.
+const PAGE: u32 = 1000;
 
 /// What [`Queue::delete`] did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -61,6 +66,65 @@ pub struct Applied {
     pub notes: Vec<String>,
 }
 
+/// The stored messages a [`Selection`] names, a page at a time, in id
+/// order. Messages added or removed during the pass may or may not be
+/// seen; none is seen twice.
+struct Selected<'q> {
+    queue: &'q Queue,
+    which: Selection,
+    /// The last id read; the next page starts after it.
+    after: Option<String>,
+    done: bool,
+}
+
+impl Selected<'_> {
+    async fn next(&mut self) -> Result<Option<Vec<Message>>, QueueError> {
+        if self.done {
+            return Ok(None);
+        }
+        let store = self.queue.store();
+        let page = match &self.which {
+            Selection::Id(id) => {
+                self.done = true;
+                store.get(id.as_str()).await?.into_iter().collect()
+            }
+            Selection::Failed | Selection::All => {
+                let mut page = store.list_after(self.after.as_deref(), PAGE).await?;
+                if page.is_empty() {
+                    self.done = true;
+                    return Ok(None);
+                }
+                self.done = page.len() < PAGE as usize;
+                self.after = page.last().map(|m| m.envelope.id.clone());
+                if self.which == Selection::Failed {
+                    page.retain(|m| m.progress.state == MessageState::Failed);
+                }
+                page
+            }
+        };
+        Ok(Some(page))
+    }
+}
+
+/// Every message's [`Entry`], a page at a time, in id order
+/// ([`Queue::listing`]).
+pub struct Listing<'q> {
+    selected: Selected<'q>,
+    now: SystemTime,
+}
+
+impl Listing<'_> {
+    /// The next page; `None` after the last.
+    pub async fn next(&mut self) -> Result<Option<Vec<Entry>>, QueueError> {
+        let now = self.now;
+        Ok(self
+            .selected
+            .next()
+            .await?
+            .map(|page| page.iter().map(|m| Entry::of(m, now)).collect()))
+    }
+}
+
 /// The id of a stored message; `None` (logged) for one this build did not
 /// write.
 fn id_of(m: &Message) -> Option<QueueId> {
@@ -96,19 +160,14 @@ impl Queue {
         })
     }
 
-    /// The stored messages `which` selects.
-    async fn selected(&self, which: &Selection) -> Result<Vec<Message>, QueueError> {
-        Ok(match which {
-            Selection::Id(id) => self.store().get(id.as_str()).await?.into_iter().collect(),
-            Selection::Failed => self
-                .store()
-                .list()
-                .await?
-                .into_iter()
-                .filter(|m| m.progress.state == MessageState::Failed)
-                .collect(),
-            Selection::All => self.store().list().await?,
-        })
+    /// The stored messages `which` selects, a page at a time.
+    fn selected(&self, which: Selection) -> Selected<'_> {
+        Selected {
+            queue: self,
+            which,
+            after: None,
+            done: false,
+        }
     }
 
     /// Makes the selected messages due now. A failed message comes back to
@@ -118,12 +177,15 @@ impl Queue {
     pub async fn retry(&self, which: Selection) -> Result<Vec<QueueId>, QueueError> {
         let mut affected = Vec::new();
         let now = SystemTime::now();
-        for m in self.selected(&which).await? {
-            let Some(id) = id_of(&m) else { continue };
-            if self.store().retry(id.as_str(), now).await? {
-                tracing::info!(queue_id = %id, "message made due now by an administrator");
-                self.wake(&m.envelope.account);
-                affected.push(id);
+        let mut selected = self.selected(which);
+        while let Some(page) = selected.next().await? {
+            for m in page {
+                let Some(id) = id_of(&m) else { continue };
+                if self.store().retry(id.as_str(), now).await? {
+                    tracing::info!(queue_id = %id, "message made due now by an administrator");
+                    self.wake(&m.envelope.account);
+                    affected.push(id);
+                }
             }
         }
         Ok(affected)
@@ -136,22 +198,25 @@ impl Queue {
     pub async fn delete(&self, which: Selection) -> Result<Deletion, QueueError> {
         let mut deletion = Deletion::default();
         let now = SystemTime::now();
-        for m in self.selected(&which).await? {
-            let Some(id) = id_of(&m) else { continue };
-            if !self.store().delete(id.as_str()).await? {
-                continue;
+        let mut selected = self.selected(which);
+        while let Some(page) = selected.next().await? {
+            for m in page {
+                let Some(id) = id_of(&m) else { continue };
+                if !self.store().delete(id.as_str()).await? {
+                    continue;
+                }
+                tracing::info!(queue_id = %id, "message deleted by an administrator");
+                if let Some(lease) = m.lease.filter(|l| l.expires > now) {
+                    deletion.in_flight.push((
+                        id.clone(),
+                        format!(
+                            "relay {} held it; not sent unless its attempt had begun, and then the rest removed",
+                            lease.relay
+                        ),
+                    ));
+                }
+                deletion.deleted.push(id);
             }
-            tracing::info!(queue_id = %id, "message deleted by an administrator");
-            if let Some(lease) = m.lease.filter(|l| l.expires > now) {
-                deletion.in_flight.push((
-                    id.clone(),
-                    format!(
-                        "relay {} held it; not sent unless its attempt had begun, and then the rest removed",
-                        lease.relay
-                    ),
-                ));
-            }
-            deletion.deleted.push(id);
         }
         Ok(deletion)
     }
@@ -170,36 +235,49 @@ impl Queue {
 
     async fn set_held(&self, which: Selection, held: bool) -> Result<Vec<QueueId>, QueueError> {
         let mut changed = Vec::new();
-        for m in self.selected(&which).await? {
-            if m.progress.state == MessageState::Failed {
-                continue;
-            }
-            let Some(id) = id_of(&m) else { continue };
-            if m.held != held && self.store().set_held(id.as_str(), held).await? {
-                let what = if held { "held" } else { "released" };
-                tracing::info!(queue_id = %id, "message {what} by an administrator");
-                if !held {
-                    self.wake(&m.envelope.account);
+        let mut selected = self.selected(which);
+        while let Some(page) = selected.next().await? {
+            for m in page {
+                if m.progress.state == MessageState::Failed {
+                    continue;
                 }
+                let Some(id) = id_of(&m) else { continue };
+                if m.held != held && self.store().set_held(id.as_str(), held).await? {
+                    let what = if held { "held" } else { "released" };
+                    tracing::info!(queue_id = %id, "message {what} by an administrator");
+                    if !held {
+                        self.wake(&m.envelope.account);
+                    }
+                }
+                changed.push(id);
             }
-            changed.push(id);
         }
         Ok(changed)
     }
 
-    /// Every message, sorted by id, and the entries an import set aside in
-    /// `corrupt/`.
-    pub async fn survey(&self) -> Result<Survey, QueueError> {
-        let now = SystemTime::now();
-        let entries = self
-            .store()
-            .list()
-            .await?
-            .iter()
-            .map(|m| Entry::of(m, now))
-            .collect();
+    /// Every message's entry, a page at a time, sorted by id.
+    pub fn listing(&self) -> Listing<'_> {
+        Listing {
+            selected: self.selected(Selection::All),
+            now: SystemTime::now(),
+        }
+    }
+
+    /// Every message's entry, sorted by id, in one vector (a small queue's).
+    pub async fn list(&self) -> Result<Vec<Entry>, QueueError> {
+        let mut entries = Vec::new();
+        let mut listing = self.listing();
+        while let Some(page) = listing.next().await? {
+            entries.extend(page);
+        }
+        Ok(entries)
+    }
+
+    /// The entries an import of an old file queue set aside in `corrupt/`,
+    /// sorted by id.
+    pub fn unusable(&self) -> Vec<Unusable> {
         let mut unusable = Vec::new();
-        let dir = self.settings().dir.clone();
+        let dir = &self.settings().dir;
         if let Ok(read) = std::fs::read_dir(dir.join(crate::legacy::CORRUPT_DIR)) {
             for item in read.flatten() {
                 let name = item.file_name();
@@ -210,7 +288,7 @@ impl Queue {
                 else {
                     continue;
                 };
-                let reason = std::fs::read_to_string(crate::legacy::reason_path(&dir, &id))
+                let reason = std::fs::read_to_string(crate::legacy::reason_path(dir, &id))
                     .map(|r| r.trim_end().to_owned())
                     .unwrap_or_else(|_| "set aside as corrupt".to_owned());
                 unusable.push(Unusable {
@@ -221,12 +299,7 @@ impl Queue {
             }
         }
         unusable.sort_by(|a, b| a.id.cmp(&b.id));
-        Ok(Survey { entries, unusable })
-    }
-
-    /// Every message, sorted by id.
-    pub async fn list(&self) -> Result<Vec<Entry>, QueueError> {
-        Ok(self.survey().await?.entries)
+        unusable
     }
 
     /// One message's entry; [`QueueError::NoSuchMessage`] if there is none.
