@@ -4,9 +4,9 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use relay_store::{
-    Admitted, Body, Envelope, LeaseHolder, Location, MessageState, NewMessage, Pace, PaceLimits,
-    Progress, Recipient, RecipientState, Redeem, Reply, Secret, Store, StoreError, StoreSettings,
-    SCHEMA_VERSION,
+    Admitted, Body, Envelope, LeaseHolder, Location, Message, MessageState, NewMessage, Pace,
+    PaceLimits, Progress, Recipient, RecipientState, Redeem, Reply, Secret, Store, StoreError,
+    StoreSettings, SCHEMA_VERSION,
 };
 use relay_testkit::Postgres;
 
@@ -62,6 +62,11 @@ fn at(secs: u64) -> SystemTime {
 }
 
 const LEASE: Duration = Duration::from_secs(60);
+
+/// Every stored message, in id order.
+async fn all(store: &Store) -> Vec<Message> {
+    store.list_after(None, u32::MAX).await.expect("list")
+}
 
 fn message(id: &str, account: &str, body: &[u8]) -> NewMessage {
     let recipients = vec!["a@example.com".to_string(), "b@example.com".to_string()];
@@ -196,14 +201,7 @@ async fn insert_lease_record_delete() {
             .is_some());
 
         assert!(store.delete("0000000000000001").await.expect("delete"));
-        assert!(
-            store
-                .list_after(None, u32::MAX)
-                .await
-                .expect("list")
-                .is_empty(),
-            "{name}"
-        );
+        assert!(all(&store).await.is_empty(), "{name}");
         assert_eq!(store.body("0000000000000001").await.expect("body"), None);
         assert!(!store.delete("0000000000000001").await.expect("delete"));
     }
@@ -256,12 +254,7 @@ async fn concurrent_inserts_share_commits() {
         for insert in inserts {
             insert.await.expect("task").expect("insert");
         }
-        assert_eq!(
-            store.list_after(None, u32::MAX).await.expect("list").len(),
-            64,
-            "{}",
-            engine.name()
-        );
+        assert_eq!(all(&store).await.len(), 64, "{}", engine.name());
         let commits = store.group_commits();
         assert!(
             commits < 64,
@@ -630,11 +623,7 @@ async fn reopening_is_idempotent_and_a_newer_schema_is_refused() {
             .expect("insert");
         drop(store);
         let store = engine.open("relay-a").await;
-        assert_eq!(
-            store.list_after(None, u32::MAX).await.expect("list").len(),
-            1,
-            "{name}"
-        );
+        assert_eq!(all(&store).await.len(), 1, "{name}");
         drop(store);
 
         // A newer relay migrated the database.
@@ -704,21 +693,14 @@ async fn import_is_all_or_nothing_and_repeatable() {
         let mut broken: Vec<NewMessage> = old.iter().map(again).collect();
         broken[7].progress.next_attempt = None;
         assert!(store.import(broken).await.is_err(), "{name}");
-        assert!(
-            store
-                .list_after(None, u32::MAX)
-                .await
-                .expect("list")
-                .is_empty(),
-            "{name}: nothing kept"
-        );
+        assert!(all(&store).await.is_empty(), "{name}: nothing kept");
 
         let first: Vec<NewMessage> = old.iter().map(again).collect();
         assert_eq!(store.import(first).await.expect("import"), 10, "{name}");
         // Repeated after a crash before the old files were removed.
         old.push(message("00000000000000AA", "box", b"new"));
         assert_eq!(store.import(old).await.expect("import"), 1, "{name}");
-        let listed = store.list_after(None, u32::MAX).await.expect("list");
+        let listed = all(&store).await;
         assert_eq!(listed.len(), 11, "{name}");
         assert!(listed
             .iter()
@@ -793,13 +775,7 @@ async fn batches_lease_and_remove_only_what_they_may() {
         );
         let removed = [x, y, z].map(|r| r.expect("remove"));
         assert_eq!(removed, [true, true, false], "{name}");
-        let left: Vec<String> = a
-            .list_after(None, u32::MAX)
-            .await
-            .expect("list")
-            .into_iter()
-            .map(|m| m.envelope.id)
-            .collect();
+        let left: Vec<String> = all(&a).await.into_iter().map(|m| m.envelope.id).collect();
         assert_eq!(
             left,
             ["0000000000000001", "0000000000000002", "0000000000000003"],
