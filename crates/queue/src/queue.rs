@@ -891,7 +891,7 @@ impl Queue {
             Ok(None) => Begin::Stop,
             Err(e @ relay_store::StoreError::Checksum { .. }) => {
                 tracing::error!(queue_id = %lease.id, error = %e, "message body changed in the store; holding the message, it will not be delivered");
-                if let Err(e) = self.inner.store.set_held(lease.id.as_str(), true).await {
+                if let Err(e) = self.inner.store.set_held(&[lease.id.as_str()], true).await {
                     tracing::error!(queue_id = %lease.id, error = %e, "cannot hold the message");
                 }
                 Begin::Unreadable(e.into())

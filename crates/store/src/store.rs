@@ -1016,26 +1016,41 @@ impl Store {
             .rows_affected()))
     }
 
-    /// Holds or releases a message (administrator). `false`: no such message.
-    pub async fn set_held(&self, id: &str, held: bool) -> Result<bool, StoreError> {
-        let sql = "UPDATE messages SET held = $1 WHERE id = $2";
-        let done = on_pool!(&self.pool, |p, _begin| sqlx::query(sql)
-            .bind(held)
-            .bind(id)
-            .execute(p)
-            .await?
-            .rows_affected());
-        Ok(done == 1)
-    }
-
-    /// Deletes a message, leased or not (an administrator's deletion; a
-    /// relay delivering it finds its lease gone). `false`: no such message.
-    pub async fn delete(&self, id: &str) -> Result<bool, StoreError> {
+    /// Holds or releases messages (an administrator; a message whose body
+    /// no longer matches its checksum), in one transaction. Returns the
+    /// ids that are there.
+    pub async fn set_held(&self, ids: &[&str], held: bool) -> Result<Vec<String>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
         on_pool!(&self.pool, |p, begin, Db| {
             let mut tx = p.begin_with(begin).await?;
-            let deleted = delete_many!(tx, Db, &[id], None);
+            let mut found = Vec::with_capacity(ids.len());
+            for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+                let mut q = sqlx::QueryBuilder::<Db>::new("UPDATE messages SET held = ");
+                q.push_bind(held).push(" WHERE id");
+                push_in!(q, chunk.iter().copied());
+                q.push(" RETURNING id");
+                let set: Vec<String> = q.build_query_scalar().fetch_all(&mut *tx).await?;
+                found.extend(set);
+            }
             tx.commit().await?;
-            let found = deleted.len() == 1;
+            Ok(found)
+        })
+    }
+
+    /// Deletes messages, leased or not (an administrator's deletion; a
+    /// relay delivering one finds its lease gone), in one transaction.
+    /// Returns the ids that were there and are gone.
+    pub async fn delete(&self, ids: &[&str]) -> Result<Vec<String>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        on_pool!(&self.pool, |p, begin, Db| {
+            let mut tx = p.begin_with(begin).await?;
+            let deleted = delete_many!(tx, Db, ids, None);
+            tx.commit().await?;
+            let found = deleted.iter().map(|(id, _)| id.clone()).collect();
             remove_bodies_of(self.bodies.as_ref(), deleted).await;
             Ok(found)
         })

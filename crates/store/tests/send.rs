@@ -22,7 +22,7 @@ fn store_futures_are_send(store: Store, settings: StoreSettings, messages: Vec<N
     let s = store.clone();
     spawnable(async move { s.remove("id").await });
     let s = store.clone();
-    spawnable(async move { s.delete("id").await });
+    spawnable(async move { s.delete(&["id"]).await });
     let s = store.clone();
     spawnable(async move { s.body("id").await });
     let s = store.clone();

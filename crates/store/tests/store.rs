@@ -117,16 +117,19 @@ async fn insert_lease_record_delete() {
             "{name}"
         );
         // Held: not handed out until released.
-        assert!(store.set_held(&new.envelope.id, true).await.expect("hold"));
+        let id = new.envelope.id.as_str();
+        assert_eq!(store.set_held(&[id], true).await.expect("hold"), [id]);
         assert!(store
             .lease_next("box@contoso.com", at(1), LEASE)
             .await
             .expect("lease")
             .is_none());
+        assert_eq!(store.set_held(&[id], false).await.expect("release"), [id]);
         assert!(store
-            .set_held(&new.envelope.id, false)
+            .set_held(&["0000000000000BAD"], true)
             .await
-            .expect("release"));
+            .expect("hold")
+            .is_empty());
 
         let leased = store
             .lease_next("box@contoso.com", at(1), LEASE)
@@ -200,10 +203,17 @@ async fn insert_lease_record_delete() {
             .expect("lease")
             .is_some());
 
-        assert!(store.delete("0000000000000001").await.expect("delete"));
+        assert_eq!(
+            store.delete(&["0000000000000001"]).await.expect("delete"),
+            ["0000000000000001"]
+        );
         assert!(all(&store).await.is_empty(), "{name}");
         assert_eq!(store.body("0000000000000001").await.expect("body"), None);
-        assert!(!store.delete("0000000000000001").await.expect("delete"));
+        assert!(store
+            .delete(&["0000000000000001"])
+            .await
+            .expect("delete")
+            .is_empty());
     }
 }
 
@@ -983,7 +993,11 @@ async fn a_spooled_body_is_stored_and_goes_with_its_message() {
         } else {
             "0000000000000001"
         };
-        assert!(store.delete(other).await.expect("delete"), "{name}");
+        assert_eq!(
+            store.delete(&[other]).await.expect("delete"),
+            [other],
+            "{name}"
+        );
         if let Some(file) = file(other) {
             assert!(
                 !file.exists(),

@@ -10,6 +10,7 @@
 //! message was being delivered. A retried message is due at once and is
 //! picked up within a second (at once by this process's own workers).
 
+use std::collections::HashSet;
 use std::time::SystemTime;
 
 use relay_store::{Message, MessageState};
@@ -200,9 +201,14 @@ impl Queue {
         let now = SystemTime::now();
         let mut selected = self.selected(which);
         while let Some(page) = selected.next().await? {
-            for m in page {
-                let Some(id) = id_of(&m) else { continue };
-                if !self.store().delete(id.as_str()).await? {
+            let page: Vec<(QueueId, Message)> = page
+                .into_iter()
+                .filter_map(|m| Some((id_of(&m)?, m)))
+                .collect();
+            let ids: Vec<&str> = page.iter().map(|(id, _)| id.as_str()).collect();
+            let gone: HashSet<String> = self.store().delete(&ids).await?.into_iter().collect();
+            for (id, m) in page {
+                if !gone.contains(id.as_str()) {
                     continue;
                 }
                 tracing::info!(queue_id = %id, "message deleted by an administrator");
@@ -237,12 +243,24 @@ impl Queue {
         let mut changed = Vec::new();
         let mut selected = self.selected(which);
         while let Some(page) = selected.next().await? {
-            for m in page {
-                if m.progress.state == MessageState::Failed {
-                    continue;
-                }
-                let Some(id) = id_of(&m) else { continue };
-                if m.held != held && self.store().set_held(id.as_str(), held).await? {
+            let page: Vec<(QueueId, Message)> = page
+                .into_iter()
+                .filter(|m| m.progress.state != MessageState::Failed)
+                .filter_map(|m| Some((id_of(&m)?, m)))
+                .collect();
+            let to_change: Vec<&str> = page
+                .iter()
+                .filter(|(_, m)| m.held != held)
+                .map(|(id, _)| id.as_str())
+                .collect();
+            let set: HashSet<String> = self
+                .store()
+                .set_held(&to_change, held)
+                .await?
+                .into_iter()
+                .collect();
+            for (id, m) in page {
+                if set.contains(id.as_str()) {
                     let what = if held { "held" } else { "released" };
                     tracing::info!(queue_id = %id, "message {what} by an administrator");
                     if !held {
