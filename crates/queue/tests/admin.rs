@@ -103,6 +103,53 @@ async fn retry_revives_failed_messages() {
     assert_eq!(q.show(&id).await.expect("show").0.state, State::Deferred);
 }
 
+// Retrying every message at once revives the failed messages' recipients,
+// and leaves failed the recipient of a deferred message that was refused.
+#[tokio::test]
+async fn retry_all_revives_failed_messages_only() {
+    let dir = TempDir::new().expect("tempdir");
+    let q = Queue::open(settings(dir.path())).await.expect("open");
+    let failed = q.enqueue(msg(), b"failed\r\n").await.expect("enqueue");
+    attempt(&q, permanent).await;
+    let mixed = q.enqueue(msg(), b"mixed\r\n").await.expect("enqueue");
+    let lease = q.next_due("main", None).await.expect("due");
+    let results = vec![
+        RecipientResult {
+            recipient: "a@example.com".into(),
+            outcome: permanent("no such user".into()),
+        },
+        RecipientResult {
+            recipient: "b@example.com".into(),
+            outcome: temporary("busy".into()),
+        },
+    ];
+    q.record(lease, results).await.expect("record");
+
+    let mut retried = q.retry(Selection::All).await.expect("retry");
+    retried.sort();
+    let mut both = vec![failed.clone(), mixed.clone()];
+    both.sort();
+    assert_eq!(retried, both);
+    let mut due = Vec::new();
+    for _ in 0..2 {
+        let lease = tokio::time::timeout(LIMIT, q.next_due("main", None))
+            .await
+            .expect("in time")
+            .expect("due");
+        due.push((lease.id.clone(), lease.recipients.clone()));
+    }
+    due.sort();
+    let mut expected = vec![
+        (
+            failed,
+            vec!["a@example.com".to_string(), "b@example.com".to_string()],
+        ),
+        (mixed, vec!["b@example.com".to_string()]),
+    ];
+    expected.sort();
+    assert_eq!(due, expected);
+}
+
 // Deleting removes waiting and failed messages from disk, and a leased one
 // not yet handed to the upstream (waiting for its pacing slot): its worker
 // is told not to send it.

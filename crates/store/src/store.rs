@@ -24,6 +24,15 @@ use crate::types::{
 };
 use crate::{DatabaseUrl, Secret, StoreError};
 
+/// What [`Store::change`] does to each message.
+#[derive(Clone, Copy, Debug)]
+enum Change {
+    /// Held (`true`) or released.
+    Held(bool),
+    /// Due at this time; a failed message comes back as deferred.
+    Due(SystemTime),
+}
+
 /// Which messages [`Store::select`] reads.
 #[derive(Clone, Copy, Debug)]
 enum Rows<'a> {
@@ -1020,6 +1029,21 @@ impl Store {
     /// no longer matches its checksum), in one transaction. Returns the
     /// ids that are there.
     pub async fn set_held(&self, ids: &[&str], held: bool) -> Result<Vec<String>, StoreError> {
+        self.change(ids, Change::Held(held)).await
+    }
+
+    /// Makes messages due at `now` (an administrator's retry), in one
+    /// transaction. A failed message comes back as deferred, its failed
+    /// recipients to be tried again (those of a message not failed stay
+    /// failed). A leased message keeps its lease (its attempt goes on).
+    /// Returns the ids that are there.
+    pub async fn retry(&self, ids: &[&str], now: SystemTime) -> Result<Vec<String>, StoreError> {
+        self.change(ids, Change::Due(now)).await
+    }
+
+    /// Makes `change` to the messages `ids` in one transaction; returns the
+    /// ids that are there.
+    async fn change(&self, ids: &[&str], change: Change) -> Result<Vec<String>, StoreError> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -1027,12 +1051,30 @@ impl Store {
             let mut tx = p.begin_with(begin).await?;
             let mut found = Vec::with_capacity(ids.len());
             for chunk in ids.chunks(ROWS_PER_STATEMENT) {
-                let mut q = sqlx::QueryBuilder::<Db>::new("UPDATE messages SET held = ");
-                q.push_bind(held).push(" WHERE id");
+                let mut q = sqlx::QueryBuilder::<Db>::new("UPDATE messages SET ");
+                match change {
+                    Change::Held(held) => {
+                        q.push("held = ").push_bind(held);
+                    }
+                    Change::Due(now) => {
+                        let mut revive = sqlx::QueryBuilder::<Db>::new(
+                            "UPDATE recipients SET state = 'deferred' WHERE state = 'failed'
+                             AND message_id IN
+                                 (SELECT id FROM messages WHERE state = 'failed' AND id",
+                        );
+                        push_in!(revive, chunk.iter().copied());
+                        revive.push(")");
+                        revive.build().execute(&mut *tx).await?;
+                        q.push("next_attempt = ").push_bind(ms(now)).push(
+                            ", state = (CASE WHEN state = 'failed' THEN 'deferred' ELSE state END)",
+                        );
+                    }
+                }
+                q.push(" WHERE id");
                 push_in!(q, chunk.iter().copied());
                 q.push(" RETURNING id");
-                let set: Vec<String> = q.build_query_scalar().fetch_all(&mut *tx).await?;
-                found.extend(set);
+                let changed: Vec<String> = q.build_query_scalar().fetch_all(&mut *tx).await?;
+                found.extend(changed);
             }
             tx.commit().await?;
             Ok(found)
@@ -1091,44 +1133,6 @@ impl Store {
                 .await?
         });
         self.body_of(id, row).await
-    }
-
-    /// Makes a message due at `now` (an administrator's retry). A failed
-    /// message comes back as deferred, its failed recipients to be tried
-    /// again. A leased message keeps its lease (its attempt goes on).
-    /// `false`: no such message.
-    pub async fn retry(&self, id: &str, now: SystemTime) -> Result<bool, StoreError> {
-        on_pool!(&self.pool, |p, begin| {
-            let mut tx = p.begin_with(begin).await?;
-            let state: Option<String> =
-                sqlx::query_scalar("SELECT state FROM messages WHERE id = $1")
-                    .bind(id)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-            let Some(state) = state else {
-                return Ok(false);
-            };
-            if MessageState::parse(id, &state)? == MessageState::Failed {
-                sqlx::query(
-                    "UPDATE recipients SET state = 'deferred'
-                     WHERE message_id = $1 AND state = 'failed'",
-                )
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
-            }
-            sqlx::query(
-                "UPDATE messages SET next_attempt = $1,
-                     state = (CASE WHEN state = 'failed' THEN 'deferred' ELSE state END)
-                 WHERE id = $2",
-            )
-            .bind(ms(now))
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
-            tx.commit().await?;
-            Ok(true)
-        })
     }
 
     /// Fails every passthrough message whose relay no longer holds it (it

@@ -217,6 +217,31 @@ async fn insert_lease_record_delete() {
     }
 }
 
+// An administrator's retry makes a message due at once, on both engines;
+// an id that is not there is not reported.
+#[tokio::test]
+async fn retry_makes_messages_due_and_names_those_found() {
+    for engine in Engine::all() {
+        let name = engine.name();
+        let store = engine.open("relay-a").await;
+        let mut later = message("0000000000000001", "box", b"x");
+        later.progress.next_attempt = Some(at(3600));
+        store.insert(later).await.expect("insert");
+        assert!(store
+            .lease_next("box", at(10), LEASE)
+            .await
+            .expect("lease")
+            .is_none());
+        let found = store
+            .retry(&["0000000000000001", "0000000000000BAD"], at(10))
+            .await
+            .expect("retry");
+        assert_eq!(found, ["0000000000000001"], "{name}");
+        let leased = store.lease_next("box", at(10), LEASE).await.expect("lease");
+        assert!(leased.is_some(), "{name}: due after the retry");
+    }
+}
+
 // A pass over the queue a page at a time sees every message once, in id
 // order, each with all its recipients.
 #[tokio::test]

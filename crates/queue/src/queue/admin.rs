@@ -136,6 +136,28 @@ fn id_of(m: &Message) -> Option<QueueId> {
     id
 }
 
+/// A page's messages with their ids, but for those this build did not
+/// write (logged by [`id_of`]).
+fn identified(page: Vec<Message>) -> Vec<(QueueId, Message)> {
+    page.into_iter()
+        .filter_map(|m| Some((id_of(&m)?, m)))
+        .collect()
+}
+
+/// The ids of the messages in `page` that `pick` picks, as the store takes
+/// them.
+fn ids(page: &[(QueueId, Message)], pick: impl Fn(&Message) -> bool) -> Vec<&str> {
+    page.iter()
+        .filter(|(_, m)| pick(m))
+        .map(|(id, _)| id.as_str())
+        .collect()
+}
+
+/// The ids a store's change returned, to look up.
+fn set(ids: Vec<String>) -> HashSet<String> {
+    ids.into_iter().collect()
+}
+
 impl Queue {
     /// Applies an administrator's request.
     pub async fn apply(&self, request: Request) -> Result<Applied, QueueError> {
@@ -180,9 +202,10 @@ impl Queue {
         let now = SystemTime::now();
         let mut selected = self.selected(which);
         while let Some(page) = selected.next().await? {
-            for m in page {
-                let Some(id) = id_of(&m) else { continue };
-                if self.store().retry(id.as_str(), now).await? {
+            let page = identified(page);
+            let due = set(self.store().retry(&ids(&page, |_| true), now).await?);
+            for (id, m) in page {
+                if due.contains(id.as_str()) {
                     tracing::info!(queue_id = %id, "message made due now by an administrator");
                     self.wake(&m.envelope.account);
                     affected.push(id);
@@ -201,12 +224,8 @@ impl Queue {
         let now = SystemTime::now();
         let mut selected = self.selected(which);
         while let Some(page) = selected.next().await? {
-            let page: Vec<(QueueId, Message)> = page
-                .into_iter()
-                .filter_map(|m| Some((id_of(&m)?, m)))
-                .collect();
-            let ids: Vec<&str> = page.iter().map(|(id, _)| id.as_str()).collect();
-            let gone: HashSet<String> = self.store().delete(&ids).await?.into_iter().collect();
+            let page = identified(page);
+            let gone = set(self.store().delete(&ids(&page, |_| true)).await?);
             for (id, m) in page {
                 if !gone.contains(id.as_str()) {
                     continue;
@@ -242,25 +261,13 @@ impl Queue {
     async fn set_held(&self, which: Selection, held: bool) -> Result<Vec<QueueId>, QueueError> {
         let mut changed = Vec::new();
         let mut selected = self.selected(which);
-        while let Some(page) = selected.next().await? {
-            let page: Vec<(QueueId, Message)> = page
-                .into_iter()
-                .filter(|m| m.progress.state != MessageState::Failed)
-                .filter_map(|m| Some((id_of(&m)?, m)))
-                .collect();
-            let to_change: Vec<&str> = page
-                .iter()
-                .filter(|(_, m)| m.held != held)
-                .map(|(id, _)| id.as_str())
-                .collect();
-            let set: HashSet<String> = self
-                .store()
-                .set_held(&to_change, held)
-                .await?
-                .into_iter()
-                .collect();
+        while let Some(mut page) = selected.next().await? {
+            page.retain(|m| m.progress.state != MessageState::Failed);
+            let page = identified(page);
+            let to_change = ids(&page, |m| m.held != held);
+            let changed_now = set(self.store().set_held(&to_change, held).await?);
             for (id, m) in page {
-                if set.contains(id.as_str()) {
+                if changed_now.contains(id.as_str()) {
                     let what = if held { "held" } else { "released" };
                     tracing::info!(queue_id = %id, "message {what} by an administrator");
                     if !held {
