@@ -2,7 +2,9 @@
 //! hold and release, from any process that opens the queue (the `queue`
 //! commands, on any host sharing a PostgreSQL database).
 //!
-//! Each action is one change in the store; relays observe it there. A held
+//! An action is made in the store a page of messages at a time, one
+//! transaction each (not one per message, nor one for a whole large
+//! queue); relays observe it there. A held
 //! or deleted message whose lease waits (for its pacing slot, say) is not
 //! sent: [`Queue::begin`] asks the store. One already handed to the upstream
 //! cannot be stopped: a deletion removes it at once, the attempt's outcome
