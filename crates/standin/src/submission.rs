@@ -174,11 +174,10 @@ impl SubmissionServer {
     ) -> io::Result<SubmissionServer> {
         let tls = crate::tls::generate()?;
         // A reserved port, so that a restart finds it still free.
-        let port = match options.port {
-            Some(port) => port,
-            None => crate::reserved_port()?,
+        let (port, listener) = match options.port {
+            Some(port) => (port, bind(port)?),
+            None => bind_reserved()?,
         };
-        let listener = bind(port)?;
         let shared = Arc::new(Shared {
             idp,
             mailbox: options.mailbox,
@@ -337,6 +336,20 @@ impl SubmissionServer {
 
 /// Binds `127.0.0.1:port` with SO_REUSEADDR so a restart can take the same
 /// port back while old connections linger in TIME_WAIT.
+/// A listener on a reserved port. Another process (a test's relay or
+/// database, started by another test binary) can take the port between
+/// its check and this bind: then the next one is tried.
+fn bind_reserved() -> io::Result<(u16, TcpListener)> {
+    let mut tries = 0;
+    loop {
+        let port = crate::reserved_port()?;
+        match bind(port) {
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse && tries < 10 => tries += 1,
+            bound => return bound.map(|listener| (port, listener)),
+        }
+    }
+}
+
 fn bind(port: u16) -> io::Result<TcpListener> {
     let socket = TcpSocket::new_v4()?;
     socket.set_reuseaddr(true)?;
