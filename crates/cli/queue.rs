@@ -97,9 +97,7 @@ pub async fn queue(config: &Path, command: QueueCommand) -> anyhow::Result<()> {
     match command {
         QueueCommand::List { json } => match list(&queue, json).await {
             // piped into `head`, say: the reader has seen enough
-            Err(e)
-                if e.downcast_ref::<std::io::Error>()
-                    .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) => {}
+            Err(e) if closed_pipe(&e) => {}
             listed => listed?,
         },
         QueueCommand::Show { id, body: true, .. } => {
@@ -154,15 +152,13 @@ async fn list(queue: &Queue, json: bool) -> anyhow::Result<()> {
     let mut listing = queue.listing();
     if json {
         let mut json = serde_json::Serializer::pretty(out);
-        let mut array = json.serialize_seq(None).map_err(std::io::Error::from)?;
+        let mut array = json.serialize_seq(None)?;
         while let Some(page) = listing.next().await? {
             for entry in &page {
-                array
-                    .serialize_element(entry)
-                    .map_err(std::io::Error::from)?;
+                array.serialize_element(entry)?;
             }
         }
-        array.end().map_err(std::io::Error::from)?;
+        array.end()?;
         let mut out = json.into_inner();
         writeln!(out)?;
         out.flush()?;
@@ -174,6 +170,19 @@ async fn list(queue: &Queue, json: bool) -> anyhow::Result<()> {
         table.finish(&unusable)?;
     }
     Ok(())
+}
+
+/// Whether `e` is a write to standard output whose reader has gone.
+fn closed_pipe(e: &anyhow::Error) -> bool {
+    let kind = match (
+        e.downcast_ref::<std::io::Error>(),
+        e.downcast_ref::<serde_json::Error>(),
+    ) {
+        (Some(io), _) => Some(io.kind()),
+        (None, Some(json)) => json.io_error_kind(),
+        (None, None) => None,
+    };
+    kind == Some(std::io::ErrorKind::BrokenPipe)
 }
 
 /// What each verb says of a queue that does not exist yet.
@@ -252,7 +261,6 @@ fn sender(e: &Entry) -> &str {
     }
 }
 
-/// The `queue list` table; `now` for each message's age.
 /// `queue list`'s table, written as the pages come: a header before the
 /// first row, a row (and its notes) per message, then the entries set
 /// aside and the counts.
