@@ -6,7 +6,8 @@
 use sqlx::{Connection as _, PgConnection};
 
 use crate::schema::TABLES;
-use crate::store::{connect_postgres, no_answer, postgres_options, ACQUIRE_TIMEOUT};
+use crate::store::connect::{connect_postgres, no_answer, postgres_options};
+use crate::store::ACQUIRE_TIMEOUT;
 use crate::{DatabaseUrl, Secret, StoreError};
 
 /// sqlx's record of the migrations applied.
@@ -101,7 +102,7 @@ async fn look(conn: &mut PgConnection, server_version: String) -> Result<Inspect
 mod tests {
     use super::*;
     use crate::schema::SCHEMA_VERSION;
-    use crate::store::supported;
+    use crate::store::connect::supported;
     use crate::{Location, Store, StoreSettings};
     use relay_testkit::{LocalhostCertificate, Postgres, POSTGRES_PASSWORD};
 
