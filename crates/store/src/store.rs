@@ -441,7 +441,7 @@ mod tests {
             .await
             .expect("version"));
             assert_eq!(version, SCHEMA_VERSION, "{dialect:?}");
-            let listed = store.list_after(None, u32::MAX).await.expect("list");
+            let listed = store.list_after(None, None, u32::MAX).await.expect("list");
             assert_eq!(listed.len(), 1, "{dialect:?}");
             assert_eq!(listed[0].envelope, message.envelope, "{dialect:?}");
             assert_eq!(listed[0].progress, message.progress, "{dialect:?}");

@@ -16,7 +16,7 @@ fn store_futures_are_send(store: Store, settings: StoreSettings, messages: Vec<N
     let s = store.clone();
     spawnable(async move { s.sweep_bodies().await });
     let s = store.clone();
-    spawnable(async move { s.list_after(None, u32::MAX).await });
+    spawnable(async move { s.list_after(None, None, u32::MAX).await });
     let s = store.clone();
     spawnable(async move { s.census().await });
     let s = store.clone();

@@ -65,7 +65,7 @@ const LEASE: Duration = Duration::from_secs(60);
 
 /// Every stored message, in id order.
 async fn all(store: &Store) -> Vec<Message> {
-    store.list_after(None, u32::MAX).await.expect("list")
+    store.list_after(None, None, u32::MAX).await.expect("list")
 }
 
 fn message(id: &str, account: &str, body: &[u8]) -> NewMessage {
@@ -242,6 +242,38 @@ async fn retry_makes_messages_due_and_names_those_found() {
     }
 }
 
+// A pass over the failed messages alone reads their pages only, in id
+// order: the others are left in the database, not filtered afterwards.
+#[tokio::test]
+async fn pages_of_one_state_hold_that_state_only() {
+    for engine in Engine::all() {
+        let name = engine.name();
+        let store = engine.open("relay-a").await;
+        for i in 1..=5 {
+            let mut m = message(&format!("{i:016X}"), "box", b"x");
+            if i % 2 == 0 {
+                m.progress.state = MessageState::Failed;
+            }
+            store.insert(m).await.expect("insert");
+        }
+        let (mut pages, mut after) = (Vec::new(), None::<String>);
+        loop {
+            let page = store
+                .list_after(after.as_deref(), Some(MessageState::Failed), 1)
+                .await
+                .expect("page");
+            let Some(last) = page.last() else { break };
+            after = Some(last.envelope.id.clone());
+            pages.push(page.into_iter().map(|m| m.envelope.id).collect::<Vec<_>>());
+        }
+        assert_eq!(
+            pages,
+            [["0000000000000002"], ["0000000000000004"]],
+            "{name}"
+        );
+    }
+}
+
 // A pass over the queue a page at a time sees every message once, in id
 // order, each with all its recipients.
 #[tokio::test]
@@ -257,7 +289,10 @@ async fn pages_cover_the_queue_in_id_order() {
         }
         let (mut seen, mut after, mut pages) = (Vec::new(), None::<String>, 0);
         loop {
-            let page = store.list_after(after.as_deref(), 2).await.expect("page");
+            let page = store
+                .list_after(after.as_deref(), None, 2)
+                .await
+                .expect("page");
             let Some(last) = page.last() else { break };
             after = Some(last.envelope.id.clone());
             pages += 1;

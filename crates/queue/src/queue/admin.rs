@@ -92,16 +92,14 @@ impl Selected<'_> {
                 store.get(id.as_str()).await?.into_iter().collect()
             }
             Selection::Failed | Selection::All => {
-                let mut page = store.list_after(self.after.as_deref(), PAGE).await?;
+                let state = (self.which == Selection::Failed).then_some(MessageState::Failed);
+                let page = store.list_after(self.after.as_deref(), state, PAGE).await?;
                 if page.is_empty() {
                     self.done = true;
                     return Ok(None);
                 }
                 self.done = page.len() < PAGE as usize;
                 self.after = page.last().map(|m| m.envelope.id.clone());
-                if self.which == Selection::Failed {
-                    page.retain(|m| m.progress.state == MessageState::Failed);
-                }
                 page
             }
         };

@@ -26,8 +26,9 @@ enum Change {
 enum Rows<'a> {
     /// One message.
     Id(&'a str),
-    /// Up to this many in id order, after this id (from the first).
-    After(Option<&'a str>, u32),
+    /// Up to this many in id order, after this id (from the first), of
+    /// this state only if one is given.
+    After(Option<&'a str>, Option<MessageState>, u32),
 }
 
 /// A message's body as stored: in the row, its checksum, whether it is a
@@ -413,15 +414,17 @@ impl Store {
     }
 
     /// Up to `limit` messages whose ids sort after `after` (from the first
-    /// with `None`), in id order, without bodies: a page of a pass over the
-    /// whole queue (`queue list`, an action on every message), which then
-    /// holds one page at a time however large the queue.
+    /// with `None`), in id order, without bodies, of `state` only if one is
+    /// given: a page of a pass over the whole queue (`queue list`, an
+    /// action on every message or every failed one), which then holds one
+    /// page at a time however large the queue.
     pub async fn list_after(
         &self,
         after: Option<&str>,
+        state: Option<MessageState>,
         limit: u32,
     ) -> Result<Vec<Message>, StoreError> {
-        self.select(Rows::After(after, limit)).await
+        self.select(Rows::After(after, state, limit)).await
     }
 
     /// The accounts that have messages not failed, and the earliest time one
@@ -447,9 +450,18 @@ impl Store {
                 Rows::Id(id) => {
                     messages_query.push(" WHERE id = ").push_bind(id);
                 }
-                Rows::After(after, limit) => {
+                Rows::After(after, state, limit) => {
+                    let mut conditions = messages_query.separated(" AND ");
+                    if after.is_some() || state.is_some() {
+                        conditions.push_unseparated(" WHERE ");
+                    }
                     if let Some(after) = after {
-                        messages_query.push(" WHERE id > ").push_bind(after);
+                        conditions.push("id > ").push_bind_unseparated(after);
+                    }
+                    if let Some(state) = state {
+                        conditions
+                            .push("state = ")
+                            .push_bind_unseparated(state.as_str());
                     }
                     messages_query
                         .push(" ORDER BY id LIMIT ")
