@@ -38,8 +38,8 @@
 //!   are passed in by the caller; relays sharing a database must keep
 //!   their clocks in step.
 //! * **PostgreSQL 13 or newer.** An older server is refused when the
-//!   store opens ([`StoreError::ServerTooOld`]); [`inspect`](fn@inspect) reports the
-//!   same without changing anything.
+//!   store opens ([`StoreError::ServerTooOld`]); [`inspect`](fn@inspect)
+//!   reports the same without changing anything.
 //! * **Import all or nothing.** [`Store::import`] stores an older queue's
 //!   messages in one transaction; the caller removes the old files only
 //!   after it returned.
