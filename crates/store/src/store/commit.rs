@@ -105,27 +105,24 @@ async fn read_spooled(spooled: Spooled) -> Result<Vec<u8>, StoreError> {
     blocking(&path, "read back", move |_| spooled.read_all()).await
 }
 
-const LEASE_DUE_SQLITE: &str = concat!(
-    "UPDATE messages SET lease_relay = $1, lease_expires = $2
-    WHERE id IN (SELECT id FROM messages
-        WHERE account = $3 AND state <> 'failed' AND NOT held AND NOT passthrough
-          AND next_attempt <= $4
-          AND (lease_relay IS NULL OR lease_expires <= $4)
-        ORDER BY next_attempt, id LIMIT $5)
-    RETURNING ",
-    message_columns!()
-);
-
-const LEASE_DUE_POSTGRES: &str = concat!(
-    "UPDATE messages SET lease_relay = $1, lease_expires = $2
-    WHERE id IN (SELECT id FROM messages
-        WHERE account = $3 AND state <> 'failed' AND NOT held AND NOT passthrough
-          AND next_attempt <= $4
-          AND (lease_relay IS NULL OR lease_expires <= $4)
-        ORDER BY next_attempt, id LIMIT $5 FOR UPDATE SKIP LOCKED)
-    RETURNING ",
-    message_columns!()
-);
+/// The lease of an account's due messages: `$lock` after the choice of
+/// rows, where the engine takes row locks.
+macro_rules! lease_due_sql {
+    ($lock:literal) => {
+        concat!(
+            "UPDATE messages SET lease_relay = $1, lease_expires = $2
+            WHERE id IN (SELECT id FROM messages
+                WHERE account = $3 AND state <> 'failed' AND NOT held AND NOT passthrough
+                  AND next_attempt <= $4
+                  AND (lease_relay IS NULL OR lease_expires <= $4)
+                ORDER BY next_attempt, id LIMIT $5",
+            $lock,
+            ")
+            RETURNING ",
+            message_columns!()
+        )
+    };
+}
 
 /// Rows per multi-row `INSERT` (at most 15 parameters each, well under
 /// both engines' limits on parameters per statement).
@@ -348,8 +345,8 @@ async fn write_batch(
     // wait for it; a row it leased meanwhile fails the re-checked
     // condition. SQLite's write transaction excludes both.
     let lease_sql = match dialect {
-        Dialect::Sqlite => LEASE_DUE_SQLITE,
-        Dialect::Postgres => LEASE_DUE_POSTGRES,
+        Dialect::Sqlite => lease_due_sql!(""),
+        Dialect::Postgres => lease_due_sql!(" FOR UPDATE SKIP LOCKED"),
     };
     let (removed, leased) = on_pool!(pool, |p, begin, Db| {
         let mut tx = p.begin_with(begin).await?;

@@ -92,16 +92,13 @@ impl Store {
         now: SystemTime,
         lease_timeout: Duration,
     ) -> Result<bool, StoreError> {
-        let sql = "UPDATE messages SET lease_expires = $1 WHERE id = $2 AND lease_relay = $3";
         let expires = ms(now).saturating_add(ms_of(lease_timeout));
-        let done = on_pool!(&self.pool, |p, _begin| sqlx::query(sql)
-            .bind(expires)
-            .bind(id)
-            .bind(&*self.relay)
-            .execute(p)
-            .await?
-            .rows_affected());
-        Ok(done == 1)
+        self.change_leased(
+            "UPDATE messages SET lease_expires = $1 WHERE id = $2 AND lease_relay = $3",
+            expires,
+            id,
+        )
+        .await
     }
 
     /// Records an attempt's outcome and ends this relay's lease. `false`:
@@ -151,10 +148,26 @@ impl Store {
     /// Gives up this relay's lease without an outcome, due again at
     /// `next_attempt`. `false`: it was not ours.
     pub async fn release(&self, id: &str, next_attempt: SystemTime) -> Result<bool, StoreError> {
-        let sql = "UPDATE messages SET lease_relay = NULL, lease_expires = NULL, next_attempt = $1
-                   WHERE id = $2 AND lease_relay = $3";
+        self.change_leased(
+            "UPDATE messages SET lease_relay = NULL, lease_expires = NULL, next_attempt = $1
+             WHERE id = $2 AND lease_relay = $3",
+            ms(next_attempt),
+            id,
+        )
+        .await
+    }
+
+    /// Runs `sql`, an update of the message `id` while this relay leases
+    /// it (`$1` the time it sets, `$2` the id, `$3` this relay): whether it
+    /// applied.
+    async fn change_leased(
+        &self,
+        sql: &'static str,
+        at: i64,
+        id: &str,
+    ) -> Result<bool, StoreError> {
         let done = on_pool!(&self.pool, |p, _begin| sqlx::query(sql)
-            .bind(ms(next_attempt))
+            .bind(at)
             .bind(id)
             .bind(&*self.relay)
             .execute(p)
