@@ -334,8 +334,6 @@ impl SubmissionServer {
     }
 }
 
-/// Binds `127.0.0.1:port` with SO_REUSEADDR so a restart can take the same
-/// port back while old connections linger in TIME_WAIT.
 /// A listener on a reserved port. Another process (a test's relay or
 /// database, started by another test binary) can take the port between
 /// its check and this bind: then the next one is tried.
@@ -350,6 +348,8 @@ fn bind_reserved() -> io::Result<(u16, TcpListener)> {
     }
 }
 
+/// Binds `127.0.0.1:port` with SO_REUSEADDR so a restart can take the same
+/// port back while old connections linger in TIME_WAIT.
 fn bind(port: u16) -> io::Result<TcpListener> {
     let socket = TcpSocket::new_v4()?;
     socket.set_reuseaddr(true)?;

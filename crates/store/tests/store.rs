@@ -68,6 +68,23 @@ async fn all(store: &Store) -> Vec<Message> {
     store.list_after(None, None, u32::MAX).await.expect("list")
 }
 
+/// A pass over the stored messages (of `state` only, if given), `limit`
+/// a page: the pages, in order.
+async fn pass(store: &Store, state: Option<MessageState>, limit: u32) -> Vec<Vec<Message>> {
+    let (mut pages, mut after) = (Vec::new(), None::<String>);
+    loop {
+        let page = store
+            .list_after(after.as_deref(), state, limit)
+            .await
+            .expect("page");
+        let Some(last) = page.last() else {
+            return pages;
+        };
+        after = Some(last.envelope.id.clone());
+        pages.push(page);
+    }
+}
+
 fn message(id: &str, account: &str, body: &[u8]) -> NewMessage {
     let recipients = vec!["a@example.com".to_string(), "b@example.com".to_string()];
     NewMessage {
@@ -256,16 +273,11 @@ async fn pages_of_one_state_hold_that_state_only() {
             }
             store.insert(m).await.expect("insert");
         }
-        let (mut pages, mut after) = (Vec::new(), None::<String>);
-        loop {
-            let page = store
-                .list_after(after.as_deref(), Some(MessageState::Failed), 1)
-                .await
-                .expect("page");
-            let Some(last) = page.last() else { break };
-            after = Some(last.envelope.id.clone());
-            pages.push(page.into_iter().map(|m| m.envelope.id).collect::<Vec<_>>());
-        }
+        let pages: Vec<Vec<String>> = pass(&store, Some(MessageState::Failed), 1)
+            .await
+            .into_iter()
+            .map(|page| page.into_iter().map(|m| m.envelope.id).collect())
+            .collect();
         assert_eq!(
             pages,
             [["0000000000000002"], ["0000000000000004"]],
@@ -287,14 +299,8 @@ async fn pages_cover_the_queue_in_id_order() {
                 .await
                 .expect("insert");
         }
-        let (mut seen, mut after, mut pages) = (Vec::new(), None::<String>, 0);
-        loop {
-            let page = store
-                .list_after(after.as_deref(), None, 2)
-                .await
-                .expect("page");
-            let Some(last) = page.last() else { break };
-            after = Some(last.envelope.id.clone());
+        let (mut seen, mut pages) = (Vec::new(), 0);
+        for page in pass(&store, None, 2).await {
             pages += 1;
             for m in page {
                 assert_eq!(m.progress.recipients.len(), 2, "{name}");

@@ -464,17 +464,14 @@ impl Store {
                     messages_query.push(" WHERE id = ").push_bind(id);
                 }
                 Rows::After(after, state, limit) => {
-                    let mut conditions = messages_query.separated(" AND ");
-                    if after.is_some() || state.is_some() {
-                        conditions.push_unseparated(" WHERE ");
-                    }
+                    messages_query.push(" WHERE TRUE");
                     if let Some(after) = after {
-                        conditions.push("id > ").push_bind_unseparated(after);
+                        messages_query.push(" AND id > ").push_bind(after);
                     }
                     if let Some(state) = state {
-                        conditions
-                            .push("state = ")
-                            .push_bind_unseparated(state.as_str());
+                        messages_query
+                            .push(" AND state = ")
+                            .push_bind(state.as_str());
                     }
                     messages_query
                         .push(" ORDER BY id LIMIT ")
